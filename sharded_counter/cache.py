@@ -1,0 +1,219 @@
+"""The cache tier: cached totals, their safe refill, and the delayed_incr stash.
+
+Protocol (see ``record.py`` for the record itself):
+
+* Writers, after a shard write commits, merge the shard's new
+  ``(version, value)`` into the record if there is one. No record: nothing
+  to do.
+* A reader that finds no complete record first makes sure a record exists
+  and notes its epoch, *then* reads every shard, then merges that snapshot
+  in with ``cas`` and marks it complete. A write that committed after the
+  snapshot merged its state after the record existed, so the reader's ``cas``
+  either sees it or fails and re-reads it; if the record vanished or changed
+  epoch meanwhile the reader returns its snapshot without caching it.
+* A merge that memcache does not answer leaves a record that may miss a
+  write. The key is remembered and deleted on this process's next cache
+  call, so the next reader rebuilds it; until then it is bounded by the TTL.
+
+memcache trouble never fails a Datastore write and never blocks longer than
+the configured timeouts; it is logged once when it starts and once when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .errors import CacheUnavailable
+from .memcache import MemcacheClient
+from .record import Record, ShardState
+
+log = logging.getLogger("sharded_counter")
+
+_CAS_ATTEMPTS = 64
+
+
+class CacheTier:
+    def __init__(self, client: MemcacheClient | None, *, ttl: int) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._lock = threading.Lock()
+        self._healthy = True
+        self._suspect: set[str] = set()  # record keys to delete once memcache answers
+
+    @property
+    def enabled(self) -> bool:
+        return self._client is not None
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self._client is None:
+            raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
+        try:
+            result = getattr(self._client, method)(*args, **kwargs)
+        except Exception as exc:  # pymemcache raises socket errors and its own
+            self._set_health(False, exc)
+            raise CacheUnavailable(f"memcache {method} failed: {exc}") from exc
+        self._set_health(True, None)
+        return result
+
+    def _set_health(self, healthy: bool, exc: BaseException | None) -> None:
+        if healthy == self._healthy:
+            return
+        with self._lock:
+            if healthy == self._healthy:
+                return
+            self._healthy = healthy
+        if healthy:
+            log.warning("memcache answers again; cached totals will rebuild from Datastore")
+        else:
+            log.warning(
+                "memcache is unavailable (%s); reading totals from Datastore until it returns", exc
+            )
+
+    def _gets(self, key: str) -> tuple[bytes | None, Any]:
+        result = self._call("gets", key)
+        # HashClient answers a plain None for a server it is skipping.
+        return result if isinstance(result, tuple) else (None, None)
+
+    def _forget_suspects(self) -> None:
+        if not self._suspect:
+            return
+        with self._lock:
+            pending = list(self._suspect)
+        for key in pending:
+            self._call("delete", key, noreply=False)
+            with self._lock:
+                self._suspect.discard(key)
+
+    def _suspect_key(self, key: str) -> None:
+        with self._lock:
+            self._suspect.add(key)
+
+    # -- cached totals ----------------------------------------------------------
+
+    def read(self, record_key: str, stash_key: str) -> tuple[Record | None, int]:
+        """The complete record (or None) and the pending stash. Raises CacheUnavailable."""
+        self._forget_suspects()
+        found = self._call("get_many", [record_key, stash_key])
+        raw = found.get(record_key)
+        record = Record.decode(raw) if raw is not None else None
+        return (record if record is not None and record.complete else None), _stash_value(
+            found.get(stash_key)
+        )
+
+    def merge(self, record_key: str, states: Iterable[ShardState]) -> None:
+        """A writer's post-commit step. Never raises: memcache trouble marks the key suspect."""
+        states = list(states)
+        if self._client is None:
+            return
+        try:
+            self._forget_suspects()
+            for _ in range(_CAS_ATTEMPTS):
+                raw, token = self._gets(record_key)
+                if raw is None:
+                    return  # nothing cached; the next reader reads the shards
+                record = Record.decode(raw)
+                if record is None:
+                    self._call("delete", record_key, noreply=False)
+                    return
+                merged = record.merged(states)
+                if merged == record:
+                    return
+                if self._call("cas", record_key, merged.encode(), token, self._ttl) is not False:
+                    return  # stored, or deleted meanwhile: either way nothing stale remains
+            # Lost every race: drop the record rather than leave it without our write.
+            self._call("delete", record_key, noreply=False)
+        except CacheUnavailable:
+            self._suspect_key(record_key)
+
+    def fill(self, record_key: str, snapshot: Callable[[], Iterable[ShardState]]) -> int:
+        """Read the shards through ``snapshot`` and cache their total when that is safe.
+
+        Returns the total of the shards (from the cache record when it already
+        holds newer writes). Raises CacheUnavailable only if memcache fails
+        before the snapshot was taken; after that it returns the snapshot.
+        """
+        self._forget_suspects()
+        record, token = self._open_record(record_key)
+        if record is not None and record.complete:
+            return record.total
+        states = list(snapshot())
+        if record is None:
+            return sum(s.value for s in states)
+        epoch = record.epoch
+        try:
+            for _ in range(_CAS_ATTEMPTS):
+                merged = record.merged(states, complete=True)
+                if self._call("cas", record_key, merged.encode(), token, self._ttl) is True:
+                    return merged.total
+                raw, token = self._gets(record_key)
+                record = Record.decode(raw) if raw is not None else None
+                if record is None or record.epoch != epoch:
+                    break  # evicted while we read the shards: our snapshot may be stale
+        except CacheUnavailable:
+            pass
+        return sum(s.value for s in states)
+
+    def _open_record(self, record_key: str) -> tuple[Record | None, Any]:
+        """Make sure a record exists before the snapshot is taken; return it and its cas token."""
+        raw, token = self._gets(record_key)
+        record = Record.decode(raw) if raw is not None else None
+        if record is None:
+            fresh = Record.new().encode()
+            if raw is None:
+                self._call("add", record_key, fresh, self._ttl, noreply=False)
+            else:  # something we cannot read sits there: replace it
+                self._call("cas", record_key, fresh, token, self._ttl)
+            raw, token = self._gets(record_key)
+            record = Record.decode(raw) if raw is not None else None
+        return record, token
+
+    def forget(self, *keys: str) -> None:
+        for key in keys:
+            self._call("delete", key, noreply=False)
+
+    # -- delayed_incr -----------------------------------------------------------
+
+    def stash(self, stash_key: str, delta: int) -> None:
+        """Add ``delta`` to the pending stash. Raises CacheUnavailable if it cannot."""
+        for _ in range(_CAS_ATTEMPTS):
+            raw, token = self._gets(stash_key)
+            if raw is None:
+                # No expiry: a stash is an acknowledged increment.
+                if self._call("add", stash_key, str(delta).encode(), 0, noreply=False) is True:
+                    return
+            elif (
+                self._call("cas", stash_key, str(_stash_value(raw) + delta).encode(), token, 0)
+                is True
+            ):
+                return
+        raise CacheUnavailable(f"could not update {stash_key} after {_CAS_ATTEMPTS} attempts")
+
+    def take_stash(self, stash_key: str) -> int:
+        """Atomically take the whole pending stash (0 when there is none)."""
+        for _ in range(_CAS_ATTEMPTS):
+            raw, token = self._gets(stash_key)
+            value = _stash_value(raw)
+            if value == 0:
+                return 0
+            # cas fails if anyone stashed or took meanwhile, so nothing is applied twice.
+            if self._call("cas", stash_key, b"0", token, 0) is True:
+                return value
+        return 0
+
+    def peek_stash(self, stash_key: str) -> int:
+        raw, _ = self._gets(stash_key)
+        return _stash_value(raw)
+
+
+def _stash_value(raw: bytes | None) -> int:
+    if not raw:
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        return 0

@@ -1,0 +1,303 @@
+"""``Counter``: the orchestration of a sharded counter, and nothing else.
+
+::
+
+    increment(n) -> take stashed delayed_incr -> write a random shard (+n +stash)
+                    ok: merge the shard's new state into the cached record
+                    failed after retries: stash n (+stash) in delayed_incr
+    count        -> complete cached record? its total + pending stash
+                    else: read every shard, cache the total safely, add the stash
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+
+from .config import OPTION_NAMES, Settings, resolve
+from .connections import Backend, backend_for
+from .errors import (
+    CacheUnavailable,
+    CounterOverflowError,
+    IncrementNotRecorded,
+)
+from .keys import cache_keys
+from .memcache import MemcacheClient
+from .record import ShardState
+from .retry import CONTENTION, RETRYABLE, write_retrying
+from .shards import ShardOverflow
+from .stats import WriteStats
+from .validation import check_delta, check_name, check_value, fits_int64
+
+log = logging.getLogger("sharded_counter")
+
+# The transform path cannot see a shard's value before adding to it, and the
+# server saturates at the int64 edge instead of failing. Keeping transform
+# deltas small and pulling any shard that passes 2**62 back towards the middle
+# leaves room for 2**30 more such increments before an edge could be reached.
+_TRANSFORM_MAX_DELTA = 2**32
+_REBALANCE_AT = 2**62
+
+
+class Counter:
+    """A counter spread over ``shards`` Datastore entities, with its total cached in memcache.
+
+    ``Counter('hits')`` connects from the environment; keyword arguments override
+    any option of ``Settings`` (see ``sharded_counter.config``), and
+    ``datastore_client`` / ``memcache_client`` take clients you made yourself.
+    """
+
+    #: Shards for this class of counter; None takes ``config`` (10 when unset).
+    #: On an instance it reads as the shard count in force.
+    shards: int | None = None
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        datastore_client: datastore.Client | None = None,
+        memcache_client: MemcacheClient | None = None,
+        **options: Any,
+    ) -> None:
+        self.name = check_name(name)
+        self.settings: Settings = resolve(options, _class_options(type(self)))
+        self.shards = self.settings.shards
+        self._backend: Backend = backend_for(self.settings, datastore_client, memcache_client)
+        self._record_key, self._stash_key = cache_keys(
+            self.settings.key_prefix, self._backend.store.scope, self.name
+        )
+        self.stats = WriteStats()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, shards={self.shard_count})"
+
+    @property
+    def shard_count(self) -> int:
+        """The number of shards new increments are spread over."""
+        return self.settings.shards
+
+    @property
+    def write_mode(self) -> str:
+        """ "transform" (one commit, no read) or "transaction" (read, add, write)."""
+        return self._backend.write_mode
+
+    # -- writing ----------------------------------------------------------------
+
+    def increment(self, delta: int = 1) -> None:
+        """Add ``delta`` (any int64, negative to decrement) to the counter.
+
+        Returns once the shard write committed, or once the delta is stashed in
+        ``delayed_incr`` after the write kept failing. Raises
+        ``IncrementNotRecorded`` if neither worked, ``CounterOverflowError`` if no
+        shard can take it.
+        """
+        delta = check_delta(delta)
+        if delta == 0:
+            return
+        cache = self._backend.cache
+        stashed = self._take_stash()
+        amount = delta + stashed
+        if not fits_int64(amount):
+            # Write the caller's delta alone; the stash waits for a later write.
+            self._restash(stashed)
+            stashed, amount = 0, delta
+        try:
+            state = self._write(amount)
+        except CounterOverflowError:
+            self._restash(stashed)
+            raise
+        except RETRYABLE as exc:
+            self._stash_or_raise(amount, exc)
+            return
+        except gexc.GoogleAPICallError:
+            self._restash(stashed)
+            raise
+        if stashed:
+            self.stats.add(folded=1)
+        cache.merge(self._record_key, [state])
+        if abs(state.value) >= _REBALANCE_AT:
+            self._rebalance()
+
+    def _write(self, amount: int) -> ShardState:
+        """Write ``amount`` to a random shard, retrying per the policy; another shard each try."""
+        backend = self._backend
+        use_transform = backend.write_mode == "transform" and abs(amount) <= _TRANSFORM_MAX_DELTA
+        for attempt in write_retrying(self.settings):
+            with attempt:
+                try:
+                    index = random.randrange(self.shard_count)
+                    if use_transform:
+                        state = backend.store.add_with_transform(self.name, index, amount)
+                    else:
+                        state = self._add_in_transaction(index, amount)
+                except CONTENTION:
+                    self.stats.add(aborts=1)
+                    raise
+                except RETRYABLE:
+                    self.stats.add(transient_errors=1)
+                    raise
+                self.stats.add(writes=1)
+                return state
+        raise AssertionError("unreachable: the retry policy re-raises the last error")
+
+    def _add_in_transaction(self, first: int, amount: int) -> ShardState:
+        store, lazy = self._backend.store, self._backend.lazy_begin
+        try:
+            return store.add_in_transaction(self.name, first, amount, lazy_begin=lazy)
+        except ShardOverflow:
+            pass
+        for index in random.sample(range(self.shard_count), self.shard_count):
+            if index == first:
+                continue
+            try:
+                return store.add_in_transaction(self.name, index, amount, lazy_begin=lazy)
+            except ShardOverflow:
+                continue
+        raise CounterOverflowError(
+            f"no shard of counter {self.name!r} can take {amount} without leaving int64; "
+            "nothing was written"
+        )
+
+    def _rebalance(self) -> None:
+        """Spread the total evenly again, so no shard sits near the int64 edge."""
+        try:
+            states = self._rewrite(lambda total: total)
+        except (CounterOverflowError, ValueError, gexc.GoogleAPICallError) as exc:
+            log.warning("could not rebalance counter %r: %s", self.name, exc)
+            return
+        self.stats.add(rebalances=1)
+        self._backend.cache.merge(self._record_key, states)
+
+    def _rewrite(self, target: Any) -> list[ShardState]:
+        backend = self._backend
+        for attempt in write_retrying(self.settings):
+            with attempt:
+                return backend.store.rewrite(
+                    self.name, self.shard_count, target, lazy_begin=backend.lazy_begin
+                )
+        raise AssertionError("unreachable: the retry policy re-raises the last error")
+
+    # -- delayed_incr -----------------------------------------------------------
+
+    def _take_stash(self) -> int:
+        if not self._backend.cache.enabled:
+            return 0
+        try:
+            return self._backend.cache.take_stash(self._stash_key)
+        except CacheUnavailable:
+            return 0  # it stays in memcache and is taken by a later write
+
+    def _restash(self, amount: int) -> None:
+        if amount:
+            try:
+                self._backend.cache.stash(self._stash_key, amount)
+            except CacheUnavailable as exc:
+                log.error(
+                    "counter %r lost %d stashed by earlier increments: memcache failed while "
+                    "putting it back (%s)",
+                    self.name,
+                    amount,
+                    exc,
+                )
+
+    def _stash_or_raise(self, amount: int, cause: Exception) -> None:
+        try:
+            self._backend.cache.stash(self._stash_key, amount)
+        except CacheUnavailable as exc:
+            raise IncrementNotRecorded(self.name, amount, exc) from cause
+        self.stats.add(stashed=1)
+        log.warning(
+            "counter %r: shard write failed (%s); %d kept in delayed_incr until the next write",
+            self.name,
+            cause,
+            amount,
+        )
+
+    # -- reading ----------------------------------------------------------------
+
+    def get_count(self, nocache: bool = False) -> int:
+        """The counter's total.
+
+        From the cached record when one is complete; otherwise (or with
+        ``nocache=True``) the sum of every ``CounterShard`` with this name, plus
+        any increments still pending in ``delayed_incr``.
+        """
+        cache = self._backend.cache
+        if not nocache and cache.enabled:
+            try:
+                record, stash = cache.read(self._record_key, self._stash_key)
+                if record is not None:
+                    return record.total + stash
+                total = cache.fill(self._record_key, self._shard_states)
+                return total + stash
+            except CacheUnavailable:
+                pass
+        total = self._backend.store.snapshot(self.name).total
+        return total + self._pending_stash()
+
+    def _shard_states(self) -> list[ShardState]:
+        return list(self._backend.store.snapshot(self.name).states)
+
+    def _pending_stash(self) -> int:
+        if not self._backend.cache.enabled:
+            return 0
+        try:
+            return self._backend.cache.peek_stash(self._stash_key)
+        except CacheUnavailable:
+            return 0
+
+    @property
+    def count(self) -> int:
+        """The current total (cached when possible). Assign to set it."""
+        return self.get_count()
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self.set_count(value)
+
+    def set_count(self, value: int) -> None:
+        """Set the counter to ``value`` atomically with respect to concurrent increments.
+
+        The shards are rewritten in one transaction that reads them all, and
+        any pending ``delayed_incr`` is taken first: an increment either lands
+        before (and is replaced by ``value``) or after (and is added to it).
+        """
+        value = check_value(value, self.shard_count)
+        stashed = self._take_stash()
+        try:
+            states = self._rewrite(lambda _current: value)
+        except BaseException:
+            self._restash(stashed)
+            raise
+        self._backend.cache.merge(self._record_key, states)
+
+    def delete(self) -> int:
+        """Delete every shard, the cached total and any pending stash.
+
+        Returns the number of shards deleted. Raises ``CacheUnavailable``
+        (having deleted nothing) when memcache is configured but unreachable,
+        since a stash left behind would be added to the next counter of this name.
+        """
+        cache = self._backend.cache
+        if cache.enabled:
+            cache.forget(self._stash_key)
+        removed = self._backend.store.delete_all(self.name)
+        if cache.enabled:
+            # After the shards: a reader refilling meanwhile must not outlive them.
+            cache.forget(self._record_key)
+        return removed
+
+
+def _class_options(cls: type) -> dict[str, Any]:
+    """Options set as class attributes on a Counter subclass (``shards = 20``)."""
+    options: dict[str, Any] = {}
+    # Counter's own attributes (its properties among them) are not options.
+    for klass in reversed(cls.__mro__[: cls.__mro__.index(Counter)]):
+        for option in OPTION_NAMES:
+            if option in vars(klass) and vars(klass)[option] is not None:
+                options[option] = vars(klass)[option]
+    return options

@@ -1,0 +1,43 @@
+"""The retry policy shared by every Datastore write path, as tenacity objects."""
+
+from __future__ import annotations
+
+from google.api_core import exceptions as gexc
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from .config import Settings
+
+#: Contention: another writer got there first (optimistic) or held the lock too long
+#: (pessimistic, Firestore in Datastore mode says "Transaction lock timeout").
+CONTENTION: tuple[type[Exception], ...] = (gexc.Aborted,)
+
+#: The backend was briefly unable to answer; the same request may well succeed.
+TRANSIENT: tuple[type[Exception], ...] = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    gexc.InternalServerError,
+    gexc.TooManyRequests,
+    gexc.ResourceExhausted,
+    gexc.Unknown,
+)
+
+RETRYABLE = CONTENTION + TRANSIENT
+
+
+def write_retrying(settings: Settings) -> Retrying:
+    """Exponential backoff with full jitter, bounded by attempts and by a deadline."""
+    return Retrying(
+        retry=retry_if_exception_type(RETRYABLE),
+        stop=stop_after_attempt(settings.retry_attempts)
+        | stop_after_delay(settings.retry_deadline),
+        wait=wait_random_exponential(
+            multiplier=settings.retry_initial_wait, max=settings.retry_max_wait
+        ),
+        reraise=True,
+    )

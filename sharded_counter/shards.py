@@ -1,0 +1,334 @@
+"""The shard store: the key scheme, the two write paths, the sum, set and delete.
+
+It speaks to Datastore through the client's low-level API because the
+high-level one drops what we need: each entity's *version* (which makes the
+cache merge order-free, see ``record.py``) and the results of property
+transforms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from google.cloud import datastore
+from google.cloud.datastore_v1.types import datastore as ds_types
+from google.cloud.datastore_v1.types import entity as entity_types
+from google.cloud.datastore_v1.types import query as query_types
+
+from .keys import SHARD_KIND, shard_index, shard_key_name
+from .record import ShardState
+from .validation import fits_int64
+
+_TRANSACTIONAL = ds_types.CommitRequest.Mode.TRANSACTIONAL
+_NON_TRANSACTIONAL = ds_types.CommitRequest.Mode.NON_TRANSACTIONAL
+_NOT_FINISHED = query_types.QueryResultBatch.MoreResultsType.NOT_FINISHED
+_EntityPb = entity_types.Entity.pb()
+_KeyPb = entity_types.Key.pb()
+_MAX_MUTATIONS = 500  # Datastore's limit per commit
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """Every shard of one counter as of one read."""
+
+    states: tuple[ShardState, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(s.value for s in self.states)
+
+    def indexes(self) -> set[int]:
+        return {int(s.shard_id[1:]) for s in self.states if s.shard_id.startswith("i")}
+
+
+class ShardOverflow(Exception):
+    """This shard cannot take the delta without leaving int64 (internal signal)."""
+
+
+def _shard_id(name: str, key_name: str) -> str:
+    index = shard_index(name, key_name)
+    if index is not None:
+        return f"i{index}"
+    return "k" + hashlib.blake2b(key_name.encode("utf-8"), digest_size=6).hexdigest()
+
+
+class ShardStore:
+    """CounterShard entities of one Datastore project, database and namespace."""
+
+    def __init__(self, client: datastore.Client, *, rpc_timeout: float) -> None:
+        self.client = client
+        # The high-level client keeps its generated (GAPIC) client here.
+        self._api: Any = client._datastore_api
+        self._timeout = rpc_timeout
+        self._base: dict[str, Any] = {"project_id": client.project}
+        if client.database:
+            self._base["database_id"] = client.database
+        self._partition = entity_types.PartitionId.pb()(
+            project_id=client.project,
+            database_id=client.database or "",
+            namespace_id=client.namespace or "",
+        )
+
+    @property
+    def scope(self) -> str:
+        """Names where these shards live, so cache keys of two scopes never meet."""
+        p = self._partition
+        return f"{p.project_id}/{p.database_id}/{p.namespace_id}"
+
+    # -- keys and entities ------------------------------------------------
+
+    def key(self, name: str, index: int) -> Any:
+        return self._key_for(shard_key_name(name, index))
+
+    def _key_for(self, key_name: str, kind: str = SHARD_KIND) -> Any:
+        key = _KeyPb()
+        key.partition_id.CopyFrom(self._partition)
+        element = key.path.add()
+        element.kind = kind
+        element.name = key_name
+        return key
+
+    @staticmethod
+    def _entity(key: Any, name: str, count: int) -> Any:
+        entity = _EntityPb()
+        entity.key.CopyFrom(key)
+        entity.properties["name"].string_value = name
+        count_value = entity.properties["count"]
+        count_value.integer_value = count
+        # Nobody queries by count; leaving it out of the index makes each write cheaper.
+        count_value.exclude_from_indexes = True
+        return entity
+
+    @staticmethod
+    def _count_of(entity: Any) -> int:
+        value = entity.properties.get("count")
+        if value is None or value.WhichOneof("value_type") != "integer_value":
+            return 0
+        return int(value.integer_value)
+
+    # -- low-level calls ------------------------------------------------------
+
+    def begin(self) -> bytes:
+        request = dict(self._base, transaction_options={"read_write": {}})
+        response = self._api.begin_transaction(request=request, timeout=self._timeout)
+        return bytes(response.transaction)
+
+    def rollback(self, transaction: bytes) -> None:
+        request = dict(self._base, transaction=transaction)
+        self._api.rollback(request=request, timeout=self._timeout)
+
+    def lookup(
+        self, keys: Sequence[Any], *, transaction: bytes | None = None, begin: bool = False
+    ) -> tuple[dict[bytes, Any], dict[bytes, int], bytes | None]:
+        """Found entities and versions by serialized key, and the transaction begun, if any."""
+        request = dict(self._base, keys=list(keys))
+        if transaction is not None:
+            request["read_options"] = {"transaction": transaction}
+        elif begin:
+            request["read_options"] = {"new_transaction": {"read_write": {}}}
+        response = self._api.lookup(request=request, timeout=self._timeout)._pb
+        found: dict[bytes, Any] = {}
+        versions: dict[bytes, int] = {}
+        for result in response.found:
+            serialized = result.entity.key.SerializeToString()
+            found[serialized] = result.entity
+            versions[serialized] = result.version
+        for result in response.missing:
+            versions[result.entity.key.SerializeToString()] = 0
+        if response.deferred:
+            # Only happens for large batches; fetch the rest the same way.
+            more_found, more_versions, _ = self.lookup(
+                list(response.deferred), transaction=transaction or response.transaction or None
+            )
+            found.update(more_found)
+            versions.update(more_versions)
+        return found, versions, (bytes(response.transaction) or None) if begin else None
+
+    def commit(self, mutations: Sequence[Any], transaction: bytes | None = None) -> Any:
+        request = dict(self._base, mutations=list(mutations))
+        if transaction is None:
+            request["mode"] = _NON_TRANSACTIONAL
+        else:
+            request["mode"] = _TRANSACTIONAL
+            request["transaction"] = transaction
+        return self._api.commit(request=request, timeout=self._timeout)._pb
+
+    # -- the write paths ------------------------------------------------------
+
+    def add_in_transaction(
+        self, name: str, index: int, delta: int, *, lazy_begin: bool
+    ) -> ShardState:
+        """Read the shard, add ``delta``, write it back, all in one transaction.
+
+        ``lazy_begin`` starts the transaction with the read, one round trip
+        fewer, where the backend supports it. Raises ``ShardOverflow`` (after
+        rolling back) when the shard cannot take the delta.
+        """
+        key = self.key(name, index)
+        transaction = None if lazy_begin else self.begin()
+        try:
+            found, _, begun = self.lookup([key], transaction=transaction, begin=lazy_begin)
+            transaction = transaction or begun
+            entity = found.get(key.SerializeToString())
+            current = self._count_of(entity) if entity is not None else 0
+            if not fits_int64(current + delta):
+                raise ShardOverflow(index)
+            response = self.commit(
+                [{"upsert": self._entity(key, name, current + delta)}], transaction
+            )
+        except BaseException:
+            if transaction is not None:
+                self._quiet_rollback(transaction)
+            raise
+        return ShardState(f"i{index}", response.mutation_results[0].version, current + delta)
+
+    def add_with_transform(self, name: str, index: int, delta: int) -> ShardState:
+        """One commit, no read: upsert ``name`` only and let the server add ``delta`` to count.
+
+        Only for backends that apply property transforms (Firestore in
+        Datastore mode); see ``probe_transforms``.
+        """
+        key = self.key(name, index)
+        entity = _EntityPb()
+        entity.key.CopyFrom(key)
+        entity.properties["name"].string_value = name
+        mutation = {
+            "upsert": entity,
+            "property_mask": {"paths": ["name"]},
+            "property_transforms": [{"property": "count", "increment": {"integer_value": delta}}],
+        }
+        result = self.commit([mutation]).mutation_results[0]
+        if len(result.transform_results) != 1:
+            raise RuntimeError("the backend ignored the increment transform")
+        value = int(result.transform_results[0].integer_value)
+        return ShardState(f"i{index}", result.version, value)
+
+    def _quiet_rollback(self, transaction: bytes) -> None:
+        # Releasing locks early helps the pessimistic engine; failing to is harmless
+        # (the transaction expires), so it must not hide the original error.
+        with contextlib.suppress(Exception):
+            self.rollback(transaction)
+
+    def probe_transforms(self) -> bool:
+        """Does this backend apply increment transforms?
+
+        The classic emulator silently ignores transforms and the mask and
+        overwrites the entity, so this writes only a scratch entity of its own kind.
+        """
+        key = self._key_for(f"probe-{random.getrandbits(64):016x}", kind="ShardedCounterProbe")
+        entity = self._entity(key, "probe", 1)
+        self.commit([{"upsert": entity}])
+        try:
+            bare = _EntityPb()
+            bare.key.CopyFrom(key)
+            bare.properties["name"].string_value = "probe"
+            mutation = {
+                "upsert": bare,
+                "property_mask": {"paths": ["name"]},
+                "property_transforms": [{"property": "count", "increment": {"integer_value": 1}}],
+            }
+            result = self.commit([mutation]).mutation_results[0]
+            reported = [int(r.integer_value) for r in result.transform_results]
+            found, _, _ = self.lookup([key])
+            stored = found.get(key.SerializeToString())
+            return reported == [2] and stored is not None and self._count_of(stored) == 2
+        finally:
+            self.commit([{"delete": key}])
+
+    # -- reading, setting, deleting --------------------------------------------
+
+    def _query_shards(self, name: str, *, keys_only: bool = False) -> Iterator[Any]:
+        """Every CounterShard whose name is ``name``, whatever its key: EntityResult pbs."""
+        query: dict[str, Any] = {
+            "kind": [{"name": SHARD_KIND}],
+            "filter": {
+                "property_filter": {
+                    "property": {"name": "name"},
+                    "op": query_types.PropertyFilter.Operator.EQUAL,
+                    "value": {"string_value": name},
+                }
+            },
+        }
+        if keys_only:
+            query["projection"] = [{"property": {"name": "__key__"}}]
+        cursor = b""
+        while True:
+            if cursor:
+                query["start_cursor"] = cursor
+            request = dict(self._base, partition_id=self._partition, query=query)
+            batch = self._api.run_query(request=request, timeout=self._timeout)._pb.batch
+            yield from batch.entity_results
+            if batch.more_results != _NOT_FINISHED or not batch.entity_results:
+                return
+            cursor = batch.end_cursor
+
+    def snapshot(self, name: str) -> Snapshot:
+        states = [
+            ShardState(
+                _shard_id(name, result.entity.key.path[-1].name),
+                result.version,
+                self._count_of(result.entity),
+            )
+            for result in self._query_shards(name)
+        ]
+        return Snapshot(tuple(states))
+
+    def rewrite(
+        self, name: str, shards: int, target: Callable[[int], int], *, lazy_begin: bool
+    ) -> list[ShardState]:
+        """Spread ``target(current total)`` evenly over the shards of ``name``, in one transaction.
+
+        ``target`` returning a constant sets the counter; returning its argument
+        rebalances it. Every shard is read inside the transaction, so any
+        increment that commits concurrently conflicts with it: each increment
+        lands wholly before (and is counted in the total read) or wholly after.
+        """
+        foreign = [r.entity.key for r in self._query_shards(name, keys_only=True)]
+        keys = {k.SerializeToString(): k for k in foreign}
+        for index in range(shards):
+            key = self.key(name, index)
+            keys[key.SerializeToString()] = key
+        if len(keys) > _MAX_MUTATIONS:
+            raise ValueError(f"counter {name!r} has more than {_MAX_MUTATIONS} shards to set")
+        transaction = None if lazy_begin else self.begin()
+        try:
+            found, _, begun = self.lookup(
+                list(keys.values()), transaction=transaction, begin=lazy_begin
+            )
+            transaction = transaction or begun
+            ordered = list(keys.values())
+            amounts = _spread(target(sum(self._count_of(e) for e in found.values())), len(ordered))
+            mutations = [
+                {"upsert": self._entity(key, name, amount)}
+                for key, amount in zip(ordered, amounts, strict=True)
+            ]
+            response = self.commit(mutations, transaction)
+        except BaseException:
+            if transaction is not None:
+                self._quiet_rollback(transaction)
+            raise
+        return [
+            ShardState(_shard_id(name, key.path[-1].name), result.version, amount)
+            for key, amount, result in zip(ordered, amounts, response.mutation_results, strict=True)
+        ]
+
+    def delete_all(self, name: str) -> int:
+        """Delete every shard of ``name``; returns how many there were."""
+        keys = [r.entity.key for r in self._query_shards(name, keys_only=True)]
+        for start in range(0, len(keys), _MAX_MUTATIONS):
+            self.commit([{"delete": k} for k in keys[start : start + _MAX_MUTATIONS]])
+        return len(keys)
+
+
+def _spread(value: int, slots: int) -> list[int]:
+    """Split ``value`` evenly over ``slots`` shards, so each keeps the most headroom."""
+    base, extra = divmod(value, slots)
+    amounts = [base + 1 if i < extra else base for i in range(slots)]
+    if not all(fits_int64(a) for a in amounts):
+        raise ValueError(f"{value} does not fit in {slots} signed 64-bit shards")
+    return amounts

@@ -1,0 +1,30 @@
+"""Per-counter tallies of what the write path did, for the demo, bench and logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+
+@dataclasses.dataclass
+class WriteStats:
+    writes: int = 0  # shard writes that committed
+    aborts: int = 0  # attempts lost to contention
+    transient_errors: int = 0  # attempts lost to unavailable / deadline errors
+    stashed: int = 0  # increments that went to delayed_incr
+    folded: int = 0  # stashed amounts taken and written to a shard
+    rebalances: int = 0  # shards moved back from the int64 edge
+    _lock: threading.Lock = dataclasses.field(
+        default_factory=threading.Lock, repr=False, compare=False
+    )
+
+    def add(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "_lock"
+            }
