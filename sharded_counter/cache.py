@@ -42,6 +42,8 @@ class CacheTier:
         self._lock = threading.Lock()
         self._healthy = True
         self._suspect: set[str] = set()  # record keys to delete once memcache answers
+        # Stash keys last seen holding something: only these cost a round trip to take.
+        self._stash_seen: set[str] = set()
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +95,12 @@ class CacheTier:
         with self._lock:
             self._suspect.add(key)
 
+    def _note_stash(self, stash_key: str, raw: bytes | None) -> None:
+        if _stash_value(raw):
+            self._stash_seen.add(stash_key)
+        else:
+            self._stash_seen.discard(stash_key)
+
     # -- cached totals ----------------------------------------------------------
 
     def read(self, record_key: str, stash_key: str) -> tuple[Record | None, int]:
@@ -101,19 +109,25 @@ class CacheTier:
         found = self._call("get_many", [record_key, stash_key])
         raw = found.get(record_key)
         record = Record.decode(raw) if raw is not None else None
-        return (record if record is not None and record.complete else None), _stash_value(
-            found.get(stash_key)
-        )
+        self._note_stash(stash_key, found.get(stash_key))
+        stash = _stash_value(found.get(stash_key))
+        return (record if record is not None and record.complete else None), stash
 
-    def merge(self, record_key: str, states: Iterable[ShardState]) -> None:
-        """A writer's post-commit step. Never raises: memcache trouble marks the key suspect."""
+    def merge(self, record_key: str, stash_key: str, states: Iterable[ShardState]) -> None:
+        """A writer's post-commit step. Never raises: memcache trouble marks the key suspect.
+
+        The same round trip looks at the stash, so a delta stashed by any
+        process is noticed by the next write here and folded into the one after.
+        """
         states = list(states)
         if self._client is None:
             return
         try:
             self._forget_suspects()
             for _ in range(_CAS_ATTEMPTS):
-                raw, token = self._gets(record_key)
+                found = self._call("gets_many", [record_key, stash_key])
+                self._note_stash(stash_key, found.get(stash_key, (None, None))[0])
+                raw, token = found.get(record_key, (None, None))
                 if raw is None:
                     return  # nothing cached; the next reader reads the shards
                 record = Record.decode(raw)
@@ -180,6 +194,7 @@ class CacheTier:
 
     def stash(self, stash_key: str, delta: int) -> None:
         """Add ``delta`` to the pending stash. Raises CacheUnavailable if it cannot."""
+        self._stash_seen.add(stash_key)
         for _ in range(_CAS_ATTEMPTS):
             raw, token = self._gets(stash_key)
             if raw is None:
@@ -193,12 +208,19 @@ class CacheTier:
                 return
         raise CacheUnavailable(f"could not update {stash_key} after {_CAS_ATTEMPTS} attempts")
 
-    def take_stash(self, stash_key: str) -> int:
-        """Atomically take the whole pending stash (0 when there is none)."""
+    def take_stash(self, stash_key: str, *, look: bool = False) -> int:
+        """Atomically take the whole pending stash (0 when there is none).
+
+        Without ``look`` it asks memcache only when a stash was seen lately
+        (every read and every write's merge looks), saving a round trip per write.
+        """
+        if not look and stash_key not in self._stash_seen:
+            return 0
         for _ in range(_CAS_ATTEMPTS):
             raw, token = self._gets(stash_key)
             value = _stash_value(raw)
             if value == 0:
+                self._stash_seen.discard(stash_key)
                 return 0
             # cas fails if anyone stashed or took meanwhile, so nothing is applied twice.
             if self._call("cas", stash_key, b"0", token, 0) is True:

@@ -46,8 +46,8 @@ class Settings:
     shards: int = 10
     memcached_hosts: tuple[str, ...] = ()
     cache_ttl: int = 3600
-    memcache_timeout: float = 0.25
-    memcache_connect_timeout: float = 0.25
+    memcache_timeout: float = 0.5
+    memcache_connect_timeout: float = 0.5
     key_prefix: str = "sc"
     retry_attempts: int = 8
     retry_deadline: float = 10.0

@@ -27,8 +27,27 @@ class Backend:
 
     store: ShardStore
     cache: CacheTier
-    write_mode: str  # "transform" or "transaction", decided once per store
-    lazy_begin: bool  # begin transactions with the first read (saves a round trip)
+    requested_mode: str  # "auto", "transform" or "transaction"
+
+    @property
+    def write_mode(self) -> str:
+        """ "transform" or "transaction"; the first call may probe the backend."""
+        if self.requested_mode == "auto":
+            return "transform" if self.is_firestore else "transaction"
+        return self.requested_mode
+
+    @property
+    def lazy_begin(self) -> bool:
+        """Begin transactions with their first read (a round trip fewer)?
+
+        The Firestore engine aborts such transactions every time, so only elsewhere.
+        """
+        return not self.is_firestore
+
+    @property
+    def is_firestore(self) -> bool:
+        # Only Firestore in Datastore mode applies transforms: one probe tells both.
+        return self.requested_mode == "transform" or _transforms_supported(self.store)
 
 
 _lock = threading.Lock()
@@ -49,8 +68,14 @@ def _reset_after_fork() -> None:
 os.register_at_fork(after_in_child=_reset_after_fork)
 
 
+def _emulator() -> tuple[str, str]:
+    # The client reads these when it is made; a client made for one emulator
+    # must not serve another (tests switch engines in one process).
+    return os.environ.get("DATASTORE_EMULATOR_HOST", ""), os.environ.get("DATASTORE_DATASET", "")
+
+
 def _datastore_client(settings: Settings) -> datastore.Client:
-    key = (settings.project, settings.database, settings.namespace)
+    key = (settings.project, settings.database, settings.namespace, *_emulator())
     client = _datastore_clients.get(key)
     if client is None:
         client = datastore.Client(  # type: ignore[no-untyped-call]
@@ -68,10 +93,12 @@ def _memcache_client(settings: Settings) -> MemcacheClient | None:
 
 
 def _transforms_supported(store: ShardStore) -> bool:
-    key = (store.scope, os.environ.get("DATASTORE_EMULATOR_HOST", ""))
-    if key not in _write_modes:
-        _write_modes[key] = store.probe_transforms()
-    return _write_modes[key]
+    """Probe once per backend; a probe that fails raises and is tried again next time."""
+    key = (store.scope, _emulator()[0])
+    known = _write_modes.get(key)
+    if known is None:
+        known = _write_modes[key] = store.probe_transforms()
+    return known
 
 
 def backend_for(
@@ -90,6 +117,7 @@ def backend_for(
         settings.cache_ttl,
         settings.rpc_timeout,
         settings.write_mode,
+        *_emulator(),
     )
     shareable = datastore_client is None and memcache_client is None
     with _lock:
@@ -100,16 +128,7 @@ def backend_for(
             datastore_client or _datastore_client(settings), rpc_timeout=settings.rpc_timeout
         )
         client = memcache_client if memcache_client is not None else _memcache_client(settings)
-        mode = settings.write_mode
-        # Only Firestore in Datastore mode applies transforms, and the same engine
-        # aborts a transaction begun lazily with its first read: one probe tells both.
-        firestore = mode == "transform" or _transforms_supported(store)
-        backend = Backend(
-            store,
-            CacheTier(client, ttl=settings.cache_ttl),
-            write_mode="transform" if mode != "transaction" and firestore else "transaction",
-            lazy_begin=not firestore,
-        )
+        backend = Backend(store, CacheTier(client, ttl=settings.cache_ttl), settings.write_mode)
         if shareable:
             _backends[key] = backend
         return backend

@@ -118,19 +118,20 @@ class Counter:
             raise
         if stashed:
             self.stats.add(folded=1)
-        cache.merge(self._record_key, [state])
+        cache.merge(self._record_key, self._stash_key, [state])
         if abs(state.value) >= _REBALANCE_AT:
             self._rebalance()
 
     def _write(self, amount: int) -> ShardState:
         """Write ``amount`` to a random shard, retrying per the policy; another shard each try."""
         backend = self._backend
-        use_transform = backend.write_mode == "transform" and abs(amount) <= _TRANSFORM_MAX_DELTA
         for attempt in write_retrying(self.settings):
             with attempt:
                 try:
                     index = random.randrange(self.shard_count)
-                    if use_transform:
+                    # Inside the attempt: the first call may probe the backend.
+                    mode = backend.write_mode
+                    if mode == "transform" and abs(amount) <= _TRANSFORM_MAX_DELTA:
                         state = backend.store.add_with_transform(self.name, index, amount)
                     else:
                         state = self._add_in_transaction(index, amount)
@@ -170,7 +171,7 @@ class Counter:
             log.warning("could not rebalance counter %r: %s", self.name, exc)
             return
         self.stats.add(rebalances=1)
-        self._backend.cache.merge(self._record_key, states)
+        self._backend.cache.merge(self._record_key, self._stash_key, states)
 
     def _rewrite(self, target: Any) -> list[ShardState]:
         backend = self._backend
@@ -183,11 +184,11 @@ class Counter:
 
     # -- delayed_incr -----------------------------------------------------------
 
-    def _take_stash(self) -> int:
+    def _take_stash(self, *, look: bool = False) -> int:
         if not self._backend.cache.enabled:
             return 0
         try:
-            return self._backend.cache.take_stash(self._stash_key)
+            return self._backend.cache.take_stash(self._stash_key, look=look)
         except CacheUnavailable:
             return 0  # it stays in memcache and is taken by a later write
 
@@ -267,13 +268,13 @@ class Counter:
         before (and is replaced by ``value``) or after (and is added to it).
         """
         value = check_value(value, self.shard_count)
-        stashed = self._take_stash()
+        stashed = self._take_stash(look=True)  # a pending stash is replaced too
         try:
             states = self._rewrite(lambda _current: value)
         except BaseException:
             self._restash(stashed)
             raise
-        self._backend.cache.merge(self._record_key, states)
+        self._backend.cache.merge(self._record_key, self._stash_key, states)
 
     def delete(self) -> int:
         """Delete every shard, the cached total and any pending stash.

@@ -1,0 +1,188 @@
+"""Pure pieces: input checks, key schemes and the cache record. No backends needed."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sharded_counter.keys import cache_keys, shard_index, shard_key_name
+from sharded_counter.record import Record, ShardState
+from sharded_counter.validation import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_NAME_BYTES,
+    check_delta,
+    check_name,
+    check_shards,
+    check_value,
+)
+
+names = st.text(min_size=1, max_size=600).filter(
+    lambda s: (
+        len(s.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
+        and not any(0xD800 <= ord(c) <= 0xDFFF for c in s)
+    )
+)
+
+
+# -- input checks ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [1.0, "1", None, True, False, b"1", [1]])
+def test_delta_must_be_int(bad: Any) -> None:
+    with pytest.raises(TypeError):
+        check_delta(bad)
+
+
+@pytest.mark.parametrize("bad", [INT64_MAX + 1, INT64_MIN - 1, 2**100])
+def test_delta_must_fit_a_shard(bad: int) -> None:
+    with pytest.raises(ValueError):
+        check_delta(bad)
+
+
+@given(st.integers(INT64_MIN, INT64_MAX))
+def test_any_int64_delta_is_accepted(delta: int) -> None:
+    assert check_delta(delta) == delta
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        ("", ValueError),
+        (None, TypeError),
+        (5, TypeError),
+        (b"hits", TypeError),
+        ("x" * (MAX_NAME_BYTES + 1), ValueError),
+        ("é" * (MAX_NAME_BYTES // 2 + 1), ValueError),  # 2 bytes each in UTF-8
+        ("bad\ud800surrogate", ValueError),
+    ],
+)
+def test_bad_names(bad: Any, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        check_name(bad)
+
+
+@given(names)
+def test_any_unicode_name_within_the_limit_is_accepted(name: str) -> None:
+    assert check_name(name) == name
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, "3", None, True, 10_001])
+def test_bad_shard_counts(bad: Any) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        check_shards(bad)
+
+
+def test_value_must_fit_the_shards() -> None:
+    assert check_value(2 * INT64_MAX, 2) == 2 * INT64_MAX
+    with pytest.raises(ValueError):
+        check_value(2 * INT64_MAX + 1, 2)
+    with pytest.raises(TypeError):
+        check_value(6.0, 2)
+
+
+# -- Datastore key names ------------------------------------------------------------
+
+
+def test_the_original_collision_is_gone() -> None:
+    # 'Shard' + name + str(index) gives 'Sharda11' for both of these.
+    assert shard_key_name("a1", 1) != shard_key_name("a", 11)
+
+
+@given(names, st.integers(0, 10_000), names, st.integers(0, 10_000))
+def test_key_names_are_unambiguous(n1: str, i1: int, n2: str, i2: int) -> None:
+    if (n1, i1) != (n2, i2):
+        assert shard_key_name(n1, i1) != shard_key_name(n2, i2)
+
+
+@given(names, st.integers(0, 10_000))
+def test_key_names_fit_and_parse_back(name: str, index: int) -> None:
+    key_name = shard_key_name(name, index)
+    assert len(key_name.encode("utf-8")) <= 1500
+    assert not (key_name.startswith("__") and key_name.endswith("__"))
+    assert shard_index(name, key_name) == index
+
+
+def test_long_names_are_hashed_and_foreign_keys_are_not_ours() -> None:
+    long_name = "x" * MAX_NAME_BYTES
+    assert shard_key_name(long_name, 3).startswith("3#")
+    assert shard_index(long_name, shard_key_name(long_name, 3)) == 3
+    for foreign in ["Shardhits3", "hits-3", "03:hits", "3:other", "", None]:
+        assert shard_index("hits", foreign) is None
+
+
+# -- memcache keys ------------------------------------------------------------------
+
+
+@given(names)
+def test_cache_keys_are_safe(name: str) -> None:
+    for key in cache_keys("sc", "project//", name):
+        assert len(key.encode()) <= 250
+        assert all("!" <= ch <= "~" for ch in key)
+
+
+@given(names, names)
+def test_distinct_names_never_share_cache_keys(a: str, b: str) -> None:
+    if a != b:
+        assert not set(cache_keys("sc", "p//", a)) & set(cache_keys("sc", "p//", b))
+
+
+def test_scopes_do_not_share_cache_keys() -> None:
+    assert cache_keys("sc", "p1//", "hits") != cache_keys("sc", "p2//", "hits")
+
+
+# -- the cache record -------------------------------------------------------------
+
+states = st.builds(
+    ShardState,
+    st.sampled_from(["i0", "i1", "i2", "kabc"]),
+    st.integers(1, 50),
+    st.integers(INT64_MIN, INT64_MAX),
+)
+
+
+def consistent(updates: list[ShardState]) -> list[ShardState]:
+    """Real versions name one value each: keep the first value seen per (shard, version)."""
+    seen: dict[tuple[str, int], int] = {}
+    return [
+        ShardState(s.shard_id, s.version, seen.setdefault((s.shard_id, s.version), s.value))
+        for s in updates
+    ]
+
+
+@given(st.lists(states, max_size=30), st.randoms())
+def test_merge_order_does_not_matter(updates: list[ShardState], rnd: random.Random) -> None:
+    updates = consistent(updates)
+    shuffled = list(updates)
+    rnd.shuffle(shuffled)
+    one = Record.new(updates)
+    other = Record("e", False, {})
+    for state in shuffled + updates[:3]:  # repeats are harmless too
+        other = other.merged([state])
+    assert one.shards == other.shards
+    latest: dict[str, tuple[int, int]] = {}
+    for s in updates:
+        if s.shard_id not in latest or s.version > latest[s.shard_id][0]:
+            latest[s.shard_id] = (s.version, s.value)
+    assert one.total == sum(v for _, v in latest.values())
+
+
+@given(st.lists(states, max_size=30), st.booleans())
+def test_record_round_trips(updates: list[ShardState], complete: bool) -> None:
+    record = Record.new(consistent(updates)).merged([], complete=complete)
+    assert Record.decode(record.encode()) == record
+
+
+@pytest.mark.parametrize("raw", [b"", b"garbage", b"r1|e|x|", b"r1|e|c|i0=1", b"r2|e|c|", b"\xff"])
+def test_foreign_cache_values_read_as_a_miss(raw: bytes) -> None:
+    assert Record.decode(raw) is None
+
+
+def test_totals_are_python_ints_beyond_int64() -> None:
+    record = Record.new([ShardState(f"i{i}", 1, INT64_MAX) for i in range(3)])
+    assert record.total == 3 * INT64_MAX
+    assert Record.decode(record.encode()) == record
