@@ -186,6 +186,15 @@ class CacheTier:
             record = Record.decode(raw) if raw is not None else None
         return record, token
 
+    def invalidate(self, record_key: str) -> None:
+        """Drop a record that may be stale. Never raises: failing, it is dropped later."""
+        if self._client is None:
+            return
+        try:
+            self._call("delete", record_key, noreply=False)
+        except CacheUnavailable:
+            self._suspect_key(record_key)
+
     def forget(self, *keys: str) -> None:
         for key in keys:
             self._call("delete", key, noreply=False)

@@ -25,6 +25,7 @@ from .errors import (
     CounterOverflowError,
     IncrementNotRecorded,
 )
+from .joined import stage_increment
 from .keys import cache_keys
 from .memcache import MemcacheClient
 from .record import ShardState
@@ -87,15 +88,26 @@ class Counter:
 
     # -- writing ----------------------------------------------------------------
 
-    def increment(self, delta: int = 1) -> None:
+    def increment(
+        self, delta: int = 1, *, transaction: datastore.Transaction | None = None
+    ) -> None:
         """Add ``delta`` (any int64, negative to decrement) to the counter.
 
         Returns once the shard write committed, or once the delta is stashed in
         ``delayed_incr`` after the write kept failing. Raises
         ``IncrementNotRecorded`` if neither worked, ``CounterOverflowError`` if no
         shard can take it.
+
+        With ``transaction`` (a ``google.cloud.datastore.Transaction`` in
+        progress) the increment joins it instead: it is written by that
+        transaction's commit, with the caller's other writes, or not at all,
+        and nothing is retried or stashed here; the cache is updated after the
+        commit succeeds.
         """
         delta = check_delta(delta)
+        if transaction is not None:
+            self._increment_joined(delta, transaction)
+            return
         if delta == 0:
             return
         cache = self._backend.cache
@@ -121,6 +133,24 @@ class Counter:
         cache.merge(self._record_key, self._stash_key, [state])
         if abs(state.value) >= _REBALANCE_AT:
             self._rebalance()
+
+    def _increment_joined(self, delta: int, transaction: datastore.Transaction) -> None:
+        store = self._backend.store
+        if transaction.project != store.client.project:
+            raise ValueError(
+                f"the transaction is for project {transaction.project!r}, "
+                f"the counter's shards live in {store.client.project!r}"
+            )
+        cache = self._backend.cache
+        record_key = self._record_key
+        stage_increment(
+            transaction,
+            name=self.name,
+            shards=self.shard_count,
+            namespace=store.client.namespace,
+            delta=delta,
+            after_commit=lambda: cache.invalidate(record_key),
+        )
 
     def _write(self, amount: int) -> ShardState:
         """Write ``amount`` to a random shard, retrying per the policy; another shard each try."""

@@ -218,3 +218,46 @@ def test_write_failing_with_memcache_down_raises(
         counter.increment(3)
     assert caught.value.delta == 3
     assert "not recorded" in str(caught.value)
+
+
+def test_increment_joins_the_callers_transaction(backend_env: dict[str, str]) -> None:
+    client = datastore.Client()
+    counter = Counter("orders")
+    counter.increment(1)
+    assert counter.count == 1  # cached before the transaction
+    order = datastore.Entity(client.key("Order", "o-1"))
+    order["total"] = 99
+    with client.transaction() as txn:
+        txn.put(order)
+        counter.increment(2, transaction=txn)
+        counter.increment(3, transaction=txn)  # both stage on one shard entity
+        assert counter.get_count(nocache=True) == 1  # nothing visible before the commit
+    assert client.get(order.key) is not None
+    assert counter.count == 6  # the cache was refreshed after the commit
+    assert counter.get_count(nocache=True) == 6
+
+
+def test_a_rolled_back_transaction_counts_nothing(backend_env: dict[str, str]) -> None:
+    client = datastore.Client()
+    counter = Counter("orders")
+    assert counter.count == 0
+
+    class Abandon(Exception):
+        pass
+
+    with pytest.raises(Abandon), client.transaction() as txn:
+        txn.put(datastore.Entity(client.key("Order", "o-2")))
+        counter.increment(5, transaction=txn)
+        raise Abandon
+    assert client.get(client.key("Order", "o-2")) is None
+    assert counter.count == 0
+    assert counter.get_count(nocache=True) == 0
+
+
+def test_joining_needs_a_live_datastore_transaction(backend_env: dict[str, str]) -> None:
+    counter = Counter("orders")
+    with pytest.raises(TypeError):
+        counter.increment(1, transaction=object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="not in progress"):
+        counter.increment(1, transaction=datastore.Client().transaction())
+    assert shard_entities("orders") == []

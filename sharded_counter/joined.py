@@ -1,0 +1,97 @@
+"""Increments that ride on the caller's own Datastore transaction.
+
+``counter.increment(n, transaction=txn)`` reads a shard inside ``txn`` and
+stages the new value; the shard is written by ``txn``'s commit, atomically
+with the caller's other writes, or not at all. Several increments in one
+transaction add up on one staged entity per counter (Datastore refuses two
+mutations of one entity in a commit, and a second read in the transaction
+would not see the first's staged value).
+
+The cached total is touched only after the commit succeeds: the high-level
+client does not report the new versions, so the record is dropped and the
+next read rebuilds it from the shards.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from google.cloud import datastore
+
+from .errors import CounterOverflowError
+from .keys import SHARD_KIND, shard_key_name
+from .validation import fits_int64
+
+_ATTRIBUTE = "_sharded_counter_joined"
+
+
+class JoinedWrites:
+    """Counter writes staged on one caller transaction."""
+
+    def __init__(self) -> None:
+        self.entities: dict[str, datastore.Entity] = {}  # counter name -> its staged shard
+        self.after_commit: dict[str, Callable[[], None]] = {}  # counter name -> cache step
+
+
+def joined_writes(transaction: Any) -> JoinedWrites:
+    """The staged writes of ``transaction``, hooking its commit the first time."""
+    if not isinstance(transaction, datastore.Transaction):
+        raise TypeError(
+            "transaction must be a google.cloud.datastore.Transaction, "
+            f"not {type(transaction).__name__}"
+        )
+    if transaction.id is None:
+        raise ValueError(
+            "the transaction is not in progress: use it inside `with client.transaction():`"
+        )
+    state: JoinedWrites | None = getattr(transaction, _ATTRIBUTE, None)
+    if state is not None:
+        return state
+    state = JoinedWrites()
+    setattr(transaction, _ATTRIBUTE, state)
+    commit: Callable[..., Any] = transaction.commit
+
+    def commit_with_counters(*args: Any, **kwargs: Any) -> Any:
+        for entity in state.entities.values():
+            transaction.put(entity)  # type: ignore[no-untyped-call]
+        result = commit(*args, **kwargs)
+        for step in state.after_commit.values():
+            step()
+        return result
+
+    # The instance attribute shadows the method, so `with` blocks call it too.
+    transaction.commit = commit_with_counters  # type: ignore[method-assign]
+    return state
+
+
+def stage_increment(
+    transaction: Any,
+    *,
+    name: str,
+    shards: int,
+    namespace: str | None,
+    delta: int,
+    after_commit: Callable[[], None],
+) -> None:
+    """Add ``delta`` to one shard of ``name`` inside ``transaction``; written at its commit."""
+    state = joined_writes(transaction)
+    entity = state.entities.get(name)
+    if entity is None:
+        client = transaction._client
+        key = client.key(
+            SHARD_KIND, shard_key_name(name, random.randrange(shards)), namespace=namespace
+        )
+        entity = client.get(key, transaction=transaction)
+        if entity is None:
+            entity = datastore.Entity(key, exclude_from_indexes=("count",))  # type: ignore[no-untyped-call]
+            entity.update({"name": name, "count": 0})
+    value = int(entity.get("count") or 0) + delta
+    if not fits_int64(value):
+        raise CounterOverflowError(
+            f"shard {entity.key.name!r} cannot take {delta} without leaving int64; nothing staged"
+        )
+    entity["count"] = value
+    state.entities[name] = entity
+    state.after_commit[name] = after_commit
