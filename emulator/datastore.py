@@ -1,0 +1,208 @@
+"""A local Datastore emulator: the classic one, or Firestore in Datastore mode."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .deps import require_java
+from .engines import Engine, check_engine
+from .errors import BackendError
+from .ports import free_port, port_is_free
+from .probes import http_ok, http_request
+from .process import ManagedProcess
+from .sdk import component_launcher
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+DEFAULT_PROJECT = "sharded-counter-test"
+
+
+class DatastoreEmulator:
+    """One emulator process, started straight from the Cloud SDK's launcher script.
+
+    ``engine="classic"`` runs cloud-datastore-emulator (in memory, consistency 1.0,
+    unless ``on_disk``); ``engine="firestore"`` runs cloud-firestore-emulator in
+    Datastore mode (always in memory). The port is chosen on the first start and kept
+    across :meth:`restart`.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        project: str = DEFAULT_PROJECT,
+        data_dir: str | None = None,
+        on_disk: bool = False,
+    ) -> None:
+        self.engine: Engine = check_engine(engine)
+        if on_disk and self.engine != "classic":
+            raise ValueError(
+                "on_disk needs engine='classic': the Firestore emulator keeps data in memory only"
+            )
+        self.host = host
+        self.project = project
+        self.on_disk = on_disk
+        self._port = port
+        self._data_dir = Path(data_dir) if data_dir is not None else None
+        self._workdir: Path | None = None
+        self._process: ManagedProcess | None = None
+        self._timeout = 90.0
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else "stopped"
+        return f"<DatastoreEmulator {self.engine} {self.host}:{self._port} {state}>"
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise BackendError(f"the {self.engine} emulator has no port yet: start it first")
+        return self._port
+
+    @property
+    def host_port(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host_port}"
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive
+
+    @property
+    def pgid(self) -> int | None:
+        """The process group id of the launcher and its JVM while running."""
+        return self._process.pgid if self._process is not None else None
+
+    @property
+    def data_dir(self) -> Path | None:
+        """The classic emulator's project directory (where on-disk data lives), once known."""
+        if self._data_dir is not None:
+            return self._data_dir
+        return self._workdir / "project" if self._workdir is not None else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._process.log_path if self._process is not None else None
+
+    def env(self) -> dict[str, str]:
+        """The variables ``gcloud beta emulators datastore env-init`` would print."""
+        return {
+            "DATASTORE_DATASET": self.project,
+            "DATASTORE_EMULATOR_HOST": self.host_port,
+            "DATASTORE_EMULATOR_HOST_PATH": f"{self.host_port}/datastore",
+            "DATASTORE_HOST": self.url,
+            "DATASTORE_PROJECT_ID": self.project,
+        }
+
+    def export_lines(self) -> str:
+        """:meth:`env` as ``export K=V`` lines for a POSIX shell."""
+        return "\n".join(f"export {key}={shlex.quote(value)}" for key, value in self.env().items())
+
+    def start(self, timeout: float = 90.0) -> Self:
+        """Start the emulator unless it runs already; return once ``GET /`` answers Ok.
+
+        Raises MissingDependency before launching anything if gcloud, the emulator's
+        SDK component or java is missing.
+        """
+        if self.alive:
+            return self
+        launcher = component_launcher(self.engine)
+        require_java()
+        if self._port is None:
+            self._port = free_port(self.host)
+        elif not port_is_free(self.host, self._port):
+            raise BackendError(
+                f"cannot start the {self.engine} emulator: {self.host_port} is in use"
+            )
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix=f"sc-{self.engine}-emulator-"))
+        self._timeout = timeout
+        self._process = ManagedProcess(
+            f"the {self.engine} Datastore emulator on {self.host}:{self._port}",
+            [str(launcher), *self._arguments()],
+            log_path=self._workdir / "emulator.log",
+        )
+        self._process.start(lambda: http_ok(f"{self.url}/", timeout=2.0), timeout)
+        return self
+
+    def _arguments(self) -> list[str]:
+        common = ["start", f"--host={self.host}", f"--port={self._port}"]
+        if self.engine == "firestore":
+            return [*common, "--database-mode=datastore-mode"]
+        project_dir = self.data_dir
+        assert project_dir is not None  # set by start() before we get here
+        if self.on_disk:
+            # No `create` step is needed: start makes the directory and its backing file.
+            # The data is written when the JVM shuts down cleanly (SIGTERM), not after a
+            # SIGKILL.
+            return [*common, "--consistency=1.0", "--store_on_disk=true", str(project_dir)]
+        return [*common, "--testing", str(project_dir)]
+
+    def stop(self) -> None:
+        """Stop the emulator and delete its scratch directory; safe to call twice.
+
+        A ``data_dir`` passed in is left alone; the default one (inside the scratch
+        directory) goes, so pass ``data_dir`` to keep on-disk data beyond stop().
+        """
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def kill(self) -> None:
+        """SIGKILL the emulator, as a crash would.
+
+        On-disk data written since the last clean stop is lost: the classic emulator
+        saves its file only when it shuts down.
+        """
+        if self._process is not None:
+            self._process.kill()
+
+    def restart(self) -> Self:
+        """Stop cleanly and start again on the same port with the same data directory."""
+        if self._process is not None:
+            self._process.stop()
+        return self.start(self._timeout)
+
+    def reset(self) -> None:
+        """Delete every entity (``POST /reset``)."""
+        self._running()
+        status, body = http_request(f"{self.url}/reset", method="POST", timeout=30.0)
+        if status != 200:
+            raise BackendError(f"the {self.engine} emulator answered {status} to /reset: {body!r}")
+
+    def pause(self) -> None:
+        """Freeze the launcher and its JVM (SIGSTOP): requests hang until :meth:`resume`."""
+        self._running().pause()
+
+    def resume(self) -> None:
+        """Let a paused emulator run again (SIGCONT)."""
+        self._running().resume()
+
+    def _running(self) -> ManagedProcess:
+        if self._process is None or not self._process.alive:
+            raise BackendError(f"the {self.engine} emulator is not running")
+        return self._process
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

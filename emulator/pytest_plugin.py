@@ -1,0 +1,148 @@
+"""pytest fixtures that run the real backends (registered as the ``sharded_counter`` plugin).
+
+Importing this module starts nothing. A backend starts the first time a test asks for
+it, at most once per run (a backend that a test killed is started again for the next
+one), and everything stops when the session ends. A missing dependency fails the test
+with a one-line message naming the install command; it never skips, so CI cannot go
+green without having run against the backends.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import pytest
+
+from .engines import ENGINES, Engine, check_engine
+from .errors import BackendError
+from .memcached import Memcached
+from .stack import BackendStack
+
+_T = TypeVar("_T")
+
+_ENGINE_FIXTURES = ("datastore_engine", "backend_env")
+# Start-up failures seen this session, by backend: a second test must not wait through
+# another 90 s timeout to learn the same thing.
+_FAILURES = pytest.StashKey[dict[str, str]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sharded-counter", "sharded-counter backends")
+    group.addoption(
+        "--sc-engines",
+        default=",".join(ENGINES),
+        metavar="ENGINES",
+        help="comma-separated Datastore engines to run backend tests against "
+        f"(default: {','.join(ENGINES)})",
+    )
+
+
+def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
+    raw = str(config.getoption("--sc-engines"))
+    try:
+        engines = tuple(dict.fromkeys(check_engine(e.strip()) for e in raw.split(",") if e.strip()))
+    except ValueError as error:
+        raise pytest.UsageError(f"--sc-engines: {error}") from None
+    if not engines:
+        raise pytest.UsageError(f"--sc-engines: no engine given (choose from {', '.join(ENGINES)})")
+    return engines
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A typo in --sc-engines is a usage error up front, not a collection error per module.
+    _selected_engines(config)
+
+
+def _parametrizes(marker: pytest.Mark, argname: str) -> bool:
+    names = marker.args[0] if marker.args else marker.kwargs.get("argnames", ())
+    if isinstance(names, str):
+        names = names.split(",")
+    return argname in (str(name).strip() for name in names)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if not any(name in metafunc.fixturenames for name in _ENGINE_FIXTURES):
+        return
+    # A test that picks its engines itself keeps its choice.
+    markers = metafunc.definition.iter_markers("parametrize")
+    if any(_parametrizes(marker, "datastore_engine") for marker in markers):
+        return
+    engines = _selected_engines(metafunc.config)
+    metafunc.parametrize("datastore_engine", engines, ids=list(engines), indirect=True)
+
+
+def _start_once(config: pytest.Config, key: str, start: Callable[[], _T]) -> _T:
+    """Run ``start``; on a BackendError fail this and every later test asking for ``key``."""
+    failures = config.stash.setdefault(_FAILURES, {})
+    if key in failures:
+        pytest.fail(failures[key], pytrace=False)
+    try:
+        return start()
+    except BackendError as error:
+        failures[key] = str(error)
+        pytest.fail(str(error), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sharded_counter_backends(pytestconfig: pytest.Config) -> Iterator[BackendStack]:
+    """The session's BackendStack: memcached runs; each engine starts on first use.
+
+    It holds every engine, not only those of --sc-engines: that option picks what tests
+    are parametrized over, while a test that names its engine explicitly still gets it.
+    """
+    stack = BackendStack(ENGINES, memcached=1)
+    try:
+        _start_once(pytestconfig, "memcached", lambda: stack.memcached)
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def memcached_server(
+    pytestconfig: pytest.Config, sharded_counter_backends: BackendStack
+) -> Memcached:
+    """The session's memcached server."""
+    return _start_once(pytestconfig, "memcached", lambda: sharded_counter_backends.memcached[0])
+
+
+@pytest.fixture
+def datastore_engine(request: pytest.FixtureRequest) -> Engine:
+    """The engine this test runs against (tests using it run once per selected engine)."""
+    param = getattr(request, "param", None)
+    if param is None:
+        # Reached through request.getfixturevalue, where no parametrization applies.
+        return _selected_engines(request.config)[0]
+    return check_engine(str(param))
+
+
+@pytest.fixture
+def backend_env(
+    request: pytest.FixtureRequest,
+    datastore_engine: Engine,
+    sharded_counter_backends: BackendStack,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, str]:
+    """Point this test at clean backends: emulator and memcached emptied, env set.
+
+    Sets DATASTORE_* (as ``gcloud beta emulators datastore env-init`` prints them) and
+    MEMCACHED_HOSTS in os.environ for the test's duration, and returns them.
+    """
+    stack = sharded_counter_backends
+    emulator = _start_once(
+        request.config,
+        f"engine:{datastore_engine}",
+        functools.partial(stack.emulator, datastore_engine),
+    )
+    servers = _start_once(request.config, "memcached", lambda: stack.memcached)
+    # Clean before the test rather than after, so a test sees a clean slate even when
+    # the one before it crashed half-way.
+    emulator.reset()
+    for server in servers:
+        server.flush_all()
+    env = stack.env(datastore_engine)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
