@@ -25,7 +25,7 @@ from .errors import (
     CounterOverflowError,
     IncrementNotRecorded,
 )
-from .joined import stage_increment
+from .joined import check_transaction, stage_increment
 from .keys import cache_keys
 from .memcache import MemcacheClient
 from .record import ShardState
@@ -136,11 +136,7 @@ class Counter:
 
     def _increment_joined(self, delta: int, transaction: datastore.Transaction) -> None:
         store = self._backend.store
-        if transaction.project != store.client.project:
-            raise ValueError(
-                f"the transaction is for project {transaction.project!r}, "
-                f"the counter's shards live in {store.client.project!r}"
-            )
+        check_transaction(transaction, store.client.project)
         cache = self._backend.cache
         record_key = self._record_key
         stage_increment(

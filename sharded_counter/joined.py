@@ -35,8 +35,8 @@ class JoinedWrites:
         self.after_commit: dict[str, Callable[[], None]] = {}  # counter name -> cache step
 
 
-def joined_writes(transaction: Any) -> JoinedWrites:
-    """The staged writes of ``transaction``, hooking its commit the first time."""
+def check_transaction(transaction: Any, project: str) -> datastore.Transaction:
+    """``transaction`` if a counter of ``project`` can join it, else TypeError/ValueError."""
     if not isinstance(transaction, datastore.Transaction):
         raise TypeError(
             "transaction must be a google.cloud.datastore.Transaction, "
@@ -46,6 +46,16 @@ def joined_writes(transaction: Any) -> JoinedWrites:
         raise ValueError(
             "the transaction is not in progress: use it inside `with client.transaction():`"
         )
+    if transaction.project != project:
+        raise ValueError(
+            f"the transaction is for project {transaction.project!r}, "
+            f"the counter's shards live in {project!r}"
+        )
+    return transaction
+
+
+def joined_writes(transaction: datastore.Transaction) -> JoinedWrites:
+    """The staged writes of ``transaction``, hooking its commit the first time."""
     state: JoinedWrites | None = getattr(transaction, _ATTRIBUTE, None)
     if state is not None:
         return state
