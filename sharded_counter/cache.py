@@ -186,6 +186,11 @@ class CacheTier:
             record = Record.decode(raw) if raw is not None else None
         return record, token
 
+    def peek(self, record_key: str) -> Record | None:
+        """The record as it is (complete or not), without touching it."""
+        raw, _ = self._gets(record_key)
+        return Record.decode(raw) if raw is not None else None
+
     def invalidate(self, record_key: str) -> None:
         """Drop a record that may be stale. Never raises: failing, it is dropped later."""
         if self._client is None:

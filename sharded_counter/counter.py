@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from typing import Any
@@ -28,7 +29,7 @@ from .errors import (
 from .joined import check_transaction, stage_increment
 from .keys import cache_keys
 from .memcache import MemcacheClient
-from .record import ShardState
+from .record import Drift, ShardState
 from .retry import CONTENTION, RETRYABLE, write_retrying
 from .shards import ShardOverflow
 from .stats import WriteStats
@@ -302,6 +303,50 @@ class Counter:
             raise
         self._backend.cache.merge(self._record_key, self._stash_key, states)
 
+    # -- checking the cache against the truth ----------------------------------------
+
+    def verify(self) -> Verification:
+        """Compare the cached record with the shards, shard by shard.
+
+        Writes that land during the check show as newer versions in the
+        record, not as drift, so it can run while the counter is busy.
+        Raises ``CacheUnavailable`` when memcache is configured but down.
+        """
+        cache = self._backend.cache
+        record = cache.peek(self._record_key) if cache.enabled else None
+        pending = cache.peek_stash(self._stash_key) if cache.enabled else 0
+        snapshot = self._backend.store.snapshot(self.name)
+        cached = record if record is not None and record.complete else None
+        drift = Drift.between(cached, snapshot.states) if cached is not None else Drift(0, 0)
+        return Verification(
+            name=self.name,
+            cached=None if cached is None else cached.total + pending,
+            shards=snapshot.total,
+            pending=pending,
+            stale_shards=drift.stale,
+            drift=drift.difference,
+        )
+
+    def repair(self) -> Verification:
+        """Write any pending delayed_incr to a shard, then rebuild the cached record.
+
+        Returns the verification after the repair.
+        """
+        cache = self._backend.cache
+        if cache.enabled:
+            pending = cache.take_stash(self._stash_key, look=True)
+            if pending:
+                try:
+                    state = self._write(pending)
+                except BaseException:
+                    self._restash(pending)
+                    raise
+                self.stats.add(folded=1)
+                cache.merge(self._record_key, self._stash_key, [state])
+            cache.forget(self._record_key)
+            cache.fill(self._record_key, self._shard_states)
+        return self.verify()
+
     def delete(self) -> int:
         """Delete every shard, the cached total and any pending stash.
 
@@ -317,6 +362,22 @@ class Counter:
             # After the shards: a reader refilling meanwhile must not outlive them.
             cache.forget(self._record_key)
         return removed
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """One counter's cached total against its shards (see ``Counter.verify``)."""
+
+    name: str
+    cached: int | None  # the cached total (record + pending), None when not cached
+    shards: int  # the sum of every shard
+    pending: int  # delayed_incr waiting to be written
+    stale_shards: int  # shards the cache holds at an older version, or lacks
+    drift: int  # how far the cached total is off because of them
+
+    @property
+    def ok(self) -> bool:
+        return self.stale_shards == 0
 
 
 def _class_options(cls: type) -> dict[str, Any]:

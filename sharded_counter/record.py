@@ -74,3 +74,28 @@ class Record:
         except ValueError:
             return None
         return cls(epoch, state == "c", shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class Drift:
+    """How a cached record compares with a fresh read of the shards."""
+
+    stale: int  # shards the record holds at an older version, or lacks
+    difference: int  # what those stale entries add to the cached total beyond the truth
+
+    @classmethod
+    def between(cls, record: Record, truth: Iterable[ShardState]) -> Drift:
+        """Compare shard by shard: a newer version in the record is a later write, not drift."""
+        stale = difference = 0
+        seen = set()
+        for state in truth:
+            seen.add(state.shard_id)
+            version, value = record.shards.get(state.shard_id, (0, 0))
+            if version < state.version or (version == state.version and value != state.value):
+                stale += 1
+                difference += value - state.value
+        for shard_id, (_, value) in record.shards.items():
+            if shard_id not in seen and value:  # cached, but gone from Datastore
+                stale += 1
+                difference += value
+        return cls(stale, difference)

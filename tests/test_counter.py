@@ -261,3 +261,27 @@ def test_joining_needs_a_live_datastore_transaction(backend_env: dict[str, str])
     with pytest.raises(ValueError, match="not in progress"):
         counter.increment(1, transaction=datastore.Client().transaction())
     assert shard_entities("orders") == []
+
+
+def test_verify_finds_drift_and_repair_rebuilds_from_the_truth(
+    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = Counter("audited", shards=1)
+    counter.increment(5)
+    assert counter.count == 5
+    assert counter.verify().ok
+    # Change the shard behind the cache's back, as another tool might.
+    client = datastore.Client()
+    (entity,) = shard_entities("audited")
+    entity["count"] = 9
+    client.put(entity)
+    report = counter.verify()
+    assert (report.cached, report.shards, report.stale_shards, report.drift) == (5, 9, 1, -4)
+    assert not report.ok
+    with monkeypatch.context() as patch:  # leave a pending stash for repair to write
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        Counter("audited", shards=1, **FAST_FAIL).increment(2)
+    repaired = counter.repair()
+    assert repaired.ok
+    assert (repaired.cached, repaired.shards, repaired.pending) == (11, 11, 0)
+    assert counter.count == 11
