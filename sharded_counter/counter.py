@@ -31,7 +31,7 @@ from .keys import cache_keys
 from .memcache import MemcacheClient
 from .record import Drift, ShardState
 from .retry import CONTENTION, RETRYABLE, write_retrying
-from .shards import ShardOverflow
+from .shards import ShardOverflow, Snapshot
 from .stats import WriteStats
 from .validation import check_delta, check_name, check_value, fits_int64
 
@@ -264,11 +264,18 @@ class Counter:
                 return total + stash
             except CacheUnavailable:
                 pass
-        total = self._backend.store.snapshot(self.name).total
+        total = self._snapshot().total
         return total + self._pending_stash()
 
     def _shard_states(self) -> list[ShardState]:
-        return list(self._backend.store.snapshot(self.name).states)
+        return list(self._snapshot().states)
+
+    def _snapshot(self) -> Snapshot:
+        """Every shard, read under the same retry policy as the writes."""
+        for attempt in write_retrying(self.settings):
+            with attempt:
+                return self._backend.store.snapshot(self.name)
+        raise AssertionError("unreachable: the retry policy re-raises the last error")
 
     def _pending_stash(self) -> int:
         if not self._backend.cache.enabled:
@@ -315,7 +322,7 @@ class Counter:
         cache = self._backend.cache
         record = cache.peek(self._record_key) if cache.enabled else None
         pending = cache.peek_stash(self._stash_key) if cache.enabled else 0
-        snapshot = self._backend.store.snapshot(self.name)
+        snapshot = self._snapshot()
         cached = record if record is not None and record.complete else None
         drift = Drift.between(cached, snapshot.states) if cached is not None else Drift(0, 0)
         return Verification(

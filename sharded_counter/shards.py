@@ -112,15 +112,17 @@ class ShardStore:
         return int(value.integer_value)
 
     # -- low-level calls ------------------------------------------------------
+    # retry=None turns off the generated client's own retries (up to 60 s on reads):
+    # every call is bounded by rpc_timeout and retried only by our policy (retry.py).
 
     def begin(self) -> bytes:
         request = dict(self._base, transaction_options={"read_write": {}})
-        response = self._api.begin_transaction(request=request, timeout=self._timeout)
+        response = self._api.begin_transaction(request=request, retry=None, timeout=self._timeout)
         return bytes(response.transaction)
 
     def rollback(self, transaction: bytes) -> None:
         request = dict(self._base, transaction=transaction)
-        self._api.rollback(request=request, timeout=self._timeout)
+        self._api.rollback(request=request, retry=None, timeout=self._timeout)
 
     def lookup(
         self, keys: Sequence[Any], *, transaction: bytes | None = None, begin: bool = False
@@ -131,7 +133,7 @@ class ShardStore:
             request["read_options"] = {"transaction": transaction}
         elif begin:
             request["read_options"] = {"new_transaction": {"read_write": {}}}
-        response = self._api.lookup(request=request, timeout=self._timeout)._pb
+        response = self._api.lookup(request=request, retry=None, timeout=self._timeout)._pb
         found: dict[bytes, Any] = {}
         versions: dict[bytes, int] = {}
         for result in response.found:
@@ -156,7 +158,7 @@ class ShardStore:
         else:
             request["mode"] = _TRANSACTIONAL
             request["transaction"] = transaction
-        return self._api.commit(request=request, timeout=self._timeout)._pb
+        return self._api.commit(request=request, retry=None, timeout=self._timeout)._pb
 
     # -- the write paths ------------------------------------------------------
 
@@ -261,7 +263,8 @@ class ShardStore:
             if cursor:
                 query["start_cursor"] = cursor
             request = dict(self._base, partition_id=self._partition, query=query)
-            batch = self._api.run_query(request=request, timeout=self._timeout)._pb.batch
+            response = self._api.run_query(request=request, retry=None, timeout=self._timeout)
+            batch = response._pb.batch
             yield from batch.entity_results
             if batch.more_results != _NOT_FINISHED or not batch.entity_results:
                 return

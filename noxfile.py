@@ -1,0 +1,43 @@
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``demo``.
+
+The ``./dev`` script installs what a fresh machine lacks (memcached, nox)
+and then runs one of these.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+SOURCES = ["sharded_counter", "emulator", "tests", "noxfile.py"]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Unit tests, and behaviour tests on both Datastore emulators with real memcached."""
+    session.install(".[test]")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: style, imports, common bugs."""
+    session.install("ruff")
+    session.run("ruff", "check", *SOURCES)
+    session.run("ruff", "format", "--check", *SOURCES)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the library, the emulator package and this file."""
+    session.install(".[test]", "mypy", "nox")
+    session.run("mypy", "--strict")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Start the backends and hammer one hot counter: one entity versus sharded."""
+    session.install(".")
+    session.run("sharded-counter", "demo", *session.posargs)

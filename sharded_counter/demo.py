@@ -1,0 +1,378 @@
+"""The demo: many threads hammer one hot counter, written two ways, on each emulator.
+
+The naive App Engine counter is one entity updated in a transaction: every
+writer contends for the same entity, so most attempts abort (optimistic
+engine) or queue for its lock (Firestore in Datastore mode). A sharded
+Counter spreads the same writes over many entities. Both must end exact: the
+total read back equals the increments that were acknowledged.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from google.cloud import datastore
+from google.cloud.datastore.query import PropertyFilter
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+from rich.text import Text
+
+from .counter import Counter
+from .errors import IncrementNotRecorded
+from .keys import SHARD_KIND, shard_index
+
+ENGINE_TITLES = {
+    "classic": "Datastore emulator (classic, optimistic transactions)",
+    "firestore": "Firestore emulator in Datastore mode (pessimistic locks, transforms)",
+}
+
+ONE_ENTITY = "one entity, transaction"
+SHARDED = "sharded Counter"
+
+# How often the progress bars are redrawn while the writers run.
+_REFRESH = 0.1
+
+
+@dataclasses.dataclass
+class _Tally:
+    """One writer thread's own counts, so the hot loop never takes a lock."""
+
+    acked: int = 0
+    not_recorded: int = 0
+    # Earlier acknowledged amounts an IncrementNotRecorded handed back to its caller.
+    returned: int = 0
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+
+class _WarningTally(logging.Handler):
+    """Counts the library's warnings during a race instead of letting them scroll past."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: collections.Counter[str] = collections.Counter()
+        self.example: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        template = str(record.msg)
+        self.seen[template] += 1
+        self.example.setdefault(template, record.getMessage())
+
+
+@contextlib.contextmanager
+def _tally_warnings(console: Console) -> Iterator[None]:
+    logger = logging.getLogger("sharded_counter")
+    tally = _WarningTally()
+    logger.addHandler(tally)
+    try:
+        yield
+    finally:
+        logger.removeHandler(tally)
+    for template, n in tally.seen.most_common():
+        console.print(Text(f"library warning, {n:,} x: {tally.example[template]}", style="yellow"))
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one contender did, and what the counter said afterwards."""
+
+    contender: str
+    counter_name: str
+    write_mode: str
+    increments: int
+    expected: int
+    elapsed: float
+    aborts: int
+    not_recorded: int
+    errors: dict[str, int]
+    uncached: int
+    cached: int
+
+    @property
+    def exact(self) -> bool:
+        return self.uncached == self.expected and self.cached == self.expected
+
+    @property
+    def rate(self) -> float:
+        return self.increments / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def run(
+    engines: Sequence[str],
+    threads: int,
+    seconds: float,
+    shards: int,
+    console: Console,
+) -> bool:
+    """Run the race on each engine in ``engines``; True when every count was exact.
+
+    Starts (and stops) its own emulators and memcached. Raises the emulator
+    package's ``MissingDependency`` when one of them is not installed.
+    """
+    # Imported here: only the demo needs the emulators, the rest of the CLI does not.
+    from sharded_counter_emulator import BackendStack
+
+    engines = tuple(dict.fromkeys(engines))
+    unknown = [e for e in engines if e not in ENGINE_TITLES]
+    if unknown or not engines:
+        raise ValueError(f"engines must be among {', '.join(ENGINE_TITLES)}, not {unknown}")
+    if threads < 1 or not seconds > 0 or shards < 1:
+        raise ValueError("threads, seconds and shards must be positive")
+
+    exact = True
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack_scope:
+        with console.status(f"starting {', '.join(engines)} emulator(s) and memcached..."):
+            stack = stack_scope.enter_context(BackendStack(engines=engines, memcached=1))
+        console.print(f"backends up in {time.monotonic() - started:.1f}s")
+        for engine in engines:
+            with _environment(stack.env(engine)):
+                exact &= _race(engine, threads, seconds, shards, console)
+    console.print(
+        Text("every count was exact", style="bold green")
+        if exact
+        else Text("some count was NOT exact", style="bold red")
+    )
+    console.print(f"demo took {time.monotonic() - started:.1f}s")
+    return exact
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _race(engine: str, threads: int, seconds: float, shards: int, console: Console) -> bool:
+    console.rule(ENGINE_TITLES[engine])
+    tag = uuid.uuid4().hex[:8]
+    # A writer still retrying when time is up holds the demo back: bound it.
+    limits: dict[str, Any] = {"retry_deadline": min(seconds, 10.0)}
+    contenders = [
+        (
+            ONE_ENTITY,
+            Counter(
+                f"demo-one-{engine}-{tag}",
+                shards=1,
+                write_mode="transaction",
+                memcached_hosts=(),
+                **limits,
+            ),
+        ),
+        (SHARDED, Counter(f"demo-sharded-{engine}-{tag}", shards=shards, **limits)),
+    ]
+    outcomes: list[Outcome] = []
+    with (
+        _tally_warnings(console),
+        Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(bar_width=30),
+            TextColumn("{task.fields[done]:>9,} increments"),
+            TextColumn("{task.fields[rate]:>9,.1f}/s"),
+            TextColumn("{task.fields[left]}"),
+            console=console,
+        ) as progress,
+    ):
+        for label, counter in contenders:
+            outcomes.append(_contend(label, counter, threads, seconds, progress))
+    console.print(_results_table(engine, threads, outcomes))
+    for outcome in outcomes:
+        for note in _notes(outcome):
+            console.print(note)
+    sharded = contenders[-1][1]
+    console.print(_distribution_table(sharded.name, shards))
+    return all(o.exact for o in outcomes)
+
+
+def _contend(
+    label: str, counter: Counter, threads: int, seconds: float, progress: Progress
+) -> Outcome:
+    tallies = [_Tally() for _ in range(threads)]
+    stop = threading.Event()
+    task = progress.add_task(label, total=seconds, done=0, rate=0.0, left="")
+    start = time.monotonic()
+    deadline = start + seconds
+    writers = [
+        threading.Thread(
+            target=_write_until,
+            args=(counter, deadline, stop, tally),
+            name=f"{label}-{i}",
+            daemon=True,
+        )
+        for i, tally in enumerate(tallies)
+    ]
+    for writer in writers:
+        writer.start()
+    try:
+        while any(w.is_alive() for w in writers):
+            _show_progress(progress, task, tallies, start, deadline)
+            time.sleep(_REFRESH)
+    finally:
+        stop.set()
+    elapsed = time.monotonic() - start
+    _show_progress(progress, task, tallies, start, deadline, elapsed=elapsed)
+
+    acked = sum(t.acked for t in tallies)
+    errors: collections.Counter[str] = collections.Counter()
+    for tally in tallies:
+        errors.update(tally.errors)
+    return Outcome(
+        contender=label,
+        counter_name=counter.name,
+        write_mode=counter.write_mode,
+        increments=acked,
+        expected=acked - sum(t.returned for t in tallies),
+        elapsed=elapsed,
+        aborts=counter.stats.snapshot()["aborts"],
+        not_recorded=sum(t.not_recorded for t in tallies),
+        errors=dict(errors),
+        uncached=counter.get_count(nocache=True),
+        cached=counter.count,
+    )
+
+
+def _write_until(counter: Counter, deadline: float, stop: threading.Event, tally: _Tally) -> None:
+    # A call that starts before the deadline may end after it; it counts if it succeeded.
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            counter.increment()
+        except IncrementNotRecorded as exc:
+            tally.not_recorded += 1
+            tally.returned += exc.delta - 1
+        except Exception as exc:  # shown after the race: the demo is about what goes wrong
+            tally.errors[type(exc).__name__] += 1
+        else:
+            tally.acked += 1
+
+
+def _show_progress(
+    progress: Progress,
+    task: TaskID,
+    tallies: Sequence[_Tally],
+    start: float,
+    deadline: float,
+    elapsed: float | None = None,
+) -> None:
+    now = time.monotonic()
+    running = now - start if elapsed is None else elapsed
+    done = sum(t.acked for t in tallies)
+    if elapsed is not None:
+        left = f"done in {elapsed:.1f}s"
+    elif now < deadline:
+        left = f"{deadline - now:4.1f}s left"
+    else:
+        left = "finishing calls in flight"
+    progress.update(
+        task,
+        completed=min(running, deadline - start),
+        done=done,
+        rate=done / running if running > 0 else 0.0,
+        left=left,
+    )
+
+
+def _results_table(engine: str, threads: int, outcomes: Sequence[Outcome]) -> Table:
+    table = Table(
+        title=f"{engine}: {threads} threads on one hot counter",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    table.add_column("contender", no_wrap=True)
+    table.add_column("write path", no_wrap=True)
+    table.add_column("incr.", justify="right", no_wrap=True)
+    table.add_column("incr./s", justify="right", no_wrap=True)
+    table.add_column("aborts", justify="right", no_wrap=True)
+    table.add_column("aborts/inc", justify="right", no_wrap=True)
+    table.add_column("exact", justify="center", no_wrap=True)
+    for o in outcomes:
+        table.add_row(
+            o.contender,
+            o.write_mode,
+            f"{o.increments:,}",
+            f"{o.rate:,.1f}",
+            f"{o.aborts:,}",
+            f"{o.aborts / o.increments:.2f}" if o.increments else "-",
+            Text("yes", style="green") if o.exact else Text("NO", style="bold red"),
+        )
+    by_label = {o.contender: o for o in outcomes}
+    one, sharded = by_label.get(ONE_ENTITY), by_label.get(SHARDED)
+    if one is not None and sharded is not None:
+        ratio = _times(sharded.rate / one.rate) if one.rate > 0 else "n/a"
+        table.add_section()
+        table.add_row("sharded / one entity", "", "", Text(ratio, style="bold"))
+    return table
+
+
+def _notes(outcome: Outcome) -> Iterator[Text]:
+    """What the table has no room for: lost increments, errors, and why a count is off."""
+    if outcome.not_recorded:
+        yield Text(
+            f"{outcome.contender}: {_plural(outcome.not_recorded, 'increment')} gave up "
+            "(IncrementNotRecorded), so not expected"
+        )
+    if outcome.errors:
+        seen = ", ".join(f"{n:,} x {kind}" for kind, n in sorted(outcome.errors.items()))
+        yield Text(f"{outcome.contender}: other errors seen by the writers: {seen}")
+    if not outcome.exact:
+        yield Text(
+            f"{outcome.contender}: expected {outcome.expected:,}, but get_count(nocache=True) "
+            f"says {outcome.uncached:,} and the cached count {outcome.cached:,}",
+            style="red",
+        )
+
+
+def _distribution_table(name: str, shards: int) -> Table:
+    """How the sharded counter's total is spread, read straight from Datastore."""
+    client = datastore.Client()  # type: ignore[no-untyped-call]
+    query = client.query(kind=SHARD_KIND)  # type: ignore[no-untyped-call]
+    query.add_filter(filter=PropertyFilter("name", "=", name))  # type: ignore[no-untyped-call]
+    rows: list[tuple[int, str, int]] = []
+    for entity in query.fetch():
+        key_name = str(entity.key.name)
+        index = shard_index(name, key_name)
+        rows.append((index if index is not None else -1, key_name, int(entity.get("count", 0))))
+    rows.sort()
+    total = sum(count for _, _, count in rows)
+    table = Table(
+        title=f"{name}: {len(rows)} of {shards} shards written",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
+    table.add_column("shard", justify="right")
+    table.add_column("key name")
+    table.add_column("count", justify="right")
+    table.add_column("share", justify="right")
+    for index, key_name, count in rows:
+        share = f"{100 * count / total:.1f}%" if total else "-"
+        table.add_row(str(index), Text(key_name), f"{count:,}", share)
+    table.add_section()
+    table.add_row("", "total", f"{total:,}", "")
+    return table
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def _times(ratio: float) -> str:
+    return f"x {ratio:,.0f}" if ratio >= 100 else f"x {ratio:.1f}"

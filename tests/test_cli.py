@@ -1,0 +1,215 @@
+"""The ``sharded-counter`` command: argument errors, ``env``, and a round trip on real backends."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from sharded_counter import config
+from sharded_counter.cli import main
+
+
+@pytest.fixture(autouse=True)
+def clean_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no config/ directory here
+    config.clear()
+    yield
+    config.clear()
+
+
+@pytest.fixture
+def wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables as wide as they like, so that no cell is folded over two lines."""
+    monkeypatch.setenv("COLUMNS", "400")
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def assert_clean_failure(result: Result, *, mentions: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert mentions in result.output
+
+
+def test_help_lists_every_command() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("demo", "count", "increment", "set", "delete", "env"):
+        assert command in result.output
+
+
+def test_bad_engine_is_refused() -> None:
+    result = invoke("demo", "--engine", "mysql")
+    assert_clean_failure(result, mentions="mysql")
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("option", [("--threads", "0"), ("--seconds", "0"), ("--shards", "-1")])
+def test_bad_demo_numbers_are_refused(option: tuple[str, str]) -> None:
+    result = invoke("demo", *option)
+    assert_clean_failure(result, mentions=option[0])
+    assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("amount", ["abc", "1.5", "", "1e3", "--5"])
+def test_increment_needs_an_integer(amount: str) -> None:
+    result = invoke("increment", "hits", amount)
+    assert_clean_failure(result, mentions=repr(amount) if amount != "--5" else "--5")
+
+
+def test_demo_reports_a_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sharded_counter import demo
+    from sharded_counter_emulator import MissingDependency
+
+    def missing(**_: object) -> bool:
+        raise MissingDependency("memcached", "memcached is not installed: run 'apt-get install'")
+
+    monkeypatch.setattr(demo, "run", missing)
+    result = invoke("demo")
+    assert_clean_failure(result, mentions="memcached is not installed")
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_demo_exit_status_says_whether_counts_were_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sharded_counter import demo
+
+    calls: list[dict[str, object]] = []
+
+    def inexact(**kwargs: object) -> bool:
+        calls.append(kwargs)
+        return False
+
+    monkeypatch.setattr(demo, "run", inexact)
+    result = invoke("demo", "--engine", "firestore", "--threads", "3", "--seconds", "0.5")
+    assert result.exit_code == 1
+    assert calls[0]["engines"] == ("firestore",)
+    assert (calls[0]["threads"], calls[0]["seconds"], calls[0]["shards"]) == (3, 0.5, 20)
+
+
+def test_set_needs_an_integer() -> None:
+    assert_clean_failure(invoke("set", "hits", "ten"), mentions="'ten'")
+    assert_clean_failure(invoke("set", "hits"), mentions="VALUE")
+
+
+def test_count_needs_a_name() -> None:
+    assert_clean_failure(invoke("count"), mentions="NAME")
+
+
+def test_bad_shards_option() -> None:
+    assert_clean_failure(invoke("increment", "hits", "--shards", "0"), mentions="--shards")
+
+
+def test_library_errors_are_one_clean_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The name is checked before anything connects, so no backend is needed.
+    result = invoke("increment", "x" * 1501)
+    assert_clean_failure(result, mentions="1501 bytes")
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_env_lists_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEMCACHED_HOSTS", raising=False)
+    result = invoke("env")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("shards" in line and "10" in line for line in lines)
+    assert "retry_deadline" in result.output
+    assert "config file" in result.output
+    assert "none" in result.output
+
+
+@pytest.mark.usefixtures("wide")
+def test_env_shows_the_config_file_and_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "counters.toml"
+    path.write_text("[sharded_counter]\nshards = 7\n")
+    monkeypatch.setenv("SHARDED_COUNTER_CONFIG", str(path))
+    monkeypatch.setenv("MEMCACHED_HOSTS", "127.0.0.1:1")
+    result = invoke("env")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any("shards" in line and "7" in line and "config file" in line for line in lines)
+    assert any("memcached_hosts" in line and "MEMCACHED_HOSTS" in line for line in lines)
+    assert str(path) in result.output
+
+
+def test_env_reports_a_bad_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "counters.toml"
+    path.write_text("[sharded_counter]\nshards = 0\n")
+    monkeypatch.setenv("SHARDED_COUNTER_CONFIG", str(path))
+    result = invoke("env")
+    assert_clean_failure(result, mentions="shards")
+    assert result.exit_code == 1
+
+
+@pytest.mark.backends
+@pytest.mark.usefixtures("wide")
+def test_round_trip_on_real_backends(backend_env: dict[str, str]) -> None:
+    def run(*args: str) -> str:
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    def row(output: str) -> list[str]:
+        [line] = [line for line in output.splitlines() if " hits " in f" {line} "]
+        return [cell.strip() for cell in line.strip("│┃ ").split("│")]
+
+    assert "hits +5 -> 5" in run("increment", "hits", "5")
+    assert "hits -2 -> 3" in run("increment", "hits", "-2")
+    assert row(run("count", "hits")) == ["hits", "3", "3", "3", "0"]
+    assert "hits = 10" in run("set", "hits", "10")
+    assert row(run("count", "hits"))[:4] == ["hits", "10", "10", "10"]
+    assert row(run("verify", "hits")) == ["hits", "10", "10", "0", "+0", "yes"]
+    assert "deleted hits" in run("delete", "hits")
+    assert row(run("count", "hits"))[:4] == ["hits", "0", "0", "0"]
+
+
+@pytest.mark.backends
+def test_verify_reports_drift_and_repair_mends_it(backend_env: dict[str, str]) -> None:
+    from google.cloud import datastore
+
+    from sharded_counter import Counter
+
+    counter = Counter("hits", shards=1)
+    counter.increment(4)
+    assert counter.count == 4
+    client = datastore.Client()
+    query = client.query(kind="CounterShard")
+    query.add_filter(filter=datastore.query.PropertyFilter("name", "=", "hits"))
+    (shard,) = query.fetch()
+    shard["count"] = 7  # behind the cache's back
+    client.put(shard)
+    drifted = invoke("verify", "hits")
+    assert drifted.exit_code == 1
+    assert "NO" in drifted.output and "-3" in drifted.output
+    repaired = invoke("repair", "hits")
+    assert repaired.exit_code == 0, repaired.output
+    assert invoke("verify", "hits").exit_code == 0
+    assert counter.count == 7
+
+
+@pytest.mark.backends
+def test_demo_is_exact_on_its_own_backends() -> None:
+    from sharded_counter import demo
+
+    out = io.StringIO()
+    exact = demo.run(
+        engines=("classic",),
+        threads=4,
+        seconds=1,
+        shards=5,
+        console=Console(file=out, width=120),
+    )
+    assert exact, out.getvalue()
+    assert "sharded Counter" in out.getvalue()
