@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import CacheUnavailable
@@ -105,13 +105,20 @@ class CacheTier:
 
     def read(self, record_key: str, stash_key: str) -> tuple[Record | None, int]:
         """The complete record (or None) and the pending stash. Raises CacheUnavailable."""
+        return self.read_many([(record_key, stash_key)])[0]
+
+    def read_many(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[Record | None, int]]:
+        """``read`` for many counters in one ``get_many``."""
         self._forget_suspects()
-        found = self._call("get_many", [record_key, stash_key])
-        raw = found.get(record_key)
-        record = Record.decode(raw) if raw is not None else None
-        self._note_stash(stash_key, found.get(stash_key))
-        stash = _stash_value(found.get(stash_key))
-        return (record if record is not None and record.complete else None), stash
+        found = self._call("get_many", [key for pair in pairs for key in pair])
+        results: list[tuple[Record | None, int]] = []
+        for record_key, stash_key in pairs:
+            raw = found.get(record_key)
+            record = Record.decode(raw) if raw is not None else None
+            self._note_stash(stash_key, found.get(stash_key))
+            stash = _stash_value(found.get(stash_key))
+            results.append((record if record is not None and record.complete else None, stash))
+        return results
 
     def merge(self, record_key: str, stash_key: str, states: Iterable[ShardState]) -> None:
         """A writer's post-commit step. Never raises: memcache trouble marks the key suspect.
@@ -151,11 +158,33 @@ class CacheTier:
         holds newer writes). Raises CacheUnavailable only if memcache fails
         before the snapshot was taken; after that it returns the snapshot.
         """
+        return self.fill_many([record_key], lambda _keys: {record_key: snapshot()})[record_key]
+
+    def fill_many(
+        self,
+        record_keys: Sequence[str],
+        snapshot: Callable[[list[str]], Mapping[str, Iterable[ShardState]]],
+    ) -> dict[str, int]:
+        """``fill`` for many counters: ``snapshot`` reads the shards of all that need it at once."""
         self._forget_suspects()
-        record, token = self._open_record(record_key)
-        if record is not None and record.complete:
-            return record.total
-        states = list(snapshot())
+        totals: dict[str, int] = {}
+        opened: dict[str, tuple[Record | None, Any]] = {}
+        for key in record_keys:
+            record, token = self._open_record(key)
+            if record is not None and record.complete:
+                totals[key] = record.total  # filled by someone else meanwhile
+            else:
+                opened[key] = (record, token)
+        if opened:
+            states = snapshot(list(opened))
+            for key, (record, token) in opened.items():
+                totals[key] = self._complete(key, record, token, list(states[key]))
+        return totals
+
+    def _complete(
+        self, record_key: str, record: Record | None, token: Any, states: list[ShardState]
+    ) -> int:
+        """Merge a snapshot into the record opened before it was taken, and mark it complete."""
         if record is None:
             return sum(s.value for s in states)
         epoch = record.epoch
@@ -240,6 +269,10 @@ class CacheTier:
             if self._call("cas", stash_key, b"0", token, 0) is True:
                 return value
         return 0
+
+    def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
+        found = self._call("get_many", list(stash_keys))
+        return {key: _stash_value(found.get(key)) for key in stash_keys}
 
     def peek_stash(self, stash_key: str) -> int:
         raw, _ = self._gets(stash_key)

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
+from collections.abc import Iterable
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -267,6 +269,61 @@ class Counter:
         total = self._snapshot().total
         return total + self._pending_stash()
 
+    @classmethod
+    def get_counts(
+        cls, names: Iterable[str], *, nocache: bool = False, **options: Any
+    ) -> dict[str, int]:
+        """Totals of many counters of this class at once, by name.
+
+        One memcache ``get_many`` for all of them, then one Datastore read
+        for all the misses (one query per 30 names on Firestore in Datastore
+        mode; side-by-side queries per name on the classic emulator, which
+        refuses IN filters). Misses are cached as ``get_count`` would.
+        """
+        counters = {name: cls(name, **options) for name in names}
+        if not counters:
+            return {}
+        first = next(iter(counters.values()))
+        backend, settings = first._backend, first.settings
+        cache = backend.cache
+        totals: dict[str, int] = {}
+        cache_down = False
+        if not nocache and cache.enabled:
+            try:
+                pairs = [(c._record_key, c._stash_key) for c in counters.values()]
+                stashes: dict[str, int] = {}
+                misses: dict[str, Counter] = {}
+                for counter, (record, stash) in zip(
+                    counters.values(), cache.read_many(pairs), strict=True
+                ):
+                    if record is not None:
+                        totals[counter.name] = record.total + stash
+                    else:
+                        misses[counter._record_key] = counter
+                        stashes[counter._record_key] = stash
+
+                def read_shards(keys: list[str]) -> dict[str, Iterable[ShardState]]:
+                    found = _retrying_snapshots(backend, settings, [misses[k].name for k in keys])
+                    return {k: found[misses[k].name].states for k in keys}
+
+                filled = cache.fill_many(list(misses), read_shards)
+                for key, counter in misses.items():
+                    totals[counter.name] = filled[key] + stashes[key]
+            except CacheUnavailable:
+                totals.clear()
+                cache_down = True
+            else:
+                return totals
+        pending: dict[str, int] = {}
+        if cache.enabled and not cache_down:
+            with contextlib.suppress(CacheUnavailable):
+                pending = cache.peek_stashes([c._stash_key for c in counters.values()])
+        found = _retrying_snapshots(backend, settings, list(counters))
+        return {
+            name: found[name].total + pending.get(counter._stash_key, 0)
+            for name, counter in counters.items()
+        }
+
     def _shard_states(self) -> list[ShardState]:
         return list(self._snapshot().states)
 
@@ -385,6 +442,15 @@ class Verification:
     @property
     def ok(self) -> bool:
         return self.stale_shards == 0
+
+
+def _retrying_snapshots(
+    backend: Backend, settings: Settings, names: list[str]
+) -> dict[str, Snapshot]:
+    for attempt in write_retrying(settings):
+        with attempt:
+            return backend.store.snapshots(names, use_in=backend.is_firestore)
+    raise AssertionError("unreachable: the retry policy re-raises the last error")
 
 
 def _class_options(cls: type) -> dict[str, Any]:

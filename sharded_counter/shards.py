@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import random
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from google.cloud import datastore
@@ -30,6 +31,7 @@ _NOT_FINISHED = query_types.QueryResultBatch.MoreResultsType.NOT_FINISHED
 _EntityPb = entity_types.Entity.pb()
 _KeyPb = entity_types.Key.pb()
 _MAX_MUTATIONS = 500  # Datastore's limit per commit
+_IN_LIMIT = 30  # values one IN filter may hold
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,15 +248,15 @@ class ShardStore:
 
     def _query_shards(self, name: str, *, keys_only: bool = False) -> Iterator[Any]:
         """Every CounterShard whose name is ``name``, whatever its key: EntityResult pbs."""
+        return self._run_query(
+            {"op": query_types.PropertyFilter.Operator.EQUAL, "value": {"string_value": name}},
+            keys_only=keys_only,
+        )
+
+    def _run_query(self, name_filter: dict[str, Any], *, keys_only: bool = False) -> Iterator[Any]:
         query: dict[str, Any] = {
             "kind": [{"name": SHARD_KIND}],
-            "filter": {
-                "property_filter": {
-                    "property": {"name": "name"},
-                    "op": query_types.PropertyFilter.Operator.EQUAL,
-                    "value": {"string_value": name},
-                }
-            },
+            "filter": {"property_filter": {"property": {"name": "name"}, **name_filter}},
         }
         if keys_only:
             query["projection"] = [{"property": {"name": "__key__"}}]
@@ -271,15 +273,36 @@ class ShardStore:
             cursor = batch.end_cursor
 
     def snapshot(self, name: str) -> Snapshot:
-        states = [
-            ShardState(
-                _shard_id(name, result.entity.key.path[-1].name),
-                result.version,
-                self._count_of(result.entity),
-            )
-            for result in self._query_shards(name)
-        ]
-        return Snapshot(tuple(states))
+        return Snapshot(tuple(self._state_of(name, r) for r in self._query_shards(name)))
+
+    def _state_of(self, name: str, result: Any) -> ShardState:
+        key_name = result.entity.key.path[-1].name
+        return ShardState(_shard_id(name, key_name), result.version, self._count_of(result.entity))
+
+    def snapshots(self, names: Sequence[str], *, use_in: bool) -> dict[str, Snapshot]:
+        """Every shard of each of ``names``.
+
+        With ``use_in`` (Firestore in Datastore mode) it is one query per
+        ``_IN_LIMIT`` names; the classic emulator refuses IN filters, so there
+        it is one query per name, run side by side.
+        """
+        unique = list(dict.fromkeys(names))
+        if not unique:
+            return {}
+        if not use_in:
+            with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
+                return dict(zip(unique, pool.map(self.snapshot, unique), strict=True))
+        states: dict[str, list[ShardState]] = {name: [] for name in unique}
+        for start in range(0, len(unique), _IN_LIMIT):
+            chunk = unique[start : start + _IN_LIMIT]
+            name_filter = {
+                "op": query_types.PropertyFilter.Operator.IN,
+                "value": {"array_value": {"values": [{"string_value": n} for n in chunk]}},
+            }
+            for result in self._run_query(name_filter):
+                name = result.entity.properties["name"].string_value
+                states[name].append(self._state_of(name, result))
+        return {name: Snapshot(tuple(found)) for name, found in states.items()}
 
     def rewrite(
         self, name: str, shards: int, target: Callable[[int], int], *, lazy_begin: bool
