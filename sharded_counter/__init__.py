@@ -1,5 +1,6 @@
 """Sharded counters on Google Cloud Datastore with memcache in front."""
 
+from .buffer import CounterBuffer
 from .config import Settings, config
 from .counter import Counter
 from .errors import (
@@ -15,6 +16,7 @@ __all__ = [
     "CacheUnavailable",
     "ConfigurationError",
     "Counter",
+    "CounterBuffer",
     "CounterOverflowError",
     "DatastoreUnavailable",
     "IncrementNotRecorded",

@@ -68,7 +68,7 @@ class Counter:
         **options: Any,
     ) -> None:
         self.name = check_name(name)
-        self.settings: Settings = resolve(options, _class_options(type(self)))
+        self.settings: Settings = resolve(options, class_options(type(self)))
         self.shards = self.settings.shards
         self._backend: Backend = backend_for(self.settings, datastore_client, memcache_client)
         self._record_key, self._stash_key = cache_keys(
@@ -111,8 +111,16 @@ class Counter:
         if transaction is not None:
             self._increment_joined(delta, transaction)
             return
-        if delta == 0:
-            return
+        if delta:
+            self._apply(delta, stash_on_failure=True)
+
+    def _apply(self, delta: int, *, stash_on_failure: bool) -> None:
+        """Write ``delta`` (plus any stash) to a shard and merge it into the cache.
+
+        When the write keeps failing it is stashed, or with ``stash_on_failure``
+        false the error is raised (any stash taken is put back): the write
+        buffer retries on its own schedule before it stashes.
+        """
         cache = self._backend.cache
         stashed = self._take_stash()
         amount = delta + stashed
@@ -122,19 +130,19 @@ class Counter:
             stashed, amount = 0, delta
         try:
             state = self._write(amount)
-        except CounterOverflowError:
-            self._restash(stashed)
-            raise
         except RETRYABLE as exc:
+            if not stash_on_failure:
+                self._restash(stashed)
+                raise
             self._stash_or_raise(amount, exc)
             return
-        except gexc.GoogleAPICallError:
+        except (CounterOverflowError, gexc.GoogleAPICallError):
             self._restash(stashed)
             raise
         if stashed:
             self.stats.add(folded=1)
         cache.merge(self._record_key, self._stash_key, [state])
-        if abs(state.value) >= _REBALANCE_AT:
+        if abs(state.value) >= _REBALANCE_AT and self._backend.write_mode == "transform":
             self._rebalance()
 
     def _increment_joined(self, delta: int, transaction: datastore.Transaction) -> None:
@@ -187,10 +195,18 @@ class Counter:
                 return store.add_in_transaction(self.name, index, amount, lazy_begin=lazy)
             except ShardOverflow:
                 continue
-        raise CounterOverflowError(
-            f"no shard of counter {self.name!r} can take {amount} without leaving int64; "
-            "nothing was written"
-        )
+        # No one shard has room: spread total + amount over all of them, in one transaction.
+        try:
+            states = store.rewrite(
+                self.name, self.shard_count, lambda total: total + amount, lazy_begin=lazy
+            )
+        except ValueError:
+            raise CounterOverflowError(
+                f"counter {self.name!r} cannot take {amount}: its {self.shard_count} shards "
+                "would leave int64; nothing was written"
+            ) from None
+        self._backend.cache.merge(self._record_key, self._stash_key, states[1:])
+        return states[0]
 
     def _rebalance(self) -> None:
         """Spread the total evenly again, so no shard sits near the int64 edge."""
@@ -453,7 +469,7 @@ def _retrying_snapshots(
     raise AssertionError("unreachable: the retry policy re-raises the last error")
 
 
-def _class_options(cls: type) -> dict[str, Any]:
+def class_options(cls: type) -> dict[str, Any]:
     """Options set as class attributes on a Counter subclass (``shards = 20``)."""
     options: dict[str, Any] = {}
     # Counter's own attributes (its properties among them) are not options.
