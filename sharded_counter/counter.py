@@ -31,6 +31,7 @@ from .errors import (
 from .joined import check_transaction, stage_increment
 from .keys import cache_keys
 from .memcache import MemcacheClient
+from .picker import picker_for
 from .record import Drift, ShardState
 from .retry import CONTENTION, RETRYABLE, write_retrying
 from .shards import ShardOverflow, Snapshot
@@ -75,6 +76,7 @@ class Counter:
             self.settings.key_prefix, self._backend.store.scope, self.name
         )
         self.stats = WriteStats()
+        self._picker = picker_for(self._backend.store.scope, self.name)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shard_count})"
@@ -165,13 +167,13 @@ class Counter:
         for attempt in write_retrying(self.settings):
             with attempt:
                 try:
-                    index = random.randrange(self.shard_count)
                     # Inside the attempt: the first call may probe the backend.
                     mode = backend.write_mode
-                    if mode == "transform" and abs(amount) <= _TRANSFORM_MAX_DELTA:
-                        state = backend.store.add_with_transform(self.name, index, amount)
-                    else:
-                        state = self._add_in_transaction(index, amount)
+                    with self._picker.pick(self.shard_count) as index:
+                        if mode == "transform" and abs(amount) <= _TRANSFORM_MAX_DELTA:
+                            state = backend.store.add_with_transform(self.name, index, amount)
+                        else:
+                            state = self._add_in_transaction(index, amount)
                 except CONTENTION:
                     self.stats.add(aborts=1)
                     raise

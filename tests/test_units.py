@@ -186,3 +186,21 @@ def test_totals_are_python_ints_beyond_int64() -> None:
     record = Record.new([ShardState(f"i{i}", 1, INT64_MAX) for i in range(3)])
     assert record.total == 3 * INT64_MAX
     assert Record.decode(record.encode()) == record
+
+
+# -- shard picking ------------------------------------------------------------------
+
+
+def test_writers_in_one_process_get_distinct_shards_while_any_is_free() -> None:
+    from contextlib import ExitStack
+
+    from sharded_counter.picker import ShardPicker
+
+    picker = ShardPicker()
+    with ExitStack() as held:
+        taken = [held.enter_context(picker.pick(20)) for _ in range(20)]
+        assert sorted(taken) == list(range(20))
+        extra = held.enter_context(picker.pick(20))  # all busy: any shard will do
+        assert 0 <= extra < 20
+    with picker.pick(3) as index:  # released shards are free again
+        assert 0 <= index < 3

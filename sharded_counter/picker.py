@@ -1,0 +1,73 @@
+"""Which shard a write goes to.
+
+Picking uniformly at random lets two writers in one process land on the same
+shard, and on an optimistic engine one of them then aborts and retries. A
+process knows which shards its own writers hold, so it hands each writer a
+shard nobody here is writing (random among the free ones) and falls back to
+any shard only when all are busy. Writers in other processes still collide
+at random, but no more often than that.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class ShardPicker:
+    """The shards of one counter that writers in this process are using right now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._busy: dict[int, int] = {}  # index -> writers on it
+
+    @contextmanager
+    def pick(self, shards: int) -> Iterator[int]:
+        index = self._take(shards)
+        try:
+            yield index
+        finally:
+            with self._lock:
+                left = self._busy[index] - 1
+                if left:
+                    self._busy[index] = left
+                else:
+                    del self._busy[index]
+
+    def _take(self, shards: int) -> int:
+        with self._lock:
+            busy = self._busy
+            index = random.randrange(shards)
+            if index in busy and len(busy) < shards:
+                # A few random tries find a free shard fast while most are free;
+                # past that, scan from a random start.
+                for _ in range(4):
+                    index = random.randrange(shards)
+                    if index not in busy:
+                        break
+                else:
+                    start = random.randrange(shards)
+                    index = next(
+                        i % shards for i in range(start, start + shards) if i % shards not in busy
+                    )
+            busy[index] = busy.get(index, 0) + 1
+            return index
+
+
+_pickers: dict[tuple[str, str], ShardPicker] = {}
+_pickers_lock = threading.Lock()
+
+
+def picker_for(scope: str, name: str) -> ShardPicker:
+    """The process-wide picker of one counter (shared by every Counter object of it)."""
+    key = (scope, name)
+    picker = _pickers.get(key)
+    if picker is None:
+        with _pickers_lock:
+            picker = _pickers.setdefault(key, ShardPicker())
+            if len(_pickers) > 100_000:  # many one-off counters: start over rather than grow
+                _pickers.clear()
+                _pickers[key] = picker
+    return picker
