@@ -34,18 +34,22 @@ from .memcache import MemcacheClient
 from .picker import picker_for
 from .record import Drift, ShardState
 from .retry import CONTENTION, RETRYABLE, write_retrying
-from .shards import ShardOverflow, Snapshot
+from .shards import ShardOverflow, Snapshot, spread
 from .stats import WriteStats
-from .validation import check_delta, check_name, check_value, fits_int64
+from .validation import INT64_MAX, check_delta, check_name, check_value, fits_int64
 
 log = logging.getLogger("sharded_counter")
 
 # The transform path cannot see a shard's value before adding to it, and the
-# server saturates at the int64 edge instead of failing. Keeping transform
-# deltas small and pulling any shard that passes 2**62 back towards the middle
-# leaves room for 2**30 more such increments before an edge could be reached.
+# server saturates at the int64 edge instead of failing. So where transforms
+# are used a shard holds at most 2**62 (sets and transaction writes keep to
+# that), transform deltas stay under 2**32, and a transform result past 2**62
+# spreads the total evenly again, or, when even that cannot bring the shards
+# back under, sends this process's writes of the counter through transactions.
+# A shard could then only saturate after 2**30 further transform writes that
+# all missed both signals.
 _TRANSFORM_MAX_DELTA = 2**32
-_REBALANCE_AT = 2**62
+_TRANSFORM_SHARD_LIMIT = 2**62
 
 
 class Counter:
@@ -144,7 +148,7 @@ class Counter:
         if stashed:
             self.stats.add(folded=1)
         cache.merge(self._record_key, self._stash_key, [state])
-        if abs(state.value) >= _REBALANCE_AT and self._backend.write_mode == "transform":
+        if abs(state.value) > _TRANSFORM_SHARD_LIMIT and self._backend.write_mode == "transform":
             self._rebalance()
 
     def _increment_joined(self, delta: int, transaction: datastore.Transaction) -> None:
@@ -169,8 +173,13 @@ class Counter:
                 try:
                     # Inside the attempt: the first call may probe the backend.
                     mode = backend.write_mode
+                    transform = (
+                        mode == "transform"
+                        and abs(amount) <= _TRANSFORM_MAX_DELTA
+                        and not self._picker.transforms_unsafe
+                    )
                     with self._picker.pick(self.shard_count) as index:
-                        if mode == "transform" and abs(amount) <= _TRANSFORM_MAX_DELTA:
+                        if transform:
                             state = backend.store.add_with_transform(self.name, index, amount)
                         else:
                             state = self._add_in_transaction(index, amount)
@@ -185,36 +194,56 @@ class Counter:
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
     def _add_in_transaction(self, first: int, amount: int) -> ShardState:
-        store, lazy = self._backend.store, self._backend.lazy_begin
+        store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
         try:
-            return store.add_in_transaction(self.name, first, amount, lazy_begin=lazy)
+            return store.add_in_transaction(self.name, first, amount, lazy_begin=lazy, limit=limit)
         except ShardOverflow:
             pass
         for index in random.sample(range(self.shard_count), self.shard_count):
             if index == first:
                 continue
             try:
-                return store.add_in_transaction(self.name, index, amount, lazy_begin=lazy)
+                return store.add_in_transaction(
+                    self.name, index, amount, lazy_begin=lazy, limit=limit
+                )
             except ShardOverflow:
                 continue
         # No one shard has room: spread total + amount over all of them, in one transaction.
         try:
             states = store.rewrite(
-                self.name, self.shard_count, lambda total: total + amount, lazy_begin=lazy
+                self.name,
+                self.shard_count,
+                lambda total: total + amount,
+                lazy_begin=lazy,
+                limit=limit,
             )
         except ValueError:
             raise CounterOverflowError(
                 f"counter {self.name!r} cannot take {amount}: its {self.shard_count} shards "
-                "would leave int64; nothing was written"
+                f"would pass {limit} each; nothing was written"
             ) from None
         self._backend.cache.merge(self._record_key, self._stash_key, states[1:])
         return states[0]
 
+    @property
+    def _shard_limit(self) -> int:
+        """The most one shard may hold: 2**62 where this counter writes with transforms
+        (see above), else the whole int64 range."""
+        return _TRANSFORM_SHARD_LIMIT if self._backend.write_mode == "transform" else INT64_MAX
+
     def _rebalance(self) -> None:
-        """Spread the total evenly again, so no shard sits near the int64 edge."""
+        """Spread the total evenly again, so no shard sits past the transform limit."""
         try:
             states = self._rewrite(lambda total: total)
-        except (CounterOverflowError, ValueError, gexc.GoogleAPICallError) as exc:
+        except ValueError:
+            self._picker.transforms_unsafe = True
+            log.warning(
+                "counter %r is too large for transform writes; this process writes it "
+                "through transactions from now on",
+                self.name,
+            )
+            return
+        except (CounterOverflowError, gexc.GoogleAPICallError) as exc:
             log.warning("could not rebalance counter %r: %s", self.name, exc)
             return
         self.stats.add(rebalances=1)
@@ -225,7 +254,11 @@ class Counter:
         for attempt in write_retrying(self.settings):
             with attempt:
                 return backend.store.rewrite(
-                    self.name, self.shard_count, target, lazy_begin=backend.lazy_begin
+                    self.name,
+                    self.shard_count,
+                    target,
+                    lazy_begin=backend.lazy_begin,
+                    limit=self._shard_limit,
                 )
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
@@ -377,6 +410,7 @@ class Counter:
         before (and is replaced by ``value``) or after (and is added to it).
         """
         value = check_value(value, self.shard_count)
+        spread(value, self.shard_count, self._shard_limit)  # refuse what cannot fit, early
         stashed = self._take_stash(look=True)  # a pending stash is replaced too
         try:
             states = self._rewrite(lambda _current: value)

@@ -22,6 +22,9 @@ class ShardPicker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._busy: dict[int, int] = {}  # index -> writers on it
+        #: Set once this process saw a shard of the counter past the transform
+        #: limit and could not spread it back: its writes then use transactions.
+        self.transforms_unsafe = False
 
     @contextmanager
     def pick(self, shards: int) -> Iterator[int]:

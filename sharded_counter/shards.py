@@ -23,7 +23,7 @@ from google.cloud.datastore_v1.types import query as query_types
 
 from .keys import SHARD_KIND, shard_index, shard_key_name
 from .record import ShardState
-from .validation import fits_int64
+from .validation import INT64_MAX
 
 _TRANSACTIONAL = ds_types.CommitRequest.Mode.TRANSACTIONAL
 _NON_TRANSACTIONAL = ds_types.CommitRequest.Mode.NON_TRANSACTIONAL
@@ -165,13 +165,13 @@ class ShardStore:
     # -- the write paths ------------------------------------------------------
 
     def add_in_transaction(
-        self, name: str, index: int, delta: int, *, lazy_begin: bool
+        self, name: str, index: int, delta: int, *, lazy_begin: bool, limit: int = INT64_MAX
     ) -> ShardState:
         """Read the shard, add ``delta``, write it back, all in one transaction.
 
         ``lazy_begin`` starts the transaction with the read, one round trip
         fewer, where the backend supports it. Raises ``ShardOverflow`` (after
-        rolling back) when the shard cannot take the delta.
+        rolling back) when the shard would leave ``[-limit - 1, limit]``.
         """
         key = self.key(name, index)
         transaction = None if lazy_begin else self.begin()
@@ -180,7 +180,9 @@ class ShardStore:
             transaction = transaction or begun
             entity = found.get(key.SerializeToString())
             current = self._count_of(entity) if entity is not None else 0
-            if not fits_int64(current + delta):
+            new = current + delta
+            # Past the limit only towards zero: a shard pushed over it must still shrink.
+            if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index)
             response = self.commit(
                 [{"upsert": self._entity(key, name, current + delta)}], transaction
@@ -305,7 +307,13 @@ class ShardStore:
         return {name: Snapshot(tuple(found)) for name, found in states.items()}
 
     def rewrite(
-        self, name: str, shards: int, target: Callable[[int], int], *, lazy_begin: bool
+        self,
+        name: str,
+        shards: int,
+        target: Callable[[int], int],
+        *,
+        lazy_begin: bool,
+        limit: int = INT64_MAX,
     ) -> list[ShardState]:
         """Spread ``target(current total)`` evenly over the shards of ``name``, in one transaction.
 
@@ -328,7 +336,8 @@ class ShardStore:
             )
             transaction = transaction or begun
             ordered = list(keys.values())
-            amounts = _spread(target(sum(self._count_of(e) for e in found.values())), len(ordered))
+            total = sum(self._count_of(e) for e in found.values())
+            amounts = spread(target(total), len(ordered), limit)
             mutations = [
                 {"upsert": self._entity(key, name, amount)}
                 for key, amount in zip(ordered, amounts, strict=True)
@@ -351,10 +360,17 @@ class ShardStore:
         return len(keys)
 
 
-def _spread(value: int, slots: int) -> list[int]:
-    """Split ``value`` evenly over ``slots`` shards, so each keeps the most headroom."""
+def spread(value: int, slots: int, limit: int = INT64_MAX) -> list[int]:
+    """Split ``value`` evenly over ``slots`` shards, so each keeps the most headroom.
+
+    Raises ValueError when a shard would leave ``[-limit - 1, limit]``.
+    """
     base, extra = divmod(value, slots)
     amounts = [base + 1 if i < extra else base for i in range(slots)]
-    if not all(fits_int64(a) for a in amounts):
-        raise ValueError(f"{value} does not fit in {slots} signed 64-bit shards")
+    if not all(_within(a, limit) for a in amounts):
+        raise ValueError(f"{value} does not fit in {slots} shards of at most {limit} each")
     return amounts
+
+
+def _within(value: int, limit: int) -> bool:
+    return -limit - 1 <= value <= limit
