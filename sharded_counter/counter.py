@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -166,37 +167,52 @@ class Counter:
         )
 
     def _write(self, amount: int) -> ShardState:
-        """Write ``amount`` to a random shard, retrying per the policy; another shard each try."""
+        """Write ``amount`` to a shard, retrying per the policy.
+
+        After contention (nothing was written) a retry goes to another shard.
+        After a failure whose outcome is unknown (a timeout, a dropped
+        connection: the commit may have landed) it goes to the same shard, in
+        a transaction that first looks for this write's token there.
+        """
         backend = self._backend
+        token = secrets.token_hex(6)
+        unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
         for attempt in write_retrying(self.settings):
             with attempt:
+                index = None
                 try:
                     # Inside the attempt: the first call may probe the backend.
-                    mode = backend.write_mode
                     transform = (
-                        mode == "transform"
+                        unsure_of is None
+                        and backend.write_mode == "transform"
                         and abs(amount) <= _TRANSFORM_MAX_DELTA
                         and not self._picker.transforms_unsafe
                     )
-                    with self._picker.pick(self.shard_count) as index:
+                    with self._picker.pick(self.shard_count, prefer=unsure_of) as index:
                         if transform:
-                            state = backend.store.add_with_transform(self.name, index, amount)
+                            state = backend.store.add_with_transform(
+                                self.name, index, amount, token=token
+                            )
                         else:
-                            state = self._add_in_transaction(index, amount)
+                            state = self._add_in_transaction(index, amount, token)
                 except CONTENTION:
                     self.stats.add(aborts=1)
                     raise
                 except RETRYABLE:
                     self.stats.add(transient_errors=1)
+                    if unsure_of is None:
+                        unsure_of = index
                     raise
                 self.stats.add(writes=1)
                 return state
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
-    def _add_in_transaction(self, first: int, amount: int) -> ShardState:
+    def _add_in_transaction(self, first: int, amount: int, token: str = "") -> ShardState:
         store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
         try:
-            return store.add_in_transaction(self.name, first, amount, lazy_begin=lazy, limit=limit)
+            return store.add_in_transaction(
+                self.name, first, amount, lazy_begin=lazy, limit=limit, token=token
+            )
         except ShardOverflow:
             pass
         for index in random.sample(range(self.shard_count), self.shard_count):

@@ -27,8 +27,9 @@ class ShardPicker:
         self.transforms_unsafe = False
 
     @contextmanager
-    def pick(self, shards: int) -> Iterator[int]:
-        index = self._take(shards)
+    def pick(self, shards: int, prefer: int | None = None) -> Iterator[int]:
+        """A shard for one write: ``prefer`` when given (even if busy), else a free one."""
+        index = self._take(shards) if prefer is None else self._hold(prefer)
         try:
             yield index
         finally:
@@ -38,6 +39,11 @@ class ShardPicker:
                     self._busy[index] = left
                 else:
                     del self._busy[index]
+
+    def _hold(self, index: int) -> int:
+        with self._lock:
+            self._busy[index] = self._busy.get(index, 0) + 1
+            return index
 
     def _take(self, shards: int) -> int:
         with self._lock:

@@ -32,6 +32,8 @@ _EntityPb = entity_types.Entity.pb()
 _KeyPb = entity_types.Key.pb()
 _MAX_MUTATIONS = 500  # Datastore's limit per commit
 _IN_LIMIT = 30  # values one IN filter may hold
+_TOKENS = "w"  # unindexed: the last few write tokens of a shard
+_TOKENS_KEPT = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +98,7 @@ class ShardStore:
         return key
 
     @staticmethod
-    def _entity(key: Any, name: str, count: int) -> Any:
+    def _entity(key: Any, name: str, count: int, recent: Sequence[str] = ()) -> Any:
         entity = _EntityPb()
         entity.key.CopyFrom(key)
         entity.properties["name"].string_value = name
@@ -104,7 +106,17 @@ class ShardStore:
         count_value.integer_value = count
         # Nobody queries by count; leaving it out of the index makes each write cheaper.
         count_value.exclude_from_indexes = True
+        if recent:
+            _set_tokens(entity, recent)
         return entity
+
+    @staticmethod
+    def _tokens_of(entity: Any) -> list[str]:
+        """The write tokens a shard remembers (see ``add_in_transaction``)."""
+        value = entity.properties.get(_TOKENS) if entity is not None else None
+        if value is None or value.WhichOneof("value_type") != "array_value":
+            return []
+        return [v.string_value for v in value.array_value.values]
 
     @staticmethod
     def _count_of(entity: Any) -> int:
@@ -165,27 +177,48 @@ class ShardStore:
     # -- the write paths ------------------------------------------------------
 
     def add_in_transaction(
-        self, name: str, index: int, delta: int, *, lazy_begin: bool, limit: int = INT64_MAX
+        self,
+        name: str,
+        index: int,
+        delta: int,
+        *,
+        lazy_begin: bool,
+        limit: int = INT64_MAX,
+        token: str = "",
     ) -> ShardState:
         """Read the shard, add ``delta``, write it back, all in one transaction.
 
         ``lazy_begin`` starts the transaction with the read, one round trip
         fewer, where the backend supports it. Raises ``ShardOverflow`` (after
         rolling back) when the shard would leave ``[-limit - 1, limit]``.
+
+        ``token`` names this increment. The shard keeps the last few tokens
+        written to it, so a retry after a failure whose outcome is unknown
+        (the reply was lost, but the commit may have landed) finds its own
+        token and writes nothing. Transaction isolation makes that check
+        sound: a first attempt that lands after the retry read the shard
+        conflicts with it.
         """
         key = self.key(name, index)
         transaction = None if lazy_begin else self.begin()
         try:
-            found, _, begun = self.lookup([key], transaction=transaction, begin=lazy_begin)
+            found, versions, begun = self.lookup([key], transaction=transaction, begin=lazy_begin)
             transaction = transaction or begun
-            entity = found.get(key.SerializeToString())
+            serialized = key.SerializeToString()
+            entity = found.get(serialized)
             current = self._count_of(entity) if entity is not None else 0
+            recent = self._tokens_of(entity)
+            if token and token in recent:
+                if transaction is not None:
+                    self._quiet_rollback(transaction)
+                return ShardState(f"i{index}", versions[serialized], current)
             new = current + delta
             # Past the limit only towards zero: a shard pushed over it must still shrink.
             if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index)
+            remembered = [*recent, token][-_TOKENS_KEPT:] if token else recent
             response = self.commit(
-                [{"upsert": self._entity(key, name, current + delta)}], transaction
+                [{"upsert": self._entity(key, name, current + delta, remembered)}], transaction
             )
         except BaseException:
             if transaction is not None:
@@ -193,19 +226,27 @@ class ShardStore:
             raise
         return ShardState(f"i{index}", response.mutation_results[0].version, current + delta)
 
-    def add_with_transform(self, name: str, index: int, delta: int) -> ShardState:
+    def add_with_transform(
+        self, name: str, index: int, delta: int, *, token: str = ""
+    ) -> ShardState:
         """One commit, no read: upsert ``name`` only and let the server add ``delta`` to count.
 
         Only for backends that apply property transforms (Firestore in
-        Datastore mode); see ``probe_transforms``.
+        Datastore mode); see ``probe_transforms``. ``token`` replaces the
+        shard's remembered tokens, so a retry can tell whether this landed
+        unless another writer wrote the shard in between.
         """
         key = self.key(name, index)
         entity = _EntityPb()
         entity.key.CopyFrom(key)
         entity.properties["name"].string_value = name
+        paths = ["name"]
+        if token:
+            _set_tokens(entity, [token])
+            paths.append(_TOKENS)
         mutation = {
             "upsert": entity,
-            "property_mask": {"paths": ["name"]},
+            "property_mask": {"paths": paths},
             "property_transforms": [{"property": "count", "increment": {"integer_value": delta}}],
         }
         result = self.commit([mutation]).mutation_results[0]
@@ -370,6 +411,15 @@ def spread(value: int, slots: int, limit: int = INT64_MAX) -> list[int]:
     if not all(_within(a, limit) for a in amounts):
         raise ValueError(f"{value} does not fit in {slots} shards of at most {limit} each")
     return amounts
+
+
+def _set_tokens(entity: Any, tokens: Sequence[str]) -> None:
+    array = entity.properties[_TOKENS]  # an array is indexed per element, never as a whole
+    del array.array_value.values[:]
+    for token in tokens:
+        item = array.array_value.values.add()
+        item.string_value = token
+        item.exclude_from_indexes = True
 
 
 def _within(value: int, limit: int) -> bool:
