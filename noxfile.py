@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``demo``.
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``demo``, ``bench``.
 
 The ``./dev`` script installs what a fresh machine lacks (memcached, nox)
 and then runs one of these.
@@ -17,7 +17,7 @@ SOURCES = ["sharded_counter", "emulator", "tests", "noxfile.py"]
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit tests, and behaviour tests on both Datastore emulators with real memcached."""
-    session.install(".[test]")
+    session.install(".[test,bench]")  # bench: the bench's own test draws its chart
     session.run("pytest", *(session.posargs or ["-q"]))
 
 
@@ -32,7 +32,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, the emulator package and this file."""
-    session.install(".[test]", "mypy", "nox")
+    session.install(".[test,bench]", "mypy", "nox")
     session.run("mypy", "--strict")
 
 
@@ -41,3 +41,10 @@ def demo(session: nox.Session) -> None:
     """Start the backends and hammer one hot counter: one entity versus sharded."""
     session.install(".")
     session.run("sharded-counter", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every way of counting side by side on both emulators: tables, bench.json, bench.png."""
+    session.install(".[bench]")
+    session.run("sharded-counter", "bench", *session.posargs)

@@ -11,6 +11,9 @@ from .errors import (
     IncrementNotRecorded,
     ShardedCounterError,
 )
+from .lock import Holder, Locked, lock, who_holds
+from .ratelimit import Decision, Limit, RateLimited, RateLimiter
+from .timeseries import TimeSeries
 
 __all__ = [
     "CacheUnavailable",
@@ -19,9 +22,18 @@ __all__ = [
     "CounterBuffer",
     "CounterOverflowError",
     "DatastoreUnavailable",
+    "Decision",
+    "Holder",
     "IncrementNotRecorded",
+    "Limit",
+    "Locked",
+    "RateLimited",
+    "RateLimiter",
     "Settings",
     "ShardedCounterError",
+    "TimeSeries",
     "config",
+    "lock",
+    "who_holds",
 ]
 __version__ = "0.1.0"

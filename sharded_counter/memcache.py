@@ -1,20 +1,37 @@
-"""Building the memcache client from settings.
+"""Building the memcache client from settings, and what its users share.
 
-One server gets a ``PooledClient``; several get a ``HashClient`` that spreads
-keys over them with pooling on. Either way each thread borrows its own
-connection (pymemcache's base ``Client`` is not thread-safe), replies are
-always awaited (``default_noreply=False``: an ``add`` or ``cas`` that is not
-answered tells us nothing), and every call is bounded by the timeouts.
+One server gets a ``PooledClient``. Several get a ``ClusterClient`` (``cluster.py``):
+a pooled ``HashClient`` that spreads keys over them, moves a failed server's keys
+to the others, and cleans a server before it serves again. Either way each thread
+borrows its own connection (pymemcache's base ``Client`` is not thread-safe),
+replies are always awaited (``default_noreply=False``: an ``add`` or ``cas`` that is
+not answered tells us nothing), and every call is bounded by the timeouts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
 from typing import Any, Protocol
 
 from pymemcache.client.base import PooledClient
-from pymemcache.client.hash import HashClient
+from pymemcache.client.retrying import RetryingClient
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
-from .config import Settings, parse_host
+from .cluster import ClusterClient
+from .config import Settings, parse_host, resolve
+from .errors import ConfigurationError
+
+log = logging.getLogger("sharded_counter")
+
+#: Seconds a failed server of a cluster is left alone before it is probed again.
+DEAD_TIMEOUT = 5.0
+
+#: What a memcache call raises when the cache, not the caller, is at fault:
+#: pymemcache's errors, and socket errors (refused, reset, timed out).
+CLIENT_ERRORS: tuple[type[BaseException], ...] = (MemcacheError, OSError)
 
 
 class MemcacheClient(Protocol):
@@ -30,21 +47,172 @@ class MemcacheClient(Protocol):
     def delete(self, key: str, noreply: bool = False) -> bool: ...
 
 
+class CommandClient(MemcacheClient, Protocol):
+    """The cache tier's calls plus the counters and plain reads that the rate
+    limiter, time series and locks use; both pymemcache clients provide them."""
+
+    def get(self, key: str) -> bytes | None: ...
+    def incr(self, key: str, value: int, noreply: bool = False) -> int | None: ...
+    def decr(self, key: str, value: int, noreply: bool = False) -> int | None: ...
+
+
 def build_client(settings: Settings) -> MemcacheClient | None:
     """The client for ``settings.memcached_hosts``, or None when none are configured."""
+    client: MemcacheClient | None = _make_client(settings)
+    return client
+
+
+_CLOSED_BY_PEER = [
+    MemcacheUnexpectedCloseError,
+    ConnectionResetError,
+    BrokenPipeError,
+    ConnectionAbortedError,
+]
+
+
+def _make_client(settings: Settings) -> Any:
     servers = [parse_host(h) for h in settings.memcached_hosts]
     if not servers:
         return None
-    common: dict[str, Any] = {
-        "connect_timeout": settings.memcache_connect_timeout,
-        "timeout": settings.memcache_timeout,
-        "no_delay": True,
-        "default_noreply": False,
-    }
     if len(servers) == 1:
-        client: MemcacheClient = PooledClient(servers[0], max_pool_size=64, **common)
-        return client
-    hashed: MemcacheClient = HashClient(
-        servers, use_pooling=True, max_pool_size=64, retry_attempts=1, dead_timeout=5, **common
+        pooled = PooledClient(
+            servers[0],
+            connect_timeout=settings.memcache_connect_timeout,
+            timeout=settings.memcache_timeout,
+            no_delay=True,
+            default_noreply=False,
+            max_pool_size=64,
+        )
+        # After memcached restarts, every idle pooled socket fails once. Their requests
+        # went to the process that died, so one more try on a fresh socket is safe; a
+        # timeout is not retried (the request may still be applied).
+        return RetryingClient(pooled, attempts=2, retry_for=_CLOSED_BY_PEER)
+    return ClusterClient(
+        servers,
+        connect_timeout=settings.memcache_connect_timeout,
+        timeout=settings.memcache_timeout,
+        dead_timeout=DEAD_TIMEOUT,
+        max_pool_size=64,
     )
-    return hashed
+
+
+# -- one client per process for the rate limiter, time series and locks ------------------
+
+_shared_lock = threading.Lock()
+_shared: dict[tuple[Any, ...], Any] = {}
+
+
+def _forget_shared_after_fork() -> None:
+    global _shared_lock
+    _shared_lock = threading.Lock()
+    _shared.clear()  # sockets must not be shared with the parent
+
+
+os.register_at_fork(after_in_child=_forget_shared_after_fork)
+
+
+class ClientSource:
+    """Where a rate limiter, time series or lock gets its client on each call.
+
+    The caller's own client if one was given. Otherwise the process-wide client
+    for the resolved settings, looked up per call so that a helper made before a
+    ``fork`` uses the child's own sockets, not its parent's.
+    """
+
+    def __init__(
+        self,
+        client: CommandClient | None,
+        *,
+        memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+        key_prefix: str | None = None,
+        what: str,
+    ) -> None:
+        options: dict[str, Any] = {}
+        if memcached_hosts is not None:
+            options["memcached_hosts"] = memcached_hosts
+        if key_prefix is not None:
+            options["key_prefix"] = key_prefix
+        self.settings = resolve(options)
+        self._client = client
+        if client is None and not self.settings.memcached_hosts:
+            raise ConfigurationError(
+                f"{what} needs memcached: set MEMCACHED_HOSTS (or memcached_hosts), "
+                "or pass memcache_client"
+            )
+
+    @property
+    def key_prefix(self) -> str:
+        return self.settings.key_prefix
+
+    def __call__(self) -> CommandClient:
+        if self._client is not None:
+            return self._client
+        s = self.settings
+        key = (s.memcached_hosts, s.memcache_timeout, s.memcache_connect_timeout)
+        client = _shared.get(key)
+        if client is None:
+            with _shared_lock:
+                client = _shared.get(key)
+                if client is None:
+                    client = _shared[key] = _make_client(s)
+        shared: CommandClient = client
+        return shared
+
+
+class OutageLog:
+    """Logs a memcache outage once when it starts and once when it ends, not per call."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._down = False
+        self._lock = threading.Lock()
+
+    def failed(self, exc: BaseException, consequence: str) -> None:
+        with self._lock:
+            if self._down:
+                return
+            self._down = True
+        log.warning("%s: memcache is unavailable (%s); %s", self._what, exc, consequence)
+
+    def answered(self) -> None:
+        if not self._down:
+            return
+        with self._lock:
+            if not self._down:
+                return
+            self._down = False
+        log.warning("%s: memcache answers again", self._what)
+
+
+def key_digest(*parts: str) -> str:
+    """40 hex characters naming ``parts``: BLAKE2, as ``keys.cache_keys`` names counters.
+
+    Any unicode goes in and a short, printable ASCII key part comes out. Each part
+    is length-prefixed, so no two different tuples hash the same input, even
+    when the parts themselves contain separators or NULs.
+    """
+    joined = "".join(f"{len(part)}:{part}" for part in parts)
+    return hashlib.blake2b(joined.encode(), digest_size=20).hexdigest()
+
+
+_INCR_ATTEMPTS = 8
+
+
+def incr_or_add(client: CommandClient, key: str, amount: int, expire: int) -> int:
+    """Add ``amount`` to the counter at ``key``, creating it with ``expire``; return the sum.
+
+    memcached's ``incr`` answers None for a missing key and never creates one.
+    Creating it with ``set`` would race: two first hits would both set, and one
+    would be lost. ``add`` creates it only if it is still missing. Whoever loses
+    that race increments the key the winner made. Only the creator sets the
+    expiry, so the key dies when its window or bucket does, however often it is
+    incremented.
+    """
+    for _ in range(_INCR_ATTEMPTS):
+        value = client.incr(key, amount, noreply=False)
+        if value is not None:
+            return int(value)
+        if client.add(key, str(amount).encode(), expire, noreply=False) is True:
+            return amount
+    # Created and evicted again between every try: treat it like an outage.
+    raise MemcacheError(f"could not increment {key}: it kept vanishing")

@@ -533,13 +533,6 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: pooled memcache connections left idle across a memcached restart "
-    "fail once each (MemcacheUnexpectedCloseError) and are not retried on a fresh "
-    "connection, so a healthy memcached refuses stashes and reads fall back",
-)
 def test_a_memcached_restart_while_idle_costs_no_increment(
     backend_env: dict[str, str],
     memcached_server: Any,
@@ -573,13 +566,6 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
     assert warnings_containing(caplog, "memcache is unavailable") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: after a memcached restart a writer's post-commit merge fails on a "
-    "stale pooled socket; the complete record without its write is served to every other "
-    "reader until the writer's own cache tier next calls memcache (up to cache_ttl)",
-)
 def test_a_memcached_restart_while_idle_leaves_no_stale_total(
     backend_env: dict[str, str], memcached_server: Any, own_memcache: Callable[..., Any]
 ) -> None:
@@ -814,12 +800,6 @@ class ReplyHoldingRelay:
                 sock.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: a commit that fails with DeadlineExceeded is retried (or stashed) "
-    "although the server may have applied it, so one increment is counted twice",
-)
 def test_a_commit_that_timed_out_but_landed_is_counted_once(
     backend_env: dict[str, str],
     sharded_counter_backends: Any,

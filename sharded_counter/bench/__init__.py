@@ -1,0 +1,20 @@
+"""The bench: every way of counting, side by side, on both Datastore emulators.
+
+``sharded-counter bench`` (or ``nox -s bench``) starts its own emulators and
+memcached, races each contender from many writer threads (and from two
+processes) until a deadline, checks every total, and writes ``bench.json``
+and ``bench.png``. Start with ``runner.run``; the modules:
+
+- ``contenders``: what is raced, and how each checks its own total;
+- ``load``, ``measure``, ``procs``: timed writers, in threads or processes;
+- ``micro``: the single-threaded reads and buffer loops;
+- ``rpc_count``, ``cpu``: round trips counted, CPU charged to who used it;
+- ``targets``, ``report``, ``chart``: verdicts, tables, JSON and the PNG.
+"""
+
+from __future__ import annotations
+
+from .options import BenchOptions
+from .runner import BenchOutcome, run
+
+__all__ = ["BenchOptions", "BenchOutcome", "run"]

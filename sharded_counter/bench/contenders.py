@@ -1,0 +1,188 @@
+"""What the bench races: each contender, made ready for one measurement.
+
+Every contender is opened on a fresh name per measurement and knows how to
+check itself afterwards: the increments the writers were told succeeded
+must equal what the backend says, uncached and (where there is a cache)
+cached. Blind puts are the ceiling: one non-transactional commit of a new
+entity, the least a write can cost, so every other rate is read against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+from google.cloud import datastore
+
+from ..buffer import CounterBuffer
+from ..counter import Counter
+
+BLIND_KIND = "BenchBlind"
+SHARDS = 20  # the shard count of the default Counter, the buffer and the transform path
+BUFFER_INTERVAL = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """The count read back after a measurement, against the acknowledged increments."""
+
+    expected: int
+    uncached: int
+    cached: int | None  # None: this contender has no cache
+
+    @property
+    def exact(self) -> bool:
+        return self.uncached == self.expected and self.cached in (None, self.expected)
+
+
+def _no_op() -> None:
+    return None
+
+
+@dataclasses.dataclass
+class Target:
+    """One contender opened on one name: what writers call, what to count, how to check."""
+
+    increment: Callable[[], None]
+    write_mode: str
+    check: Callable[[int], Check]
+    rpc_slots: list[tuple[object, str]]  # (object, attribute) holding a GAPIC client
+    cache_slots: list[tuple[object, str]]  # (object, attribute) holding a memcache client
+    aborts: Callable[[], int] | None = None  # contention aborts so far, where known
+    settle: Callable[[], None] = _no_op  # inside the timed span, after the writers stop
+
+
+Opener = Callable[[str, float], Target]  # (name, seconds per measurement) -> Target
+
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    key: str
+    label: str
+    open: Opener
+    engines: tuple[str, ...] = ("classic", "firestore")
+    unsupported: str = ""  # why it is "n/a" on the other engines
+    processes: bool = False  # also measured with several processes
+    batch: int = 1  # increments between two looks at the clock (fast contenders)
+
+    def runs_on(self, engine: str) -> bool:
+        return engine in self.engines
+
+
+def _bounded(seconds: float) -> dict[str, Any]:
+    # A writer still retrying at the deadline holds the measurement back: bound it,
+    # as the demo does. A write that gives up is stashed (or refused) and checked.
+    return {"retry_deadline": max(1.0, seconds)}
+
+
+def _counter_target(name: str, seconds: float, *, read: bool = True, **options: Any) -> Target:
+    counter = Counter(name, **_bounded(seconds), **options)
+    mode = counter.write_mode  # the first call may probe the backend: not in the timed span
+    cache = counter._backend.cache
+    if cache.enabled and read:
+        # A counter somebody reads has its total cached, and then every write merges
+        # into that record: the steady state of a hot, displayed counter.
+        counter.get_count()
+
+    def check(expected: int) -> Check:
+        uncached = counter.get_count(nocache=True)
+        return Check(expected, uncached, counter.count if cache.enabled else None)
+
+    return Target(
+        increment=counter.increment,
+        write_mode=mode,
+        check=check,
+        rpc_slots=[(counter._backend.store, "_api")],
+        cache_slots=[(cache, "_client")],
+        aborts=lambda: counter.stats.snapshot()["aborts"],
+    )
+
+
+def _buffer_target(name: str, seconds: float) -> Target:
+    # Made with the buffer's options, this Counter shares the Backend the buffer's
+    # flushes use, so its store and cache are where those round trips show.
+    target = _counter_target(name, seconds, shards=SHARDS)
+    buffer = CounterBuffer(interval=BUFFER_INTERVAL, shards=SHARDS, **_bounded(seconds))
+    target.increment = functools.partial(buffer.increment, name)
+    target.settle = buffer.stop  # flushes what is pending, then lets its thread end
+    target.write_mode = f"buffer {BUFFER_INTERVAL:g} s, {target.write_mode}"
+    target.aborts = None  # the flushes' own Counters keep those
+    return target
+
+
+def _blind_target(name: str, seconds: float) -> Target:
+    # The high-level client is untyped; Any keeps that to this one function.
+    client: Any = datastore.Client()  # type: ignore[no-untyped-call]
+    client.get(client.key(BLIND_KIND, "warm-up"))  # opens the channel outside the timed span
+    ids = itertools.count()
+    prefix = f"{name}:{os.getpid()}:"  # unique across the processes of one run too
+
+    def put() -> None:
+        entity = datastore.Entity(client.key(BLIND_KIND, f"{prefix}{next(ids)}"))  # type: ignore[no-untyped-call]
+        # Indexed, like a shard's name: the query below finds this run's entities by it.
+        entity["run"] = name
+        client.put(entity)
+
+    def check(expected: int) -> Check:
+        query = client.query(kind=BLIND_KIND)
+        run_filter = datastore.query.PropertyFilter("run", "=", name)  # type: ignore[no-untyped-call]
+        query.add_filter(filter=run_filter)
+        query.keys_only()
+        return Check(expected, sum(1 for _ in query.fetch()), None)
+
+    return Target(
+        increment=put,
+        write_mode="non-transactional put",
+        check=check,
+        rpc_slots=[(client, "_datastore_api_internal")],
+        cache_slots=[],
+    )
+
+
+def _counter(**options: Any) -> Opener:
+    return functools.partial(_counter_target, **options)
+
+
+_TRANSFORM_NOTE = "the classic emulator ignores transforms and overwrites: not run"
+
+CONTENDERS: tuple[Contender, ...] = (
+    Contender("blind", "blind puts (ceiling)", _blind_target, processes=True),
+    Contender(
+        "naive",
+        "one entity, transaction, no cache",
+        _counter(shards=1, write_mode="transaction", memcached_hosts=()),
+    ),
+    *(
+        Contender(
+            f"txn-{n}",
+            f"transaction, {n} shard{'s' if n > 1 else ''}",
+            _counter(shards=n, write_mode="transaction"),
+        )
+        for n in (1, 5, 20, 50)
+    ),
+    Contender(
+        "transform-20",
+        f"transform, {SHARDS} shards",
+        _counter(shards=SHARDS, write_mode="transform"),
+        engines=("firestore",),
+        unsupported=_TRANSFORM_NOTE,
+    ),
+    Contender(
+        "counter", f"sharded Counter ({SHARDS}, auto)", _counter(shards=SHARDS), processes=True
+    ),
+    # Not one of the ways to count: the same Counter while nobody reads it, so no
+    # total is cached and a write's merge is one memcache call. Next to the line
+    # above, it shows what keeping a cached total up to date costs the writers.
+    Contender(
+        "counter-unread",
+        f"sharded Counter ({SHARDS}), total not cached",
+        _counter(shards=SHARDS, read=False),
+    ),
+    Contender("buffer", f"CounterBuffer ({BUFFER_INTERVAL:g} s)", _buffer_target, batch=200),
+)
+
+BY_KEY = {c.key: c for c in CONTENDERS}

@@ -1,0 +1,105 @@
+"""Writers racing until a deadline, each with its own tally so the hot loop takes no lock."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import IncrementNotRecorded
+
+
+@dataclasses.dataclass
+class _Tally:
+    acked: int = 0
+    not_recorded: int = 0
+    # Earlier acknowledged amounts that an IncrementNotRecorded handed back to its caller.
+    returned: int = 0
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """What the writers did in one timed span."""
+
+    acked: int  # calls that returned normally
+    expected: int  # what the count must now be
+    not_recorded: int  # calls that raised IncrementNotRecorded (the caller still owns them)
+    errors: dict[str, int]  # any other exception, by type: each makes the outcome unknown
+    elapsed: float  # from the start signal until every writer stopped and settle() returned
+
+
+def drive(
+    increment: Callable[[], None],
+    threads: int,
+    seconds: float,
+    *,
+    batch: int = 1,
+    settle: Callable[[], None] | None = None,
+) -> Load:
+    """Call ``increment`` from ``threads`` threads for ``seconds``, then ``settle()``.
+
+    Every thread starts at the same signal. A call that begins before the
+    deadline may end after it; it counts, and so does the time it took.
+    """
+    tallies = [_Tally() for _ in range(threads)]
+    go = threading.Event()
+    deadline: list[float] = []  # set just before the start signal
+
+    def write(tally: _Tally) -> None:
+        go.wait()
+        end = deadline[0]
+        clock = time.monotonic
+        while clock() < end:
+            for _ in range(batch):
+                try:
+                    increment()
+                except IncrementNotRecorded as exc:
+                    tally.not_recorded += 1
+                    tally.returned += exc.delta - 1
+                except Exception as exc:  # reported and checked: the bench is about correctness
+                    tally.errors[type(exc).__name__] += 1
+                else:
+                    tally.acked += 1
+
+    workers = [
+        threading.Thread(target=write, args=(tally,), name=f"bench-writer-{i}", daemon=True)
+        for i, tally in enumerate(tallies)
+    ]
+    for worker in workers:
+        worker.start()
+    start = time.monotonic()
+    deadline.append(start + seconds)
+    go.set()
+    for worker in workers:
+        worker.join()
+    if settle is not None:
+        settle()
+    elapsed = time.monotonic() - start
+    errors: collections.Counter[str] = collections.Counter()
+    for tally in tallies:
+        errors.update(tally.errors)
+    acked = sum(t.acked for t in tallies)
+    return Load(
+        acked=acked,
+        expected=acked - sum(t.returned for t in tallies),
+        not_recorded=sum(t.not_recorded for t in tallies),
+        errors=dict(errors),
+        elapsed=elapsed,
+    )
+
+
+def combine(loads: list[Load], elapsed: float) -> Load:
+    """Several processes' loads as one, over the span that held them all."""
+    errors: collections.Counter[str] = collections.Counter()
+    for load in loads:
+        errors.update(load.errors)
+    return Load(
+        acked=sum(load.acked for load in loads),
+        expected=sum(load.expected for load in loads),
+        not_recorded=sum(load.not_recorded for load in loads),
+        errors=dict(errors),
+        elapsed=elapsed,
+    )

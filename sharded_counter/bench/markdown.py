@@ -1,0 +1,168 @@
+"""The README's tables, made from a bench.json so that every number in them is that run's.
+
+``python -m sharded_counter.bench.markdown docs/bench.json`` prints them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .contenders import BY_KEY, CONTENDERS
+from .targets import TARGET_THREADS
+
+# Shorter than the terminal's titles: these head table columns.
+ENGINE_NAMES = {"classic": "classic", "firestore": "Firestore (Datastore mode)"}
+
+
+def _rate(rate: float) -> str:
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
+
+
+def _table(header: Sequence[str], align: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def writers(engine: dict[str, Any]) -> str:
+    """Increments/s per writer count, then the costs at the target's thread count."""
+    points = engine["writers"]
+    single = sorted({p["threads"] for p in points if p["processes"] == 1})
+    several = sorted({(p["processes"], p["threads"]) for p in points if p["processes"] > 1})
+    by = {(p["contender"], p["processes"], p["threads"]): p for p in points}
+    order = [c.key for c in CONTENDERS]
+    labels = sorted(
+        dict.fromkeys((p["contender"], p["label"]) for p in points),
+        key=lambda pair: order.index(pair[0]) if pair[0] in order else len(order),
+    )
+    at = TARGET_THREADS if TARGET_THREADS in single else single[-1]
+    header = [
+        "contender",
+        *(f"{t} thr." for t in single),
+        *(f"{n}x{t} proc." for n, t in several),
+        f"vs blind at {at}",
+        "aborts/inc",
+        "RPCs/inc",
+        "memcache/inc",
+        "client CPU/inc",
+        "exact",
+    ]
+    rows = []
+    for key, label in labels:
+        rates = [by.get((key, 1, t)) for t in single] + [by.get((key, n, t)) for n, t in several]
+        mine = [p for p in points if p["contender"] == key]
+        here = by.get((key, 1, at))
+        rows.append(
+            [
+                label,
+                *("-" if p is None else _rate(p["rate"]) for p in rates),
+                _ratio(here and here["ratio_to_blind"]),
+                _per(here and here["aborts_per_increment"]),
+                _per(here and here["rpcs_per_increment"]),
+                _per(here and here["memcache_per_increment"]),
+                _micros(here),
+                "yes" if all(p["exact"] for p in mine) else "**NO**",
+            ]
+        )
+    notes = []
+    for key, why in engine["not_applicable"].items():
+        label = BY_KEY[key].label if key in BY_KEY else key
+        rows.append([label, *["n/a"] * (len(header) - 1)])
+        notes.append(f"\n\n{label}: n/a, {why}.")
+    return _table(header, ["---", *["---:"] * (len(header) - 2), "---"], rows) + "".join(notes)
+
+
+def _ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}x" if value >= 100 else f"{value:.2f}x"
+
+
+def _per(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _micros(point: dict[str, Any] | None) -> str:
+    if point is None or not point["load"]["acked"] or point["cpu"].get("client") is None:
+        return "-"
+    micros = 1e6 * point["cpu"]["client"] / point["load"]["acked"]
+    return f"{micros:,.0f} µs" if micros >= 10 else f"{micros:.2f} µs"
+
+
+def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
+    names = list(engines)
+    header = [
+        "one thread",
+        *(f"{ENGINE_NAMES.get(e, e)}: ops/s (ratio), client CPU per op" for e in names),
+    ]
+    timed = {e: {t["name"]: t for t in (*r["reads"], *r["buffer"])} for e, r in engines.items()}
+    base = {
+        "read-cached": "read-bare-get",
+        "read-uncached": "read-bare-get",
+        "read-bare-get": "read-bare-get",
+        "buffer-increment": "dict-under-lock",
+        "dict-under-lock": "dict-under-lock",
+    }
+    first = timed[names[0]]
+    rows = []
+    for name, entry in first.items():
+        cells = []
+        for engine in names:
+            mine = timed[engine].get(name)
+            reference = timed[engine].get(base.get(name, name))
+            if mine is None:
+                cells.append("-")
+                continue
+            ratio = mine["rate"] / reference["rate"] if reference and reference["rate"] else None
+            exact = "" if mine["exact"] else " **WRONG**"
+            cpu = mine.get("cpu_per_op")
+            spent = "" if cpu is None else f", {1e6 * cpu:.2f} µs"
+            cells.append(f"{_rate(mine['rate'])} ({_ratio(ratio)}){spent}{exact}")
+        rows.append([entry["label"], *cells])
+    return _table(header, ["---", *["---:"] * len(names)], rows)
+
+
+def targets(data: dict[str, Any]) -> str:
+    rows = []
+    for target in data["targets"]:
+        unit = target["unit"]
+
+        def show(value: float | None, unit: str = unit) -> str:
+            if value is None:
+                return "-"
+            return f"{value:.2f}x" if unit == "x" else f"{value:,.0f}{unit}"
+
+        verdict = target["verdict"]
+        rows.append(
+            [
+                target["target"],
+                ENGINE_NAMES.get(target["engine"], target["engine"]),
+                show(target["measured"]),
+                ">= " + show(target["threshold"]),
+                f"**{verdict}**" if verdict == "FAIL" else verdict,
+            ]
+        )
+    return _table(["target", "engine", "measured", "needed", "verdict"], ["---"] * 5, rows)
+
+
+def render(data: dict[str, Any]) -> str:
+    parts = []
+    for name, engine in data["engines"].items():
+        parts.append(f"**{ENGINE_NAMES.get(name, name)}**, increments/s:\n\n{writers(engine)}")
+    parts.append(single_threaded(data["engines"]))
+    parts.append(targets(data))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = Path(args[0] if args else "docs/bench.json")
+    sys.stdout.write(render(json.loads(path.read_text(encoding="utf-8"))))
+
+
+if __name__ == "__main__":
+    main()

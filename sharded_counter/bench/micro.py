@@ -1,0 +1,214 @@
+"""Single-threaded micro-benchmarks: reading a total, and adding to the buffer.
+
+Reads: the cached ``counter.count`` (one memcache ``get_many`` plus decoding
+the record), the uncached ``get_count(nocache=True)`` (a Datastore query
+over the shards) and, as the ceiling for the first, a bare pymemcache
+``get`` of one key on the same server. Buffer: ``CounterBuffer.increment``
+against the least any thread-safe in-process counter can do, a dict
+increment under a ``threading.Lock``.
+
+What is compared takes turns in short rounds rather than one long run each,
+so a burst of load from elsewhere on the machine lands on both sides. Loops
+are timed without counting proxies in the way (they would cost a fair part
+of a memcache get); calls per operation are counted in an untimed pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import types
+import uuid
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+from pymemcache.client.base import PooledClient
+
+from ..buffer import CounterBuffer
+from ..config import parse_host
+from ..counter import Counter
+from .contenders import SHARDS
+from .results import Timed
+from .rpc_count import CallCounter, counting
+
+_ROUNDS = 5
+_COUNTED = 50  # operations in the untimed pass that counts calls
+_SEEDED = 100  # increments behind the counter that the reads read
+
+
+@dataclasses.dataclass
+class _Turns:
+    """One operation's rounds added up."""
+
+    operations: int = 0
+    elapsed: float = 0.0
+    wrong: int = 0
+    cpu: float = 0.0  # this process's CPU seconds: steadier than wall time on a busy machine
+
+    def add(self, other: _Turns) -> None:
+        self.operations += other.operations
+        self.elapsed += other.elapsed
+        self.wrong += other.wrong
+        self.cpu += other.cpu
+
+
+Round = Callable[[float], _Turns]  # one round of one operation, for so many seconds
+
+
+def _checked(operation: Callable[[], bool], batch: int) -> Round:
+    """Rounds of ``operation``, which says whether its answer was right."""
+
+    def round_(seconds: float) -> _Turns:
+        done = wrong = 0
+        clock = time.monotonic
+        cpu = time.process_time()
+        start = clock()
+        end = start + seconds
+        while clock() < end:
+            for _ in range(batch):
+                if not operation():
+                    wrong += 1
+            done += batch
+        return _Turns(done, clock() - start, wrong, time.process_time() - cpu)
+
+    return round_
+
+
+def _calls(function: Callable[[str], None], argument: str, batch: int = 1_000) -> Round:
+    """Rounds of ``function(argument)``: the buffer and its baseline pay the same loop."""
+
+    def round_(seconds: float) -> _Turns:
+        done = 0
+        clock = time.monotonic
+        cpu = time.process_time()
+        start = clock()
+        end = start + seconds
+        while clock() < end:
+            for _ in range(batch):
+                function(argument)
+            done += batch
+        return _Turns(done, clock() - start, 0, time.process_time() - cpu)
+
+    return round_
+
+
+def _take_turns(rounds: Sequence[Round], seconds: float) -> list[_Turns]:
+    """Each of ``rounds`` gets ``seconds`` in all, in turns; totals in the same order."""
+    totals = [_Turns() for _ in rounds]
+    for _ in range(_ROUNDS):
+        for total, round_ in zip(totals, rounds, strict=True):
+            total.add(round_(seconds / _ROUNDS))
+    return totals
+
+
+class _Read(NamedTuple):
+    name: str
+    label: str
+    operation: Callable[[], bool]
+    batch: int
+    store: object | None  # holds the Datastore client as ``_api``
+    cache: object  # holds the memcache client as ``_client``
+
+
+def measure_reads(engine: str, memcached: str, seconds: float) -> list[Timed]:
+    counter = Counter(f"bench-reads-{engine}-{uuid.uuid4().hex[:8]}", shards=SHARDS)
+    for _ in range(_SEEDED):
+        counter.increment()
+    counter.get_count()  # the total is cached from here on
+
+    def cached() -> bool:
+        return counter.count == _SEEDED
+
+    def uncached() -> bool:
+        return counter.get_count(nocache=True) == _SEEDED
+
+    # Built as the library builds its own client (memcache.build_client), and held
+    # under the same attribute name as CacheTier holds it, to be counted the same way.
+    bare = types.SimpleNamespace(
+        _client=PooledClient(
+            parse_host(memcached),
+            connect_timeout=counter.settings.memcache_connect_timeout,
+            timeout=counter.settings.memcache_timeout,
+            no_delay=True,
+            default_noreply=False,
+            max_pool_size=64,
+        )
+    )
+    key, value = f"bench-bare-{uuid.uuid4().hex[:8]}", str(_SEEDED).encode()
+    bare._client.set(key, value)
+
+    def bare_get() -> bool:
+        return bool(bare._client.get(key) == value)
+
+    store, cache = counter._backend.store, counter._backend.cache
+    reads = [
+        _Read("read-cached", "counter.count (cached)", cached, 100, store, cache),
+        _Read("read-uncached", "get_count(nocache=True)", uncached, 1, store, cache),
+        _Read("read-bare-get", "bare pymemcache get", bare_get, 100, None, bare),
+    ]
+    totals = _take_turns([_checked(r.operation, r.batch) for r in reads], seconds)
+    results: list[Timed] = []
+    for read, turns in zip(reads, totals, strict=True):
+        rpcs, memcache = CallCounter(), CallCounter()
+        store_slot = [] if read.store is None else [(read.store, "_api")]
+        with counting(store_slot, rpcs), counting([(read.cache, "_client")], memcache):
+            for _ in range(_COUNTED):
+                read.operation()
+        results.append(
+            Timed(
+                read.name,
+                read.label,
+                turns.operations,
+                turns.elapsed,
+                turns.wrong,
+                cpu=turns.cpu,
+                rpcs_per_op=sum(rpcs.snapshot().values()) / _COUNTED,
+                memcache_per_op=sum(memcache.snapshot().values()) / _COUNTED,
+                detail=_per_op(rpcs, memcache),
+            )
+        )
+    bare._client.close()
+    return results
+
+
+def measure_buffer(engine: str, seconds: float) -> list[Timed]:
+    name = f"bench-buffer-micro-{engine}-{uuid.uuid4().hex[:8]}"
+    # A long interval: nothing is written while the loop runs.
+    buffer = CounterBuffer(interval=3600.0, shards=SHARDS)
+    lock = threading.Lock()
+    counts: dict[str, int] = {}
+
+    def locked(key: str) -> None:
+        with lock:
+            counts[key] = counts.get(key, 0) + 1
+
+    buffered, plain = _take_turns([_calls(buffer.increment, name), _calls(locked, name)], seconds)
+    buffer.stop()  # one write of everything pending
+    counter = Counter(name, shards=SHARDS)
+    uncached, cached = counter.get_count(nocache=True), counter.count
+    added = buffered.operations
+    return [
+        Timed(
+            "buffer-increment",
+            "CounterBuffer.increment",
+            added,
+            buffered.elapsed,
+            wrong=int(uncached != added) + int(cached != added),
+            cpu=buffered.cpu,
+            detail=f"then one flush: {uncached:,} uncached, {cached:,} cached",
+        ),
+        Timed(
+            "dict-under-lock",
+            "dict increment under a Lock",
+            plain.operations,
+            plain.elapsed,
+            wrong=int(counts[name] != plain.operations),
+            cpu=plain.cpu,
+        ),
+    ]
+
+
+def _per_op(rpcs: CallCounter, memcache: CallCounter) -> str:
+    calls = {**rpcs.snapshot(), **memcache.snapshot()}
+    return ", ".join(f"{method} {n / _COUNTED:g}" for method, n in calls.items())

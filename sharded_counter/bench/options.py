@@ -1,0 +1,40 @@
+"""What one bench run measures, and for how long."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+ENGINES = ("classic", "firestore")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchOptions:
+    engines: tuple[str, ...] = ENGINES
+    threads: tuple[int, ...] = (1, 4, 16, 32)
+    # Each of ~70 points on two engines is time-boxed to this; with start-up, checks
+    # and the single-threaded loops a default run takes about 5 minutes on 2 cores.
+    seconds: float = 2.5
+    processes: int = 2  # the multi-process point; 0 leaves it out
+    threads_per_process: int = 8
+    micro_seconds: float = 1.5  # each single-threaded loop
+    warmup_seconds: float = 3.0  # untimed load first: a cold emulator JVM runs ~2x slower
+    out: Path = Path("bench-results")
+    chart: bool = True
+
+    @classmethod
+    def quick(cls, **changes: object) -> BenchOptions:
+        """A tiny run for tests: everything once, checked, in seconds."""
+        base = cls(seconds=0.3, micro_seconds=0.2, warmup_seconds=0.2, threads=(1, 4))
+        return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.engines if e not in ENGINES]
+        if unknown or not self.engines:
+            raise ValueError(f"engines must be among {', '.join(ENGINES)}, not {unknown}")
+        if not self.threads or min(self.threads) < 1:
+            raise ValueError("threads must be one or more positive counts")
+        if not self.seconds > 0 or not self.micro_seconds > 0 or self.warmup_seconds < 0:
+            raise ValueError("durations must be positive")
+        if self.processes < 0 or self.threads_per_process < 1:
+            raise ValueError("processes must be >= 0 and threads_per_process >= 1")

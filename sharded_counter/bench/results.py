@@ -1,0 +1,178 @@
+"""The numbers one bench run produces, and their JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import sys
+from importlib import metadata
+from typing import Any
+
+from .contenders import Check
+from .load import Load
+
+
+@dataclasses.dataclass
+class Point:
+    """One contender at one concurrency on one engine."""
+
+    engine: str
+    contender: str
+    label: str
+    write_mode: str
+    threads: int  # writer threads per process
+    processes: int
+    seconds: float  # the time box
+    load: Load
+    check: Check
+    aborts: int | None
+    rpcs: dict[str, int]  # Datastore calls by method
+    memcache: dict[str, int]  # memcache calls by method
+    cpu: dict[str, float | None]  # CPU seconds: client, emulator, memcached
+    warnings: dict[str, int] = dataclasses.field(default_factory=dict)  # by log template
+    ratio_to_blind: float | None = None  # filled in once the blind rate is known
+
+    @property
+    def writers(self) -> int:
+        return self.threads * self.processes
+
+    @property
+    def rate(self) -> float:
+        return self.load.acked / self.load.elapsed if self.load.elapsed > 0 else 0.0
+
+    @property
+    def exact(self) -> bool:
+        return self.check.exact and not self.load.errors
+
+    def per_increment(self, calls: dict[str, int]) -> float | None:
+        return sum(calls.values()) / self.load.acked if self.load.acked else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(
+            writers=self.writers,
+            rate=self.rate,
+            exact=self.exact,
+            aborts_per_increment=(
+                self.aborts / self.load.acked
+                if self.aborts is not None and self.load.acked
+                else None
+            ),
+            rpcs_per_increment=self.per_increment(self.rpcs),
+            memcache_per_increment=self.per_increment(self.memcache),
+        )
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Timed:
+    """A single-threaded loop: operations done, how long, and how many answered wrong."""
+
+    name: str
+    label: str
+    operations: int
+    elapsed: float
+    wrong: int
+    cpu: float | None = None  # this process's CPU seconds in the loop
+    rpcs_per_op: float | None = None
+    memcache_per_op: float | None = None
+    detail: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.operations / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def exact(self) -> bool:
+        return self.wrong == 0
+
+    @property
+    def cpu_per_op(self) -> float | None:
+        return None if self.cpu is None or not self.operations else self.cpu / self.operations
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "rate": self.rate,
+            "cpu_per_op": self.cpu_per_op,
+            "exact": self.exact,
+        }
+
+
+@dataclasses.dataclass
+class EngineResults:
+    engine: str
+    points: list[Point] = dataclasses.field(default_factory=list)
+    not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
+    reads: list[Timed] = dataclasses.field(default_factory=list)
+    buffer: list[Timed] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0  # wall time of this engine's part
+
+    @property
+    def exact(self) -> bool:
+        return all(p.exact for p in self.points) and all(
+            t.exact for t in (*self.reads, *self.buffer)
+        )
+
+    def point(self, contender: str, threads: int, processes: int = 1) -> Point | None:
+        for p in self.points:
+            if (p.contender, p.threads, p.processes) == (contender, threads, processes):
+                return p
+        return None
+
+    def timed(self, name: str) -> Timed | None:
+        return next((t for t in (*self.reads, *self.buffer) if t.name == name), None)
+
+    def fill_ratios(self) -> None:
+        for p in self.points:
+            blind = self.point("blind", p.threads, p.processes)
+            p.ratio_to_blind = p.rate / blind.rate if blind is not None and blind.rate else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "seconds": self.seconds,
+            "exact": self.exact,
+            "not_applicable": self.not_applicable,
+            "writers": [p.to_json() for p in self.points],
+            "reads": [t.to_json() for t in self.reads],
+            "buffer": [t.to_json() for t in self.buffer],
+        }
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were taken: they mean little without it."""
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "nproc": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "processor": _cpu_model(),
+        # Other work on the machine skews every rate; this shows how busy it was.
+        "load_average_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "packages": {
+            name: version(name)
+            for name in ("sharded-counter", "google-cloud-datastore", "grpcio", "pymemcache")
+        },
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,202 @@
+"""One bench run: start the backends, measure every contender on each engine, report.
+
+Each engine gets its own emulator, started with memcached by one
+``BackendStack``, and the environment points at it only while its part
+runs (as in the demo). Within an engine the contenders take turns at each
+thread count, so a contender and the blind puts it is compared with run
+close together in time. The emulator is reset between measurements, so each
+starts from the same empty store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.text import Text
+
+from . import chart, report
+from .contenders import CONTENDERS
+from .load import drive
+from .measure import measure
+from .micro import measure_buffer, measure_reads
+from .options import BenchOptions
+from .procs import measure_processes
+from .results import EngineResults, Point, machine
+from .targets import TARGET_THREADS, TargetResult, evaluate
+
+if TYPE_CHECKING:
+    from sharded_counter_emulator import BackendStack, DatastoreEmulator
+
+JSON_NAME = "bench.json"
+CHART_NAME = "bench.png"
+
+
+@dataclasses.dataclass
+class BenchOutcome:
+    """What ``run`` found, and where it was written."""
+
+    engines: dict[str, EngineResults]
+    targets: list[TargetResult]
+    data: dict[str, Any]  # what went into the JSON file
+    json_path: Path
+    chart_path: Path | None
+
+    @property
+    def exact(self) -> bool:
+        return all(results.exact for results in self.engines.values())
+
+
+def run(options: BenchOptions, console: Console) -> BenchOutcome:
+    """Run the whole bench; raises the emulator package's errors when a backend won't start."""
+    # Imported here, as the demo does: only the bench and the demo need the emulators.
+    from sharded_counter_emulator import BackendStack
+
+    started = time.monotonic()
+    host = machine()  # before the run: its load average is the machine's own, not ours
+    engines: dict[str, EngineResults] = {}
+    with console.status(f"starting {', '.join(options.engines)} emulator(s) and memcached..."):
+        stack = BackendStack(engines=options.engines, memcached=1).start()
+    try:
+        console.print(f"backends up in {time.monotonic() - started:.1f}s")
+        for engine in options.engines:
+            with _environment(stack.env(engine)):
+                engines[engine] = _bench_engine(engine, stack, options, console)
+    finally:
+        stack.stop()
+    targets = evaluate(engines)
+    outcome = _write(options, host, engines, targets, time.monotonic() - started)
+    console.rule("summary")
+    console.print(report.targets_table(targets))
+    _verdict(console, outcome, time.monotonic() - started)
+    return outcome
+
+
+def _bench_engine(
+    engine: str, stack: BackendStack, options: BenchOptions, console: Console
+) -> EngineResults:
+    console.rule(report.ENGINE_TITLES[engine])
+    began = time.monotonic()
+    emulator = stack.emulator(engine)
+    memcached = stack.memcached[0]
+    watch = {"emulator": emulator.pgid, "memcached": memcached.pgid}
+    results = EngineResults(engine)
+    _warm_up(engine, options)
+    # The blind puts first, then the target's contenders right after them, so the
+    # ratios the targets are about compare measurements taken close together.
+    first = ("blind", "counter", "counter-unread", "transform-20")
+    contenders = sorted(
+        (c for c in CONTENDERS if c.runs_on(engine)),
+        key=lambda c: first.index(c.key) if c.key in first else len(first),
+    )
+    results.not_applicable = {c.key: c.unsupported for c in CONTENDERS if not c.runs_on(engine)}
+    for threads in options.threads:
+        for contender in contenders:
+            point = measure(contender, engine, threads, options.seconds, watch)
+            _record(console, results, point, emulator)
+    if options.processes:
+        for contender in (c for c in contenders if c.processes):
+            point = measure_processes(
+                contender,
+                engine,
+                options.processes,
+                options.threads_per_process,
+                options.seconds,
+                watch,
+            )
+            _record(console, results, point, emulator)
+    results.reads = measure_reads(engine, memcached.address, options.micro_seconds)
+    results.buffer = measure_buffer(engine, options.micro_seconds)
+    results.fill_ratios()
+    results.seconds = time.monotonic() - began
+    calls_at = TARGET_THREADS if TARGET_THREADS in options.threads else max(options.threads)
+    report.print_engine(console, results, calls_at)
+    return results
+
+
+def _warm_up(engine: str, options: BenchOptions) -> None:
+    """Untimed load on both write paths, so the emulator's JIT is warm for the first point."""
+    if not options.warmup_seconds:
+        return
+    for contender in (c for c in CONTENDERS if c.key in ("blind", "counter")):
+        target = contender.open(f"bench-warm-up-{contender.key}-{engine}", options.warmup_seconds)
+        drive(target.increment, 8, options.warmup_seconds / 2)
+
+
+def _record(
+    console: Console, results: EngineResults, point: Point, emulator: DatastoreEmulator
+) -> None:
+    results.points.append(point)
+    # Every measurement starts on an empty store; its own check has been made.
+    emulator.reset()
+    status = Text("exact", style="green") if point.exact else Text("NOT EXACT", style="bold red")
+    writers = point.threads if point.processes == 1 else f"{point.processes}x{point.threads}"
+    console.print(
+        Text.assemble(
+            f"  {point.label:<40} {writers!s:>5} writers {point.rate:>12,.1f} incr./s  ", status
+        )
+    )
+
+
+def _write(
+    options: BenchOptions,
+    host: dict[str, Any],
+    engines: Mapping[str, EngineResults],
+    targets: list[TargetResult],
+    seconds: float,
+) -> BenchOutcome:
+    data: dict[str, Any] = {
+        "machine": host,
+        "options": {
+            "engines": list(options.engines),
+            "threads": list(options.threads),
+            "seconds": options.seconds,
+            "processes": options.processes,
+            "threads_per_process": options.threads_per_process,
+            "micro_seconds": options.micro_seconds,
+            "warmup_seconds": options.warmup_seconds,
+        },
+        "wall_seconds": seconds,
+        "exact": all(r.exact for r in engines.values()),
+        "engines": {engine: results.to_json() for engine, results in engines.items()},
+        "targets": [t.to_json() for t in targets],
+    }
+    json_path = options.out / JSON_NAME
+    report.write_json(json_path, data)
+    chart_path = None
+    if options.chart:
+        chart_path = options.out / CHART_NAME
+        chart.draw(chart_path, data, report.ENGINE_TITLES)
+    return BenchOutcome(dict(engines), targets, data, json_path, chart_path)
+
+
+def _verdict(console: Console, outcome: BenchOutcome, seconds: float) -> None:
+    written = [str(outcome.json_path)]
+    if outcome.chart_path is not None:
+        written.append(str(outcome.chart_path))
+    console.print(f"wrote {' and '.join(written)}; the bench took {seconds:.0f}s")
+    if outcome.exact:
+        console.print(Text("every count was exact", style="bold green"))
+    else:
+        console.print(Text("FAILED: some count was NOT exact (see above)", style="bold red"))
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """Point Counter() at one engine's backends, and put the environment back after."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

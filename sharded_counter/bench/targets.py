@@ -1,0 +1,104 @@
+"""The performance targets of issue 4, checked against one run's numbers.
+
+A missed target is reported, never hidden, but it does not fail the run:
+only a wrong count does. A target whose inputs were not measured (say, no
+16-thread point was asked for) is reported as not measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from .results import EngineResults, Point, Timed
+
+TARGET_THREADS = 16
+# What the sharded Counter must reach, as a share of blind puts, per engine.
+COUNTER_VS_BLIND = {"classic": 0.5, "firestore": 0.9}
+BUFFER_RATE = 1_000_000.0
+BUFFER_VS_DICT = 0.2
+CACHED_VS_BARE_GET = 0.8
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetResult:
+    engine: str
+    target: str
+    measured: float | None  # None: not measured in this run
+    threshold: float
+    unit: str  # "x" for a ratio, "/s" for a rate
+    how: str  # what was divided by what
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.measured is None else self.measured >= self.threshold
+
+    @property
+    def verdict(self) -> str:
+        return {True: "PASS", False: "FAIL", None: "not measured"}[self.passed]
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "passed": self.passed, "verdict": self.verdict}
+
+
+def _rate(measured: Point | Timed | None) -> float | None:
+    return None if measured is None else measured.rate
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
+    found: list[TargetResult] = []
+    for engine, results in engines.items():
+        counter = results.point("counter", TARGET_THREADS)
+        blind = results.point("blind", TARGET_THREADS)
+        found.append(
+            TargetResult(
+                engine,
+                f"sharded Counter, {TARGET_THREADS} writer threads, vs blind puts",
+                _ratio(_rate(counter), _rate(blind)),
+                COUNTER_VS_BLIND.get(engine, 0.5),
+                "x",
+                f"Counter(shards=20) increments/s / blind puts/s at {TARGET_THREADS} threads",
+            )
+        )
+        buffered = results.timed("buffer-increment")
+        locked = results.timed("dict-under-lock")
+        found.append(
+            TargetResult(
+                engine,
+                "buffered increments, one thread",
+                _rate(buffered),
+                BUFFER_RATE,
+                "/s",
+                "CounterBuffer.increment calls/s",
+            )
+        )
+        found.append(
+            TargetResult(
+                engine,
+                "buffered increments vs dict under lock",
+                _ratio(_rate(buffered), _rate(locked)),
+                BUFFER_VS_DICT,
+                "x",
+                "CounterBuffer.increment/s / locked dict increments/s",
+            )
+        )
+        cached = results.timed("read-cached")
+        bare = results.timed("read-bare-get")
+        found.append(
+            TargetResult(
+                engine,
+                "cached count read vs bare memcache get",
+                _ratio(_rate(cached), _rate(bare)),
+                CACHED_VS_BARE_GET,
+                "x",
+                "counter.count reads/s / pymemcache get/s, one thread",
+            )
+        )
+    return found

@@ -1,0 +1,305 @@
+"""Good-enough locks in memcache: ``with lock('crazy', ttl=10): ...``.
+
+Taking a lock is ``add`` of a random token with an expiry of ``ttl`` seconds:
+``add`` succeeds for one caller only, and a holder that dies frees the lock
+when the TTL runs out.
+
+Giving it back must not free someone else's lock. Suppose our TTL ran out
+while we worked and another caller took the lock: a plain ``delete`` would
+then free *their* lock. memcached has no compare-and-delete, so releasing
+never deletes. It reads the lock with ``gets``; if the token is still ours it
+``cas``-es the value to a *tombstone*, which fails if anything changed since
+the read. A taker treats a tombstone as free and takes it over with ``cas``
+too. Every step is thus a compare-and-swap, with no window in which a late
+release could touch a newer holder's lock. (Deleting after a tombstone with a
+short expiry would leave one: if the tombstone expired and someone took the
+lock before our delete arrived, that delete would free their lock.)
+
+What "good enough" leaves out:
+
+* memcached counts expiry in whole seconds, so a lock may lapse up to a second
+  before ``ttl``. Keep the work well inside ``ttl``, or ``extend`` the lease.
+* The lock lives on one memcached server. If that server is restarted or
+  evicts the key, the lock is gone. In a cluster, a lock taken on a stand-in
+  server while its home server is away is not seen once that server returns
+  (see ``cluster.py``). Use it to avoid duplicate work, not to guard money.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+
+from .errors import CacheUnavailable
+from .memcache import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
+
+log = logging.getLogger("sharded_counter")
+
+_FORMAT = "lk1"
+_TOMBSTONE = f"{_FORMAT} released".encode()
+_TOMBSTONE_TTL = 60  # just so released locks do not sit in memory forever
+MAX_TTL = 30 * 24 * 3600  # memcached reads a longer relative expiry as a timestamp
+_FIRST_WAIT, _MAX_WAIT = 0.005, 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """Who holds a lock, as it was written when it was taken (or last extended)."""
+
+    owner: str  # "host pid N thread-name"
+    acquired_at: float
+    expires_at: float  # at the latest; memcached may drop it up to a second sooner
+
+    def ttl(self, now: float | None = None) -> float:
+        """Seconds until the lock lapses at the latest (0 when it has)."""
+        return max(0.0, self.expires_at - (time.time() if now is None else now))
+
+
+class Locked(Exception):
+    """The lock is held by someone else (right away with ``nowait``, or after ``timeout``)."""
+
+    def __init__(self, name: str, holder: Holder | None, waited: float | None = None) -> None:
+        who = f"{holder.owner} for up to {holder.ttl():.1f} s more" if holder else "someone"
+        waiting = f" after waiting {waited:.2f} s" if waited is not None else ""
+        super().__init__(f"lock {name!r} is held by {who}{waiting}")
+        self.name = name
+        self.holder = holder
+        self.waited = waited
+
+
+class Lease:
+    """One attempt to hold a named lock: a context manager, or ``acquire()``/``release()``."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        ttl: int,
+        nowait: bool,
+        timeout: float | None,
+        client: ClientSource,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.name = name
+        self.ttl = _check_ttl(ttl)
+        self.nowait = nowait
+        self.timeout = float(self.ttl) if timeout is None else _check_timeout(timeout)
+        self.token = secrets.token_hex(16)
+        self.expires_at: float | None = None  # set while held
+        self._key = lock_key(client.key_prefix, name)
+        self._client = client
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        state = "held" if self.expires_at is not None else "not held"
+        return f"<Lease {self.name!r} {state}>"
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # -- taking -----------------------------------------------------------------------------
+
+    def acquire(self) -> Lease:
+        """Take the lock, waiting with backoff unless ``nowait``; raise ``Locked`` if it stays held.
+
+        Raises ``CacheUnavailable`` if memcache cannot be asked.
+        """
+        started = time.monotonic()
+        wait = _FIRST_WAIT
+        while True:
+            holder = self._try_take()
+            if holder is None:
+                return self
+            waited = time.monotonic() - started
+            if self.nowait:
+                raise Locked(self.name, holder)
+            if waited >= self.timeout:
+                raise Locked(self.name, holder, waited)
+            # Exponential backoff with jitter, so waiters do not all retry in step.
+            self._sleep(min(random.uniform(wait / 2, wait), self.timeout - waited))
+            wait = min(wait * 2, _MAX_WAIT)
+
+    def _try_take(self) -> Holder | None:
+        """Take the lock if it is free; otherwise return who holds it."""
+        client = self._client()
+        for _ in range(8):
+            now = time.time()
+            value = _encode(self.token, now, now + self.ttl, _owner())
+            try:
+                if client.add(self._key, value, self.ttl, noreply=False) is True:
+                    self.expires_at = now + self.ttl
+                    return None
+                raw, token = client.gets(self._key)
+                if raw is None:
+                    continue  # it lapsed between our add and our read: try again
+                if raw == _TOMBSTONE:
+                    if client.cas(self._key, value, token, self.ttl) is True:
+                        self.expires_at = now + self.ttl
+                        return None
+                    continue  # someone else took it over first: see who
+            except CLIENT_ERRORS as exc:
+                raise CacheUnavailable(f"cannot take lock {self.name!r}: {exc}") from exc
+            return _decode(raw) or Holder("(unreadable)", 0.0, 0.0)
+        return Holder("(changing hands)", time.time(), time.time())
+
+    # -- keeping and giving back ----------------------------------------------------------
+
+    def extend(self, ttl: int | None = None) -> bool:
+        """Push the expiry to ``ttl`` (default: the lease's) seconds from now, if still ours."""
+        ttl = self.ttl if ttl is None else _check_ttl(ttl)
+        now = time.time()
+        owner = _owner()
+        replaced = self._replace_if_ours(lambda: _encode(self.token, now, now + ttl, owner), ttl)
+        if replaced:
+            self.expires_at = now + ttl
+        return replaced
+
+    def release(self) -> bool:
+        """Give the lock back if it is still ours. Never raises: a lock left behind lapses."""
+        if self.expires_at is None:
+            return False
+        self.expires_at = None
+        try:
+            released = self._replace_if_ours(lambda: _TOMBSTONE, _TOMBSTONE_TTL)
+        except CacheUnavailable as exc:
+            log.warning("lock %r not released (%s); it lapses within its TTL", self.name, exc)
+            return False
+        if not released:
+            log.warning(
+                "lock %r had lapsed before it was released; its work may have overlapped "
+                "another holder's (give it a longer ttl, or extend it)",
+                self.name,
+            )
+        return released
+
+    def _replace_if_ours(self, value: Callable[[], bytes], expire: int) -> bool:
+        client = self._client()
+        try:
+            for _ in range(8):
+                raw, token = client.gets(self._key)
+                holder_token = _token(raw)
+                if holder_token != self.token:
+                    return False  # lapsed, released, or someone else's now
+                stored = client.cas(self._key, value(), token, expire)
+                if stored is True:
+                    return True
+                if stored is None:
+                    return False  # lapsed between our read and our cas
+                # False: it changed since our read; read again to see whose it is.
+        except CLIENT_ERRORS as exc:
+            raise CacheUnavailable(f"lock {self.name!r}: {exc}") from exc
+        return False
+
+
+def lock(
+    name: str,
+    ttl: int = 10,
+    nowait: bool = True,
+    timeout: float | None = None,
+    *,
+    memcache_client: CommandClient | None = None,
+    memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    key_prefix: str | None = None,
+) -> Lease:
+    """A lease on the lock ``name``: use it as ``with lock('crazy', ttl=10): ...``.
+
+    ``ttl`` (whole seconds) bounds how long the lock outlives a holder that dies.
+    With ``nowait`` (the default) a held lock raises ``Locked`` at once;
+    otherwise it waits with exponential backoff for up to ``timeout`` seconds
+    (default: ``ttl``, by which time a dead holder's lock has lapsed), then
+    raises ``Locked``. Without ``memcache_client`` the servers come from the
+    settings (``memcached_hosts`` here, else ``MEMCACHED_HOSTS`` or the config).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a lock name is a str, not {type(name).__name__}")
+    source = ClientSource(
+        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
+    )
+    return Lease(name, ttl=ttl, nowait=nowait, timeout=timeout, client=source)
+
+
+def who_holds(
+    name: str,
+    *,
+    memcache_client: CommandClient | None = None,
+    memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    key_prefix: str | None = None,
+) -> Holder | None:
+    """Who holds lock ``name`` now, or None when it is free. Raises ``CacheUnavailable``."""
+    source = ClientSource(
+        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
+    )
+    try:
+        raw = source().get(lock_key(source.key_prefix, name))
+    except CLIENT_ERRORS as exc:
+        raise CacheUnavailable(f"lock {name!r}: {exc}") from exc
+    return _decode(raw)
+
+
+def lock_key(prefix: str, name: str) -> str:
+    return f"{prefix}:lock:{key_digest(name)}"
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()} pid {os.getpid()} {threading.current_thread().name}"
+
+
+def _encode(token: str, acquired_at: float, expires_at: float, owner: str) -> bytes:
+    # Floored to the millisecond, not rounded: the time it was taken is never in
+    # the future, and the expiry is never later than the real one.
+    acquired, expires = math.floor(acquired_at * 1000), math.floor(expires_at * 1000)
+    return f"{_FORMAT} {token} {acquired / 1000:.3f} {expires / 1000:.3f} {owner}".encode()
+
+
+def _token(raw: bytes | None) -> str | None:
+    if not raw or raw == _TOMBSTONE:
+        return None
+    parts = raw.split(b" ", 2)
+    return parts[1].decode("ascii", "replace") if len(parts) == 3 else None
+
+
+def _decode(raw: bytes | None) -> Holder | None:
+    """The holder written in ``raw``; None for a free lock (missing or a tombstone)."""
+    if not raw or raw == _TOMBSTONE:
+        return None
+    try:
+        fmt, _, acquired, expires, owner = raw.decode("utf-8").split(" ", 4)
+        if fmt != _FORMAT:
+            raise ValueError(fmt)
+        return Holder(owner, float(acquired), float(expires))
+    except ValueError:
+        return Holder("(unreadable)", 0.0, 0.0)
+
+
+def _check_ttl(ttl: int) -> int:
+    if isinstance(ttl, bool) or not isinstance(ttl, int):
+        raise TypeError(f"ttl is whole seconds (memcached's expiry), not {type(ttl).__name__}")
+    if not 1 <= ttl <= MAX_TTL:
+        raise ValueError(f"ttl must be 1 to {MAX_TTL} seconds, not {ttl}")
+    return ttl
+
+
+def _check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout is seconds, not {type(timeout).__name__}")
+    if not 0 <= timeout < float("inf"):
+        raise ValueError(f"timeout must be 0 or more seconds, not {timeout}")
+    return float(timeout)

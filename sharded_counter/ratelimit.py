@@ -1,0 +1,327 @@
+"""Rate limits kept in memcache: at most N hits per window, per key.
+
+Two strategies:
+
+* ``fixed``: one memcache counter per key and window (``now // window``). It
+  allows exactly N per window, but a burst straddling a window edge can get
+  up to 2N within one window's length.
+* ``sliding``: the previous window's count, weighted by how much of it the
+  sliding window still overlaps, plus the current window's count. It smooths
+  the edges at the cost of one more read, and assumes hits were spread evenly
+  over the previous window.
+
+A hit is counted before it is judged: ``incr`` returns the new total, so
+concurrent hitters (threads, processes, machines) never both take the last
+unit. A refused hit gives its cost back with ``decr``, so a refused hit never
+uses up the allowance. Meanwhile it can make another hitter's check
+see a total that is too high for a moment, so it can wrongly refuse that
+hitter. It can never wrongly allow one: every allowed hit saw a total that
+included every allowed hit before it.
+
+When memcache cannot be reached the limiter *fails open* by default
+(``on_outage="open"``): every hit is allowed, and one warning is logged when the
+outage starts and one when it ends. A cache outage should not take the
+application down with it. ``"closed"`` refuses every hit instead (for limits
+that guard something costly), and ``"raise"`` raises ``CacheUnavailable``
+(for tools that must not guess).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Literal, ParamSpec, TypeVar
+
+from .errors import CacheUnavailable
+from .memcache import (
+    CLIENT_ERRORS,
+    ClientSource,
+    CommandClient,
+    OutageLog,
+    incr_or_add,
+    key_digest,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+Strategy = Literal["fixed", "sliding"]
+STRATEGIES: tuple[Strategy, ...] = ("fixed", "sliding")
+OnOutage = Literal["open", "closed", "raise"]
+ON_OUTAGE: tuple[OnOutage, ...] = ("open", "closed", "raise")
+
+#: The longest window: a sliding window's key must outlive two windows, and
+#: memcached reads a relative expiry above 30 days as a timestamp.
+MAX_WINDOW = 7 * 24 * 3600
+#: memcached's counters are unsigned 64-bit; leave room for refunds and bursts.
+MAX_AMOUNT = 2**62
+
+_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+}
+# ASCII digits only ("\d" would take any script's digits), and at most 19 of them.
+_LIMIT = re.compile(
+    r"\s*(?P<amount>[0-9]{1,19})\s*(?:/|\s+per\s+)\s*(?P<count>[0-9]{1,19})?\s*(?P<unit>[a-z]+)\s*",
+    re.IGNORECASE | re.ASCII,
+)
+_FORMS = "'20/minute', '5/second', '100/hour' or '10 per 30 seconds'"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """``amount`` hits per ``window`` seconds."""
+
+    amount: int
+    window: int
+
+    def __post_init__(self) -> None:
+        for name in ("amount", "window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"Limit.{name} must be an int, not {type(value).__name__}")
+        if not 1 <= self.amount <= MAX_AMOUNT:
+            raise ValueError(f"a rate limit allows 1 to 2**62 hits, not {self.amount}")
+        if not 1 <= self.window <= MAX_WINDOW:
+            raise ValueError(
+                f"a rate limit window is 1 second to 7 days ({MAX_WINDOW} s), not {self.window} s"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """``"20/minute"``, ``"5/2 seconds"``, ``"10 per 30 seconds"``, ``"100/h"``..."""
+        if not isinstance(text, str):
+            raise TypeError(f"a rate limit is a str like {_FORMS}, not {type(text).__name__}")
+        match = _LIMIT.fullmatch(text)
+        if match is None:
+            raise ValueError(f"a rate limit looks like {_FORMS}, not {text!r}")
+        unit = match["unit"].lower()
+        if unit not in _UNITS:
+            raise ValueError(
+                f"unknown unit {match['unit']!r} in rate limit {text!r}: "
+                "use second(s), minute(s), hour(s) or day(s)"
+            )
+        count = int(match["count"]) if match["count"] is not None else 1
+        if count < 1:
+            raise ValueError(f"a rate limit window must be at least 1 {unit}, not {text!r}")
+        return cls(int(match["amount"]), count * _UNITS[unit])
+
+    def __str__(self) -> str:
+        return f"{self.amount} per {self.window} second{'' if self.window == 1 else 's'}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The verdict on one hit.
+
+    ``remaining``: hits of cost 1 still allowed in the current window (after
+    this one, if it was allowed and spent). ``reset_at``: the unix time by which
+    the whole limit is free again if no more hits come (the end of the window
+    for ``fixed``, the end of the next one for ``sliding``).
+    """
+
+    allowed: bool
+    remaining: int
+    reset_at: float
+
+
+class RateLimited(Exception):
+    """Raised by ``RateLimiter.limit``-decorated calls that are over the limit."""
+
+    def __init__(self, key: str, decision: Decision) -> None:
+        super().__init__(f"rate limit exceeded for {key!r}; free again at {decision.reset_at:.0f}")
+        self.key = key
+        self.decision = decision
+
+
+class RateLimiter:
+    """At most ``limit`` hits per window for each key, counted in memcache.
+
+    ``limit`` is a ``Limit`` or a string such as ``"20/minute"``. Without
+    ``memcache_client`` the servers come from the settings: ``memcached_hosts``
+    here, else ``MEMCACHED_HOSTS`` or the config (see ``sharded_counter.config``).
+    Keys may be any str: memcache only ever sees a hash of them.
+    """
+
+    def __init__(
+        self,
+        limit: Limit | str,
+        *,
+        strategy: Strategy = "fixed",
+        memcache_client: CommandClient | None = None,
+        memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+        key_prefix: str | None = None,
+        on_outage: OnOutage = "open",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.rate = limit if isinstance(limit, Limit) else Limit.parse(limit)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be 'fixed' or 'sliding', not {strategy!r}")
+        self.strategy: Strategy = strategy
+        if on_outage not in ON_OUTAGE:
+            raise ValueError(f"on_outage must be 'open', 'closed' or 'raise', not {on_outage!r}")
+        self.on_outage: OnOutage = on_outage
+        self._clock = clock
+        self._client = ClientSource(
+            memcache_client,
+            memcached_hosts=memcached_hosts,
+            key_prefix=key_prefix,
+            what="RateLimiter",
+        )
+        self._outage = OutageLog(f"rate limit {self.rate}")
+
+    def __repr__(self) -> str:
+        return f"RateLimiter({str(self.rate)!r}, strategy={self.strategy!r})"
+
+    # -- the verdicts -----------------------------------------------------------------
+
+    def hit(self, key: str, cost: int = 1) -> Decision:
+        """Spend ``cost`` on ``key`` if the limit allows it; say whether it did."""
+        digest, cost = _check_key(key), _check_cost(cost)
+        window = _Window.at(self._clock(), self.rate.window)
+        try:
+            decision = self._hit(self._client(), digest, cost, window)
+        except CLIENT_ERRORS as exc:
+            return self._unavailable(exc, window, cost)
+        self._outage.answered()
+        return decision
+
+    def test(self, key: str, cost: int = 1) -> Decision:
+        """Would ``hit(key, cost)`` be allowed now? Spends nothing."""
+        digest, cost = _check_key(key), _check_cost(cost)
+        window = _Window.at(self._clock(), self.rate.window)
+        try:
+            current, previous = self._read(self._client(), digest, window)
+        except CLIENT_ERRORS as exc:
+            return self._unavailable(exc, window, cost)
+        self._outage.answered()
+        used = self._used(current, previous, window)
+        return self._decide(used + cost <= self.rate.amount, used, current, window)
+
+    def limit(
+        self, key_func: Callable[P, str], *, cost: int = 1
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorate a function so each call hits ``key_func(*args, **kwargs)``.
+
+        A call over the limit raises ``RateLimited`` (with the decision) and the
+        function does not run.
+        """
+        _check_cost(cost)
+
+        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+            @functools.wraps(func)
+            def limited(*args: P.args, **kwargs: P.kwargs) -> R:
+                key = key_func(*args, **kwargs)
+                decision = self.hit(key, cost)
+                if not decision.allowed:
+                    raise RateLimited(key, decision)
+                return func(*args, **kwargs)
+
+            return limited
+
+        return decorate
+
+    # -- the counting -------------------------------------------------------------------
+
+    def _hit(self, client: CommandClient, digest: str, cost: int, window: _Window) -> Decision:
+        current_key = self._key(digest, window.index)
+        # A sliding window reads this key again as "previous" during the next window.
+        expire = window.seconds_left(windows=2 if self.strategy == "sliding" else 1)
+        current = incr_or_add(client, current_key, cost, expire)
+        previous = 0
+        if self.strategy == "sliding":
+            previous = _count(client.get(self._key(digest, window.index - 1)))
+        used = self._used(current, previous, window)
+        if used <= self.rate.amount:
+            return self._decide(True, used, current, window)
+        # Over: give the cost back, so a refused hit never uses up the allowance.
+        client.decr(current_key, cost, noreply=False)
+        return self._decide(False, used - cost, current - cost, window)
+
+    def _read(self, client: CommandClient, digest: str, window: _Window) -> tuple[int, int]:
+        keys = [self._key(digest, window.index)]
+        if self.strategy == "sliding":
+            keys.append(self._key(digest, window.index - 1))
+        found = client.get_many(keys)
+        previous = _count(found.get(keys[1])) if len(keys) == 2 else 0
+        return _count(found.get(keys[0])), previous
+
+    def _used(self, current: int, previous: int, window: _Window) -> float:
+        if self.strategy == "fixed":
+            return current
+        # The part of the previous window the sliding window still covers.
+        return previous * (1 - window.elapsed_fraction) + current
+
+    def _decide(self, allowed: bool, used: float, current: int, window: _Window) -> Decision:
+        remaining = max(0, math.floor(self.rate.amount - used + 1e-9))
+        if self.strategy == "fixed" or current == 0:
+            reset_at = window.end
+        else:
+            reset_at = window.end + self.rate.window  # this window's hits fade out by then
+        return Decision(allowed, remaining, float(reset_at))
+
+    def _unavailable(self, exc: BaseException, window: _Window, cost: int) -> Decision:
+        if self.on_outage == "raise":
+            raise CacheUnavailable(f"rate limit {self.rate}: {exc}") from exc
+        allow = self.on_outage == "open"
+        consequence = "allowing every hit" if allow else "refusing every hit"
+        self._outage.failed(exc, f"{consequence} until it answers")
+        # Nothing is known about the window: report it as if this were its first hit.
+        remaining = max(0, self.rate.amount - cost) if allow else 0
+        return Decision(allow, remaining, float(window.end))
+
+    def _key(self, digest: str, index: int) -> str:
+        # The window length is part of the key: changing a limit starts afresh
+        # rather than reading counts made under another window.
+        return f"{self._client.key_prefix}:rl:{self.rate.window}:{digest}:{index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Window:
+    now: float
+    length: int
+    index: int
+
+    @classmethod
+    def at(cls, now: float, length: int) -> _Window:
+        return cls(now, length, math.floor(now / length))
+
+    @property
+    def end(self) -> int:
+        return (self.index + 1) * self.length
+
+    @property
+    def elapsed_fraction(self) -> float:
+        return min(1.0, max(0.0, (self.now - self.index * self.length) / self.length))
+
+    def seconds_left(self, *, windows: int) -> int:
+        # +1: memcached's clock ticks in whole seconds, so never cut a window short.
+        return max(1, math.ceil(self.end + (windows - 1) * self.length - self.now) + 1)
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str):
+        raise TypeError(f"a rate limit key is a str, not {type(key).__name__}")
+    return key_digest(key)
+
+
+def _check_cost(cost: int) -> int:
+    if isinstance(cost, bool) or not isinstance(cost, int):
+        raise TypeError(f"cost must be an int, not {type(cost).__name__}")
+    if not 1 <= cost <= MAX_AMOUNT:
+        raise ValueError(f"cost must be 1 to 2**62, not {cost} (use test() to spend nothing)")
+    return cost
+
+
+def _count(raw: bytes | None) -> int:
+    # memcached stores counters as ASCII digits, sometimes padded with spaces after a decr.
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        return 0

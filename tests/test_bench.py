@@ -1,0 +1,201 @@
+"""The bench: a quick run is exact and writes its JSON and PNG; a wrong count fails it."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+from sharded_counter import cli
+from sharded_counter.bench import BenchOptions, BenchOutcome, run
+from sharded_counter.bench.contenders import CONTENDERS, Check
+from sharded_counter.bench.load import Load
+from sharded_counter.bench.results import EngineResults, Point, Timed
+from sharded_counter.bench.rpc_count import CallCounter, counting
+from sharded_counter.bench.targets import evaluate
+
+HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+THREADS = (1, 3)
+
+
+@dataclasses.dataclass
+class QuickRun:
+    engine: str
+    outcome: BenchOutcome
+    output: str
+
+
+@pytest.fixture(scope="module")
+def quick_run(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
+    """One tiny bench on the first engine of --sc-engines; it starts its own backends."""
+    engine = str(pytestconfig.getoption("--sc-engines")).split(",")[0].strip()
+    options = BenchOptions.quick(
+        engines=(engine,),
+        threads=THREADS,
+        seconds=0.25,
+        out=tmp_path_factory.mktemp("bench"),
+        chart=HAS_MATPLOTLIB,
+    )
+    out = io.StringIO()
+    outcome = run(options, Console(file=out, width=200))
+    return QuickRun(engine, outcome, out.getvalue())
+
+
+@pytest.mark.backends
+def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
+    outcome, engine = quick_run.outcome, quick_run.engine
+    assert outcome.exact, quick_run.output
+    assert "every count was exact" in quick_run.output
+    results = outcome.engines[engine]
+    expected = {c.key for c in CONTENDERS if c.runs_on(engine)}
+    for threads in THREADS:
+        measured = {p.contender for p in results.points if (p.threads, p.processes) == (threads, 1)}
+        assert measured == expected
+    several = {p.contender for p in results.points if p.processes == 2}
+    assert several == {"counter", "blind"}
+    for point in results.points:
+        assert point.load.acked > 0, point
+        assert point.check.uncached == point.load.expected, point
+        # Blind puts and the cacheless naive counter have no cached total to compare.
+        has_cache = point.contender not in ("blind", "naive")
+        assert (point.check.cached is not None) == has_cache, point
+    # Each blind put is exactly one commit, which is what makes it the ceiling.
+    blind = results.point("blind", 1)
+    assert blind is not None and blind.rpcs == {"commit": blind.load.acked}
+    assert all(t.exact and t.operations > 0 for t in (*results.reads, *results.buffer))
+
+
+@pytest.mark.backends
+def test_quick_run_writes_its_numbers_as_json(quick_run: QuickRun) -> None:
+    data = json.loads(quick_run.outcome.json_path.read_text(encoding="utf-8"))
+    assert data["exact"] is True
+    assert data["machine"]["nproc"] >= 1
+    assert data["machine"]["python"].count(".") == 2
+    assert data["machine"]["timestamp"]
+    engine = data["engines"][quick_run.engine]
+    assert {w["threads"] for w in engine["writers"]} >= set(THREADS)
+    for writer in engine["writers"]:
+        assert writer["load"]["acked"] == writer["check"]["uncached"]
+        assert writer["rate"] > 0 and writer["exact"] is True
+        assert writer["rpcs_per_increment"] is not None
+    if quick_run.engine == "classic":
+        assert "transform-20" in engine["not_applicable"]
+    assert {t["verdict"] for t in data["targets"]} <= {"PASS", "FAIL", "not measured"}
+    assert {r["name"] for r in engine["reads"]} == {
+        "read-cached",
+        "read-uncached",
+        "read-bare-get",
+    }
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(not HAS_MATPLOTLIB, reason="the chart needs the bench extra (matplotlib)")
+def test_quick_run_draws_a_png(quick_run: QuickRun) -> None:
+    path = quick_run.outcome.chart_path
+    assert path is not None
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
+
+
+# -- without backends ----------------------------------------------------------------
+
+
+def _point(contender: str, acked: int, *, uncached: int, threads: int = 16) -> Point:
+    return Point(
+        engine="classic",
+        contender=contender,
+        label=contender,
+        write_mode="transaction",
+        threads=threads,
+        processes=1,
+        seconds=1.0,
+        load=Load(acked=acked, expected=acked, not_recorded=0, errors={}, elapsed=1.0),
+        check=Check(expected=acked, uncached=uncached, cached=None),
+        aborts=0,
+        rpcs={"commit": acked},
+        memcache={},
+        cpu={"client": 0.5},
+    )
+
+
+def test_a_wrong_count_makes_the_run_inexact() -> None:
+    results = EngineResults("classic", points=[_point("counter", 100, uncached=99)])
+    assert not results.exact
+    assert not Check(5, 5, 4).exact
+    assert Check(5, 5, None).exact
+
+
+def test_targets_pass_fail_and_not_measured() -> None:
+    results = EngineResults(
+        "classic",
+        points=[_point("counter", 60, uncached=60), _point("blind", 100, uncached=100)],
+        buffer=[
+            Timed("buffer-increment", "buffer", 900_000, 1.0, 0),
+            Timed("dict-under-lock", "dict", 3_000_000, 1.0, 0),
+        ],
+    )
+    verdicts = {t.target: t.verdict for t in evaluate({"classic": results})}
+    assert verdicts == {
+        "sharded Counter, 16 writer threads, vs blind puts": "PASS",  # 0.6 >= 0.5
+        "buffered increments, one thread": "FAIL",  # 900k < 1M
+        "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
+        "cached count read vs bare memcache get": "not measured",
+    }
+
+
+def test_counting_proxy_counts_and_puts_the_client_back() -> None:
+    class Api:
+        def commit(self, n: int) -> int:
+            return n + 1
+
+    class Holder:
+        def __init__(self) -> None:
+            self.api: Any = Api()
+            self.cache: Any = None
+
+    holder = Holder()
+    original = holder.api
+    calls = CallCounter()
+    with counting([(holder, "api"), (holder, "cache")], calls):
+        assert holder.api.commit(1) == 2
+        assert holder.api.commit(2) == 3
+        assert holder.cache is None  # nothing to count: left alone
+    assert holder.api is original
+    assert calls.snapshot() == {"commit": 2}
+
+
+def test_cli_exits_1_on_a_wrong_count(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    wrong = BenchOutcome(
+        engines={"classic": EngineResults("classic", points=[_point("counter", 10, uncached=9)])},
+        targets=[],
+        data={},
+        json_path=tmp_path / "bench.json",
+        chart_path=None,
+    )
+    seen: list[BenchOptions] = []
+
+    def fake_run(options: BenchOptions, console: Console) -> BenchOutcome:
+        seen.append(options)
+        return wrong
+
+    monkeypatch.setattr("sharded_counter.bench.run", fake_run)
+    if not HAS_MATPLOTLIB:  # the command refuses to start without it
+        monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
+    result = CliRunner().invoke(
+        cli.main, ["bench", "--quick", "--engine", "classic", "--threads", "4,1,4"]
+    )
+    assert result.exit_code == 1, result.output
+    assert seen[0].threads == (1, 4) and seen[0].engines == ("classic",)
+
+
+def test_cli_refuses_bad_thread_counts() -> None:
+    result = CliRunner().invoke(cli.main, ["bench", "--threads", "1,x"])
+    assert result.exit_code == 2
+    assert "comma-separated" in result.output

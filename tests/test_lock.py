@@ -1,0 +1,254 @@
+"""lock(): mutual exclusion, expiry and safe release, on a real memcached.
+
+The mutual-exclusion test runs 16 threads in 2 spawned processes around a
+read-modify-write of one memcache key that is not atomic by itself; a control
+run without the lock shows that the same workload does lose updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from click.testing import CliRunner
+from pymemcache.client.base import Client
+
+from sharded_counter import CacheUnavailable, Locked, config, lock, who_holds
+from sharded_counter.cli import main
+from sharded_counter.lock import Lease
+from sharded_counter_emulator import Memcached, free_port
+
+
+@pytest.fixture(autouse=True)
+def clean_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
+    config.clear()
+    yield
+    config.clear()
+
+
+@pytest.fixture
+def hosts(memcached_server: Memcached) -> list[str]:
+    return [memcached_server.address]
+
+
+def fresh_name() -> str:
+    return f"crazy {uuid.uuid4()}"
+
+
+# -- taking and giving back --------------------------------------------------------------------
+
+
+def test_nowait_raises_locked_naming_the_holder(hosts: list[str]) -> None:
+    name = fresh_name()
+    with lock(name, ttl=10, memcached_hosts=hosts) as held:
+        assert isinstance(held, Lease)
+        assert held.expires_at is not None
+        with pytest.raises(Locked) as refused, lock(name, memcached_hosts=hosts):
+            pytest.fail("the lock was taken twice")
+        assert refused.value.name == name
+        assert refused.value.holder is not None
+        assert threading.current_thread().name in refused.value.holder.owner
+        assert 9 <= refused.value.holder.ttl() <= 10
+        assert refused.value.waited is None
+    # Released: taken again at once (over its tombstone).
+    with lock(name, memcached_hosts=hosts):
+        pass
+
+
+def test_who_holds_shows_the_holder_and_its_ttl(hosts: list[str]) -> None:
+    name = fresh_name()
+    assert who_holds(name, memcached_hosts=hosts) is None
+    with lock(name, ttl=30, memcached_hosts=hosts):
+        holder = who_holds(name, memcached_hosts=hosts)
+        assert holder is not None
+        assert 29 <= holder.ttl() <= 30
+        assert holder.acquired_at <= time.time()
+    assert who_holds(name, memcached_hosts=hosts) is None  # a tombstone reads as free
+
+
+def test_a_lock_lapses_after_its_ttl(hosts: list[str]) -> None:
+    name = fresh_name()
+    first = lock(name, ttl=1, memcached_hosts=hosts).acquire()
+    with pytest.raises(Locked):
+        lock(name, memcached_hosts=hosts).acquire()
+    time.sleep(2.1)  # memcached counts expiry in whole seconds
+    second = lock(name, ttl=10, memcached_hosts=hosts).acquire()
+    assert second.release() is True
+    assert first.release() is False
+
+
+def test_a_stale_holder_cannot_release_the_next_holders_lock(
+    hosts: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    name = fresh_name()
+    stale = lock(name, ttl=1, memcached_hosts=hosts).acquire()
+    time.sleep(2.1)
+    current = lock(name, ttl=10, memcached_hosts=hosts).acquire()
+    with caplog.at_level(logging.WARNING, logger="sharded_counter"):
+        assert stale.release() is False
+    assert "lapsed before it was released" in caplog.text
+    # Still held by the current holder: nobody else gets in.
+    with pytest.raises(Locked):
+        lock(name, memcached_hosts=hosts).acquire()
+    assert current.release() is True
+    assert lock(name, memcached_hosts=hosts).acquire().release() is True
+
+
+def test_extend_keeps_a_lease_alive(hosts: list[str]) -> None:
+    name = fresh_name()
+    held = lock(name, ttl=2, memcached_hosts=hosts).acquire()
+    for _ in range(3):
+        time.sleep(1)
+        assert held.extend(3) is True
+    with pytest.raises(Locked):
+        lock(name, memcached_hosts=hosts).acquire()
+    assert held.release() is True
+    assert held.extend() is False  # not ours any more
+
+
+# -- waiting --------------------------------------------------------------------------------------
+
+
+def test_a_blocking_wait_gets_the_lock_once_it_is_released(hosts: list[str]) -> None:
+    name = fresh_name()
+    holder = lock(name, ttl=10, memcached_hosts=hosts).acquire()
+    releaser = threading.Timer(0.4, holder.release)
+    releaser.start()
+    started = time.monotonic()
+    with lock(name, ttl=10, nowait=False, timeout=5, memcached_hosts=hosts):
+        waited = time.monotonic() - started
+    releaser.join()
+    assert 0.35 <= waited < 1.5  # backoff is capped, so it notices soon after
+
+
+def test_a_blocking_wait_gives_up_after_its_timeout(hosts: list[str]) -> None:
+    name = fresh_name()
+    with lock(name, ttl=10, memcached_hosts=hosts):
+        started = time.monotonic()
+        with pytest.raises(Locked) as refused:
+            lock(name, nowait=False, timeout=0.5, memcached_hosts=hosts).acquire()
+        elapsed = time.monotonic() - started
+    assert refused.value.waited is not None and refused.value.waited >= 0.5
+    assert 0.5 <= elapsed < 1.0
+    assert "after waiting" in str(refused.value)
+
+
+def test_the_arguments_are_checked(hosts: list[str]) -> None:
+    with pytest.raises(TypeError, match="whole seconds"):
+        lock("x", ttl=1.5, memcached_hosts=hosts)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ttl"):
+        lock("x", ttl=0, memcached_hosts=hosts)
+    with pytest.raises(ValueError, match="timeout"):
+        lock("x", nowait=False, timeout=-1, memcached_hosts=hosts)
+    with pytest.raises(TypeError):
+        lock(b"x", memcached_hosts=hosts)  # type: ignore[arg-type]
+
+
+def test_memcache_down_refuses_the_lock_but_a_release_never_raises(
+    memcached_server: Memcached, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(CacheUnavailable, match="cannot take lock"):
+        lock("x", memcached_hosts=[f"127.0.0.1:{free_port()}"]).acquire()
+    server = Memcached(port=free_port()).start()
+    held = lock(fresh_name(), memcached_hosts=[server.address]).acquire()
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="sharded_counter"):
+        assert held.release() is False
+    assert "not released" in caplog.text
+
+
+# -- mutual exclusion: 16 threads in 2 processes ---------------------------------------------------
+
+
+def bump_process(
+    address: str, name: str, counter_key: str, threads: int, rounds: int, locked: bool
+) -> None:
+    host, port = address.rsplit(":", 1)
+    raw = Client((host, int(port)), default_noreply=False)
+    raw_lock = threading.Lock()  # pymemcache's base Client is not thread-safe
+
+    def bump() -> None:
+        # Read, pause, write: loses updates unless the lock keeps bumps apart.
+        with raw_lock:
+            value = int(raw.get(counter_key) or b"0")
+        time.sleep(0.0005)
+        with raw_lock:
+            raw.set(counter_key, str(value + 1).encode())
+
+    def work() -> None:
+        for _ in range(rounds):
+            if locked:
+                with lock(name, ttl=10, nowait=False, timeout=60, memcached_hosts=[address]):
+                    bump()
+            else:
+                bump()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+
+
+def run_bumpers(memcached_server: Memcached, locked: bool) -> int:
+    name, counter_key = fresh_name(), f"shared:{uuid.uuid4().hex}"
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(
+            target=bump_process,
+            args=(memcached_server.address, name, counter_key, 8, 25, locked),
+        )
+        for _ in range(2)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in processes] == [0, 0]
+    raw = Client((memcached_server.host, memcached_server.port))
+    return int(raw.get(counter_key) or b"0")
+
+
+def test_16_threads_in_2_processes_never_hold_it_together(memcached_server: Memcached) -> None:
+    final = run_bumpers(memcached_server, locked=True)
+    print(f"\nlock: {final} of {2 * 8 * 25} bumps kept with the lock")
+    assert final == 2 * 8 * 25
+
+
+def test_the_same_work_without_the_lock_loses_updates(memcached_server: Memcached) -> None:
+    """The control: the exact count above is the lock's doing, not the workload's."""
+    final = run_bumpers(memcached_server, locked=False)
+    print(f"\nlock control: {final} of {2 * 8 * 25} bumps kept without the lock")
+    assert final < 2 * 8 * 25
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def test_lock_status_shows_free_and_held_locks(
+    memcached_server: Memcached, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
+    monkeypatch.setenv("COLUMNS", "250")
+    free, held = fresh_name(), fresh_name()
+    with lock(held, ttl=20):
+        result = CliRunner().invoke(main, ["lock-status", free, held])
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.output.splitlines() if "│" in line}
+    assert "free" in rows[free]
+    assert "held" in rows[held] and threading.current_thread().name in rows[held]
+    assert any(f"{s:.1f} s" in rows[held] for s in (20.0, 19.9, 19.8, 19.7, 19.6))
+
+
+def test_lock_status_reports_memcache_down_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MEMCACHED_HOSTS", f"127.0.0.1:{free_port()}")
+    result = CliRunner().invoke(main, ["lock-status", "x"])
+    assert result.exit_code == 1
+    assert len(result.output.strip().splitlines()) == 1
+    assert "error:" in result.output
