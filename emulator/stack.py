@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -121,6 +123,21 @@ class BackendStack:
         if self._memcached:
             env["MEMCACHED_HOSTS"] = self.memcached_hosts()
         return env
+
+    @contextlib.contextmanager
+    def activated(self, engine: str) -> Iterator[dict[str, str]]:
+        """Point ``os.environ`` at ``engine``'s backends for the block, then put it back."""
+        values = self.env(engine)
+        saved = {key: os.environ.get(key) for key in values}
+        os.environ.update(values)
+        try:
+            yield values
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     def start(self) -> Self:
         """Start every backend not running yet, concurrently.

@@ -13,11 +13,10 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from google.cloud import datastore
@@ -31,6 +30,7 @@ from rich.text import Text
 from .counter import Counter
 from .errors import IncrementNotRecorded
 from .keys import SHARD_KIND, shard_index
+from .tally import WriterTally
 
 ENGINE_TITLES = {
     "classic": "Datastore emulator (classic, optimistic transactions)",
@@ -42,17 +42,6 @@ SHARDED = "sharded Counter"
 
 # How often the progress bars are redrawn while the writers run.
 _REFRESH = 0.1
-
-
-@dataclasses.dataclass
-class _Tally:
-    """One writer thread's own counts, so the hot loop never takes a lock."""
-
-    acked: int = 0
-    not_recorded: int = 0
-    # Earlier acknowledged amounts an IncrementNotRecorded handed back to its caller.
-    returned: int = 0
-    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
 class _WarningTally(logging.Handler):
@@ -136,7 +125,7 @@ def run(
             stack = stack_scope.enter_context(BackendStack(engines=engines, memcached=1))
         console.print(f"backends up in {time.monotonic() - started:.1f}s")
         for engine in engines:
-            with _environment(stack.env(engine)):
+            with stack.activated(engine):
                 exact &= _race(engine, threads, seconds, shards, console)
     console.print(
         Text("every count was exact", style="bold green")
@@ -145,20 +134,6 @@ def run(
     )
     console.print(f"demo took {time.monotonic() - started:.1f}s")
     return exact
-
-
-@contextlib.contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _race(engine: str, threads: int, seconds: float, shards: int, console: Console) -> bool:
@@ -205,7 +180,7 @@ def _race(engine: str, threads: int, seconds: float, shards: int, console: Conso
 def _contend(
     label: str, counter: Counter, threads: int, seconds: float, progress: Progress
 ) -> Outcome:
-    tallies = [_Tally() for _ in range(threads)]
+    tallies = [WriterTally() for _ in range(threads)]
     stop = threading.Event()
     task = progress.add_task(label, total=seconds, done=0, rate=0.0, left="")
     start = time.monotonic()
@@ -249,7 +224,9 @@ def _contend(
     )
 
 
-def _write_until(counter: Counter, deadline: float, stop: threading.Event, tally: _Tally) -> None:
+def _write_until(
+    counter: Counter, deadline: float, stop: threading.Event, tally: WriterTally
+) -> None:
     # A call that starts before the deadline may end after it; it counts if it succeeded.
     while not stop.is_set() and time.monotonic() < deadline:
         try:
@@ -266,7 +243,7 @@ def _write_until(counter: Counter, deadline: float, stop: threading.Event, tally
 def _show_progress(
     progress: Progress,
     task: TaskID,
-    tallies: Sequence[_Tally],
+    tallies: Sequence[WriterTally],
     start: float,
     deadline: float,
     elapsed: float | None = None,

@@ -9,15 +9,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import IncrementNotRecorded
-
-
-@dataclasses.dataclass
-class _Tally:
-    acked: int = 0
-    not_recorded: int = 0
-    # Earlier acknowledged amounts that an IncrementNotRecorded handed back to its caller.
-    returned: int = 0
-    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+from ..tally import WriterTally
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +36,11 @@ def drive(
     Every thread starts at the same signal. A call that begins before the
     deadline may end after it; it counts, and so does the time it took.
     """
-    tallies = [_Tally() for _ in range(threads)]
+    tallies = [WriterTally() for _ in range(threads)]
     go = threading.Event()
     deadline: list[float] = []  # set just before the start signal
 
-    def write(tally: _Tally) -> None:
+    def write(tally: WriterTally) -> None:
         go.wait()
         end = deadline[0]
         clock = time.monotonic

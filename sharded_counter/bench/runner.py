@@ -10,11 +10,9 @@ starts from the same empty store.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,7 +64,7 @@ def run(options: BenchOptions, console: Console) -> BenchOutcome:
     try:
         console.print(f"backends up in {time.monotonic() - started:.1f}s")
         for engine in options.engines:
-            with _environment(stack.env(engine)):
+            with stack.activated(engine):
                 engines[engine] = _bench_engine(engine, stack, options, console)
     finally:
         stack.stop()
@@ -185,18 +183,3 @@ def _verdict(console: Console, outcome: BenchOutcome, seconds: float) -> None:
         console.print(Text("every count was exact", style="bold green"))
     else:
         console.print(Text("FAILED: some count was NOT exact (see above)", style="bold red"))
-
-
-@contextlib.contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """Point Counter() at one engine's backends, and put the environment back after."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
