@@ -6,9 +6,9 @@ import shlex
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
+from .backend import ProcessBackend
 from .deps import require_java
 from .engines import Engine, check_engine
 from .errors import BackendError
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_PROJECT = "sharded-counter-test"
 
 
-class DatastoreEmulator:
+class DatastoreEmulator(ProcessBackend):
     """One emulator process, started straight from the Cloud SDK's launcher script.
 
     ``engine="classic"`` runs cloud-datastore-emulator (in memory, consistency 1.0,
@@ -47,24 +47,17 @@ class DatastoreEmulator:
             raise ValueError(
                 "on_disk needs engine='classic': the Firestore emulator keeps data in memory only"
             )
-        self.host = host
+        super().__init__(host=host, port=port)
+        self.label = f"the {self.engine} emulator"
         self.project = project
         self.on_disk = on_disk
-        self._port = port
         self._data_dir = Path(data_dir) if data_dir is not None else None
         self._workdir: Path | None = None
-        self._process: ManagedProcess | None = None
         self._timeout = 90.0
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"
         return f"<DatastoreEmulator {self.engine} {self.host}:{self._port} {state}>"
-
-    @property
-    def port(self) -> int:
-        if self._port is None:
-            raise BackendError(f"the {self.engine} emulator has no port yet: start it first")
-        return self._port
 
     @property
     def host_port(self) -> str:
@@ -75,24 +68,11 @@ class DatastoreEmulator:
         return f"http://{self.host_port}"
 
     @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.alive
-
-    @property
-    def pgid(self) -> int | None:
-        """The process group id of the launcher and its JVM while running."""
-        return self._process.pgid if self._process is not None else None
-
-    @property
     def data_dir(self) -> Path | None:
         """The classic emulator's project directory (where on-disk data lives), once known."""
         if self._data_dir is not None:
             return self._data_dir
         return self._workdir / "project" if self._workdir is not None else None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._process.log_path if self._process is not None else None
 
     def env(self) -> dict[str, str]:
         """The variables ``gcloud beta emulators datastore env-init`` would print."""
@@ -167,8 +147,7 @@ class DatastoreEmulator:
         On-disk data written since the last clean stop is lost: the classic emulator
         saves its file only when it shuts down.
         """
-        if self._process is not None:
-            self._process.kill()
+        super().kill()
 
     def restart(self) -> Self:
         """Stop cleanly and start again on the same port with the same data directory."""
@@ -182,27 +161,3 @@ class DatastoreEmulator:
         status, body = http_request(f"{self.url}/reset", method="POST", timeout=30.0)
         if status != 200:
             raise BackendError(f"the {self.engine} emulator answered {status} to /reset: {body!r}")
-
-    def pause(self) -> None:
-        """Freeze the launcher and its JVM (SIGSTOP): requests hang until :meth:`resume`."""
-        self._running().pause()
-
-    def resume(self) -> None:
-        """Let a paused emulator run again (SIGCONT)."""
-        self._running().resume()
-
-    def _running(self) -> ManagedProcess:
-        if self._process is None or not self._process.alive:
-            raise BackendError(f"the {self.engine} emulator is not running")
-        return self._process
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

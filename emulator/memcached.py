@@ -6,9 +6,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING
 
+from .backend import ProcessBackend
 from .deps import require_memcached
 from .errors import BackendError
 from .ports import free_port, port_is_free
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 
-class Memcached:
+class Memcached(ProcessBackend):
     """One memcached process.
 
     The port is chosen on the first start and kept, so that :meth:`restart` brings the
@@ -29,11 +29,10 @@ class Memcached:
     def __init__(
         self, *, host: str = "127.0.0.1", port: int | None = None, memory_mb: int = 64
     ) -> None:
-        self.host = host
+        super().__init__(host=host, port=port)
+        self.label = "memcached"
         self.memory_mb = memory_mb
-        self._port = port
         self._workdir: Path | None = None
-        self._process: ManagedProcess | None = None
         self._timeout = 10.0
 
     def __repr__(self) -> str:
@@ -41,28 +40,9 @@ class Memcached:
         return f"<Memcached {self.host}:{self._port} {state}>"
 
     @property
-    def port(self) -> int:
-        if self._port is None:
-            raise BackendError("memcached has no port yet: start it first")
-        return self._port
-
-    @property
     def address(self) -> str:
         """``host:port``, the form MEMCACHED_HOSTS and pymemcache take."""
         return f"{self.host}:{self.port}"
-
-    @property
-    def alive(self) -> bool:
-        return self._process is not None and self._process.alive
-
-    @property
-    def pgid(self) -> int | None:
-        """The server's process group id while it runs (for tests and fault injection)."""
-        return self._process.pgid if self._process is not None else None
-
-    @property
-    def log_path(self) -> Path | None:
-        return self._process.log_path if self._process is not None else None
 
     def env(self) -> dict[str, str]:
         """The variable clients read to find this server (google-cloud-ndb's convention)."""
@@ -106,24 +86,11 @@ class Memcached:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def kill(self) -> None:
-        """SIGKILL the server, as a crash would; :meth:`start` brings it back on the same port."""
-        if self._process is not None:
-            self._process.kill()
-
     def restart(self) -> Self:
         """Stop and start again on the same port; the cache comes back empty."""
         if self._process is not None:
             self._process.stop()
         return self.start(self._timeout)
-
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections are accepted but never answered."""
-        self._running().pause()
-
-    def resume(self) -> None:
-        """Let a paused server run again (SIGCONT)."""
-        self._running().resume()
 
     def flush_all(self) -> None:
         """Drop every item in the cache."""
@@ -131,19 +98,3 @@ class Memcached:
         reply = memcached_command(self.host, self.port, "flush_all")
         if reply != "OK":
             raise BackendError(f"memcached at {self.address} answered {reply!r} to flush_all")
-
-    def _running(self) -> ManagedProcess:
-        if self._process is None or not self._process.alive:
-            raise BackendError(f"memcached on {self.host}:{self._port} is not running")
-        return self._process
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

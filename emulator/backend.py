@@ -1,0 +1,83 @@
+"""What every backend process here has in common: a port, a process group, signals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .errors import BackendError
+from .process import ManagedProcess
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+class ProcessBackend:
+    """A server run as its own process group on ``host``; subclasses start and stop it.
+
+    The port is chosen on the first start and kept, so a restart brings the server
+    back where clients expect it.
+    """
+
+    #: How messages name the server, e.g. "memcached".
+    label = "the backend"
+
+    def __init__(self, *, host: str, port: int | None) -> None:
+        self.host = host
+        self._port = port
+        self._process: ManagedProcess | None = None
+
+    def start(self, timeout: float = 60.0) -> Self:  # each subclass has its own default
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise BackendError(f"{self.label} has no port yet: start it first")
+        return self._port
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.alive
+
+    @property
+    def pgid(self) -> int | None:
+        """The process group id while it runs (for tests and fault injection)."""
+        return self._process.pgid if self._process is not None else None
+
+    @property
+    def log_path(self) -> Path | None:
+        return self._process.log_path if self._process is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would; ``start`` brings it back on the same port."""
+        if self._process is not None:
+            self._process.kill()
+
+    def pause(self) -> None:
+        """Freeze the whole process group (SIGSTOP): requests hang until :meth:`resume`."""
+        self._running().pause()
+
+    def resume(self) -> None:
+        """Let a paused server run again (SIGCONT)."""
+        self._running().resume()
+
+    def _running(self) -> ManagedProcess:
+        if self._process is None or not self._process.alive:
+            raise BackendError(f"{self.label} on {self.host}:{self._port} is not running")
+        return self._process
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
