@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
-from sharded_counter import config
 from sharded_counter.cli import main
 
 
 @pytest.fixture(autouse=True)
-def clean_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
-    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
+def no_config_directory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)  # no config/ directory here
-    config.clear()
-    yield
-    config.clear()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
-from sharded_counter import Counter, config, who_holds
+from sharded_counter import Counter, who_holds
 from sharded_counter.cache import CacheTier
 from sharded_counter.cluster import RECORD_KEY, STASH_KEY, ClusterClient, ServerUnavailable
 from sharded_counter.config import Settings
@@ -46,13 +46,6 @@ def trio() -> Iterator[list[Memcached]]:
             if server.alive:
                 server.resume()  # a paused server would not stop
             server.stop()
-
-
-@pytest.fixture(autouse=True)
-def clean_config() -> Iterator[None]:
-    config.clear()
-    yield
-    config.clear()
 
 
 def cluster(servers: list[Memcached], dead_timeout: float = 1.0) -> ClusterClient:

@@ -23,11 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def clean_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def no_config_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("MEMCACHED_HOSTS", raising=False)
-    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
     monkeypatch.chdir(tmp_path)  # no config/ directory here
-    config.clear()
 
 
 def test_defaults() -> None:

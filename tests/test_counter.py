@@ -8,7 +8,6 @@ environment at them and wipes both before each test.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,13 +18,6 @@ from sharded_counter.keys import SHARD_KIND
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends
-
-
-@pytest.fixture(autouse=True)
-def clean_config() -> Iterator[None]:
-    config.clear()
-    yield
-    config.clear()
 
 
 def shard_entities(name: str) -> list[datastore.Entity]:

@@ -48,13 +48,6 @@ UNREACHABLE = {"retry_attempts": 1, "retry_deadline": 0.3, "rpc_timeout": 0.3}
 FAST_MEMCACHE = {"memcache_timeout": 0.2, "memcache_connect_timeout": 0.2}
 
 
-@pytest.fixture(autouse=True)
-def clean_config() -> Iterator[None]:
-    config.clear()
-    yield
-    config.clear()
-
-
 @pytest.fixture
 def own_memcache(memcached_server: Any) -> Iterator[Callable[..., Any]]:
     """Make memcache clients of this test's own, as a fresh process would have them.

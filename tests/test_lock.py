@@ -12,24 +12,15 @@ import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from click.testing import CliRunner
 from pymemcache.client.base import Client
 
-from sharded_counter import CacheUnavailable, Locked, config, lock, who_holds
+from sharded_counter import CacheUnavailable, Locked, lock, who_holds
 from sharded_counter.cli import main
 from sharded_counter.lock import Lease
 from sharded_counter_emulator import Memcached, free_port
-
-
-@pytest.fixture(autouse=True)
-def clean_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
-    config.clear()
-    yield
-    config.clear()
 
 
 @pytest.fixture

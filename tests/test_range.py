@@ -9,13 +9,13 @@ that cannot fit writes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from google.cloud import datastore
 
-from sharded_counter import Counter, CounterOverflowError, config
+from sharded_counter import Counter, CounterOverflowError
 from sharded_counter.keys import SHARD_KIND, shard_key_name
 from sharded_counter.shards import ShardOverflow, ShardStore
 from sharded_counter.validation import INT64_MAX, INT64_MIN
@@ -26,13 +26,6 @@ pytestmark = pytest.mark.backends
 # The edge cases go through the read-add-write transaction on both engines: it is
 # the path that can see a shard's value before adding to it.
 TRANSACTION = {"write_mode": "transaction"}
-
-
-@pytest.fixture(autouse=True)
-def clean_config() -> Iterator[None]:
-    config.clear()
-    yield
-    config.clear()
 
 
 def put_shards(name: str, values: dict[int, int]) -> None:

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -27,7 +26,6 @@ from sharded_counter import (
     Limit,
     RateLimited,
     RateLimiter,
-    config,
 )
 from sharded_counter.cli import main
 from sharded_counter.ratelimit import MAX_WINDOW, Strategy
@@ -52,12 +50,8 @@ UNITS = {
 
 
 @pytest.fixture(autouse=True)
-def clean_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def no_memcached_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEMCACHED_HOSTS", raising=False)
-    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
-    config.clear()
-    yield
-    config.clear()
 
 
 def fresh_key() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,20 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymemcache.client.base import PooledClient
 
-from sharded_counter import CacheUnavailable, Counter, TimeSeries, config
+from sharded_counter import CacheUnavailable, Counter, TimeSeries
 from sharded_counter.cli import main, parse_when
 from sharded_counter_emulator import Memcached, free_port
 
 NOW = 1_700_000_040.0  # on a minute edge
 MINUTE_AGO_10 = NOW - 600
-
-
-@pytest.fixture(autouse=True)
-def clean_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
-    config.clear()
-    yield
-    config.clear()
 
 
 class FakeClock:
