@@ -21,6 +21,7 @@ from google.cloud.datastore_v1.types import datastore as ds_types
 from google.cloud.datastore_v1.types import entity as entity_types
 from google.cloud.datastore_v1.types import query as query_types
 
+from . import rpc
 from .keys import SHARD_KIND, shard_index, shard_key_name
 from .record import ShardState
 from .validation import INT64_MAX
@@ -30,6 +31,10 @@ _NON_TRANSACTIONAL = ds_types.CommitRequest.Mode.NON_TRANSACTIONAL
 _NOT_FINISHED = query_types.QueryResultBatch.MoreResultsType.NOT_FINISHED
 _EntityPb = entity_types.Entity.pb()
 _KeyPb = entity_types.Key.pb()
+_MutationPb = ds_types.Mutation.pb()
+_QueryPb = query_types.Query.pb()
+_EQUAL = query_types.PropertyFilter.Operator.EQUAL
+_IN = query_types.PropertyFilter.Operator.IN
 _MAX_MUTATIONS = 500  # Datastore's limit per commit
 _IN_LIMIT = 30  # values one IN filter may hold
 _TOKENS = "w"  # unindexed: the last few write tokens of a shard
@@ -66,12 +71,12 @@ class ShardStore:
 
     def __init__(self, client: datastore.Client, *, rpc_timeout: float) -> None:
         self.client = client
-        # The high-level client keeps its generated (GAPIC) client here.
-        self._api: Any = client._datastore_api
-        self._timeout = rpc_timeout
-        self._base: dict[str, Any] = {"project_id": client.project}
-        if client.database:
-            self._base["database_id"] = client.database
+        self._rpc = rpc.DatastoreRpc(client, timeout=rpc_timeout)
+        # Every request names the project and database.
+        self._base: dict[str, Any] = {
+            "project_id": client.project,
+            "database_id": client.database or "",
+        }
         self._partition = entity_types.PartitionId.pb()(
             project_id=client.project,
             database_id=client.database or "",
@@ -126,28 +131,27 @@ class ShardStore:
         return int(value.integer_value)
 
     # -- low-level calls ------------------------------------------------------
-    # retry=None turns off the generated client's own retries (up to 60 s on reads):
-    # every call is bounded by rpc_timeout and retried only by our policy (retry.py).
+    # Raw protobuf requests through DatastoreRpc (see rpc.py): each call is bounded
+    # by rpc_timeout and retried only by our policy (retry.py).
 
     def begin(self) -> bytes:
-        request = dict(self._base, transaction_options={"read_write": {}})
-        response = self._api.begin_transaction(request=request, retry=None, timeout=self._timeout)
-        return bytes(response.transaction)
+        request = rpc.BeginTransactionRequest(**self._base)
+        request.transaction_options.read_write.SetInParent()
+        return bytes(self._rpc.begin_transaction(request).transaction)
 
     def rollback(self, transaction: bytes) -> None:
-        request = dict(self._base, transaction=transaction)
-        self._api.rollback(request=request, retry=None, timeout=self._timeout)
+        self._rpc.rollback(rpc.RollbackRequest(transaction=transaction, **self._base))
 
     def lookup(
         self, keys: Sequence[Any], *, transaction: bytes | None = None, begin: bool = False
     ) -> tuple[dict[bytes, Any], dict[bytes, int], bytes | None]:
         """Found entities and versions by serialized key, and the transaction begun, if any."""
-        request = dict(self._base, keys=list(keys))
+        request = rpc.LookupRequest(keys=keys, **self._base)
         if transaction is not None:
-            request["read_options"] = {"transaction": transaction}
+            request.read_options.transaction = transaction
         elif begin:
-            request["read_options"] = {"new_transaction": {"read_write": {}}}
-        response = self._api.lookup(request=request, retry=None, timeout=self._timeout)._pb
+            request.read_options.new_transaction.read_write.SetInParent()
+        response = self._rpc.lookup(request)
         found: dict[bytes, Any] = {}
         versions: dict[bytes, int] = {}
         for result in response.found:
@@ -166,13 +170,14 @@ class ShardStore:
         return found, versions, (bytes(response.transaction) or None) if begin else None
 
     def commit(self, mutations: Sequence[Any], transaction: bytes | None = None) -> Any:
-        request = dict(self._base, mutations=list(mutations))
+        """Commit Mutation protobufs, in ``transaction`` or on their own."""
+        request = rpc.CommitRequest(mutations=mutations, **self._base)
         if transaction is None:
-            request["mode"] = _NON_TRANSACTIONAL
+            request.mode = _NON_TRANSACTIONAL
         else:
-            request["mode"] = _TRANSACTIONAL
-            request["transaction"] = transaction
-        return self._api.commit(request=request, retry=None, timeout=self._timeout)._pb
+            request.mode = _TRANSACTIONAL
+            request.transaction = transaction
+        return self._rpc.commit(request)
 
     # -- the write paths ------------------------------------------------------
 
@@ -218,7 +223,7 @@ class ShardStore:
                 raise ShardOverflow(index)
             remembered = [*recent, token][-_TOKENS_KEPT:] if token else recent
             response = self.commit(
-                [{"upsert": self._entity(key, name, current + delta, remembered)}], transaction
+                [_upsert(self._entity(key, name, current + delta, remembered))], transaction
             )
         except BaseException:
             if transaction is not None:
@@ -236,19 +241,10 @@ class ShardStore:
         shard's remembered tokens, so a retry can tell whether this landed
         unless another writer wrote the shard in between.
         """
-        key = self.key(name, index)
-        entity = _EntityPb()
-        entity.key.CopyFrom(key)
-        entity.properties["name"].string_value = name
-        paths = ["name"]
+        mutation = _increment(self.key(name, index), name, delta)
         if token:
-            _set_tokens(entity, [token])
-            paths.append(_TOKENS)
-        mutation = {
-            "upsert": entity,
-            "property_mask": {"paths": paths},
-            "property_transforms": [{"property": "count", "increment": {"integer_value": delta}}],
-        }
+            _set_tokens(mutation.upsert, [token])
+            mutation.property_mask.paths.append(_TOKENS)
         result = self.commit([mutation]).mutation_results[0]
         if len(result.transform_results) != 1:
             raise RuntimeError("the backend ignored the increment transform")
@@ -269,51 +265,45 @@ class ShardStore:
         """
         key = self._key_for(f"probe-{random.getrandbits(64):016x}", kind="ShardedCounterProbe")
         entity = self._entity(key, "probe", 1)
-        self.commit([{"upsert": entity}])
+        self.commit([_upsert(entity)])
         try:
-            bare = _EntityPb()
-            bare.key.CopyFrom(key)
-            bare.properties["name"].string_value = "probe"
-            mutation = {
-                "upsert": bare,
-                "property_mask": {"paths": ["name"]},
-                "property_transforms": [{"property": "count", "increment": {"integer_value": 1}}],
-            }
-            result = self.commit([mutation]).mutation_results[0]
+            result = self.commit([_increment(key, "probe", 1)]).mutation_results[0]
             reported = [int(r.integer_value) for r in result.transform_results]
             found, _, _ = self.lookup([key])
             stored = found.get(key.SerializeToString())
             return reported == [2] and stored is not None and self._count_of(stored) == 2
         finally:
-            self.commit([{"delete": key}])
+            self.commit([_delete(key)])
 
     # -- reading, setting, deleting --------------------------------------------
 
     def _query_shards(self, name: str, *, keys_only: bool = False) -> Iterator[Any]:
         """Every CounterShard whose name is ``name``, whatever its key: EntityResult pbs."""
-        return self._run_query(
-            {"op": query_types.PropertyFilter.Operator.EQUAL, "value": {"string_value": name}},
-            keys_only=keys_only,
-        )
+        return self._run_query(_EQUAL, [name], keys_only=keys_only)
 
-    def _run_query(self, name_filter: dict[str, Any], *, keys_only: bool = False) -> Iterator[Any]:
-        query: dict[str, Any] = {
-            "kind": [{"name": SHARD_KIND}],
-            "filter": {"property_filter": {"property": {"name": "name"}, **name_filter}},
-        }
+    def _run_query(
+        self, op: int, names: Sequence[str], *, keys_only: bool = False
+    ) -> Iterator[Any]:
+        """CounterShard entities whose name is ``op`` (EQUAL: the one name, IN: any of them)."""
+        request = rpc.RunQueryRequest(partition_id=self._partition, **self._base)
+        query = request.query
+        query.kind.add().name = SHARD_KIND
+        name_filter = query.filter.property_filter
+        name_filter.property.name = "name"
+        name_filter.op = op
+        if op == _IN:
+            for name in names:
+                name_filter.value.array_value.values.add().string_value = name
+        else:
+            (name_filter.value.string_value,) = names
         if keys_only:
-            query["projection"] = [{"property": {"name": "__key__"}}]
-        cursor = b""
+            query.projection.add().property.name = "__key__"
         while True:
-            if cursor:
-                query["start_cursor"] = cursor
-            request = dict(self._base, partition_id=self._partition, query=query)
-            response = self._api.run_query(request=request, retry=None, timeout=self._timeout)
-            batch = response._pb.batch
+            batch = self._rpc.run_query(request).batch
             yield from batch.entity_results
             if batch.more_results != _NOT_FINISHED or not batch.entity_results:
                 return
-            cursor = batch.end_cursor
+            query.start_cursor = batch.end_cursor
 
     def snapshot(self, name: str) -> Snapshot:
         return Snapshot(tuple(self._state_of(name, r) for r in self._query_shards(name)))
@@ -337,12 +327,7 @@ class ShardStore:
                 return dict(zip(unique, pool.map(self.snapshot, unique), strict=True))
         states: dict[str, list[ShardState]] = {name: [] for name in unique}
         for start in range(0, len(unique), _IN_LIMIT):
-            chunk = unique[start : start + _IN_LIMIT]
-            name_filter = {
-                "op": query_types.PropertyFilter.Operator.IN,
-                "value": {"array_value": {"values": [{"string_value": n} for n in chunk]}},
-            }
-            for result in self._run_query(name_filter):
+            for result in self._run_query(_IN, unique[start : start + _IN_LIMIT]):
                 name = result.entity.properties["name"].string_value
                 states[name].append(self._state_of(name, result))
         return {name: Snapshot(tuple(found)) for name, found in states.items()}
@@ -380,7 +365,7 @@ class ShardStore:
             total = sum(self._count_of(e) for e in found.values())
             amounts = spread(target(total), len(ordered), limit)
             mutations = [
-                {"upsert": self._entity(key, name, amount)}
+                _upsert(self._entity(key, name, amount))
                 for key, amount in zip(ordered, amounts, strict=True)
             ]
             response = self.commit(mutations, transaction)
@@ -397,7 +382,7 @@ class ShardStore:
         """Delete every shard of ``name``; returns how many there were."""
         keys = [r.entity.key for r in self._query_shards(name, keys_only=True)]
         for start in range(0, len(keys), _MAX_MUTATIONS):
-            self.commit([{"delete": k} for k in keys[start : start + _MAX_MUTATIONS]])
+            self.commit([_delete(k) for k in keys[start : start + _MAX_MUTATIONS]])
         return len(keys)
 
 
@@ -411,6 +396,31 @@ def spread(value: int, slots: int, limit: int = INT64_MAX) -> list[int]:
     if not all(_within(a, limit) for a in amounts):
         raise ValueError(f"{value} does not fit in {slots} shards of at most {limit} each")
     return amounts
+
+
+def _upsert(entity: Any) -> Any:
+    mutation = _MutationPb()
+    mutation.upsert.CopyFrom(entity)
+    return mutation
+
+
+def _delete(key: Any) -> Any:
+    mutation = _MutationPb()
+    mutation.delete.CopyFrom(key)
+    return mutation
+
+
+def _increment(key: Any, name: str, delta: int) -> Any:
+    """An upsert that sets only ``name`` and has the server add ``delta`` to ``count``."""
+    mutation = _MutationPb()
+    entity = mutation.upsert
+    entity.key.CopyFrom(key)
+    entity.properties["name"].string_value = name
+    mutation.property_mask.paths.append("name")
+    transform = mutation.property_transforms.add()
+    transform.property = "count"
+    transform.increment.integer_value = delta
+    return mutation
 
 
 def _set_tokens(entity: Any, tokens: Sequence[str]) -> None:
