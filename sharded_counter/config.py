@@ -55,6 +55,7 @@ class Settings:
     retry_max_wait: float = 1.0
     rpc_timeout: float = 5.0
     write_mode: str = "auto"
+    max_concurrent_writes: int = 4
     project: str | None = None
     database: str | None = None
     namespace: str | None = None
@@ -150,6 +151,7 @@ _CHECKS = {
     "retry_max_wait": _positive_number,
     "rpc_timeout": _positive_number,
     "write_mode": _write_mode,
+    "max_concurrent_writes": _positive_int,
     "project": _optional_str,
     "database": _optional_str,
     "namespace": _optional_str,

@@ -2,7 +2,9 @@
 
 ::
 
-    increment(n) -> take stashed delayed_incr -> write a random shard (+n +stash)
+    increment(n) -> queue behind writes of this counter already in flight, if too many
+                    (combiner.py: a queued group goes out as one write of its sum)
+                 -> take stashed delayed_incr -> write a random shard (+n +stash)
                     ok: merge the shard's new state into the cached record
                     failed after retries: stash n (+stash) in delayed_incr
     count        -> complete cached record? its total + pending stash
@@ -22,6 +24,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
+from .combiner import combiner_for
 from .config import OPTION_NAMES, Settings, resolve
 from .connections import Backend, backend_for
 from .errors import (
@@ -82,6 +85,9 @@ class Counter:
         )
         self.stats = WriteStats()
         self._picker = picker_for(self._backend.store.scope, self.name)
+        self._combiner = combiner_for(
+            id(self._backend), self._backend.store.scope, self.settings, self.name
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shard_count})"
@@ -119,7 +125,15 @@ class Counter:
             self._increment_joined(delta, transaction)
             return
         if delta:
-            self._apply(delta, stash_on_failure=True)
+            self._combiner.run(
+                delta,
+                self._apply_or_stash,
+                limit=self.settings.max_concurrent_writes,
+                max_total=_TRANSFORM_MAX_DELTA,
+            )
+
+    def _apply_or_stash(self, amount: int) -> None:
+        self._apply(amount, stash_on_failure=True)
 
     def _apply(self, delta: int, *, stash_on_failure: bool) -> None:
         """Write ``delta`` (plus any stash) to a shard and merge it into the cache.

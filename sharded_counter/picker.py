@@ -15,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .registry import PerCounter
+
 
 class ShardPicker:
     """The shards of one counter that writers in this process are using right now."""
@@ -65,18 +67,9 @@ class ShardPicker:
             return index
 
 
-_pickers: dict[tuple[str, str], ShardPicker] = {}
-_pickers_lock = threading.Lock()
+_pickers: PerCounter[ShardPicker] = PerCounter(ShardPicker)
 
 
 def picker_for(scope: str, name: str) -> ShardPicker:
     """The process-wide picker of one counter (shared by every Counter object of it)."""
-    key = (scope, name)
-    picker = _pickers.get(key)
-    if picker is None:
-        with _pickers_lock:
-            picker = _pickers.setdefault(key, ShardPicker())
-            if len(_pickers) > 100_000:  # many one-off counters: start over rather than grow
-                _pickers.clear()
-                _pickers[key] = picker
-    return picker
+    return _pickers.get((scope, name))

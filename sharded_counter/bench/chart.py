@@ -28,6 +28,7 @@ _STYLE = {
     "txn-50": ("tab:cyan", ">", "-"),
     "transform-20": ("tab:purple", "D", "-"),
     "counter": ("tab:blue", "s", "-"),
+    "counter-solo": ("tab:brown", "s", "--"),
     "counter-unread": ("tab:blue", "s", ":"),
     "buffer": ("tab:pink", "*", "-."),
 }

@@ -88,7 +88,7 @@ def _bench_engine(
     _warm_up(engine, options)
     # The blind puts first, then the target's contenders right after them, so the
     # ratios the targets are about compare measurements taken close together.
-    first = ("blind", "counter", "counter-unread", "transform-20")
+    first = ("blind", "counter", "counter-solo", "counter-unread", "transform-20")
     contenders = sorted(
         (c for c in CONTENDERS if c.runs_on(engine)),
         key=lambda c: first.index(c.key) if c.key in first else len(first),
