@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import CacheUnavailable
 from .memcache import MemcacheClient
 from .record import Record, ShardState
+from .stash import Stash
 
 log = logging.getLogger("sharded_counter")
 
@@ -45,6 +47,9 @@ class CacheTier:
         # Stash keys last seen holding something: only these cost a round trip to take.
         self._stash_seen: set[str] = set()
         self._batches: dict[str, _MergeBatch] = {}  # record key -> writers merging into it
+        # Folds memcache did not hear the end of: (stash key, token, put back what it took?).
+        # Settled once memcache answers; the fold's marker makes that safe to repeat.
+        self._unsettled: list[tuple[str, str, bool]] = []
 
     @property
     def enabled(self) -> bool:
@@ -83,6 +88,8 @@ class CacheTier:
         return result if isinstance(result, tuple) else (None, None)
 
     def _forget_suspects(self) -> None:
+        """Catch up on what failed calls left behind (suspect records, unsure takes)."""
+        self._settle_late()
         if not self._suspect:
             return
         with self._lock:
@@ -275,50 +282,113 @@ class CacheTier:
         for key in keys:
             self._call("delete", key, noreply=False)
 
-    # -- delayed_incr -----------------------------------------------------------
+    # -- delayed_incr (see stash.py) ------------------------------------------------
+
+    def _change_stash(self, stash_key: str, change: Callable[[Stash], Stash | None]) -> Stash:
+        """Apply ``change`` to the stash with a ``cas`` loop; returns the stash it changed.
+
+        ``change`` returning None leaves the key alone. Raises CacheUnavailable.
+        """
+        for _ in range(_CAS_ATTEMPTS):
+            raw, token = self._gets(stash_key)
+            current = Stash.decode(raw).live()
+            new = change(current)
+            if new is None or new == current:
+                return current
+            if raw is None:
+                # No expiry: a stash is an acknowledged increment.
+                if self._call("add", stash_key, new.encode(), 0, noreply=False) is True:
+                    return current
+            elif self._call("cas", stash_key, new.encode(), token, 0) is True:
+                return current
+        raise CacheUnavailable(f"could not update {stash_key} after {_CAS_ATTEMPTS} attempts")
 
     def stash(self, stash_key: str, delta: int) -> None:
         """Add ``delta`` to the pending stash. Raises CacheUnavailable if it cannot."""
         self._stash_seen.add(stash_key)
-        for _ in range(_CAS_ATTEMPTS):
-            raw, token = self._gets(stash_key)
-            if raw is None:
-                # No expiry: a stash is an acknowledged increment.
-                if self._call("add", stash_key, str(delta).encode(), 0, noreply=False) is True:
-                    return
-            elif (
-                self._call("cas", stash_key, str(_stash_value(raw) + delta).encode(), token, 0)
-                is True
-            ):
-                return
-        raise CacheUnavailable(f"could not update {stash_key} after {_CAS_ATTEMPTS} attempts")
+        self._change_stash(stash_key, lambda s: s.added(delta))
 
-    def take_stash(self, stash_key: str, *, look: bool = False) -> int:
-        """Atomically take the whole pending stash (0 when there is none).
+    def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
+        """Take the whole pending stash for the fold ``token`` (0 when there is none).
 
-        Without ``look`` it asks memcache only when a stash was seen lately
-        (every read and every write's merge looks), saving a round trip per write.
+        The key keeps a marker of the fold until ``settle_fold``. Nothing is
+        taken while a set is running. Without ``look`` it asks memcache only
+        when a stash was seen lately (every read and every write's merge
+        looks), saving a round trip per write. A take whose reply is lost is
+        put back on this process's next cache call. Raises CacheUnavailable.
         """
         if not look and stash_key not in self._stash_seen:
             return 0
-        for _ in range(_CAS_ATTEMPTS):
-            raw, token = self._gets(stash_key)
-            value = _stash_value(raw)
-            if value == 0:
-                self._stash_seen.discard(stash_key)
-                return 0
-            # cas fails if anyone stashed or took meanwhile, so nothing is applied twice.
-            if self._call("cas", stash_key, b"0", token, 0) is True:
-                return value
-        return 0
+        try:
+            before = self._change_stash(
+                stash_key,
+                lambda s: s.taken(token, deadline) if s.pending and s.setter is None else None,
+            )
+        except CacheUnavailable:
+            self._settle_later(stash_key, token, put_back=True)
+            raise
+        if not before.pending:
+            self._stash_seen.discard(stash_key)
+        return before.pending if before.setter is None else 0
+
+    def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> None:
+        """The fold ``token`` is over: drop its marker, and with ``put_back`` return what it
+        took to the stash. Never raises: if memcache does not answer it is done later."""
+        try:
+            self._change_stash(stash_key, _fold_over(token, put_back))
+        except CacheUnavailable:
+            self._settle_later(stash_key, token, put_back=put_back)
+
+    def _settle_later(self, stash_key: str, token: str, *, put_back: bool) -> None:
+        with self._lock:
+            self._unsettled.append((stash_key, token, put_back))
+
+    def _settle_late(self) -> None:
+        if not self._unsettled:
+            return
+        with self._lock:
+            unsettled, self._unsettled = self._unsettled, []
+        for index, (stash_key, token, put_back) in enumerate(unsettled):
+            try:
+                self._change_stash(stash_key, _fold_over(token, put_back))
+            except CacheUnavailable:
+                with self._lock:
+                    self._unsettled.extend(unsettled[index:])
+                raise
+
+    def begin_set(self, stash_key: str, token: str, deadline: float, wait_until: float) -> int:
+        """Stop new folds, wait for the folds in flight, then take the pending stash.
+
+        Returns what was taken; ``end_set`` must follow. Raises CacheUnavailable.
+        """
+        pause = 0.005
+        while True:
+            before = self._change_stash(
+                stash_key, lambda s: s.set_begun(token, deadline) if s.setter is None else None
+            )
+            if before.setter is None:
+                break
+            time.sleep(pause)  # another set is running: it ends, or its marker expires
+            pause = min(pause * 2, 0.1)
+        pause = 0.005
+        while self._live_stash(stash_key).folds and time.time() < wait_until:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        return self._change_stash(stash_key, lambda s: s.added(-s.pending)).pending
+
+    def _live_stash(self, stash_key: str) -> Stash:
+        return Stash.decode(self._gets(stash_key)[0]).live()
+
+    def end_set(self, stash_key: str, back: int) -> None:
+        """The set is over; ``back`` (what it took, if it failed) waits in the stash again."""
+        self._change_stash(stash_key, lambda s: s.set_ended(back))
 
     def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
         found = self._call("get_many", list(stash_keys))
         return {key: _stash_value(found.get(key)) for key in stash_keys}
 
     def peek_stash(self, stash_key: str) -> int:
-        raw, _ = self._gets(stash_key)
-        return _stash_value(raw)
+        return self._live_stash(stash_key).pending
 
 
 class _MergeBatch:
@@ -333,10 +403,11 @@ class _MergeBatch:
         self.users = 0  # threads inside merge(); the batch is dropped at 0
 
 
+def _fold_over(token: str, put_back: bool) -> Callable[[Stash], Stash]:
+    """The end of the fold ``token``: its marker goes, and with ``put_back`` what it took
+    waits again. Repeating it changes nothing, since the marker is gone."""
+    return (lambda s: s.released(token)) if put_back else (lambda s: s.settled(token, 0))
+
+
 def _stash_value(raw: bytes | None) -> int:
-    if not raw:
-        return 0
-    try:
-        return int(raw)
-    except ValueError:
-        return 0
+    return Stash.decode(raw).pending

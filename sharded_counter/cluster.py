@@ -64,6 +64,8 @@ from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
+from .stash import Stash
+
 log = logging.getLogger("sharded_counter")
 
 #: Counter records and delayed_incr stashes, as ``keys.cache_keys`` names them.
@@ -569,22 +571,16 @@ def _read_dump(address: tuple[str, int], timeout: float) -> bytes:
                 return bytes(data)  # a one-line answer: BUSY, ERROR, CLIENT_ERROR
 
 
-def _stash_amount(raw: bytes | None) -> int:
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
-        return 0
-
-
 def _take(pool: Any, key: str) -> int:
-    """Take a whole stash (cas to 0, as ``CacheTier.take_stash`` does); 0 if there is none."""
+    """Take a stash's pending amount with ``cas`` (fold markers stay); 0 if there is none."""
     for _ in range(_MOVE_ATTEMPTS):
         raw, token = pool.gets(key)
-        amount = _stash_amount(raw)
-        if amount == 0:
+        stash = Stash.decode(raw).live()
+        if stash.pending == 0:
             return 0
-        if pool.cas(key, b"0", token, 0, noreply=False) is True:
-            return amount
+        emptied = stash.added(-stash.pending).encode()
+        if pool.cas(key, emptied, token, 0, noreply=False) is True:
+            return stash.pending
     return 0
 
 
@@ -595,7 +591,7 @@ def _add_signed(pool: Any, key: str, amount: int) -> None:
         if raw is None:
             if pool.add(key, str(amount).encode(), 0, noreply=False) is True:
                 return
-        elif pool.cas(key, str(_stash_amount(raw) + amount).encode(), token, 0) is True:
+        elif pool.cas(key, Stash.decode(raw).live().added(amount).encode(), token, 0) is True:
             return
     raise MemcacheError(f"could not add to {key} after {_MOVE_ATTEMPTS} attempts")
 

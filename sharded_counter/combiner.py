@@ -89,22 +89,18 @@ class WriteCombiner:
         if isinstance(error, CounterOverflowError) and len(group.deltas) > 1:
             write(delta)  # nothing was written: find out whether this delta fits alone
             return
-        own = self._own_error(error, delta, group, leader=leading)
+        own = self._own_error(error, delta, group)
         if own is error:
             raise error
         raise own from error.__cause__
 
     @staticmethod
-    def _own_error(
-        error: BaseException, delta: int, group: _Group, *, leader: bool
-    ) -> BaseException:
+    def _own_error(error: BaseException, delta: int, group: _Group) -> BaseException:
         """The error one member sees: ``IncrementNotRecorded`` names that member's own delta."""
         if not isinstance(error, IncrementNotRecorded) or len(group.deltas) == 1:
             return error
-        # The leader's failed amount also holds any delayed_incr it had taken.
-        own = delta + (error.delta - group.total if leader else 0)
         cause = error.__cause__ if error.__cause__ is not None else error
-        return IncrementNotRecorded(error.name, own, cause)
+        return IncrementNotRecorded(error.name, delta, cause)
 
     def _release(self) -> None:
         """A write finished: hand its slot to the next group, or free it."""

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import random
 import secrets
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -54,6 +55,8 @@ log = logging.getLogger("sharded_counter")
 # all missed both signals.
 _TRANSFORM_MAX_DELTA = 2**32
 _TRANSFORM_SHARD_LIMIT = 2**62
+# Slack on top of a fold's own time limits before its marker in delayed_incr expires.
+_FOLD_MARGIN = 2.0
 
 
 class Counter:
@@ -143,24 +146,26 @@ class Counter:
         buffer retries on its own schedule before it stashes.
         """
         cache = self._backend.cache
-        stashed = self._take_stash()
+        token = secrets.token_hex(6)  # names this write, and its fold of the stash if any
+        stashed = self._take_stash(token)
         amount = delta + stashed
         if not fits_int64(amount):
             # Write the caller's delta alone; the stash waits for a later write.
-            self._restash(stashed)
+            self._settle_fold(token, stashed, put_back=True)
             stashed, amount = 0, delta
         try:
-            state = self._write(amount)
+            state = self._write(amount, token)
         except RETRYABLE as exc:
+            self._settle_fold(token, stashed, put_back=True)
             if not stash_on_failure:
-                self._restash(stashed)
                 raise
-            self._stash_or_raise(amount, exc)
+            self._stash_or_raise(delta, exc)
             return
         except (CounterOverflowError, gexc.GoogleAPICallError):
-            self._restash(stashed)
+            self._settle_fold(token, stashed, put_back=True)
             raise
         if stashed:
+            self._settle_fold(token, stashed, put_back=False)
             self.stats.add(folded=1)
         cache.merge(self._record_key, self._stash_key, [state])
         if abs(state.value) > _TRANSFORM_SHARD_LIMIT and self._backend.write_mode == "transform":
@@ -180,7 +185,7 @@ class Counter:
             after_commit=lambda: cache.invalidate(record_key),
         )
 
-    def _write(self, amount: int) -> ShardState:
+    def _write(self, amount: int, token: str) -> ShardState:
         """Write ``amount`` to a shard, retrying per the policy.
 
         After contention (nothing was written) a retry goes to another shard.
@@ -189,7 +194,6 @@ class Counter:
         a transaction that first looks for this write's token there.
         """
         backend = self._backend
-        token = secrets.token_hex(6)
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
         for attempt in write_retrying(self.settings):
             with attempt:
@@ -294,26 +298,24 @@ class Counter:
 
     # -- delayed_incr -----------------------------------------------------------
 
-    def _take_stash(self, *, look: bool = False) -> int:
+    def _fold_deadline(self) -> float:
+        """When a fold begun now is over for sure: its write gave up or landed by then."""
+        settings = self.settings
+        return time.time() + settings.retry_deadline + settings.rpc_timeout + _FOLD_MARGIN
+
+    def _take_stash(self, token: str, *, look: bool = False) -> int:
         if not self._backend.cache.enabled:
             return 0
         try:
-            return self._backend.cache.take_stash(self._stash_key, look=look)
+            return self._backend.cache.take_stash(
+                self._stash_key, token, self._fold_deadline(), look=look
+            )
         except CacheUnavailable:
             return 0  # it stays in memcache and is taken by a later write
 
-    def _restash(self, amount: int) -> None:
-        if amount:
-            try:
-                self._backend.cache.stash(self._stash_key, amount)
-            except CacheUnavailable as exc:
-                log.error(
-                    "counter %r lost %d stashed by earlier increments: memcache failed while "
-                    "putting it back (%s)",
-                    self.name,
-                    amount,
-                    exc,
-                )
+    def _settle_fold(self, token: str, stashed: int, *, put_back: bool) -> None:
+        if stashed:
+            self._backend.cache.settle_fold(self._stash_key, token, put_back=put_back)
 
     def _stash_or_raise(self, amount: int, cause: Exception) -> None:
         try:
@@ -441,13 +443,42 @@ class Counter:
         """
         value = check_value(value, self.shard_count)
         spread(value, self.shard_count, self._shard_limit)  # refuse what cannot fit, early
-        stashed = self._take_stash(look=True)  # a pending stash is replaced too
+        cache = self._backend.cache
+        token = secrets.token_hex(6)
+        coordinated, taken = False, 0
+        if cache.enabled:
+            # Stop new folds, wait out those in flight, take what is pending (stash.py).
+            now = time.time()
+            folds_over = self._fold_deadline()
+            set_over = folds_over + (folds_over - now) + self.settings.rpc_timeout
+            try:
+                taken = cache.begin_set(self._stash_key, token, set_over, folds_over)
+                coordinated = True
+            except CacheUnavailable:
+                pass  # nothing can be taken or stashed while memcache is down either
         try:
             states = self._rewrite(lambda _current: value)
         except BaseException:
-            self._restash(stashed)
+            if coordinated:
+                self._end_set(back=taken)
             raise
-        self._backend.cache.merge(self._record_key, self._stash_key, states)
+        if coordinated:
+            self._end_set(back=0)
+        cache.merge(self._record_key, self._stash_key, states)
+
+    def _end_set(self, back: int) -> None:
+        try:
+            self._backend.cache.end_set(self._stash_key, back)
+        except CacheUnavailable as exc:
+            # The set's marker expires by itself; only a failed set has something to return.
+            if back:
+                log.error(
+                    "counter %r lost %d stashed by earlier increments: memcache failed while "
+                    "putting it back after a failed set (%s)",
+                    self.name,
+                    back,
+                    exc,
+                )
 
     # -- checking the cache against the truth ----------------------------------------
 
@@ -480,13 +511,15 @@ class Counter:
         """
         cache = self._backend.cache
         if cache.enabled:
-            pending = cache.take_stash(self._stash_key, look=True)
+            token = secrets.token_hex(6)
+            pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)
             if pending:
                 try:
-                    state = self._write(pending)
+                    state = self._write(pending, token)
                 except BaseException:
-                    self._restash(pending)
+                    self._settle_fold(token, pending, put_back=True)
                     raise
+                self._settle_fold(token, pending, put_back=False)
                 self.stats.add(folded=1)
                 cache.merge(self._record_key, self._stash_key, [state])
             cache.forget(self._record_key)

@@ -35,8 +35,8 @@ class IncrementNotRecorded(ShardedCounterError):
     """The shard write failed and the delta could not be stashed in memcache either.
 
     The increment was *not* acknowledged: the caller still owns it and may retry.
-    ``delta`` is the amount that was not recorded (it includes any stashed
-    ``delayed_incr`` amount this call had taken and could not put back).
+    ``delta`` is the amount that was not recorded. (Any ``delayed_incr``
+    amount this call had taken to fold in went back to the stash.)
     """
 
     def __init__(self, name: str, delta: int, cause: BaseException) -> None:

@@ -996,12 +996,6 @@ def test_setting_the_count_is_atomic_with_concurrent_increments(
     report(f"set[{datastore_engine}]", set_seconds=max(set_seconds), refused_sets=refused_sets)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: set_count takes the stash, but a stash already taken by an "
-    "in-flight folding write is invisible to it and lands after the set",
-)
 def test_setting_the_count_replaces_a_stash_that_a_writer_is_folding(
     backend_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -1011,7 +1005,8 @@ def test_setting_the_count_replaces_a_stash_that_a_writer_is_folding(
 
     Instrumentation holds one folding write between taking the stash and its shard
     write, the window any slow write (contention, a retry) leaves open; the backends
-    and the stash are real.
+    and the stash are real. The set must wait for that fold (it left a marker in
+    delayed_incr) instead of running past it.
     """
     name = "set-vs-fold"
     cache = {"memcache_client": own_memcache()}
@@ -1043,14 +1038,79 @@ def test_setting_the_count_replaces_a_stash_that_a_writer_is_folding(
     folder.start()
     if not holding.wait(10):
         pytest.fail("setup: the folding write never reached the shard write")
-    Counter(name, shards=4, **cache).count = 0  # begins after the 1000 was acknowledged
+    set_done = threading.Event()
+
+    def set_to_zero() -> None:
+        Counter(name, shards=4, **cache).count = 0  # begins after the 1000 was acknowledged
+        set_done.set()
+
+    setter = threading.Thread(target=set_to_zero)
+    setter.start()
+    assert not set_done.wait(0.5), "the set ran past a fold in flight"
     release.set()
     folder.join(10)
+    setter.join(30)
+    assert set_done.is_set()
     if merged_stats(healthy)["folded"] != 1:
         pytest.fail("setup: the write did not fold the stash")
 
     # The +5 overlapped the set (either side is fine); the +1000 was before it.
     assert healthy.get_count(nocache=True) in (0, 5)
+    assert healthy.count == healthy.get_count(nocache=True)
+
+
+def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
+    backend_env: dict[str, str],
+    memcached_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    own_memcache: Callable[..., Any],
+) -> None:
+    """The take's ``cas`` reaches memcached and is applied; its reply never comes back.
+
+    The writer cannot know it took the stash, so it writes without it; the marker
+    the take left is how a later cache call finds the amount and puts it back.
+    memcached is real and applies the cas; a relay holds back just that reply.
+    """
+    name = "lost-take"
+    host, port = memcached_server.address.rsplit(":", 1)
+    relay = ReplyHoldingRelay(host, int(port))
+    try:
+        through_relay = build_client(
+            Settings(memcached_hosts=(f"127.0.0.1:{relay.port}",), **FAST_MEMCACHE)
+        )
+        with monkeypatch.context() as patch:
+            patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+            broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+        broken.increment(1000)  # acknowledged: stashed in delayed_incr
+        healthy = Counter(name, shards=4, memcache_client=through_relay, **FAST_MEMCACHE)
+        assert healthy.count == 1000  # and now this writer knows there is a stash
+
+        real_cas = through_relay.cas
+        lost = []
+
+        def cas_losing_its_reply(key: str, *args: Any, **kwargs: Any) -> Any:
+            if key == healthy._stash_key and not lost:
+                lost.append(key)
+                relay.hold.set()
+                try:
+                    return real_cas(key, *args, **kwargs)
+                finally:
+                    relay.hold.clear()
+            return real_cas(key, *args, **kwargs)
+
+        monkeypatch.setattr(through_relay, "cas", cas_losing_its_reply)
+        healthy.increment(5)  # its take times out: it writes 5 alone
+        assert lost, "setup: the take never reached its cas"
+        # Its merge put the 1000 back; without the take's marker it would be gone.
+        assert healthy._backend.store.snapshot(name).total == 5
+        assert healthy._backend.cache.peek_stash(healthy._stash_key) == 1000
+        assert healthy.get_count(nocache=True) == 1005
+        assert healthy.count == 1005
+        healthy.increment(1)  # and this write folds it in
+        assert healthy.get_count(nocache=True) == 1006
+        assert healthy.count == 1006
+    finally:
+        relay.close()
 
 
 # -- 7. hostile names -------------------------------------------------------------------
