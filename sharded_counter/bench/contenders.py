@@ -181,7 +181,7 @@ CONTENDERS: tuple[Contender, ...] = (
     # increment costs on the best path for the engine.
     Contender(
         "counter-solo",
-        f"sharded Counter ({SHARDS}), one write per increment",
+        f"sharded Counter ({SHARDS}), no group commit",
         _counter(shards=SHARDS, **ONE_WRITE_EACH),
     ),
     # Not one of the ways to count: the same Counter while nobody reads it, so no
