@@ -19,8 +19,9 @@ alone and gets its own answer.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 from .errors import CounterOverflowError, IncrementNotRecorded
@@ -43,7 +44,10 @@ class WriteCombiner:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified as writes finish
         self._running = 0
+        self._limit = 1
+        self._paused = 0  # exclusive() holders: nothing starts while above 0
         self._queue: collections.deque[_Group] = collections.deque()
 
     def run(self, delta: int, write: Callable[[int], Any], *, limit: int, max_total: int) -> None:
@@ -53,7 +57,8 @@ class WriteCombiner:
         within ``±max_total`` (a delta larger than that goes in a group of its own).
         """
         with self._lock:
-            if self._running < limit and not self._queue:
+            self._limit = limit
+            if self._running < limit and not self._queue and not self._paused:
                 self._running += 1
                 group = None
             else:
@@ -105,10 +110,28 @@ class WriteCombiner:
     def _release(self) -> None:
         """A write finished: hand its slot to the next group, or free it."""
         with self._lock:
-            if self._queue:
+            if self._queue and not self._paused:
                 self._queue.popleft().started.set()  # no one joins it from now on
             else:
                 self._running -= 1
+                self._idle.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold every write of this counter in this process: wait for those running,
+        and queue new ones (they go out, grouped, on leaving)."""
+        with self._lock:
+            self._paused += 1
+            while self._running:
+                self._idle.wait()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._paused -= 1
+                while not self._paused and self._queue and self._running < self._limit:
+                    self._running += 1
+                    self._queue.popleft().started.set()
 
 
 _combiners: PerCounter[WriteCombiner] = PerCounter(WriteCombiner)

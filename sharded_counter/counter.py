@@ -285,7 +285,7 @@ class Counter:
 
     def _rewrite(self, target: Any) -> list[ShardState]:
         backend = self._backend
-        for attempt in write_retrying(self.settings):
+        for attempt in write_retrying(self.settings, until_deadline=True):
             with attempt:
                 return backend.store.rewrite(
                     self.name,
@@ -443,6 +443,12 @@ class Counter:
         """
         value = check_value(value, self.shard_count)
         spread(value, self.shard_count, self._shard_limit)  # refuse what cannot fit, early
+        # This process's own writers of the counter wait meanwhile: on an optimistic
+        # engine each of their commits would abort the set's transaction.
+        with self._combiner.exclusive():
+            self._set_now(value)
+
+    def _set_now(self, value: int) -> None:
         cache = self._backend.cache
         token = secrets.token_hex(6)
         coordinated, taken = False, 0

@@ -30,12 +30,17 @@ TRANSIENT: tuple[type[Exception], ...] = (
 RETRYABLE = CONTENTION + TRANSIENT
 
 
-def write_retrying(settings: Settings) -> Retrying:
-    """Exponential backoff with full jitter, bounded by attempts and by a deadline."""
+def write_retrying(settings: Settings, *, until_deadline: bool = False) -> Retrying:
+    """Exponential backoff with full jitter, bounded by attempts and by a deadline.
+
+    ``until_deadline`` drops the attempt bound: for a write that every concurrent
+    increment can abort (a set reads and rewrites every shard), which on an
+    optimistic engine under load may lose many rounds before it wins one.
+    """
+    deadline = stop_after_delay(settings.retry_deadline)
     return Retrying(
         retry=retry_if_exception_type(RETRYABLE),
-        stop=stop_after_attempt(settings.retry_attempts)
-        | stop_after_delay(settings.retry_deadline),
+        stop=deadline if until_deadline else stop_after_attempt(settings.retry_attempts) | deadline,
         wait=wait_random_exponential(
             multiplier=settings.retry_initial_wait, max=settings.retry_max_wait
         ),

@@ -207,3 +207,30 @@ def test_a_read_right_after_a_shared_increment_sees_it(backend_env: dict[str, st
         thread.join()
     assert failures == []
     assert counter.count == 160
+
+
+def test_exclusive_waits_for_running_writes_and_holds_new_ones_until_it_ends() -> None:
+    combiner, writes = WriteCombiner(), GatedWrites()
+    running = start(lambda: combiner.run(1, writes, limit=4, max_total=100))
+    wait_until(lambda: writes.running == 1)
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def hold() -> None:
+        with combiner.exclusive():
+            inside.set()
+            leave.wait(10)
+
+    holder = start(hold)
+    assert not inside.wait(0.2), "exclusive() did not wait for the running write"
+    writes.gate.set()
+    assert inside.wait(10)
+    held = [start(lambda d=d: combiner.run(d, writes, limit=4, max_total=100)) for d in (2, 3)]
+    wait_until(lambda: queued(combiner) == 2)
+    assert writes.amounts == [1]  # nothing started while held
+    leave.set()
+    for thread in [running, holder, *held]:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert writes.amounts == [1, 5]  # the held increments went out together
+    assert combiner._running == 0
