@@ -149,6 +149,9 @@ def _race(engine: str, threads: int, seconds: float, shards: int, console: Conso
                 shards=1,
                 write_mode="transaction",
                 memcached_hosts=(),
+                # The pattern as the originals wrote it: one write per increment,
+                # no group commit (more writes in flight than threads).
+                max_concurrent_writes=max(threads, 1),
                 **limits,
             ),
         ),
