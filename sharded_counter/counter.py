@@ -195,34 +195,39 @@ class Counter:
         """
         backend = self._backend
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
-        for attempt in write_retrying(self.settings):
-            with attempt:
-                index = None
-                try:
-                    # Inside the attempt: the first call may probe the backend.
-                    transform = (
-                        unsure_of is None
-                        and backend.write_mode == "transform"
-                        and abs(amount) <= _TRANSFORM_MAX_DELTA
-                        and not self._picker.transforms_unsafe
-                    )
-                    with self._picker.pick(self.shard_count, prefer=unsure_of) as index:
-                        if transform:
-                            state = backend.store.add_with_transform(
-                                self.name, index, amount, token=token
-                            )
-                        else:
-                            state = self._add_in_transaction(index, amount, token)
-                except CONTENTION:
-                    self.stats.add(aborts=1)
-                    raise
-                except RETRYABLE:
-                    self.stats.add(transient_errors=1)
-                    if unsure_of is None:
-                        unsure_of = index
-                    raise
-                self.stats.add(writes=1)
-                return state
+        with contextlib.ExitStack() as holding:
+            for attempt in write_retrying(self.settings):
+                with attempt:
+                    index = None
+                    try:
+                        # Inside the attempt: the first call may probe the backend.
+                        transform = (
+                            unsure_of is None
+                            and backend.write_mode == "transform"
+                            and abs(amount) <= _TRANSFORM_MAX_DELTA
+                            and not self._picker.transforms_unsafe
+                        )
+                        with self._picker.pick(self.shard_count, prefer=unsure_of) as index:
+                            if transform:
+                                state = backend.store.add_with_transform(
+                                    self.name, index, amount, token=token
+                                )
+                            else:
+                                state = self._add_in_transaction(index, amount, token)
+                    except CONTENTION:
+                        self.stats.add(aborts=1)
+                        raise
+                    except RETRYABLE:
+                        self.stats.add(transient_errors=1)
+                        if unsure_of is None and index is not None:
+                            unsure_of = index
+                            # Keep this process's other writers off that shard until the
+                            # retry has looked for the token: a transform of theirs would
+                            # replace it in this process's token slot.
+                            holding.enter_context(self._picker.pick(self.shard_count, prefer=index))
+                        raise
+                    self.stats.add(writes=1)
+                    return state
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
     def _add_in_transaction(self, first: int, amount: int, token: str = "") -> ShardState:

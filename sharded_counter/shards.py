@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import os
 import random
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,6 +41,20 @@ _MAX_MUTATIONS = 500  # Datastore's limit per commit
 _IN_LIMIT = 30  # values one IN filter may hold
 _TOKENS = "w"  # unindexed: the last few write tokens of a shard
 _TOKENS_KEPT = 16
+# A transform cannot append to a list it does not read, so a transform write puts
+# its token in a property of this process's own: "w_" + one of 256 slots. Another
+# process's transform writes to the shard then leave it alone (unless the two
+# processes drew the same slot), and a retry after an unknown outcome can find it.
+_SLOT_PREFIX = "w_"
+_process_slot = f"{secrets.randbelow(256):02x}"
+
+
+def _new_slot_after_fork() -> None:
+    global _process_slot
+    _process_slot = f"{secrets.randbelow(256):02x}"
+
+
+os.register_at_fork(after_in_child=_new_slot_after_fork)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,12 +132,21 @@ class ShardStore:
         return entity
 
     @staticmethod
-    def _tokens_of(entity: Any) -> list[str]:
-        """The write tokens a shard remembers (see ``add_in_transaction``)."""
+    def _recent_tokens(entity: Any) -> list[str]:
+        """The last few write tokens of transaction writes (see ``add_in_transaction``)."""
         value = entity.properties.get(_TOKENS) if entity is not None else None
         if value is None or value.WhichOneof("value_type") != "array_value":
             return []
         return [v.string_value for v in value.array_value.values]
+
+    @classmethod
+    def _tokens_of(cls, entity: Any) -> list[str]:
+        """Every write token a shard remembers: the recent list, then one per
+        process slot of transform writes."""
+        if entity is None:
+            return []
+        slots = [v.string_value for k, v in entity.properties.items() if k.startswith(_SLOT_PREFIX)]
+        return cls._recent_tokens(entity) + slots
 
     @staticmethod
     def _count_of(entity: Any) -> int:
@@ -212,8 +237,7 @@ class ShardStore:
             serialized = key.SerializeToString()
             entity = found.get(serialized)
             current = self._count_of(entity) if entity is not None else 0
-            recent = self._tokens_of(entity)
-            if token and token in recent:
+            if token and token in self._tokens_of(entity):
                 if transaction is not None:
                     self._quiet_rollback(transaction)
                 return ShardState(f"i{index}", versions[serialized], current)
@@ -221,10 +245,15 @@ class ShardStore:
             # Past the limit only towards zero: a shard pushed over it must still shrink.
             if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index)
-            remembered = [*recent, token][-_TOKENS_KEPT:] if token else recent
-            response = self.commit(
-                [_upsert(self._entity(key, name, current + delta, remembered))], transaction
-            )
+            remembered = self._recent_tokens(entity)
+            remembered = [*remembered, token][-_TOKENS_KEPT:] if token else remembered
+            written = self._entity(key, name, current + delta, remembered)
+            if entity is not None:
+                # Transform writers' tokens stay: a retry of theirs may still look for one.
+                for prop, slot_value in entity.properties.items():
+                    if prop.startswith(_SLOT_PREFIX):
+                        written.properties[prop].CopyFrom(slot_value)
+            response = self.commit([_upsert(written)], transaction)
         except BaseException:
             if transaction is not None:
                 self._quiet_rollback(transaction)
@@ -237,14 +266,18 @@ class ShardStore:
         """One commit, no read: upsert ``name`` only and let the server add ``delta`` to count.
 
         Only for backends that apply property transforms (Firestore in
-        Datastore mode); see ``probe_transforms``. ``token`` replaces the
-        shard's remembered tokens, so a retry can tell whether this landed
-        unless another writer wrote the shard in between.
+        Datastore mode); see ``probe_transforms``. ``token`` goes in this
+        process's token slot on the shard, so a retry can tell whether this
+        landed unless this process, or one that drew the same slot, wrote the
+        shard in between (the caller keeps its own writers off it meanwhile).
         """
         mutation = _increment(self.key(name, index), name, delta)
         if token:
-            _set_tokens(mutation.upsert, [token])
-            mutation.property_mask.paths.append(_TOKENS)
+            slot = _SLOT_PREFIX + _process_slot
+            value = mutation.upsert.properties[slot]
+            value.string_value = token
+            value.exclude_from_indexes = True
+            mutation.property_mask.paths.append(slot)
         result = self.commit([mutation]).mutation_results[0]
         if len(result.transform_results) != 1:
             raise RuntimeError("the backend ignored the increment transform")

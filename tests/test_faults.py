@@ -20,6 +20,7 @@ import bisect
 import contextlib
 import logging
 import multiprocessing
+import os
 import random
 import select
 import socket
@@ -34,6 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sharded_counter import Counter, IncrementNotRecorded, Settings, config
+from sharded_counter import shards as shards_module
 from sharded_counter.memcache import build_client
 from sharded_counter.shards import ShardOverflow, ShardStore
 from sharded_counter_emulator import free_port
@@ -793,6 +795,33 @@ class ReplyHoldingRelay:
                 sock.close()
 
 
+def lose_the_next_commit_reply(
+    monkeypatch: pytest.MonkeyPatch,
+    relay: ReplyHoldingRelay,
+    meanwhile: Callable[[], None] = lambda: None,
+) -> threading.Event:
+    """The next commit reaches the emulator, but the relay holds its reply past the
+    client's timeout; ``meanwhile`` runs before the reply is let go. Returns an
+    event set once that commit was sent."""
+    commit, held = ShardStore.commit, threading.Event()
+
+    def commit_with_lost_reply(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+        if held.is_set():
+            return commit(store, *args, **kwargs)
+        held.set()
+        relay.hold.set()
+        try:
+            return commit(store, *args, **kwargs)
+        finally:
+            try:
+                meanwhile()
+            finally:
+                relay.hold.clear()
+
+    monkeypatch.setattr(ShardStore, "commit", commit_with_lost_reply)
+    return held
+
+
 def test_a_commit_that_timed_out_but_landed_is_counted_once(
     backend_env: dict[str, str],
     sharded_counter_backends: Any,
@@ -813,19 +842,7 @@ def test_a_commit_that_timed_out_but_landed_is_counted_once(
         counter.increment(1)  # probe and connect through the relay first
         assert counter.write_mode in ("transaction", "transform")
         spy = CommitSpy(monkeypatch)
-        commit, held = ShardStore.commit, threading.Event()
-
-        def commit_with_lost_reply(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
-            if held.is_set():
-                return commit(store, *args, **kwargs)
-            held.set()
-            relay.hold.set()
-            try:
-                return commit(store, *args, **kwargs)
-            finally:
-                relay.hold.clear()
-
-        monkeypatch.setattr(ShardStore, "commit", commit_with_lost_reply)
+        lose_the_next_commit_reply(monkeypatch, relay)
         counter.increment(7)  # acknowledged once
         if spy.ambiguous != [7]:
             pytest.fail(f"setup: expected one timed-out commit of 7, saw {spy.ambiguous}")
@@ -833,6 +850,59 @@ def test_a_commit_that_timed_out_but_landed_is_counted_once(
         uncached = counter.get_count(nocache=True)
         report(f"unknown-outcome[{datastore_engine}]", ledger=8, total=uncached)
         assert uncached == 1 + 7, f"acknowledged 8, counted {uncached}"
+    finally:
+        relay.close()
+
+
+def _increment_elsewhere(
+    emulator_host: str, name: str, times: int, slot: str
+) -> None:  # pragma: no cover - runs in a spawned process
+    """Another process writing the same one-shard counter, straight to the emulator."""
+    os.environ["DATASTORE_EMULATOR_HOST"] = emulator_host
+    shards_module._process_slot = slot  # drawn at random; pinned so the test cannot flake
+    counter = Counter(name, shards=1, memcached_hosts=())
+    for _ in range(times):
+        counter.increment(1)
+
+
+def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanwhile(
+    backend_env: dict[str, str],
+    sharded_counter_backends: Any,
+    datastore_engine: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first commit of +7 is applied but its reply held; before this process retries,
+    a second process writes the same shard three times.
+
+    On the transform path each write names only its own process's token slot, so the
+    other process's writes leave this one's token for the retry to find. On the
+    transaction path the shard's list of recent tokens keeps it.
+    """
+    emulator = sharded_counter_backends.emulator(datastore_engine)
+    direct = f"{emulator.host}:{emulator.port}"
+    relay = ReplyHoldingRelay(emulator.host, emulator.port)
+    monkeypatch.setattr(shards_module, "_process_slot", "a1")
+    try:
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+        name = "unknown-outcome-shared"
+        counter = Counter(name, shards=1, rpc_timeout=0.5, retry_deadline=10.0)
+        counter.increment(1)  # probe and connect through the relay first
+        ctx = multiprocessing.get_context("spawn")
+
+        def write_elsewhere() -> None:
+            # The +7 has landed and this process gave up on its reply: now the
+            # other process writes the shard, before the retry looks at it.
+            other = ctx.Process(target=_increment_elsewhere, args=(direct, name, 3, "b2"))
+            other.start()
+            other.join(60)
+            assert other.exitcode == 0, "setup: the other process failed"
+
+        held = lose_the_next_commit_reply(monkeypatch, relay, meanwhile=write_elsewhere)
+        counter.increment(7)  # acknowledged once
+        assert held.is_set(), "setup: no commit was held"
+        uncached = counter.get_count(nocache=True)
+        report(f"unknown-outcome-shared[{datastore_engine}]", ledger=11, total=uncached)
+        assert uncached == 1 + 7 + 3, f"acknowledged 11, counted {uncached}"
     finally:
         relay.close()
 
