@@ -442,9 +442,12 @@ class Counter:
     def set_count(self, value: int) -> None:
         """Set the counter to ``value`` atomically with respect to concurrent increments.
 
-        The shards are rewritten in one transaction that reads them all, and
-        any pending ``delayed_incr`` is taken first: an increment either lands
-        before (and is replaced by ``value``) or after (and is added to it).
+        The shards are rewritten in one transaction that reads them all: an
+        increment either lands before (and is replaced by ``value``) or after
+        (and is added to it). Stashed increments are replaced too: the set
+        waits for folds of ``delayed_incr`` in flight, then takes what is
+        pending (see ``stash.py``). Writers of this counter in this process
+        wait for the set; the set retries until ``retry_deadline``.
         """
         value = check_value(value, self.shard_count)
         spread(value, self.shard_count, self._shard_limit)  # refuse what cannot fit, early
