@@ -41,6 +41,19 @@ class ProcessBackend:
         return self._port
 
     @property
+    def address(self) -> str:
+        """``host:port``, as clients are told where the server is."""
+        return f"{self.host}:{self.port}"
+
+    def _describe(self) -> str:
+        """What ``repr`` shows before the address (a subclass may add to it)."""
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else "stopped"
+        return f"<{self._describe()} {self.host}:{self._port} {state}>"
+
+    @property
     def alive(self) -> bool:
         return self._process is not None and self._process.alive
 

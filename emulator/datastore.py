@@ -55,17 +55,12 @@ class DatastoreEmulator(ProcessBackend):
         self._workdir: Path | None = None
         self._timeout = 90.0
 
-    def __repr__(self) -> str:
-        state = "running" if self.alive else "stopped"
-        return f"<DatastoreEmulator {self.engine} {self.host}:{self._port} {state}>"
-
-    @property
-    def host_port(self) -> str:
-        return f"{self.host}:{self.port}"
+    def _describe(self) -> str:
+        return f"DatastoreEmulator {self.engine}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host_port}"
+        return f"http://{self.address}"
 
     @property
     def data_dir(self) -> Path | None:
@@ -78,8 +73,8 @@ class DatastoreEmulator(ProcessBackend):
         """The variables ``gcloud beta emulators datastore env-init`` would print."""
         return {
             "DATASTORE_DATASET": self.project,
-            "DATASTORE_EMULATOR_HOST": self.host_port,
-            "DATASTORE_EMULATOR_HOST_PATH": f"{self.host_port}/datastore",
+            "DATASTORE_EMULATOR_HOST": self.address,
+            "DATASTORE_EMULATOR_HOST_PATH": f"{self.address}/datastore",
             "DATASTORE_HOST": self.url,
             "DATASTORE_PROJECT_ID": self.project,
         }
@@ -101,9 +96,7 @@ class DatastoreEmulator(ProcessBackend):
         if self._port is None:
             self._port = free_port(self.host)
         elif not port_is_free(self.host, self._port):
-            raise BackendError(
-                f"cannot start the {self.engine} emulator: {self.host_port} is in use"
-            )
+            raise BackendError(f"cannot start the {self.engine} emulator: {self.address} is in use")
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix=f"sc-{self.engine}-emulator-"))
         self._timeout = timeout

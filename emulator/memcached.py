@@ -35,15 +35,6 @@ class Memcached(ProcessBackend):
         self._workdir: Path | None = None
         self._timeout = 10.0
 
-    def __repr__(self) -> str:
-        state = "running" if self.alive else "stopped"
-        return f"<Memcached {self.host}:{self._port} {state}>"
-
-    @property
-    def address(self) -> str:
-        """``host:port``, the form MEMCACHED_HOSTS and pymemcache take."""
-        return f"{self.host}:{self.port}"
-
     def env(self) -> dict[str, str]:
         """The variable clients read to find this server (google-cloud-ndb's convention)."""
         return {"MEMCACHED_HOSTS": self.address}

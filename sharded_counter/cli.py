@@ -110,17 +110,21 @@ def main() -> None:
     """Sharded counters on Google Cloud Datastore with memcache in front."""
 
 
-# -- demo ----------------------------------------------------------------------
-
-
-@main.command()
-@click.option(
+# The demo and the bench run on the same emulators, chosen the same way.
+_engine_option = click.option(
     "--engine",
     type=click.Choice(sorted(ENGINE_CHOICES)),
     default="both",
     show_default=True,
-    help="Which Datastore emulator to run against.",
+    help="Which Datastore emulator(s) to run against.",
 )
+
+
+# -- demo ----------------------------------------------------------------------
+
+
+@main.command()
+@_engine_option
 @click.option(
     "--threads",
     type=click.IntRange(min=1, max=256),
@@ -196,13 +200,7 @@ def _thread_counts(_ctx: click.Context, _param: click.Parameter, value: str | No
 
 
 @main.command()
-@click.option(
-    "--engine",
-    type=click.Choice(sorted(ENGINE_CHOICES)),
-    default="both",
-    show_default=True,
-    help="Which Datastore emulator(s) to run against.",
-)
+@_engine_option
 @click.option(
     "--seconds",
     type=click.FloatRange(min=0, min_open=True, max=600),

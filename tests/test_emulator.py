@@ -91,9 +91,9 @@ def test_emulator_serves_datastore_and_resets(
 ) -> None:
     with DatastoreEmulator(engine, project="emu-test") as emulator:
         assert emulator.engine == engine
-        assert _get(f"http://{emulator.host_port}/") == (200, b"Ok\n")
+        assert _get(f"http://{emulator.address}/") == (200, b"Ok\n")
         host_port = f"127.0.0.1:{emulator.port}"
-        assert emulator.host_port == host_port
+        assert emulator.address == host_port
         assert emulator.env() == {
             "DATASTORE_DATASET": "emu-test",
             "DATASTORE_EMULATOR_HOST": host_port,
@@ -130,9 +130,9 @@ def test_classic_on_disk_survives_restart_and_pause_blocks(
 
         emulator.pause()
         with pytest.raises(OSError):  # a timeout: the socket accepts, nobody answers
-            _get(f"http://{emulator.host_port}/", timeout=0.5)
+            _get(f"http://{emulator.address}/", timeout=0.5)
         emulator.resume()
-        assert _get(f"http://{emulator.host_port}/") == (200, b"Ok\n")
+        assert _get(f"http://{emulator.address}/") == (200, b"Ok\n")
         pgid = emulator.pgid
     _assert_group_gone(pgid)
     assert data_dir.is_dir(), "a data_dir passed in is the caller's to delete"
@@ -223,7 +223,7 @@ def test_stack_starts_engines_lazily_and_joins_memcached_hosts() -> None:
         env = stack.env("classic")
         servers = stack.memcached
         assert env["MEMCACHED_HOSTS"] == f"{servers[0].address} {servers[1].address}"
-        assert env["DATASTORE_EMULATOR_HOST"] == stack.datastore["classic"].host_port
+        assert env["DATASTORE_EMULATOR_HOST"] == stack.datastore["classic"].address
         assert _get(f"http://{env['DATASTORE_EMULATOR_HOST']}/")[1] == b"Ok\n"
         assert stack.running_engines == ("classic",), "an engine nobody asked for stays off"
         pgids = [stack.datastore["classic"].pgid, *(s.pgid for s in servers)]
