@@ -9,6 +9,7 @@ from .errors import (
     CounterOverflowError,
     DatastoreUnavailable,
     IncrementNotRecorded,
+    IncrementOutcomeUnknown,
     ShardedCounterError,
 )
 from .lock import Holder, Locked, lock, who_holds
@@ -25,6 +26,7 @@ __all__ = [
     "Decision",
     "Holder",
     "IncrementNotRecorded",
+    "IncrementOutcomeUnknown",
     "Limit",
     "Locked",
     "RateLimited",

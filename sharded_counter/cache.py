@@ -30,7 +30,7 @@ from typing import Any
 from .errors import CacheUnavailable
 from .memcache import MemcacheClient
 from .record import Record, ShardState
-from .stash import Stash
+from .stash import Stash, Unsure
 
 log = logging.getLogger("sharded_counter")
 
@@ -46,10 +46,12 @@ class CacheTier:
         self._suspect: set[str] = set()  # record keys to delete once memcache answers
         # Stash keys last seen holding something: only these cost a round trip to take.
         self._stash_seen: set[str] = set()
+        # Stash keys last seen holding unsure writes nobody was resolving.
+        self._unsure_seen: set[str] = set()
         self._batches: dict[str, _MergeBatch] = {}  # record key -> writers merging into it
-        # Folds memcache did not hear the end of: (stash key, token, put back what it took?).
-        # Settled once memcache answers; the fold's marker makes that safe to repeat.
-        self._unsettled: list[tuple[str, str, bool]] = []
+        # Ends of folds and resolutions memcache did not hear: (stash key, the change).
+        # Made once memcache answers; each change is safe to repeat.
+        self._unsettled: list[tuple[str, Callable[[Stash], Stash]]] = []
 
     @property
     def enabled(self) -> bool:
@@ -103,11 +105,21 @@ class CacheTier:
         with self._lock:
             self._suspect.add(key)
 
-    def _note_stash(self, stash_key: str, raw: bytes | None) -> None:
-        if _stash_value(raw):
+    def _note_stash(self, stash_key: str, raw: bytes | None) -> Stash:
+        stash = Stash.decode(raw).live()
+        if stash.pending:
             self._stash_seen.add(stash_key)
         else:
             self._stash_seen.discard(stash_key)
+        if stash.claimable():
+            self._unsure_seen.add(stash_key)
+        else:
+            self._unsure_seen.discard(stash_key)
+        return stash
+
+    def unsure_seen(self, stash_key: str) -> bool:
+        """Did the last look at this stash find unsure writes nobody was resolving?"""
+        return stash_key in self._unsure_seen
 
     # -- cached totals ----------------------------------------------------------
 
@@ -123,8 +135,7 @@ class CacheTier:
         for record_key, stash_key in pairs:
             raw = found.get(record_key)
             record = Record.decode(raw) if raw is not None else None
-            self._note_stash(stash_key, found.get(stash_key))
-            stash = _stash_value(found.get(stash_key))
+            stash = self._note_stash(stash_key, found.get(stash_key)).owed
             results.append((record if record is not None and record.complete else None, stash))
         return results
 
@@ -325,7 +336,7 @@ class CacheTier:
                 lambda s: s.taken(token, deadline) if s.pending and s.setter is None else None,
             )
         except CacheUnavailable:
-            self._settle_later(stash_key, token, put_back=True)
+            self._settle_later(stash_key, _fold_over(token, put_back=True))
             raise
         if not before.pending:
             self._stash_seen.discard(stash_key)
@@ -334,30 +345,75 @@ class CacheTier:
     def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> None:
         """The fold ``token`` is over: drop its marker, and with ``put_back`` return what it
         took to the stash. Never raises: if memcache does not answer it is done later."""
-        try:
-            self._change_stash(stash_key, _fold_over(token, put_back))
-        except CacheUnavailable:
-            self._settle_later(stash_key, token, put_back=put_back)
+        self._settle(stash_key, _fold_over(token, put_back))
 
-    def _settle_later(self, stash_key: str, token: str, *, put_back: bool) -> None:
+    def _settle(self, stash_key: str, change: Callable[[Stash], Stash]) -> None:
+        """Make ``change`` now, or once memcache answers again. Never raises."""
+        try:
+            self._change_stash(stash_key, change)
+        except CacheUnavailable:
+            self._settle_later(stash_key, change)
+
+    def _settle_later(self, stash_key: str, change: Callable[[Stash], Stash]) -> None:
         with self._lock:
-            self._unsettled.append((stash_key, token, put_back))
+            self._unsettled.append((stash_key, change))
 
     def _settle_late(self) -> None:
         if not self._unsettled:
             return
         with self._lock:
             unsettled, self._unsettled = self._unsettled, []
-        for index, (stash_key, token, put_back) in enumerate(unsettled):
+        for index, (stash_key, change) in enumerate(unsettled):
             try:
-                self._change_stash(stash_key, _fold_over(token, put_back))
+                self._change_stash(stash_key, change)
             except CacheUnavailable:
                 with self._lock:
                     self._unsettled.extend(unsettled[index:])
                 raise
 
-    def begin_set(self, stash_key: str, token: str, deadline: float, wait_until: float) -> int:
-        """Stop new folds, wait for the folds in flight, then take the pending stash.
+    # -- unsure writes (see stash.py) ------------------------------------------------
+
+    def make_unsure(self, stash_key: str, token: str, amount: int, shard: int) -> None:
+        """Keep the write ``token`` of ``amount`` to ``shard``, whose outcome is unknown, as
+        an unsure entry (dropping its fold marker). Raises CacheUnavailable."""
+        self._unsure_seen.add(stash_key)
+        self._change_stash(stash_key, lambda s: s.made_unsure(token, amount, shard))
+
+    def claim_unsure(
+        self, stash_key: str, claim: str, deadline: float
+    ) -> tuple[Stash, dict[str, Unsure]]:
+        """Claim every unsure write nobody is resolving, until ``deadline``.
+
+        Returns the stash as it was and the entries claimed. Raises CacheUnavailable.
+        """
+        before = self._change_stash(
+            stash_key,
+            lambda s: s.claimed(claim, deadline, s.claimable()) if s.claimable() else None,
+        )
+        self._unsure_seen.discard(stash_key)
+        return before, {t: before.unsure[t] for t in before.claimable()}
+
+    def finish_unsure(self, stash_key: str, token: str, claim: str, *, written: bool) -> None:
+        """End ``claim``'s resolution of ``token``: with ``written`` the entry goes (its
+        shard holds it now), else it is open again. Never raises."""
+        if written:
+            self._settle(stash_key, lambda s: s.resolved(token))
+        else:
+            self._settle(stash_key, lambda s: s.unclaimed(token, claim))
+
+    def unsure_to_pending(self, stash_key: str, token: str) -> None:
+        """The unsure write ``token`` did not land and its shard cannot take it: it waits as
+        pending, for any shard. Never raises."""
+        self._settle(
+            stash_key,
+            lambda s: s.resolved(token, back=s.unsure[token].amount) if token in s.unsure else s,
+        )
+
+    # -- count = v (see stash.py) --------------------------------------------------
+
+    def begin_set(self, stash_key: str, token: str, deadline: float, wait_until: float) -> Stash:
+        """Stop new folds and resolutions, wait for those in flight, then take everything
+        owed (pending and unsure writes).
 
         Returns what was taken; ``end_set`` must follow. Raises CacheUnavailable.
         """
@@ -371,24 +427,27 @@ class CacheTier:
             time.sleep(pause)  # another set is running: it ends, or its marker expires
             pause = min(pause * 2, 0.1)
         pause = 0.005
-        while self._live_stash(stash_key).folds and time.time() < wait_until:
+        while self._live_stash(stash_key).busy() and time.time() < wait_until:
             time.sleep(pause)
             pause = min(pause * 2, 0.1)
-        return self._change_stash(stash_key, lambda s: s.added(-s.pending)).pending
+        taken = self._change_stash(stash_key, lambda s: s.cleared())
+        self._unsure_seen.discard(stash_key)
+        return Stash(taken.pending, unsure=taken.unsure)
 
     def _live_stash(self, stash_key: str) -> Stash:
         return Stash.decode(self._gets(stash_key)[0]).live()
 
-    def end_set(self, stash_key: str, back: int) -> None:
-        """The set is over; ``back`` (what it took, if it failed) waits in the stash again."""
+    def end_set(self, stash_key: str, back: Stash | None) -> None:
+        """The set is over; ``back`` (what it took, if it failed) is owed again."""
         self._change_stash(stash_key, lambda s: s.set_ended(back))
 
     def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
+        """What each stash adds to its counter's shards (see ``Stash.owed``)."""
         found = self._call("get_many", list(stash_keys))
-        return {key: _stash_value(found.get(key)) for key in stash_keys}
+        return {key: Stash.decode(found.get(key)).live().owed for key in stash_keys}
 
     def peek_stash(self, stash_key: str) -> int:
-        return self._live_stash(stash_key).pending
+        return self._live_stash(stash_key).owed
 
 
 class _MergeBatch:
@@ -407,7 +466,3 @@ def _fold_over(token: str, put_back: bool) -> Callable[[Stash], Stash]:
     """The end of the fold ``token``: its marker goes, and with ``put_back`` what it took
     waits again. Repeating it changes nothing, since the marker is gone."""
     return (lambda s: s.released(token)) if put_back else (lambda s: s.settled(token, 0))
-
-
-def _stash_value(raw: bytes | None) -> int:
-    return Stash.decode(raw).pending

@@ -471,7 +471,7 @@ class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
                 source.delete(key, noreply=False)  # out of use now; stale if this key moves back
             elif STASH_KEY.fullmatch(key):
                 amount = _take(source, key)
-                if amount:
+                if amount.owed or amount.unsure:
                     try:
                         _add_signed(target, key, amount)
                     except Exception as exc:
@@ -571,33 +571,34 @@ def _read_dump(address: tuple[str, int], timeout: float) -> bytes:
                 return bytes(data)  # a one-line answer: BUSY, ERROR, CLIENT_ERROR
 
 
-def _take(pool: Any, key: str) -> int:
-    """Take a stash's pending amount with ``cas`` (fold markers stay); 0 if there is none."""
+def _take(pool: Any, key: str) -> Stash:
+    """Take what of a stash may move (see ``Stash.movable``) with ``cas``; fold markers
+    and claimed unsure writes stay. An empty Stash if there is nothing."""
     for _ in range(_MOVE_ATTEMPTS):
         raw, token = pool.gets(key)
         stash = Stash.decode(raw).live()
-        if stash.pending == 0:
-            return 0
-        emptied = stash.added(-stash.pending).encode()
-        if pool.cas(key, emptied, token, 0, noreply=False) is True:
-            return stash.pending
-    return 0
+        moving = stash.movable()
+        if not (moving.pending or moving.unsure):
+            return Stash()
+        if pool.cas(key, stash.without(moving).encode(), token, 0, noreply=False) is True:
+            return moving
+    return Stash()
 
 
-def _add_signed(pool: Any, key: str, amount: int) -> None:
-    """Add ``amount`` to a stash on one server (signed, no expiry), as ``CacheTier.stash`` does."""
+def _add_signed(pool: Any, key: str, moved: Stash) -> None:
+    """Add ``moved`` to a stash on one server (no expiry), as ``CacheTier.stash`` does."""
     for _ in range(_MOVE_ATTEMPTS):
         raw, token = pool.gets(key)
         if raw is None:
-            if pool.add(key, str(amount).encode(), 0, noreply=False) is True:
+            if pool.add(key, moved.encode(), 0, noreply=False) is True:
                 return
-        elif pool.cas(key, Stash.decode(raw).live().added(amount).encode(), token, 0) is True:
+        elif pool.cas(key, Stash.decode(raw).live().absorbed(moved).encode(), token, 0) is True:
             return
     raise MemcacheError(f"could not add to {key} after {_MOVE_ATTEMPTS} attempts")
 
 
-def _put_back(pool: Any, key: str, amount: int) -> None:
+def _put_back(pool: Any, key: str, moved: Stash) -> None:
     try:
-        _add_signed(pool, key, amount)
+        _add_signed(pool, key, moved)
     except Exception as exc:
-        log.error("stash %s lost %d while being moved between servers: %s", key, amount, exc)
+        log.error("stash %s lost %d while being moved between servers: %s", key, moved.owed, exc)

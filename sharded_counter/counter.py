@@ -7,6 +7,8 @@
                  -> take stashed delayed_incr -> write a random shard (+n +stash)
                     ok: merge the shard's new state into the cached record
                     failed after retries: stash n (+stash) in delayed_incr
+                    outcome unknown after retries: keep it as an unsure entry
+                    in delayed_incr, resolved later by a token-checked transaction
     count        -> complete cached record? its total + pending stash
                     else: read every shard, cache the total safely, add the stash
 """
@@ -32,14 +34,16 @@ from .errors import (
     CacheUnavailable,
     CounterOverflowError,
     IncrementNotRecorded,
+    IncrementOutcomeUnknown,
 )
 from .joined import check_transaction, stage_increment
 from .keys import cache_keys
 from .memcache import MemcacheClient
 from .picker import picker_for
 from .record import Drift, ShardState
-from .retry import CONTENTION, RETRYABLE, write_retrying
+from .retry import CONTENTION, RETRYABLE, outcome_unknown, write_retrying
 from .shards import ShardOverflow, Snapshot, spread
+from .stash import Stash
 from .stats import WriteStats
 from .validation import INT64_MAX, check_delta, check_name, check_value, fits_int64
 
@@ -57,6 +61,17 @@ _TRANSFORM_MAX_DELTA = 2**32
 _TRANSFORM_SHARD_LIMIT = 2**62
 # Slack on top of a fold's own time limits before its marker in delayed_incr expires.
 _FOLD_MARGIN = 2.0
+# After a failed try at resolving unsure writes, this process waits this long before
+# the next: reads and writes should not each pay a timeout while Datastore is down.
+_RESOLVE_PAUSE = 1.0
+
+
+class _OutcomeUnknown(Exception):
+    """The write's retries ran out after an attempt whose outcome is unknown (internal)."""
+
+    def __init__(self, shard: int) -> None:
+        super().__init__(shard)
+        self.shard = shard
 
 
 class Counter:
@@ -146,6 +161,7 @@ class Counter:
         buffer retries on its own schedule before it stashes.
         """
         cache = self._backend.cache
+        self._resolve_unsure()
         token = secrets.token_hex(6)  # names this write, and its fold of the stash if any
         stashed = self._take_stash(token)
         amount = delta + stashed
@@ -155,6 +171,9 @@ class Counter:
             stashed, amount = 0, delta
         try:
             state = self._write(amount, token)
+        except _OutcomeUnknown as unknown:
+            self._keep_unsure(token, delta, stashed, unknown)
+            return
         except RETRYABLE as exc:
             self._settle_fold(token, stashed, put_back=True)
             if not stash_on_failure:
@@ -191,24 +210,23 @@ class Counter:
         After contention (nothing was written) a retry goes to another shard.
         After a failure whose outcome is unknown (a timeout, a dropped
         connection: the commit may have landed) it goes to the same shard, in
-        a transaction that first looks for this write's token there.
+        a transaction that first looks for this write's token there. If the
+        retries run out after that, ``_OutcomeUnknown`` names the shard, which
+        stays reserved (see ``picker.py``) until the write is resolved.
         """
         backend = self._backend
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
-        with contextlib.ExitStack() as holding:
+        try:
             for attempt in write_retrying(self.settings):
                 with attempt:
                     index = None
                     try:
-                        # Inside the attempt: the first call may probe the backend.
-                        transform = (
-                            unsure_of is None
-                            and backend.write_mode == "transform"
-                            and abs(amount) <= _TRANSFORM_MAX_DELTA
-                            and not self._picker.transforms_unsafe
-                        )
-                        with self._picker.pick(self.shard_count, prefer=unsure_of) as index:
-                            if transform:
+                        with self._picker.pick(self.shard_count, prefer=unsure_of) as (
+                            index,
+                            alone,
+                        ):
+                            # Inside the attempt: the first call may probe the backend.
+                            if unsure_of is None and alone and self._transform_fits(amount):
                                 state = backend.store.add_with_transform(
                                     self.name, index, amount, token=token
                                 )
@@ -217,18 +235,30 @@ class Counter:
                     except CONTENTION:
                         self.stats.add(aborts=1)
                         raise
-                    except RETRYABLE:
+                    except RETRYABLE as exc:
                         self.stats.add(transient_errors=1)
-                        if unsure_of is None and index is not None:
+                        if unsure_of is None and index is not None and outcome_unknown(exc):
                             unsure_of = index
                             # Keep this process's other writers off that shard until the
-                            # retry has looked for the token: a transform of theirs would
-                            # replace it in this process's token slot.
-                            holding.enter_context(self._picker.pick(self.shard_count, prefer=index))
+                            # write is resolved: a transform of theirs would replace the
+                            # token in this process's slot.
+                            self._picker.reserve(token, index)
                         raise
                     self.stats.add(writes=1)
+                    self._picker.release(token)
                     return state
+        except Exception as exc:
+            if unsure_of is None or isinstance(exc, CounterOverflowError):
+                raise
+            raise _OutcomeUnknown(unsure_of) from exc
         raise AssertionError("unreachable: the retry policy re-raises the last error")
+
+    def _transform_fits(self, amount: int) -> bool:
+        return (
+            self._backend.write_mode == "transform"
+            and abs(amount) <= _TRANSFORM_MAX_DELTA
+            and not self._picker.transforms_unsafe
+        )
 
     def _add_in_transaction(self, first: int, amount: int, token: str = "") -> ShardState:
         store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
@@ -322,6 +352,88 @@ class Counter:
         if stashed:
             self._backend.cache.settle_fold(self._stash_key, token, put_back=put_back)
 
+    # -- unsure writes (see stash.py) ---------------------------------------------
+
+    def _keep_unsure(self, token: str, delta: int, stashed: int, unknown: _OutcomeUnknown) -> None:
+        """The write ``token`` (``delta`` plus ``stashed`` folded in) may have landed:
+        keep it in delayed_incr as unsure, replacing its fold marker, for a token-checked
+        transaction to resolve. Raises IncrementOutcomeUnknown if memcache cannot."""
+        cause = unknown.__cause__ or unknown
+        amount = delta + stashed
+        try:
+            self._backend.cache.make_unsure(self._stash_key, token, amount, unknown.shard)
+        except CacheUnavailable as exc:
+            # Nobody will look for the token now. What the fold took goes back: it may
+            # have landed with the write, but dropping it could lose it.
+            self._picker.release(token)
+            self._settle_fold(token, stashed, put_back=True)
+            raise IncrementOutcomeUnknown(self.name, delta, exc) from cause
+        self._picker.keep(token)
+        self.stats.add(unsure=1)
+        log.warning(
+            "counter %r: shard write's outcome unknown after retries (%s); %d kept in "
+            "delayed_incr as unsure until a transaction on shard %d resolves it",
+            self.name,
+            cause,
+            amount,
+            unknown.shard,
+        )
+
+    def _resolve_unsure(self, *, look: bool = False) -> bool:
+        """Resolve the unsure writes of this counter, if there are any and it is time.
+
+        One token-checked transaction per write on its shard: it adds the amount
+        unless the token is there already. ``look`` asks memcache even when this
+        process saw none lately. Returns whether anything was resolved. Never
+        raises: what fails stays unsure for a later try.
+        """
+        cache, picker = self._backend.cache, self._picker
+        if not cache.enabled or not picker.resolution_due():
+            return False
+        own = picker.kept()  # before the claim reads the stash: so each was in it by then
+        if not (look or own or cache.unsure_seen(self._stash_key)):
+            return False
+        claim = secrets.token_hex(6)
+        try:
+            before, claimed = cache.claim_unsure(self._stash_key, claim, self._fold_deadline())
+        except CacheUnavailable:
+            picker.resolution_failed(_RESOLVE_PAUSE)
+            return False
+        for token in own:
+            if token not in before.unsure:
+                picker.release(token)  # resolved elsewhere, or replaced by a set
+        resolved = failed = False
+        for token, entry in claimed.items():
+            if failed:  # Datastore failed on an earlier one: try them all later
+                cache.finish_unsure(self._stash_key, token, claim, written=False)
+                continue
+            try:
+                state = self._backend.store.add_in_transaction(
+                    self.name,
+                    entry.shard,
+                    entry.amount,
+                    lazy_begin=self._backend.lazy_begin,
+                    limit=self._shard_limit,
+                    token=token,
+                )
+            except ShardOverflow:
+                # Not there (the token was looked for first), and that shard is full.
+                cache.unsure_to_pending(self._stash_key, token)
+                picker.release(token)
+                continue
+            except gexc.GoogleAPICallError as exc:
+                log.warning("counter %r: could not resolve an unsure write: %s", self.name, exc)
+                cache.finish_unsure(self._stash_key, token, claim, written=False)
+                picker.resolution_failed(_RESOLVE_PAUSE)
+                failed = True
+                continue
+            cache.finish_unsure(self._stash_key, token, claim, written=True)
+            picker.release(token)
+            self.stats.add(resolved=1)
+            cache.merge(self._record_key, self._stash_key, [state])
+            resolved = True
+        return resolved
+
     def _stash_or_raise(self, amount: int, cause: Exception) -> None:
         try:
             self._backend.cache.stash(self._stash_key, amount)
@@ -342,18 +454,23 @@ class Counter:
 
         From the cached record when one is complete; otherwise (or with
         ``nocache=True``) the sum of every ``CounterShard`` with this name, plus
-        any increments still pending in ``delayed_incr``.
+        what ``delayed_incr`` holds: increments still pending, and writes whose
+        outcome is unknown (a read first tries to resolve those, see ``stash.py``).
         """
         cache = self._backend.cache
         if not nocache and cache.enabled:
             try:
                 record, stash = cache.read(self._record_key, self._stash_key)
+                if cache.unsure_seen(self._stash_key) and self._resolve_unsure():
+                    record, stash = cache.read(self._record_key, self._stash_key)
                 if record is not None:
                     return record.total + stash
                 total = cache.fill(self._record_key, self._shard_states)
                 return total + stash
             except CacheUnavailable:
                 pass
+        if cache.enabled:
+            self._resolve_unsure(look=True)
         total = self._snapshot().total
         return total + self._pending_stash()
 
@@ -459,7 +576,7 @@ class Counter:
     def _set_now(self, value: int) -> None:
         cache = self._backend.cache
         token = secrets.token_hex(6)
-        coordinated, taken = False, 0
+        coordinated, taken = False, Stash()
         if cache.enabled:
             # Stop new folds, wait out those in flight, take what is pending (stash.py).
             now = time.time()
@@ -477,20 +594,20 @@ class Counter:
                 self._end_set(back=taken)
             raise
         if coordinated:
-            self._end_set(back=0)
+            self._end_set(back=None)
         cache.merge(self._record_key, self._stash_key, states)
 
-    def _end_set(self, back: int) -> None:
+    def _end_set(self, back: Stash | None) -> None:
         try:
             self._backend.cache.end_set(self._stash_key, back)
         except CacheUnavailable as exc:
             # The set's marker expires by itself; only a failed set has something to return.
-            if back:
+            if back is not None and (back.pending or back.unsure):
                 log.error(
                     "counter %r lost %d stashed by earlier increments: memcache failed while "
                     "putting it back after a failed set (%s)",
                     self.name,
-                    back,
+                    back.owed,
                     exc,
                 )
 
@@ -519,12 +636,15 @@ class Counter:
         )
 
     def repair(self) -> Verification:
-        """Write any pending delayed_incr to a shard, then rebuild the cached record.
+        """Resolve unsure writes and write any pending delayed_incr to a shard, then
+        rebuild the cached record.
 
         Returns the verification after the repair.
         """
         cache = self._backend.cache
         if cache.enabled:
+            self._picker.resolution_failed(0.0)  # try now, even right after a failure
+            self._resolve_unsure(look=True)
             token = secrets.token_hex(6)
             pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)
             if pending:
@@ -564,7 +684,7 @@ class Verification:
     name: str
     cached: int | None  # the cached total (record + pending), None when not cached
     shards: int  # the sum of every shard
-    pending: int  # delayed_incr waiting to be written
+    pending: int  # what delayed_incr holds: pending, and writes of unknown outcome
     stale_shards: int  # shards the cache holds at an older version, or lacks
     drift: int  # how far the cached total is off because of them
 

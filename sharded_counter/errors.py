@@ -47,3 +47,20 @@ class IncrementNotRecorded(ShardedCounterError):
         self.name = name
         self.delta = delta
         self.__cause__ = cause
+
+
+class IncrementOutcomeUnknown(IncrementNotRecorded):
+    """The shard write may have landed (its reply was lost, and every retry failed),
+    and memcache could not hold it as an unsure entry to resolve later.
+
+    The caller cannot know whether the increment counts: retrying it may count
+    it twice, dropping it may lose it.
+    """
+
+    def __init__(self, name: str, delta: int, cause: BaseException) -> None:
+        super().__init__(name, delta, cause)
+        self.args = (
+            f"increment of {delta} to counter {name!r} may or may not have been recorded: "
+            f"the shard write's outcome is unknown and memcache could not keep it to "
+            f"resolve later ({cause})",
+        )

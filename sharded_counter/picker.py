@@ -6,12 +6,18 @@ process knows which shards its own writers hold, so it hands each writer a
 shard nobody here is writing (random among the free ones) and falls back to
 any shard only when all are busy. Writers in other processes still collide
 at random, but no more often than that.
+
+It also keeps this process off the shards of writes whose outcome is unknown
+(*reserved*, until the write is resolved): a retry, or whoever resolves the
+unsure entry, looks there for the write's token, and a transform write from
+this process would overwrite it (see ``shards.py``).
 """
 
 from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,16 +30,26 @@ class ShardPicker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._busy: dict[int, int] = {}  # index -> writers on it
+        self._reserved: dict[str, int] = {}  # write token -> its shard, while unsure
+        self._kept: set[str] = set()  # those of them kept as unsure entries in delayed_incr
         #: Set once this process saw a shard of the counter past the transform
         #: limit and could not spread it back: its writes then use transactions.
         self.transforms_unsafe = False
+        self._resolve_after = 0.0  # monotonic time before which no resolution is tried
 
     @contextmanager
-    def pick(self, shards: int, prefer: int | None = None) -> Iterator[int]:
-        """A shard for one write: ``prefer`` when given (even if busy), else a free one."""
+    def pick(self, shards: int, prefer: int | None = None) -> Iterator[tuple[int, bool]]:
+        """A shard for one write: ``prefer`` when given (even if busy), else a free one.
+
+        Yields the index and whether the write has it to itself: no other writer
+        of this process on it, and not reserved. Only such a write may use a
+        transform, which overwrites this process's token slot on the shard.
+        """
         index = self._take(shards) if prefer is None else self._hold(prefer)
+        with self._lock:
+            alone = self._busy[index] == 1 and index not in self._reserved.values()
         try:
-            yield index
+            yield index, alone
         finally:
             with self._lock:
                 left = self._busy[index] - 1
@@ -49,22 +65,56 @@ class ShardPicker:
 
     def _take(self, shards: int) -> int:
         with self._lock:
-            busy = self._busy
+            taken = set(self._busy) | set(self._reserved.values())
             index = random.randrange(shards)
-            if index in busy and len(busy) < shards:
+            if index in taken and len(taken) < shards:
                 # A few random tries find a free shard fast while most are free;
                 # past that, scan from a random start.
                 for _ in range(4):
                     index = random.randrange(shards)
-                    if index not in busy:
+                    if index not in taken:
                         break
                 else:
                     start = random.randrange(shards)
                     index = next(
-                        i % shards for i in range(start, start + shards) if i % shards not in busy
+                        i % shards for i in range(start, start + shards) if i % shards not in taken
                     )
-            busy[index] = busy.get(index, 0) + 1
+            self._busy[index] = self._busy.get(index, 0) + 1
             return index
+
+    # -- writes whose outcome is unknown ------------------------------------------
+
+    def reserve(self, token: str, index: int) -> None:
+        with self._lock:
+            self._reserved[token] = index
+
+    def keep(self, token: str) -> None:
+        """The write ``token`` gave up and is an unsure entry in delayed_incr now."""
+        with self._lock:
+            self._kept.add(token)
+
+    def release(self, token: str) -> None:
+        with self._lock:
+            self._reserved.pop(token, None)
+            self._kept.discard(token)
+
+    def kept(self) -> set[str]:
+        """This process's writes kept as unsure entries and not yet seen resolved.
+
+        (Writes still retrying are reserved too, but are not entries yet.)
+        """
+        if not self._kept:  # the common case, on every write: no lock needed
+            return set()
+        with self._lock:
+            return set(self._kept)
+
+    def resolution_due(self) -> bool:
+        """May this process try to resolve unsure writes now? After a failed try it
+        waits a while, so callers do not each pay a timeout while Datastore is down."""
+        return time.monotonic() >= self._resolve_after
+
+    def resolution_failed(self, pause: float) -> None:
+        self._resolve_after = time.monotonic() + pause
 
 
 _pickers: PerCounter[ShardPicker] = PerCounter(ShardPicker)

@@ -29,6 +29,25 @@ TRANSIENT: tuple[type[Exception], ...] = (
 
 RETRYABLE = CONTENTION + TRANSIENT
 
+#: Refused before the request was processed: nothing can have been written.
+_REFUSED: tuple[type[Exception], ...] = (
+    *CONTENTION,
+    gexc.TooManyRequests,
+    gexc.ResourceExhausted,
+)
+# gRPC says UNAVAILABLE both when it never reached the server and when a connection
+# broke mid-call; only its message tells the first apart.
+_NEVER_SENT = ("failed to connect to all addresses", "Connection refused")
+
+
+def outcome_unknown(exc: BaseException) -> bool:
+    """May the failed commit behind ``exc`` still have been applied by the server?"""
+    if isinstance(exc, _REFUSED):
+        return False
+    if isinstance(exc, gexc.ServiceUnavailable):
+        return not any(hint in str(exc) for hint in _NEVER_SENT)
+    return True
+
 
 def write_retrying(settings: Settings, *, until_deadline: bool = False) -> Retrying:
     """Exponential backoff with full jitter, bounded by attempts and by a deadline.

@@ -13,6 +13,8 @@ class WriteStats:
     transient_errors: int = 0  # attempts lost to unavailable / deadline errors
     stashed: int = 0  # increments that went to delayed_incr
     folded: int = 0  # stashed amounts taken and written to a shard
+    unsure: int = 0  # writes kept as unsure entries: retries ran out, outcome unknown
+    resolved: int = 0  # unsure entries this counter object resolved
     rebalances: int = 0  # shards moved back from the int64 edge
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, repr=False, compare=False

@@ -7,22 +7,31 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharded_counter.stash import Stash
+from sharded_counter.stash import Stash, Unsure
 
 tokens = st.text("0123456789abcdef", min_size=12, max_size=12)
 amounts = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 deadlines = st.floats(min_value=1e9, max_value=4e9).map(lambda t: round(t, 3))
 
 
+unsure_writes = st.builds(Unsure, amounts, st.integers(min_value=0, max_value=999)) | st.builds(
+    Unsure, amounts, st.integers(min_value=0, max_value=999), tokens, deadlines
+)
+
+
 @given(
     pending=amounts,
     folds=st.dictionaries(tokens, st.tuples(amounts, deadlines), max_size=4),
     setter=st.none() | st.tuples(tokens, deadlines),
+    unsure=st.dictionaries(tokens, unsure_writes, max_size=4),
 )
 def test_every_stash_reads_back_as_written(
-    pending: int, folds: dict[str, tuple[int, float]], setter: tuple[str, float] | None
+    pending: int,
+    folds: dict[str, tuple[int, float]],
+    setter: tuple[str, float] | None,
+    unsure: dict[str, Unsure],
 ) -> None:
-    stash = Stash(pending, folds, setter)
+    stash = Stash(pending, folds, setter, unsure)
     assert Stash.decode(stash.encode()) == stash
 
 
@@ -32,7 +41,7 @@ def test_a_plain_integer_of_earlier_versions_is_the_pending_amount() -> None:
 
 
 def test_anything_unreadable_counts_as_empty() -> None:
-    for raw in (b"x", b"1;f=oops", b"1;fabc=1@never", "é".encode()):
+    for raw in (b"x", b"1;f=oops", b"1;fabc=1@never", b"1;uabc=1", b"1;uabc=1/2/c", "é".encode()):
         assert Stash.decode(raw) == Stash()
 
 
@@ -58,6 +67,52 @@ def test_a_set_holds_the_key_and_returns_what_it_took_only_when_it_failed() -> N
     later = time.time() + 60
     begun = Stash(9).set_begun("s1", later)
     assert begun.setter == ("s1", later)
-    emptied = begun.added(-begun.pending)
-    assert emptied.set_ended(0) == Stash(0)
-    assert emptied.set_ended(9) == Stash(9)
+    emptied = begun.cleared()
+    assert emptied.set_ended() == Stash(0)
+    assert emptied.set_ended(Stash(9)) == Stash(9)
+
+
+def test_an_unsure_write_replaces_its_fold_marker_and_is_owed_until_resolved() -> None:
+    later = time.time() + 60
+    folding = Stash(7).taken("t1", later)
+    unsure = folding.made_unsure("t1", 7 + 5, shard=3)  # its own 5 and the 7 it folded
+    assert dict(unsure.folds) == {} and dict(unsure.unsure) == {"t1": Unsure(12, 3)}
+    assert unsure.pending == 0 and unsure.owed == 12  # readers count it
+    assert unsure.resolved("t1") == Stash()  # its shard holds it now
+    assert unsure.resolved("t1").resolved("t1") == Stash()  # repeating changes nothing
+    assert unsure.resolved("t1", back=12) == Stash(12)  # it did not land: pending now
+
+
+def test_an_unsure_write_is_resolved_by_one_claimer_at_a_time() -> None:
+    now = time.time()
+    stash = Stash(1).made_unsure("a", 5, 0).made_unsure("b", 6, 1)
+    assert stash.claimable() == ["a", "b"]
+    mine = stash.claimed("c1", now + 60, ["a"])
+    assert mine.claimable() == ["b"] and mine.busy()
+    assert mine.claimed("c2", now + 60, ["a"]) == mine  # already claimed: unchanged
+    assert mine.unclaimed("a", "c2") == mine  # only its claimer opens it again
+    assert mine.unclaimed("a", "c1") == stash
+    lapsed = stash.claimed("c1", now - 1, ["a"]).live(now)
+    assert lapsed == stash  # a claimer that died: open again at its deadline
+    assert stash.set_begun("s", now + 60).claimable() == []  # none while a set runs
+
+
+def test_a_set_takes_the_unsure_writes_and_a_failed_set_returns_them() -> None:
+    later = time.time() + 60
+    stash = Stash(4).made_unsure("a", 5, 0).claimed("c", later, ["a"])
+    begun = stash.set_begun("s", later)
+    taken = Stash(begun.pending, unsure=begun.unsure)
+    assert begun.cleared().owed == 0
+    restored = begun.cleared().added(2).set_ended(taken)
+    assert restored.pending == 6 and dict(restored.unsure) == {"a": Unsure(5, 0)}
+
+
+def test_a_move_between_servers_carries_pending_and_open_unsure_writes() -> None:
+    later = time.time() + 60
+    source = Stash(4).made_unsure("a", 5, 0).made_unsure("b", 6, 1).claimed("c", later, ["b"])
+    moving = source.movable()
+    assert moving.pending == 4 and set(moving.unsure) == {"a"}
+    left = source.without(moving)
+    assert left.pending == 0 and set(left.unsure) == {"b"}  # its claimer is working on it
+    home = Stash(1).absorbed(moving)
+    assert home.owed == 1 + 4 + 5

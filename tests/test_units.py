@@ -199,8 +199,45 @@ def test_writers_in_one_process_get_distinct_shards_while_any_is_free() -> None:
     picker = ShardPicker()
     with ExitStack() as held:
         taken = [held.enter_context(picker.pick(20)) for _ in range(20)]
-        assert sorted(taken) == list(range(20))
-        extra = held.enter_context(picker.pick(20))  # all busy: any shard will do
-        assert 0 <= extra < 20
-    with picker.pick(3) as index:  # released shards are free again
-        assert 0 <= index < 3
+        assert sorted(index for index, _ in taken) == list(range(20))
+        assert all(alone for _, alone in taken)
+        extra, alone = held.enter_context(picker.pick(20))  # all busy: any shard will do
+        assert 0 <= extra < 20 and not alone  # shared: no transform there
+    with picker.pick(3) as (index, alone):  # released shards are free again
+        assert 0 <= index < 3 and alone
+
+
+def test_a_reserved_shard_is_left_alone_until_released() -> None:
+    from sharded_counter.picker import ShardPicker
+
+    picker = ShardPicker()
+    picker.reserve("t", 1)
+    for _ in range(50):
+        with picker.pick(4) as (index, alone):
+            assert index != 1 and alone
+    with picker.pick(4, prefer=1) as (index, alone):  # the write's own retry goes there
+        assert index == 1 and not alone
+    picker.keep("t")
+    assert picker.kept() == {"t"}
+    picker.release("t")
+    assert picker.kept() == set()
+    assert {picker_index(picker, 4) for _ in range(200)} == {0, 1, 2, 3}
+
+
+def picker_index(picker: Any, shards: int) -> int:
+    with picker.pick(shards) as (index, _):
+        return int(index)
+
+
+def test_only_failures_that_may_have_been_applied_count_as_unknown_outcomes() -> None:
+    from google.api_core import exceptions as gexc
+
+    from sharded_counter.retry import outcome_unknown
+
+    assert outcome_unknown(gexc.DeadlineExceeded("Deadline Exceeded"))
+    assert outcome_unknown(gexc.ServiceUnavailable("Socket closed"))
+    assert outcome_unknown(gexc.InternalServerError("boom"))
+    assert not outcome_unknown(gexc.Aborted("too much contention"))
+    assert not outcome_unknown(gexc.ResourceExhausted("quota"))
+    refused = "failed to connect to all addresses; last error: Connection refused"
+    assert not outcome_unknown(gexc.ServiceUnavailable(refused))
