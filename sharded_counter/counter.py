@@ -42,7 +42,7 @@ from .memcache import MemcacheClient
 from .picker import picker_for
 from .record import Drift, ShardState
 from .retry import CONTENTION, RETRYABLE, outcome_unknown, write_retrying
-from .shards import ShardOverflow, Snapshot, spread
+from .shards import ShardOverflow, Snapshot, new_token, spread
 from .stash import Stash
 from .stats import WriteStats
 from .validation import INT64_MAX, check_delta, check_name, check_value, fits_int64
@@ -162,7 +162,7 @@ class Counter:
         """
         cache = self._backend.cache
         self._resolve_unsure()
-        token = secrets.token_hex(6)  # names this write, and its fold of the stash if any
+        token = new_token()  # names this write, and its fold of the stash if any
         stashed = self._take_stash(token)
         amount = delta + stashed
         if not fits_int64(amount):
@@ -645,7 +645,7 @@ class Counter:
         if cache.enabled:
             self._picker.resolution_failed(0.0)  # try now, even right after a failure
             self._resolve_unsure(look=True)
-            token = secrets.token_hex(6)
+            token = new_token()
             pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)
             if pending:
                 try:

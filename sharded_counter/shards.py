@@ -14,6 +14,7 @@ import hashlib
 import os
 import random
 import secrets
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -39,22 +40,49 @@ _EQUAL = query_types.PropertyFilter.Operator.EQUAL
 _IN = query_types.PropertyFilter.Operator.IN
 _MAX_MUTATIONS = 500  # Datastore's limit per commit
 _IN_LIMIT = 30  # values one IN filter may hold
-_TOKENS = "w"  # unindexed: the last few write tokens of a shard
-_TOKENS_KEPT = 16
-# A transform cannot append to a list it does not read, so a transform write puts
-# its token in a property of this process's own: "w_" + one of 256 slots. Another
-# process's transform writes to the shard then leave it alone (unless the two
-# processes drew the same slot), and a retry after an unknown outcome can find it.
+# Every write names itself with a token, which the shard keeps, so a retry after an
+# unknown outcome (or the resolution of an unsure write) can tell whether it landed.
+# Each process keeps its tokens in a property of its own, "w_" + one of 65,536 slots
+# drawn per process: other processes' writes to the shard never push them out (unless
+# two processes drew the same slot). A transaction write appends to its slot's list
+# (the last _SLOT_TOKENS_KEPT); a transform cannot read the shard, so it replaces the
+# slot with its one token, and only goes to a shard no other writer of this process
+# holds (see picker.py). A transaction write drops slots whose newest token is older
+# than _SLOT_TTL, so a shard does not collect a slot for every process that ever ran.
 _SLOT_PREFIX = "w_"
-_process_slot = f"{secrets.randbelow(256):02x}"
+_SLOT_TOKENS_KEPT = 8
+_SLOT_TTL = 86400
+_LEGACY_TOKENS = "w"  # earlier versions kept the last 16 tokens of any process here
+
+
+def _draw_slot() -> str:
+    return f"{secrets.randbelow(65536):04x}"
+
+
+_process_slot = _draw_slot()
 
 
 def _new_slot_after_fork() -> None:
     global _process_slot
-    _process_slot = f"{secrets.randbelow(256):02x}"
+    _process_slot = _draw_slot()
 
 
 os.register_at_fork(after_in_child=_new_slot_after_fork)
+
+
+def new_token() -> str:
+    """A write token: when it was made (8 hex digits of Unix seconds, for pruning old
+    slots), then 32 random bits."""
+    return f"{int(time.time()):08x}{secrets.token_hex(4)}"
+
+
+def _token_time(token: str) -> int | None:
+    if len(token) != 16:
+        return None  # a token of an earlier version: its age is unknown
+    try:
+        return int(token[:8], 16)
+    except ValueError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +147,7 @@ class ShardStore:
         return key
 
     @staticmethod
-    def _entity(key: Any, name: str, count: int, recent: Sequence[str] = ()) -> Any:
+    def _entity(key: Any, name: str, count: int) -> Any:
         entity = _EntityPb()
         entity.key.CopyFrom(key)
         entity.properties["name"].string_value = name
@@ -127,26 +155,18 @@ class ShardStore:
         count_value.integer_value = count
         # Nobody queries by count; leaving it out of the index makes each write cheaper.
         count_value.exclude_from_indexes = True
-        if recent:
-            _set_tokens(entity, recent)
         return entity
 
     @staticmethod
-    def _recent_tokens(entity: Any) -> list[str]:
-        """The last few write tokens of transaction writes (see ``add_in_transaction``)."""
-        value = entity.properties.get(_TOKENS) if entity is not None else None
-        if value is None or value.WhichOneof("value_type") != "array_value":
-            return []
-        return [v.string_value for v in value.array_value.values]
-
-    @classmethod
-    def _tokens_of(cls, entity: Any) -> list[str]:
-        """Every write token a shard remembers: the recent list, then one per
-        process slot of transform writes."""
+    def _tokens_of(entity: Any) -> list[str]:
+        """Every write token a shard remembers, in every process's slot."""
         if entity is None:
             return []
-        slots = [v.string_value for k, v in entity.properties.items() if k.startswith(_SLOT_PREFIX)]
-        return cls._recent_tokens(entity) + slots
+        tokens: list[str] = []
+        for prop, value in entity.properties.items():
+            if prop.startswith(_SLOT_PREFIX) or prop == _LEGACY_TOKENS:
+                tokens += _slot_tokens(value)
+        return tokens
 
     @staticmethod
     def _count_of(entity: Any) -> int:
@@ -222,10 +242,10 @@ class ShardStore:
         fewer, where the backend supports it. Raises ``ShardOverflow`` (after
         rolling back) when the shard would leave ``[-limit - 1, limit]``.
 
-        ``token`` names this increment. The shard keeps the last few tokens
-        written to it, so a retry after a failure whose outcome is unknown
-        (the reply was lost, but the commit may have landed) finds its own
-        token and writes nothing. Transaction isolation makes that check
+        ``token`` names this increment. The shard keeps it in this process's
+        token slot (see above), so a retry after a failure whose outcome is
+        unknown (the reply was lost, but the commit may have landed) finds its
+        own token and writes nothing. Transaction isolation makes that check
         sound: a first attempt that lands after the retry read the shard
         conflicts with it.
         """
@@ -245,14 +265,8 @@ class ShardStore:
             # Past the limit only towards zero: a shard pushed over it must still shrink.
             if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index)
-            remembered = self._recent_tokens(entity)
-            remembered = [*remembered, token][-_TOKENS_KEPT:] if token else remembered
-            written = self._entity(key, name, current + delta, remembered)
-            if entity is not None:
-                # Transform writers' tokens stay: a retry of theirs may still look for one.
-                for prop, slot_value in entity.properties.items():
-                    if prop.startswith(_SLOT_PREFIX):
-                        written.properties[prop].CopyFrom(slot_value)
+            written = self._entity(key, name, current + delta)
+            _carry_slots(entity, written, token)
             response = self.commit([_upsert(written)], transaction)
         except BaseException:
             if transaction is not None:
@@ -456,13 +470,37 @@ def _increment(key: Any, name: str, delta: int) -> Any:
     return mutation
 
 
-def _set_tokens(entity: Any, tokens: Sequence[str]) -> None:
-    array = entity.properties[_TOKENS]  # an array is indexed per element, never as a whole
-    del array.array_value.values[:]
-    for token in tokens:
-        item = array.array_value.values.add()
-        item.string_value = token
-        item.exclude_from_indexes = True
+def _slot_tokens(value: Any) -> list[str]:
+    """The tokens in one slot: a list (transaction writes) or one string (a transform)."""
+    kind = value.WhichOneof("value_type")
+    if kind == "array_value":
+        return [v.string_value for v in value.array_value.values]
+    return [value.string_value] if kind == "string_value" else []
+
+
+def _carry_slots(entity: Any, written: Any, token: str) -> None:
+    """Give ``written`` the token slots of ``entity`` (the shard as read), this
+    process's own with ``token`` appended, and without slots gone stale."""
+    own = _SLOT_PREFIX + _process_slot
+    mine: list[str] = []
+    stale_before = time.time() - _SLOT_TTL
+    if entity is not None:
+        for prop, value in entity.properties.items():
+            if prop == own:
+                mine = _slot_tokens(value)
+            elif prop.startswith(_SLOT_PREFIX):
+                times = [_token_time(t) for t in _slot_tokens(value)]
+                if times and all(t is not None and t < stale_before for t in times):
+                    continue  # a process long gone; nobody can still be looking
+                written.properties[prop].CopyFrom(value)
+    if token:
+        mine = [*mine, token][-_SLOT_TOKENS_KEPT:]
+    if mine:
+        array = written.properties[own]  # an array is indexed per element, never as a whole
+        for kept in mine:
+            item = array.array_value.values.add()
+            item.string_value = kept
+            item.exclude_from_indexes = True
 
 
 def _within(value: int, limit: int) -> bool:

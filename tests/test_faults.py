@@ -917,16 +917,17 @@ def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanw
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The first commit of +7 is applied but its reply held; before this process retries,
-    a second process writes the same shard three times.
+    a second process writes the same shard twenty times.
 
-    On the transform path each write names only its own process's token slot, so the
-    other process's writes leave this one's token for the retry to find. On the
-    transaction path the shard's list of recent tokens keeps it.
+    Each write names only its own process's token slot, so the other process's writes
+    leave this one's token for the retry to find, on the transform path and on the
+    transaction path alike (earlier, transactions kept the last 16 tokens of any process
+    in one list, and twenty writes pushed this one out).
     """
     emulator = sharded_counter_backends.emulator(datastore_engine)
     direct = f"{emulator.host}:{emulator.port}"
     relay = ReplyHoldingRelay(emulator.host, emulator.port)
-    monkeypatch.setattr(shards_module, "_process_slot", "a1")
+    monkeypatch.setattr(shards_module, "_process_slot", "a1a1")
     try:
         monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
         name = "unknown-outcome-shared"
@@ -937,7 +938,7 @@ def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanw
         def write_elsewhere() -> None:
             # The +7 has landed and this process gave up on its reply: now the
             # other process writes the shard, before the retry looks at it.
-            other = ctx.Process(target=_increment_elsewhere, args=(direct, name, 3, "b2"))
+            other = ctx.Process(target=_increment_elsewhere, args=(direct, name, 20, "b2b2"))
             other.start()
             other.join(60)
             assert other.exitcode == 0, "setup: the other process failed"
@@ -946,8 +947,8 @@ def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanw
         counter.increment(7)  # acknowledged once
         assert held.is_set(), "setup: no commit was held"
         uncached = counter.get_count(nocache=True)
-        report(f"unknown-outcome-shared[{datastore_engine}]", ledger=11, total=uncached)
-        assert uncached == 1 + 7 + 3, f"acknowledged 11, counted {uncached}"
+        report(f"unknown-outcome-shared[{datastore_engine}]", ledger=28, total=uncached)
+        assert uncached == 1 + 7 + 20, f"acknowledged 28, counted {uncached}"
     finally:
         relay.close()
 

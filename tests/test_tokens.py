@@ -1,0 +1,96 @@
+"""Write tokens on the shard (shards.py): what a retry or a resolution looks for.
+
+Each process keeps its tokens in a slot property of its own, so other processes'
+writes never push them out; old slots are pruned. Run on both engines.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from google.cloud import datastore
+
+from sharded_counter import shards as shards_module
+from sharded_counter.keys import SHARD_KIND, shard_key_name
+from sharded_counter.shards import ShardStore, new_token
+
+pytestmark = pytest.mark.backends
+
+DAY = 86400
+
+
+def token_made(seconds_ago: float) -> str:
+    return f"{int(time.time() - seconds_ago):08x}" + "abcd1234"
+
+
+def read_shard(name: str, index: int) -> datastore.Entity:
+    client = datastore.Client()
+    entity = client.get(client.key(SHARD_KIND, shard_key_name(name, index)))
+    assert entity is not None
+    return entity
+
+
+def test_a_transaction_write_keeps_other_processes_tokens_and_prunes_old_slots(
+    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "tokens"
+    client = datastore.Client()
+    shard = datastore.Entity(
+        client.key(SHARD_KIND, shard_key_name(name, 0)),
+        exclude_from_indexes=("count", "w_0aaa", "w_0bbb", "w_0ccc", "w"),
+    )
+    alive, gone = token_made(60), token_made(DAY + 60)
+    shard.update(
+        {
+            "name": name,
+            "count": 5,
+            "w_0aaa": alive,  # a transform of a process still running
+            "w_0bbb": [gone],  # a process that stopped writing over a day ago
+            "w_0ccc": [gone, alive],  # its newest token is recent: kept whole
+            "w": ["0123456789ab"],  # the list of an earlier version: dropped
+        }
+    )
+    client.put(shard)
+    monkeypatch.setattr(shards_module, "_process_slot", "0ddd")
+    store = ShardStore(client, rpc_timeout=5.0)
+    mine = [new_token() for _ in range(10)]
+    for token in mine:
+        store.add_in_transaction(name, 0, 1, lazy_begin=False, token=token)
+
+    written = read_shard(name, 0)
+    assert written["count"] == 15
+    assert written["w_0aaa"] == alive
+    assert written["w_0ccc"] == [gone, alive]
+    assert written["w_0ddd"] == mine[-8:]  # this process's last eight
+    assert "w_0bbb" not in written and "w" not in written
+
+
+def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
+    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "token-found"
+    client = datastore.Client()
+    store = ShardStore(client, rpc_timeout=5.0)
+    monkeypatch.setattr(shards_module, "_process_slot", "1111")
+    token = new_token()
+    if store.probe_transforms():
+        first = store.add_with_transform(name, 0, 7, token=token)  # a slot of one string
+    else:
+        first = store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token)
+    # Another process writes the shard twenty times: its own slot, not ours.
+    monkeypatch.setattr(shards_module, "_process_slot", "2222")
+    for _ in range(20):
+        store.add_in_transaction(name, 0, 1, lazy_begin=False, token=new_token())
+    monkeypatch.setattr(shards_module, "_process_slot", "1111")
+    again = store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token)
+    assert first.value == 7
+    assert again.value == 7 + 20  # found: the +7 is not added twice
+    assert read_shard(name, 0)["count"] == 27
+
+
+def test_tokens_carry_the_time_they_were_made() -> None:
+    before = int(time.time())
+    token = new_token()
+    assert len(token) == 16 and before <= int(token[:8], 16) <= time.time()
+    assert len({new_token() for _ in range(1000)}) == 1000
