@@ -48,6 +48,10 @@ class CacheTier:
         self._stash_seen: set[str] = set()
         # Stash keys last seen holding unsure writes nobody was resolving.
         self._unsure_seen: set[str] = set()
+        # Stash keys last seen under a set: (the set's token, its deadline).
+        self._setters_seen: dict[str, tuple[str, float]] = {}
+        # How long this process's writers have already waited for each set (bounded).
+        self._set_waits: dict[str, float] = {}
         self._batches: dict[str, _MergeBatch] = {}  # record key -> writers merging into it
         # Ends of folds and resolutions memcache did not hear: (stash key, the change).
         # Made once memcache answers; each change is safe to repeat.
@@ -115,6 +119,10 @@ class CacheTier:
             self._unsure_seen.add(stash_key)
         else:
             self._unsure_seen.discard(stash_key)
+        if stash.setter is not None:
+            self._setters_seen[stash_key] = stash.setter
+        else:
+            self._setters_seen.pop(stash_key, None)
         return stash
 
     def unsure_seen(self, stash_key: str) -> bool:
@@ -410,6 +418,38 @@ class CacheTier:
         )
 
     # -- count = v (see stash.py) --------------------------------------------------
+
+    def wait_out_set(self, stash_key: str, cap: float) -> None:
+        """Hold a write while a set of the counter runs, if this process saw one lately.
+
+        On an optimistic engine every shard commit aborts a running set's
+        transaction, so writers that saw its marker (each write's merge reads the
+        stash key) let it finish first: their increments land after it. A set
+        that died leaves its marker until the marker's deadline, so this process
+        waits at most ``cap`` seconds in all for any one set. Never raises.
+        """
+        seen = self._setters_seen.get(stash_key)
+        if seen is None:
+            return
+        token, deadline = seen
+        waited = self._set_waits.get(token, 0.0)
+        started = time.monotonic()
+        pause = 0.002
+        try:
+            while waited + (time.monotonic() - started) < cap and time.time() < deadline:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                stash = self._note_stash(stash_key, self._gets(stash_key)[0])
+                if stash.setter is None or stash.setter[0] != token:
+                    return
+        except CacheUnavailable:
+            self._setters_seen.pop(stash_key, None)
+            return
+        finally:
+            with self._lock:
+                self._set_waits[token] = waited + time.monotonic() - started
+                while len(self._set_waits) > 64:
+                    del self._set_waits[next(iter(self._set_waits))]
 
     def begin_set(self, stash_key: str, token: str, deadline: float, wait_until: float) -> Stash:
         """Stop new folds and resolutions, wait for those in flight, then take everything

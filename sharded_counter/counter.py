@@ -61,6 +61,9 @@ _TRANSFORM_MAX_DELTA = 2**32
 _TRANSFORM_SHARD_LIMIT = 2**62
 # Slack on top of a fold's own time limits before its marker in delayed_incr expires.
 _FOLD_MARGIN = 2.0
+# The longest this process's writers hold back, in all, for one count = v of another
+# process (see CacheTier.wait_out_set); only a set that died waits it out in full.
+_SET_WAIT_CAP = 2.0
 # After a failed try at resolving unsure writes, this process waits this long before
 # the next: reads and writes should not each pay a timeout while Datastore is down.
 _RESOLVE_PAUSE = 1.0
@@ -161,6 +164,7 @@ class Counter:
         buffer retries on its own schedule before it stashes.
         """
         cache = self._backend.cache
+        cache.wait_out_set(self._stash_key, _SET_WAIT_CAP)
         self._resolve_unsure()
         token = new_token()  # names this write, and its fold of the stash if any
         stashed = self._take_stash(token)
