@@ -161,7 +161,9 @@ class Counter:
 
         When the write keeps failing it is stashed, or with ``stash_on_failure``
         false the error is raised (any stash taken is put back): the write
-        buffer retries on its own schedule before it stashes.
+        buffer retries on its own schedule before it stashes. A write whose
+        outcome stayed unknown is kept as an unsure entry either way, since
+        writing it again could count it twice.
         """
         cache = self._backend.cache
         cache.wait_out_set(self._stash_key, _SET_WAIT_CAP)
@@ -647,7 +649,7 @@ class Counter:
         """
         cache = self._backend.cache
         if cache.enabled:
-            self._picker.resolution_failed(0.0)  # try now, even right after a failure
+            self._picker.resolve_now()
             self._resolve_unsure(look=True)
             token = new_token()
             pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)

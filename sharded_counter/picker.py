@@ -116,6 +116,10 @@ class ShardPicker:
     def resolution_failed(self, pause: float) -> None:
         self._resolve_after = time.monotonic() + pause
 
+    def resolve_now(self) -> None:
+        """Lift the wait after a failed try (``repair`` tries at once)."""
+        self._resolve_after = 0.0
+
 
 _pickers: PerCounter[ShardPicker] = PerCounter(ShardPicker)
 
