@@ -10,7 +10,9 @@ marker is left, and only then takes ``pending`` and rewrites the shards. So
 every stashed increment is either already in a shard when the set reads
 them, or in ``pending`` when the set takes it: replaced either way, never
 written after the set. A marker whose deadline passed belongs to a process
-that died or stalled far past its own time limits; it is ignored.
+that died or stalled far past its own time limits: a set no longer waits for
+it, but it stays on the key for a day, so a writer that was only stalled can
+still settle it (and put back what it took) instead of losing it.
 
 A write whose retries ran out while its outcome was unknown (the commit may
 have landed; only its reply was lost) is kept as an *unsure* entry: its write
@@ -36,6 +38,8 @@ from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
 _EMPTY: Mapping[str, tuple[int, float]] = MappingProxyType({})
+# How long a fold marker stays on the key after its deadline (see Stash.live).
+_FOLD_FORGOTTEN_AFTER = 86400.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +117,14 @@ class Stash:
         return ";".join(parts).encode("ascii")
 
     def live(self, now: float | None = None) -> Stash:
-        """Without the markers whose deadline has passed; lapsed claims are open again."""
+        """Without a set whose deadline has passed; lapsed claims are open again.
+
+        A fold marker past its deadline stops holding a set back (``busy``) but
+        stays a day longer: if its writer was only stalled, it still finds
+        its marker when it settles, and puts back what it took.
+        """
         now = time.time() if now is None else now
-        folds = {t: f for t, f in self.folds.items() if f[1] > now}
+        folds = {t: f for t, f in self.folds.items() if f[1] + _FOLD_FORGOTTEN_AFTER > now}
         setter = self.setter if self.setter is not None and self.setter[1] > now else None
         lapsed = [t for t, u in self.unsure.items() if u.claim and u.deadline <= now]
         if len(folds) == len(self.folds) and setter == self.setter and not lapsed:
@@ -210,9 +219,12 @@ class Stash:
     def set_begun(self, token: str, deadline: float) -> Stash:
         return dataclasses.replace(self, setter=(token, deadline))
 
-    def busy(self) -> bool:
-        """Is a fold or a resolution of an unsure write in flight?"""
-        return bool(self.folds) or any(u.claim for u in self.unsure.values())
+    def busy(self, now: float | None = None) -> bool:
+        """Is a fold or a resolution of an unsure write in flight, within its deadline?"""
+        now = time.time() if now is None else now
+        return any(deadline > now for _, deadline in self.folds.values()) or any(
+            u.claim and u.deadline > now for u in self.unsure.values()
+        )
 
     def cleared(self) -> Stash:
         """Nothing pending and no unsure write: what a set takes."""

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sharded_counter import Counter, IncrementNotRecorded, Settings, config
+from sharded_counter import counter as counter_module
 from sharded_counter import shards as shards_module
 from sharded_counter.memcache import build_client
 from sharded_counter.shards import ShardOverflow, ShardStore
@@ -1218,6 +1219,47 @@ def test_setting_the_count_replaces_a_stash_that_a_writer_is_folding(
     # The +5 overlapped the set (either side is fine); the +1000 was before it.
     assert healthy.get_count(nocache=True) in (0, 5)
     assert healthy.count == healthy.get_count(nocache=True)
+
+
+def test_a_fold_stalled_past_its_deadline_still_puts_back_what_it_took(
+    backend_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    own_memcache: Callable[..., Any],
+) -> None:
+    """A writer takes a stash of 1,000, then stalls past its fold's deadline while
+    another stash lands on the key; then its write fails for certain.
+
+    The stall and the failure are faked (a process paused mid-call, then a refused
+    connection): no real process stalls between those two steps on cue. memcached is
+    real, and the point is what the key holds: the expired marker must still be there
+    for the writer to put the 1,000 back.
+    """
+    monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)
+    counter = Counter(
+        "stalled-fold",
+        shards=4,
+        retry_deadline=0.2,
+        rpc_timeout=0.2,
+        memcache_client=own_memcache(),
+    )
+    counter.increment(1)
+    assert counter.count == 1
+    cache = counter._backend.cache
+    cache.stash(counter._stash_key, 1000)
+
+    def stalled_then_refused(self: Counter, amount: int, token: str) -> Any:
+        assert amount == 1000 + 7, "setup: the write did not fold the stash"
+        time.sleep(1.0)  # the fold's deadline was 0.4 s after the take
+        cache.stash(counter._stash_key, 5)  # rewrites the key meanwhile
+        raise gexc.ServiceUnavailable("failed to connect to all addresses")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Counter, "_write", stalled_then_refused)
+        counter.increment(7)  # stashed: its own 7, and the 1,000 goes back
+    assert pending_stash(counter) == 1000 + 5 + 7
+    ledger = Ledger()
+    fold_stash(counter, ledger)
+    assert_totals(counter, 1 + 1012 + ledger.acknowledged)
 
 
 def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(

@@ -58,9 +58,20 @@ def test_markers_past_their_deadline_are_ignored() -> None:
     now = time.time()
     stash = Stash(1, {"old": (5, now - 1), "new": (6, now + 60)}, ("s", now - 1))
     live = stash.live(now)
-    assert dict(live.folds) == {"new": (6, now + 60)}
     assert live.setter is None
     assert live.pending == 1
+    assert live.busy(now)  # "new" is in flight
+    assert not live.settled("new", 0).busy(now)  # "old" no longer holds a set back
+
+
+def test_a_writer_stalled_past_its_fold_deadline_still_puts_back_what_it_took() -> None:
+    now = time.time()
+    stalled = Stash(0, {"late": (5, now - 60)})
+    kept = stalled.live(now)
+    assert "late" in kept.folds  # still on the key, for its writer to settle
+    assert kept.released("late") == Stash(5)
+    forgotten = Stash(0, {"dead": (5, now - 86401)}).live(now)
+    assert dict(forgotten.folds) == {}  # a day on, its writer is gone for sure
 
 
 def test_a_set_holds_the_key_and_returns_what_it_took_only_when_it_failed() -> None:
