@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -27,12 +28,23 @@ class ProcessBackend:
         self.host = host
         self._port = port
         self._process: ManagedProcess | None = None
+        self._timeout = 60.0  # the last start's timeout, which a restart reuses
+        self._workdir: Path | None = None  # scratch directory (logs, default data) while up
 
     def start(self, timeout: float = 60.0) -> Self:  # each subclass has its own default
         raise NotImplementedError
 
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the server and delete its scratch directory; safe to call twice.
+
+        A data directory passed in by the caller is not inside it and stays.
+        """
+        if self._process is not None:
+            self._process.stop()
+            self._process = None
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
 
     @property
     def port(self) -> int:
@@ -65,6 +77,13 @@ class ProcessBackend:
     @property
     def log_path(self) -> Path | None:
         return self._process.log_path if self._process is not None else None
+
+    def restart(self) -> Self:
+        """Stop cleanly and start again on the same port (what survives is the
+        subclass's to say: a data directory does, memcached's items do not)."""
+        if self._process is not None:
+            self._process.stop()
+        return self.start(self._timeout)
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would; ``start`` brings it back on the same port."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +28,8 @@ class DatastoreEmulator(ProcessBackend):
     ``engine="classic"`` runs cloud-datastore-emulator (in memory, consistency 1.0,
     unless ``on_disk``); ``engine="firestore"`` runs cloud-firestore-emulator in
     Datastore mode (always in memory). The port is chosen on the first start and kept
-    across :meth:`restart`.
+    across :meth:`restart`. On-disk data goes in the scratch directory, which
+    :meth:`stop` deletes, unless ``data_dir`` names a directory of your own.
     """
 
     def __init__(
@@ -52,7 +52,6 @@ class DatastoreEmulator(ProcessBackend):
         self.project = project
         self.on_disk = on_disk
         self._data_dir = Path(data_dir) if data_dir is not None else None
-        self._workdir: Path | None = None
         self._timeout = 90.0
 
     def _describe(self) -> str:
@@ -121,19 +120,6 @@ class DatastoreEmulator(ProcessBackend):
             return [*common, "--consistency=1.0", "--store_on_disk=true", str(project_dir)]
         return [*common, "--testing", str(project_dir)]
 
-    def stop(self) -> None:
-        """Stop the emulator and delete its scratch directory; safe to call twice.
-
-        A ``data_dir`` passed in is left alone; the default one (inside the scratch
-        directory) goes, so pass ``data_dir`` to keep on-disk data beyond stop().
-        """
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
     def kill(self) -> None:
         """SIGKILL the emulator, as a crash would.
 
@@ -141,12 +127,6 @@ class DatastoreEmulator(ProcessBackend):
         saves its file only when it shuts down.
         """
         super().kill()
-
-    def restart(self) -> Self:
-        """Stop cleanly and start again on the same port with the same data directory."""
-        if self._process is not None:
-            self._process.stop()
-        return self.start(self._timeout)
 
     def reset(self) -> None:
         """Delete every entity (``POST /reset``)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,7 +31,6 @@ class Memcached(ProcessBackend):
         super().__init__(host=host, port=port)
         self.label = "memcached"
         self.memory_mb = memory_mb
-        self._workdir: Path | None = None
         self._timeout = 10.0
 
     def env(self) -> dict[str, str]:
@@ -67,21 +65,6 @@ class Memcached(ProcessBackend):
         )
         self._process.start(lambda: memcached_ok(self.host, self.port, timeout=1.0), timeout)
         return self
-
-    def stop(self) -> None:
-        """Stop the server and delete its scratch directory; safe to call twice."""
-        if self._process is not None:
-            self._process.stop()
-            self._process = None
-        if self._workdir is not None:
-            shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
-
-    def restart(self) -> Self:
-        """Stop and start again on the same port; the cache comes back empty."""
-        if self._process is not None:
-            self._process.stop()
-        return self.start(self._timeout)
 
     def flush_all(self) -> None:
         """Drop every item in the cache."""
