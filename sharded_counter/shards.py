@@ -53,6 +53,12 @@ _SLOT_PREFIX = "w_"
 _SLOT_TOKENS_KEPT = 8
 _SLOT_TTL = 86400
 _LEGACY_TOKENS = "w"  # earlier versions kept the last 16 tokens of any process here
+# The tokens of writes a ``count = v`` replaced while they were still in flight: folds
+# of delayed_incr, unsure writes (see stash.py). The set writes them onto every shard;
+# such a write finds its token and writes nothing. Every transaction write carries
+# the fence over, minus tokens over _SLOT_TTL old, keeping the newest _FENCE_KEPT.
+_FENCE = "fence"
+_FENCE_KEPT = 256
 
 
 def _draw_slot() -> str:
@@ -164,7 +170,7 @@ class ShardStore:
             return []
         tokens: list[str] = []
         for prop, value in entity.properties.items():
-            if prop.startswith(_SLOT_PREFIX) or prop == _LEGACY_TOKENS:
+            if prop.startswith(_SLOT_PREFIX) or prop in (_LEGACY_TOKENS, _FENCE):
                 tokens += _slot_tokens(value)
         return tokens
 
@@ -257,7 +263,10 @@ class ShardStore:
             serialized = key.SerializeToString()
             entity = found.get(serialized)
             current = self._count_of(entity) if entity is not None else 0
-            if token and token in self._tokens_of(entity):
+            if token and (
+                token in self._tokens_of(entity)
+                or (entity is None and index and token in self._fence_of(name, transaction))
+            ):
                 if transaction is not None:
                     self._quiet_rollback(transaction)
                 return ShardState(f"i{index}", versions[serialized], current)
@@ -273,6 +282,12 @@ class ShardStore:
                 self._quiet_rollback(transaction)
             raise
         return ShardState(f"i{index}", response.mutation_results[0].version, current + delta)
+
+    def _fence_of(self, name: str, transaction: bytes | None) -> list[str]:
+        """The fence on shard 0, which every set writes: a shard that does not exist
+        yet may be one the set did not know of (its process had fewer shards)."""
+        found, _, _ = self.lookup([self.key(name, 0)], transaction=transaction)
+        return [t for e in found.values() for t in _slot_tokens(e.properties.get(_FENCE))]
 
     def add_with_transform(
         self, name: str, index: int, delta: int, *, token: str = ""
@@ -387,6 +402,8 @@ class ShardStore:
         *,
         lazy_begin: bool,
         limit: int = INT64_MAX,
+        token: str = "",
+        fence: Sequence[str] = (),
     ) -> list[ShardState]:
         """Spread ``target(current total)`` evenly over the shards of ``name``, in one transaction.
 
@@ -394,6 +411,9 @@ class ShardStore:
         rebalances it. Every shard is read inside the transaction, so any
         increment that commits concurrently conflicts with it: each increment
         lands wholly before (and is counted in the total read) or wholly after.
+        Every shard keeps its write tokens; ``fence`` adds tokens to every
+        shard's fence (see above). With ``token``, nothing is written if a shard
+        holds it already; the shards are returned as they are.
         """
         foreign = [r.entity.key for r in self._query_shards(name, keys_only=True)]
         keys = {k.SerializeToString(): k for k in foreign}
@@ -404,17 +424,35 @@ class ShardStore:
             raise ValueError(f"counter {name!r} has more than {_MAX_MUTATIONS} shards to set")
         transaction = None if lazy_begin else self.begin()
         try:
-            found, _, begun = self.lookup(
+            found, versions, begun = self.lookup(
                 list(keys.values()), transaction=transaction, begin=lazy_begin
             )
             transaction = transaction or begun
             ordered = list(keys.values())
+            entities = [found.get(k.SerializeToString()) for k in ordered]
+            if token and any(token in self._tokens_of(e) for e in entities):
+                if transaction is not None:
+                    self._quiet_rollback(transaction)
+                return [
+                    ShardState(
+                        _shard_id(name, key.path[-1].name),
+                        versions[key.SerializeToString()],
+                        self._count_of(entity) if entity is not None else 0,
+                    )
+                    for key, entity in zip(ordered, entities, strict=True)
+                ]
             total = sum(self._count_of(e) for e in found.values())
             amounts = spread(target(total), len(ordered), limit)
-            mutations = [
-                _upsert(self._entity(key, name, amount))
-                for key, amount in zip(ordered, amounts, strict=True)
-            ]
+            # One fence for all: a set's fence must be on every shard, whichever one a
+            # fenced write goes to.
+            fenced = [*fence]
+            for entity in entities:
+                fenced += _slot_tokens(entity.properties.get(_FENCE)) if entity else []
+            mutations = []
+            for key, entity, amount in zip(ordered, entities, amounts, strict=True):
+                written = self._entity(key, name, amount)
+                _carry_slots(entity, written, token, fence=fenced)
+                mutations.append(_upsert(written))
             response = self.commit(mutations, transaction)
         except BaseException:
             if transaction is not None:
@@ -471,23 +509,29 @@ def _increment(key: Any, name: str, delta: int) -> Any:
 
 
 def _slot_tokens(value: Any) -> list[str]:
-    """The tokens in one slot: a list (transaction writes) or one string (a transform)."""
+    """The tokens in one slot (or the fence): a list, or one string (a transform)."""
+    if value is None:
+        return []
     kind = value.WhichOneof("value_type")
     if kind == "array_value":
         return [v.string_value for v in value.array_value.values]
     return [value.string_value] if kind == "string_value" else []
 
 
-def _carry_slots(entity: Any, written: Any, token: str) -> None:
+def _carry_slots(entity: Any, written: Any, token: str, *, fence: Sequence[str] = ()) -> None:
     """Give ``written`` the token slots of ``entity`` (the shard as read), this
-    process's own with ``token`` appended, and without slots gone stale."""
+    process's own with ``token`` appended, and without slots gone stale; and the
+    fence of ``entity`` (or ``fence`` in its place), without tokens gone stale."""
     own = _SLOT_PREFIX + _process_slot
     mine: list[str] = []
     stale_before = time.time() - _SLOT_TTL
+    fenced = list(fence)
     if entity is not None:
         for prop, value in entity.properties.items():
             if prop == own:
                 mine = _slot_tokens(value)
+            elif prop == _FENCE:
+                fenced = fenced or _slot_tokens(value)
             elif prop.startswith(_SLOT_PREFIX):
                 times = [_token_time(t) for t in _slot_tokens(value)]
                 if times and all(t is not None and t < stale_before for t in times):
@@ -495,12 +539,20 @@ def _carry_slots(entity: Any, written: Any, token: str) -> None:
                 written.properties[prop].CopyFrom(value)
     if token:
         mine = [*mine, token][-_SLOT_TOKENS_KEPT:]
-    if mine:
-        array = written.properties[own]  # an array is indexed per element, never as a whole
-        for kept in mine:
-            item = array.array_value.values.add()
-            item.string_value = kept
-            item.exclude_from_indexes = True
+    _put_tokens(written, own, mine)
+    # Tokens start with their time, so sorting them keeps the newest last.
+    fresh = {t for t in fenced if (_token_time(t) or stale_before) >= stale_before}
+    _put_tokens(written, _FENCE, sorted(fresh)[-_FENCE_KEPT:])
+
+
+def _put_tokens(entity: Any, prop: str, tokens: Sequence[str]) -> None:
+    if not tokens:
+        return
+    array = entity.properties[prop]  # an array is indexed per element, never as a whole
+    for kept in tokens:
+        item = array.array_value.values.add()
+        item.string_value = kept
+        item.exclude_from_indexes = True
 
 
 def _within(value: int, limit: int) -> bool:

@@ -1,7 +1,8 @@
 """Write tokens on the shard (shards.py): what a retry or a resolution looks for.
 
 Each process keeps its tokens in a slot property of its own, so other processes'
-writes never push them out; old slots are pruned. Run on both engines.
+writes never push them out; old slots are pruned. A set writes the tokens of the
+writes it replaced in flight (its fence) onto every shard. Run on both engines.
 """
 
 from __future__ import annotations
@@ -94,3 +95,36 @@ def test_tokens_carry_the_time_they_were_made() -> None:
     token = new_token()
     assert len(token) == 16 and before <= int(token[:8], 16) <= time.time()
     assert len({new_token() for _ in range(1000)}) == 1000
+
+
+def test_a_fenced_write_writes_nothing_on_any_shard_and_the_fence_is_carried(
+    backend_env: dict[str, str],
+) -> None:
+    name = "fenced"
+    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    store.add_in_transaction(name, 0, 5, lazy_begin=False, token=new_token())
+    folding, unsure = new_token(), new_token()
+    store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[folding])
+    # A later set keeps the fence of the earlier one, and adds its own.
+    store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[unsure])
+    for index in range(3):
+        again = store.add_in_transaction(name, index, 1000, lazy_begin=False, token=folding)
+        assert again.value == 10  # found in the fence: nothing added
+    store.add_in_transaction(name, 1, 1, lazy_begin=False, token=new_token())  # carries it
+    assert store.add_in_transaction(name, 1, 1000, lazy_begin=False, token=unsure).value == 11
+    # A shard the set did not know of (its process had fewer shards) looks at shard 0.
+    assert store.add_in_transaction(name, 7, 1000, lazy_begin=False, token=folding).value == 0
+    # So does a write that no shard has room for, spread over all of them.
+    states = store.rewrite(name, 3, lambda total: total + 1000, lazy_begin=False, token=folding)
+    assert sum(s.value for s in states) == 31
+    assert store.snapshot(name).total == 31
+    assert sorted(read_shard(name, 2)["fence"]) == sorted([folding, unsure])
+
+
+def test_fence_tokens_over_a_day_old_are_pruned(backend_env: dict[str, str]) -> None:
+    name = "fence-pruned"
+    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    old, recent = token_made(DAY + 60), token_made(60)
+    store.rewrite(name, 2, lambda _total: 4, lazy_begin=False, fence=[old, recent])
+    assert read_shard(name, 0)["fence"] == [recent]
+    assert store.add_in_transaction(name, 0, 1, lazy_begin=False, token=old).value == 3
