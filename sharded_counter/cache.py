@@ -451,11 +451,13 @@ class CacheTier:
                 while len(self._set_waits) > 64:
                     del self._set_waits[next(iter(self._set_waits))]
 
-    def begin_set(self, stash_key: str, token: str, deadline: float, wait_until: float) -> Stash:
-        """Stop new folds and resolutions, wait for those in flight, then take everything
-        owed (pending and unsure writes).
+    def begin_set(self, stash_key: str, token: str, deadline: float) -> Stash:
+        """Stop new folds and resolutions, take everything owed (pending and unsure
+        writes) and fence the folds in flight, all in one ``cas`` (see stash.py).
 
-        Returns what was taken; ``end_set`` must follow. Raises CacheUnavailable.
+        Returns the stash as it was: what the set takes, and in ``fence`` the tokens
+        its transaction must write onto the shards. ``end_set`` must follow.
+        Raises CacheUnavailable.
         """
         pause = 0.005
         while True:
@@ -466,20 +468,15 @@ class CacheTier:
                 break
             time.sleep(pause)  # another set is running: it ends, or its marker expires
             pause = min(pause * 2, 0.1)
-        pause = 0.005
-        while self._live_stash(stash_key).busy() and time.time() < wait_until:
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
-        taken = self._change_stash(stash_key, lambda s: s.cleared())
         self._unsure_seen.discard(stash_key)
-        return Stash(taken.pending, unsure=taken.unsure)
+        return before
 
     def _live_stash(self, stash_key: str) -> Stash:
         return Stash.decode(self._gets(stash_key)[0]).live()
 
-    def end_set(self, stash_key: str, back: Stash | None) -> None:
-        """The set is over; ``back`` (what it took, if it failed) is owed again."""
-        self._change_stash(stash_key, lambda s: s.set_ended(back))
+    def end_set(self, stash_key: str, token: str, back: Stash | None) -> None:
+        """The set ``token`` is over; ``back`` (what it took, if it failed) is owed again."""
+        self._change_stash(stash_key, lambda s: s.set_ended(token, back))
 
     def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
         """What each stash adds to its counter's shards (see ``Stash.owed``)."""
@@ -505,4 +502,4 @@ class _MergeBatch:
 def _fold_over(token: str, put_back: bool) -> Callable[[Stash], Stash]:
     """The end of the fold ``token``: its marker goes, and with ``put_back`` what it took
     waits again. Repeating it changes nothing, since the marker is gone."""
-    return (lambda s: s.released(token)) if put_back else (lambda s: s.settled(token, 0))
+    return (lambda s: s.released(token)) if put_back else (lambda s: s.landed(token))

@@ -21,7 +21,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -176,7 +176,7 @@ class Counter:
             self._settle_fold(token, stashed, put_back=True)
             stashed, amount = 0, delta
         try:
-            state = self._write(amount, token)
+            state = self._write(amount, token, folding=bool(stashed))
         except _OutcomeUnknown as unknown:
             self._keep_unsure(token, delta, stashed, unknown)
             return
@@ -210,8 +210,11 @@ class Counter:
             after_commit=lambda: cache.invalidate(record_key),
         )
 
-    def _write(self, amount: int, token: str) -> ShardState:
+    def _write(self, amount: int, token: str, *, folding: bool = False) -> ShardState:
         """Write ``amount`` to a shard, retrying per the policy.
+
+        A write ``folding`` in delayed_incr goes through a transaction, which
+        looks for its token first: a ``count = v`` may have fenced it (stash.py).
 
         After contention (nothing was written) a retry goes to another shard.
         After a failure whose outcome is unknown (a timeout, a dropped
@@ -232,7 +235,8 @@ class Counter:
                             alone,
                         ):
                             # Inside the attempt: the first call may probe the backend.
-                            if unsure_of is None and alone and self._transform_fits(amount):
+                            transform = not folding and self._transform_fits(amount)
+                            if unsure_of is None and alone and transform:
                                 state = backend.store.add_with_transform(
                                     self.name, index, amount, token=token
                                 )
@@ -268,18 +272,12 @@ class Counter:
 
     def _add_in_transaction(self, first: int, amount: int, token: str = "") -> ShardState:
         store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
-        try:
-            return store.add_in_transaction(
-                self.name, first, amount, lazy_begin=lazy, limit=limit, token=token
-            )
-        except ShardOverflow:
-            pass
-        for index in random.sample(range(self.shard_count), self.shard_count):
-            if index == first:
-                continue
+        others = [i for i in random.sample(range(self.shard_count), self.shard_count) if i != first]
+        # The token goes along everywhere: a fence (stash.py) is on every shard.
+        for index in [first, *others]:
             try:
                 return store.add_in_transaction(
-                    self.name, index, amount, lazy_begin=lazy, limit=limit
+                    self.name, index, amount, lazy_begin=lazy, limit=limit, token=token
                 )
             except ShardOverflow:
                 continue
@@ -291,6 +289,7 @@ class Counter:
                 lambda total: total + amount,
                 lazy_begin=lazy,
                 limit=limit,
+                token=token,
             )
         except ValueError:
             raise CounterOverflowError(
@@ -324,7 +323,7 @@ class Counter:
         self.stats.add(rebalances=1)
         self._backend.cache.merge(self._record_key, self._stash_key, states)
 
-    def _rewrite(self, target: Any) -> list[ShardState]:
+    def _rewrite(self, target: Any, fence: Sequence[str] = ()) -> list[ShardState]:
         backend = self._backend
         for attempt in write_retrying(self.settings, until_deadline=True):
             with attempt:
@@ -334,6 +333,7 @@ class Counter:
                     target,
                     lazy_begin=backend.lazy_begin,
                     limit=self._shard_limit,
+                    fence=fence,
                 )
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
@@ -567,10 +567,11 @@ class Counter:
 
         The shards are rewritten in one transaction that reads them all: an
         increment either lands before (and is replaced by ``value``) or after
-        (and is added to it). Stashed increments are replaced too: the set
-        waits for folds of ``delayed_incr`` in flight, then takes what is
-        pending (see ``stash.py``). Writers of this counter in this process
-        wait for the set; the set retries until ``retry_deadline``.
+        (and is added to it). Stashed increments are replaced too: the set takes
+        what ``delayed_incr`` holds, and fences the folds of it in flight, so
+        they write nothing after the set (see ``stash.py``). Writers of this
+        counter in this process wait for the set; the set retries until
+        ``retry_deadline``.
         """
         value = check_value(value, self.shard_count)
         spread(value, self.shard_count, self._shard_limit)  # refuse what cannot fit, early
@@ -584,28 +585,28 @@ class Counter:
         token = secrets.token_hex(6)
         coordinated, taken = False, Stash()
         if cache.enabled:
-            # Stop new folds, wait out those in flight, take what is pending (stash.py).
-            now = time.time()
-            folds_over = self._fold_deadline()
-            set_over = folds_over + (folds_over - now) + self.settings.rpc_timeout
+            # Stop new folds, take what is owed, fence the folds in flight (stash.py).
+            # The marker outlives the set's own time limits (its transaction, then
+            # one call to end it), so only a setter that died leaves it to expire.
+            set_over = self._fold_deadline() + self.settings.rpc_timeout
             try:
-                taken = cache.begin_set(self._stash_key, token, set_over, folds_over)
+                taken = cache.begin_set(self._stash_key, token, set_over)
                 coordinated = True
             except CacheUnavailable:
                 pass  # nothing can be taken or stashed while memcache is down either
         try:
-            states = self._rewrite(lambda _current: value)
+            states = self._rewrite(lambda _current: value, fence=taken.fence)
         except BaseException:
             if coordinated:
-                self._end_set(back=taken)
+                self._end_set(token, back=Stash(taken.pending, unsure=taken.unsure))
             raise
         if coordinated:
-            self._end_set(back=None)
+            self._end_set(token, back=None)
         cache.merge(self._record_key, self._stash_key, states)
 
-    def _end_set(self, back: Stash | None) -> None:
+    def _end_set(self, token: str, back: Stash | None) -> None:
         try:
-            self._backend.cache.end_set(self._stash_key, back)
+            self._backend.cache.end_set(self._stash_key, token, back)
         except CacheUnavailable as exc:
             # The set's marker expires by itself; only a failed set has something to return.
             if back is not None and (back.pending or back.unsure):
@@ -655,7 +656,7 @@ class Counter:
             pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)
             if pending:
                 try:
-                    state = self._write(pending, token)
+                    state = self._write(pending, token, folding=True)
                 except BaseException:
                     self._settle_fold(token, pending, put_back=True)
                     raise

@@ -4,15 +4,25 @@ Increments whose shard write kept failing wait here (``pending``) until a
 later write takes them and adds them to its own delta: a *fold*. A fold in
 flight is not just a number that left the key. It leaves a marker (its write
 token, the amount and a deadline) until its write has landed or the amount
-is back in ``pending``. That is what ``count = v`` needs: a set first puts
-its own marker on the key, which stops new folds, then waits until no fold
-marker is left, and only then takes ``pending`` and rewrites the shards. So
-every stashed increment is either already in a shard when the set reads
-them, or in ``pending`` when the set takes it: replaced either way, never
-written after the set. A marker whose deadline passed belongs to a process
-that died or stalled far past its own time limits: a set no longer waits for
-it, but it stays on the key for a day, so a writer that was only stalled can
-still settle it (and put back what it took) instead of losing it.
+is back in ``pending``.
+
+That is what ``count = v`` needs. A set puts its own marker on the key,
+which stops new folds, and in the same ``cas`` takes ``pending`` and every
+unsure write (below) and *fences* every fold in flight: its transaction
+writes their tokens onto every shard, and a fold's write (always a
+transaction that looks for its token first) writes nothing once it finds
+its token there. So every stashed increment is either in a shard when the
+set reads them, or taken by the set, or fenced by it: replaced either way,
+never written after the set, however long its writer stalls and whatever
+the clocks say. A fold whose write fails while fenced does not put its
+amount back at once: the set's end decides (dropped if the set landed,
+back in ``pending`` if it failed). A fenced marker whose set is gone (its
+marker expired: the setter died) counts as failed.
+
+A fold marker past its deadline belongs to a process that died or stalled
+far past its own time limits. It stays on the key for a day, so a writer
+that was only stalled can still settle it (and put back what it took)
+instead of losing it.
 
 A write whose retries ran out while its outcome was unknown (the commit may
 have landed; only its reply was lost) is kept as an *unsure* entry: its write
@@ -24,7 +34,8 @@ write is counted once whether or not it had landed, instead of being stashed
 as pending and written a second time.
 
 The value is ASCII: ``<pending>``, then ``;f<token>=<amount>@<deadline>``
-per fold in flight, ``;u<token>=<amount>/<shard>`` per unsure write
+per fold in flight (``!<set token>`` added while fenced, then ``!x`` once its
+write failed), ``;u<token>=<amount>/<shard>`` per unsure write
 (``/<claim>@<deadline>`` added while claimed) and ``;s<token>@<deadline>``
 while a set runs. A plain integer, the format of earlier versions, reads as
 ``pending``.
@@ -37,9 +48,34 @@ import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-_EMPTY: Mapping[str, tuple[int, float]] = MappingProxyType({})
 # How long a fold marker stays on the key after its deadline (see Stash.live).
 _FOLD_FORGOTTEN_AFTER = 86400.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """A fold in flight: ``amount`` taken from pending, marked until ``deadline``."""
+
+    amount: int
+    deadline: float
+    fence: str = ""  # the set that fenced it, if one did
+    failed: bool = False  # its write failed while fenced: the set's end decides
+
+    def encode(self, token: str) -> str:
+        text = f"f{token}={self.amount}@{self.deadline:.3f}"
+        if self.fence:
+            text += f"!{self.fence}" + ("!x" if self.failed else "")
+        return text
+
+    @classmethod
+    def decode(cls, body: str) -> tuple[str, Fold]:
+        token, _, rest = body.partition("=")
+        amount, _, rest = rest.partition("@")
+        deadline, *fenced = rest.split("!")
+        if fenced and (not fenced[0] or fenced[1:] not in ([], ["x"])):
+            raise ValueError(body)
+        fence = fenced[0] if fenced else ""
+        return token, cls(int(amount), float(deadline), fence, len(fenced) == 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,14 +102,15 @@ class Unsure:
         return token, cls(int(amount), int(shard), claim, float(deadline) if claim else 0.0)
 
 
+_NO_FOLDS: Mapping[str, Fold] = MappingProxyType({})
 _NO_UNSURE: Mapping[str, Unsure] = MappingProxyType({})
 
 
 @dataclasses.dataclass(frozen=True)
 class Stash:
     pending: int = 0
-    # token -> (amount, deadline); read-only, so a Stash can be shared
-    folds: Mapping[str, tuple[int, float]] = dataclasses.field(default_factory=lambda: _EMPTY)
+    # fold token -> its fold; read-only, so a Stash can be shared
+    folds: Mapping[str, Fold] = dataclasses.field(default_factory=lambda: _NO_FOLDS)
     setter: tuple[str, float] | None = None  # (token, deadline) of a set in progress
     # write token -> the unsure write it names
     unsure: Mapping[str, Unsure] = dataclasses.field(default_factory=lambda: _NO_UNSURE)
@@ -83,6 +120,12 @@ class Stash:
         """What readers add to the shards: pending, and every unsure write."""
         return self.pending + sum(u.amount for u in self.unsure.values())
 
+    @property
+    def fence(self) -> list[str]:
+        """The tokens a set that took this stash writes onto the shards: every fold in
+        flight and every unsure write (see above)."""
+        return [*self.folds, *self.unsure]
+
     @classmethod
     def decode(cls, raw: bytes | None) -> Stash:
         """What ``raw`` holds; anything unreadable counts as empty."""
@@ -90,19 +133,18 @@ class Stash:
             return cls()
         try:
             head, *marks = raw.decode("ascii").split(";")
-            folds: dict[str, tuple[int, float]] = {}
+            folds: dict[str, Fold] = {}
             unsure: dict[str, Unsure] = {}
             setter = None
             for mark in marks:
                 if mark.startswith("u"):
                     token, entry = Unsure.decode(mark[1:])
                     unsure[token] = entry
-                    continue
-                body, _, deadline = mark[1:].partition("@")
-                if mark.startswith("f"):
-                    token, _, amount = body.partition("=")
-                    folds[token] = (int(amount), float(deadline))
+                elif mark.startswith("f"):
+                    token, fold = Fold.decode(mark[1:])
+                    folds[token] = fold
                 elif mark.startswith("s"):
+                    body, _, deadline = mark[1:].partition("@")
                     setter = (body, float(deadline))
             return cls(int(head), MappingProxyType(folds), setter, MappingProxyType(unsure))
         except ValueError:
@@ -110,7 +152,7 @@ class Stash:
 
     def encode(self) -> bytes:
         parts = [str(self.pending)]
-        parts += [f"f{token}={amount}@{at:.3f}" for token, (amount, at) in self.folds.items()]
+        parts += [fold.encode(token) for token, fold in self.folds.items()]
         parts += [entry.encode(token) for token, entry in self.unsure.items()]
         if self.setter is not None:
             parts.append(f"s{self.setter[0]}@{self.setter[1]:.3f}")
@@ -119,20 +161,29 @@ class Stash:
     def live(self, now: float | None = None) -> Stash:
         """Without a set whose deadline has passed; lapsed claims are open again.
 
-        A fold marker past its deadline stops holding a set back (``busy``) but
-        stays a day longer: if its writer was only stalled, it still finds
-        its marker when it settles, and puts back what it took.
+        A fold fenced by a set that is gone counts as that set having failed
+        (see ``set_ended``). A fold marker past its deadline stays a day
+        longer: if its writer was only stalled, it still finds its marker
+        when it settles, and puts back what it took.
         """
         now = time.time() if now is None else now
-        folds = {t: f for t, f in self.folds.items() if f[1] + _FOLD_FORGOTTEN_AFTER > now}
         setter = self.setter if self.setter is not None and self.setter[1] > now else None
+        setting = setter[0] if setter is not None else ""
+        forgotten = [t for t, f in self.folds.items() if f.deadline + _FOLD_FORGOTTEN_AFTER <= now]
+        orphaned = [t for t, f in self.folds.items() if f.fence and f.fence != setting]
         lapsed = [t for t, u in self.unsure.items() if u.claim and u.deadline <= now]
-        if len(folds) == len(self.folds) and setter == self.setter and not lapsed:
+        if setter == self.setter and not (forgotten or orphaned or lapsed):
             return self
-        unsure = dict(self.unsure)
+        stash = dataclasses.replace(self, setter=setter)
+        for token in dict.fromkeys(orphaned):
+            stash = stash._unfenced(token)
+        folds = {t: f for t, f in stash.folds.items() if t not in forgotten}
+        unsure = dict(stash.unsure)
         for token in lapsed:
             unsure[token] = Unsure(unsure[token].amount, unsure[token].shard)
-        return Stash(self.pending, MappingProxyType(folds), setter, MappingProxyType(unsure))
+        return dataclasses.replace(
+            stash, folds=MappingProxyType(folds), unsure=MappingProxyType(unsure)
+        )
 
     # -- the changes, each a new Stash ------------------------------------------
 
@@ -142,27 +193,44 @@ class Stash:
 
     def taken(self, token: str, deadline: float) -> Stash:
         """``pending`` handed to the fold ``token``, marked until ``deadline``."""
-        folds = {**self.folds, token: (self.pending, deadline)}
+        folds = {**self.folds, token: Fold(self.pending, deadline)}
         return dataclasses.replace(self, pending=0, folds=MappingProxyType(folds))
 
-    def settled(self, token: str, back: int) -> Stash:
-        """The fold ``token`` is over; ``back`` (what it could not write) waits again."""
-        folds = {t: f for t, f in self.folds.items() if t != token}
-        return dataclasses.replace(self, pending=self.pending + back, folds=MappingProxyType(folds))
+    def landed(self, token: str) -> Stash:
+        """The fold ``token`` wrote (or found itself fenced): its marker goes."""
+        return self._without_fold(token)
 
     def released(self, token: str) -> Stash:
-        """The fold ``token`` never wrote: whatever it took waits again."""
-        amount = self.folds.get(token, (0, 0.0))[0]
-        return self.settled(token, amount)
+        """The fold ``token`` failed to write: what it took waits again, or, if a set
+        fenced it, waits on that set's end. Repeating it changes nothing."""
+        fold = self.folds.get(token)
+        if fold is None or fold.failed:
+            return self
+        if fold.fence:
+            folds = {**self.folds, token: dataclasses.replace(fold, failed=True)}
+            return dataclasses.replace(self, folds=MappingProxyType(folds))
+        return self._without_fold(token).added(fold.amount)
+
+    def _without_fold(self, token: str) -> Stash:
+        if token not in self.folds:
+            return self
+        folds = {t: f for t, f in self.folds.items() if t != token}
+        return dataclasses.replace(self, folds=MappingProxyType(folds))
+
+    def _unfenced(self, token: str) -> Stash:
+        """The set that fenced the fold ``token`` did not land: a failed fold's amount
+        waits again, a fold still in flight is an ordinary one again."""
+        fold = self.folds[token]
+        if fold.failed:
+            return self._without_fold(token).added(fold.amount)
+        folds = {**self.folds, token: Fold(fold.amount, fold.deadline)}
+        return dataclasses.replace(self, folds=MappingProxyType(folds))
 
     def made_unsure(self, token: str, amount: int, shard: int) -> Stash:
         """The write ``token`` of ``amount`` to ``shard`` gave up not knowing whether it
         landed. Its fold marker, if it had one, goes: the amount is in ``amount``."""
-        folds = {t: f for t, f in self.folds.items() if t != token}
         unsure = {**self.unsure, token: Unsure(amount, shard)}
-        return dataclasses.replace(
-            self, folds=MappingProxyType(folds), unsure=MappingProxyType(unsure)
-        )
+        return dataclasses.replace(self._without_fold(token), unsure=MappingProxyType(unsure))
 
     def claimed(self, claim: str, deadline: float, tokens: Iterable[str]) -> Stash:
         """The unclaimed unsure writes among ``tokens`` are ``claim``'s to resolve."""
@@ -216,25 +284,26 @@ class Stash:
             self, pending=self.pending + moved.pending, unsure=MappingProxyType(unsure)
         )
 
+    # -- count = v -------------------------------------------------------------
+
     def set_begun(self, token: str, deadline: float) -> Stash:
-        return dataclasses.replace(self, setter=(token, deadline))
+        """The set ``token`` runs until ``deadline``: it takes everything owed and
+        fences every fold in flight."""
+        folds = {t: Fold(f.amount, f.deadline, token) for t, f in self.folds.items()}
+        return Stash(0, MappingProxyType(folds), (token, deadline))
 
-    def busy(self, now: float | None = None) -> bool:
-        """Is a fold or a resolution of an unsure write in flight, within its deadline?"""
-        now = time.time() if now is None else now
-        return any(deadline > now for _, deadline in self.folds.values()) or any(
-            u.claim and u.deadline > now for u in self.unsure.values()
-        )
-
-    def cleared(self) -> Stash:
-        """Nothing pending and no unsure write: what a set takes."""
-        return dataclasses.replace(self, pending=0, unsure=_NO_UNSURE)
-
-    def set_ended(self, back: Stash | None = None) -> Stash:
-        """The set is over; ``back`` (what it took, if it failed) is owed again."""
+    def set_ended(self, token: str, back: Stash | None = None) -> Stash:
+        """The set ``token`` is over. Without ``back`` it landed: the folds it fenced are
+        replaced by it, so their markers go. With ``back`` (what it took) it failed: that
+        is owed again, and the folds it fenced are ordinary ones again."""
+        stash = self
+        if stash.setter is not None and stash.setter[0] == token:
+            stash = dataclasses.replace(stash, setter=None)
+        for fenced in [t for t, f in self.folds.items() if f.fence == token]:
+            stash = stash._without_fold(fenced) if back is None else stash._unfenced(fenced)
         if back is None:
-            return dataclasses.replace(self, setter=None)
-        unsure = {**self.unsure, **{t: Unsure(u.amount, u.shard) for t, u in back.unsure.items()}}
+            return stash
+        unsure = {**stash.unsure, **{t: Unsure(u.amount, u.shard) for t, u in back.unsure.items()}}
         return dataclasses.replace(
-            self, pending=self.pending + back.pending, setter=None, unsure=MappingProxyType(unsure)
+            stash, pending=stash.pending + back.pending, unsure=MappingProxyType(unsure)
         )

@@ -1158,19 +1158,26 @@ def test_writers_hold_back_for_a_dead_setter_only_briefly(
     assert_totals(counter, 7)
 
 
-def test_setting_the_count_replaces_a_stash_that_a_writer_is_folding(
+@pytest.mark.parametrize("outcome", ["fold-lands", "fold-fails", "set-fails"])
+def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     backend_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
+    outcome: str,
 ) -> None:
     """An increment acknowledged (stashed) before ``count = 0`` must not survive it.
 
     Instrumentation holds one folding write between taking the stash and its shard
-    write, the window any slow write (contention, a retry) leaves open; the backends
-    and the stash are real. The set must wait for that fold (it left a marker in
-    delayed_incr) instead of running past it.
+    write, for as long as the test likes: any slow write (contention, a retry, a
+    paused process) leaves that window open, for longer than any deadline. The set
+    runs on a client of its own, as another process would, and does not wait: it
+    fences the fold. What the fold took is then replaced by the set whether the
+    fold's write lands late ("fold-lands": it finds its token and writes nothing)
+    or fails ("fold-fails": nothing goes back to the stash). A set that fails
+    (faked: a refused connection on cue) leaves the fold an ordinary one.
+    The backends and the stash are real.
     """
-    name = "set-vs-fold"
+    name = f"set-vs-fold-{outcome}"
     cache = {"memcache_client": own_memcache()}
     healthy = Counter(name, shards=4, **cache)
     healthy.increment(1)
@@ -1184,41 +1191,56 @@ def test_setting_the_count_replaces_a_stash_that_a_writer_is_folding(
 
     holding, release = threading.Event(), threading.Event()
     folder_thread: list[threading.Thread] = []
-    for method in ("add_in_transaction", "add_with_transform"):
-        write = getattr(ShardStore, method)
+    setter_thread: list[threading.Thread] = []
+    write = ShardStore.add_in_transaction
+    rewrite = ShardStore.rewrite
 
-        def held(store: ShardStore, *args: Any, _write: Any = write, **kwargs: Any) -> Any:
-            if folder_thread and threading.current_thread() is folder_thread[0]:
-                holding.set()
-                release.wait(10)
-            return _write(store, *args, **kwargs)
+    def held(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+        if folder_thread and threading.current_thread() is folder_thread[0]:
+            holding.set()
+            release.wait(30)
+            if outcome == "fold-fails":
+                raise gexc.ServiceUnavailable("failed to connect to all addresses")
+        return write(store, *args, **kwargs)
 
-        monkeypatch.setattr(ShardStore, method, held)
+    def refused(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+        if outcome == "set-fails" and threading.current_thread() is setter_thread[0]:
+            raise gexc.ServiceUnavailable("failed to connect to all addresses")
+        return rewrite(store, *args, **kwargs)
 
+    monkeypatch.setattr(ShardStore, "add_in_transaction", held)
+    monkeypatch.setattr(ShardStore, "rewrite", refused)
     folder = threading.Thread(target=healthy.increment, args=(5,))
     folder_thread.append(folder)
     folder.start()
     if not holding.wait(10):
         pytest.fail("setup: the folding write never reached the shard write")
-    set_done = threading.Event()
+    set_failed: list[BaseException] = []
 
     def set_to_zero() -> None:
-        Counter(name, shards=4, **cache).count = 0  # begins after the 1000 was acknowledged
-        set_done.set()
+        setter = Counter(name, shards=4, memcache_client=own_memcache(), retry_deadline=1.0)
+        try:
+            setter.count = 0  # begins after the 1000 was acknowledged
+        except gexc.ServiceUnavailable as exc:
+            set_failed.append(exc)
 
     setter = threading.Thread(target=set_to_zero)
+    setter_thread.append(setter)
     setter.start()
-    assert not set_done.wait(0.5), "the set ran past a fold in flight"
+    setter.join(30)  # it does not wait for the fold, held however long
+    assert not setter.is_alive(), "the set waited for a fold in flight"
+    assert bool(set_failed) == (outcome == "set-fails")
     release.set()
-    folder.join(10)
-    setter.join(30)
-    assert set_done.is_set()
-    if merged_stats(healthy)["folded"] != 1:
-        pytest.fail("setup: the write did not fold the stash")
+    folder.join(30)
+    assert not folder.is_alive()
 
-    # The +5 overlapped the set (either side is fine); the +1000 was before it.
-    assert healthy.get_count(nocache=True) in (0, 5)
-    assert healthy.count == healthy.get_count(nocache=True)
+    # The +5 overlapped the set: either side is fine, and the fence puts it before.
+    expected = {"fold-lands": 0, "fold-fails": 5, "set-fails": 1 + 1000 + 5}[outcome]
+    ledger = Ledger()
+    if outcome == "fold-fails":
+        assert pending_stash(healthy) == 5  # its own 5 only: the 1000 went with the set
+        fold_stash(healthy, ledger)
+    assert_totals(healthy, expected + ledger.acknowledged)
 
 
 def test_a_fold_stalled_past_its_deadline_still_puts_back_what_it_took(
@@ -1247,7 +1269,7 @@ def test_a_fold_stalled_past_its_deadline_still_puts_back_what_it_took(
     cache = counter._backend.cache
     cache.stash(counter._stash_key, 1000)
 
-    def stalled_then_refused(self: Counter, amount: int, token: str) -> Any:
+    def stalled_then_refused(self: Counter, amount: int, token: str, **_: Any) -> Any:
         assert amount == 1000 + 7, "setup: the write did not fold the stash"
         time.sleep(1.0)  # the fold's deadline was 0.4 s after the take
         cache.stash(counter._stash_key, 5)  # rewrites the key meanwhile

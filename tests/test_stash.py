@@ -7,13 +7,16 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharded_counter.stash import Stash, Unsure
+from sharded_counter.stash import Fold, Stash, Unsure
 
 tokens = st.text("0123456789abcdef", min_size=12, max_size=12)
 amounts = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 deadlines = st.floats(min_value=1e9, max_value=4e9).map(lambda t: round(t, 3))
 
 
+folds = st.builds(Fold, amounts, deadlines) | st.builds(
+    Fold, amounts, deadlines, tokens, st.booleans()
+)
 unsure_writes = st.builds(Unsure, amounts, st.integers(min_value=0, max_value=999)) | st.builds(
     Unsure, amounts, st.integers(min_value=0, max_value=999), tokens, deadlines
 )
@@ -21,13 +24,13 @@ unsure_writes = st.builds(Unsure, amounts, st.integers(min_value=0, max_value=99
 
 @given(
     pending=amounts,
-    folds=st.dictionaries(tokens, st.tuples(amounts, deadlines), max_size=4),
+    folds=st.dictionaries(tokens, folds, max_size=4),
     setter=st.none() | st.tuples(tokens, deadlines),
     unsure=st.dictionaries(tokens, unsure_writes, max_size=4),
 )
 def test_every_stash_reads_back_as_written(
     pending: int,
-    folds: dict[str, tuple[int, float]],
+    folds: dict[str, Fold],
     setter: tuple[str, float] | None,
     unsure: dict[str, Unsure],
 ) -> None:
@@ -41,46 +44,73 @@ def test_a_plain_integer_of_earlier_versions_is_the_pending_amount() -> None:
 
 
 def test_anything_unreadable_counts_as_empty() -> None:
-    for raw in (b"x", b"1;f=oops", b"1;fabc=1@never", b"1;uabc=1", b"1;uabc=1/2/c", "é".encode()):
+    unreadable = (
+        *(b"x", b"1;f=oops", b"1;fabc=1@never", b"1;uabc=1", b"1;uabc=1/2/c", "é".encode()),
+        *(b"1;fabc=1@5.0!", b"1;fabc=1@5.0!s!y", b"1;fabc=1@5.0!!x", b"1;fabc=1@5.0!s!x!x"),
+    )
+    for raw in unreadable:
         assert Stash.decode(raw) == Stash()
 
 
 def test_a_fold_takes_everything_pending_and_marks_the_key_until_it_settles() -> None:
     later = time.time() + 60
     taken = Stash(7).taken("t1", later)
-    assert taken.pending == 0 and dict(taken.folds) == {"t1": (7, later)}
-    assert taken.added(3).settled("t1", 0) == Stash(3)  # landed: the marker goes
+    assert taken.pending == 0 and dict(taken.folds) == {"t1": Fold(7, later)}
+    assert taken.added(3).landed("t1") == Stash(3)  # landed: the marker goes
     assert taken.added(3).released("t1") == Stash(10)  # failed: the 7 waits again
     assert taken.released("t1").released("t1") == Stash(7)  # settling twice changes nothing
 
 
-def test_markers_past_their_deadline_are_ignored() -> None:
+def test_a_set_marker_past_its_deadline_is_dropped() -> None:
     now = time.time()
-    stash = Stash(1, {"old": (5, now - 1), "new": (6, now + 60)}, ("s", now - 1))
+    stash = Stash(1, {"new": Fold(6, now + 60)}, ("s", now - 1))
     live = stash.live(now)
     assert live.setter is None
-    assert live.pending == 1
-    assert live.busy(now)  # "new" is in flight
-    assert not live.settled("new", 0).busy(now)  # "old" no longer holds a set back
+    assert live.pending == 1 and live.folds == stash.folds
 
 
 def test_a_writer_stalled_past_its_fold_deadline_still_puts_back_what_it_took() -> None:
     now = time.time()
-    stalled = Stash(0, {"late": (5, now - 60)})
+    stalled = Stash(0, {"late": Fold(5, now - 60)})
     kept = stalled.live(now)
     assert "late" in kept.folds  # still on the key, for its writer to settle
     assert kept.released("late") == Stash(5)
-    forgotten = Stash(0, {"dead": (5, now - 86401)}).live(now)
+    forgotten = Stash(0, {"dead": Fold(5, now - 86401)}).live(now)
     assert dict(forgotten.folds) == {}  # a day on, its writer is gone for sure
 
 
-def test_a_set_holds_the_key_and_returns_what_it_took_only_when_it_failed() -> None:
+def test_a_set_takes_what_is_pending_and_fences_the_folds_in_flight() -> None:
     later = time.time() + 60
-    begun = Stash(9).set_begun("s1", later)
-    assert begun.setter == ("s1", later)
-    emptied = begun.cleared()
-    assert emptied.set_ended() == Stash(0)
-    assert emptied.set_ended(Stash(9)) == Stash(9)
+    folding = Stash(7).taken("f1", later).added(9)
+    begun = folding.set_begun("s1", later)
+    assert begun.setter == ("s1", later) and begun.owed == 0
+    assert dict(begun.folds) == {"f1": Fold(7, later, "s1")}
+    assert folding.fence == ["f1"]  # the set writes this token onto the shards
+    assert begun.taken("f2", later).pending == 0  # nothing new to take while it runs
+    # The set landed: every fenced fold is replaced by it, landed or failed.
+    assert begun.set_ended("s1") == Stash()
+    assert begun.released("f1").set_ended("s1") == Stash()
+    assert begun.landed("f1").set_ended("s1") == Stash()
+
+
+def test_a_failed_set_returns_what_it_took_and_unfences_the_folds() -> None:
+    later = time.time() + 60
+    begun = Stash(7).taken("f1", later).added(9).set_begun("s1", later)
+    back = Stash(9)
+    assert begun.set_ended("s1", back) == Stash(9, {"f1": Fold(7, later)})
+    # A fold that failed while fenced waits on the set's end, then goes back.
+    failed = begun.released("f1")
+    assert failed.owed == 0 and failed.folds["f1"].failed
+    assert failed.set_ended("s1", back) == Stash(16)
+    assert failed.released("f1") == failed  # settling twice changes nothing
+
+
+def test_folds_fenced_by_a_set_that_is_gone_count_as_that_set_failed() -> None:
+    now = time.time()
+    begun = Stash(7).taken("f1", now + 60).taken("f2", now + 60).set_begun("s1", now + 30)
+    dead = begun.released("f1")  # the setter dies; f1's write fails meanwhile
+    assert dead.live(now + 31) == Stash(7, {"f2": Fold(0, now + 60)})
+    assert dead.set_ended("other", Stash()) == dead  # another set's end changes nothing
 
 
 def test_an_unsure_write_replaces_its_fold_marker_and_is_owed_until_resolved() -> None:
@@ -99,7 +129,7 @@ def test_an_unsure_write_is_resolved_by_one_claimer_at_a_time() -> None:
     stash = Stash(1).made_unsure("a", 5, 0).made_unsure("b", 6, 1)
     assert stash.claimable() == ["a", "b"]
     mine = stash.claimed("c1", now + 60, ["a"])
-    assert mine.claimable() == ["b"] and mine.busy()
+    assert mine.claimable() == ["b"]
     assert mine.claimed("c2", now + 60, ["a"]) == mine  # already claimed: unchanged
     assert mine.unclaimed("a", "c2") == mine  # only its claimer opens it again
     assert mine.unclaimed("a", "c1") == stash
@@ -112,9 +142,8 @@ def test_a_set_takes_the_unsure_writes_and_a_failed_set_returns_them() -> None:
     later = time.time() + 60
     stash = Stash(4).made_unsure("a", 5, 0).claimed("c", later, ["a"])
     begun = stash.set_begun("s", later)
-    taken = Stash(begun.pending, unsure=begun.unsure)
-    assert begun.cleared().owed == 0
-    restored = begun.cleared().added(2).set_ended(taken)
+    assert begun.owed == 0 and stash.fence == ["a"]  # fenced: a late resolution writes nothing
+    restored = begun.added(2).set_ended("s", Stash(stash.pending, unsure=stash.unsure))
     assert restored.pending == 6 and dict(restored.unsure) == {"a": Unsure(5, 0)}
 
 
