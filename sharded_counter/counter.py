@@ -226,37 +226,38 @@ class Counter:
         backend = self._backend
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
         try:
-            for attempt in write_retrying(self.settings):
-                with attempt:
-                    index = None
-                    try:
-                        with self._picker.pick(self.shard_count, prefer=unsure_of) as (
-                            index,
-                            alone,
-                        ):
-                            # Inside the attempt: the first call may probe the backend.
-                            transform = not folding and self._transform_fits(amount)
-                            if unsure_of is None and alone and transform:
-                                state = backend.store.add_with_transform(
-                                    self.name, index, amount, token=token
-                                )
-                            else:
-                                state = self._add_in_transaction(index, amount, token)
-                    except CONTENTION:
-                        self.stats.add(aborts=1)
-                        raise
-                    except RETRYABLE as exc:
-                        self.stats.add(transient_errors=1)
-                        if unsure_of is None and index is not None and outcome_unknown(exc):
-                            unsure_of = index
-                            # Keep this process's other writers off that shard until the
-                            # write is resolved: a transform of theirs would replace the
-                            # token in this process's slot.
-                            self._picker.reserve(token, index)
-                        raise
-                    self.stats.add(writes=1)
-                    self._picker.release(token)
-                    return state
+            with self._picker.writing(token):
+                for attempt in write_retrying(self.settings):
+                    with attempt:
+                        index = None
+                        try:
+                            with self._picker.pick(self.shard_count, prefer=unsure_of) as (
+                                index,
+                                alone,
+                            ):
+                                # Inside the attempt: the first call may probe the backend.
+                                transform = not folding and self._transform_fits(amount)
+                                if unsure_of is None and alone and transform:
+                                    state = backend.store.add_with_transform(
+                                        self.name, index, amount, token=token
+                                    )
+                                else:
+                                    state = self._add_in_transaction(index, amount, token)
+                        except CONTENTION:
+                            self.stats.add(aborts=1)
+                            raise
+                        except RETRYABLE as exc:
+                            self.stats.add(transient_errors=1)
+                            if unsure_of is None and index is not None and outcome_unknown(exc):
+                                unsure_of = index
+                                # Keep this process's other writers off that shard until the
+                                # write is resolved: a transform of theirs would replace the
+                                # token in this process's slot.
+                                self._picker.reserve(token, index)
+                            raise
+                        self.stats.add(writes=1)
+                        self._picker.release(token)
+                        return state
         except Exception as exc:
             if unsure_of is None or isinstance(exc, CounterOverflowError):
                 raise
@@ -274,10 +275,17 @@ class Counter:
         store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
         others = [i for i in random.sample(range(self.shard_count), self.shard_count) if i != first]
         # The token goes along everywhere: a fence (stash.py) is on every shard.
+        pinned = self._picker.pinned()
         for index in [first, *others]:
             try:
                 return store.add_in_transaction(
-                    self.name, index, amount, lazy_begin=lazy, limit=limit, token=token
+                    self.name,
+                    index,
+                    amount,
+                    lazy_begin=lazy,
+                    limit=limit,
+                    token=token,
+                    pinned=pinned,
                 )
             except ShardOverflow:
                 continue
@@ -290,6 +298,7 @@ class Counter:
                 lazy_begin=lazy,
                 limit=limit,
                 token=token,
+                pinned=pinned,
             )
         except ValueError:
             raise CounterOverflowError(
@@ -421,6 +430,7 @@ class Counter:
                     lazy_begin=self._backend.lazy_begin,
                     limit=self._shard_limit,
                     token=token,
+                    pinned=picker.pinned(),
                 )
             except ShardOverflow:
                 # Not there (the token was looked for first), and that shard is full.

@@ -10,7 +10,10 @@ at random, but no more often than that.
 It also keeps this process off the shards of writes whose outcome is unknown
 (*reserved*, until the write is resolved): a retry, or whoever resolves the
 unsure entry, looks there for the write's token, and a transform write from
-this process would overwrite it (see ``shards.py``).
+this process would overwrite it (see ``shards.py``). The tokens of those
+writes, and of every write in flight, are *pinned*: a transaction write of
+this process keeps them in its token slot on the shard, where otherwise
+only the last few survive.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ShardPicker:
         self._busy: dict[int, int] = {}  # index -> writers on it
         self._reserved: dict[str, int] = {}  # write token -> its shard, while unsure
         self._kept: set[str] = set()  # those of them kept as unsure entries in delayed_incr
+        self._in_flight: set[str] = set()  # tokens of writes running now
         #: Set once this process saw a shard of the counter past the transform
         #: limit and could not spread it back: its writes then use transactions.
         self.transforms_unsafe = False
@@ -97,6 +101,23 @@ class ShardPicker:
         with self._lock:
             self._reserved.pop(token, None)
             self._kept.discard(token)
+
+    @contextmanager
+    def writing(self, token: str) -> Iterator[None]:
+        """The write ``token`` runs: its token stays pinned (see ``pinned``)."""
+        with self._lock:
+            self._in_flight.add(token)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight.discard(token)
+
+    def pinned(self) -> frozenset[str]:
+        """Tokens a write of this process must keep in its slot: writes in flight, and
+        writes whose outcome is unknown until they are resolved."""
+        with self._lock:
+            return frozenset(self._in_flight.union(self._reserved))
 
     def kept(self) -> set[str]:
         """This process's writes kept as unsure entries and not yet seen resolved.

@@ -15,7 +15,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,7 +42,7 @@ _MAX_MUTATIONS = 500  # Datastore's limit per commit
 _IN_LIMIT = 30  # values one IN filter may hold
 # Every write names itself with a token, which the shard keeps, so a retry after an
 # unknown outcome (or the resolution of an unsure write) can tell whether it landed.
-# Each process keeps its tokens in a property of its own, "w_" + one of 65,536 slots
+# Each process keeps its tokens in a property of its own, "w_" + one of 2**32 slots
 # drawn per process: other processes' writes to the shard never push them out (unless
 # two processes drew the same slot). A transaction write appends to its slot's list
 # (the last _SLOT_TOKENS_KEPT); a transform cannot read the shard, so it replaces the
@@ -62,7 +62,7 @@ _FENCE_KEPT = 256
 
 
 def _draw_slot() -> str:
-    return f"{secrets.randbelow(65536):04x}"
+    return secrets.token_hex(4)
 
 
 _process_slot = _draw_slot()
@@ -241,6 +241,7 @@ class ShardStore:
         lazy_begin: bool,
         limit: int = INT64_MAX,
         token: str = "",
+        pinned: Collection[str] = (),
     ) -> ShardState:
         """Read the shard, add ``delta``, write it back, all in one transaction.
 
@@ -253,7 +254,8 @@ class ShardStore:
         unknown (the reply was lost, but the commit may have landed) finds its
         own token and writes nothing. Transaction isolation makes that check
         sound: a first attempt that lands after the retry read the shard
-        conflicts with it.
+        conflicts with it. Tokens in ``pinned`` stay in the slot however many
+        writes come after them (see picker.py).
         """
         key = self.key(name, index)
         transaction = None if lazy_begin else self.begin()
@@ -275,7 +277,7 @@ class ShardStore:
             if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index)
             written = self._entity(key, name, current + delta)
-            _carry_slots(entity, written, token)
+            _carry_slots(entity, written, token, pinned=pinned)
             response = self.commit([_upsert(written)], transaction)
         except BaseException:
             if transaction is not None:
@@ -404,6 +406,7 @@ class ShardStore:
         limit: int = INT64_MAX,
         token: str = "",
         fence: Sequence[str] = (),
+        pinned: Collection[str] = (),
     ) -> list[ShardState]:
         """Spread ``target(current total)`` evenly over the shards of ``name``, in one transaction.
 
@@ -451,7 +454,7 @@ class ShardStore:
             mutations = []
             for key, entity, amount in zip(ordered, entities, amounts, strict=True):
                 written = self._entity(key, name, amount)
-                _carry_slots(entity, written, token, fence=fenced)
+                _carry_slots(entity, written, token, fence=fenced, pinned=pinned)
                 mutations.append(_upsert(written))
             response = self.commit(mutations, transaction)
         except BaseException:
@@ -518,10 +521,18 @@ def _slot_tokens(value: Any) -> list[str]:
     return [value.string_value] if kind == "string_value" else []
 
 
-def _carry_slots(entity: Any, written: Any, token: str, *, fence: Sequence[str] = ()) -> None:
+def _carry_slots(
+    entity: Any,
+    written: Any,
+    token: str,
+    *,
+    fence: Sequence[str] = (),
+    pinned: Collection[str] = (),
+) -> None:
     """Give ``written`` the token slots of ``entity`` (the shard as read), this
-    process's own with ``token`` appended, and without slots gone stale; and the
-    fence of ``entity`` (or ``fence`` in its place), without tokens gone stale."""
+    process's own with ``token`` appended (its last few, and any ``pinned``), and
+    without slots gone stale; and the fence of ``entity`` (or ``fence`` in its
+    place), without tokens gone stale."""
     own = _SLOT_PREFIX + _process_slot
     mine: list[str] = []
     stale_before = time.time() - _SLOT_TTL
@@ -538,7 +549,9 @@ def _carry_slots(entity: Any, written: Any, token: str, *, fence: Sequence[str] 
                     continue  # a process long gone; nobody can still be looking
                 written.properties[prop].CopyFrom(value)
     if token:
-        mine = [*mine, token][-_SLOT_TOKENS_KEPT:]
+        mine = [*mine, token]
+        last = len(mine) - _SLOT_TOKENS_KEPT
+        mine = [t for i, t in enumerate(mine) if i >= last or t in pinned]
     _put_tokens(written, own, mine)
     # Tokens start with their time, so sorting them keeps the newest last.
     fresh = {t for t in fenced if (_token_time(t) or stale_before) >= stale_before}

@@ -632,7 +632,7 @@ class CommitSpy:
         return attempt
 
 
-def test_a_stalled_datastore_stashes_then_folds_exactly(
+def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
     backend_env: dict[str, str],
     sharded_counter_backends: Any,
     datastore_engine: str,
@@ -916,19 +916,23 @@ def _increment_elsewhere(
         counter.increment(1)
 
 
-def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanwhile(
+@pytest.mark.parametrize("writer", ["another-process", "this-process"])
+def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     backend_env: dict[str, str],
     sharded_counter_backends: Any,
     datastore_engine: str,
     monkeypatch: pytest.MonkeyPatch,
+    writer: str,
 ) -> None:
     """The first commit of +7 is applied but its reply held; before this process retries,
-    a second process writes the same shard twenty times.
+    a second process, or another thread of this one, writes the same shard twenty times.
 
     Each write names only its own process's token slot, so the other process's writes
     leave this one's token for the retry to find, on the transform path and on the
     transaction path alike (earlier, transactions kept the last 16 tokens of any process
-    in one list, and twenty writes pushed this one out).
+    in one list, and twenty writes pushed this one out). This process's own writes
+    append to its slot, which keeps the last eight tokens and every pinned one: the
+    token of a write in flight is pinned.
     """
     emulator = sharded_counter_backends.emulator(datastore_engine)
     direct = f"{emulator.host}:{emulator.port}"
@@ -943,7 +947,16 @@ def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanw
 
         def write_elsewhere() -> None:
             # The +7 has landed and this process gave up on its reply: now the
-            # other process writes the shard, before the retry looks at it.
+            # other writer writes the shard, before the retry looks at it.
+            if writer == "this-process":
+                with monkeypatch.context() as patch:
+                    patch.setenv("DATASTORE_EMULATOR_HOST", direct)
+                    mine = Counter(name, shards=1, memcached_hosts=())
+                thread = threading.Thread(target=lambda: [mine.increment(1) for _ in range(20)])
+                thread.start()
+                thread.join(60)
+                assert not thread.is_alive(), "setup: the other thread hung"
+                return
             other = ctx.Process(target=_increment_elsewhere, args=(direct, name, 20, "b2b2"))
             other.start()
             other.join(60)
@@ -953,7 +966,7 @@ def test_a_lost_reply_is_counted_once_when_another_process_wrote_the_shard_meanw
         counter.increment(7)  # acknowledged once
         assert held.is_set(), "setup: no commit was held"
         uncached = counter.get_count(nocache=True)
-        report(f"unknown-outcome-shared[{datastore_engine}]", ledger=28, total=uncached)
+        report(f"unknown-outcome-{writer}[{datastore_engine}]", ledger=28, total=uncached)
         assert uncached == 1 + 7 + 20, f"acknowledged 28, counted {uncached}"
     finally:
         relay.close()

@@ -90,6 +90,22 @@ def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
     assert read_shard(name, 0)["count"] == 27
 
 
+def test_a_pinned_token_stays_in_the_slot_however_many_writes_follow(
+    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = "token-pinned"
+    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    monkeypatch.setattr(shards_module, "_process_slot", "3333")
+    pinned, pushed = new_token(), new_token()
+    store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned)
+    store.add_in_transaction(name, 0, 5, lazy_begin=False, token=pushed)
+    for _ in range(20):  # this process's other writes, while the +7 is unsure
+        store.add_in_transaction(name, 0, 1, lazy_begin=False, token=new_token(), pinned={pinned})
+    slot = read_shard(name, 0)["w_3333"]
+    assert pinned in slot and pushed not in slot and len(slot) == 1 + 8
+    assert store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned).value == 32
+
+
 def test_tokens_carry_the_time_they_were_made() -> None:
     before = int(time.time())
     token = new_token()
