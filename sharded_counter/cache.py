@@ -409,13 +409,18 @@ class CacheTier:
         else:
             self._settle(stash_key, lambda s: s.unclaimed(token, claim))
 
-    def unsure_to_pending(self, stash_key: str, token: str) -> None:
+    def unsure_to_pending(self, stash_key: str, token: str, claim: str) -> None:
         """The unsure write ``token`` did not land and its shard cannot take it: it waits as
-        pending, for any shard. Never raises."""
-        self._settle(
-            stash_key,
-            lambda s: s.resolved(token, back=s.unsure[token].amount) if token in s.unsure else s,
-        )
+        pending, for any shard, unless ``claim`` lost it to a set meanwhile (the set
+        decides then). Never raises."""
+
+        def to_pending(stash: Stash) -> Stash:
+            entry = stash.unsure.get(token)
+            if entry is None or entry.claim != claim:
+                return stash
+            return stash.resolved(token, back=entry.amount)
+
+        self._settle(stash_key, to_pending)
 
     # -- count = v (see stash.py) --------------------------------------------------
 
@@ -452,12 +457,12 @@ class CacheTier:
                     del self._set_waits[next(iter(self._set_waits))]
 
     def begin_set(self, stash_key: str, token: str, deadline: float) -> Stash:
-        """Stop new folds and resolutions, take everything owed (pending and unsure
-        writes) and fence the folds in flight, all in one ``cas`` (see stash.py).
+        """Stop new folds and resolutions, take what is pending, claim the unsure writes
+        and fence the folds in flight, all in one ``cas`` (see stash.py).
 
-        Returns the stash as it was: what the set takes, and in ``fence`` the tokens
-        its transaction must write onto the shards. ``end_set`` must follow.
-        Raises CacheUnavailable.
+        Returns the stash as it was; its ``fence`` names the tokens the set's
+        transaction writes onto the shards. ``end_set`` should follow (the marker's
+        deadline ends it otherwise). Raises CacheUnavailable.
         """
         pause = 0.005
         while True:
@@ -474,9 +479,9 @@ class CacheTier:
     def _live_stash(self, stash_key: str) -> Stash:
         return Stash.decode(self._gets(stash_key)[0]).live()
 
-    def end_set(self, stash_key: str, token: str, back: Stash | None) -> None:
-        """The set ``token`` is over; ``back`` (what it took, if it failed) is owed again."""
-        self._change_stash(stash_key, lambda s: s.set_ended(token, back))
+    def end_set(self, stash_key: str, token: str, *, landed: bool) -> None:
+        """The set ``token`` is over, and ``landed`` or not (see ``Stash.set_ended``)."""
+        self._change_stash(stash_key, lambda s: s.set_ended(token, landed=landed))
 
     def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
         """What each stash adds to its counter's shards (see ``Stash.owed``)."""

@@ -332,7 +332,7 @@ class Counter:
         self.stats.add(rebalances=1)
         self._backend.cache.merge(self._record_key, self._stash_key, states)
 
-    def _rewrite(self, target: Any, fence: Sequence[str] = ()) -> list[ShardState]:
+    def _rewrite(self, target: Any, fence: Sequence[str] = (), token: str = "") -> list[ShardState]:
         backend = self._backend
         for attempt in write_retrying(self.settings, until_deadline=True):
             with attempt:
@@ -343,6 +343,7 @@ class Counter:
                     lazy_begin=backend.lazy_begin,
                     limit=self._shard_limit,
                     fence=fence,
+                    token=token,
                 )
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
@@ -434,7 +435,7 @@ class Counter:
                 )
             except ShardOverflow:
                 # Not there (the token was looked for first), and that shard is full.
-                cache.unsure_to_pending(self._stash_key, token)
+                cache.unsure_to_pending(self._stash_key, token, claim)
                 picker.release(token)
                 continue
             except gexc.GoogleAPICallError as exc:
@@ -592,7 +593,7 @@ class Counter:
 
     def _set_now(self, value: int) -> None:
         cache = self._backend.cache
-        token = secrets.token_hex(6)
+        token = new_token()
         coordinated, taken = False, Stash()
         if cache.enabled:
             # Stop new folds, take what is owed, fence the folds in flight (stash.py).
@@ -604,29 +605,31 @@ class Counter:
                 coordinated = True
             except CacheUnavailable:
                 pass  # nothing can be taken or stashed while memcache is down either
+        # The set's own token goes in the fence too: what it took is settled by it, and
+        # a retry after an attempt whose outcome is unknown finds it and writes nothing.
+        fence = [token, *taken.fence]
         try:
-            states = self._rewrite(lambda _current: value, fence=taken.fence)
+            states = self._rewrite(lambda _current: value, fence=fence, token=token)
         except BaseException:
             if coordinated:
-                self._end_set(token, back=Stash(taken.pending, unsure=taken.unsure))
+                self._end_set(token, landed=False)
             raise
         if coordinated:
-            self._end_set(token, back=None)
+            self._end_set(token, landed=True)
         cache.merge(self._record_key, self._stash_key, states)
 
-    def _end_set(self, token: str, back: Stash | None) -> None:
+    def _end_set(self, token: str, *, landed: bool) -> None:
         try:
-            self._backend.cache.end_set(self._stash_key, token, back)
+            self._backend.cache.end_set(self._stash_key, token, landed=landed)
         except CacheUnavailable as exc:
-            # The set's marker expires by itself; only a failed set has something to return.
-            if back is not None and (back.pending or back.unsure):
-                log.error(
-                    "counter %r lost %d stashed by earlier increments: memcache failed while "
-                    "putting it back after a failed set (%s)",
-                    self.name,
-                    back.owed,
-                    exc,
-                )
+            # Nothing is lost: the marker's deadline ends the set as "not landed", and
+            # the shards' fence then tells the resolution what the set replaced.
+            log.warning(
+                "counter %r: memcache failed while ending a set (%s); delayed_incr settles "
+                "it when the set's marker expires",
+                self.name,
+                exc,
+            )
 
     # -- checking the cache against the truth ----------------------------------------
 

@@ -454,7 +454,9 @@ class ShardStore:
             mutations = []
             for key, entity, amount in zip(ordered, entities, amounts, strict=True):
                 written = self._entity(key, name, amount)
-                _carry_slots(entity, written, token, fence=fenced, pinned=pinned)
+                # A set's own token is in its fence; a write's goes in its slot.
+                slot_token = "" if token in fence else token
+                _carry_slots(entity, written, slot_token, fence=fenced, pinned=pinned)
                 mutations.append(_upsert(written))
             response = self.commit(mutations, transaction)
         except BaseException:

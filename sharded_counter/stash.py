@@ -6,24 +6,6 @@ flight is not just a number that left the key. It leaves a marker (its write
 token, the amount and a deadline) until its write has landed or the amount
 is back in ``pending``.
 
-That is what ``count = v`` needs. A set puts its own marker on the key,
-which stops new folds, and in the same ``cas`` takes ``pending`` and every
-unsure write (below) and *fences* every fold in flight: its transaction
-writes their tokens onto every shard, and a fold's write (always a
-transaction that looks for its token first) writes nothing once it finds
-its token there. So every stashed increment is either in a shard when the
-set reads them, or taken by the set, or fenced by it: replaced either way,
-never written after the set, however long its writer stalls and whatever
-the clocks say. A fold whose write fails while fenced does not put its
-amount back at once: the set's end decides (dropped if the set landed,
-back in ``pending`` if it failed). A fenced marker whose set is gone (its
-marker expired: the setter died) counts as failed.
-
-A fold marker past its deadline belongs to a process that died or stalled
-far past its own time limits. It stays on the key for a day, so a writer
-that was only stalled can still settle it (and put back what it took)
-instead of losing it.
-
 A write whose retries ran out while its outcome was unknown (the commit may
 have landed; only its reply was lost) is kept as an *unsure* entry: its write
 token, the amount and the shard it went to. Readers count it, like
@@ -33,12 +15,35 @@ the shard already holds the token, and then drops the entry. So an unsure
 write is counted once whether or not it had landed, instead of being stashed
 as pending and written a second time.
 
+``count = v`` must replace everything stashed before it, including what
+folds in flight took. In one ``cas`` a set puts its marker on the key (which
+stops new folds and claims), moves ``pending`` onto its marker, claims every
+unsure write and *fences* every fold in flight. Its transaction writes a
+fence onto every shard: its own token and the tokens of those folds and
+unsure writes. A fold's write is a transaction that looks for its token
+first, so once the set has landed a late fold writes nothing. Then:
+
+- the set landed: its marker, the unsure writes it claimed and its fenced
+  folds' markers go; all of it was replaced.
+- the set failed, or its marker expired (the setter died or stalled), or
+  its own outcome is unknown: nothing is decided by a clock. What it took
+  becomes an unsure entry named by its token on shard 0, the unsure writes
+  it claimed are open again, and its folds stay fenced. A resolution adds
+  each amount unless the fence shows the set landed, and transaction
+  isolation orders that against a late commit of the set.
+- a fenced fold whose write fails becomes an unsure entry on shard 0 under
+  its own token, settled the same way.
+
+A fold marker past its deadline belongs to a process that died or stalled
+far past its own time limits. It stays on the key for a day, so a writer
+that was only stalled can still settle it (and put back what it took)
+instead of losing it.
+
 The value is ASCII: ``<pending>``, then ``;f<token>=<amount>@<deadline>``
-per fold in flight (``!<set token>`` added while fenced, then ``!x`` once its
-write failed), ``;u<token>=<amount>/<shard>`` per unsure write
-(``/<claim>@<deadline>`` added while claimed) and ``;s<token>@<deadline>``
-while a set runs. A plain integer, the format of earlier versions, reads as
-``pending``.
+per fold in flight (``!<set token>`` added while fenced),
+``;u<token>=<amount>/<shard>`` per unsure write (``/<claim>@<deadline>``
+added while claimed) and ``;s<token>=<taken>@<deadline>`` while a set runs.
+A plain integer, the format of earlier versions, reads as ``pending``.
 """
 
 from __future__ import annotations
@@ -59,23 +64,19 @@ class Fold:
     amount: int
     deadline: float
     fence: str = ""  # the set that fenced it, if one did
-    failed: bool = False  # its write failed while fenced: the set's end decides
 
     def encode(self, token: str) -> str:
         text = f"f{token}={self.amount}@{self.deadline:.3f}"
-        if self.fence:
-            text += f"!{self.fence}" + ("!x" if self.failed else "")
-        return text
+        return f"{text}!{self.fence}" if self.fence else text
 
     @classmethod
     def decode(cls, body: str) -> tuple[str, Fold]:
         token, _, rest = body.partition("=")
         amount, _, rest = rest.partition("@")
-        deadline, *fenced = rest.split("!")
-        if fenced and (not fenced[0] or fenced[1:] not in ([], ["x"])):
+        deadline, bang, fence = rest.partition("!")
+        if bang and not fence:
             raise ValueError(body)
-        fence = fenced[0] if fenced else ""
-        return token, cls(int(amount), float(deadline), fence, len(fenced) == 2)
+        return token, cls(int(amount), float(deadline), fence)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,16 +115,18 @@ class Stash:
     setter: tuple[str, float] | None = None  # (token, deadline) of a set in progress
     # write token -> the unsure write it names
     unsure: Mapping[str, Unsure] = dataclasses.field(default_factory=lambda: _NO_UNSURE)
+    set_taken: int = 0  # the pending amount the running set took
 
     @property
     def owed(self) -> int:
-        """What readers add to the shards: pending, and every unsure write."""
-        return self.pending + sum(u.amount for u in self.unsure.values())
+        """What readers add to the shards: pending (with what a running set took, until
+        it lands), and every unsure write."""
+        return self.pending + self.set_taken + sum(u.amount for u in self.unsure.values())
 
     @property
     def fence(self) -> list[str]:
-        """The tokens a set that took this stash writes onto the shards: every fold in
-        flight and every unsure write (see above)."""
+        """The tokens a set that begins on this stash fences: every fold in flight and
+        every unsure write (the set adds its own)."""
         return [*self.folds, *self.unsure]
 
     @classmethod
@@ -135,7 +138,7 @@ class Stash:
             head, *marks = raw.decode("ascii").split(";")
             folds: dict[str, Fold] = {}
             unsure: dict[str, Unsure] = {}
-            setter = None
+            setter, set_taken = None, 0
             for mark in marks:
                 if mark.startswith("u"):
                     token, entry = Unsure.decode(mark[1:])
@@ -145,8 +148,11 @@ class Stash:
                     folds[token] = fold
                 elif mark.startswith("s"):
                     body, _, deadline = mark[1:].partition("@")
-                    setter = (body, float(deadline))
-            return cls(int(head), MappingProxyType(folds), setter, MappingProxyType(unsure))
+                    token, equals, taken = body.partition("=")
+                    setter, set_taken = (token, float(deadline)), int(taken) if equals else 0
+            return cls(
+                int(head), MappingProxyType(folds), setter, MappingProxyType(unsure), set_taken
+            )
         except ValueError:
             return cls()
 
@@ -155,28 +161,26 @@ class Stash:
         parts += [fold.encode(token) for token, fold in self.folds.items()]
         parts += [entry.encode(token) for token, entry in self.unsure.items()]
         if self.setter is not None:
-            parts.append(f"s{self.setter[0]}@{self.setter[1]:.3f}")
+            token, deadline = self.setter
+            parts.append(f"s{token}={self.set_taken}@{deadline:.3f}")
         return ";".join(parts).encode("ascii")
 
     def live(self, now: float | None = None) -> Stash:
-        """Without a set whose deadline has passed; lapsed claims are open again.
+        """Without a set whose deadline has passed (it counts as not landed, see
+        ``set_ended``); lapsed claims are open again.
 
-        A fold fenced by a set that is gone counts as that set having failed
-        (see ``set_ended``). A fold marker past its deadline stays a day
-        longer: if its writer was only stalled, it still finds its marker
-        when it settles, and puts back what it took.
+        A fold marker past its deadline stays a day longer: if its writer was
+        only stalled, it still finds its marker when it settles, and puts back
+        what it took.
         """
         now = time.time() if now is None else now
-        setter = self.setter if self.setter is not None and self.setter[1] > now else None
-        setting = setter[0] if setter is not None else ""
-        forgotten = [t for t, f in self.folds.items() if f.deadline + _FOLD_FORGOTTEN_AFTER <= now]
-        orphaned = [t for t, f in self.folds.items() if f.fence and f.fence != setting]
-        lapsed = [t for t, u in self.unsure.items() if u.claim and u.deadline <= now]
-        if setter == self.setter and not (forgotten or orphaned or lapsed):
-            return self
-        stash = dataclasses.replace(self, setter=setter)
-        for token in dict.fromkeys(orphaned):
-            stash = stash._unfenced(token)
+        stash = self
+        if self.setter is not None and self.setter[1] <= now:
+            stash = self.set_ended(self.setter[0], landed=False)
+        forgotten = [t for t, f in stash.folds.items() if f.deadline + _FOLD_FORGOTTEN_AFTER <= now]
+        lapsed = [t for t, u in stash.unsure.items() if u.claim and u.deadline <= now]
+        if not (forgotten or lapsed):
+            return stash
         folds = {t: f for t, f in stash.folds.items() if t not in forgotten}
         unsure = dict(stash.unsure)
         for token in lapsed:
@@ -201,29 +205,20 @@ class Stash:
         return self._without_fold(token)
 
     def released(self, token: str) -> Stash:
-        """The fold ``token`` failed to write: what it took waits again, or, if a set
-        fenced it, waits on that set's end. Repeating it changes nothing."""
+        """The fold ``token`` failed to write: what it took waits again. A fenced fold's
+        amount waits as an unsure entry on shard 0 instead, added only if the fence
+        shows that its set did not land. Repeating it changes nothing."""
         fold = self.folds.get(token)
-        if fold is None or fold.failed:
+        if fold is None:
             return self
         if fold.fence:
-            folds = {**self.folds, token: dataclasses.replace(fold, failed=True)}
-            return dataclasses.replace(self, folds=MappingProxyType(folds))
+            return self.made_unsure(token, fold.amount, 0)
         return self._without_fold(token).added(fold.amount)
 
     def _without_fold(self, token: str) -> Stash:
         if token not in self.folds:
             return self
         folds = {t: f for t, f in self.folds.items() if t != token}
-        return dataclasses.replace(self, folds=MappingProxyType(folds))
-
-    def _unfenced(self, token: str) -> Stash:
-        """The set that fenced the fold ``token`` did not land: a failed fold's amount
-        waits again, a fold still in flight is an ordinary one again."""
-        fold = self.folds[token]
-        if fold.failed:
-            return self._without_fold(token).added(fold.amount)
-        folds = {**self.folds, token: Fold(fold.amount, fold.deadline)}
         return dataclasses.replace(self, folds=MappingProxyType(folds))
 
     def made_unsure(self, token: str, amount: int, shard: int) -> Stash:
@@ -287,23 +282,42 @@ class Stash:
     # -- count = v -------------------------------------------------------------
 
     def set_begun(self, token: str, deadline: float) -> Stash:
-        """The set ``token`` runs until ``deadline``: it takes everything owed and
-        fences every fold in flight."""
+        """The set ``token`` runs until ``deadline``: it takes ``pending``, claims every
+        unsure write (over any resolver: both look for the same token) and fences
+        every fold in flight."""
         folds = {t: Fold(f.amount, f.deadline, token) for t, f in self.folds.items()}
-        return Stash(0, MappingProxyType(folds), (token, deadline))
-
-    def set_ended(self, token: str, back: Stash | None = None) -> Stash:
-        """The set ``token`` is over. Without ``back`` it landed: the folds it fenced are
-        replaced by it, so their markers go. With ``back`` (what it took) it failed: that
-        is owed again, and the folds it fenced are ordinary ones again."""
-        stash = self
-        if stash.setter is not None and stash.setter[0] == token:
-            stash = dataclasses.replace(stash, setter=None)
-        for fenced in [t for t, f in self.folds.items() if f.fence == token]:
-            stash = stash._without_fold(fenced) if back is None else stash._unfenced(fenced)
-        if back is None:
-            return stash
-        unsure = {**stash.unsure, **{t: Unsure(u.amount, u.shard) for t, u in back.unsure.items()}}
+        unsure = {t: Unsure(u.amount, u.shard, token, deadline) for t, u in self.unsure.items()}
         return dataclasses.replace(
-            stash, pending=stash.pending + back.pending, unsure=MappingProxyType(unsure)
+            self,
+            pending=0,
+            folds=MappingProxyType(folds),
+            setter=(token, deadline),
+            unsure=MappingProxyType(unsure),
+            set_taken=self.pending,
+        )
+
+    def set_ended(self, token: str, *, landed: bool) -> Stash:
+        """The set ``token`` is over. If it ``landed``, what it took, claimed and fenced
+        was replaced by it, and goes. Otherwise (it failed, or its outcome is unknown)
+        what it took waits as an unsure entry named by its token on shard 0, its claims
+        are open again, and its folds stay fenced: the shards' fence decides."""
+        if self.setter is None or self.setter[0] != token:
+            return self  # its marker expired: that ended it as not landed already
+        unsure = {}
+        for t, u in self.unsure.items():
+            if u.claim != token:
+                unsure[t] = u
+            elif not landed:
+                unsure[t] = Unsure(u.amount, u.shard)
+        folds = dict(self.folds)
+        if landed:
+            folds = {t: f for t, f in folds.items() if f.fence != token}
+        elif self.set_taken:
+            unsure[token] = Unsure(self.set_taken, 0)
+        return dataclasses.replace(
+            self,
+            folds=MappingProxyType(folds),
+            setter=None,
+            unsure=MappingProxyType(unsure),
+            set_taken=0,
         )

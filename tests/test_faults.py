@@ -1171,25 +1171,29 @@ def test_writers_hold_back_for_a_dead_setter_only_briefly(
     assert_totals(counter, 7)
 
 
-@pytest.mark.parametrize("outcome", ["fold-lands", "fold-fails", "set-fails"])
+@pytest.mark.parametrize("outcome", ["fold-lands", "fold-fails", "set-fails", "setter-dies"])
 def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     backend_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
     outcome: str,
 ) -> None:
-    """An increment acknowledged (stashed) before ``count = 0`` must not survive it.
+    """Increments acknowledged (stashed) before ``count = 0`` must not survive it.
 
-    Instrumentation holds one folding write between taking the stash and its shard
-    write, for as long as the test likes: any slow write (contention, a retry, a
-    paused process) leaves that window open, for longer than any deadline. The set
-    runs on a client of its own, as another process would, and does not wait: it
-    fences the fold. What the fold took is then replaced by the set whether the
-    fold's write lands late ("fold-lands": it finds its token and writes nothing)
-    or fails ("fold-fails": nothing goes back to the stash). A set that fails
-    (faked: a refused connection on cue) leaves the fold an ordinary one.
-    The backends and the stash are real.
+    Instrumentation holds one folding write (it took a stash of 1,000) between the
+    take and its shard write, for as long as the test likes: any slow write
+    (contention, a retry, a paused process) leaves that window open, longer than any
+    deadline. Another 300 is stashed meanwhile. The set runs on a client of its own,
+    as another process would, and does not wait: it takes the 300 and fences the
+    fold. What the fold took is replaced by the set whether the fold's write lands
+    late ("fold-lands": it finds its token in the fence and writes nothing) or fails
+    ("fold-fails"). A set that fails (faked: a refused connection on cue) replaces
+    nothing. A setter that dies right after its transaction landed (faked: it never
+    ends the set) leaves its marker to expire; then the fence on the shards, not a
+    clock, shows what it replaced. The backends and the stash are real.
     """
+    if outcome == "setter-dies":
+        monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)  # its marker expires soon
     name = f"set-vs-fold-{outcome}"
     cache = {"memcache_client": own_memcache()}
     healthy = Counter(name, shards=4, **cache)
@@ -1205,14 +1209,13 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     holding, release = threading.Event(), threading.Event()
     folder_thread: list[threading.Thread] = []
     setter_thread: list[threading.Thread] = []
-    write = ShardStore.add_in_transaction
-    rewrite = ShardStore.rewrite
+    write, rewrite, end_set = ShardStore.add_in_transaction, ShardStore.rewrite, Counter._end_set
 
     def held(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
         if folder_thread and threading.current_thread() is folder_thread[0]:
             holding.set()
             release.wait(30)
-            if outcome == "fold-fails":
+            if outcome in ("fold-fails", "setter-dies"):
                 raise gexc.ServiceUnavailable("failed to connect to all addresses")
         return write(store, *args, **kwargs)
 
@@ -1221,19 +1224,33 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
             raise gexc.ServiceUnavailable("failed to connect to all addresses")
         return rewrite(store, *args, **kwargs)
 
+    def dies(counter: Counter, *args: Any, **kwargs: Any) -> None:
+        if outcome == "setter-dies" and threading.current_thread() is setter_thread[0]:
+            return  # as if its process died the moment its transaction landed
+        end_set(counter, *args, **kwargs)
+
     monkeypatch.setattr(ShardStore, "add_in_transaction", held)
     monkeypatch.setattr(ShardStore, "rewrite", refused)
+    monkeypatch.setattr(Counter, "_end_set", dies)
     folder = threading.Thread(target=healthy.increment, args=(5,))
     folder_thread.append(folder)
     folder.start()
     if not holding.wait(10):
         pytest.fail("setup: the folding write never reached the shard write")
+    broken.increment(300)  # acknowledged too: stashed while the fold is in flight
+    assert merged_stats(broken)["stashed"] == 2, "setup: the 300 was not stashed"
     set_failed: list[BaseException] = []
 
     def set_to_zero() -> None:
-        setter = Counter(name, shards=4, memcache_client=own_memcache(), retry_deadline=1.0)
+        setter = Counter(
+            name,
+            shards=4,
+            memcache_client=own_memcache(),
+            retry_deadline=1.0,
+            rpc_timeout=0.5,
+        )
         try:
-            setter.count = 0  # begins after the 1000 was acknowledged
+            setter.count = 0  # begins after the 1000 and the 300 were acknowledged
         except gexc.ServiceUnavailable as exc:
             set_failed.append(exc)
 
@@ -1246,13 +1263,21 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     release.set()
     folder.join(30)
     assert not folder.is_alive()
+    if outcome == "setter-dies":
+        time.sleep(2.5)  # the dead setter's marker expires: nothing else ends its set
 
     # The +5 overlapped the set: either side is fine, and the fence puts it before.
-    expected = {"fold-lands": 0, "fold-fails": 5, "set-fails": 1 + 1000 + 5}[outcome]
+    expected = {
+        "fold-lands": 0,
+        "fold-fails": 5,  # its own 5 is stashed after the set
+        "set-fails": 1 + 1000 + 5 + 300,
+        "setter-dies": 5,
+    }[outcome]
     ledger = Ledger()
-    if outcome == "fold-fails":
-        assert pending_stash(healthy) == 5  # its own 5 only: the 1000 went with the set
-        fold_stash(healthy, ledger)
+    fold_stash(healthy, ledger)  # writes resolve what the set left to the fence
+    entries = Stash.decode(healthy._backend.cache._client.get(healthy._stash_key))
+    report(f"set-vs-fold-{outcome}", expected=expected, unsure_left=len(entries.unsure))
+    assert not entries.unsure and entries.setter is None, entries
     assert_totals(healthy, expected + ledger.acknowledged)
 
 

@@ -14,9 +14,7 @@ amounts = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 deadlines = st.floats(min_value=1e9, max_value=4e9).map(lambda t: round(t, 3))
 
 
-folds = st.builds(Fold, amounts, deadlines) | st.builds(
-    Fold, amounts, deadlines, tokens, st.booleans()
-)
+folds = st.builds(Fold, amounts, deadlines) | st.builds(Fold, amounts, deadlines, tokens)
 unsure_writes = st.builds(Unsure, amounts, st.integers(min_value=0, max_value=999)) | st.builds(
     Unsure, amounts, st.integers(min_value=0, max_value=999), tokens, deadlines
 )
@@ -27,14 +25,16 @@ unsure_writes = st.builds(Unsure, amounts, st.integers(min_value=0, max_value=99
     folds=st.dictionaries(tokens, folds, max_size=4),
     setter=st.none() | st.tuples(tokens, deadlines),
     unsure=st.dictionaries(tokens, unsure_writes, max_size=4),
+    set_taken=amounts,
 )
 def test_every_stash_reads_back_as_written(
     pending: int,
     folds: dict[str, Fold],
     setter: tuple[str, float] | None,
     unsure: dict[str, Unsure],
+    set_taken: int,
 ) -> None:
-    stash = Stash(pending, folds, setter, unsure)
+    stash = Stash(pending, folds, setter, unsure, set_taken if setter else 0)
     assert Stash.decode(stash.encode()) == stash
 
 
@@ -46,7 +46,7 @@ def test_a_plain_integer_of_earlier_versions_is_the_pending_amount() -> None:
 def test_anything_unreadable_counts_as_empty() -> None:
     unreadable = (
         *(b"x", b"1;f=oops", b"1;fabc=1@never", b"1;uabc=1", b"1;uabc=1/2/c", "é".encode()),
-        *(b"1;fabc=1@5.0!", b"1;fabc=1@5.0!s!y", b"1;fabc=1@5.0!!x", b"1;fabc=1@5.0!s!x!x"),
+        *(b"1;fabc=1@5.0!", b"1;sabc=x@5.0", b"1;sabc=1@never"),
     )
     for raw in unreadable:
         assert Stash.decode(raw) == Stash()
@@ -59,14 +59,6 @@ def test_a_fold_takes_everything_pending_and_marks_the_key_until_it_settles() ->
     assert taken.added(3).landed("t1") == Stash(3)  # landed: the marker goes
     assert taken.added(3).released("t1") == Stash(10)  # failed: the 7 waits again
     assert taken.released("t1").released("t1") == Stash(7)  # settling twice changes nothing
-
-
-def test_a_set_marker_past_its_deadline_is_dropped() -> None:
-    now = time.time()
-    stash = Stash(1, {"new": Fold(6, now + 60)}, ("s", now - 1))
-    live = stash.live(now)
-    assert live.setter is None
-    assert live.pending == 1 and live.folds == stash.folds
 
 
 def test_a_writer_stalled_past_its_fold_deadline_still_puts_back_what_it_took() -> None:
@@ -83,34 +75,39 @@ def test_a_set_takes_what_is_pending_and_fences_the_folds_in_flight() -> None:
     later = time.time() + 60
     folding = Stash(7).taken("f1", later).added(9)
     begun = folding.set_begun("s1", later)
-    assert begun.setter == ("s1", later) and begun.owed == 0
+    assert begun.setter == ("s1", later) and (begun.pending, begun.set_taken) == (0, 9)
+    assert begun.owed == 9  # counted until the set lands
     assert dict(begun.folds) == {"f1": Fold(7, later, "s1")}
-    assert folding.fence == ["f1"]  # the set writes this token onto the shards
-    assert begun.taken("f2", later).pending == 0  # nothing new to take while it runs
-    # The set landed: every fenced fold is replaced by it, landed or failed.
-    assert begun.set_ended("s1") == Stash()
-    assert begun.released("f1").set_ended("s1") == Stash()
-    assert begun.landed("f1").set_ended("s1") == Stash()
-
-
-def test_a_failed_set_returns_what_it_took_and_unfences_the_folds() -> None:
-    later = time.time() + 60
-    begun = Stash(7).taken("f1", later).added(9).set_begun("s1", later)
-    back = Stash(9)
-    assert begun.set_ended("s1", back) == Stash(9, {"f1": Fold(7, later)})
-    # A fold that failed while fenced waits on the set's end, then goes back.
+    assert folding.fence == ["f1"]  # the set writes this token (and its own) onto the shards
+    assert Stash.decode(b"3;ss1@5.0") == Stash(3, setter=("s1", 5.0))  # earlier versions
+    # The set landed: everything it took or fenced was replaced by it.
+    assert begun.set_ended("s1", landed=True) == Stash()
+    assert begun.landed("f1").set_ended("s1", landed=True) == Stash()
+    # A fenced fold that fails waits as an unsure entry on shard 0: the shards' fence
+    # shows whether its set landed.
     failed = begun.released("f1")
-    assert failed.owed == 0 and failed.folds["f1"].failed
-    assert failed.set_ended("s1", back) == Stash(16)
+    assert dict(failed.unsure) == {"f1": Unsure(7, 0)} and not failed.folds
     assert failed.released("f1") == failed  # settling twice changes nothing
 
 
-def test_folds_fenced_by_a_set_that_is_gone_count_as_that_set_failed() -> None:
+def test_a_set_that_did_not_land_leaves_the_shards_fence_to_decide() -> None:
+    later = time.time() + 60
+    begun = Stash(7).taken("f1", later).added(9).set_begun("s1", later)
+    ended = begun.set_ended("s1", landed=False)
+    # What it took waits under its own token; the fold stays fenced.
+    assert ended == Stash(0, {"f1": Fold(7, later, "s1")}, unsure={"s1": Unsure(9, 0)})
+    assert ended.set_ended("s1", landed=True) == ended  # over already: changes nothing
+
+
+def test_a_set_whose_marker_expired_counts_as_not_landed() -> None:
     now = time.time()
-    begun = Stash(7).taken("f1", now + 60).taken("f2", now + 60).set_begun("s1", now + 30)
-    dead = begun.released("f1")  # the setter dies; f1's write fails meanwhile
-    assert dead.live(now + 31) == Stash(7, {"f2": Fold(0, now + 60)})
-    assert dead.set_ended("other", Stash()) == dead  # another set's end changes nothing
+    begun = Stash(9).made_unsure("u1", 5, 3).set_begun("s1", now + 30)
+    assert begun.unsure["u1"].claim == "s1"  # claimed by the set: no resolution meanwhile
+    assert begun.claimable() == []
+    dead = begun.live(now + 31)  # the setter died, or stalled past its own limits
+    assert dead.setter is None and dead.owed == 9 + 5
+    assert dict(dead.unsure) == {"u1": Unsure(5, 3), "s1": Unsure(9, 0)}
+    assert dead == begun.set_ended("s1", landed=False)
 
 
 def test_an_unsure_write_replaces_its_fold_marker_and_is_owed_until_resolved() -> None:
@@ -138,13 +135,17 @@ def test_an_unsure_write_is_resolved_by_one_claimer_at_a_time() -> None:
     assert stash.set_begun("s", now + 60).claimable() == []  # none while a set runs
 
 
-def test_a_set_takes_the_unsure_writes_and_a_failed_set_returns_them() -> None:
+def test_a_set_claims_the_unsure_writes_over_any_resolver() -> None:
     later = time.time() + 60
     stash = Stash(4).made_unsure("a", 5, 0).claimed("c", later, ["a"])
     begun = stash.set_begun("s", later)
-    assert begun.owed == 0 and stash.fence == ["a"]  # fenced: a late resolution writes nothing
-    restored = begun.added(2).set_ended("s", Stash(stash.pending, unsure=stash.unsure))
-    assert restored.pending == 6 and dict(restored.unsure) == {"a": Unsure(5, 0)}
+    assert stash.fence == ["a"]  # fenced: a late resolution writes nothing
+    assert begun.unclaimed("a", "c") == begun  # the resolver gave up: the set's now
+    assert begun.resolved("a").set_ended("s", landed=True) == Stash()  # it landed first
+    assert begun.set_ended("s", landed=True) == Stash()
+    restored = begun.added(2).set_ended("s", landed=False)
+    assert restored.pending == 2
+    assert dict(restored.unsure) == {"a": Unsure(5, 0), "s": Unsure(4, 0)}
 
 
 def test_a_move_between_servers_carries_pending_and_open_unsure_writes() -> None:
