@@ -117,6 +117,8 @@ class ShardPicker:
         """Tokens a write of this process must keep in its slot: writes in flight, and
         writes whose outcome is unknown until they are resolved."""
         with self._lock:
+            if not self._reserved:  # the common case: only writes in flight
+                return frozenset(self._in_flight)
             return frozenset(self._in_flight.union(self._reserved))
 
     def kept(self) -> set[str]:

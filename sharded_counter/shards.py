@@ -451,11 +451,11 @@ class ShardStore:
             fenced = [*fence]
             for entity in entities:
                 fenced += _slot_tokens(entity.properties.get(_FENCE)) if entity else []
+            # A set's own token is in its fence; a write's goes in its slot.
+            slot_token = "" if token in fence else token
             mutations = []
             for key, entity, amount in zip(ordered, entities, amounts, strict=True):
                 written = self._entity(key, name, amount)
-                # A set's own token is in its fence; a write's goes in its slot.
-                slot_token = "" if token in fence else token
                 _carry_slots(entity, written, slot_token, fence=fenced, pinned=pinned)
                 mutations.append(_upsert(written))
             response = self.commit(mutations, transaction)
