@@ -350,10 +350,22 @@ class CacheTier:
             self._stash_seen.discard(stash_key)
         return before.pending if before.setter is None else 0
 
-    def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> None:
+    def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> bool:
         """The fold ``token`` is over: drop its marker, and with ``put_back`` return what it
-        took to the stash. Never raises: if memcache does not answer it is done later."""
-        self._settle(stash_key, _fold_over(token, put_back))
+        took to the stash. Never raises: if memcache does not answer it is done later.
+
+        Returns whether the stash is done with the write's token. It is not when
+        memcache did not answer, or when the fold outlived its deadline and its fold
+        part is an unsure entry now (stash.py): the resolutions look for the token,
+        so the writer keeps it pinned in its slot (picker.py) until they are over.
+        """
+        change = _fold_over(token, put_back)
+        try:
+            before = self._change_stash(stash_key, change)
+        except CacheUnavailable:
+            self._settle_later(stash_key, change)
+            return False
+        return not change(before).mentions(token)
 
     def _settle(self, stash_key: str, change: Callable[[Stash], Stash]) -> None:
         """Make ``change`` now, or once memcache answers again. Never raises."""
@@ -381,11 +393,14 @@ class CacheTier:
 
     # -- unsure writes (see stash.py) ------------------------------------------------
 
-    def make_unsure(self, stash_key: str, token: str, amount: int, shard: int) -> None:
-        """Keep the write ``token`` of ``amount`` to ``shard``, whose outcome is unknown, as
-        an unsure entry (dropping its fold marker). Raises CacheUnavailable."""
+    def make_unsure(
+        self, stash_key: str, token: str, amount: int, shard: int, *, folded: int = 0
+    ) -> None:
+        """Keep the write ``token`` of ``amount`` to ``shard`` (``folded`` of it taken from
+        the stash), whose outcome is unknown, as an unsure entry (dropping its fold
+        marker). Raises CacheUnavailable."""
         self._unsure_seen.add(stash_key)
-        self._change_stash(stash_key, lambda s: s.made_unsure(token, amount, shard))
+        self._change_stash(stash_key, lambda s: s.made_unsure(token, amount, shard, folded=folded))
 
     def claim_unsure(
         self, stash_key: str, claim: str, deadline: float
@@ -409,16 +424,17 @@ class CacheTier:
         else:
             self._settle(stash_key, lambda s: s.unclaimed(token, claim))
 
-    def unsure_to_pending(self, stash_key: str, token: str, claim: str) -> None:
-        """The unsure write ``token`` did not land and its shard cannot take it: it waits as
-        pending, for any shard, unless ``claim`` lost it to a set meanwhile (the set
-        decides then). Never raises."""
+    def unsure_to_pending(self, stash_key: str, token: str, claim: str, amount: int) -> None:
+        """The unsure write ``token`` did not land and its shard cannot take the ``amount``
+        it still had to add: that waits as pending, for any shard, unless ``claim`` lost
+        the entry meanwhile (to a set, or by lapsing; its new owner decides then).
+        Never raises."""
 
         def to_pending(stash: Stash) -> Stash:
             entry = stash.unsure.get(token)
             if entry is None or entry.claim != claim:
                 return stash
-            return stash.resolved(token, back=entry.amount)
+            return stash.resolved(token, back=amount)
 
         self._settle(stash_key, to_pending)
 

@@ -21,7 +21,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -42,9 +42,10 @@ from .memcache import MemcacheClient
 from .picker import picker_for
 from .record import Drift, ShardState
 from .retry import CONTENTION, RETRYABLE, outcome_unknown, write_retrying
-from .shards import ShardOverflow, Snapshot, new_token, spread
-from .stash import Stash
+from .shards import ShardOverflow, Snapshot, spread
+from .stash import ANY_SHARD, Stash, Unsure
 from .stats import WriteStats
+from .tokens import folding_write, new_token
 from .validation import INT64_MAX, check_delta, check_name, check_value, fits_int64
 
 log = logging.getLogger("sharded_counter")
@@ -169,29 +170,30 @@ class Counter:
         cache.wait_out_set(self._stash_key, _SET_WAIT_CAP)
         self._resolve_unsure()
         token = new_token()  # names this write, and its fold of the stash if any
-        stashed = self._take_stash(token)
-        amount = delta + stashed
-        if not fits_int64(amount):
-            # Write the caller's delta alone; the stash waits for a later write.
-            self._settle_fold(token, stashed, put_back=True)
-            stashed, amount = 0, delta
-        try:
-            state = self._write(amount, token, folding=bool(stashed))
-        except _OutcomeUnknown as unknown:
-            self._keep_unsure(token, delta, stashed, unknown)
-            return
-        except RETRYABLE as exc:
-            self._settle_fold(token, stashed, put_back=True)
-            if not stash_on_failure:
+        with self._picker.writing(token):
+            stashed = self._take_stash(token)
+            amount = delta + stashed
+            if not fits_int64(amount):
+                # Write the caller's delta alone; the stash waits for a later write.
+                self._settle_fold(token, stashed, put_back=True)
+                stashed, amount = 0, delta
+            try:
+                state = self._write(amount, token, folded=stashed)
+            except _OutcomeUnknown as unknown:
+                self._keep_unsure(token, delta, stashed, unknown)
+                return
+            except RETRYABLE as exc:
+                self._settle_fold(token, stashed, put_back=True)
+                if not stash_on_failure:
+                    raise
+                self._stash_or_raise(delta, exc)
+                return
+            except (CounterOverflowError, gexc.GoogleAPICallError):
+                self._settle_fold(token, stashed, put_back=True)
                 raise
-            self._stash_or_raise(delta, exc)
-            return
-        except (CounterOverflowError, gexc.GoogleAPICallError):
-            self._settle_fold(token, stashed, put_back=True)
-            raise
-        if stashed:
-            self._settle_fold(token, stashed, put_back=False)
-            self.stats.add(folded=1)
+            if stashed:
+                self._settle_fold(token, stashed, put_back=False)
+                self.stats.add(folded=1)
         cache.merge(self._record_key, self._stash_key, [state])
         if abs(state.value) > _TRANSFORM_SHARD_LIMIT and self._backend.write_mode == "transform":
             self._rebalance()
@@ -210,11 +212,13 @@ class Counter:
             after_commit=lambda: cache.invalidate(record_key),
         )
 
-    def _write(self, amount: int, token: str, *, folding: bool = False) -> ShardState:
-        """Write ``amount`` to a shard, retrying per the policy.
+    def _write(self, amount: int, token: str, *, folded: int = 0) -> ShardState:
+        """Write ``amount`` to a shard, retrying per the policy; the caller pins ``token``.
 
-        A write ``folding`` in delayed_incr goes through a transaction, which
-        looks for its token first: a ``count = v`` may have fenced it (stash.py).
+        A write that folds in ``folded`` from delayed_incr goes through a
+        transaction, which looks for its token first: a ``count = v`` may have
+        fenced it, or a resolution written its fold part (stash.py). Its shard
+        stays reserved until the caller settles the fold (see picker.py).
 
         After contention (nothing was written) a retry goes to another shard.
         After a failure whose outcome is unknown (a timeout, a dropped
@@ -226,38 +230,42 @@ class Counter:
         backend = self._backend
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
         try:
-            with self._picker.writing(token):
-                for attempt in write_retrying(self.settings):
-                    with attempt:
-                        index = None
-                        try:
-                            with self._picker.pick(self.shard_count, prefer=unsure_of) as (
-                                index,
-                                alone,
-                            ):
-                                # Inside the attempt: the first call may probe the backend.
-                                transform = not folding and self._transform_fits(amount)
-                                if unsure_of is None and alone and transform:
-                                    state = backend.store.add_with_transform(
-                                        self.name, index, amount, token=token
-                                    )
-                                else:
-                                    state = self._add_in_transaction(index, amount, token)
-                        except CONTENTION:
-                            self.stats.add(aborts=1)
-                            raise
-                        except RETRYABLE as exc:
-                            self.stats.add(transient_errors=1)
-                            if unsure_of is None and index is not None and outcome_unknown(exc):
-                                unsure_of = index
-                                # Keep this process's other writers off that shard until the
-                                # write is resolved: a transform of theirs would replace the
-                                # token in this process's slot.
-                                self._picker.reserve(token, index)
-                            raise
-                        self.stats.add(writes=1)
+            for attempt in write_retrying(self.settings):
+                with attempt:
+                    index = None
+                    try:
+                        with self._picker.pick(self.shard_count, prefer=unsure_of) as (
+                            index,
+                            alone,
+                        ):
+                            # Inside the attempt: the first call may probe the backend.
+                            transform = not folded and self._transform_fits(amount)
+                            if unsure_of is None and alone and transform:
+                                state = backend.store.add_with_transform(
+                                    self.name, index, amount, token=token
+                                )
+                            else:
+                                state = self._add_in_transaction(index, amount, token, folded)
+                            if folded and state.shard_id.startswith("i"):
+                                # Still held: no transform of this process replaces the
+                                # token there before the fold is settled.
+                                self._picker.reserve(token, int(state.shard_id[1:]))
+                    except CONTENTION:
+                        self.stats.add(aborts=1)
+                        raise
+                    except RETRYABLE as exc:
+                        self.stats.add(transient_errors=1)
+                        if unsure_of is None and index is not None and outcome_unknown(exc):
+                            unsure_of = index
+                            # Keep this process's other writers off that shard until the
+                            # write is resolved: a transform of theirs would replace the
+                            # token in this process's slot.
+                            self._picker.reserve(token, index)
+                        raise
+                    self.stats.add(writes=1)
+                    if not folded:
                         self._picker.release(token)
-                        return state
+                    return state
         except Exception as exc:
             if unsure_of is None or isinstance(exc, CounterOverflowError):
                 raise
@@ -271,7 +279,9 @@ class Counter:
             and not self._picker.transforms_unsafe
         )
 
-    def _add_in_transaction(self, first: int, amount: int, token: str = "") -> ShardState:
+    def _add_in_transaction(
+        self, first: int, amount: int, token: str = "", folded: int = 0
+    ) -> ShardState:
         store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
         others = [i for i in random.sample(range(self.shard_count), self.shard_count) if i != first]
         # The token goes along everywhere: a fence (stash.py) is on every shard.
@@ -285,6 +295,7 @@ class Counter:
                     lazy_begin=lazy,
                     limit=limit,
                     token=token,
+                    folded=folded,
                     pinned=pinned,
                 )
             except ShardOverflow:
@@ -294,10 +305,11 @@ class Counter:
             states = store.rewrite(
                 self.name,
                 self.shard_count,
-                lambda total: total + amount,
                 lazy_begin=lazy,
                 limit=limit,
+                adding=amount,
                 token=token,
+                folded=folded,
                 pinned=pinned,
             )
         except ValueError:
@@ -332,7 +344,9 @@ class Counter:
         self.stats.add(rebalances=1)
         self._backend.cache.merge(self._record_key, self._stash_key, states)
 
-    def _rewrite(self, target: Any, fence: Sequence[str] = (), token: str = "") -> list[ShardState]:
+    def _rewrite(
+        self, target: Callable[[int], int], fence: Sequence[str] = (), token: str = ""
+    ) -> list[ShardState]:
         backend = self._backend
         for attempt in write_retrying(self.settings, until_deadline=True):
             with attempt:
@@ -365,8 +379,14 @@ class Counter:
             return 0  # it stays in memcache and is taken by a later write
 
     def _settle_fold(self, token: str, stashed: int, *, put_back: bool) -> None:
-        if stashed:
-            self._backend.cache.settle_fold(self._stash_key, token, put_back=put_back)
+        """End the fold ``token`` in delayed_incr. Its token stays pinned (and its shard
+        reserved) while the stash still names the write (see ``CacheTier.settle_fold``)."""
+        if not stashed:
+            return
+        if self._backend.cache.settle_fold(self._stash_key, token, put_back=put_back):
+            self._picker.release(token)
+        else:
+            self._picker.keep(token)
 
     # -- unsure writes (see stash.py) ---------------------------------------------
 
@@ -377,12 +397,16 @@ class Counter:
         cause = unknown.__cause__ or unknown
         amount = delta + stashed
         try:
-            self._backend.cache.make_unsure(self._stash_key, token, amount, unknown.shard)
+            self._backend.cache.make_unsure(
+                self._stash_key, token, amount, unknown.shard, folded=stashed
+            )
         except CacheUnavailable as exc:
-            # Nobody will look for the token now. What the fold took goes back: it may
-            # have landed with the write, but dropping it could lose it.
-            self._picker.release(token)
-            self._settle_fold(token, stashed, put_back=True)
+            # The caller's delta is in doubt now. What the fold took is not: its marker
+            # stays, and once past its deadline its resolution looks for the token.
+            if stashed:
+                self._picker.keep(token)
+            else:
+                self._picker.release(token)
             raise IncrementOutcomeUnknown(self.name, delta, exc) from cause
         self._picker.keep(token)
         self.stats.add(unsure=1)
@@ -399,9 +423,10 @@ class Counter:
         """Resolve the unsure writes of this counter, if there are any and it is time.
 
         One token-checked transaction per write on its shard: it adds the amount
-        unless the token is there already. ``look`` asks memcache even when this
-        process saw none lately. Returns whether anything was resolved. Never
-        raises: what fails stays unsure for a later try.
+        unless the token is there already. The fold part of a vanished writer
+        takes one transaction over every shard instead (see stash.py). ``look``
+        asks memcache even when this process saw none lately. Returns whether
+        anything was resolved. Never raises: what fails stays unsure for a later try.
         """
         cache, picker = self._backend.cache, self._picker
         if not cache.enabled or not picker.resolution_due():
@@ -416,7 +441,7 @@ class Counter:
             picker.resolution_failed(_RESOLVE_PAUSE)
             return False
         for token in own:
-            if token not in before.unsure:
+            if not before.mentions(token):
                 picker.release(token)  # resolved elsewhere, or replaced by a set
         resolved = failed = False
         for token, entry in claimed.items():
@@ -424,21 +449,14 @@ class Counter:
                 cache.finish_unsure(self._stash_key, token, claim, written=False)
                 continue
             try:
-                state = self._backend.store.add_in_transaction(
-                    self.name,
-                    entry.shard,
-                    entry.amount,
-                    lazy_begin=self._backend.lazy_begin,
-                    limit=self._shard_limit,
-                    token=token,
-                    pinned=picker.pinned(),
-                )
-            except ShardOverflow:
+                states = self._resolve_one(token, entry)
+            except ShardOverflow as full:
                 # Not there (the token was looked for first), and that shard is full.
-                cache.unsure_to_pending(self._stash_key, token, claim)
+                cache.unsure_to_pending(self._stash_key, token, claim, full.delta)
                 picker.release(token)
                 continue
-            except gexc.GoogleAPICallError as exc:
+            except (gexc.GoogleAPICallError, ValueError) as exc:
+                # ValueError: a fold part that no spread of the total can take.
                 log.warning("counter %r: could not resolve an unsure write: %s", self.name, exc)
                 cache.finish_unsure(self._stash_key, token, claim, written=False)
                 picker.resolution_failed(_RESOLVE_PAUSE)
@@ -447,9 +465,45 @@ class Counter:
             cache.finish_unsure(self._stash_key, token, claim, written=True)
             picker.release(token)
             self.stats.add(resolved=1)
-            cache.merge(self._record_key, self._stash_key, [state])
+            cache.merge(self._record_key, self._stash_key, states)
             resolved = True
         return resolved
+
+    def _resolve_one(self, token: str, entry: Unsure) -> list[ShardState]:
+        """Add the unsure write ``token`` unless the shards show it (stash.py)."""
+        backend = self._backend
+        if entry.shard != ANY_SHARD:
+            state = backend.store.add_in_transaction(
+                self.name,
+                entry.shard,
+                entry.amount,
+                lazy_begin=backend.lazy_begin,
+                limit=self._shard_limit,
+                token=token,
+                folded=entry.folded,
+                pinned=self._picker.pinned(),
+            )
+            return [state]
+        # A vanished writer's fold part: its write may be on any shard. One transaction
+        # reads them all; it adds the amount only if the write's token is on none of
+        # them, and fences the fold token on every one, so the writer, if it wakes,
+        # writes only its own delta. Retried: every shard write aborts it meanwhile.
+        writer = folding_write(token)
+        if writer is None:
+            raise ValueError(f"unsure entry {token!r} for any shard is not a fold part")
+        for attempt in write_retrying(self.settings):
+            with attempt:
+                return backend.store.rewrite(
+                    self.name,
+                    self.shard_count,
+                    lazy_begin=backend.lazy_begin,
+                    limit=self._shard_limit,
+                    adding=entry.amount,
+                    token=writer,
+                    folded=entry.amount,
+                    fence=[token],
+                )
+        raise AssertionError("unreachable: the retry policy re-raises the last error")
 
     def _stash_or_raise(self, amount: int, cause: Exception) -> None:
         try:
@@ -666,16 +720,20 @@ class Counter:
             self._picker.resolve_now()
             self._resolve_unsure(look=True)
             token = new_token()
-            pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)
-            if pending:
-                try:
-                    state = self._write(pending, token, folding=True)
-                except BaseException:
-                    self._settle_fold(token, pending, put_back=True)
-                    raise
-                self._settle_fold(token, pending, put_back=False)
-                self.stats.add(folded=1)
-                cache.merge(self._record_key, self._stash_key, [state])
+            with self._picker.writing(token):
+                pending = cache.take_stash(self._stash_key, token, self._fold_deadline(), look=True)
+                if pending:
+                    try:
+                        state = self._write(pending, token, folded=pending)
+                    except _OutcomeUnknown as unknown:
+                        self._keep_unsure(token, 0, pending, unknown)  # it may have landed
+                    except BaseException:
+                        self._settle_fold(token, pending, put_back=True)
+                        raise
+                    else:
+                        self._settle_fold(token, pending, put_back=False)
+                        self.stats.add(folded=1)
+                        cache.merge(self._record_key, self._stash_key, [state])
             cache.forget(self._record_key)
             cache.fill(self._record_key, self._shard_states)
         return self.verify()

@@ -10,10 +10,12 @@ at random, but no more often than that.
 It also keeps this process off the shards of writes whose outcome is unknown
 (*reserved*, until the write is resolved): a retry, or whoever resolves the
 unsure entry, looks there for the write's token, and a transform write from
-this process would overwrite it (see ``shards.py``). The tokens of those
-writes, and of every write in flight, are *pinned*: a transaction write of
-this process keeps them in its token slot on the shard, where otherwise
-only the last few survive.
+this process would overwrite it (see ``shards.py``). The same goes for the
+shard a fold of delayed_incr landed on, until the fold is settled: if it
+outlived its deadline, its resolution looks for the token (see stash.py).
+The tokens of those writes, and of every write in flight, are *pinned*: a
+transaction write of this process keeps them in its token slot on the
+shard, where otherwise only the last few survive.
 """
 
 from __future__ import annotations
@@ -93,7 +95,9 @@ class ShardPicker:
             self._reserved[token] = index
 
     def keep(self, token: str) -> None:
-        """The write ``token`` gave up and is an unsure entry in delayed_incr now."""
+        """delayed_incr still names the write ``token`` after it returned: it gave up
+        unsure, or its fold outlived its deadline (see stash.py). Its token stays
+        pinned until this process sees the stash done with it."""
         with self._lock:
             self._kept.add(token)
 
@@ -104,7 +108,8 @@ class ShardPicker:
 
     @contextmanager
     def writing(self, token: str) -> Iterator[None]:
-        """The write ``token`` runs: its token stays pinned (see ``pinned``)."""
+        """The write ``token`` runs, from taking the stash to settling its fold: its
+        token stays pinned (see ``pinned``)."""
         with self._lock:
             self._in_flight.add(token)
         try:
@@ -114,15 +119,16 @@ class ShardPicker:
                 self._in_flight.discard(token)
 
     def pinned(self) -> frozenset[str]:
-        """Tokens a write of this process must keep in its slot: writes in flight, and
-        writes whose outcome is unknown until they are resolved."""
+        """Tokens a write of this process must keep in its slot: writes in flight, writes
+        whose outcome is unknown until they are resolved, and writes delayed_incr still
+        names (see ``keep``)."""
         with self._lock:
-            if not self._reserved:  # the common case: only writes in flight
+            if not (self._reserved or self._kept):  # the common case: only writes in flight
                 return frozenset(self._in_flight)
-            return frozenset(self._in_flight.union(self._reserved))
+            return frozenset(self._in_flight.union(self._reserved, self._kept))
 
     def kept(self) -> set[str]:
-        """This process's writes kept as unsure entries and not yet seen resolved.
+        """This process's writes delayed_incr still names, as far as it last saw.
 
         (Writes still retrying are reserved too, but are not entries yet.)
         """

@@ -27,6 +27,7 @@ from google.cloud.datastore_v1.types import query as query_types
 from . import rpc
 from .keys import SHARD_KIND, shard_index, shard_key_name
 from .record import ShardState
+from .tokens import fold_token, token_time
 from .validation import INT64_MAX
 
 _TRANSACTIONAL = ds_types.CommitRequest.Mode.TRANSACTIONAL
@@ -53,10 +54,13 @@ _SLOT_PREFIX = "w_"
 _SLOT_TOKENS_KEPT = 8
 _SLOT_TTL = 86400
 _LEGACY_TOKENS = "w"  # earlier versions kept the last 16 tokens of any process here
-# The tokens of writes a ``count = v`` replaced while they were still in flight: folds
-# of delayed_incr, unsure writes (see stash.py). The set writes them onto every shard;
-# such a write finds its token and writes nothing. Every transaction write carries
-# the fence over, minus tokens over _SLOT_TTL old, keeping the newest _FENCE_KEPT.
+# The fence: tokens of writes that someone else settled while they were in flight,
+# written onto every shard in one transaction. A ``count = v`` fences the writes it
+# replaced (folds of delayed_incr, unsure writes; see stash.py): such a write finds
+# its token and writes nothing. A resolution that wrote the delayed_incr part of a
+# vanished writer's fold fences that part's fold token (tokens.py): the writer, if it
+# wakes, writes only its own delta. Every transaction write carries the fence over,
+# minus tokens over _SLOT_TTL old, keeping the newest _FENCE_KEPT.
 _FENCE = "fence"
 _FENCE_KEPT = 256
 
@@ -76,21 +80,6 @@ def _new_slot_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_slot_after_fork)
 
 
-def new_token() -> str:
-    """A write token: when it was made (8 hex digits of Unix seconds, for pruning old
-    slots), then 32 random bits."""
-    return f"{int(time.time()):08x}{secrets.token_hex(4)}"
-
-
-def _token_time(token: str) -> int | None:
-    if len(token) != 16:
-        return None  # a token of an earlier version: its age is unknown
-    try:
-        return int(token[:8], 16)
-    except ValueError:
-        return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
     """Every shard of one counter as of one read."""
@@ -106,7 +95,14 @@ class Snapshot:
 
 
 class ShardOverflow(Exception):
-    """This shard cannot take the delta without leaving int64 (internal signal)."""
+    """This shard cannot take the delta without leaving int64 (internal signal).
+
+    ``delta`` is what the write still had to add (less than asked when a resolution
+    had written its fold part already)."""
+
+    def __init__(self, index: int, delta: int) -> None:
+        super().__init__(index, delta)
+        self.delta = delta
 
 
 def _shard_id(name: str, key_name: str) -> str:
@@ -241,6 +237,7 @@ class ShardStore:
         lazy_begin: bool,
         limit: int = INT64_MAX,
         token: str = "",
+        folded: int = 0,
         pinned: Collection[str] = (),
     ) -> ShardState:
         """Read the shard, add ``delta``, write it back, all in one transaction.
@@ -255,7 +252,9 @@ class ShardStore:
         own token and writes nothing. Transaction isolation makes that check
         sound: a first attempt that lands after the retry read the shard
         conflicts with it. Tokens in ``pinned`` stay in the slot however many
-        writes come after them (see picker.py).
+        writes come after them (see picker.py). ``folded`` is the part of
+        ``delta`` taken from delayed_incr: if a resolution wrote that part
+        already (see ``_left_to_write``), only the rest is added.
         """
         key = self.key(name, index)
         transaction = None if lazy_begin else self.begin()
@@ -265,31 +264,35 @@ class ShardStore:
             serialized = key.SerializeToString()
             entity = found.get(serialized)
             current = self._count_of(entity) if entity is not None else 0
-            if token and (
-                token in self._tokens_of(entity)
-                or (entity is None and index and token in self._fence_of(name, transaction))
-            ):
-                if transaction is not None:
-                    self._quiet_rollback(transaction)
-                return ShardState(f"i{index}", versions[serialized], current)
+            if token:
+                seen, fence = self._tokens_of(entity), _fence_tokens(entity)
+                if entity is None and index:
+                    fence = self._fence_of(name, transaction)
+                    seen = fence
+                left = _left_to_write(token, delta, folded, seen, fence)
+                if left is None:
+                    if transaction is not None:
+                        self._quiet_rollback(transaction)
+                    return ShardState(f"i{index}", versions[serialized], current)
+                delta = left
             new = current + delta
             # Past the limit only towards zero: a shard pushed over it must still shrink.
             if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
-                raise ShardOverflow(index)
-            written = self._entity(key, name, current + delta)
+                raise ShardOverflow(index, delta)
+            written = self._entity(key, name, new)
             _carry_slots(entity, written, token, pinned=pinned)
             response = self.commit([_upsert(written)], transaction)
         except BaseException:
             if transaction is not None:
                 self._quiet_rollback(transaction)
             raise
-        return ShardState(f"i{index}", response.mutation_results[0].version, current + delta)
+        return ShardState(f"i{index}", response.mutation_results[0].version, new)
 
     def _fence_of(self, name: str, transaction: bytes | None) -> list[str]:
-        """The fence on shard 0, which every set writes: a shard that does not exist
-        yet may be one the set did not know of (its process had fewer shards)."""
+        """The fence on shard 0, which every fencing write covers: a shard that does not
+        exist yet may be one that write did not know of (its process had fewer shards)."""
         found, _, _ = self.lookup([self.key(name, 0)], transaction=transaction)
-        return [t for e in found.values() for t in _slot_tokens(e.properties.get(_FENCE))]
+        return [t for e in found.values() for t in _fence_tokens(e)]
 
     def add_with_transform(
         self, name: str, index: int, delta: int, *, token: str = ""
@@ -400,23 +403,32 @@ class ShardStore:
         self,
         name: str,
         shards: int,
-        target: Callable[[int], int],
+        target: Callable[[int], int] = lambda total: total,
         *,
         lazy_begin: bool,
         limit: int = INT64_MAX,
+        adding: int = 0,
         token: str = "",
+        folded: int = 0,
         fence: Sequence[str] = (),
         pinned: Collection[str] = (),
     ) -> list[ShardState]:
-        """Spread ``target(current total)`` evenly over the shards of ``name``, in one transaction.
+        """Spread ``target(current total)`` plus ``adding`` evenly over the shards of
+        ``name``, in one transaction.
 
-        ``target`` returning a constant sets the counter; returning its argument
-        rebalances it. Every shard is read inside the transaction, so any
-        increment that commits concurrently conflicts with it: each increment
-        lands wholly before (and is counted in the total read) or wholly after.
-        Every shard keeps its write tokens; ``fence`` adds tokens to every
-        shard's fence (see above). With ``token``, nothing is written if a shard
-        holds it already; the shards are returned as they are.
+        ``target`` returning a constant sets the counter; the default, the
+        total itself, rebalances it (and adds ``adding``). Every shard is read
+        inside the transaction, so any increment that commits concurrently
+        conflicts with it: each increment lands wholly before (and is counted in
+        the total read) or wholly after. Every shard keeps its write tokens;
+        ``fence`` adds tokens to every shard's fence (see above).
+
+        With ``token``, nothing is written if a shard holds it already (the
+        shards are returned as they are), and ``folded`` of ``adding`` is left
+        out if a resolution wrote it already (see ``_left_to_write``). The token
+        goes in this process's slot, unless the write fences: a set's token is
+        in its own fence, and a resolution of a fold part must not look like the
+        write it stands in for.
         """
         foreign = [r.entity.key for r in self._query_shards(name, keys_only=True)]
         keys = {k.SerializeToString(): k for k in foreign}
@@ -433,7 +445,15 @@ class ShardStore:
             transaction = transaction or begun
             ordered = list(keys.values())
             entities = [found.get(k.SerializeToString()) for k in ordered]
-            if token and any(token in self._tokens_of(e) for e in entities):
+            # One fence for all: a fence must be on every shard, whichever one a
+            # fenced write goes to.
+            existing = [t for e in entities for t in _fence_tokens(e)]
+            fenced = [*fence, *existing]
+            left: int | None = adding
+            if token:
+                seen = [t for e in entities for t in self._tokens_of(e)]
+                left = _left_to_write(token, adding, folded, seen, existing)
+            if left is None:
                 if transaction is not None:
                     self._quiet_rollback(transaction)
                 return [
@@ -445,14 +465,8 @@ class ShardStore:
                     for key, entity in zip(ordered, entities, strict=True)
                 ]
             total = sum(self._count_of(e) for e in found.values())
-            amounts = spread(target(total), len(ordered), limit)
-            # One fence for all: a set's fence must be on every shard, whichever one a
-            # fenced write goes to.
-            fenced = [*fence]
-            for entity in entities:
-                fenced += _slot_tokens(entity.properties.get(_FENCE)) if entity else []
-            # A set's own token is in its fence; a write's goes in its slot.
-            slot_token = "" if token in fence else token
+            amounts = spread(target(total) + left, len(ordered), limit)
+            slot_token = "" if fence else token
             mutations = []
             for key, entity, amount in zip(ordered, entities, amounts, strict=True):
                 written = self._entity(key, name, amount)
@@ -513,6 +527,27 @@ def _increment(key: Any, name: str, delta: int) -> Any:
     return mutation
 
 
+def _left_to_write(
+    token: str, amount: int, folded: int, tokens: Collection[str], fence: Collection[str]
+) -> int | None:
+    """What the write ``token`` of ``amount`` (``folded`` of it taken from delayed_incr)
+    still adds, given the tokens of the shards it read and their fence; None for nothing.
+
+    Its token in a slot: it landed. In the fence: a set replaced it. Its fold token in
+    the fence: a resolution wrote the folded part in its place (see stash.py), so only
+    the rest is left.
+    """
+    if token in tokens:
+        return None
+    if folded and fold_token(token) in fence:
+        return (amount - folded) or None
+    return amount
+
+
+def _fence_tokens(entity: Any) -> list[str]:
+    return _slot_tokens(entity.properties.get(_FENCE)) if entity is not None else []
+
+
 def _slot_tokens(value: Any) -> list[str]:
     """The tokens in one slot (or the fence): a list, or one string (a transform)."""
     if value is None:
@@ -546,7 +581,7 @@ def _carry_slots(
             elif prop == _FENCE:
                 fenced = fenced or _slot_tokens(value)
             elif prop.startswith(_SLOT_PREFIX):
-                times = [_token_time(t) for t in _slot_tokens(value)]
+                times = [token_time(t) for t in _slot_tokens(value)]
                 if times and all(t is not None and t < stale_before for t in times):
                     continue  # a process long gone; nobody can still be looking
                 written.properties[prop].CopyFrom(value)
@@ -556,7 +591,7 @@ def _carry_slots(
         mine = [t for i, t in enumerate(mine) if i >= last or t in pinned]
     _put_tokens(written, own, mine)
     # Tokens start with their time, so sorting them keeps the newest last.
-    fresh = {t for t in fenced if (_token_time(t) or stale_before) >= stale_before}
+    fresh = {t for t in fenced if (token_time(t) or stale_before) >= stale_before}
     _put_tokens(written, _FENCE, sorted(fresh)[-_FENCE_KEPT:])
 
 

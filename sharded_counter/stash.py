@@ -34,15 +34,23 @@ first, so once the set has landed a late fold writes nothing. Then:
 - a fenced fold whose write fails becomes an unsure entry on shard 0 under
   its own token, settled the same way.
 
-A fold marker past its deadline belongs to a process that died or stalled
-far past its own time limits. It stays on the key for a day, so a writer
-that was only stalled can still settle it (and put back what it took)
-instead of losing it.
+A fold marker past its deadline belongs to a writer that died, or stalled
+far past its own time limits: its write may have landed, on a shard nobody
+knows, or may still land. It becomes an unsure entry under the write's *fold
+token* (tokens.py) for ``ANY_SHARD``. Its resolution is one transaction over
+every shard: if the write's token is on one, the folded part is there; if not,
+it adds the amount and fences the fold token on every shard. A writer that
+wakes after that finds the fold token in the fence and writes only its own
+delta; one that commits first makes the resolution find its token, or
+conflicts with it. A writer whose outcome stayed unknown past its deadline
+leaves both entries, its write's and its fold part's; one resolver takes
+both, and each one's resolution accounts for the other's.
 
 The value is ASCII: ``<pending>``, then ``;f<token>=<amount>@<deadline>``
 per fold in flight (``!<set token>`` added while fenced),
-``;u<token>=<amount>/<shard>`` per unsure write (``/<claim>@<deadline>``
-added while claimed) and ``;s<token>=<taken>@<deadline>`` while a set runs.
+``;u<token>=<amount>/<shard>`` per unsure write (``<amount>+<folded>`` when
+part of it came from delayed_incr; ``/<claim>@<deadline>`` added while
+claimed) and ``;s<token>=<taken>@<deadline>`` while a set runs.
 A plain integer, the format of earlier versions, reads as ``pending``.
 """
 
@@ -53,8 +61,10 @@ import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 
-# How long a fold marker stays on the key after its deadline (see Stash.live).
-_FOLD_FORGOTTEN_AFTER = 86400.0
+from .tokens import fold_token, folding_write
+
+#: The shard of an unsure entry that stands for the delayed_incr part of a fold.
+ANY_SHARD = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,26 +91,43 @@ class Fold:
 
 @dataclasses.dataclass(frozen=True)
 class Unsure:
-    """A write of ``amount`` to shard ``shard`` that may or may not have landed."""
+    """A write of ``amount`` to shard ``shard`` that may or may not have landed.
+
+    ``folded`` of the amount came from delayed_incr. ``shard`` is ``ANY_SHARD`` for the
+    delayed_incr part of a vanished writer's fold, named by its fold token: that
+    write went to a shard nobody knows.
+    """
 
     amount: int
     shard: int
     claim: str = ""  # who is resolving it, if anyone
     deadline: float = 0.0  # when that claim lapses
+    folded: int = 0
 
     def encode(self, token: str) -> str:
-        text = f"u{token}={self.amount}/{self.shard}"
+        amount = f"{self.amount}+{self.folded}" if self.folded else str(self.amount)
+        text = f"u{token}={amount}/{self.shard}"
         return f"{text}/{self.claim}@{self.deadline:.3f}" if self.claim else text
 
     @classmethod
     def decode(cls, body: str) -> tuple[str, Unsure]:
         token, _, rest = body.partition("=")
-        amount, _, rest = rest.partition("/")
+        amounts, _, rest = rest.partition("/")
+        amount, plus, folded = amounts.partition("+")
+        if plus and not folded:
+            raise ValueError(body)
         shard, _, claimed = rest.partition("/")
         claim, _, deadline = claimed.partition("@")
         if claim and not deadline:
             raise ValueError(body)
-        return token, cls(int(amount), int(shard), claim, float(deadline) if claim else 0.0)
+        deadline_at = float(deadline) if claim else 0.0
+        return token, cls(int(amount), int(shard), claim, deadline_at, int(folded or 0))
+
+    def unclaimed(self) -> Unsure:
+        return dataclasses.replace(self, claim="", deadline=0.0)
+
+    def claimed_by(self, claim: str, deadline: float) -> Unsure:
+        return dataclasses.replace(self, claim=claim, deadline=deadline)
 
 
 _NO_FOLDS: Mapping[str, Fold] = MappingProxyType({})
@@ -120,8 +147,11 @@ class Stash:
     @property
     def owed(self) -> int:
         """What readers add to the shards: pending (with what a running set took, until
-        it lands), and every unsure write."""
-        return self.pending + self.set_taken + sum(u.amount for u in self.unsure.values())
+        it lands), and every unsure write (a write's folded part once only, when its
+        fold token has an entry of its own too)."""
+        unsure = sum(u.amount for u in self.unsure.values())
+        twice = sum(u.folded for t, u in self.unsure.items() if fold_token(t) in self.unsure)
+        return self.pending + self.set_taken + unsure - twice
 
     @property
     def fence(self) -> list[str]:
@@ -167,27 +197,37 @@ class Stash:
 
     def live(self, now: float | None = None) -> Stash:
         """Without a set whose deadline has passed (it counts as not landed, see
-        ``set_ended``); lapsed claims are open again.
+        ``set_ended``); lapsed claims are open again; and each fold past its deadline
+        is an unsure entry instead: what it took, on ``ANY_SHARD``, under its fold token.
 
-        A fold marker past its deadline stays a day longer: if its writer was
-        only stalled, it still finds its marker when it settles, and puts back
-        what it took.
+        A fold's deadline is past every time limit of its writer, so a writer still
+        holding one died, or stalled far past them. Either way its write may have
+        landed or not, on a shard nobody knows; the resolution looks on every shard
+        and fences the fold token, so a stalled writer that wakes writes only its own
+        delta (see tokens.py). Nothing is decided by the clock: it only says when to look.
         """
         now = time.time() if now is None else now
         stash = self
         if self.setter is not None and self.setter[1] <= now:
             stash = self.set_ended(self.setter[0], landed=False)
-        forgotten = [t for t, f in stash.folds.items() if f.deadline + _FOLD_FORGOTTEN_AFTER <= now]
+        expired = [t for t, f in stash.folds.items() if f.deadline <= now]
         lapsed = [t for t, u in stash.unsure.items() if u.claim and u.deadline <= now]
-        if not (forgotten or lapsed):
+        if not (expired or lapsed):
             return stash
-        folds = {t: f for t, f in stash.folds.items() if t not in forgotten}
+        folds = {t: f for t, f in stash.folds.items() if t not in expired}
         unsure = dict(stash.unsure)
         for token in lapsed:
-            unsure[token] = Unsure(unsure[token].amount, unsure[token].shard)
+            unsure[token] = unsure[token].unclaimed()
+        for token in expired:
+            unsure[fold_token(token)] = Unsure(stash.folds[token].amount, ANY_SHARD)
         return dataclasses.replace(
             stash, folds=MappingProxyType(folds), unsure=MappingProxyType(unsure)
         )
+
+    def mentions(self, token: str) -> bool:
+        """Is the write ``token`` still to be settled here: a fold in flight, an unsure
+        write, or the unsure fold part of a writer that vanished?"""
+        return token in self.folds or token in self.unsure or fold_token(token) in self.unsure
 
     # -- the changes, each a new Stash ------------------------------------------
 
@@ -207,12 +247,13 @@ class Stash:
     def released(self, token: str) -> Stash:
         """The fold ``token`` failed to write: what it took waits again. A fenced fold's
         amount waits as an unsure entry on shard 0 instead, added only if the fence
-        shows that its set did not land. Repeating it changes nothing."""
+        shows that its set did not land. Repeating it changes nothing; so does a fold
+        that expired meanwhile (its fold part is an unsure entry already)."""
         fold = self.folds.get(token)
         if fold is None:
             return self
         if fold.fence:
-            return self.made_unsure(token, fold.amount, 0)
+            return self.made_unsure(token, fold.amount, 0, folded=fold.amount)
         return self._without_fold(token).added(fold.amount)
 
     def _without_fold(self, token: str) -> Stash:
@@ -221,10 +262,11 @@ class Stash:
         folds = {t: f for t, f in self.folds.items() if t != token}
         return dataclasses.replace(self, folds=MappingProxyType(folds))
 
-    def made_unsure(self, token: str, amount: int, shard: int) -> Stash:
-        """The write ``token`` of ``amount`` to ``shard`` gave up not knowing whether it
-        landed. Its fold marker, if it had one, goes: the amount is in ``amount``."""
-        unsure = {**self.unsure, token: Unsure(amount, shard)}
+    def made_unsure(self, token: str, amount: int, shard: int, *, folded: int = 0) -> Stash:
+        """The write ``token`` of ``amount`` to ``shard`` (``folded`` of it from
+        delayed_incr) gave up not knowing whether it landed. Its fold marker, if it
+        still had one, goes: the folded part is in ``amount``."""
+        unsure = {**self.unsure, token: Unsure(amount, shard, folded=folded)}
         return dataclasses.replace(self._without_fold(token), unsure=MappingProxyType(unsure))
 
     def claimed(self, claim: str, deadline: float, tokens: Iterable[str]) -> Stash:
@@ -233,21 +275,53 @@ class Stash:
         for token in tokens:
             entry = unsure.get(token)
             if entry is not None and not entry.claim:
-                unsure[token] = Unsure(entry.amount, entry.shard, claim, deadline)
+                unsure[token] = entry.claimed_by(claim, deadline)
         return dataclasses.replace(self, unsure=MappingProxyType(unsure))
 
     def claimable(self) -> list[str]:
-        """Unsure writes nobody is resolving; none while a set runs."""
+        """Unsure writes nobody is resolving; none while a set runs. A write and its fold
+        part, when both have entries, go to one resolver together: each one's
+        resolution depends on what the other's wrote. Fold parts come last: one
+        over every shard is often left with nothing to do by then."""
         if self.setter is not None:
             return []
-        return [token for token, entry in self.unsure.items() if not entry.claim]
+        open_ = [
+            token
+            for token, entry in self.unsure.items()
+            if not entry.claim and not self._partner_claimed(token)
+        ]
+        return sorted(open_, key=lambda token: folding_write(token) is not None)
+
+    def _partner_claimed(self, token: str) -> bool:
+        partner = folding_write(token) or fold_token(token)
+        entry = self.unsure.get(partner)
+        return entry is not None and bool(entry.claim)
 
     def resolved(self, token: str, back: int = 0) -> Stash:
-        """The unsure write ``token`` is in its shard now (or, with ``back``, that much
-        waits as pending instead). Repeating it changes nothing."""
-        if token not in self.unsure:
+        """The unsure write ``token`` is in the shards now (or, with ``back``, that much
+        waits as pending instead). Repeating it changes nothing.
+
+        A write and its fold part settle each other: once the write is in the shards
+        its fold part is there with it; once the fold part is, the write has only its
+        own delta left. A write going back whole (``back`` is all of it: nobody had
+        written its fold part when it looked) leaves that part to the fold part's
+        own entry, if there is one, since that may be resolving now.
+        """
+        entry = self.unsure.get(token)
+        if entry is None:
             return self
         unsure = {t: u for t, u in self.unsure.items() if t != token}
+        if entry.folded and fold_token(token) in unsure:
+            if not back:
+                del unsure[fold_token(token)]
+            elif back == entry.amount:
+                back -= entry.folded
+        writer = folding_write(token)
+        partner = unsure.get(writer) if writer is not None else None
+        if writer is not None and partner is not None and partner.folded:
+            unsure[writer] = dataclasses.replace(
+                partner, amount=partner.amount - partner.folded, folded=0
+            )
         return dataclasses.replace(
             self, pending=self.pending + back, unsure=MappingProxyType(unsure)
         )
@@ -257,12 +331,12 @@ class Stash:
         entry = self.unsure.get(token)
         if entry is None or entry.claim != claim:
             return self
-        unsure = {**self.unsure, token: Unsure(entry.amount, entry.shard)}
+        unsure = {**self.unsure, token: entry.unclaimed()}
         return dataclasses.replace(self, unsure=MappingProxyType(unsure))
 
     def movable(self) -> Stash:
         """What may move to another server: pending, and unsure writes nobody is resolving."""
-        unsure = {t: u for t, u in self.unsure.items() if not u.claim}
+        unsure = {t: u for t, u in self.unsure.items() if not (u.claim or self._partner_claimed(t))}
         return Stash(self.pending, unsure=MappingProxyType(unsure))
 
     def without(self, moved: Stash) -> Stash:
@@ -286,7 +360,7 @@ class Stash:
         unsure write (over any resolver: both look for the same token) and fences
         every fold in flight."""
         folds = {t: Fold(f.amount, f.deadline, token) for t, f in self.folds.items()}
-        unsure = {t: Unsure(u.amount, u.shard, token, deadline) for t, u in self.unsure.items()}
+        unsure = {t: u.claimed_by(token, deadline) for t, u in self.unsure.items()}
         return dataclasses.replace(
             self,
             pending=0,
@@ -308,7 +382,7 @@ class Stash:
             if u.claim != token:
                 unsure[t] = u
             elif not landed:
-                unsure[t] = Unsure(u.amount, u.shard)
+                unsure[t] = u.unclaimed()
         folds = dict(self.folds)
         if landed:
             folds = {t: f for t, f in folds.items() if f.fence != token}

@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import random
 import select
+import signal
 import socket
 import threading
 import time
@@ -34,12 +35,18 @@ from google.api_core import exceptions as gexc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sharded_counter import Counter, IncrementNotRecorded, Settings, config
+from sharded_counter import (
+    Counter,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+    Settings,
+    config,
+)
 from sharded_counter import counter as counter_module
 from sharded_counter import shards as shards_module
 from sharded_counter.memcache import build_client
 from sharded_counter.shards import ShardOverflow, ShardStore
-from sharded_counter.stash import Stash
+from sharded_counter.stash import Fold, Stash
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends
@@ -905,6 +912,79 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
         relay.close()
 
 
+@pytest.mark.parametrize("fate", ["landed", "dropped"])
+def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once(
+    backend_env: dict[str, str],
+    memcached_server: Any,
+    sharded_counter_backends: Any,
+    datastore_engine: str,
+    monkeypatch: pytest.MonkeyPatch,
+    own_memcache: Callable[..., Any],
+    fate: str,
+) -> None:
+    """A write folds a stash of 1,000 into its +7; memcached is SIGSTOPped once it took
+    the stash, and the write's only attempt ends with its outcome unknown: the relay
+    holds the reply of a commit the emulator applies ("landed"), or the emulator's JVM
+    is SIGSTOPped and drops it ("dropped").
+
+    The write cannot keep itself as unsure, so the caller gets
+    ``IncrementOutcomeUnknown`` for its 7. The 1,000 was acknowledged to someone
+    else: its fold marker stays, and past the deadline its resolution looks for the
+    write's token on every shard. Counted once either way.
+    """
+    monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)
+    emulator = sharded_counter_backends.emulator(datastore_engine)
+    relay = ReplyHoldingRelay(emulator.host, emulator.port)
+    name = f"unknown-fold-{fate}"
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+            broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+        options = {"rpc_timeout": 0.5, "retry_attempts": 1, "retry_deadline": 1.0}
+        counter = Counter(name, shards=4, memcache_client=own_memcache(**FAST_MEMCACHE), **options)
+        counter.increment(1)  # probe and connect through the relay first
+        broken.increment(1000)  # acknowledged: stashed in delayed_incr
+        assert counter.count == 1001  # and now this writer knows there is a stash
+        if fate == "landed":
+            held = lose_the_next_commit_reply(monkeypatch, relay)
+        write = ShardStore.add_in_transaction
+
+        def memcached_then_datastore_fail(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("folded"):  # the take is done
+                memcached_server.pause()
+                if fate == "dropped":
+                    emulator.pause()
+            return write(store, *args, **kwargs)
+
+        try:
+            with monkeypatch.context() as patch:
+                patch.setattr(ShardStore, "add_in_transaction", memcached_then_datastore_fail)
+                with pytest.raises(IncrementOutcomeUnknown) as unknown:
+                    counter.increment(7)
+        finally:
+            memcached_server.resume()
+            if fate == "dropped":
+                emulator.resume()
+        assert unknown.value.delta == 7
+        if fate == "landed":
+            assert held.is_set(), "setup: no commit was held"
+        # At once, before the fold's deadline: a cache call settles what the failed
+        # one left, and the 1,000 must not go back as pending (it may have landed).
+        counter.get_count()
+        assert pending_stash(counter) == 0
+        time.sleep(1.6)  # past the fold's deadline
+        ledger = Ledger()
+        fold_stash(counter, ledger)  # resolves the fold part: its token found, or not
+        expected = 1 + 1000 + (7 if fate == "landed" else 0) + ledger.acknowledged
+        left = Stash.decode(counter._backend.cache._client.get(counter._stash_key))
+        report(f"unknown-fold-{fate}[{datastore_engine}]", expected=expected, left=left.owed)
+        assert not left.unsure and not left.folds, left
+        assert_totals(counter, expected)
+    finally:
+        relay.close()
+
+
 def _increment_elsewhere(
     emulator_host: str, name: str, times: int, slot: str
 ) -> None:  # pragma: no cover - runs in a spawned process
@@ -1281,7 +1361,7 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     assert_totals(healthy, expected + ledger.acknowledged)
 
 
-def test_a_fold_stalled_past_its_deadline_still_puts_back_what_it_took(
+def test_a_fold_stalled_past_its_deadline_then_failing_is_counted_once(
     backend_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
@@ -1291,8 +1371,9 @@ def test_a_fold_stalled_past_its_deadline_still_puts_back_what_it_took(
 
     The stall and the failure are faked (a process paused mid-call, then a refused
     connection): no real process stalls between those two steps on cue. memcached is
-    real, and the point is what the key holds: the expired marker must still be there
-    for the writer to put the 1,000 back.
+    real, and the point is what the key holds: past its deadline the fold is an
+    unsure fold part, so the 1,000 is owed while the writer stalls, its late put-back
+    changes nothing, and the fold part's resolution writes it once.
     """
     monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)
     counter = Counter(
@@ -1315,11 +1396,170 @@ def test_a_fold_stalled_past_its_deadline_still_puts_back_what_it_took(
 
     with monkeypatch.context() as patch:
         patch.setattr(Counter, "_write", stalled_then_refused)
-        counter.increment(7)  # stashed: its own 7, and the 1,000 goes back
+        counter.increment(7)  # stashed: its own 7; the 1,000 is an unsure fold part
     assert pending_stash(counter) == 1000 + 5 + 7
     ledger = Ledger()
     fold_stash(counter, ledger)
     assert_totals(counter, 1 + 1012 + ledger.acknowledged)
+
+
+def _fold_then_hold(
+    name: str, stage: str, held: Any, go: Any
+) -> None:  # pragma: no cover - runs in a spawned process
+    """A writer process that takes the stash and then stops at ``stage``, until it is
+    killed or told to ``go`` on: "before-commit" (before its shard write) or
+    "after-commit" (its write landed; its fold is not settled yet)."""
+    from sharded_counter.cache import CacheTier
+
+    counter_module._FOLD_MARGIN = 0.0  # its fold's deadline comes 1.5 s after the take
+    counter = Counter(name, shards=4, retry_deadline=1.0, rpc_timeout=0.5)
+    assert counter.count == 1 + 1000  # the read shows this writer the stash
+
+    def hold() -> None:
+        held.set()
+        go.wait(120)
+
+    if stage == "before-commit":
+        write = ShardStore.add_in_transaction
+
+        def held_write(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("folded"):
+                hold()
+            return write(store, *args, **kwargs)
+
+        ShardStore.add_in_transaction = held_write  # type: ignore[method-assign]
+    else:
+        settle = CacheTier.settle_fold
+
+        def held_settle(cache: CacheTier, *args: Any, **kwargs: Any) -> bool:
+            hold()
+            return settle(cache, *args, **kwargs)
+
+        CacheTier.settle_fold = held_settle  # type: ignore[method-assign]
+    counter.increment(5)
+
+
+@pytest.mark.parametrize("fate", ["killed-before-commit", "killed-after-commit", "wakes-late"])
+def test_a_writer_that_vanishes_mid_fold_neither_loses_nor_doubles_what_it_took(
+    backend_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    own_memcache: Callable[..., Any],
+    fate: str,
+) -> None:
+    """A writer process takes a stash of 1,000 to fold into its +5, and vanishes.
+
+    It is SIGKILLed before its shard write ("killed-before-commit": the 1,000 is in no
+    shard) or after it landed, before it settled its fold ("killed-after-commit": the
+    1,000 is in a shard, under its token). Or it is held before its shard write until
+    its fold has been resolved without it, and then carries on ("wakes-late": it must
+    write its 5 alone). The child is held at those points by instrumentation in it,
+    since a process does not stop there on cue; the kill is a real SIGKILL, and the
+    backends and the stash are real. Past the fold's deadline, healthy writes resolve
+    it: one transaction over every shard that looks for the writer's token.
+    """
+    name = f"vanished-fold-{fate}"
+    counter = Counter(name, shards=4, memcache_client=own_memcache())
+    counter.increment(1)
+    with monkeypatch.context() as patch:
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+    broken.increment(1000)  # acknowledged: stashed in delayed_incr
+    if merged_stats(broken)["stashed"] != 1:
+        pytest.fail("setup: the increment of 1000 was not stashed")
+
+    ctx = multiprocessing.get_context("spawn")
+    held, go = ctx.Event(), ctx.Event()
+    stage = "after-commit" if fate == "killed-after-commit" else "before-commit"
+    child = ctx.Process(target=_fold_then_hold, args=(name, stage, held, go))
+    child.start()
+    try:
+        if not held.wait(60):
+            pytest.fail("setup: the writer process never reached the point to hold at")
+        taken = Stash.decode(counter._backend.cache._client.get(counter._stash_key))
+        assert [f.amount for f in taken.folds.values()] == [1000], taken
+        if fate != "wakes-late":
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+        time.sleep(1.6)  # past the fold's deadline
+        ledger = Ledger()
+        fold_stash(counter, ledger)  # writes resolve the vanished writer's fold part
+        if fate == "wakes-late":
+            go.set()
+            child.join(30)
+            assert child.exitcode == 0, "the writer that woke late failed"
+    finally:
+        if child.is_alive():
+            child.kill()
+            child.join(10)
+    own = {"killed-before-commit": 0, "killed-after-commit": 5, "wakes-late": 5}[fate]
+    left = Stash.decode(counter._backend.cache._client.get(counter._stash_key))
+    report(f"vanished-fold-{fate}", expected=1 + 1000 + own, unsure_left=len(left.unsure))
+    assert not left.unsure and not left.folds, left
+    assert_totals(counter, 1 + 1000 + own + ledger.acknowledged)
+
+
+def _write_until_stopped(
+    name: str, threads: int, stop: Any, out: Any
+) -> None:  # pragma: no cover - runs in a spawned process
+    """A second writer process: ``threads`` threads incrementing by 1 until ``stop``."""
+    counter = Counter(name, shards=20)
+    ledger = Ledger()
+    ledger.increment(counter, 1)
+    body = increment_loop(ledger, lambda i, k: counter, lambda i, k: 1)
+    workers = [threading.Thread(target=_swallow, args=(body, i, stop)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    out.put((ledger.events, [repr(e) for e in ledger.errors]))
+
+
+def test_a_vanished_writers_fold_part_is_resolved_under_load(
+    backend_env: dict[str, str],
+    datastore_engine: str,
+) -> None:
+    """16 writers in 2 processes keep every shard busy while a fold marker of 1,000 is
+    past its deadline, as a writer killed mid-fold leaves it (planted here; the kill
+    itself is tested above). The fold part's transaction reads and writes every shard,
+    so on the classic emulator every shard write can abort it; it must still get
+    through, and the total must be exact."""
+    name = "vanished-fold-under-load"
+    counter = Counter(name, shards=20)
+    ledger = Ledger()
+    ledger.increment(counter, 1)
+    ctx = multiprocessing.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    other = ctx.Process(target=_write_until_stopped, args=(name, WRITERS // 2, stop, out))
+    other.start()
+    resolved_after = None
+    try:
+        body = increment_loop(ledger, lambda i, k: counter, lambda i, k: 1)
+        with writers_running(WRITERS // 2, body):
+            time.sleep(2.0)  # both processes writing
+            client = counter._backend.cache._client
+            dead = Stash(0, {"6b000000deadbeef": Fold(1000, time.time() - 1)})
+            assert client.add(counter._stash_key, dead.encode(), noreply=False)
+            began = time.monotonic()
+            while time.monotonic() - began < 60:
+                left = Stash.decode(client.get(counter._stash_key)).live()
+                if not (left.unsure or left.folds):
+                    resolved_after = time.monotonic() - began
+                    break
+                time.sleep(0.05)
+    finally:
+        stop.set()
+        events, errors = out.get(timeout=60)
+        other.join(30)
+    ledger.add_events(events)
+    report(
+        f"vanished-fold-under-load[{datastore_engine}]",
+        resolved_s=resolved_after if resolved_after is not None else -1.0,
+        increments=ledger.acked_calls,
+        max_call_s=ledger.max_latency(),
+    )
+    assert errors == [] and ledger.errors == []
+    assert resolved_after is not None, "the fold part was not resolved in 60 s"
+    assert_totals(counter, 1000 + ledger.acknowledged)
 
 
 def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(

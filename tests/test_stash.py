@@ -7,24 +7,30 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharded_counter.stash import Fold, Stash, Unsure
+from sharded_counter.stash import ANY_SHARD, Fold, Stash, Unsure
+from sharded_counter.tokens import fold_token
 
 tokens = st.text("0123456789abcdef", min_size=12, max_size=12)
+write_tokens = tokens | tokens.map(fold_token)
 amounts = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 deadlines = st.floats(min_value=1e9, max_value=4e9).map(lambda t: round(t, 3))
+shards = st.integers(min_value=ANY_SHARD, max_value=999)
 
 
 folds = st.builds(Fold, amounts, deadlines) | st.builds(Fold, amounts, deadlines, tokens)
-unsure_writes = st.builds(Unsure, amounts, st.integers(min_value=0, max_value=999)) | st.builds(
-    Unsure, amounts, st.integers(min_value=0, max_value=999), tokens, deadlines
-)
+unsure_writes = st.builds(
+    Unsure,
+    amounts,
+    shards,
+    folded=st.just(0) | amounts,
+) | st.builds(Unsure, amounts, shards, tokens, deadlines, folded=st.just(0) | amounts)
 
 
 @given(
     pending=amounts,
     folds=st.dictionaries(tokens, folds, max_size=4),
     setter=st.none() | st.tuples(tokens, deadlines),
-    unsure=st.dictionaries(tokens, unsure_writes, max_size=4),
+    unsure=st.dictionaries(write_tokens, unsure_writes, max_size=4),
     set_taken=amounts,
 )
 def test_every_stash_reads_back_as_written(
@@ -46,7 +52,7 @@ def test_a_plain_integer_of_earlier_versions_is_the_pending_amount() -> None:
 def test_anything_unreadable_counts_as_empty() -> None:
     unreadable = (
         *(b"x", b"1;f=oops", b"1;fabc=1@never", b"1;uabc=1", b"1;uabc=1/2/c", "é".encode()),
-        *(b"1;fabc=1@5.0!", b"1;sabc=x@5.0", b"1;sabc=1@never"),
+        *(b"1;fabc=1@5.0!", b"1;sabc=x@5.0", b"1;sabc=1@never", b"1;uabc=1+/2"),
     )
     for raw in unreadable:
         assert Stash.decode(raw) == Stash()
@@ -61,14 +67,19 @@ def test_a_fold_takes_everything_pending_and_marks_the_key_until_it_settles() ->
     assert taken.released("t1").released("t1") == Stash(7)  # settling twice changes nothing
 
 
-def test_a_writer_stalled_past_its_fold_deadline_still_puts_back_what_it_took() -> None:
+def test_a_fold_past_its_deadline_becomes_an_unsure_fold_part_for_any_shard() -> None:
     now = time.time()
-    stalled = Stash(0, {"late": Fold(5, now - 60)})
-    kept = stalled.live(now)
-    assert "late" in kept.folds  # still on the key, for its writer to settle
-    assert kept.released("late") == Stash(5)
-    forgotten = Stash(0, {"dead": Fold(5, now - 86401)}).live(now)
-    assert dict(forgotten.folds) == {}  # a day on, its writer is gone for sure
+    stalled = Stash(2, {"late": Fold(5, now - 0.001), "busy": Fold(3, now + 60)})
+    seen = stalled.live(now)
+    # Its writer died or stalled past its limits: what it took is owed, and one
+    # transaction over every shard resolves it (the write's token, or the fold part's).
+    assert dict(seen.folds) == {"busy": Fold(3, now + 60)}
+    assert dict(seen.unsure) == {fold_token("late"): Unsure(5, ANY_SHARD)}
+    assert seen.owed == 2 + 5 and seen.claimable() == [fold_token("late")]
+    assert seen.mentions("late") and seen.mentions("busy") and not seen.mentions("other")
+    # The writer settling late changes nothing: the fold part's resolution decides.
+    assert seen.released("late") == seen.landed("late") == seen
+    assert not seen.resolved(fold_token("late")).mentions("late")
 
 
 def test_a_set_takes_what_is_pending_and_fences_the_folds_in_flight() -> None:
@@ -86,7 +97,7 @@ def test_a_set_takes_what_is_pending_and_fences_the_folds_in_flight() -> None:
     # A fenced fold that fails waits as an unsure entry on shard 0: the shards' fence
     # shows whether its set landed.
     failed = begun.released("f1")
-    assert dict(failed.unsure) == {"f1": Unsure(7, 0)} and not failed.folds
+    assert dict(failed.unsure) == {"f1": Unsure(7, 0, folded=7)} and not failed.folds
     assert failed.released("f1") == failed  # settling twice changes nothing
 
 
@@ -113,8 +124,8 @@ def test_a_set_whose_marker_expired_counts_as_not_landed() -> None:
 def test_an_unsure_write_replaces_its_fold_marker_and_is_owed_until_resolved() -> None:
     later = time.time() + 60
     folding = Stash(7).taken("t1", later)
-    unsure = folding.made_unsure("t1", 7 + 5, shard=3)  # its own 5 and the 7 it folded
-    assert dict(unsure.folds) == {} and dict(unsure.unsure) == {"t1": Unsure(12, 3)}
+    unsure = folding.made_unsure("t1", 7 + 5, shard=3, folded=7)  # its own 5, the 7 it folded
+    assert dict(unsure.folds) == {} and dict(unsure.unsure) == {"t1": Unsure(12, 3, folded=7)}
     assert unsure.pending == 0 and unsure.owed == 12  # readers count it
     assert unsure.resolved("t1") == Stash()  # its shard holds it now
     assert unsure.resolved("t1").resolved("t1") == Stash()  # repeating changes nothing
@@ -157,3 +168,26 @@ def test_a_move_between_servers_carries_pending_and_open_unsure_writes() -> None
     assert left.pending == 0 and set(left.unsure) == {"b"}  # its claimer is working on it
     home = Stash(1).absorbed(moving)
     assert home.owed == 1 + 4 + 5
+
+
+def test_a_write_and_its_fold_part_are_owed_once_and_settle_each_other() -> None:
+    now = time.time()
+    # The write gave up unsure after its fold's deadline: both have entries.
+    both = Stash(0, {"t": Fold(7, now - 1)}).live(now).made_unsure("t", 5 + 7, 2, folded=7)
+    part = fold_token("t")
+    assert set(both.unsure) == {"t", part}
+    assert both.owed == 12  # the 7 once
+    # One resolver takes both; nobody takes one while the other is being resolved.
+    assert both.claimable() == ["t", part]
+    assert both.claimed("c", now + 60, ["t"]).claimable() == []
+    assert set(both.claimed("c", now + 60, ["t"]).movable().unsure) == set()
+    # The write is in the shards: so is its fold part.
+    assert both.resolved("t") == Stash()
+    # The fold part is in the shards: the write has only its own 5 left.
+    assert dict(both.resolved(part).unsure) == {"t": Unsure(5, 2)}
+    # The write goes back whole (nobody had written its fold part when it looked):
+    # its own 5 waits as pending, the 7 stays with the fold part's entry.
+    back = both.resolved("t", back=12)
+    assert back.pending == 5 and dict(back.unsure) == {part: Unsure(7, ANY_SHARD)}
+    # It goes back without the fold part (a resolution had written it): just the 5.
+    assert both.resolved("t", back=5).pending == 5

@@ -14,7 +14,8 @@ from google.cloud import datastore
 
 from sharded_counter import shards as shards_module
 from sharded_counter.keys import SHARD_KIND, shard_key_name
-from sharded_counter.shards import ShardStore, new_token
+from sharded_counter.shards import ShardStore
+from sharded_counter.tokens import fold_token, new_token
 
 pytestmark = pytest.mark.backends
 
@@ -144,3 +145,48 @@ def test_fence_tokens_over_a_day_old_are_pruned(backend_env: dict[str, str]) -> 
     store.rewrite(name, 2, lambda _total: 4, lazy_begin=False, fence=[old, recent])
     assert read_shard(name, 0)["fence"] == [recent]
     assert store.add_in_transaction(name, 0, 1, lazy_begin=False, token=old).value == 3
+
+
+def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
+    backend_env: dict[str, str],
+) -> None:
+    """The resolution of a fold part (stash.py) and the write it stands in for: whichever
+    commits first, the folded 1,000 is counted once and the writer's own 5 is kept."""
+    name = "fold-part"
+    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    landed, vanished = new_token(), new_token()
+    store.add_in_transaction(name, 1, 1005, lazy_begin=False, token=landed, folded=1000)
+
+    def resolve(writer: str) -> int:
+        states = store.rewrite(
+            name,
+            3,
+            lazy_begin=False,
+            adding=1000,
+            token=writer,
+            folded=1000,
+            fence=[fold_token(writer)],
+        )
+        return sum(s.value for s in states)
+
+    assert resolve(landed) == 1005  # its token is on shard 1: the 1,000 is there
+    assert resolve(vanished) == 2005  # on no shard: added, and its fold part fenced
+    assert resolve(vanished) == 2005  # a second resolution finds the fence
+
+    # The writer wakes: only its own 5 is left, on any shard, one that does not exist
+    # yet included (it looks at shard 0's fence).
+    def wake(writer: str, index: int, amount: int) -> int:
+        state = store.add_in_transaction(
+            name, index, amount, lazy_begin=False, token=writer, folded=1000
+        )
+        return state.value
+
+    assert wake(vanished, 7, 1005) == 5
+    assert store.snapshot(name).total == 2010
+    assert wake(vanished, 7, 1005) == 5  # its retry finds its token
+    assert fold_token(vanished) in read_shard(name, 0)["fence"]
+    # A write whose own delta is zero has nothing left once its fold part is fenced.
+    zero = new_token()
+    assert resolve(zero) == 3010
+    wake(zero, 2, 1000)
+    assert store.snapshot(name).total == 3010
