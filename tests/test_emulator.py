@@ -113,6 +113,21 @@ def test_emulator_serves_datastore_and_resets(
     _assert_group_gone(pgid)
 
 
+def test_classic_on_disk_saves_only_on_a_clean_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fact the fault tests rely on: after a SIGKILL the on-disk emulator comes back
+    without what it acknowledged since it started, so a crash there loses committed
+    writes whatever the client does; only a clean restart keeps them."""
+    with DatastoreEmulator("classic", data_dir=str(tmp_path / "ds"), on_disk=True) as emulator:
+        client = _use_emulator(emulator, monkeypatch)
+        _put(client, "unsaved", 3)
+        assert _value(client, "unsaved") == 3
+        emulator.kill()
+        emulator.start()
+        assert _value(datastore.Client(), "unsaved") is None
+
+
 def test_classic_on_disk_survives_restart_and_pause_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

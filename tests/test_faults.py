@@ -47,7 +47,7 @@ from sharded_counter import shards as shards_module
 from sharded_counter.memcache import build_client
 from sharded_counter.shards import ShardOverflow, ShardStore
 from sharded_counter.stash import Fold, Stash
-from sharded_counter_emulator import free_port
+from sharded_counter_emulator import DatastoreEmulator, free_port
 
 pytestmark = pytest.mark.backends
 
@@ -701,6 +701,59 @@ def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
         f"acknowledged {ledger.acknowledged}, counted {uncached}; unknown-outcome "
         f"commits {spy.ambiguous[:20]}"
     )
+
+
+def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
+    memcached_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    own_memcache: Callable[..., Any],
+) -> None:
+    """A classic emulator that stores on disk is stopped and started again on the same
+    port while 16 threads write (the Firestore emulator keeps data in memory only).
+
+    While it is down, writes are refused ("failed to connect": stashed) or time out
+    mid-call (kept unsure); once it is back, later writes fold and resolve them from
+    the shards it reloaded. A clean stop is the restart there is: the emulator saves
+    its file only then: after a SIGKILL it comes back without every write since it
+    started (test_emulator.py shows it), which no client can make up for.
+    """
+    emulator = DatastoreEmulator("classic", on_disk=True).start()
+    try:
+        for key, value in emulator.env().items():
+            monkeypatch.setenv(key, value)
+        counter = Counter(
+            "restarted",
+            shards=10,
+            retry_deadline=1.0,
+            rpc_timeout=0.5,
+            memcache_client=own_memcache(),
+        )
+        ledger = Ledger()
+        ledger.increment(counter, 1)  # probes and connects before the fault
+        writes = increment_loop(ledger, lambda i, k: counter, lambda i, k: i + 1)
+        with writers_running(WRITERS, writes):
+            time.sleep(1.0)
+            began = time.monotonic()
+            emulator.restart()
+            down_s = time.monotonic() - began
+            time.sleep(2.0)  # healthy writes fold and resolve what was kept meanwhile
+        fold_stash(counter, ledger)
+        stats = merged_stats(counter)
+        report(
+            "datastore-restart[classic-on-disk]",
+            increments=ledger.acked_calls,
+            down_s=down_s,
+            stashed=stats["stashed"],
+            folded=stats["folded"],
+            unsure=stats["unsure"],
+            resolved=stats["resolved"],
+            refused=ledger.refused_calls,
+        )
+        assert ledger.errors == []
+        assert stats["stashed"] + stats["unsure"] > 0, "setup: no write met the restart"
+        assert_totals(counter, ledger.acknowledged)
+    finally:
+        emulator.stop()
 
 
 def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
