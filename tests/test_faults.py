@@ -852,6 +852,15 @@ class ReplyHoldingRelay:
                 sock.close()
 
 
+@pytest.fixture
+def relay(sharded_counter_backends: Any, datastore_engine: str) -> Iterator[ReplyHoldingRelay]:
+    """A ReplyHoldingRelay in front of this test's emulator, closed however the test ends."""
+    emulator = sharded_counter_backends.emulator(datastore_engine)
+    holding = ReplyHoldingRelay(emulator.host, emulator.port)
+    yield holding
+    holding.close()
+
+
 def lose_the_next_commit_reply(
     monkeypatch: pytest.MonkeyPatch,
     relay: ReplyHoldingRelay,
@@ -881,8 +890,8 @@ def lose_the_next_commit_reply(
 
 def test_a_commit_that_timed_out_but_landed_is_counted_once(
     backend_env: dict[str, str],
-    sharded_counter_backends: Any,
     datastore_engine: str,
+    relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The emulator applies a commit whose reply is held past rpc_timeout.
@@ -891,24 +900,19 @@ def test_a_commit_that_timed_out_but_landed_is_counted_once(
     the commit; the test only chooses the moment to delay replies (the first commit
     of one increment), which a SIGSTOP cannot target.
     """
-    emulator = sharded_counter_backends.emulator(datastore_engine)
-    relay = ReplyHoldingRelay(emulator.host, emulator.port)
-    try:
-        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
-        counter = Counter("unknown-outcome", shards=4, rpc_timeout=0.5, retry_deadline=5.0)
-        counter.increment(1)  # probe and connect through the relay first
-        assert counter.write_mode in ("transaction", "transform")
-        spy = CommitSpy(monkeypatch)
-        lose_the_next_commit_reply(monkeypatch, relay)
-        counter.increment(7)  # acknowledged once
-        if spy.ambiguous != [7]:
-            pytest.fail(f"setup: expected one timed-out commit of 7, saw {spy.ambiguous}")
-        time.sleep(0.3)
-        uncached = counter.get_count(nocache=True)
-        report(f"unknown-outcome[{datastore_engine}]", ledger=8, total=uncached)
-        assert uncached == 1 + 7, f"acknowledged 8, counted {uncached}"
-    finally:
-        relay.close()
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    counter = Counter("unknown-outcome", shards=4, rpc_timeout=0.5, retry_deadline=5.0)
+    counter.increment(1)  # probe and connect through the relay first
+    assert counter.write_mode in ("transaction", "transform")
+    spy = CommitSpy(monkeypatch)
+    lose_the_next_commit_reply(monkeypatch, relay)
+    counter.increment(7)  # acknowledged once
+    if spy.ambiguous != [7]:
+        pytest.fail(f"setup: expected one timed-out commit of 7, saw {spy.ambiguous}")
+    time.sleep(0.3)
+    uncached = counter.get_count(nocache=True)
+    report(f"unknown-outcome[{datastore_engine}]", ledger=8, total=uncached)
+    assert uncached == 1 + 7, f"acknowledged 8, counted {uncached}"
 
 
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
@@ -916,6 +920,7 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     backend_env: dict[str, str],
     sharded_counter_backends: Any,
     datastore_engine: str,
+    relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     fate: str,
 ) -> None:
@@ -928,41 +933,37 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     transaction that looks for the write's token: found, or added once.
     """
     emulator = sharded_counter_backends.emulator(datastore_engine)
-    relay = ReplyHoldingRelay(emulator.host, emulator.port)
-    try:
-        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
-        name = f"unsure-{fate}"
-        counter = Counter(name, shards=4, rpc_timeout=0.5, retry_attempts=1)
-        counter.increment(1)  # probe and connect through the relay first
-        assert counter.count == 1
-        if fate == "landed":
-            held = lose_the_next_commit_reply(monkeypatch, relay)
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    name = f"unsure-{fate}"
+    counter = Counter(name, shards=4, rpc_timeout=0.5, retry_attempts=1)
+    counter.increment(1)  # probe and connect through the relay first
+    assert counter.count == 1
+    if fate == "landed":
+        held = lose_the_next_commit_reply(monkeypatch, relay)
+        counter.increment(7)
+        assert held.is_set(), "setup: no commit was held"
+    else:
+        emulator.pause()
+        try:
             counter.increment(7)
-            assert held.is_set(), "setup: no commit was held"
-        else:
-            emulator.pause()
-            try:
-                counter.increment(7)
-            finally:
-                emulator.resume()
-        stats = counter.stats.snapshot()
-        assert (stats["unsure"], stats["stashed"]) == (1, 0), stats
-        reader = Counter(name, shards=4)
-        if fate == "landed":
-            total = reader.count  # resolves the entry first
-        else:
-            repaired = reader.repair()
-            assert repaired.ok and repaired.pending == 0, repaired
-            total = repaired.shards
-        entries = Stash.decode(reader._backend.cache._client.get(reader._stash_key)).unsure
-        report(f"unsure-{fate}[{datastore_engine}]", ledger=8, total=total, left=len(entries))
-        assert reader.stats.snapshot()["resolved"] == 1
-        assert not entries, f"unsure entries left after the read: {dict(entries)}"
-        assert_totals(reader, 8)
-        counter.increment(2)  # the writer's shard is free again; nothing is counted twice
-        assert_totals(reader, 10)
-    finally:
-        relay.close()
+        finally:
+            emulator.resume()
+    stats = counter.stats.snapshot()
+    assert (stats["unsure"], stats["stashed"]) == (1, 0), stats
+    reader = Counter(name, shards=4)
+    if fate == "landed":
+        total = reader.count  # resolves the entry first
+    else:
+        repaired = reader.repair()
+        assert repaired.ok and repaired.pending == 0, repaired
+        total = repaired.shards
+    entries = Stash.decode(reader._backend.cache._client.get(reader._stash_key)).unsure
+    report(f"unsure-{fate}[{datastore_engine}]", ledger=8, total=total, left=len(entries))
+    assert reader.stats.snapshot()["resolved"] == 1
+    assert not entries, f"unsure entries left after the read: {dict(entries)}"
+    assert_totals(reader, 8)
+    counter.increment(2)  # the writer's shard is free again; nothing is counted twice
+    assert_totals(reader, 10)
 
 
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
@@ -971,6 +972,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
     memcached_server: Any,
     sharded_counter_backends: Any,
     datastore_engine: str,
+    relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
     fate: str,
@@ -987,55 +989,51 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
     """
     monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)
     emulator = sharded_counter_backends.emulator(datastore_engine)
-    relay = ReplyHoldingRelay(emulator.host, emulator.port)
     name = f"unknown-fold-{fate}"
+    with monkeypatch.context() as patch:
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    options = {"rpc_timeout": 0.5, "retry_attempts": 1, "retry_deadline": 1.0}
+    counter = Counter(name, shards=4, memcache_client=own_memcache(**FAST_MEMCACHE), **options)
+    counter.increment(1)  # probe and connect through the relay first
+    broken.increment(1000)  # acknowledged: stashed in delayed_incr
+    assert counter.count == 1001  # and now this writer knows there is a stash
+    if fate == "landed":
+        held = lose_the_next_commit_reply(monkeypatch, relay)
+    write = ShardStore.add_in_transaction
+
+    def memcached_then_datastore_fail(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("folded"):  # the take is done
+            memcached_server.pause()
+            if fate == "dropped":
+                emulator.pause()
+        return write(store, *args, **kwargs)
+
     try:
         with monkeypatch.context() as patch:
-            patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-            broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
-        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
-        options = {"rpc_timeout": 0.5, "retry_attempts": 1, "retry_deadline": 1.0}
-        counter = Counter(name, shards=4, memcache_client=own_memcache(**FAST_MEMCACHE), **options)
-        counter.increment(1)  # probe and connect through the relay first
-        broken.increment(1000)  # acknowledged: stashed in delayed_incr
-        assert counter.count == 1001  # and now this writer knows there is a stash
-        if fate == "landed":
-            held = lose_the_next_commit_reply(monkeypatch, relay)
-        write = ShardStore.add_in_transaction
-
-        def memcached_then_datastore_fail(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
-            if kwargs.get("folded"):  # the take is done
-                memcached_server.pause()
-                if fate == "dropped":
-                    emulator.pause()
-            return write(store, *args, **kwargs)
-
-        try:
-            with monkeypatch.context() as patch:
-                patch.setattr(ShardStore, "add_in_transaction", memcached_then_datastore_fail)
-                with pytest.raises(IncrementOutcomeUnknown) as unknown:
-                    counter.increment(7)
-        finally:
-            memcached_server.resume()
-            if fate == "dropped":
-                emulator.resume()
-        assert unknown.value.delta == 7
-        if fate == "landed":
-            assert held.is_set(), "setup: no commit was held"
-        # At once, before the fold's deadline: a cache call settles what the failed
-        # one left, and the 1,000 must not go back as pending (it may have landed).
-        counter.get_count()
-        assert pending_stash(counter) == 0
-        time.sleep(1.6)  # past the fold's deadline
-        ledger = Ledger()
-        fold_stash(counter, ledger)  # resolves the fold part: its token found, or not
-        expected = 1 + 1000 + (7 if fate == "landed" else 0) + ledger.acknowledged
-        left = Stash.decode(counter._backend.cache._client.get(counter._stash_key))
-        report(f"unknown-fold-{fate}[{datastore_engine}]", expected=expected, left=left.owed)
-        assert not left.unsure and not left.folds, left
-        assert_totals(counter, expected)
+            patch.setattr(ShardStore, "add_in_transaction", memcached_then_datastore_fail)
+            with pytest.raises(IncrementOutcomeUnknown) as unknown:
+                counter.increment(7)
     finally:
-        relay.close()
+        memcached_server.resume()
+        if fate == "dropped":
+            emulator.resume()
+    assert unknown.value.delta == 7
+    if fate == "landed":
+        assert held.is_set(), "setup: no commit was held"
+    # At once, before the fold's deadline: a cache call settles what the failed
+    # one left, and the 1,000 must not go back as pending (it may have landed).
+    counter.get_count()
+    assert pending_stash(counter) == 0
+    time.sleep(1.6)  # past the fold's deadline
+    ledger = Ledger()
+    fold_stash(counter, ledger)  # resolves the fold part: its token found, or not
+    expected = 1 + 1000 + (7 if fate == "landed" else 0) + ledger.acknowledged
+    left = Stash.decode(counter._backend.cache._client.get(counter._stash_key))
+    report(f"unknown-fold-{fate}[{datastore_engine}]", expected=expected, left=left.owed)
+    assert not left.unsure and not left.folds, left
+    assert_totals(counter, expected)
 
 
 def _increment_elsewhere(
@@ -1054,6 +1052,7 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     backend_env: dict[str, str],
     sharded_counter_backends: Any,
     datastore_engine: str,
+    relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     writer: str,
 ) -> None:
@@ -1069,40 +1068,36 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     """
     emulator = sharded_counter_backends.emulator(datastore_engine)
     direct = f"{emulator.host}:{emulator.port}"
-    relay = ReplyHoldingRelay(emulator.host, emulator.port)
     monkeypatch.setattr(shards_module, "_process_slot", "a1a1")
-    try:
-        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
-        name = "unknown-outcome-shared"
-        counter = Counter(name, shards=1, rpc_timeout=0.5, retry_deadline=10.0)
-        counter.increment(1)  # probe and connect through the relay first
-        ctx = multiprocessing.get_context("spawn")
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    name = "unknown-outcome-shared"
+    counter = Counter(name, shards=1, rpc_timeout=0.5, retry_deadline=10.0)
+    counter.increment(1)  # probe and connect through the relay first
+    ctx = multiprocessing.get_context("spawn")
 
-        def write_elsewhere() -> None:
-            # The +7 has landed and this process gave up on its reply: now the
-            # other writer writes the shard, before the retry looks at it.
-            if writer == "this-process":
-                with monkeypatch.context() as patch:
-                    patch.setenv("DATASTORE_EMULATOR_HOST", direct)
-                    mine = Counter(name, shards=1, memcached_hosts=())
-                thread = threading.Thread(target=lambda: [mine.increment(1) for _ in range(20)])
-                thread.start()
-                thread.join(60)
-                assert not thread.is_alive(), "setup: the other thread hung"
-                return
-            other = ctx.Process(target=_increment_elsewhere, args=(direct, name, 20, "b2b2"))
-            other.start()
-            other.join(60)
-            assert other.exitcode == 0, "setup: the other process failed"
+    def write_elsewhere() -> None:
+        # The +7 has landed and this process gave up on its reply: now the
+        # other writer writes the shard, before the retry looks at it.
+        if writer == "this-process":
+            with monkeypatch.context() as patch:
+                patch.setenv("DATASTORE_EMULATOR_HOST", direct)
+                mine = Counter(name, shards=1, memcached_hosts=())
+            thread = threading.Thread(target=lambda: [mine.increment(1) for _ in range(20)])
+            thread.start()
+            thread.join(60)
+            assert not thread.is_alive(), "setup: the other thread hung"
+            return
+        other = ctx.Process(target=_increment_elsewhere, args=(direct, name, 20, "b2b2"))
+        other.start()
+        other.join(60)
+        assert other.exitcode == 0, "setup: the other process failed"
 
-        held = lose_the_next_commit_reply(monkeypatch, relay, meanwhile=write_elsewhere)
-        counter.increment(7)  # acknowledged once
-        assert held.is_set(), "setup: no commit was held"
-        uncached = counter.get_count(nocache=True)
-        report(f"unknown-outcome-{writer}[{datastore_engine}]", ledger=28, total=uncached)
-        assert uncached == 1 + 7 + 20, f"acknowledged 28, counted {uncached}"
-    finally:
-        relay.close()
+    held = lose_the_next_commit_reply(monkeypatch, relay, meanwhile=write_elsewhere)
+    counter.increment(7)  # acknowledged once
+    assert held.is_set(), "setup: no commit was held"
+    uncached = counter.get_count(nocache=True)
+    report(f"unknown-outcome-{writer}[{datastore_engine}]", ledger=28, total=uncached)
+    assert uncached == 1 + 7 + 20, f"acknowledged 28, counted {uncached}"
 
 
 # -- 4. delayed_incr atomicity -----------------------------------------------------------
