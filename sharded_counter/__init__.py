@@ -13,6 +13,7 @@ from .errors import (
     ShardedCounterError,
 )
 from .lock import Holder, Locked, lock, who_holds
+from .maintenance import purge_expired_keys
 from .ratelimit import Decision, Limit, RateLimited, RateLimiter
 from .timeseries import TimeSeries
 
@@ -36,6 +37,7 @@ __all__ = [
     "TimeSeries",
     "config",
     "lock",
+    "purge_expired_keys",
     "who_holds",
 ]
 __version__ = "0.1.0"

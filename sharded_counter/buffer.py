@@ -9,6 +9,15 @@ goes through ``Counter.increment``, which stashes it in ``delayed_incr`` when
 the write still fails. If even that fails (memcache down too) the amount stays
 pending and is tried again: nothing is dropped while the process lives.
 
+Each flush takes the pending amount as a *batch* named by an idempotency key of
+its own (idempotency.py), and a failed batch is retried with the same key. So
+a flush whose outcome was unknown (its reply lost, memcache down too) is
+retried without any risk of counting it twice. Only a batch that certainly
+never landed falls back to an unkeyed ``Counter.increment`` (and its stash).
+An increment given its own ``idempotency_key`` is not buffered: it is written
+at once, since a redelivery must find its key in Datastore, not in one
+process's memory.
+
 One background thread does the flushing. It stops after ``timeout`` seconds
 with nothing to do and starts again with the next increment. Everything still
 pending is flushed at interpreter exit. A forked child starts with an empty
@@ -19,10 +28,12 @@ from __future__ import annotations
 
 import atexit
 import collections
+import dataclasses
 import heapq
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 import weakref
@@ -32,7 +43,7 @@ from typing import Any
 
 from .config import resolve
 from .counter import Counter, class_options
-from .errors import IncrementNotRecorded
+from .errors import IncrementNotRecorded, IncrementOutcomeUnknown
 from .validation import INT64_MAX, INT64_MIN, check_delta, check_name
 
 log = logging.getLogger("sharded_counter")
@@ -41,6 +52,23 @@ _QUEUE_LIMIT = 10_000  # async increments waiting before the caller folds them i
 _STRIPES = 64  # locks that serialise a counter's flush with reads through the buffer
 
 _live_buffers: weakref.WeakSet[CounterBuffer] = weakref.WeakSet()
+
+
+@dataclasses.dataclass
+class _Batch:
+    """An amount one flush took, named by its own idempotency key until it is written."""
+
+    amount: int
+    key: str = dataclasses.field(default_factory=lambda: f"buffer-{secrets.token_hex(12)}")
+    written: int = 0  # int64 parts of it written already (an amount may need several)
+    attempts: int = 0
+    doubtful: bool = False  # some attempt may have landed: only its key may write it now
+
+    def parts(self) -> list[tuple[str, int]]:
+        """The parts not written yet, each with its own key."""
+        return [(f"{self.key}/{i}", part) for i, part in enumerate(_int64_parts(self.amount))][
+            self.written :
+        ]
 
 
 class CounterBuffer:
@@ -85,7 +113,7 @@ class CounterBuffer:
         self._pending: dict[str, int] = {}
         self._schedule: list[tuple[float, str]] = []  # (due, name) heap; stale entries skipped
         self._due: dict[str, float] = {}
-        self._attempts: dict[str, int] = {}
+        self._failed: dict[str, _Batch] = {}  # batches whose flush failed, to retry as they are
         self._in_flight: dict[str, int] = {}  # taken by a flush whose write has not finished
         self._queue: collections.deque[tuple[str, int]] = collections.deque()
         self._checked_names: set[str] = set()
@@ -95,8 +123,18 @@ class CounterBuffer:
 
     # -- adding ---------------------------------------------------------------
 
-    def increment(self, name: str, n: int = 1) -> None:
-        """Add ``n`` to ``name``'s pending amount; it is written at the next flush."""
+    def increment(self, name: str, n: int = 1, *, idempotency_key: str | None = None) -> None:
+        """Add ``n`` to ``name``'s pending amount; it is written at the next flush.
+
+        With ``idempotency_key`` it is not buffered but written now, through
+        ``Counter.increment`` with that key (and its errors).
+        """
+        if idempotency_key is not None:
+            check_name(name)
+            self.counter_class(name, **self.counter_options).increment(
+                n, idempotency_key=idempotency_key
+            )
+            return
         if type(n) is not int or not INT64_MIN <= n <= INT64_MAX:
             check_delta(n)  # raises the right error; bool lands here too
         with self._lock:
@@ -167,7 +205,12 @@ class CounterBuffer:
         """What ``name`` has waiting to be written, or being written now (0 when nothing)."""
         with self._lock:
             self._drain_queue()
-            return self._pending.get(name, 0) + self._in_flight.get(name, 0)
+            failed = self._failed.get(name)
+            return (
+                self._pending.get(name, 0)
+                + self._in_flight.get(name, 0)
+                + (failed.amount if failed is not None else 0)
+            )
 
     def count(self, name: str, *, nocache: bool = False) -> int:
         """The counter's total including what is still pending here.
@@ -189,7 +232,7 @@ class CounterBuffer:
         """
         with self._lock:
             self._drain_queue()
-            names = list(self._pending) if name is None else [name]
+            names = list({**self._failed, **self._pending}) if name is None else [name]
         first_error: BaseException | None = None
         for key in names:
             try:
@@ -202,38 +245,55 @@ class CounterBuffer:
     def _flush_one(self, name: str, *, final: bool) -> None:
         with self._stripe(name):
             with self._lock:
-                amount = self._pending.pop(name, 0)
                 self._due.pop(name, None)
-                attempts = self._attempts.pop(name, 0)
-                if amount == 0:
-                    return
-                self._in_flight[name] = amount
+                batch = self._failed.pop(name, None)
+                retrying = batch is not None
+                if batch is None:
+                    amount = self._pending.pop(name, 0)
+                    if amount == 0:
+                        return
+                    batch = _Batch(amount)
+                self._in_flight[name] = batch.amount
+            batch.attempts += 1
             try:
                 counter = self.counter_class(name, **self.counter_options)
-                for part in _int64_parts(amount):
-                    if final or attempts + 1 >= self.max_attempts:
-                        counter.increment(part)  # stashes in delayed_incr if the write fails
+                for key, part in batch.parts():
+                    if (final or batch.attempts >= self.max_attempts) and not batch.doubtful:
+                        # Never landed: it may go through the stash like any increment.
+                        counter.increment(part)
                     else:
-                        counter._apply(part, stash_on_failure=False)
-                    amount -= part
-                    with self._lock:
-                        self._in_flight[name] = amount
+                        counter.increment(part, idempotency_key=key)
+                    batch.written += 1
             except Exception as exc:
-                self._requeue(name, amount, attempts + 1, exc)
+                if isinstance(exc, IncrementOutcomeUnknown):
+                    batch.doubtful = True
+                self._requeue(name, batch, exc)
                 raise
             finally:
                 with self._lock:
                     self._in_flight.pop(name, None)
+            if retrying:
+                with self._lock:
+                    if name in self._pending:
+                        # Added while a failed batch waited its turn: its flush is due.
+                        self._schedule_flush(name, time.monotonic())
 
-    def _requeue(self, name: str, amount: int, attempts: int, exc: BaseException) -> None:
+    def _requeue(self, name: str, batch: _Batch, exc: BaseException) -> None:
         with self._lock:
             self._in_flight.pop(name, None)
-            self._pending[name] = self._pending.get(name, 0) + amount
-            self._attempts[name] = attempts
+            self._failed[name] = batch
             self._schedule_flush(name, time.monotonic() + self.backoff)
             self._ensure_thread()
-        level = logging.ERROR if isinstance(exc, IncrementNotRecorded) else logging.WARNING
-        log.log(level, "flush of %r (%d) failed, attempt %d: %s", name, amount, attempts, exc)
+        failed = isinstance(exc, (IncrementNotRecorded, IncrementOutcomeUnknown))
+        log.log(
+            logging.ERROR if failed else logging.WARNING,
+            "flush of %r (%d%s) failed, attempt %d: %s",
+            name,
+            batch.amount,
+            ", outcome unknown: retried with its key" if batch.doubtful else "",
+            batch.attempts,
+            exc,
+        )
 
     def _stripe(self, name: str) -> threading.Lock:
         return self._stripes[zlib.crc32(name.encode("utf-8", "surrogatepass")) % _STRIPES]

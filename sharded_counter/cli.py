@@ -342,11 +342,16 @@ def repair(names: tuple[str, ...], shards: int | None) -> None:
 @click.argument("name")
 @click.argument("n", type=int, default=1, metavar="[N]")
 @_shards_option
-def increment(name: str, n: int, shards: int | None) -> None:
+@click.option(
+    "--key",
+    default=None,
+    help="An idempotency key: the first increment with it counts, any later one counts nothing.",
+)
+def increment(name: str, n: int, shards: int | None, key: str | None) -> None:
     """Add N (default 1, may be negative) to counter NAME."""
     with _clean_errors():
         counter = _counter(name, shards)
-        counter.increment(n)
+        counter.increment(n, idempotency_key=key)
     # Said apart: a failed read must not pass for a failed write.
     with _clean_errors(f"{name} {n:+d} done, but reading the count back failed"):
         total = counter.count
@@ -375,6 +380,16 @@ def delete(name: str, shards: int | None) -> None:
     with _clean_errors():
         removed = _counter(name, shards).delete()
     _stdout().print(Text(f"deleted {name} ({removed} shard{'' if removed == 1 else 's'})"))
+
+
+@main.command(name="purge-keys")
+def purge_keys() -> None:
+    """Delete expired idempotency keys (where no Firestore TTL policy does it)."""
+    from .maintenance import purge_expired_keys
+
+    with _clean_errors():
+        removed = purge_expired_keys()
+    _stdout().print(Text(f"deleted {removed} expired idempotency key{'' if removed == 1 else 's'}"))
 
 
 # -- env -------------------------------------------------------------------------

@@ -14,6 +14,13 @@ A group's write either lands whole or not at all, so its outcome is every
 member's outcome, with one exception: a ``CounterOverflowError`` (nothing
 was written) may be the sum's fault, so each member then writes its own delta
 alone and gets its own answer.
+
+Keyed increments (``idempotency_key=``) group among themselves, never with
+unkeyed ones: their write inserts one key record per key beside the shard
+(idempotency.py). A group holds each key once; a member whose key is already
+in the group shares that member's outcome and adds nothing. The write reports
+which keys it found applied already, or failed for, so each member gets its
+own answer.
 """
 
 from __future__ import annotations
@@ -21,22 +28,34 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
-from .errors import CounterOverflowError, IncrementNotRecorded
+from .errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
 from .registry import PerCounter
+
+# The errors that name the delta they are about: each member gets its own.
+_PER_DELTA = (IncrementNotRecorded, IncrementOutcomeUnknown)
 
 
 class _Group:
     """Increments waiting for a write slot together. Its first member writes for all."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyed: bool) -> None:
+        self.keyed = keyed
         self.deltas: list[int] = []
         self.total = 0
+        self.keys: dict[str, int] = {}  # a keyed group's keys, each once, with its delta
         self.started = threading.Event()  # a slot was handed to this group
         self.done = threading.Event()  # the write finished; ``error`` says how
         self.error: BaseException | None = None
+        # A keyed write's failures per key (keys applied already are not in it).
+        self.key_errors: Mapping[str, BaseException] = {}
+
+
+#: A keyed group's write: ``{key: delta}`` in, ``{key: error}`` out for the keys that
+#: failed (raising fails them all).
+KeyedWrite = Callable[[dict[str, int]], Mapping[str, BaseException]]
 
 
 class WriteCombiner:
@@ -56,19 +75,7 @@ class WriteCombiner:
         ``limit`` is how many writes may run at once; a group's total stays
         within ``±max_total`` (a delta larger than that goes in a group of its own).
         """
-        with self._lock:
-            self._limit = limit
-            if self._running < limit and not self._queue and not self._paused:
-                self._running += 1
-                group = None
-            else:
-                group = self._queue[-1] if self._queue else None
-                if group is None or abs(group.total + delta) > max_total:
-                    group = _Group()
-                    self._queue.append(group)
-                group.deltas.append(delta)
-                group.total += delta
-                leading = len(group.deltas) == 1
+        group, leading = self._join(None, delta, limit=limit, max_total=max_total, max_keys=0)
         if group is None:
             try:
                 write(delta)
@@ -76,36 +83,97 @@ class WriteCombiner:
                 self._release()
             return
         if leading:
-            group.started.wait()
-            try:
-                # Deltas that cancel out need no write at all.
-                if group.total:
-                    write(group.total)
-            except BaseException as exc:
-                group.error = exc
-            finally:
-                group.done.set()
-                self._release()
-        else:
-            group.done.wait()
+            # Deltas that cancel out need no write at all.
+            self._write_for(group, lambda: write(group.total) if group.total else None)
+        group.done.wait()
         error = group.error
         if error is None:
             return
         if isinstance(error, CounterOverflowError) and len(group.deltas) > 1:
             write(delta)  # nothing was written: find out whether this delta fits alone
             return
-        own = self._own_error(error, delta, group)
-        if own is error:
-            raise error
-        raise own from error.__cause__
+        raise self._own_error(error, delta, group)
+
+    def run_keyed(
+        self, key: str, delta: int, write: KeyedWrite, *, limit: int, max_total: int, max_keys: int
+    ) -> None:
+        """Have the keyed increment ``key`` of ``delta`` written by ``write``, alone or in a
+        group of at most ``max_keys`` keys whose deltas sum within ``±max_total``."""
+        group, leading = self._join(key, delta, limit=limit, max_total=max_total, max_keys=max_keys)
+        if group is None:
+            try:
+                failed = write({key: delta})
+            finally:
+                self._release()
+            if key in failed:
+                raise failed[key]
+            return
+        if leading:
+            self._write_for(group, lambda: self._keyed_write(group, write))
+        group.done.wait()
+        error = group.error or group.key_errors.get(key)
+        if error is None:
+            return
+        if isinstance(error, CounterOverflowError) and len(group.keys) > 1:
+            failed = write({key: delta})  # nothing was written: does this one fit alone?
+            if key in failed:
+                raise failed[key]
+            return
+        raise self._own_error(error, group.keys[key], group)
+
+    def _join(
+        self, key: str | None, delta: int, *, limit: int, max_total: int, max_keys: int
+    ) -> tuple[_Group | None, bool]:
+        """Take a write slot now (no group), or join the group queued for the next free
+        one; and whether this member leads the group (it opened it, and writes for all)."""
+        keyed = key is not None
+        with self._lock:
+            self._limit = limit
+            if self._running < limit and not self._queue and not self._paused:
+                self._running += 1
+                return None, False
+            group = self._queue[-1] if self._queue else None
+            if key is not None and group is not None and key in group.keys:
+                return group, False  # the same increment, waiting already: it adds nothing
+            if (
+                group is None
+                or group.keyed != keyed
+                or abs(group.total + delta) > max_total
+                or (keyed and len(group.keys) >= max_keys)
+            ):
+                group = _Group(keyed)
+                self._queue.append(group)
+            if key is not None:
+                group.keys[key] = delta
+            group.deltas.append(delta)
+            group.total += delta
+            return group, len(group.deltas) == 1
+
+    def _write_for(self, group: _Group, write: Callable[[], Any]) -> None:
+        """Run the group's write once its slot comes; every member then sees the outcome."""
+        group.started.wait()
+        try:
+            write()
+        except BaseException as exc:
+            group.error = exc
+        finally:
+            group.done.set()
+            self._release()
+
+    @staticmethod
+    def _keyed_write(group: _Group, write: KeyedWrite) -> None:
+        group.key_errors = write(dict(group.keys))
 
     @staticmethod
     def _own_error(error: BaseException, delta: int, group: _Group) -> BaseException:
-        """The error one member sees: ``IncrementNotRecorded`` names that member's own delta."""
-        if not isinstance(error, IncrementNotRecorded) or len(group.deltas) == 1:
+        """The error one member sees: the group's, of the same class (a member of a write
+        whose outcome is unknown is in doubt too), naming that member's own delta."""
+        if not isinstance(error, _PER_DELTA) or len(group.deltas) == 1:
             return error
         cause = error.__cause__ if error.__cause__ is not None else error
-        return IncrementNotRecorded(error.name, delta, cause)
+        own = type(error)(error.name, delta, cause)
+        own.__cause__ = cause
+        return own
 
     def _release(self) -> None:
         """A write finished: hand its slot to the next group, or free it."""

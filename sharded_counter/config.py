@@ -56,6 +56,7 @@ class Settings:
     rpc_timeout: float = 5.0
     write_mode: str = "auto"
     max_concurrent_writes: int = 4
+    idempotency_ttl: int = 86400
     project: str | None = None
     database: str | None = None
     namespace: str | None = None
@@ -152,6 +153,7 @@ _CHECKS = {
     "rpc_timeout": _positive_number,
     "write_mode": _write_mode,
     "max_concurrent_writes": _positive_int,
+    "idempotency_ttl": _positive_int,
     "project": _optional_str,
     "database": _optional_str,
     "namespace": _optional_str,

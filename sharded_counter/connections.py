@@ -9,6 +9,7 @@ since neither gRPC channels nor sockets survive being shared with a parent.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from typing import Any
@@ -17,6 +18,7 @@ from google.cloud import datastore
 
 from .cache import CacheTier
 from .config import Settings
+from .idempotency import KeyedShardStore
 from .memcache import MemcacheClient, build_client
 from .shards import ShardStore
 
@@ -28,6 +30,11 @@ class Backend:
     store: ShardStore
     cache: CacheTier
     requested_mode: str  # "auto", "transform" or "transaction"
+
+    @functools.cached_property
+    def keyed(self) -> KeyedShardStore:
+        """The keyed write paths and key records (idempotency.py), on the same store."""
+        return KeyedShardStore(self.store)
 
     @property
     def write_mode(self) -> str:

@@ -36,12 +36,19 @@ from .errors import (
     IncrementNotRecorded,
     IncrementOutcomeUnknown,
 )
+from .idempotency import MAX_KEYS_PER_WRITE, check_idempotency_key
 from .joined import check_transaction, stage_increment
 from .keys import cache_keys
 from .memcache import MemcacheClient
 from .picker import picker_for
 from .record import Drift, ShardState
-from .retry import CONTENTION, RETRYABLE, outcome_unknown, write_retrying
+from .retry import (
+    CONTENTION,
+    RETRYABLE,
+    datastore_failures_as_ours,
+    outcome_unknown,
+    write_retrying,
+)
 from .shards import ShardOverflow, Snapshot, spread
 from .stash import ANY_SHARD, Stash, Unsure
 from .stats import WriteStats
@@ -127,24 +134,55 @@ class Counter:
     # -- writing ----------------------------------------------------------------
 
     def increment(
-        self, delta: int = 1, *, transaction: datastore.Transaction | None = None
+        self,
+        delta: int = 1,
+        *,
+        transaction: datastore.Transaction | None = None,
+        idempotency_key: str | None = None,
     ) -> None:
         """Add ``delta`` (any int64, negative to decrement) to the counter.
 
-        Returns once the shard write committed, or once the delta is stashed in
-        ``delayed_incr`` after the write kept failing. Raises
-        ``IncrementNotRecorded`` if neither worked, ``CounterOverflowError`` if no
-        shard can take it.
+        Returns once the increment is counted: its shard write committed, or
+        the write kept failing and the delta is stashed in ``delayed_incr`` (or
+        kept there as an unsure entry, when the write may have landed) for a
+        later write to add exactly once. Raises:
+
+        * ``IncrementNotRecorded``: certainly not counted, nothing kept;
+          retrying is safe.
+        * ``IncrementOutcomeUnknown``: maybe counted (a write that may have
+          landed, with memcache unable to keep it); retry only with an
+          idempotency key.
+        * ``CounterOverflowError``: no shard can take it; nothing written.
+        * ``TypeError`` / ``ValueError``: bad input; nothing written.
+
+        With ``idempotency_key`` (a non-empty str of at most 1,500 UTF-8 bytes)
+        the first call with that key on this counter counts ``delta``, and every
+        later one, from any thread or process, counts nothing and returns
+        normally, for at least ``idempotency_ttl`` seconds (idempotency.py). A
+        keyed increment is never stashed: when Datastore fails it raises one of
+        the two errors above, and retrying with the same key is always safe.
 
         With ``transaction`` (a ``google.cloud.datastore.Transaction`` in
         progress) the increment joins it instead: it is written by that
         transaction's commit, with the caller's other writes, or not at all,
         and nothing is retried or stashed here; the cache is updated after the
-        commit succeeds.
+        commit succeeds. A key given with it is checked and recorded inside
+        that transaction.
         """
         delta = check_delta(delta)
+        key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
         if transaction is not None:
-            self._increment_joined(delta, transaction)
+            self._increment_joined(delta, transaction, key)
+            return
+        if key is not None:
+            self._combiner.run_keyed(
+                key,
+                delta,
+                self._write_keyed,
+                limit=self.settings.max_concurrent_writes,
+                max_total=_TRANSFORM_MAX_DELTA,
+                max_keys=MAX_KEYS_PER_WRITE,
+            )
             return
         if delta:
             self._combiner.run(
@@ -183,12 +221,19 @@ class Counter:
                 self._keep_unsure(token, delta, stashed, unknown)
                 return
             except RETRYABLE as exc:
+                # Certainly not applied, and Datastore may well take it a moment from now.
                 self._settle_fold(token, stashed, put_back=True)
                 if not stash_on_failure:
                     raise
                 self._stash_or_raise(delta, exc)
                 return
-            except (CounterOverflowError, gexc.GoogleAPICallError):
+            except gexc.GoogleAPICallError as exc:
+                # Refused for a reason no retry cures (a missing permission or database,
+                # a request the server rejects): stashing it would acknowledge an
+                # increment that no later write could land either.
+                self._settle_fold(token, stashed, put_back=True)
+                raise IncrementNotRecorded(self.name, delta, exc) from exc
+            except CounterOverflowError:
                 self._settle_fold(token, stashed, put_back=True)
                 raise
             if stashed:
@@ -198,18 +243,120 @@ class Counter:
         if abs(state.value) > _TRANSFORM_SHARD_LIMIT and self._backend.write_mode == "transform":
             self._rebalance()
 
-    def _increment_joined(self, delta: int, transaction: datastore.Transaction) -> None:
+    def _increment_joined(
+        self, delta: int, transaction: datastore.Transaction, key: str | None
+    ) -> None:
         store = self._backend.store
         check_transaction(transaction, store.client.project)
         cache = self._backend.cache
         record_key = self._record_key
-        stage_increment(
-            transaction,
-            name=self.name,
-            shards=self.shard_count,
-            namespace=store.client.namespace,
-            delta=delta,
-            after_commit=lambda: cache.invalidate(record_key),
+        try:
+            stage_increment(
+                transaction,
+                name=self.name,
+                shards=self.shard_count,
+                namespace=store.client.namespace,
+                delta=delta,
+                after_commit=lambda: cache.invalidate(record_key),
+                idempotency_key=key,
+                key_ttl=self.settings.idempotency_ttl,
+            )
+        except gexc.GoogleAPICallError as exc:
+            # A read in the caller's transaction failed: nothing was staged.
+            raise IncrementNotRecorded(self.name, delta, exc) from exc
+
+    # -- keyed writes (idempotency.py) ---------------------------------------------
+
+    def _write_keyed(self, keys: dict[str, int]) -> dict[str, BaseException]:
+        """Write the keyed increments ``keys`` (key -> delta) together; returns the
+        errors of the keys that failed, each key's own."""
+        self._backend.cache.wait_out_set(self._stash_key, _SET_WAIT_CAP)
+        self._resolve_unsure()
+        left = dict(keys)  # keys not yet found applied
+        doubtful = False  # an attempt that carried ``left`` may have landed
+        state: ShardState | None = None
+        try:
+            for attempt in write_retrying(self.settings):
+                with attempt:
+                    try:
+                        state = self._keyed_attempt(left)
+                    except CONTENTION:
+                        self.stats.add(aborts=1)
+                        raise
+                    except gexc.GoogleAPICallError as exc:
+                        if isinstance(exc, RETRYABLE):
+                            self.stats.add(transient_errors=1)
+                        doubtful = doubtful or outcome_unknown(exc)
+                        raise
+        except Exception as exc:
+            if doubtful:
+                return {k: IncrementOutcomeUnknown(self.name, d, exc) for k, d in left.items()}
+            if isinstance(exc, gexc.GoogleAPICallError):
+                return {k: IncrementNotRecorded(self.name, d, exc) for k, d in left.items()}
+            return dict.fromkeys(left, exc)
+        if state is not None:
+            self.stats.add(writes=1, keys_applied=len(left))
+            self._backend.cache.merge(self._record_key, self._stash_key, [state])
+            if abs(state.value) > _TRANSFORM_SHARD_LIMIT and self.write_mode == "transform":
+                self._rebalance()
+        return {}
+
+    def _keyed_attempt(self, left: dict[str, int]) -> ShardState | None:
+        """One attempt at writing ``left``; keys found applied already leave it.
+
+        Returns the shard written, or None when every key was applied already.
+        A key's record is inserted, never overwritten: ``AlreadyExists`` means
+        some key of the commit is applied (by another delivery, or by an earlier
+        attempt of this one whose reply was lost), and nothing was written, so
+        the keys are looked up and the rest go out again.
+        """
+        keyed, ttl = self._backend.keyed, self.settings.idempotency_ttl
+        with self._picker.pick(self.shard_count) as (index, _alone):
+            while left:
+                if self._transform_fits(sum(left.values())):
+                    try:
+                        return keyed.add_with_transform(self.name, index, left, ttl=ttl)
+                    except gexc.AlreadyExists:
+                        applied = keyed.applied(self.name, left)
+                else:
+                    try:
+                        state, applied = self._keyed_in_transaction(index, left)
+                    except gexc.AlreadyExists:
+                        applied = keyed.applied(self.name, left)
+                    else:
+                        for key in applied:
+                            del left[key]
+                        return state
+                if not applied:
+                    # Refused for a record that is gone again (purged): just contention.
+                    raise gexc.Aborted(  # type: ignore[no-untyped-call]
+                        "an idempotency key record came and went"
+                    )
+                for key in applied:
+                    del left[key]
+        return None
+
+    def _keyed_in_transaction(
+        self, first: int, left: dict[str, int]
+    ) -> tuple[ShardState | None, set[str]]:
+        """The transaction path of a keyed write: ``first`` shard, else any with room."""
+        keyed, backend = self._backend.keyed, self._backend
+        others = [i for i in random.sample(range(self.shard_count), self.shard_count) if i != first]
+        for index in [first, *others]:
+            try:
+                return keyed.add_in_transaction(
+                    self.name,
+                    index,
+                    left,
+                    ttl=self.settings.idempotency_ttl,
+                    lazy_begin=backend.lazy_begin,
+                    limit=self._shard_limit,
+                )
+            except ShardOverflow:
+                continue
+        raise CounterOverflowError(
+            f"counter {self.name!r} cannot take {sum(left.values())}: no one of its "
+            f"{self.shard_count} shards has room for a keyed increment; nothing was written"
         )
 
     def _write(self, amount: int, token: str, *, folded: int = 0) -> ShardState:
@@ -253,8 +400,11 @@ class Counter:
                     except CONTENTION:
                         self.stats.add(aborts=1)
                         raise
-                    except RETRYABLE as exc:
-                        self.stats.add(transient_errors=1)
+                    except gexc.GoogleAPICallError as exc:
+                        # Retried only when RETRYABLE; any error may leave the outcome
+                        # unknown (a cancelled call, say), retried or not.
+                        if isinstance(exc, RETRYABLE):
+                            self.stats.add(transient_errors=1)
                         if unsure_of is None and index is not None and outcome_unknown(exc):
                             unsure_of = index
                             # Keep this process's other writers off that shard until the
@@ -520,6 +670,7 @@ class Counter:
 
     # -- reading ----------------------------------------------------------------
 
+    @datastore_failures_as_ours
     def get_count(self, nocache: bool = False) -> int:
         """The counter's total.
 
@@ -546,6 +697,7 @@ class Counter:
         return total + self._pending_stash()
 
     @classmethod
+    @datastore_failures_as_ours
     def get_counts(
         cls, names: Iterable[str], *, nocache: bool = False, **options: Any
     ) -> dict[str, int]:
@@ -627,6 +779,7 @@ class Counter:
     def count(self, value: int) -> None:
         self.set_count(value)
 
+    @datastore_failures_as_ours
     def set_count(self, value: int) -> None:
         """Set the counter to ``value`` atomically with respect to concurrent increments.
 
@@ -687,6 +840,7 @@ class Counter:
 
     # -- checking the cache against the truth ----------------------------------------
 
+    @datastore_failures_as_ours
     def verify(self) -> Verification:
         """Compare the cached record with the shards, shard by shard.
 
@@ -709,6 +863,7 @@ class Counter:
             drift=drift.difference,
         )
 
+    @datastore_failures_as_ours
     def repair(self) -> Verification:
         """Resolve unsure writes and write any pending delayed_incr to a shard, then
         rebuild the cached record.
@@ -738,6 +893,7 @@ class Counter:
             cache.fill(self._record_key, self._shard_states)
         return self.verify()
 
+    @datastore_failures_as_ours
     def delete(self) -> int:
         """Delete every shard, the cached total and any pending stash.
 

@@ -28,39 +28,57 @@ class CacheUnavailable(ShardedCounterError):
 
 
 class DatastoreUnavailable(ShardedCounterError):
-    """The shard write kept failing until the retry policy gave up."""
+    """Datastore failed a read, a ``count = v`` or a ``delete`` until the retry policy
+    gave up (down, timing out, or refusing the request).
+
+    Never raised by ``increment``, whose failures say whether the delta counted
+    (``IncrementNotRecorded``, ``IncrementOutcomeUnknown``). A ``count = v`` that
+    raises it may or may not have been applied: setting the same value again is
+    safe. A ``delete`` that raises it may have deleted some shards: run it again.
+    """
 
 
 class IncrementNotRecorded(ShardedCounterError):
-    """The shard write failed and the delta could not be stashed in memcache either.
+    """The increment was certainly *not* counted, and nothing of it is kept anywhere.
 
-    The increment was *not* acknowledged: the caller still owns it and may retry.
-    ``delta`` is the amount that was not recorded. (Any ``delayed_incr``
-    amount this call had taken to fold in went back to the stash.)
+    The shard write failed in a way that shows it was not applied, and it could
+    not be stashed in memcache either (memcache down or not configured, or the
+    increment carried an idempotency key, which is never stashed). The caller
+    still owns the increment: retrying it is always safe, with or without its key.
+    ``delta`` is the amount that was not recorded.
     """
 
     def __init__(self, name: str, delta: int, cause: BaseException) -> None:
         super().__init__(
             f"increment of {delta} to counter {name!r} was not recorded: the shard write "
-            f"failed and memcache could not hold it as delayed_incr ({cause})"
+            f"failed and the increment could not be kept for a later write ({cause})"
         )
         self.name = name
         self.delta = delta
         self.__cause__ = cause
 
 
-class IncrementOutcomeUnknown(IncrementNotRecorded):
-    """The shard write may have landed (its reply was lost, and every retry failed),
-    and memcache could not hold it as an unsure entry to resolve later.
+class IncrementOutcomeUnknown(ShardedCounterError):
+    """The increment may or may not have been counted.
 
-    The caller cannot know whether the increment counts: retrying it may count
-    it twice, dropping it may lose it.
+    A shard write may have landed (a reply was lost, and every retry failed), and
+    it could not be kept in memcache as an unsure entry to resolve later (memcache
+    down or not configured). Retrying it without an idempotency key may count it
+    twice; dropping it may lose it. Retrying with the *same* idempotency key is
+    always safe: the key is written atomically with the shard, so a retry finds
+    it and counts nothing if the first attempt landed. ``delta`` is the amount
+    in doubt.
+
+    Deliberately not a subclass of ``IncrementNotRecorded``: ``except
+    IncrementNotRecorded: retry`` must never retry an increment that may count.
     """
 
     def __init__(self, name: str, delta: int, cause: BaseException) -> None:
-        super().__init__(name, delta, cause)
-        self.args = (
+        super().__init__(
             f"increment of {delta} to counter {name!r} may or may not have been recorded: "
-            f"the shard write's outcome is unknown and memcache could not keep it to "
-            f"resolve later ({cause})",
+            f"the shard write's outcome is unknown and it could not be kept to resolve "
+            f"later ({cause})"
         )
+        self.name = name
+        self.delta = delta
+        self.__cause__ = cause

@@ -10,10 +10,17 @@ would not see the first's staged value).
 The cached total is touched only after the commit succeeds: the high-level
 client does not report the new versions, so the record is dropped and the
 next read rebuilds it from the shards.
+
+An idempotency key is checked and recorded inside the caller's transaction:
+its record is read there (a concurrent transaction recording the same key
+then conflicts with this one), and if it exists, or the key was staged
+already in this transaction, nothing is staged. Otherwise the record is staged
+beside the shard and written by the same commit.
 """
 
 from __future__ import annotations
 
+import datetime
 import random
 from collections.abc import Callable
 from typing import Any
@@ -21,7 +28,7 @@ from typing import Any
 from google.cloud import datastore
 
 from .errors import CounterOverflowError
-from .keys import SHARD_KIND, shard_key_name
+from .keys import IDEMPOTENCY_KIND, SHARD_KIND, idempotency_record_name, shard_key_name
 from .validation import fits_int64
 
 _ATTRIBUTE = "_sharded_counter_joined"
@@ -33,6 +40,7 @@ class JoinedWrites:
     def __init__(self) -> None:
         self.entities: dict[str, datastore.Entity] = {}  # counter name -> its staged shard
         self.after_commit: dict[str, Callable[[], None]] = {}  # counter name -> cache step
+        self.records: dict[str, datastore.Entity] = {}  # record key name -> staged key record
 
 
 def check_transaction(transaction: Any, project: str) -> datastore.Transaction:
@@ -64,7 +72,7 @@ def joined_writes(transaction: datastore.Transaction) -> JoinedWrites:
     commit: Callable[..., Any] = transaction.commit
 
     def commit_with_counters(*args: Any, **kwargs: Any) -> Any:
-        for entity in state.entities.values():
+        for entity in [*state.entities.values(), *state.records.values()]:
             transaction.put(entity)  # type: ignore[no-untyped-call]
         result = commit(*args, **kwargs)
         for step in state.after_commit.values():
@@ -84,12 +92,35 @@ def stage_increment(
     namespace: str | None,
     delta: int,
     after_commit: Callable[[], None],
+    idempotency_key: str | None = None,
+    key_ttl: float = 0,
 ) -> None:
-    """Add ``delta`` to one shard of ``name`` inside ``transaction``; written at its commit."""
+    """Add ``delta`` to one shard of ``name`` inside ``transaction``; written at its commit.
+
+    With ``idempotency_key``, nothing is staged if the key is applied already
+    (recorded in Datastore, or staged earlier in this transaction).
+    """
     state = joined_writes(transaction)
+    client = transaction._client
+    record: datastore.Entity | None = None
+    if idempotency_key is not None:
+        record_name = idempotency_record_name(name, idempotency_key)
+        if record_name in state.records:
+            return
+        record_key = client.key(IDEMPOTENCY_KIND, record_name, namespace=namespace)
+        if client.get(record_key, transaction=transaction) is not None:
+            return
+        record = datastore.Entity(  # type: ignore[no-untyped-call]
+            record_key, exclude_from_indexes=("counter", "key", "delta")
+        )
+        expire_at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(
+            seconds=key_ttl
+        )
+        record.update(
+            {"counter": name, "key": idempotency_key, "delta": delta, "expire_at": expire_at}
+        )
     entity = state.entities.get(name)
     if entity is None:
-        client = transaction._client
         key = client.key(
             SHARD_KIND, shard_key_name(name, random.randrange(shards)), namespace=namespace
         )
@@ -105,3 +136,5 @@ def stage_increment(
     entity["count"] = value
     state.entities[name] = entity
     state.after_commit[name] = after_commit
+    if record is not None:
+        state.records[record.key.name] = record

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 
 SHARD_KIND = "CounterShard"
+IDEMPOTENCY_KIND = "CounterIdempotencyKey"
 _MAX_KEY_NAME_BYTES = 1500
 
 
@@ -25,6 +26,20 @@ def shard_key_name(name: str, index: int) -> str:
     if len(readable.encode("utf-8")) <= _MAX_KEY_NAME_BYTES:
         return readable
     return f"{index}#{hashlib.sha256(name.encode('utf-8')).hexdigest()}"
+
+
+def idempotency_record_name(name: str, key: str) -> str:
+    """The key name of the record that idempotency key ``key`` was applied to ``name``.
+
+    ``"<len(name)>:<name>:<key>"``: the length says where the name ends, so no two
+    (name, key) pairs share a record. When that passes the key-name limit it is
+    ``"#<sha256 of the same>"``. Either form starts with a digit or ``#``, never
+    with the reserved ``__``.
+    """
+    readable = f"{len(name)}:{name}:{key}"
+    if len(readable.encode("utf-8")) <= _MAX_KEY_NAME_BYTES:
+        return readable
+    return "#" + hashlib.sha256(readable.encode("utf-8")).hexdigest()
 
 
 def shard_index(name: str, key_name: str | None) -> int | None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 from google.api_core import exceptions as gexc
 from tenacity import (
     Retrying,
@@ -12,6 +16,10 @@ from tenacity import (
 )
 
 from .config import Settings
+from .errors import DatastoreUnavailable
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 #: Contention: another writer got there first (optimistic) or held the lock too long
 #: (pessimistic, Firestore in Datastore mode says "Transaction lock timeout").
@@ -29,11 +37,21 @@ TRANSIENT: tuple[type[Exception], ...] = (
 
 RETRYABLE = CONTENTION + TRANSIENT
 
-#: Refused before the request was processed: nothing can have been written.
+#: The server answered with a verdict: it did not apply the request. Contention and
+#: overload, and the refusals no retry cures (a bad request, missing permission or
+#: database): the request was judged, not lost.
 _REFUSED: tuple[type[Exception], ...] = (
     *CONTENTION,
     gexc.TooManyRequests,
     gexc.ResourceExhausted,
+    gexc.InvalidArgument,
+    gexc.PermissionDenied,
+    gexc.Unauthenticated,
+    gexc.NotFound,
+    gexc.AlreadyExists,
+    gexc.FailedPrecondition,
+    gexc.OutOfRange,
+    gexc.MethodNotImplemented,
 )
 # gRPC says UNAVAILABLE both when it never reached the server and when a connection
 # broke mid-call; only its message tells the first apart.
@@ -41,7 +59,12 @@ _NEVER_SENT = ("failed to connect to all addresses", "Connection refused")
 
 
 def outcome_unknown(exc: BaseException) -> bool:
-    """May the failed commit behind ``exc`` still have been applied by the server?"""
+    """May the failed commit behind ``exc`` still have been applied by the server?
+
+    Only a verdict of the server (``_REFUSED``) or a connection that was never
+    made says no. Everything else (timeouts, broken connections, cancelled calls,
+    internal errors, anything we do not recognise) may have landed.
+    """
     if isinstance(exc, _REFUSED):
         return False
     if isinstance(exc, gexc.ServiceUnavailable):
@@ -65,3 +88,19 @@ def write_retrying(settings: Settings, *, until_deadline: bool = False) -> Retry
         ),
         reraise=True,
     )
+
+
+def datastore_failures_as_ours(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Let a public read, set or delete raise ``DatastoreUnavailable``, never a raw
+    ``google.api_core`` error, once the retry policy has given up."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except gexc.GoogleAPICallError as exc:
+            raise DatastoreUnavailable(
+                f"{method.__name__} failed at Datastore ({type(exc).__name__}): {exc}"
+            ) from exc
+
+    return wrapper

@@ -13,6 +13,7 @@ generated client's methods are used instead, on the same messages.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,38 @@ _METHODS: dict[str, tuple[Any, Any]] = {
     "rollback": (ds_types.RollbackRequest, ds_types.RollbackResponse),
     "run_query": (ds_types.RunQueryRequest, ds_types.RunQueryResponse),
 }
+
+
+class TransactionExpired(gexc.Aborted):
+    """The server no longer knows the transaction a request named (an ``Aborted``).
+
+    Datastore answers INVALID_ARGUMENT when a commit, lookup or rollback names a
+    transaction it has dropped: one that outlived its time limit, or one begun
+    before the server restarted (the classic emulator then says "transaction has
+    expired or is invalid"). Nothing of that transaction was applied, so it is
+    contention in all but name: the write starts again in a new transaction.
+    """
+
+
+# What Datastore says of a transaction it dropped: the classic emulator, "transaction
+# has expired or is invalid"; Firestore, "The referenced transaction has expired or is
+# no longer valid".
+_TRANSACTION_GONE = re.compile(r"transaction.*(expired|no longer valid|is invalid)", re.I)
+
+
+def api_error(exc: grpc.RpcError) -> gexc.GoogleAPICallError:
+    """The ``google.api_core`` exception for a gRPC error, telling dropped transactions apart."""
+    error: gexc.GoogleAPICallError = gexc.from_grpc_error(exc)  # type: ignore[no-untyped-call]
+    return _refine(error)
+
+
+def _refine(error: gexc.GoogleAPICallError) -> gexc.GoogleAPICallError:
+    if isinstance(error, gexc.InvalidArgument) and _TRANSACTION_GONE.search(str(error.message)):
+        return TransactionExpired(  # type: ignore[no-untyped-call]
+            error.message, errors=error.errors, response=error.response
+        )
+    return error
+
 
 LookupRequest = ds_types.LookupRequest.pb()
 CommitRequest = ds_types.CommitRequest.pb()
@@ -79,7 +112,7 @@ class DatastoreRpc:
             try:
                 return stub(request, timeout=timeout, metadata=metadata)
             except grpc.RpcError as exc:
-                raise gexc.from_grpc_error(exc) from exc  # type: ignore[no-untyped-call]
+                raise api_error(exc) from exc
 
         return call
 
@@ -87,7 +120,13 @@ class DatastoreRpc:
         timeout = self._timeout
 
         def call(request: Any) -> Any:
-            return method(request=request_type.wrap(request), retry=None, timeout=timeout)._pb
+            try:
+                return method(request=request_type.wrap(request), retry=None, timeout=timeout)._pb
+            except gexc.InvalidArgument as exc:
+                refined = _refine(exc)
+                if refined is exc:
+                    raise
+                raise refined from exc
 
         return call
 

@@ -117,13 +117,13 @@ class ShardStore:
 
     def __init__(self, client: datastore.Client, *, rpc_timeout: float) -> None:
         self.client = client
-        self._rpc = rpc.DatastoreRpc(client, timeout=rpc_timeout)
+        self.rpc = rpc.DatastoreRpc(client, timeout=rpc_timeout)
         # Every request names the project and database.
-        self._base: dict[str, Any] = {
+        self.base: dict[str, Any] = {
             "project_id": client.project,
             "database_id": client.database or "",
         }
-        self._partition = entity_types.PartitionId.pb()(
+        self.partition = entity_types.PartitionId.pb()(
             project_id=client.project,
             database_id=client.database or "",
             namespace_id=client.namespace or "",
@@ -132,24 +132,24 @@ class ShardStore:
     @property
     def scope(self) -> str:
         """Names where these shards live, so cache keys of two scopes never meet."""
-        p = self._partition
+        p = self.partition
         return f"{p.project_id}/{p.database_id}/{p.namespace_id}"
 
     # -- keys and entities ------------------------------------------------
 
     def key(self, name: str, index: int) -> Any:
-        return self._key_for(shard_key_name(name, index))
+        return self.key_for(shard_key_name(name, index))
 
-    def _key_for(self, key_name: str, kind: str = SHARD_KIND) -> Any:
+    def key_for(self, key_name: str, kind: str = SHARD_KIND) -> Any:
         key = _KeyPb()
-        key.partition_id.CopyFrom(self._partition)
+        key.partition_id.CopyFrom(self.partition)
         element = key.path.add()
         element.kind = kind
         element.name = key_name
         return key
 
     @staticmethod
-    def _entity(key: Any, name: str, count: int) -> Any:
+    def shard_entity(key: Any, name: str, count: int) -> Any:
         entity = _EntityPb()
         entity.key.CopyFrom(key)
         entity.properties["name"].string_value = name
@@ -171,7 +171,7 @@ class ShardStore:
         return tokens
 
     @staticmethod
-    def _count_of(entity: Any) -> int:
+    def count_of(entity: Any) -> int:
         value = entity.properties.get("count")
         if value is None or value.WhichOneof("value_type") != "integer_value":
             return 0
@@ -182,23 +182,23 @@ class ShardStore:
     # by rpc_timeout and retried only by our policy (retry.py).
 
     def begin(self) -> bytes:
-        request = rpc.BeginTransactionRequest(**self._base)
+        request = rpc.BeginTransactionRequest(**self.base)
         request.transaction_options.read_write.SetInParent()
-        return bytes(self._rpc.begin_transaction(request).transaction)
+        return bytes(self.rpc.begin_transaction(request).transaction)
 
     def rollback(self, transaction: bytes) -> None:
-        self._rpc.rollback(rpc.RollbackRequest(transaction=transaction, **self._base))
+        self.rpc.rollback(rpc.RollbackRequest(transaction=transaction, **self.base))
 
     def lookup(
         self, keys: Sequence[Any], *, transaction: bytes | None = None, begin: bool = False
     ) -> tuple[dict[bytes, Any], dict[bytes, int], bytes | None]:
         """Found entities and versions by serialized key, and the transaction begun, if any."""
-        request = rpc.LookupRequest(keys=keys, **self._base)
+        request = rpc.LookupRequest(keys=keys, **self.base)
         if transaction is not None:
             request.read_options.transaction = transaction
         elif begin:
             request.read_options.new_transaction.read_write.SetInParent()
-        response = self._rpc.lookup(request)
+        response = self.rpc.lookup(request)
         found: dict[bytes, Any] = {}
         versions: dict[bytes, int] = {}
         for result in response.found:
@@ -218,13 +218,13 @@ class ShardStore:
 
     def commit(self, mutations: Sequence[Any], transaction: bytes | None = None) -> Any:
         """Commit Mutation protobufs, in ``transaction`` or on their own."""
-        request = rpc.CommitRequest(mutations=mutations, **self._base)
+        request = rpc.CommitRequest(mutations=mutations, **self.base)
         if transaction is None:
             request.mode = _NON_TRANSACTIONAL
         else:
             request.mode = _TRANSACTIONAL
             request.transaction = transaction
-        return self._rpc.commit(request)
+        return self.rpc.commit(request)
 
     # -- the write paths ------------------------------------------------------
 
@@ -263,7 +263,7 @@ class ShardStore:
             transaction = transaction or begun
             serialized = key.SerializeToString()
             entity = found.get(serialized)
-            current = self._count_of(entity) if entity is not None else 0
+            current = self.count_of(entity) if entity is not None else 0
             if token:
                 seen, fence = self._tokens_of(entity), _fence_tokens(entity)
                 if entity is None and index:
@@ -272,19 +272,19 @@ class ShardStore:
                 left = _left_to_write(token, delta, folded, seen, fence)
                 if left is None:
                     if transaction is not None:
-                        self._quiet_rollback(transaction)
+                        self.quiet_rollback(transaction)
                     return ShardState(f"i{index}", versions[serialized], current)
                 delta = left
             new = current + delta
             # Past the limit only towards zero: a shard pushed over it must still shrink.
-            if not (_within(new, INT64_MAX) and (_within(new, limit) or abs(new) <= abs(current))):
+            if not (within(new, INT64_MAX) and (within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index, delta)
-            written = self._entity(key, name, new)
-            _carry_slots(entity, written, token, pinned=pinned)
+            written = self.shard_entity(key, name, new)
+            carry_slots(entity, written, token, pinned=pinned)
             response = self.commit([_upsert(written)], transaction)
         except BaseException:
             if transaction is not None:
-                self._quiet_rollback(transaction)
+                self.quiet_rollback(transaction)
             raise
         return ShardState(f"i{index}", response.mutation_results[0].version, new)
 
@@ -305,7 +305,7 @@ class ShardStore:
         landed unless this process, or one that drew the same slot, wrote the
         shard in between (the caller keeps its own writers off it meanwhile).
         """
-        mutation = _increment(self.key(name, index), name, delta)
+        mutation = increment_mutation(self.key(name, index), name, delta)
         if token:
             slot = _SLOT_PREFIX + _process_slot
             value = mutation.upsert.properties[slot]
@@ -318,7 +318,7 @@ class ShardStore:
         value = int(result.transform_results[0].integer_value)
         return ShardState(f"i{index}", result.version, value)
 
-    def _quiet_rollback(self, transaction: bytes) -> None:
+    def quiet_rollback(self, transaction: bytes) -> None:
         # Releasing locks early helps the pessimistic engine; failing to is harmless
         # (the transaction expires), so it must not hide the original error.
         with contextlib.suppress(Exception):
@@ -330,15 +330,15 @@ class ShardStore:
         The classic emulator silently ignores transforms and the mask and
         overwrites the entity, so this writes only a scratch entity of its own kind.
         """
-        key = self._key_for(f"probe-{random.getrandbits(64):016x}", kind="ShardedCounterProbe")
-        entity = self._entity(key, "probe", 1)
+        key = self.key_for(f"probe-{random.getrandbits(64):016x}", kind="ShardedCounterProbe")
+        entity = self.shard_entity(key, "probe", 1)
         self.commit([_upsert(entity)])
         try:
-            result = self.commit([_increment(key, "probe", 1)]).mutation_results[0]
+            result = self.commit([increment_mutation(key, "probe", 1)]).mutation_results[0]
             reported = [int(r.integer_value) for r in result.transform_results]
             found, _, _ = self.lookup([key])
             stored = found.get(key.SerializeToString())
-            return reported == [2] and stored is not None and self._count_of(stored) == 2
+            return reported == [2] and stored is not None and self.count_of(stored) == 2
         finally:
             self.commit([_delete(key)])
 
@@ -352,7 +352,7 @@ class ShardStore:
         self, op: int, names: Sequence[str], *, keys_only: bool = False
     ) -> Iterator[Any]:
         """CounterShard entities whose name is ``op`` (EQUAL: the one name, IN: any of them)."""
-        request = rpc.RunQueryRequest(partition_id=self._partition, **self._base)
+        request = rpc.RunQueryRequest(partition_id=self.partition, **self.base)
         query = request.query
         query.kind.add().name = SHARD_KIND
         name_filter = query.filter.property_filter
@@ -366,7 +366,7 @@ class ShardStore:
         if keys_only:
             query.projection.add().property.name = "__key__"
         while True:
-            batch = self._rpc.run_query(request).batch
+            batch = self.rpc.run_query(request).batch
             yield from batch.entity_results
             if batch.more_results != _NOT_FINISHED or not batch.entity_results:
                 return
@@ -377,7 +377,7 @@ class ShardStore:
 
     def _state_of(self, name: str, result: Any) -> ShardState:
         key_name = result.entity.key.path[-1].name
-        return ShardState(_shard_id(name, key_name), result.version, self._count_of(result.entity))
+        return ShardState(_shard_id(name, key_name), result.version, self.count_of(result.entity))
 
     def snapshots(self, names: Sequence[str], *, use_in: bool) -> dict[str, Snapshot]:
         """Every shard of each of ``names``.
@@ -455,27 +455,27 @@ class ShardStore:
                 left = _left_to_write(token, adding, folded, seen, existing)
             if left is None:
                 if transaction is not None:
-                    self._quiet_rollback(transaction)
+                    self.quiet_rollback(transaction)
                 return [
                     ShardState(
                         _shard_id(name, key.path[-1].name),
                         versions[key.SerializeToString()],
-                        self._count_of(entity) if entity is not None else 0,
+                        self.count_of(entity) if entity is not None else 0,
                     )
                     for key, entity in zip(ordered, entities, strict=True)
                 ]
-            total = sum(self._count_of(e) for e in found.values())
+            total = sum(self.count_of(e) for e in found.values())
             amounts = spread(target(total) + left, len(ordered), limit)
             slot_token = "" if fence else token
             mutations = []
             for key, entity, amount in zip(ordered, entities, amounts, strict=True):
-                written = self._entity(key, name, amount)
-                _carry_slots(entity, written, slot_token, fence=fenced, pinned=pinned)
+                written = self.shard_entity(key, name, amount)
+                carry_slots(entity, written, slot_token, fence=fenced, pinned=pinned)
                 mutations.append(_upsert(written))
             response = self.commit(mutations, transaction)
         except BaseException:
             if transaction is not None:
-                self._quiet_rollback(transaction)
+                self.quiet_rollback(transaction)
             raise
         return [
             ShardState(_shard_id(name, key.path[-1].name), result.version, amount)
@@ -497,34 +497,39 @@ def spread(value: int, slots: int, limit: int = INT64_MAX) -> list[int]:
     """
     base, extra = divmod(value, slots)
     amounts = [base + 1 if i < extra else base for i in range(slots)]
-    if not all(_within(a, limit) for a in amounts):
+    if not all(within(a, limit) for a in amounts):
         raise ValueError(f"{value} does not fit in {slots} shards of at most {limit} each")
     return amounts
 
 
+def mutation() -> Any:
+    """An empty Mutation protobuf."""
+    return _MutationPb()
+
+
 def _upsert(entity: Any) -> Any:
-    mutation = _MutationPb()
-    mutation.upsert.CopyFrom(entity)
-    return mutation
+    upsert = _MutationPb()
+    upsert.upsert.CopyFrom(entity)
+    return upsert
 
 
 def _delete(key: Any) -> Any:
-    mutation = _MutationPb()
-    mutation.delete.CopyFrom(key)
-    return mutation
+    delete = _MutationPb()
+    delete.delete.CopyFrom(key)
+    return delete
 
 
-def _increment(key: Any, name: str, delta: int) -> Any:
+def increment_mutation(key: Any, name: str, delta: int) -> Any:
     """An upsert that sets only ``name`` and has the server add ``delta`` to ``count``."""
-    mutation = _MutationPb()
-    entity = mutation.upsert
+    increment = _MutationPb()
+    entity = increment.upsert
     entity.key.CopyFrom(key)
     entity.properties["name"].string_value = name
-    mutation.property_mask.paths.append("name")
-    transform = mutation.property_transforms.add()
+    increment.property_mask.paths.append("name")
+    transform = increment.property_transforms.add()
     transform.property = "count"
     transform.increment.integer_value = delta
-    return mutation
+    return increment
 
 
 def _left_to_write(
@@ -558,7 +563,7 @@ def _slot_tokens(value: Any) -> list[str]:
     return [value.string_value] if kind == "string_value" else []
 
 
-def _carry_slots(
+def carry_slots(
     entity: Any,
     written: Any,
     token: str,
@@ -605,5 +610,5 @@ def _put_tokens(entity: Any, prop: str, tokens: Sequence[str]) -> None:
         item.exclude_from_indexes = True
 
 
-def _within(value: int, limit: int) -> bool:
+def within(value: int, limit: int) -> bool:
     return -limit - 1 <= value <= limit

@@ -16,6 +16,7 @@ class WriteStats:
     unsure: int = 0  # writes kept as unsure entries: retries ran out, outcome unknown
     resolved: int = 0  # unsure entries this counter object resolved
     rebalances: int = 0  # shards moved back from the int64 edge
+    keys_applied: int = 0  # idempotency keys whose increment this counter object wrote
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, repr=False, compare=False
     )

@@ -99,7 +99,7 @@ def _counter_target(name: str, seconds: float, *, read: bool = True, **options: 
         increment=counter.increment,
         write_mode=mode,
         check=check,
-        rpc_slots=[(counter._backend.store, "_rpc")],
+        rpc_slots=[(counter._backend.store, "rpc")],
         cache_slots=[(cache, "_client")],
         aborts=lambda: counter.stats.snapshot()["aborts"],
     )

@@ -107,7 +107,7 @@ class _Read(NamedTuple):
     label: str
     operation: Callable[[], bool]
     batch: int
-    store: object | None  # holds the Datastore calls as ``_rpc``
+    store: object | None  # holds the Datastore calls as ``rpc``
     cache: object  # holds the memcache client as ``_client``
 
 
@@ -151,7 +151,7 @@ def measure_reads(engine: str, memcached: str, seconds: float) -> list[Timed]:
     results: list[Timed] = []
     for read, turns in zip(reads, totals, strict=True):
         rpcs, memcache = CallCounter(), CallCounter()
-        store_slot = [] if read.store is None else [(read.store, "_rpc")]
+        store_slot = [] if read.store is None else [(read.store, "rpc")]
         with counting(store_slot, rpcs), counting([(read.cache, "_client")], memcache):
             for _ in range(_COUNTED):
                 read.operation()

@@ -1,7 +1,7 @@
 """Counting the calls a contender makes to Datastore and memcache.
 
 The library reaches Datastore through the ``DatastoreRpc`` it keeps on
-``ShardStore._rpc`` (the high-level client keeps its generated client on
+``ShardStore.rpc`` (the high-level client keeps its generated client on
 ``Client._datastore_api_internal``), and memcache through ``CacheTier._client``.
 Swapping a counting proxy in for one of those attributes, for the span of a
 measurement, counts every round trip without touching the library, and the

@@ -1,0 +1,219 @@
+"""Idempotency keys: an increment delivered more than once counts once.
+
+``counter.increment(n, idempotency_key="msg-123")`` writes, in the same
+atomic commit as the shard, a *key record*: an entity of kind
+``CounterIdempotencyKey`` named after the counter and the key (``keys.py``).
+The record is inserted, never overwritten, so a second commit carrying the
+same key fails with ``AlreadyExists`` and adds nothing. That makes every
+question about a keyed increment one Datastore can answer by itself:
+
+* a later delivery of the key (another thread, another process, after a
+  restart or a memcache flush) finds the record and counts nothing;
+* two deliveries at the same moment: one insert wins, the other is refused;
+* a commit whose reply was lost is retried as it was: if it landed, the retry
+  is refused with ``AlreadyExists`` and the key is known to be applied.
+
+Nothing of a keyed increment lives in memcache alone: it is never stashed in
+``delayed_incr`` (the record could not go with it), so when Datastore fails
+the caller gets ``IncrementNotRecorded`` or ``IncrementOutcomeUnknown``, and
+retrying with the same key is safe either way.
+
+A record holds the counter's name, the key, the delta and ``expire_at``, the
+time after which it may be deleted. In production a Firestore TTL policy on
+``CounterIdempotencyKey.expire_at`` deletes records (Google deletes expired
+documents typically within a day of ``expire_at``); where no TTL runs (the
+emulators, or before the policy is made), ``purge_expired`` does. A record is
+honoured until it is gone, so a key is remembered for at least
+``idempotency_ttl`` seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from google.cloud.datastore_v1.types import entity as entity_types
+from google.cloud.datastore_v1.types import query as query_types
+from google.protobuf import timestamp_pb2
+
+from . import rpc
+from .keys import IDEMPOTENCY_KIND, idempotency_record_name
+from .record import ShardState
+from .shards import ShardOverflow, ShardStore, carry_slots, increment_mutation, mutation, within
+from .validation import INT64_MAX
+
+#: The longest key accepted, in UTF-8 bytes: Datastore's limit on a key name.
+MAX_KEY_BYTES = 1500
+
+_MAX_MUTATIONS = 500  # Datastore's limit per commit; a group keeps room for the shard
+
+
+def check_idempotency_key(key: Any) -> str:
+    """Return ``key`` if it can be an idempotency key, else raise TypeError/ValueError."""
+    if not isinstance(key, str):
+        raise TypeError(f"idempotency_key must be a str, not {type(key).__name__}")
+    if not key:
+        raise ValueError("idempotency_key must not be empty")
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"idempotency_key is not valid unicode text: {exc.reason}") from None
+    if size > MAX_KEY_BYTES:
+        raise ValueError(
+            f"idempotency_key is {size} bytes in UTF-8; at most {MAX_KEY_BYTES} are allowed"
+        )
+    return key
+
+
+#: The most keys one keyed write may carry (one mutation each, plus the shard's).
+MAX_KEYS_PER_WRITE = _MAX_MUTATIONS - 1
+
+
+class KeyedShardStore:
+    """The keyed write paths and the key records, on top of one ``ShardStore``."""
+
+    def __init__(self, store: ShardStore) -> None:
+        self.store = store
+
+    def record_key(self, name: str, key: str) -> Any:
+        return self.store.key_for(idempotency_record_name(name, key), IDEMPOTENCY_KIND)
+
+    def _record(self, name: str, key: str, delta: int, expire_at: float) -> Any:
+        record = entity_types.Entity.pb()()
+        record.key.CopyFrom(self.record_key(name, key))
+        props = record.properties
+        props["counter"].string_value = name
+        props["key"].string_value = key
+        props["delta"].integer_value = delta
+        for unindexed in ("counter", "key", "delta"):
+            props[unindexed].exclude_from_indexes = True
+        # Indexed: purge_expired queries it where no TTL policy runs.
+        props["expire_at"].timestamp_value.CopyFrom(_timestamp(expire_at))
+        return record
+
+    def _inserts(self, name: str, keys: Mapping[str, int], ttl: float) -> list[Any]:
+        expire_at = time.time() + ttl
+        inserts = []
+        for key, delta in keys.items():
+            insert = mutation()
+            insert.insert.CopyFrom(self._record(name, key, delta, expire_at))
+            inserts.append(insert)
+        return inserts
+
+    def add_with_transform(
+        self, name: str, index: int, keys: Mapping[str, int], *, ttl: float
+    ) -> ShardState:
+        """One commit in a single-use transaction: insert every key's record and have
+        the server add their deltas to the shard. Raises ``AlreadyExists`` (nothing
+        written) when any record exists already: see ``applied``."""
+        store = self.store
+        total = sum(keys.values())
+        request = rpc.CommitRequest(
+            mutations=[
+                *self._inserts(name, keys, ttl),
+                increment_mutation(store.key(name, index), name, total),
+            ],
+            **store.base,
+        )
+        request.single_use_transaction.read_write.SetInParent()
+        result = store.rpc.commit(request).mutation_results[-1]
+        if len(result.transform_results) != 1:
+            raise RuntimeError("the backend ignored the increment transform")
+        return ShardState(
+            f"i{index}", result.version, int(result.transform_results[0].integer_value)
+        )
+
+    def add_in_transaction(
+        self,
+        name: str,
+        index: int,
+        keys: Mapping[str, int],
+        *,
+        ttl: float,
+        lazy_begin: bool,
+        limit: int = INT64_MAX,
+    ) -> tuple[ShardState | None, set[str]]:
+        """Read the shard and the key records, add the deltas of the keys not applied
+        yet and insert their records, all in one transaction.
+
+        Returns the shard's new state (None when every key was applied already,
+        and nothing was written) and the keys found applied. Raises ``ShardOverflow``
+        (nothing written) when the shard would leave ``[-limit - 1, limit]``.
+        """
+        store = self.store
+        shard_key = store.key(name, index)
+        record_keys = {key: self.record_key(name, key) for key in keys}
+        transaction = None if lazy_begin else store.begin()
+        try:
+            found, _, begun = store.lookup(
+                [shard_key, *record_keys.values()], transaction=transaction, begin=lazy_begin
+            )
+            transaction = transaction or begun
+            applied = {k for k, rk in record_keys.items() if rk.SerializeToString() in found}
+            left = {k: d for k, d in keys.items() if k not in applied}
+            serialized = shard_key.SerializeToString()
+            entity = found.get(serialized)
+            current = store.count_of(entity) if entity is not None else 0
+            if not left:
+                if transaction is not None:
+                    store.quiet_rollback(transaction)
+                return None, applied
+            new = current + sum(left.values())
+            if not (within(new, INT64_MAX) and (within(new, limit) or abs(new) <= abs(current))):
+                raise ShardOverflow(index, new - current)
+            written = store.shard_entity(shard_key, name, new)
+            carry_slots(entity, written, "")
+            upsert = mutation()
+            upsert.upsert.CopyFrom(written)
+            response = store.commit([upsert, *self._inserts(name, left, ttl)], transaction)
+        except BaseException:
+            if transaction is not None:
+                store.quiet_rollback(transaction)
+            raise
+        return ShardState(f"i{index}", response.mutation_results[0].version, new), applied
+
+    def applied(self, name: str, keys: Collection[str]) -> set[str]:
+        """Which of ``keys`` have a record on ``name`` (one strongly consistent lookup)."""
+        record_keys = {key: self.record_key(name, key) for key in keys}
+        found, _, _ = self.store.lookup(list(record_keys.values()))
+        return {k for k, rk in record_keys.items() if rk.SerializeToString() in found}
+
+    def purge_expired(self, *, now: float | None = None) -> int:
+        """Delete every key record whose ``expire_at`` has passed; returns how many.
+
+        For backends where no TTL policy runs (the emulators, or a database whose
+        policy is not set up yet). Any record of any counter in this namespace.
+        """
+        store = self.store
+        request = rpc.RunQueryRequest(partition_id=store.partition, **store.base)
+        query = request.query
+        query.kind.add().name = IDEMPOTENCY_KIND
+        expiry = query.filter.property_filter
+        expiry.property.name = "expire_at"
+        expiry.op = _LESS_THAN
+        expiry.value.timestamp_value.CopyFrom(_timestamp(time.time() if now is None else now))
+        query.projection.add().property.name = "__key__"
+        query.limit.value = _MAX_MUTATIONS
+        removed = 0
+        while True:
+            batch = store.rpc.run_query(request).batch
+            doomed = [result.entity.key for result in batch.entity_results]
+            if not doomed:
+                return removed
+            deletes = []
+            for key in doomed:
+                delete = mutation()
+                delete.delete.CopyFrom(key)
+                deletes.append(delete)
+            store.commit(deletes)
+            removed += len(doomed)
+
+
+_LESS_THAN = query_types.PropertyFilter.Operator.LESS_THAN
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
