@@ -17,27 +17,33 @@ Run with ``-s`` to see the measured numbers (lines starting ``[faults]``).
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import multiprocessing
 import os
 import random
-import select
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from faultkit import (
+    Ledger,
+    ReplyHoldingRelay,
+    increment_loop,
+    merged_stats,
+    report,
+    swallow,
+    writers_running,
+)
 from google.api_core import exceptions as gexc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sharded_counter import (
     Counter,
-    IncrementNotRecorded,
+    DatastoreUnavailable,
     IncrementOutcomeUnknown,
     Settings,
     config,
@@ -57,173 +63,6 @@ WRITERS = 16  # threads per writing test, as the brief asks
 UNREACHABLE = {"retry_attempts": 1, "retry_deadline": 0.3, "rpc_timeout": 0.3}
 # memcache calls bounded tightly, so an outage costs little per call.
 FAST_MEMCACHE = {"memcache_timeout": 0.2, "memcache_connect_timeout": 0.2}
-
-
-@pytest.fixture
-def own_memcache(memcached_server: Any) -> Iterator[Callable[..., Any]]:
-    """Make memcache clients of this test's own, as a fresh process would have them.
-
-    A memcached restart leaves the idle pooled sockets of every client in the process
-    stale, and each then fails once (test_a_memcached_restart_while_idle_costs_no_increment
-    pins that bug). Tests of other properties use clients of their own so it cannot blur
-    them. ``make(**options)`` takes the Settings options for timeouts.
-    """
-    made: list[Any] = []
-
-    def make(**options: Any) -> Any:
-        client = build_client(Settings(memcached_hosts=(memcached_server.address,), **options))
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        with contextlib.suppress(Exception):
-            client.close()
-
-
-def report(test: str, **numbers: Any) -> None:
-    """One line of measurements per test, for the run's report (visible with ``-s``)."""
-    shown = " ".join(
-        f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}"
-        for key, value in numbers.items()
-    )
-    print(f"\n[faults] {test}: {shown}")
-
-
-# -- the ledger ---------------------------------------------------------------------
-
-
-class Ledger:
-    """What callers were told, and when: the truth the totals are checked against."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.acknowledged = 0  # sum of deltas whose increment() returned
-        self.acked_calls = 0
-        self.refused = 0  # sum of deltas refused with IncrementNotRecorded
-        self.refused_calls = 0
-        # IncrementNotRecorded.delta beyond the caller's own delta: stash taken from
-        # others (already acknowledged to them), handed to the refused caller: lost
-        # unless that caller resubmits it, which these writers do not.
-        self.refused_stash = 0
-        self.events: list[tuple[float, float, int]] = []  # acknowledged (start, end, delta)
-        self.latencies: list[tuple[float, float]] = []  # (start, seconds) of every call
-        self.errors: list[BaseException] = []
-        self.refusal_causes: dict[str, int] = {}  # why memcache could not hold a delta
-
-    def increment(self, counter: Counter, delta: int) -> bool:
-        """Call ``counter.increment(delta)`` and book the outcome; True if acknowledged."""
-        start = time.monotonic()
-        try:
-            counter.increment(delta)
-        except IncrementNotRecorded as exc:
-            end = time.monotonic()
-            with self._lock:
-                self.refused += delta
-                self.refused_calls += 1
-                self.refused_stash += exc.delta - delta
-                root = exc.__context__.__cause__ if exc.__context__ is not None else None
-                cause = f"{type(root).__name__}: {exc.__context__ or exc}"[:80]
-                self.refusal_causes[cause] = self.refusal_causes.get(cause, 0) + 1
-                self.latencies.append((start, end - start))
-            return False
-        except Exception as exc:  # any other error is a failure of the test
-            with self._lock:
-                self.errors.append(exc)
-            raise
-        end = time.monotonic()
-        with self._lock:
-            self.acknowledged += delta
-            self.acked_calls += 1
-            self.events.append((start, end, delta))
-            self.latencies.append((start, end - start))
-        return True
-
-    def add_events(self, events: Sequence[tuple[float, float, int]]) -> None:
-        """Book increments acknowledged in another process (same monotonic clock)."""
-        with self._lock:
-            for start, end, delta in events:
-                self.acknowledged += delta
-                self.acked_calls += 1
-                self.events.append((start, end, delta))
-
-    def max_latency(self, since: float = 0.0, until: float = float("inf")) -> float:
-        return max((s for t, s in self.latencies if since <= t <= until), default=0.0)
-
-
-def writer_threads(
-    count: int,
-    body: Callable[[int, threading.Event], None],
-    stop: threading.Event,
-) -> list[threading.Thread]:
-    """Start ``count`` threads running ``body(index, stop)``; errors land in the ledger."""
-    threads = [
-        threading.Thread(target=_swallow, args=(body, i, stop), name=f"writer-{i}", daemon=True)
-        for i in range(count)
-    ]
-    for thread in threads:
-        thread.start()
-    return threads
-
-
-def _swallow(body: Callable[[int, threading.Event], None], i: int, stop: threading.Event) -> None:
-    # The ledger already holds the exception; re-raising here would only print it again.
-    with contextlib.suppress(Exception):
-        body(i, stop)
-
-
-def join_all(threads: Sequence[threading.Thread], timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in threads if t.is_alive()]
-    assert not stuck, f"threads still running after {timeout}s: {stuck}"
-
-
-@contextlib.contextmanager
-def writers_running(
-    count: int, body: Callable[[int, threading.Event], None]
-) -> Iterator[threading.Event]:
-    """Writers for the ``with`` block; stopped and joined however the block ends.
-
-    A writer left running would keep hammering the backends through later tests.
-    """
-    stop = threading.Event()
-    threads = writer_threads(count, body, stop)
-    try:
-        yield stop
-    finally:
-        stop.set()
-        join_all(threads)
-
-
-def increment_loop(
-    ledger: Ledger,
-    counter_of: Callable[[int, int], Counter],
-    delta_of: Callable[[int, int], int],
-    *,
-    limit: int = 100_000,
-    pause: float = 0.0,
-) -> Callable[[int, threading.Event], None]:
-    """A writer body: increment until told to stop (bounded by ``limit`` calls)."""
-
-    def body(i: int, stop: threading.Event) -> None:
-        k = 0
-        while not stop.is_set() and k < limit:
-            ledger.increment(counter_of(i, k), delta_of(i, k))
-            k += 1
-            if pause:
-                time.sleep(pause)
-
-    return body
-
-
-def merged_stats(*counters: Counter) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for counter in {id(c): c for c in counters}.values():
-        for key, value in counter.stats.snapshot().items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 def pending_stash(counter: Counter) -> int:
@@ -304,7 +143,7 @@ def _churn_child(
         lambda i, k: counters[i % 2],
         lambda i, k: 100 + 10 * index + i,  # distinct from the parent's deltas
     )
-    workers = [threading.Thread(target=_swallow, args=(body, i, stop)) for i in range(threads)]
+    workers = [threading.Thread(target=swallow, args=(body, i, stop)) for i in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -800,65 +639,6 @@ def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
         refused=ledger.refused_calls,
         refused_sum=ledger.refused,
     )
-
-
-class ReplyHoldingRelay:
-    """A TCP relay to the emulator that can hold back the emulator's replies.
-
-    It stands for a network that delivers a request and loses its answer, which no
-    emulator does on its own: requests always pass straight through, so a commit
-    held this way is really applied by the real emulator; only its reply is late.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self.hold = threading.Event()
-        self._stop = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            for src, dst, holdable in ((client, server, False), (server, client, True)):
-                threading.Thread(target=self._pump, args=(src, dst, holdable), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, holdable: bool) -> None:
-        pending = bytearray()  # held bytes are delayed, never dropped: HTTP/2 stays intact
-        with contextlib.suppress(OSError, ValueError):
-            while not self._stop.is_set():
-                ready, _, _ = select.select([src], [], [], 0.01)
-                if ready:
-                    data = src.recv(65536)
-                    if not data:
-                        break
-                    pending += data
-                if pending and not (holdable and self.hold.is_set()):
-                    dst.sendall(pending)
-                    pending.clear()
-
-    def close(self) -> None:
-        self._stop.set()
-        for sock in [self._listener, *self._sockets]:
-            with contextlib.suppress(OSError):
-                sock.close()
-
-
-@pytest.fixture
-def relay(sharded_counter_backends: Any, datastore_engine: str) -> Iterator[ReplyHoldingRelay]:
-    """A ReplyHoldingRelay in front of this test's emulator, closed however the test ends."""
-    emulator = sharded_counter_backends.emulator(datastore_engine)
-    holding = ReplyHoldingRelay(emulator.host, emulator.port)
-    yield holding
-    holding.close()
 
 
 def lose_the_next_commit_reply(
@@ -1379,7 +1159,8 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
         )
         try:
             setter.count = 0  # begins after the 1000 and the 300 were acknowledged
-        except gexc.ServiceUnavailable as exc:
+        except DatastoreUnavailable as exc:  # ours, never the raw google error
+            assert isinstance(exc.__cause__, gexc.ServiceUnavailable)
             set_failed.append(exc)
 
     setter = threading.Thread(target=set_to_zero)
@@ -1554,7 +1335,7 @@ def _write_until_stopped(
     ledger = Ledger()
     ledger.increment(counter, 1)
     body = increment_loop(ledger, lambda i, k: counter, lambda i, k: 1)
-    workers = [threading.Thread(target=_swallow, args=(body, i, stop)) for i in range(threads)]
+    workers = [threading.Thread(target=swallow, args=(body, i, stop)) for i in range(threads)]
     for worker in workers:
         worker.start()
     for worker in workers:

@@ -1,0 +1,392 @@
+"""The error contract and idempotency keys under lost replies, on the real backends.
+
+The fault is a TCP relay between the client and the real emulator that passes
+every request on but holds back every reply for 4 s, twice (``faultkit.py``):
+commits land while their callers time out, which is the case Google documents
+as a non-idempotent commit. The relay is a fault injector, not a fake: the
+emulator receives and applies everything. Each test keeps a ledger of what the
+callers were told, and checks the contract of ``errors.py`` against the final
+total:
+
+    acknowledged  <=  total  <=  acknowledged + outcome unknown
+
+and that no caller saw an error outside the contract. Keyed deliveries are
+retried with their key until they return, as an at-least-once sender would:
+their total must be exact.
+
+Run with ``-s`` to see the measured numbers (lines starting ``[faults]``).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+from faultkit import Ledger, ReplyHoldingRelay, merged_stats, report, writers_running
+
+from sharded_counter import Counter, IncrementNotRecorded, IncrementOutcomeUnknown
+
+pytestmark = pytest.mark.backends
+
+WRITERS = 16
+HOLD_S = 4.0  # each spell of swallowed replies
+# The issue's setup: replies lost for longer than a write's whole retry deadline.
+RELAY_OPTIONS: dict[str, Any] = {"shards": 20, "rpc_timeout": 1.0, "retry_deadline": 2.5}
+NO_MEMCACHE: dict[str, Any] = {"memcached_hosts": ()}
+NO_GROUP_COMMIT: dict[str, Any] = {"max_concurrent_writes": 64}  # more than the writers
+
+
+def swallow_replies_twice(relay: ReplyHoldingRelay) -> tuple[float, float]:
+    """Two spells of ``HOLD_S`` in which the relay passes requests on and holds every
+    reply; returns when the first began and the last ended (monotonic)."""
+    time.sleep(1.0)
+    began = time.monotonic()
+    for spell in range(2):
+        relay.hold.set()
+        try:
+            time.sleep(HOLD_S)
+        finally:
+            relay.hold.clear()
+        if spell == 0:
+            time.sleep(1.5)
+    ended = time.monotonic()
+    time.sleep(1.0)  # writes after the fault: folds and resolutions happen here
+    return began, ended
+
+
+def settle(counter: Counter) -> int:
+    """Heal what memcache keeps (stash, unsure writes), then the total from the shards."""
+    if counter._backend.cache.enabled:
+        verification = counter.repair()
+        assert verification.pending == 0, f"left in delayed_incr after repair: {verification}"
+    return counter.get_count(nocache=True)
+
+
+def assert_within_contract(ledger: Ledger, total: int, label: str, **extra: Any) -> None:
+    report(
+        label,
+        acknowledged=ledger.acked_calls,
+        not_recorded=ledger.refused_calls,
+        outcome_unknown=ledger.unknown_calls,
+        unknown_counted=total - ledger.acknowledged,
+        **extra,
+    )
+    assert ledger.errors == [], f"errors outside the contract: {ledger.errors[:3]}"
+    assert ledger.acknowledged <= total, f"lost {ledger.acknowledged - total} acknowledged"
+    assert total <= ledger.acknowledged + ledger.unknown, (
+        f"total {total} exceeds acknowledged {ledger.acknowledged} + outcome unknown "
+        f"{ledger.unknown}: an increment reported as not recorded was counted"
+    )
+
+
+@pytest.mark.parametrize("memcache", ["memcache", "no-memcache"])
+@pytest.mark.parametrize("grouping", ["group-commit", "no-group-commit"])
+def test_lost_replies_get_an_honest_answer(
+    backend_env: dict[str, str],
+    datastore_engine: str,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+    memcache: str,
+    grouping: str,
+) -> None:
+    """16 threads on one ``Counter(shards=20)`` while every reply is swallowed twice.
+
+    Without memcache nothing can be kept for later, so a write whose outcome stayed
+    unknown must say so (``IncrementOutcomeUnknown``), for every member of a group,
+    and not claim it was not recorded. With memcache such writes are kept as unsure
+    entries, resolved by token, and the total is exact.
+    """
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    options = {**RELAY_OPTIONS}
+    if memcache == "no-memcache":
+        options.update(NO_MEMCACHE)
+    if grouping == "no-group-commit":
+        options.update(NO_GROUP_COMMIT)
+    counter = Counter(f"relay-{memcache}-{grouping}", **options)
+    counter.increment(1)  # probe and connect through the relay before the fault
+    ledger = Ledger(unknown_allowed=True)
+    ledger.add_events([(0.0, 0.0, 1)])
+
+    def write(i: int, stop: threading.Event) -> None:
+        while not stop.is_set():
+            ledger.increment(counter, 1)
+
+    with writers_running(WRITERS, write):
+        swallow_replies_twice(relay)
+    total = settle(counter)
+    stats = merged_stats(counter)
+    assert_within_contract(
+        ledger,
+        total,
+        f"lost-replies[{datastore_engine},{memcache},{grouping}]",
+        unsure=stats["unsure"],
+        resolved=stats["resolved"],
+        stashed=stats["stashed"],
+    )
+    if memcache == "memcache":
+        # Every write whose outcome was unknown was kept and resolved: nothing in doubt.
+        assert ledger.unknown_calls == 0 and ledger.refused_calls == 0
+        assert stats["unsure"] > 0, "setup: no write was left with an unknown outcome"
+        assert total == ledger.acknowledged
+    else:
+        assert ledger.unknown_calls > 0, "setup: no write was left with an unknown outcome"
+
+
+def _child_writer(
+    relay_port: int,
+    name: str,
+    options: dict[str, Any],
+    threads: int,
+    ready: Any,
+    stop: Any,
+    out: Any,
+) -> None:  # pragma: no cover - runs in a spawned process
+    """A second process writing the same counter through the same relay until ``stop``."""
+    os.environ["DATASTORE_EMULATOR_HOST"] = f"127.0.0.1:{relay_port}"
+    counter = Counter(name, **options)
+    counter.get_count()  # connect before the fault
+    ready.set()
+    ledger = Ledger(unknown_allowed=True)
+
+    def write(i: int, halt: threading.Event) -> None:
+        while not halt.is_set() and not stop.is_set():
+            ledger.increment(counter, 1)
+
+    with writers_running(threads, write):
+        stop.wait(120)
+    out.put(
+        {
+            "acknowledged": ledger.acknowledged,
+            "unknown": ledger.unknown,
+            "unknown_calls": ledger.unknown_calls,
+            "refused_calls": ledger.refused_calls,
+            "errors": [repr(e) for e in ledger.errors],
+            "stats": merged_stats(counter),
+        }
+    )
+
+
+@pytest.mark.parametrize("memcache", ["memcache", "no-memcache"])
+def test_lost_replies_get_an_honest_answer_in_two_processes(
+    backend_env: dict[str, str],
+    datastore_engine: str,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+    memcache: str,
+) -> None:
+    """The same fault with 2 processes x 8 threads on the counter; each keeps a ledger."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    options = {**RELAY_OPTIONS, **(NO_MEMCACHE if memcache == "no-memcache" else {})}
+    name = f"relay-2p-{memcache}"
+    counter = Counter(name, **options)
+    counter.increment(1)
+    ledger = Ledger(unknown_allowed=True)
+    ledger.add_events([(0.0, 0.0, 1)])
+    context = multiprocessing.get_context("spawn")
+    ready, stop, out = context.Event(), context.Event(), context.Queue()
+    child = context.Process(
+        target=_child_writer,
+        args=(relay.port, name, options, WRITERS // 2, ready, stop, out),
+        daemon=True,
+    )
+    child.start()
+    try:
+        assert ready.wait(60), "the second process did not start"
+
+        def write(i: int, halt: threading.Event) -> None:
+            while not halt.is_set():
+                ledger.increment(counter, 1)
+
+        with writers_running(WRITERS // 2, write):
+            swallow_replies_twice(relay)
+            stop.set()
+        theirs = out.get(timeout=60)
+    finally:
+        stop.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    assert theirs["errors"] == [], theirs["errors"][:3]
+    ledger.acknowledged += theirs["acknowledged"]
+    ledger.unknown += theirs["unknown"]
+    ledger.unknown_calls += theirs["unknown_calls"]
+    ledger.refused_calls += theirs["refused_calls"]
+    total = settle(counter)
+    stats = merged_stats(counter)
+    child_stats = theirs["stats"]
+    assert_within_contract(
+        ledger,
+        total,
+        f"lost-replies-2p[{datastore_engine},{memcache}]",
+        unsure=stats["unsure"] + child_stats["unsure"],
+    )
+    if memcache == "memcache":
+        assert ledger.unknown_calls == 0 and ledger.refused_calls == 0
+        assert stats["unsure"] + child_stats["unsure"] > 0, "setup: no write was left unsure"
+        assert total == ledger.acknowledged
+    else:
+        assert ledger.unknown_calls > 0, "setup: no write was left with an unknown outcome"
+
+
+# -- idempotency keys ---------------------------------------------------------------
+
+
+def deliveries(messages: int, seed: int) -> tuple[list[tuple[str, int]], int]:
+    """Each message delivered 1 to 3 times, shuffled; and the sum over distinct messages."""
+    rng = random.Random(seed)
+    sent: list[tuple[str, int]] = []
+    for i in range(messages):
+        message = (f"msg-{i}", i % 7 + 1)
+        sent += [message] * rng.randint(1, 3)
+    rng.shuffle(sent)
+    return sent, sum(i % 7 + 1 for i in range(messages))
+
+
+def deliver_until_acknowledged(
+    counter: Counter, key: str, delta: int, tally: dict[str, int], lock: threading.Lock
+) -> None:
+    """What an at-least-once sender does: retry with the same key until it returns."""
+    while True:
+        try:
+            counter.increment(delta, idempotency_key=key)
+        except (IncrementNotRecorded, IncrementOutcomeUnknown) as exc:
+            with lock:
+                tally[type(exc).__name__] = tally.get(type(exc).__name__, 0) + 1
+            time.sleep(0.05)
+            continue
+        return
+
+
+def _deliver_in_child(
+    name: str, sent: Sequence[tuple[str, int]], threads: int, start: Any, out: Any
+) -> None:  # pragma: no cover - runs in a spawned process
+    counter = Counter(name, shards=20)
+    counter.get_count()  # connect before the clock starts
+    out.put("ready")
+    start.wait(60)
+    out.put(_deliver_all(counter, sent, threads))
+
+
+def _deliver_all(
+    counter: Counter,
+    sent: Sequence[tuple[str, int]],
+    threads: int,
+    midway: Callable[[], None] = lambda: None,
+) -> dict[str, int]:
+    tally: dict[str, int] = {}
+    lock = threading.Lock()
+    parts = [sent[i::threads] for i in range(threads)]
+    half = threading.Barrier(threads + 1)
+
+    def run(part: Sequence[tuple[str, int]]) -> None:
+        for n, (key, delta) in enumerate(part):
+            if n == len(part) // 2:
+                half.wait(60)
+            deliver_until_acknowledged(counter, key, delta, tally, lock)
+
+    workers = [threading.Thread(target=run, args=(part,)) for part in parts]
+    for worker in workers:
+        worker.start()
+    half.wait(60)
+    midway()
+    for worker in workers:
+        worker.join(120)
+    assert not any(w.is_alive() for w in workers)
+    return tally
+
+
+def _replay_in_child(name: str, sent: Sequence[tuple[str, int]], out: Any) -> None:
+    """A process that starts after the others ended, replaying keys they applied."""
+    counter = Counter(name, shards=20)  # pragma: no cover - runs in a spawned process
+    for key, delta in sent:
+        counter.increment(delta, idempotency_key=key)
+    out.put(counter.stats.snapshot()["keys_applied"])
+
+
+def test_messages_delivered_up_to_three_times_count_once(
+    backend_env: dict[str, str], datastore_engine: str, memcached_server: Any
+) -> None:
+    """1,500 messages delivered 1-3 times each, from 16 threads in this process and 8 in
+    another, with memcache flushed midway; then a fresh process replays 300 of them."""
+    name = "deliveries"
+    sent, expected = deliveries(1500, seed=13)
+    ours, theirs = sent[: len(sent) // 2], sent[len(sent) // 2 :]
+    context = multiprocessing.get_context("spawn")
+    start, out = context.Event(), context.Queue()
+    child = context.Process(target=_deliver_in_child, args=(name, theirs, 8, start, out))
+    child.start()
+    try:
+        assert out.get(timeout=60) == "ready"
+        counter = Counter(name, shards=20)
+        counter.get_count()
+        start.set()
+        began = time.monotonic()
+        our_tally = _deliver_all(counter, ours, WRITERS, midway=memcached_server.flush_all)
+        their_tally = out.get(timeout=120)
+        seconds = time.monotonic() - began
+    finally:
+        child.join(30)
+        if child.is_alive():
+            child.kill()
+    total, cached = counter.get_count(nocache=True), counter.count
+    report(
+        f"keyed-deliveries[{datastore_engine}]",
+        deliveries=len(sent),
+        messages=1500,
+        expected=expected,
+        total=total,
+        retries=sum(our_tally.values()) + sum(their_tally.values()),
+        seconds=seconds,
+    )
+    assert (total, cached) == (expected, expected)
+
+    replayer = context.Process(target=_replay_in_child, args=(name, sent[:300], out))
+    replayer.start()
+    replayer.join(60)
+    assert replayer.exitcode == 0
+    assert out.get(timeout=10) == 0  # not one of them counted again
+    assert counter.get_count(nocache=True) == expected
+
+
+def test_keyed_deliveries_retried_through_lost_replies_count_exactly(
+    backend_env: dict[str, str],
+    datastore_engine: str,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keyed deliveries from 16 threads while every reply is swallowed twice; each caller
+    retries with the same key on any error. Exact: the key record decides, not a guess."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    counter = Counter("keyed-relay", **RELAY_OPTIONS)
+    counter.get_count()
+    keys = iter(range(10**9))
+    taken = threading.Lock()
+    applied: list[int] = []
+    tally: dict[str, int] = {}
+
+    def write(i: int, stop: threading.Event) -> None:
+        while not stop.is_set():
+            with taken:
+                n = next(keys)
+            deliver_until_acknowledged(counter, f"k{n}", n % 5 + 1, tally, taken)
+            with taken:
+                applied.append(n % 5 + 1)
+
+    with writers_running(WRITERS, write):
+        swallow_replies_twice(relay)
+    total = counter.get_count(nocache=True)
+    report(
+        f"keyed-lost-replies[{datastore_engine}]",
+        delivered=len(applied),
+        not_recorded=tally.get("IncrementNotRecorded", 0),
+        outcome_unknown=tally.get("IncrementOutcomeUnknown", 0),
+        total=total,
+    )
+    assert tally.get("IncrementOutcomeUnknown", 0) > 0, "setup: no keyed write was in doubt"
+    assert total == sum(applied)
