@@ -91,7 +91,10 @@ class ProcessBackend:
             self._process.kill()
 
     def pause(self) -> None:
-        """Freeze the whole process group (SIGSTOP): requests hang until :meth:`resume`."""
+        """Freeze the whole process group (SIGSTOP): requests hang until :meth:`resume`.
+
+        Returns once every thread of it has stopped (see ``ManagedProcess.pause``).
+        """
         self._running().pause()
 
     def resume(self) -> None:

@@ -24,6 +24,11 @@ _LOG_TAIL_BYTES = 8192
 _LOG_TAIL_LINES = 30
 # A leader that is gone but whose group is not: time for leftovers to finish on SIGTERM.
 _LEFTOVER_GRACE = 5.0
+# How long pause() waits for every thread of the group to have stopped.
+_STOP_TIMEOUT = 10.0
+# Thread states (field 3 of /proc/<pid>/task/<tid>/stat) that run no code: stopped,
+# stopped by a tracer, zombie, dead.
+_NOT_RUNNING = frozenset("TtZX")
 
 
 # Servers still running when the interpreter exits (a forgotten stop(), an aborted test
@@ -95,6 +100,36 @@ def _group_members(pgid: int) -> list[int]:
         if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
             members.append(int(entry.name))
     return members
+
+
+def _running_threads(pgid: int) -> list[int]:
+    """Threads of process group ``pgid`` that are not stopped; empty where /proc cannot tell."""
+    running: list[int] = []
+    for pid in _group_members(pgid):
+        try:
+            tids = [entry.name for entry in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError:
+            continue  # exited while we looked
+        for tid in tids:
+            try:
+                stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            except OSError:
+                continue
+            if stat[stat.rfind(")") + 2 :][:1] not in _NOT_RUNNING:
+                running.append(int(tid))
+    return running
+
+
+def _wait_group_stopped(pgid: int, timeout: float) -> list[int]:
+    """Wait until no thread of group ``pgid`` runs; return those still running at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    wait = 0.0005
+    while running := _running_threads(pgid):
+        if time.monotonic() >= deadline:
+            return running
+        time.sleep(wait)
+        wait = min(wait * 2, _POLL_INTERVAL)
+    return []
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
@@ -199,12 +234,31 @@ class ManagedProcess:
         """Stop the whole group with SIGKILL at once, as a crash would."""
         self._shutdown(signal.SIGKILL, 0.0)
 
-    def pause(self) -> None:
-        """Freeze every process of the group (SIGSTOP): it keeps its sockets but answers nothing."""
+    def pause(self, timeout: float = _STOP_TIMEOUT) -> None:
+        """Freeze every process of the group (SIGSTOP): it keeps its sockets but answers nothing.
+
+        Returns once every thread of the group has stopped. ``kill`` returning does
+        not mean that: the kernel wakes one thread of each process to act on SIGSTOP,
+        and the others go on running until that thread gets a CPU and stops them
+        all. A multi-threaded server (memcached's workers, a JVM) keeps answering
+        meanwhile, for as long as the woken thread waits for a CPU on a busy machine,
+        so a test that expects silence right after ``pause()`` would get replies.
+        Raises BackendTimeout if some thread has not stopped after ``timeout`` seconds.
+        """
         self._send_to_group(signal.SIGSTOP)
+        assert self._proc is not None  # _send_to_group checked
+        running = _wait_group_stopped(self._proc.pid, timeout)
+        if running:
+            raise BackendTimeout(
+                f"{self.name} was sent SIGSTOP but threads {running} still run after {timeout:.0f}s"
+            )
 
     def resume(self) -> None:
-        """Undo :meth:`pause` (SIGCONT)."""
+        """Undo :meth:`pause` (SIGCONT).
+
+        Unlike SIGSTOP, SIGCONT takes effect within ``kill`` itself: the kernel wakes
+        every stopped thread of the group before the call returns.
+        """
         self._send_to_group(signal.SIGCONT)
 
     def _send_to_group(self, sig: signal.Signals) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter as Tally
@@ -88,6 +89,68 @@ def record_key(i: int) -> str:
 
 def stash_key(i: int) -> str:
     return cache_keys("sc", "test-scope", f"counter {i}")[1]
+
+
+def running_threads(server: Memcached) -> list[str]:
+    """The server's threads that are not stopped, as "tid:state" (from /proc)."""
+    pid = server.pgid
+    assert pid is not None
+    running = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        state = stat[stat.rfind(")") + 2]
+        if state not in "TtZX":
+            running.append(f"{task.name}:{state}")
+    return running
+
+
+# -- the harness: what a paused server is ----------------------------------------------
+
+
+def test_a_paused_server_has_stopped_when_pause_returns(trio: list[Memcached]) -> None:
+    """Every pause test here expects silence from the first call after ``pause()``.
+
+    SIGSTOP is acted on by one thread per process; memcached's worker threads go on
+    answering until that thread gets a CPU and stops them (on a loaded machine, long
+    enough for a test's calls to be answered by a "paused" server). So ``pause()``
+    waits until every thread has stopped. Without that wait, most of these rounds
+    find a worker still running, even on an idle machine, while a client keeps the
+    workers busy.
+    """
+    server = trio[0]
+    done = threading.Event()
+
+    def keep_busy() -> None:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            while not done.is_set():
+                sock.sendall(b"version\r\n" * 16)
+                replies = b""
+                while replies.count(b"\r\n") < 16:
+                    chunk = sock.recv(1 << 16)
+                    if not chunk:
+                        return
+                    replies += chunk
+
+    busy = threading.Thread(target=keep_busy)
+    busy.start()
+    try:
+        time.sleep(0.1)
+        for _ in range(20):
+            server.pause()
+            try:
+                assert running_threads(server) == []
+            finally:
+                server.resume()
+    finally:
+        done.set()
+        busy.join()
+    server.pause()
+    try:
+        with pytest.raises(TimeoutError):
+            Client((server.host, server.port), timeout=TIMEOUT).version()
+    finally:
+        server.resume()
+    assert direct(server).version()
 
 
 # -- key shapes ----------------------------------------------------------------------
@@ -261,13 +324,17 @@ def test_a_returning_server_loses_its_records_and_gets_its_stashes_back(
         tier.stash(key, 4)
     client.set(other[0], b"untouched")
 
+    # The server leaves inside the first stash below, and is probed no sooner than
+    # dead_timeout after that. Only a time taken before the leave bounds the wait:
+    # one taken after it would also count however long the calls in between took
+    # (on a busy machine, more than the 0.3 s drain that otherwise makes up for them).
+    outage_began = time.monotonic()
     if outage == "restart":
         victim.kill()
     else:
         victim.pause()
     for key in stashes:
         tier.stash(key, 10)  # acknowledged on a stand-in while the home is away
-    left = time.monotonic()
     for key in records:
         client.set(key, b"record made on a stand-in")
     assert client.server_states()[victim.address] == "down"
@@ -276,7 +343,7 @@ def test_a_returning_server_loses_its_records_and_gets_its_stashes_back(
     else:
         victim.resume()
     wait_until_all_up(client)
-    assert time.monotonic() - left >= 1.0  # left alone for dead_timeout first
+    assert time.monotonic() - outage_began >= 1.0  # left alone for dead_timeout first
 
     expected_stash = 14 if outage == "pause" else 10  # a restart lost the first 4
     for key in stashes:
