@@ -63,6 +63,7 @@ class _Batch:
     written: int = 0  # int64 parts of it written already (an amount may need several)
     attempts: int = 0
     doubtful: bool = False  # some attempt may have landed: only its key may write it now
+    lost: bool = False  # its stash's outcome is unknown: nothing may write it again
 
     def parts(self) -> list[tuple[str, int]]:
         """The parts not written yet, each with its own key."""
@@ -258,15 +259,26 @@ class CounterBuffer:
             try:
                 counter = self.counter_class(name, **self.counter_options)
                 for key, part in batch.parts():
-                    if (final or batch.attempts >= self.max_attempts) and not batch.doubtful:
-                        # Never landed: it may go through the stash like any increment.
-                        counter.increment(part)
-                    else:
+                    try:
                         counter.increment(part, idempotency_key=key)
+                    except IncrementNotRecorded as refused:
+                        if batch.doubtful or not (final or batch.attempts >= self.max_attempts):
+                            raise
+                        # Certainly never landed, under any attempt: memcache may keep
+                        # it for a later write, as it keeps any failed increment.
+                        try:
+                            counter._stash_or_raise(part, refused)
+                        except IncrementOutcomeUnknown as lost:
+                            self._give_up(name, batch, lost)
+                            raise
                     batch.written += 1
-            except Exception as exc:
-                if isinstance(exc, IncrementOutcomeUnknown):
+            except IncrementOutcomeUnknown as exc:
+                if not batch.lost:
+                    # Its key decides: a retry with it writes nothing if this landed.
                     batch.doubtful = True
+                    self._requeue(name, batch, exc)
+                raise
+            except Exception as exc:
                 self._requeue(name, batch, exc)
                 raise
             finally:
@@ -277,6 +289,19 @@ class CounterBuffer:
                     if name in self._pending:
                         # Added while a failed batch waited its turn: its flush is due.
                         self._schedule_flush(name, time.monotonic())
+
+    def _give_up(self, name: str, batch: _Batch, exc: IncrementOutcomeUnknown) -> None:
+        """The double fault: Datastore refused the part, and memcache lost the reply of the
+        stash that was to keep it. It may be in delayed_incr (and will be counted) or not;
+        trying again could count it twice, so it is dropped, loudly."""
+        batch.lost = True
+        log.error(
+            "flush of %r: %d may or may not be counted (Datastore refused it and memcache "
+            "did not confirm keeping it); not retried, so it is never counted twice: %s",
+            name,
+            exc.delta,
+            exc,
+        )
 
     def _requeue(self, name: str, batch: _Batch, exc: BaseException) -> None:
         with self._lock:

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from .cluster import ServerUnavailable
 from .errors import CacheUnavailable
 from .memcache import MemcacheClient
 from .record import Record, ShardState
@@ -35,6 +36,14 @@ from .stash import Stash, Unsure
 log = logging.getLogger("sharded_counter")
 
 _CAS_ATTEMPTS = 64
+# The calls that change what memcached holds: one that fails after it was sent may
+# have been applied.
+_WRITES = frozenset({"add", "cas", "set", "set_many", "incr", "decr", "delete", "delete_many"})
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Did the call fail before memcached could see it (refused, or its server is out)?"""
+    return isinstance(exc, (ConnectionRefusedError, ServerUnavailable))
 
 
 class CacheTier:
@@ -70,7 +79,10 @@ class CacheTier:
             result = getattr(self._client, method)(*args, **kwargs)
         except Exception as exc:  # pymemcache raises socket errors and its own
             self._set_health(False, exc)
-            raise CacheUnavailable(f"memcache {method} failed: {exc}") from exc
+            raise CacheUnavailable(
+                f"memcache {method} failed: {exc}",
+                maybe_applied=method in _WRITES and not _never_sent(exc),
+            ) from exc
         self._set_health(True, None)
         return result
 

@@ -187,22 +187,17 @@ class Counter:
         if delta:
             self._combiner.run(
                 delta,
-                self._apply_or_stash,
+                self._apply,
                 limit=self.settings.max_concurrent_writes,
                 max_total=_TRANSFORM_MAX_DELTA,
             )
 
-    def _apply_or_stash(self, amount: int) -> None:
-        self._apply(amount, stash_on_failure=True)
-
-    def _apply(self, delta: int, *, stash_on_failure: bool) -> None:
+    def _apply(self, delta: int) -> None:
         """Write ``delta`` (plus any stash) to a shard and merge it into the cache.
 
-        When the write keeps failing it is stashed, or with ``stash_on_failure``
-        false the error is raised (any stash taken is put back): the write
-        buffer retries on its own schedule before it stashes. A write whose
-        outcome stayed unknown is kept as an unsure entry either way, since
-        writing it again could count it twice.
+        When the write keeps failing for sure it is stashed (any stash taken
+        is put back). A write whose outcome stayed unknown is kept as an unsure
+        entry instead, since writing it again could count it twice.
         """
         cache = self._backend.cache
         cache.wait_out_set(self._stash_key, _SET_WAIT_CAP)
@@ -223,8 +218,6 @@ class Counter:
             except RETRYABLE as exc:
                 # Certainly not applied, and Datastore may well take it a moment from now.
                 self._settle_fold(token, stashed, put_back=True)
-                if not stash_on_failure:
-                    raise
                 self._stash_or_raise(delta, exc)
                 return
             except gexc.GoogleAPICallError as exc:
@@ -280,16 +273,12 @@ class Counter:
                 with attempt:
                     try:
                         state = self._keyed_attempt(left)
-                    except CONTENTION:
-                        self.stats.add(aborts=1)
-                        raise
                     except gexc.GoogleAPICallError as exc:
-                        if isinstance(exc, RETRYABLE):
-                            self.stats.add(transient_errors=1)
-                        doubtful = doubtful or outcome_unknown(exc)
+                        doubtful = self._attempt_failed(exc) or doubtful
                         raise
         except Exception as exc:
             if doubtful:
+                self._backend.cache.invalidate(self._record_key)
                 return {k: IncrementOutcomeUnknown(self.name, d, exc) for k, d in left.items()}
             if isinstance(exc, gexc.GoogleAPICallError):
                 return {k: IncrementNotRecorded(self.name, d, exc) for k, d in left.items()}
@@ -299,6 +288,10 @@ class Counter:
             self._backend.cache.merge(self._record_key, self._stash_key, [state])
             if abs(state.value) > _TRANSFORM_SHARD_LIMIT and self.write_mode == "transform":
                 self._rebalance()
+        if doubtful:
+            # An attempt whose reply was lost may have landed on a shard the cached record
+            # never heard of (a retry finds the key and writes nothing): rebuild it.
+            self._backend.cache.invalidate(self._record_key)
         return {}
 
     def _keyed_attempt(self, left: dict[str, int]) -> ShardState | None:
@@ -397,15 +390,11 @@ class Counter:
                                 # Still held: no transform of this process replaces the
                                 # token there before the fold is settled.
                                 self._picker.reserve(token, int(state.shard_id[1:]))
-                    except CONTENTION:
-                        self.stats.add(aborts=1)
-                        raise
                     except gexc.GoogleAPICallError as exc:
                         # Retried only when RETRYABLE; any error may leave the outcome
                         # unknown (a cancelled call, say), retried or not.
-                        if isinstance(exc, RETRYABLE):
-                            self.stats.add(transient_errors=1)
-                        if unsure_of is None and index is not None and outcome_unknown(exc):
+                        unknown = self._attempt_failed(exc)
+                        if unsure_of is None and index is not None and unknown:
                             unsure_of = index
                             # Keep this process's other writers off that shard until the
                             # write is resolved: a transform of theirs would replace the
@@ -421,6 +410,14 @@ class Counter:
                 raise
             raise _OutcomeUnknown(unsure_of) from exc
         raise AssertionError("unreachable: the retry policy re-raises the last error")
+
+    def _attempt_failed(self, exc: gexc.GoogleAPICallError) -> bool:
+        """Tally one failed write attempt; returns whether it may have been applied."""
+        if isinstance(exc, CONTENTION):
+            self.stats.add(aborts=1)
+        elif isinstance(exc, RETRYABLE):
+            self.stats.add(transient_errors=1)
+        return outcome_unknown(exc)
 
     def _transform_fits(self, amount: int) -> bool:
         return (
@@ -656,9 +653,16 @@ class Counter:
         raise AssertionError("unreachable: the retry policy re-raises the last error")
 
     def _stash_or_raise(self, amount: int, cause: Exception) -> None:
+        """Keep ``amount``, which certainly did not reach a shard, in delayed_incr.
+
+        Raises IncrementNotRecorded if memcache refused it, IncrementOutcomeUnknown
+        if the stash's own write may have been applied (its reply was lost).
+        """
         try:
             self._backend.cache.stash(self._stash_key, amount)
         except CacheUnavailable as exc:
+            if exc.maybe_applied:
+                raise IncrementOutcomeUnknown(self.name, amount, exc) from cause
             raise IncrementNotRecorded(self.name, amount, exc) from cause
         self.stats.add(stashed=1)
         log.warning(

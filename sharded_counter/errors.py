@@ -24,7 +24,15 @@ class CounterOverflowError(ShardedCounterError, OverflowError):
 
 
 class CacheUnavailable(ShardedCounterError):
-    """memcached did not answer (down, stalled past the timeout, or refusing)."""
+    """memcached did not answer (down, stalled past the timeout, or refusing).
+
+    ``maybe_applied`` is true when the failed call was a write that may still have
+    been applied: sent, and then no answer (a timeout, a connection lost mid-call).
+    """
+
+    def __init__(self, message: str, *, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class DatastoreUnavailable(ShardedCounterError):

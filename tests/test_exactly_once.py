@@ -29,8 +29,18 @@ from typing import Any
 
 import pytest
 from faultkit import Ledger, ReplyHoldingRelay, merged_stats, report, writers_running
+from google.api_core import exceptions as gexc
 
-from sharded_counter import Counter, IncrementNotRecorded, IncrementOutcomeUnknown
+from sharded_counter import (
+    Counter,
+    CounterBuffer,
+    DatastoreUnavailable,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+    Settings,
+)
+from sharded_counter.memcache import build_client
+from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends
 
@@ -390,3 +400,140 @@ def test_keyed_deliveries_retried_through_lost_replies_count_exactly(
     )
     assert tally.get("IncrementOutcomeUnknown", 0) > 0, "setup: no keyed write was in doubt"
     assert total == sum(applied)
+
+
+def test_a_request_the_server_refuses_is_not_recorded_and_no_raw_error_escapes(
+    backend_env: dict[str, str],
+) -> None:
+    """A refusal no retry cures (here the real emulator's INVALID_ARGUMENT for a write in
+    a reserved namespace; both engines still answer queries there) is certain:
+    IncrementNotRecorded, not stashed. A set raises DatastoreUnavailable. The google
+    error is kept as the cause."""
+    counter = Counter("refused", namespace="__reserved__", retry_deadline=1.0)
+    for keyed in (None, "k"):
+        with pytest.raises(IncrementNotRecorded) as refused:
+            counter.increment(3, idempotency_key=keyed)
+        assert isinstance(refused.value.__cause__, gexc.InvalidArgument)
+    assert counter._pending_stash() == 0
+    with pytest.raises(DatastoreUnavailable) as failed:
+        counter.count = 5
+    assert isinstance(failed.value.__cause__, gexc.InvalidArgument)
+    assert counter.get_count(nocache=True) == 0
+
+
+def test_reads_sets_and_deletes_with_datastore_unreachable_raise_ours(
+    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing listens at the Datastore address: every public call that needs it raises
+    one of our errors, with the google error as its cause."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+    counter = Counter(
+        "unreachable",
+        write_mode="transaction",  # no probe
+        retry_attempts=1,
+        retry_deadline=0.3,
+        rpc_timeout=0.3,
+    )
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("get_count", lambda: counter.get_count(nocache=True)),
+        ("get_counts", lambda: Counter.get_counts(["unreachable"], nocache=True)),
+        ("set_count", lambda: counter.set_count(3)),
+        ("delete", counter.delete),
+        ("verify", counter.verify),
+    ]
+    for label, call in calls:
+        with pytest.raises(DatastoreUnavailable) as failed:
+            call()
+        assert isinstance(failed.value.__cause__, gexc.ServiceUnavailable), label
+
+
+# -- the write buffer and the stash --------------------------------------------------
+
+
+def test_a_buffer_flush_whose_outcome_was_unknown_is_retried_with_its_key(
+    backend_env: dict[str, str],
+    datastore_engine: str,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No memcache, and the flush's commit lands while its reply is held past every retry:
+    the flush raises IncrementOutcomeUnknown and keeps the amount. The next flush sends it
+    again under the same key, finds it applied, and counts nothing more."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    options = {**NO_MEMCACHE, "shards": 4, "rpc_timeout": 0.5, "retry_deadline": 1.0}
+    Counter("buffered", **options).get_count()  # probe and connect first
+    buffer = CounterBuffer(interval=60, **options)
+    buffer.increment("buffered", 7)
+    relay.hold.set()
+    try:
+        with pytest.raises(IncrementOutcomeUnknown):
+            buffer.flush("buffered")
+    finally:
+        relay.hold.clear()
+    assert buffer.pending("buffered") == 7  # kept: it may or may not have landed
+    buffer.increment("buffered", 2)  # a new amount, flushed after the retried batch
+    buffer.flush()
+    buffer.flush()
+    total = Counter("buffered", **options).get_count(nocache=True)
+    report(
+        f"buffer-unknown-flush[{datastore_engine}]", total=total, pending=buffer.pending("buffered")
+    )
+    assert (total, buffer.pending("buffered")) == (9, 0)  # 16 without the key
+
+
+class HeldCas:
+    """A memcache client whose ``cas`` calls go out with the relay holding replies: the
+    real memcached behind the relay applies them; the client times out."""
+
+    def __init__(self, client: Any, relay: ReplyHoldingRelay) -> None:
+        self._client, self._relay = client, relay
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name not in ("cas", "add"):
+            return attribute
+
+        def held(*args: Any, **kwargs: Any) -> Any:
+            self._relay.hold.set()
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                time.sleep(0.3)  # past memcache_timeout
+                self._relay.hold.clear()
+
+        return held
+
+
+def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
+    backend_env: dict[str, str],
+    datastore_engine: str,
+    memcached_server: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Datastore refuses the write (nothing listens), so the increment goes to the stash;
+    the stash's cas reaches memcached (through a relay) and is applied, but its reply is
+    held past the timeout. The increment may well be counted: IncrementOutcomeUnknown,
+    never IncrementNotRecorded."""
+    mc_relay = ReplyHoldingRelay(memcached_server.host, memcached_server.port)
+    try:
+        timeouts = {"memcache_timeout": 0.2, "memcache_connect_timeout": 0.2}
+        client = build_client(Settings(memcached_hosts=(f"127.0.0.1:{mc_relay.port}",), **timeouts))
+        with monkeypatch.context() as patch:
+            patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+            broken = Counter(
+                "stash-reply-lost",
+                write_mode="transaction",
+                retry_attempts=1,
+                retry_deadline=0.3,
+                rpc_timeout=0.3,
+                memcache_client=HeldCas(client, mc_relay),
+            )
+        with pytest.raises(IncrementOutcomeUnknown) as unknown:
+            broken.increment(5)
+        assert unknown.value.delta == 5
+        healthy = Counter("stash-reply-lost")
+        counted = healthy.get_count(nocache=True)
+        report(f"stash-reply-lost[{datastore_engine}]", counted=counted)
+        assert counted == 5  # it was kept after all: "not recorded" would have been a lie
+    finally:
+        mc_relay.close()
