@@ -41,7 +41,7 @@ from . import rpc
 from .keys import IDEMPOTENCY_KIND, idempotency_record_name
 from .record import ShardState
 from .shards import ShardOverflow, ShardStore, carry_slots, increment_mutation, mutation, within
-from .validation import INT64_MAX
+from .validation import INT64_MAX, check_text
 
 #: The longest key accepted, in UTF-8 bytes: Datastore's limit on a key name.
 MAX_KEY_BYTES = 1500
@@ -51,19 +51,7 @@ _MAX_MUTATIONS = 500  # Datastore's limit per commit; a group keeps room for the
 
 def check_idempotency_key(key: Any) -> str:
     """Return ``key`` if it can be an idempotency key, else raise TypeError/ValueError."""
-    if not isinstance(key, str):
-        raise TypeError(f"idempotency_key must be a str, not {type(key).__name__}")
-    if not key:
-        raise ValueError("idempotency_key must not be empty")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"idempotency_key is not valid unicode text: {exc.reason}") from None
-    if size > MAX_KEY_BYTES:
-        raise ValueError(
-            f"idempotency_key is {size} bytes in UTF-8; at most {MAX_KEY_BYTES} are allowed"
-        )
-    return key
+    return check_text(key, "idempotency_key", MAX_KEY_BYTES)
 
 
 #: The most keys one keyed write may carry (one mutation each, plus the shard's).

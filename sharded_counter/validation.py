@@ -14,21 +14,24 @@ MAX_NAME_BYTES = 1500
 
 def check_name(name: Any) -> str:
     """Return ``name`` if it can name a counter, else raise TypeError/ValueError."""
-    if not isinstance(name, str):
-        raise TypeError(f"counter name must be a str, not {type(name).__name__}")
-    if not name:
-        raise ValueError("counter name must not be empty")
+    return check_text(name, "counter name", MAX_NAME_BYTES)
+
+
+def check_text(value: Any, what: str, max_bytes: int) -> str:
+    """Return ``value`` if it is a non-empty str Datastore can store in at most
+    ``max_bytes`` of UTF-8, else raise TypeError/ValueError naming ``what``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
     try:
-        size = len(name.encode("utf-8"))
+        size = len(value.encode("utf-8"))
     except UnicodeEncodeError as exc:
         # Lone surrogates cannot be stored by Datastore (it keeps UTF-8).
-        raise ValueError(f"counter name is not valid unicode text: {exc.reason}") from None
-    if size > MAX_NAME_BYTES:
-        raise ValueError(
-            f"counter name is {size} bytes in UTF-8; Datastore indexes at most "
-            f"{MAX_NAME_BYTES} bytes"
-        )
-    return name
+        raise ValueError(f"{what} is not valid unicode text: {exc.reason}") from None
+    if size > max_bytes:
+        raise ValueError(f"{what} is {size} bytes in UTF-8; at most {max_bytes} are allowed")
+    return value
 
 
 def check_delta(delta: Any) -> int:
