@@ -59,7 +59,7 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
         measured = {p.contender for p in results.points if (p.threads, p.processes) == (threads, 1)}
         assert measured == expected
     several = {p.contender for p in results.points if p.processes == 2}
-    assert several == {"counter", "blind"}
+    assert several == {"counter", "counter-keyed", "blind"}
     for point in results.points:
         assert point.load.acked > 0, point
         assert point.check.uncached == point.load.expected, point
@@ -69,6 +69,11 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
     # Each blind put is exactly one commit, which is what makes it the ceiling.
     blind = results.point("blind", 1)
     assert blind is not None and blind.rpcs == {"commit": blind.load.acked}
+    assert blind.entities == blind.load.acked
+    # One writer: no group commit, so each keyed increment writes its shard and its
+    # key record in one commit.
+    keyed = results.point("counter-keyed", 1)
+    assert keyed is not None and keyed.entities == 2 * keyed.load.acked, keyed
     assert all(t.exact and t.operations > 0 for t in (*results.reads, *results.buffer))
 
 
@@ -135,7 +140,11 @@ def test_a_wrong_count_makes_the_run_inexact() -> None:
 def test_targets_pass_fail_and_not_measured() -> None:
     results = EngineResults(
         "classic",
-        points=[_point("counter", 60, uncached=60), _point("blind", 100, uncached=100)],
+        points=[
+            _point("counter", 60, uncached=60),
+            _point("counter-keyed", 40, uncached=40),
+            _point("blind", 100, uncached=100),
+        ],
         buffer=[
             Timed("buffer-increment", "buffer", 900_000, 1.0, 0),
             Timed("dict-under-lock", "dict", 3_000_000, 1.0, 0),
@@ -144,6 +153,7 @@ def test_targets_pass_fail_and_not_measured() -> None:
     verdicts = {t.target: t.verdict for t in evaluate({"classic": results})}
     assert verdicts == {
         "sharded Counter, 16 writer threads, vs blind puts": "PASS",  # 0.6 >= 0.5
+        "keyed increments, 16 writer threads, vs blind puts": "FAIL",  # 0.4 < 0.5
         "buffered increments, one thread": "FAIL",  # 900k < 1M
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
         "cached count read vs bare memcache get": "not measured",

@@ -56,4 +56,5 @@ def measure(
         memcache=memcache.snapshot(),
         cpu=cpu,
         warnings=warnings,
+        entities=rpcs.written(),
     )

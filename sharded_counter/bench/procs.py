@@ -48,6 +48,7 @@ class _Report:
     cpu: float
     warnings: dict[str, int]
     error: str = ""
+    entities: int = 0
 
 
 def _child(job: _Job, barrier: Any, reports: Any) -> None:
@@ -72,7 +73,17 @@ def _child(job: _Job, barrier: Any, reports: Any) -> None:
             )
             cpu = time.process_time() - cpu
         aborts = target.aborts() if target.aborts is not None else None
-        reports.put(_Report(load, aborts, rpcs.snapshot(), memcache.snapshot(), cpu, warnings))
+        reports.put(
+            _Report(
+                load,
+                aborts,
+                rpcs.snapshot(),
+                memcache.snapshot(),
+                cpu,
+                warnings,
+                entities=rpcs.written(),
+            )
+        )
     except BaseException as exc:
         barrier.abort()  # nobody waits for a child that will never arrive
         reports.put(_Report(None, None, {}, {}, 0.0, {}, f"{type(exc).__name__}: {exc}"))
@@ -130,6 +141,7 @@ def measure_processes(
         memcache=_sum_calls(r.memcache for r in done),
         cpu=cpu,
         warnings=_sum_calls(r.warnings for r in done),
+        entities=sum(r.entities for r in done),
     )
 
 

@@ -71,6 +71,7 @@ def writers_table(results: EngineResults) -> Table:
         "vs blind",
         "aborts/inc",
         "RPCs/inc",
+        "ents/inc",
         "mc/inc",
         "client cores",
         "client µs/inc",
@@ -90,6 +91,7 @@ def writers_table(results: EngineResults) -> Table:
             _ratio(point.ratio_to_blind),
             _per(point.aborts / acked if point.aborts is not None and acked else None),
             _per(point.per_increment(point.rpcs)),
+            _per(point.entities / acked if acked else None),
             _per(point.per_increment(point.memcache)),
             _cores(point, "client"),
             _micros(point, "client"),
@@ -98,7 +100,8 @@ def writers_table(results: EngineResults) -> Table:
         )
         last = point.contender
     notes = [
-        "vs blind: rate over the blind puts' at the same writers; mc: memcache calls; "
+        "vs blind: rate over the blind puts' at the same writers; ents: entities written; "
+        "mc: memcache calls; "
         "cores: CPU seconds per second of wall time (all cores together)",
         *(f"{key}: n/a, {why}" for key, why in results.not_applicable.items()),
     ]

@@ -32,6 +32,7 @@ class Point:
     memcache: dict[str, int]  # memcache calls by method
     cpu: dict[str, float | None]  # CPU seconds: client, emulator, memcached
     warnings: dict[str, int] = dataclasses.field(default_factory=dict)  # by log template
+    entities: int = 0  # entities the commits wrote (shards, key records, ...)
     ratio_to_blind: float | None = None  # filled in once the blind rate is known
 
     @property
@@ -62,6 +63,7 @@ class Point:
             ),
             rpcs_per_increment=self.per_increment(self.rpcs),
             memcache_per_increment=self.per_increment(self.memcache),
+            entities_per_increment=self.entities / self.load.acked if self.load.acked else None,
         )
         return data
 

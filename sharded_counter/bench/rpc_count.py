@@ -28,10 +28,20 @@ class CallCounter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: collections.Counter[str] = collections.Counter()
+        self._written = 0  # entities written or deleted by the commits counted
 
     def bump(self, method: str) -> None:
         with self._lock:
             self._counts[method] += 1
+
+    def add_written(self, entities: int) -> None:
+        with self._lock:
+            self._written += entities
+
+    def written(self) -> int:
+        """Entities the counted commits wrote (their mutations, one entity each)."""
+        with self._lock:
+            return self._written
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -53,6 +63,8 @@ class _CountingProxy:
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             counter.bump(name)
+            if name == "commit":
+                counter.add_written(_mutations(args[0] if args else kwargs.get("request")))
             return attribute(*args, **kwargs)
 
         return counted
@@ -77,6 +89,16 @@ def counting(slots: Sequence[tuple[object, str]], counter: CallCounter) -> Itera
     finally:
         for obj, attr, original in reversed(swapped):
             setattr(obj, attr, original)
+
+
+def _mutations(request: Any) -> int:
+    """How many mutations a commit request carries: a protobuf, or the dict a
+    high-level client passes its generated client."""
+    if request is None:
+        return 0
+    if isinstance(request, dict):
+        return len(request.get("mutations", ()))
+    return len(getattr(request, "mutations", ()))
 
 
 def per_call(calls: dict[str, int], operations: int) -> float | None:

@@ -16,6 +16,8 @@ from .results import EngineResults, Point, Timed
 TARGET_THREADS = 16
 # What the sharded Counter must reach, as a share of blind puts, per engine.
 COUNTER_VS_BLIND = {"classic": 0.5, "firestore": 0.9}
+# Keyed increments (a key record written with every shard write), on both engines.
+KEYED_VS_BLIND = 0.5
 BUFFER_RATE = 1_000_000.0
 BUFFER_VS_DICT = 0.2
 CACHED_VS_BARE_GET = 0.8
@@ -65,6 +67,18 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
                 COUNTER_VS_BLIND.get(engine, 0.5),
                 "x",
                 f"Counter(shards=20) increments/s / blind puts/s at {TARGET_THREADS} threads",
+            )
+        )
+        keyed = results.point("counter-keyed", TARGET_THREADS)
+        found.append(
+            TargetResult(
+                engine,
+                f"keyed increments, {TARGET_THREADS} writer threads, vs blind puts",
+                _ratio(_rate(keyed), _rate(blind)),
+                KEYED_VS_BLIND,
+                "x",
+                f"Counter(shards=20) increments/s with idempotency keys / blind puts/s at "
+                f"{TARGET_THREADS} threads",
             )
         )
         buffered = results.timed("buffer-increment")
