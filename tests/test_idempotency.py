@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,3 +217,11 @@ def test_a_keyed_increment_is_never_stashed(
     healthy.increment(4, idempotency_key="later")
     # Both reads add what delayed_incr holds: the stashed 2 is counted, once.
     assert (healthy.count, healthy.get_count(nocache=True)) == (7, 7)
+
+
+def test_the_readme_example_runs(backend_env: dict[str, str]) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Idempotency keys", 1)[1].split("\n#", 1)[0]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(source, "README.md", "exec"), {})
+    assert Counter("likes").get_count(nocache=True) == 3
