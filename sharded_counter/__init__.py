@@ -1,7 +1,5 @@
 """Sharded counters on Google Cloud Datastore with memcache in front."""
 
-from .buffer import CounterBuffer
-from .config import Settings, config
 from .counter import Counter
 from .errors import (
     CacheUnavailable,
@@ -12,10 +10,12 @@ from .errors import (
     IncrementOutcomeUnknown,
     ShardedCounterError,
 )
-from .lock import Holder, Locked, lock, who_holds
-from .maintenance import purge_expired_keys
-from .ratelimit import Decision, Limit, RateLimited, RateLimiter
-from .timeseries import TimeSeries
+from .paths.maintenance import purge_expired_keys
+from .patterns.buffer import CounterBuffer
+from .patterns.lock import Holder, Locked, lock, who_holds
+from .patterns.ratelimit import Decision, Limit, RateLimited, RateLimiter
+from .patterns.timeseries import TimeSeries
+from .settings import Settings, config
 
 __all__ = [
     "CacheUnavailable",

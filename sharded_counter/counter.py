@@ -3,7 +3,7 @@
 ::
 
     increment(n) -> queue behind writes of this counter already in flight, if too many
-                    (combiner.py: a queued group goes out as one write of its sum)
+                    (paths/combiner.py: a queued group goes out as one write of its sum)
                  -> take stashed delayed_incr -> write a random shard (+n +stash)
                     ok: merge the shard's new state into the cached record
                     failed after retries: stash n (+stash) in delayed_incr
@@ -27,33 +27,33 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from .combiner import combiner_for
-from .config import OPTION_NAMES, Settings, resolve
-from .connections import Backend, backend_for
+from .cache.client import MemcacheClient
+from .core.keys import cache_keys
+from .core.record import Drift, ShardState
+from .core.stash import ANY_SHARD, Stash, Unsure
+from .core.tokens import folding_write, new_token
+from .core.validation import INT64_MAX, check_delta, check_name, check_value, fits_int64
 from .errors import (
     CacheUnavailable,
     CounterOverflowError,
     IncrementNotRecorded,
     IncrementOutcomeUnknown,
 )
-from .idempotency import MAX_KEYS_PER_WRITE, check_idempotency_key
-from .joined import check_transaction, stage_increment
-from .keys import cache_keys
-from .memcache import MemcacheClient
-from .picker import picker_for
-from .record import Drift, ShardState
-from .retry import (
+from .paths.backend import Backend, backend_for
+from .paths.combiner import combiner_for
+from .paths.picker import picker_for
+from .paths.stats import WriteStats
+from .settings import OPTION_NAMES, Settings, resolve
+from .store.joined import check_transaction, stage_increment
+from .store.keyed import MAX_KEYS_PER_WRITE, check_idempotency_key
+from .store.retry import (
     CONTENTION,
     RETRYABLE,
     datastore_failures_as_ours,
     outcome_unknown,
     write_retrying,
 )
-from .shards import ShardOverflow, Snapshot, spread
-from .stash import ANY_SHARD, Stash, Unsure
-from .stats import WriteStats
-from .tokens import folding_write, new_token
-from .validation import INT64_MAX, check_delta, check_name, check_value, fits_int64
+from .store.shards import ShardOverflow, Snapshot, spread
 
 log = logging.getLogger("sharded_counter")
 
@@ -89,7 +89,7 @@ class Counter:
     """A counter spread over ``shards`` Datastore entities, with its total cached in memcache.
 
     ``Counter('hits')`` connects from the environment; keyword arguments override
-    any option of ``Settings`` (see ``sharded_counter.config``), and
+    any option of ``Settings`` (see ``sharded_counter.settings``), and
     ``datastore_client`` / ``memcache_client`` take clients you made yourself.
     """
 
@@ -158,7 +158,7 @@ class Counter:
         With ``idempotency_key`` (a non-empty str of at most 1,500 UTF-8 bytes)
         the first call with that key on this counter counts ``delta``, and every
         later one, from any thread or process, counts nothing and returns
-        normally, for at least ``idempotency_ttl`` seconds (idempotency.py). A
+        normally, for at least ``idempotency_ttl`` seconds (store/keyed.py). A
         keyed increment is never stashed: when Datastore fails it raises one of
         the two errors above, and retrying with the same key is always safe.
 
@@ -258,7 +258,7 @@ class Counter:
             # A read in the caller's transaction failed: nothing was staged.
             raise IncrementNotRecorded(self.name, delta, exc) from exc
 
-    # -- keyed writes (idempotency.py) ---------------------------------------------
+    # -- keyed writes (store/keyed.py) ---------------------------------------------
 
     def _write_keyed(self, keys: dict[str, int]) -> dict[str, BaseException]:
         """Write the keyed increments ``keys`` (key -> delta) together; returns the
@@ -357,15 +357,15 @@ class Counter:
 
         A write that folds in ``folded`` from delayed_incr goes through a
         transaction, which looks for its token first: a ``count = v`` may have
-        fenced it, or a resolution written its fold part (stash.py). Its shard
-        stays reserved until the caller settles the fold (see picker.py).
+        fenced it, or a resolution written its fold part (core/stash.py). Its shard
+        stays reserved until the caller settles the fold (see paths/picker.py).
 
         After contention (nothing was written) a retry goes to another shard.
         After a failure whose outcome is unknown (a timeout, a dropped
         connection: the commit may have landed) it goes to the same shard, in
         a transaction that first looks for this write's token there. If the
         retries run out after that, ``_OutcomeUnknown`` names the shard, which
-        stays reserved (see ``picker.py``) until the write is resolved.
+        stays reserved (see ``paths/picker.py``) until the write is resolved.
         """
         backend = self._backend
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
@@ -431,7 +431,7 @@ class Counter:
     ) -> ShardState:
         store, lazy, limit = self._backend.store, self._backend.lazy_begin, self._shard_limit
         others = [i for i in random.sample(range(self.shard_count), self.shard_count) if i != first]
-        # The token goes along everywhere: a fence (stash.py) is on every shard.
+        # The token goes along everywhere: a fence (core/stash.py) is on every shard.
         pinned = self._picker.pinned()
         for index in [first, *others]:
             try:
@@ -535,7 +535,7 @@ class Counter:
         else:
             self._picker.keep(token)
 
-    # -- unsure writes (see stash.py) ---------------------------------------------
+    # -- unsure writes (see core/stash.py) ---------------------------------------------
 
     def _keep_unsure(self, token: str, delta: int, stashed: int, unknown: _OutcomeUnknown) -> None:
         """The write ``token`` (``delta`` plus ``stashed`` folded in) may have landed:
@@ -571,7 +571,7 @@ class Counter:
 
         One token-checked transaction per write on its shard: it adds the amount
         unless the token is there already. The fold part of a vanished writer
-        takes one transaction over every shard instead (see stash.py). ``look``
+        takes one transaction over every shard instead (see core/stash.py). ``look``
         asks memcache even when this process saw none lately. Returns whether
         anything was resolved. Never raises: what fails stays unsure for a later try.
         """
@@ -617,7 +617,7 @@ class Counter:
         return resolved
 
     def _resolve_one(self, token: str, entry: Unsure) -> list[ShardState]:
-        """Add the unsure write ``token`` unless the shards show it (stash.py)."""
+        """Add the unsure write ``token`` unless the shards show it (core/stash.py)."""
         backend = self._backend
         if entry.shard != ANY_SHARD:
             state = backend.store.add_in_transaction(
@@ -681,7 +681,7 @@ class Counter:
         From the cached record when one is complete; otherwise (or with
         ``nocache=True``) the sum of every ``CounterShard`` with this name, plus
         what ``delayed_incr`` holds: increments still pending, and writes whose
-        outcome is unknown (a read first tries to resolve those, see ``stash.py``).
+        outcome is unknown (a read first tries to resolve those, see ``core/stash.py``).
         """
         cache = self._backend.cache
         if not nocache and cache.enabled:
@@ -791,7 +791,7 @@ class Counter:
         increment either lands before (and is replaced by ``value``) or after
         (and is added to it). Stashed increments are replaced too: the set takes
         what ``delayed_incr`` holds, and fences the folds of it in flight, so
-        they write nothing after the set (see ``stash.py``). Writers of this
+        they write nothing after the set (see ``core/stash.py``). Writers of this
         counter in this process wait for the set; the set retries until
         ``retry_deadline``.
         """
@@ -807,7 +807,7 @@ class Counter:
         token = new_token()
         coordinated, taken = False, Stash()
         if cache.enabled:
-            # Stop new folds, take what is owed, fence the folds in flight (stash.py).
+            # Stop new folds, take what is owed, fence the folds in flight (core/stash.py).
             # The marker outlives the set's own time limits (its transaction, then
             # one call to end it), so only a setter that died leaves it to expire.
             set_over = self._fold_deadline() + self.settings.rpc_timeout

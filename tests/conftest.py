@@ -10,7 +10,7 @@ import pytest
 from faultkit import ReplyHoldingRelay
 
 from sharded_counter import Settings, config
-from sharded_counter.memcache import build_client
+from sharded_counter.cache.client import build_client
 
 
 @pytest.fixture(autouse=True)

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from sharded_counter import cli
-from sharded_counter.bench import BenchOptions, BenchOutcome, run
-from sharded_counter.bench.contenders import CONTENDERS, Check
-from sharded_counter.bench.load import Load
-from sharded_counter.bench.results import EngineResults, Point, Timed
-from sharded_counter.bench.rpc_count import CallCounter, counting
-from sharded_counter.bench.targets import evaluate
+from sharded_counter.tools import cli
+from sharded_counter.tools.bench import BenchOptions, BenchOutcome, run
+from sharded_counter.tools.bench.contenders import CONTENDERS, Check
+from sharded_counter.tools.bench.load import Load
+from sharded_counter.tools.bench.results import EngineResults, Point, Timed
+from sharded_counter.tools.bench.rpc_count import CallCounter, counting
+from sharded_counter.tools.bench.targets import evaluate
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 THREADS = (1, 3)
@@ -195,7 +195,7 @@ def test_cli_exits_1_on_a_wrong_count(monkeypatch: pytest.MonkeyPatch, tmp_path:
         seen.append(options)
         return wrong
 
-    monkeypatch.setattr("sharded_counter.bench.run", fake_run)
+    monkeypatch.setattr("sharded_counter.tools.bench.run", fake_run)
     if not HAS_MATPLOTLIB:  # the command refuses to start without it
         monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
     result = CliRunner().invoke(

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from sharded_counter import Counter
-from sharded_counter.buffer import CounterBuffer
-from sharded_counter.validation import INT64_MAX
+from sharded_counter.core.validation import INT64_MAX
+from sharded_counter.patterns.buffer import CounterBuffer
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends
@@ -145,7 +145,7 @@ def test_pending_sums_beyond_int64_are_written_in_parts(backend_env: dict[str, s
 def test_pending_increments_are_written_at_exit(backend_env: dict[str, str]) -> None:
     script = textwrap.dedent(
         """
-        from sharded_counter.buffer import CounterBuffer
+        from sharded_counter.patterns.buffer import CounterBuffer
         buffer = CounterBuffer(interval=3600)
         for _ in range(50):
             buffer.increment("at-exit")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
-from sharded_counter.cli import main
+from sharded_counter.tools.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +61,7 @@ def test_increment_needs_an_integer(amount: str) -> None:
 
 
 def test_demo_reports_a_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sharded_counter import demo
+    from sharded_counter.tools import demo
     from sharded_counter_emulator import MissingDependency
 
     def missing(**_: object) -> bool:
@@ -75,7 +75,7 @@ def test_demo_reports_a_missing_dependency(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_demo_exit_status_says_whether_counts_were_exact(monkeypatch: pytest.MonkeyPatch) -> None:
-    from sharded_counter import demo
+    from sharded_counter.tools import demo
 
     calls: list[dict[str, object]] = []
 
@@ -195,7 +195,7 @@ def test_verify_reports_drift_and_repair_mends_it(backend_env: dict[str, str]) -
 
 @pytest.mark.backends
 def test_demo_is_exact_on_its_own_backends() -> None:
-    from sharded_counter import demo
+    from sharded_counter.tools import demo
 
     out = io.StringIO()
     exact = demo.run(

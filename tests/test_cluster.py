@@ -1,7 +1,7 @@
-"""Several memcached servers as one cache (``cluster.py``), on three real memcached processes.
+"""Several memcached servers as one cache (``cache/cluster.py``), on three real memcached processes.
 
 Each test starts its own three servers, so that every test sees fresh client
-state: the client cache of ``connections.py`` is keyed by the server addresses.
+state: the client cache of ``paths/backend.py`` is keyed by the server addresses.
 Servers are killed (SIGKILL, as a crash), paused (SIGSTOP: connections hang) and
 brought back on the same port, exactly as an outage would.
 """
@@ -26,12 +26,12 @@ from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
 from sharded_counter import Counter, who_holds
-from sharded_counter.cache import CacheTier
-from sharded_counter.cluster import RECORD_KEY, STASH_KEY, ClusterClient, ServerUnavailable
-from sharded_counter.config import Settings
-from sharded_counter.keys import cache_keys
-from sharded_counter.lock import lock_key
-from sharded_counter.memcache import DEAD_TIMEOUT, build_client, key_digest
+from sharded_counter.cache.client import DEAD_TIMEOUT, build_client, key_digest
+from sharded_counter.cache.cluster import RECORD_KEY, STASH_KEY, ClusterClient, ServerUnavailable
+from sharded_counter.cache.tier import CacheTier
+from sharded_counter.core.keys import cache_keys
+from sharded_counter.patterns.lock import lock_key
+from sharded_counter.settings import Settings
 from sharded_counter_emulator import Memcached
 
 TIMEOUT = 0.3
@@ -376,7 +376,7 @@ def test_a_stand_in_drops_leftover_records_before_it_takes_keys(trio: list[Memca
 
 
 def cluster_of(counter: Counter) -> ClusterClient:
-    # The client connections.py built for these settings; reached this way only to
+    # The client paths/backend.py built for these settings; reached this way only to
     # watch its servers' states.
     client = counter._backend.cache._client
     assert isinstance(client, ClusterClient)

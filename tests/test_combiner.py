@@ -1,4 +1,4 @@
-"""Group commit (combiner.py): its rules in isolation, then on the real backends.
+"""Group commit (paths/combiner.py): its rules in isolation, then on the real backends.
 
 The first tests drive ``WriteCombiner`` with a plain function standing in for
 the shard write, because they must hold writes in flight at chosen moments;
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 
 from sharded_counter import Counter, CounterOverflowError, IncrementNotRecorded
-from sharded_counter.combiner import WriteCombiner
+from sharded_counter.paths.combiner import WriteCombiner
 
 
 class GatedWrites:

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharded_counter import ConfigurationError, Settings, config
-from sharded_counter.config import OPTION_NAMES, resolve
+from sharded_counter.settings import OPTION_NAMES, resolve
 
 if sys.version_info >= (3, 11):
     import tomllib

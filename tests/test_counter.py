@@ -14,7 +14,7 @@ import pytest
 from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded, config
-from sharded_counter.keys import SHARD_KIND
+from sharded_counter.core.keys import SHARD_KIND
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends

@@ -49,10 +49,10 @@ from sharded_counter import (
     config,
 )
 from sharded_counter import counter as counter_module
-from sharded_counter import shards as shards_module
-from sharded_counter.memcache import build_client
-from sharded_counter.shards import ShardOverflow, ShardStore
-from sharded_counter.stash import Fold, Stash
+from sharded_counter.cache.client import build_client
+from sharded_counter.core.stash import Fold, Stash
+from sharded_counter.store import shards as shards_module
+from sharded_counter.store.shards import ShardOverflow, ShardStore
 from sharded_counter_emulator import DatastoreEmulator, free_port
 
 pytestmark = pytest.mark.backends
@@ -1238,7 +1238,7 @@ def _fold_then_hold(
     """A writer process that takes the stash and then stops at ``stage``, until it is
     killed or told to ``go`` on: "before-commit" (before its shard write) or
     "after-commit" (its write landed; its fold is not settled yet)."""
-    from sharded_counter.cache import CacheTier
+    from sharded_counter.cache.tier import CacheTier
 
     counter_module._FOLD_MARGIN = 0.0  # its fold's deadline comes 1.5 s after the take
     counter = Counter(name, shards=4, retry_deadline=1.0, rpc_timeout=0.5)

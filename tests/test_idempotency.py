@@ -1,4 +1,4 @@
-"""Idempotency keys (idempotency.py): the first increment with a key counts, later ones don't.
+"""Idempotency keys (store/keyed.py): the first increment with a key counts, later ones don't.
 
 Every test runs once per Datastore engine against the real emulator and real
 memcached (``backend_env`` wipes both first). Fault tests for keyed increments
@@ -16,8 +16,8 @@ import pytest
 from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded
-from sharded_counter.idempotency import KeyedShardStore, check_idempotency_key
-from sharded_counter.keys import IDEMPOTENCY_KIND, idempotency_record_name
+from sharded_counter.core.keys import IDEMPOTENCY_KIND, idempotency_record_name
+from sharded_counter.store.keyed import KeyedShardStore, check_idempotency_key
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends

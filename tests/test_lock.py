@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from pymemcache.client.base import Client
 
 from sharded_counter import CacheUnavailable, Locked, lock, who_holds
-from sharded_counter.cli import main
-from sharded_counter.lock import Lease
+from sharded_counter.patterns.lock import Lease
+from sharded_counter.tools.cli import main
 from sharded_counter_emulator import Memcached, free_port
 
 

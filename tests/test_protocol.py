@@ -56,8 +56,8 @@ from sharded_counter import (
     IncrementOutcomeUnknown,
     Settings,
 )
-from sharded_counter.memcache import build_client
-from sharded_counter.stash import Stash
+from sharded_counter.cache.client import build_client
+from sharded_counter.core.stash import Stash
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends

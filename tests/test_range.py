@@ -16,9 +16,9 @@ import pytest
 from google.cloud import datastore
 
 from sharded_counter import Counter, CounterOverflowError
-from sharded_counter.keys import SHARD_KIND, shard_key_name
-from sharded_counter.shards import ShardOverflow, ShardStore
-from sharded_counter.validation import INT64_MAX, INT64_MIN
+from sharded_counter.core.keys import SHARD_KIND, shard_key_name
+from sharded_counter.core.validation import INT64_MAX, INT64_MIN
+from sharded_counter.store.shards import ShardOverflow, ShardStore
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends

@@ -27,8 +27,8 @@ from sharded_counter import (
     RateLimited,
     RateLimiter,
 )
-from sharded_counter.cli import main
-from sharded_counter.ratelimit import MAX_WINDOW, Strategy
+from sharded_counter.patterns.ratelimit import MAX_WINDOW, Strategy
+from sharded_counter.tools.cli import main
 from sharded_counter_emulator import Memcached, free_port
 
 UNITS = {

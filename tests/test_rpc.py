@@ -1,4 +1,4 @@
-"""The raw Datastore calls (rpc.py): both transports, the headers, and the errors they raise."""
+"""The raw Datastore calls (store/rpc.py): both transports, the headers, and the errors they raise."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sharded_counter import Counter
-from sharded_counter.retry import RETRYABLE
-from sharded_counter.rpc import DatastoreRpc, LookupRequest
+from sharded_counter.store.retry import RETRYABLE
+from sharded_counter.store.rpc import DatastoreRpc, LookupRequest
 from sharded_counter_emulator import free_port
 
 

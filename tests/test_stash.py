@@ -1,4 +1,4 @@
-"""What the delayed_incr key holds (stash.py): its text form and its changes."""
+"""What the delayed_incr key holds (core/stash.py): its text form and its changes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharded_counter.stash import ANY_SHARD, Fold, Stash, Unsure
-from sharded_counter.tokens import fold_token
+from sharded_counter.core.stash import ANY_SHARD, Fold, Stash, Unsure
+from sharded_counter.core.tokens import fold_token
 
 tokens = st.text("0123456789abcdef", min_size=12, max_size=12)
 write_tokens = tokens | tokens.map(fold_token)

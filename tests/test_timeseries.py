@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pymemcache.client.base import PooledClient
 
 from sharded_counter import CacheUnavailable, Counter, TimeSeries
-from sharded_counter.cli import main, parse_when
+from sharded_counter.tools.cli import main, parse_when
 from sharded_counter_emulator import Memcached, free_port
 
 NOW = 1_700_000_040.0  # on a minute edge

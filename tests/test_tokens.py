@@ -1,4 +1,4 @@
-"""Write tokens on the shard (shards.py): what a retry or a resolution looks for.
+"""Write tokens on the shard (store/shards.py): what a retry or a resolution looks for.
 
 Each process keeps its tokens in a slot property of its own, so other processes'
 writes never push them out; old slots are pruned. A set writes the tokens of the
@@ -12,10 +12,10 @@ import time
 import pytest
 from google.cloud import datastore
 
-from sharded_counter import shards as shards_module
-from sharded_counter.keys import SHARD_KIND, shard_key_name
-from sharded_counter.shards import ShardStore
-from sharded_counter.tokens import fold_token, new_token
+from sharded_counter.core.keys import SHARD_KIND, shard_key_name
+from sharded_counter.core.tokens import fold_token, new_token
+from sharded_counter.store import shards as shards_module
+from sharded_counter.store.shards import ShardStore
 
 pytestmark = pytest.mark.backends
 
@@ -150,7 +150,7 @@ def test_fence_tokens_over_a_day_old_are_pruned(backend_env: dict[str, str]) -> 
 def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
     backend_env: dict[str, str],
 ) -> None:
-    """The resolution of a fold part (stash.py) and the write it stands in for: whichever
+    """The resolution of a fold part (core/stash.py) and the write it stands in for: whichever
     commits first, the folded 1,000 is counted once and the writer's own 5 is kept."""
     name = "fold-part"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)

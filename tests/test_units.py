@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharded_counter.keys import cache_keys, shard_index, shard_key_name
-from sharded_counter.record import Record, ShardState
-from sharded_counter.validation import (
+from sharded_counter.core.keys import cache_keys, shard_index, shard_key_name
+from sharded_counter.core.record import Record, ShardState
+from sharded_counter.core.validation import (
     INT64_MAX,
     INT64_MIN,
     MAX_NAME_BYTES,
@@ -194,7 +194,7 @@ def test_totals_are_python_ints_beyond_int64() -> None:
 def test_writers_in_one_process_get_distinct_shards_while_any_is_free() -> None:
     from contextlib import ExitStack
 
-    from sharded_counter.picker import ShardPicker
+    from sharded_counter.paths.picker import ShardPicker
 
     picker = ShardPicker()
     with ExitStack() as held:
@@ -208,7 +208,7 @@ def test_writers_in_one_process_get_distinct_shards_while_any_is_free() -> None:
 
 
 def test_a_reserved_shard_is_left_alone_until_released() -> None:
-    from sharded_counter.picker import ShardPicker
+    from sharded_counter.paths.picker import ShardPicker
 
     picker = ShardPicker()
     picker.reserve("t", 1)
@@ -232,7 +232,7 @@ def picker_index(picker: Any, shards: int) -> int:
 def test_only_failures_that_may_have_been_applied_count_as_unknown_outcomes() -> None:
     from google.api_core import exceptions as gexc
 
-    from sharded_counter.retry import outcome_unknown
+    from sharded_counter.store.retry import outcome_unknown
 
     assert outcome_unknown(gexc.DeadlineExceeded("Deadline Exceeded"))
     assert outcome_unknown(gexc.ServiceUnavailable("Socket closed"))

@@ -1,6 +1,6 @@
 """Building the memcache client from settings, and what its users share.
 
-One server gets a ``PooledClient``. Several get a ``ClusterClient`` (``cluster.py``):
+One server gets a ``PooledClient``. Several get a ``ClusterClient`` (``cache/cluster.py``):
 a pooled ``HashClient`` that spreads keys over them, moves a failed server's keys
 to the others, and cleans a server before it serves again. Either way each thread
 borrows its own connection (pymemcache's base ``Client`` is not thread-safe),
@@ -20,9 +20,9 @@ from pymemcache.client.base import PooledClient
 from pymemcache.client.retrying import RetryingClient
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
+from ..errors import ConfigurationError
+from ..settings import Settings, parse_host, resolve
 from .cluster import ClusterClient
-from .config import Settings, parse_host, resolve
-from .errors import ConfigurationError
 
 log = logging.getLogger("sharded_counter")
 

@@ -10,9 +10,9 @@ at random, but no more often than that.
 It also keeps this process off the shards of writes whose outcome is unknown
 (*reserved*, until the write is resolved): a retry, or whoever resolves the
 unsure entry, looks there for the write's token, and a transform write from
-this process would overwrite it (see ``shards.py``). The same goes for the
+this process would overwrite it (see ``store/shards.py``). The same goes for the
 shard a fold of delayed_incr landed on, until the fold is settled: if it
-outlived its deadline, its resolution looks for the token (see stash.py).
+outlived its deadline, its resolution looks for the token (see core/stash.py).
 The tokens of those writes, and of every write in flight, are *pinned*: a
 transaction write of this process keeps them in its token slot on the
 shard, where otherwise only the last few survive.
@@ -96,7 +96,7 @@ class ShardPicker:
 
     def keep(self, token: str) -> None:
         """delayed_incr still names the write ``token`` after it returned: it gave up
-        unsure, or its fold outlived its deadline (see stash.py). Its token stays
+        unsure, or its fold outlived its deadline (see core/stash.py). Its token stays
         pinned until this process sees the stash done with it."""
         with self._lock:
             self._kept.add(token)

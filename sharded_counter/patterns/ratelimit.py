@@ -36,8 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, ParamSpec, TypeVar
 
-from .errors import CacheUnavailable
-from .memcache import (
+from ..cache.client import (
     CLIENT_ERRORS,
     ClientSource,
     CommandClient,
@@ -45,6 +44,7 @@ from .memcache import (
     incr_or_add,
     key_digest,
 )
+from ..errors import CacheUnavailable
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -145,7 +145,7 @@ class RateLimiter:
 
     ``limit`` is a ``Limit`` or a string such as ``"20/minute"``. Without
     ``memcache_client`` the servers come from the settings: ``memcached_hosts``
-    here, else ``MEMCACHED_HOSTS`` or the config (see ``sharded_counter.config``).
+    here, else ``MEMCACHED_HOSTS`` or the config (see ``sharded_counter.settings``).
     Keys may be any str: memcache only ever sees a hash of them.
     """
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import IncrementNotRecorded
+from ...errors import IncrementNotRecorded
 from ..tally import WriterTally
 
 

@@ -22,7 +22,7 @@ What "good enough" leaves out:
 * The lock lives on one memcached server. If that server is restarted or
   evicts the key, the lock is gone. In a cluster, a lock taken on a stand-in
   server while its home server is away is not seen once that server returns
-  (see ``cluster.py``). Use it to avoid duplicate work, not to guard money.
+  (see ``cache/cluster.py``). Use it to avoid duplicate work, not to guard money.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
-from .errors import CacheUnavailable
-from .memcache import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
+from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
+from ..errors import CacheUnavailable
 
 log = logging.getLogger("sharded_counter")
 

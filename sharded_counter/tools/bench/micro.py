@@ -25,9 +25,9 @@ from typing import NamedTuple
 
 from pymemcache.client.base import PooledClient
 
-from ..buffer import CounterBuffer
-from ..config import parse_host
-from ..counter import Counter
+from ...counter import Counter
+from ...patterns.buffer import CounterBuffer
+from ...settings import parse_host
 from .contenders import SHARDS
 from .results import Timed
 from .rpc_count import CallCounter, counting

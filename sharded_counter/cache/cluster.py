@@ -64,7 +64,7 @@ from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
-from .stash import Stash
+from ..core.stash import Stash
 
 log = logging.getLogger("sharded_counter")
 

@@ -36,9 +36,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .counter import Counter
-from .errors import CacheUnavailable, IncrementNotRecorded
-from .memcache import CLIENT_ERRORS, ClientSource, CommandClient, incr_or_add, key_digest
+from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, incr_or_add, key_digest
+from ..counter import Counter
+from ..errors import CacheUnavailable, IncrementNotRecorded
 
 #: memcached reads a relative expiry above 30 days as a unix timestamp.
 MAX_RETENTION = 30 * 24 * 3600

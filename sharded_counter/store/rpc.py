@@ -77,7 +77,7 @@ class DatastoreRpc:
     each takes a request protobuf and returns the response protobuf.
 
     No retries here: every call is bounded by ``timeout`` and retried only by
-    the caller's policy (``retry.py``).
+    the caller's policy (``store/retry.py``).
     """
 
     def __init__(self, client: datastore.Client, *, timeout: float) -> None:

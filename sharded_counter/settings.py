@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .core.validation import check_shards
 from .errors import ConfigurationError
-from .validation import check_shards
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -37,7 +37,7 @@ first, so once the set has landed a late fold writes nothing. Then:
 A fold marker past its deadline belongs to a writer that died, or stalled
 far past its own time limits: its write may have landed, on a shard nobody
 knows, or may still land. It becomes an unsure entry under the write's *fold
-token* (tokens.py) for ``ANY_SHARD``. Its resolution is one transaction over
+token* (core/tokens.py) for ``ANY_SHARD``. Its resolution is one transaction over
 every shard: if the write's token is on one, the folded part is there; if not,
 it adds the amount and fences the fold token on every shard. A writer that
 wakes after that finds the fold token in the fence and writes only its own
@@ -204,7 +204,7 @@ class Stash:
         holding one died, or stalled far past them. Either way its write may have
         landed or not, on a shard nobody knows; the resolution looks on every shard
         and fences the fold token, so a stalled writer that wakes writes only its own
-        delta (see tokens.py). Nothing is decided by the clock: it only says when to look.
+        delta (see core/tokens.py). Nothing is decided by the clock: it only says when to look.
         """
         now = time.time() if now is None else now
         stash = self

@@ -17,7 +17,7 @@ alone and gets its own answer.
 
 Keyed increments (``idempotency_key=``) group among themselves, never with
 unkeyed ones: their write inserts one key record per key beside the shard
-(idempotency.py). A group holds each key once; a member whose key is already
+(store/keyed.py). A group holds each key once; a member whose key is already
 in the group shares that member's outcome and adds nothing. The write reports
 which keys it found applied already, or failed for, so each member gets its
 own answer.
@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
-from .errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
+from ..errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
 from .registry import PerCounter
 
 # The errors that name the delta they are about: each member gets its own.

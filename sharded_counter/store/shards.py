@@ -2,7 +2,7 @@
 
 It speaks to Datastore through the client's low-level API because the
 high-level one drops what we need: each entity's *version* (which makes the
-cache merge order-free, see ``record.py``) and the results of property
+cache merge order-free, see ``core/record.py``) and the results of property
 transforms.
 """
 
@@ -24,11 +24,11 @@ from google.cloud.datastore_v1.types import datastore as ds_types
 from google.cloud.datastore_v1.types import entity as entity_types
 from google.cloud.datastore_v1.types import query as query_types
 
+from ..core.keys import SHARD_KIND, shard_index, shard_key_name
+from ..core.record import ShardState
+from ..core.tokens import fold_token, token_time
+from ..core.validation import INT64_MAX
 from . import rpc
-from .keys import SHARD_KIND, shard_index, shard_key_name
-from .record import ShardState
-from .tokens import fold_token, token_time
-from .validation import INT64_MAX
 
 _TRANSACTIONAL = ds_types.CommitRequest.Mode.TRANSACTIONAL
 _NON_TRANSACTIONAL = ds_types.CommitRequest.Mode.NON_TRANSACTIONAL
@@ -48,7 +48,7 @@ _IN_LIMIT = 30  # values one IN filter may hold
 # two processes drew the same slot). A transaction write appends to its slot's list
 # (the last _SLOT_TOKENS_KEPT); a transform cannot read the shard, so it replaces the
 # slot with its one token, and only goes to a shard no other writer of this process
-# holds (see picker.py). A transaction write drops slots whose newest token is older
+# holds (see paths/picker.py). A transaction write drops slots whose newest token is older
 # than _SLOT_TTL, so a shard does not collect a slot for every process that ever ran.
 _SLOT_PREFIX = "w_"
 _SLOT_TOKENS_KEPT = 8
@@ -56,9 +56,9 @@ _SLOT_TTL = 86400
 _LEGACY_TOKENS = "w"  # earlier versions kept the last 16 tokens of any process here
 # The fence: tokens of writes that someone else settled while they were in flight,
 # written onto every shard in one transaction. A ``count = v`` fences the writes it
-# replaced (folds of delayed_incr, unsure writes; see stash.py): such a write finds
+# replaced (folds of delayed_incr, unsure writes; see core/stash.py): such a write finds
 # its token and writes nothing. A resolution that wrote the delayed_incr part of a
-# vanished writer's fold fences that part's fold token (tokens.py): the writer, if it
+# vanished writer's fold fences that part's fold token (core/tokens.py): the writer, if it
 # wakes, writes only its own delta. Every transaction write carries the fence over,
 # minus tokens over _SLOT_TTL old, keeping the newest _FENCE_KEPT.
 _FENCE = "fence"
@@ -178,8 +178,8 @@ class ShardStore:
         return int(value.integer_value)
 
     # -- low-level calls ------------------------------------------------------
-    # Raw protobuf requests through DatastoreRpc (see rpc.py): each call is bounded
-    # by rpc_timeout and retried only by our policy (retry.py).
+    # Raw protobuf requests through DatastoreRpc (see store/rpc.py): each call is bounded
+    # by rpc_timeout and retried only by our policy (store/retry.py).
 
     def begin(self) -> bytes:
         request = rpc.BeginTransactionRequest(**self.base)
@@ -252,7 +252,7 @@ class ShardStore:
         own token and writes nothing. Transaction isolation makes that check
         sound: a first attempt that lands after the retry read the shard
         conflicts with it. Tokens in ``pinned`` stay in the slot however many
-        writes come after them (see picker.py). ``folded`` is the part of
+        writes come after them (see paths/picker.py). ``folded`` is the part of
         ``delta`` taken from delayed_incr: if a resolution wrote that part
         already (see ``_left_to_write``), only the rest is added.
         """
@@ -539,7 +539,7 @@ def _left_to_write(
     still adds, given the tokens of the shards it read and their fence; None for nothing.
 
     Its token in a slot: it landed. In the fence: a set replaced it. Its fold token in
-    the fence: a resolution wrote the folded part in its place (see stash.py), so only
+    the fence: a resolution wrote the folded part in its place (see core/stash.py), so only
     the rest is left.
     """
     if token in tokens:

@@ -1,6 +1,6 @@
 """The cache tier: cached totals, their safe refill, and the delayed_incr stash.
 
-Protocol (see ``record.py`` for the record itself):
+Protocol (see ``core/record.py`` for the record itself):
 
 * Writers, after a shard write commits, merge the shard's new
   ``(version, value)`` into the record if there is one. No record: nothing
@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ..core.record import Record, ShardState
+from ..core.stash import Stash, Unsure
+from ..errors import CacheUnavailable
+from .client import MemcacheClient
 from .cluster import ServerUnavailable
-from .errors import CacheUnavailable
-from .memcache import MemcacheClient
-from .record import Record, ShardState
-from .stash import Stash, Unsure
 
 log = logging.getLogger("sharded_counter")
 
@@ -313,7 +313,7 @@ class CacheTier:
         for key in keys:
             self._call("delete", key, noreply=False)
 
-    # -- delayed_incr (see stash.py) ------------------------------------------------
+    # -- delayed_incr (see core/stash.py) ------------------------------------------------
 
     def _change_stash(self, stash_key: str, change: Callable[[Stash], Stash | None]) -> Stash:
         """Apply ``change`` to the stash with a ``cas`` loop; returns the stash it changed.
@@ -368,8 +368,8 @@ class CacheTier:
 
         Returns whether the stash is done with the write's token. It is not when
         memcache did not answer, or when the fold outlived its deadline and its fold
-        part is an unsure entry now (stash.py): the resolutions look for the token,
-        so the writer keeps it pinned in its slot (picker.py) until they are over.
+        part is an unsure entry now (core/stash.py): the resolutions look for the token,
+        so the writer keeps it pinned in its slot (paths/picker.py) until they are over.
         """
         change = _fold_over(token, put_back)
         try:
@@ -403,7 +403,7 @@ class CacheTier:
                     self._unsettled.extend(unsettled[index:])
                 raise
 
-    # -- unsure writes (see stash.py) ------------------------------------------------
+    # -- unsure writes (see core/stash.py) ------------------------------------------------
 
     def make_unsure(
         self, stash_key: str, token: str, amount: int, shard: int, *, folded: int = 0
@@ -450,7 +450,7 @@ class CacheTier:
 
         self._settle(stash_key, to_pending)
 
-    # -- count = v (see stash.py) --------------------------------------------------
+    # -- count = v (see core/stash.py) --------------------------------------------------
 
     def wait_out_set(self, stash_key: str, cap: float) -> None:
         """Hold a write while a set of the counter runs, if this process saw one lately.
@@ -486,7 +486,7 @@ class CacheTier:
 
     def begin_set(self, stash_key: str, token: str, deadline: float) -> Stash:
         """Stop new folds and resolutions, take what is pending, claim the unsure writes
-        and fence the folds in flight, all in one ``cas`` (see stash.py).
+        and fence the folds in flight, all in one ``cas`` (see core/stash.py).
 
         Returns the stash as it was; its ``fence`` names the tokens the set's
         transaction writes onto the shards. ``end_set`` should follow (the marker's

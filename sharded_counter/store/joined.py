@@ -27,9 +27,9 @@ from typing import Any
 
 from google.cloud import datastore
 
-from .errors import CounterOverflowError
-from .keys import IDEMPOTENCY_KIND, SHARD_KIND, idempotency_record_name, shard_key_name
-from .validation import fits_int64
+from ..core.keys import IDEMPOTENCY_KIND, SHARD_KIND, idempotency_record_name, shard_key_name
+from ..core.validation import fits_int64
+from ..errors import CounterOverflowError
 
 _ATTRIBUTE = "_sharded_counter_joined"
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from google.cloud import datastore
 
-from .config import resolve
-from .connections import backend_for
-from .retry import datastore_failures_as_ours, write_retrying
+from ..settings import resolve
+from ..store.retry import datastore_failures_as_ours, write_retrying
+from .backend import backend_for
 
 
 @datastore_failures_as_ours

@@ -4,7 +4,7 @@ A token is 8 hex digits of Unix seconds (so old ones can be pruned) and 32
 random bits. A write that folds in part of delayed_incr has a second name for
 that part, its *fold token*: the write token with ``+`` appended. When a
 writer vanishes mid-fold, whoever resolves the part it took writes that part
-in its place and fences the fold token (see stash.py); the writer, if it
+in its place and fences the fold token (see core/stash.py); the writer, if it
 wakes, then finds it and writes only its own delta.
 """
 

@@ -10,7 +10,7 @@ the write still fails. If even that fails (memcache down too) the amount stays
 pending and is tried again: nothing is dropped while the process lives.
 
 Each flush takes the pending amount as a *batch* named by an idempotency key of
-its own (idempotency.py), and a failed batch is retried with the same key. So
+its own (store/keyed.py), and a failed batch is retried with the same key. So
 a flush whose outcome was unknown (its reply lost, memcache down too) is
 retried without any risk of counting it twice. Only a batch that certainly
 never landed falls back to an unkeyed ``Counter.increment`` (and its stash).
@@ -41,10 +41,10 @@ import zlib
 from collections.abc import Iterable
 from typing import Any
 
-from .config import resolve
-from .counter import Counter, class_options
-from .errors import IncrementNotRecorded, IncrementOutcomeUnknown
-from .validation import INT64_MAX, INT64_MIN, check_delta, check_name
+from ..core.validation import INT64_MAX, INT64_MIN, check_delta, check_name
+from ..counter import Counter, class_options
+from ..errors import IncrementNotRecorded, IncrementOutcomeUnknown
+from ..settings import resolve
 
 log = logging.getLogger("sharded_counter")
 

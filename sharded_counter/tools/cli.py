@@ -23,8 +23,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__
-from .config import (
+from .. import __version__
+from ..counter import Counter, Verification
+from ..errors import ShardedCounterError
+from ..patterns.lock import who_holds
+from ..patterns.ratelimit import STRATEGIES, RateLimiter, Strategy
+from ..patterns.timeseries import MAX_RETENTION, TimeSeries
+from ..settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG_FILE,
     SECTION,
@@ -33,11 +38,6 @@ from .config import (
     load_file,
     resolve,
 )
-from .counter import Counter, Verification
-from .errors import ShardedCounterError
-from .lock import who_holds
-from .ratelimit import STRATEGIES, RateLimiter, Strategy
-from .timeseries import MAX_RETENTION, TimeSeries
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -385,7 +385,7 @@ def delete(name: str, shards: int | None) -> None:
 @main.command(name="purge-keys")
 def purge_keys() -> None:
     """Delete expired idempotency keys (where no Firestore TTL policy does it)."""
-    from .maintenance import purge_expired_keys
+    from ..paths.maintenance import purge_expired_keys
 
     with _clean_errors():
         removed = purge_expired_keys()

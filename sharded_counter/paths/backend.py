@@ -16,11 +16,11 @@ from typing import Any
 
 from google.cloud import datastore
 
-from .cache import CacheTier
-from .config import Settings
-from .idempotency import KeyedShardStore
-from .memcache import MemcacheClient, build_client
-from .shards import ShardStore
+from ..cache.client import MemcacheClient, build_client
+from ..cache.tier import CacheTier
+from ..settings import Settings
+from ..store.keyed import KeyedShardStore
+from ..store.shards import ShardStore
 
 
 @dataclasses.dataclass
@@ -33,7 +33,7 @@ class Backend:
 
     @functools.cached_property
     def keyed(self) -> KeyedShardStore:
-        """The keyed write paths and key records (idempotency.py), on the same store."""
+        """The keyed write paths and key records (store/keyed.py), on the same store."""
         return KeyedShardStore(self.store)
 
     @property

@@ -27,9 +27,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
-from .counter import Counter
-from .errors import IncrementNotRecorded
-from .keys import SHARD_KIND, shard_index
+from ..core.keys import SHARD_KIND, shard_index
+from ..counter import Counter
+from ..errors import IncrementNotRecorded
 from .tally import WriterTally
 
 ENGINE_TITLES = {

@@ -15,8 +15,8 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from .config import Settings
-from .errors import DatastoreUnavailable
+from ..errors import DatastoreUnavailable
+from ..settings import Settings
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

@@ -2,7 +2,7 @@
 
 ``counter.increment(n, idempotency_key="msg-123")`` writes, in the same
 atomic commit as the shard, a *key record*: an entity of kind
-``CounterIdempotencyKey`` named after the counter and the key (``keys.py``).
+``CounterIdempotencyKey`` named after the counter and the key (``core/keys.py``).
 The record is inserted, never overwritten, so a second commit carrying the
 same key fails with ``AlreadyExists`` and adds nothing. That makes every
 question about a keyed increment one Datastore can answer by itself:
@@ -37,11 +37,11 @@ from google.cloud.datastore_v1.types import entity as entity_types
 from google.cloud.datastore_v1.types import query as query_types
 from google.protobuf import timestamp_pb2
 
+from ..core.keys import IDEMPOTENCY_KIND, idempotency_record_name
+from ..core.record import ShardState
+from ..core.validation import INT64_MAX, check_text
 from . import rpc
-from .keys import IDEMPOTENCY_KIND, idempotency_record_name
-from .record import ShardState
 from .shards import ShardOverflow, ShardStore, carry_slots, increment_mutation, mutation, within
-from .validation import INT64_MAX, check_text
 
 #: The longest key accepted, in UTF-8 bytes: Datastore's limit on a key name.
 MAX_KEY_BYTES = 1500

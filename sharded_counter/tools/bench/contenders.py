@@ -18,8 +18,8 @@ from typing import Any
 
 from google.cloud import datastore
 
-from ..buffer import CounterBuffer
-from ..counter import Counter
+from ...counter import Counter
+from ...patterns.buffer import CounterBuffer
 
 BLIND_KIND = "BenchBlind"
 SHARDS = 20  # the shard count of the default Counter, the buffer and the transform path

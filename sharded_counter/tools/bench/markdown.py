@@ -1,6 +1,6 @@
 """The README's tables, made from a bench.json so that every number in them is that run's.
 
-``python -m sharded_counter.bench.markdown docs/bench.json`` prints them.
+``python -m sharded_counter.tools.bench.markdown docs/bench.json`` prints them.
 """
 
 from __future__ import annotations
