@@ -1,4 +1,4 @@
-"""The raw Datastore calls (store/rpc.py): both transports, the headers, and the errors they raise."""
+"""The raw Datastore calls (store/rpc.py): both transports, the headers, and their errors."""
 
 from __future__ import annotations
 
