@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
+import sharded_counter
 from sharded_counter.tools.cli import main
 
 
@@ -207,3 +211,64 @@ def test_demo_is_exact_on_its_own_backends() -> None:
     )
     assert exact, out.getvalue()
     assert "sharded Counter" in out.getvalue()
+
+
+# Run in a fresh interpreter: a finder first in line refuses sharded_counter.tools, and
+# notes every attempt, so that even an import the library caught and shrugged off fails.
+_IMPORT_WITH_TOOLS_REFUSED = """
+import importlib
+import importlib.abc
+import sys
+
+attempts = []
+
+
+class RefuseTools(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "sharded_counter.tools" or name.startswith("sharded_counter.tools."):
+            attempts.append(name)
+            raise ImportError(f"the library must not import {name}")
+        return None
+
+
+sys.meta_path.insert(0, RefuseTools())
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+if attempts:
+    sys.exit(f"the library tried to import {attempts}")
+try:
+    import sharded_counter.tools
+except ImportError:
+    print(f"{len(sys.argv) - 1} modules imported; sharded_counter.tools refused")
+else:
+    sys.exit("sharded_counter.tools was not refused: this check would prove nothing")
+"""
+
+
+def library_modules() -> list[str]:
+    """Every module of the library, found on disk (importing them is what is under test)."""
+    root = Path(sharded_counter.__file__).parent
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        # __main__ is the command's entry point: importing tools.cli is its job.
+        if parts[0] == "tools" or parts == ("__main__",):
+            continue
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(("sharded_counter", *parts)))
+    return names
+
+
+def test_the_library_imports_without_tools() -> None:
+    modules = library_modules()
+    assert {"sharded_counter", "sharded_counter.counter", "sharded_counter.errors"} <= set(modules)
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_WITH_TOOLS_REFUSED, *modules],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"{len(modules)} modules imported; sharded_counter.tools refused" in result.stdout

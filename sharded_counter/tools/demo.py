@@ -9,10 +9,8 @@ total read back equals the increments that were acknowledged.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
-import logging
 import threading
 import time
 import uuid
@@ -29,8 +27,8 @@ from rich.text import Text
 
 from ..core.keys import SHARD_KIND, shard_index
 from ..counter import Counter
-from ..errors import IncrementNotRecorded
 from .tally import WriterTally
+from .warning_tally import tally_warnings
 
 ENGINE_TITLES = {
     "classic": "Datastore emulator (classic, optimistic transactions)",
@@ -44,31 +42,13 @@ SHARDED = "sharded Counter"
 _REFRESH = 0.1
 
 
-class _WarningTally(logging.Handler):
-    """Counts the library's warnings during a race instead of letting them scroll past."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.seen: collections.Counter[str] = collections.Counter()
-        self.example: dict[str, str] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        template = str(record.msg)
-        self.seen[template] += 1
-        self.example.setdefault(template, record.getMessage())
-
-
 @contextlib.contextmanager
-def _tally_warnings(console: Console) -> Iterator[None]:
-    logger = logging.getLogger("sharded_counter")
-    tally = _WarningTally()
-    logger.addHandler(tally)
-    try:
+def _warnings_shown_after(console: Console) -> Iterator[None]:
+    """The library's warnings during a race, each kind printed once when it is over."""
+    with tally_warnings() as tally:
         yield
-    finally:
-        logger.removeHandler(tally)
-    for template, n in tally.seen.most_common():
-        console.print(Text(f"library warning, {n:,} x: {tally.example[template]}", style="yellow"))
+    for template, n in tally.counts.most_common():
+        console.print(Text(f"library warning, {n:,} x: {tally.examples[template]}", style="yellow"))
 
 
 @dataclasses.dataclass
@@ -159,7 +139,7 @@ def _race(engine: str, threads: int, seconds: float, shards: int, console: Conso
     ]
     outcomes: list[Outcome] = []
     with (
-        _tally_warnings(console),
+        _warnings_shown_after(console),
         Progress(
             TextColumn("{task.description:<24}"),
             BarColumn(bar_width=30),
@@ -190,8 +170,9 @@ def _contend(
     deadline = start + seconds
     writers = [
         threading.Thread(
-            target=_write_until,
-            args=(counter, deadline, stop, tally),
+            target=tally.write_until,
+            args=(counter.increment, deadline),
+            kwargs={"stop": stop},
             name=f"{label}-{i}",
             daemon=True,
         )
@@ -208,39 +189,20 @@ def _contend(
     elapsed = time.monotonic() - start
     _show_progress(progress, task, tallies, start, deadline, elapsed=elapsed)
 
-    acked = sum(t.acked for t in tallies)
-    errors: collections.Counter[str] = collections.Counter()
-    for tally in tallies:
-        errors.update(tally.errors)
+    total = WriterTally.total(tallies)
     return Outcome(
         contender=label,
         counter_name=counter.name,
         write_mode=counter.write_mode,
-        increments=acked,
-        expected=acked - sum(t.returned for t in tallies),
+        increments=total.acked,
+        expected=total.expected,
         elapsed=elapsed,
         aborts=counter.stats.snapshot()["aborts"],
-        not_recorded=sum(t.not_recorded for t in tallies),
-        errors=dict(errors),
+        not_recorded=total.not_recorded,
+        errors=dict(total.errors),
         uncached=counter.get_count(nocache=True),
         cached=counter.count,
     )
-
-
-def _write_until(
-    counter: Counter, deadline: float, stop: threading.Event, tally: WriterTally
-) -> None:
-    # A call that starts before the deadline may end after it; it counts if it succeeded.
-    while not stop.is_set() and time.monotonic() < deadline:
-        try:
-            counter.increment()
-        except IncrementNotRecorded as exc:
-            tally.not_recorded += 1
-            tally.returned += exc.delta - 1
-        except Exception as exc:  # shown after the race: the demo is about what goes wrong
-            tally.errors[type(exc).__name__] += 1
-        else:
-            tally.acked += 1
 
 
 def _show_progress(

@@ -1,9 +1,18 @@
-"""What one writer thread saw while racing, kept apart so the hot loop takes no lock."""
+"""What one writer thread saw while racing, kept apart so the hot loop takes no lock.
+
+The demo and the bench both race writers until a deadline; this is their
+writer loop and how its outcomes are counted, so both count them the same way.
+"""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from ..errors import IncrementNotRecorded
 
 
 @dataclasses.dataclass
@@ -13,3 +22,51 @@ class WriterTally:
     # Earlier acknowledged amounts that an IncrementNotRecorded handed back to its caller.
     returned: int = 0
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+
+    @property
+    def expected(self) -> int:
+        """What these writes must have added to the count."""
+        return self.acked - self.returned
+
+    def write_until(
+        self,
+        increment: Callable[[], object],
+        deadline: float,
+        *,
+        batch: int = 1,
+        stop: threading.Event | None = None,
+    ) -> None:
+        """Call ``increment`` until ``time.monotonic()`` reaches ``deadline`` or ``stop`` is set.
+
+        Checked every ``batch`` calls, so a fast ``increment`` is not slowed by
+        the clock. A call that starts before the deadline may end after it; it
+        counts if it succeeded.
+        """
+        clock = time.monotonic
+        stopped = stop.is_set if stop is not None else _never
+        while clock() < deadline and not stopped():
+            for _ in range(batch):
+                try:
+                    increment()
+                except IncrementNotRecorded as exc:
+                    self.not_recorded += 1
+                    self.returned += exc.delta - 1
+                except Exception as exc:  # counted and shown: racing is about what goes wrong
+                    self.errors[type(exc).__name__] += 1
+                else:
+                    self.acked += 1
+
+    @classmethod
+    def total(cls, tallies: Iterable[WriterTally]) -> WriterTally:
+        """All the writers' tallies as one, once they have stopped."""
+        total = cls()
+        for tally in tallies:
+            total.acked += tally.acked
+            total.not_recorded += tally.not_recorded
+            total.returned += tally.returned
+            total.errors.update(tally.errors)
+        return total
+
+
+def _never() -> bool:
+    return False

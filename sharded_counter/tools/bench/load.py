@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable
 
-from ...errors import IncrementNotRecorded
 from ..tally import WriterTally
 
 
@@ -42,19 +41,7 @@ def drive(
 
     def write(tally: WriterTally) -> None:
         go.wait()
-        end = deadline[0]
-        clock = time.monotonic
-        while clock() < end:
-            for _ in range(batch):
-                try:
-                    increment()
-                except IncrementNotRecorded as exc:
-                    tally.not_recorded += 1
-                    tally.returned += exc.delta - 1
-                except Exception as exc:  # reported and checked: the bench is about correctness
-                    tally.errors[type(exc).__name__] += 1
-                else:
-                    tally.acked += 1
+        tally.write_until(increment, deadline[0], batch=batch)
 
     workers = [
         threading.Thread(target=write, args=(tally,), name=f"bench-writer-{i}", daemon=True)
@@ -70,15 +57,12 @@ def drive(
     if settle is not None:
         settle()
     elapsed = time.monotonic() - start
-    errors: collections.Counter[str] = collections.Counter()
-    for tally in tallies:
-        errors.update(tally.errors)
-    acked = sum(t.acked for t in tallies)
+    total = WriterTally.total(tallies)
     return Load(
-        acked=acked,
-        expected=acked - sum(t.returned for t in tallies),
-        not_recorded=sum(t.not_recorded for t in tallies),
-        errors=dict(errors),
+        acked=total.acked,
+        expected=total.expected,
+        not_recorded=total.not_recorded,
+        errors=dict(total.errors),
         elapsed=elapsed,
     )
 

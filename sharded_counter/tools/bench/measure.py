@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 
+from ..warning_tally import tally_warnings
 from .contenders import Contender
 from .cpu import CpuMark
 from .load import drive
-from .logtally import tally_warnings
 from .results import Point
 from .rpc_count import CallCounter, counting
 
@@ -55,6 +55,6 @@ def measure(
         rpcs=rpcs.snapshot(),
         memcache=memcache.snapshot(),
         cpu=cpu,
-        warnings=warnings,
+        warnings=dict(warnings.counts),
         entities=rpcs.written(),
     )

@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..warning_tally import tally_warnings
 from .contenders import BY_KEY, Contender
 from .cpu import CpuMark
 from .load import Load, combine, drive
-from .logtally import tally_warnings
 from .measure import fresh_name
 from .results import Point
 from .rpc_count import CallCounter, counting
@@ -80,7 +80,7 @@ def _child(job: _Job, barrier: Any, reports: Any) -> None:
                 rpcs.snapshot(),
                 memcache.snapshot(),
                 cpu,
-                warnings,
+                dict(warnings.counts),
                 entities=rpcs.written(),
             )
         )

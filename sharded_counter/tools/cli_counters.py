@@ -1,0 +1,172 @@
+"""The commands on counters themselves: count, verify, repair, increment, set, delete, purge-keys.
+
+Each acts on whatever the environment points at (``DATASTORE_EMULATOR_HOST``,
+``DATASTORE_DATASET``, ``MEMCACHED_HOSTS``, the config file), exactly as
+``Counter('name')`` in an application would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from ..counter import Counter, Verification
+from .cli_console import clean_errors, stdout
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# A negative amount ("increment hits -2") must reach the argument, not the option parser.
+_NUMBERS_ALLOWED = {"ignore_unknown_options": True}
+
+_names_argument = click.argument("names", metavar="NAME...", nargs=-1, required=True)
+
+
+def _shards_option(func: F) -> F:
+    return click.option(
+        "--shards",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Shards for new increments (default: from the config, else 10).",
+    )(func)
+
+
+def _counter(name: str, shards: int | None) -> Counter:
+    options: dict[str, Any] = {} if shards is None else {"shards": shards}
+    return Counter(name, **options)
+
+
+@click.command()
+@_names_argument
+@_shards_option
+def count(names: tuple[str, ...], shards: int | None) -> None:
+    """Show counters' totals: cached, summed from the shards, pending."""
+    table = Table(title="counters")
+    table.add_column("name", overflow="fold")
+    table.add_column("count", justify="right")
+    table.add_column("cached", justify="right")
+    table.add_column("shard sum", justify="right")
+    table.add_column("pending delayed_incr", justify="right")
+    with clean_errors():
+        for name in names:
+            counter = _counter(name, shards)
+            total = counter.count  # fills the cache when it was empty
+            report = counter.verify()
+            table.add_row(
+                Text(name),
+                str(total),
+                "-" if report.cached is None else str(report.cached),
+                str(report.shards),
+                str(report.pending) if counter.settings.memcached_hosts else "no memcache",
+            )
+    stdout().print(table)
+
+
+@click.command()
+@_names_argument
+@_shards_option
+def verify(names: tuple[str, ...], shards: int | None) -> None:
+    """Compare each cached total with its shards; exit 1 when any has drifted."""
+    _check_each("verify", names, shards, Counter.verify)
+
+
+@click.command()
+@_names_argument
+@_shards_option
+def repair(names: tuple[str, ...], shards: int | None) -> None:
+    """Write pending delayed_incr to the shards and rebuild each cached total."""
+    _check_each("repaired", names, shards, Counter.repair)
+
+
+def _check_each(
+    title: str,
+    names: tuple[str, ...],
+    shards: int | None,
+    check: Callable[[Counter], Verification],
+) -> None:
+    """Run ``check`` on each counter, show the reports; exit 1 when any is not ok."""
+    with clean_errors():
+        reports = [check(_counter(name, shards)) for name in names]
+    stdout().print(_verification_table(title, reports))
+    if not all(r.ok for r in reports):
+        raise SystemExit(1)
+
+
+def _verification_table(title: str, reports: list[Verification]) -> Table:
+    table = Table(title=title)
+    table.add_column("name", overflow="fold")
+    table.add_column("cached", justify="right")
+    table.add_column("shards + pending", justify="right")
+    table.add_column("stale shards", justify="right")
+    table.add_column("drift", justify="right")
+    table.add_column("ok")
+    for report in reports:
+        table.add_row(
+            Text(report.name),
+            "not cached" if report.cached is None else str(report.cached),
+            str(report.shards + report.pending),
+            str(report.stale_shards),
+            f"{report.drift:+d}",
+            Text("yes", "green") if report.ok else Text("NO", "bold red"),
+        )
+    return table
+
+
+@click.command(context_settings=_NUMBERS_ALLOWED)
+@click.argument("name")
+@click.argument("n", type=int, default=1, metavar="[N]")
+@_shards_option
+@click.option(
+    "--key",
+    default=None,
+    help="An idempotency key: the first increment with it counts, any later one counts nothing.",
+)
+def increment(name: str, n: int, shards: int | None, key: str | None) -> None:
+    """Add N (default 1, may be negative) to counter NAME."""
+    with clean_errors():
+        counter = _counter(name, shards)
+        counter.increment(n, idempotency_key=key)
+    # Said apart: a failed read must not pass for a failed write.
+    with clean_errors(f"{name} {n:+d} done, but reading the count back failed"):
+        total = counter.count
+    stdout().print(Text.assemble(f"{name} ", (f"{n:+d}", "bold"), f" -> {total}"))
+
+
+@click.command(name="set", context_settings=_NUMBERS_ALLOWED)
+@click.argument("name")
+@click.argument("value", type=int)
+@_shards_option
+def set_(name: str, value: int, shards: int | None) -> None:
+    """Set counter NAME to VALUE."""
+    with clean_errors():
+        counter = _counter(name, shards)
+        counter.set_count(value)
+    with clean_errors(f"{name} set, but reading the count back failed"):
+        total = counter.count
+    stdout().print(Text(f"{name} = {total}"))
+
+
+@click.command()
+@click.argument("name")
+@_shards_option
+def delete(name: str, shards: int | None) -> None:
+    """Delete counter NAME, its cached total and pending delayed_incr."""
+    with clean_errors():
+        removed = _counter(name, shards).delete()
+    stdout().print(Text(f"deleted {name} ({removed} shard{'' if removed == 1 else 's'})"))
+
+
+@click.command(name="purge-keys")
+def purge_keys() -> None:
+    """Delete expired idempotency keys (where no Firestore TTL policy does it)."""
+    from ..paths.maintenance import purge_expired_keys
+
+    with clean_errors():
+        removed = purge_expired_keys()
+    stdout().print(Text(f"deleted {removed} expired idempotency key{'' if removed == 1 else 's'}"))
+
+
+COMMANDS = (count, verify, repair, increment, set_, delete, purge_keys)
