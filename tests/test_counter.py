@@ -59,6 +59,23 @@ def test_shard_counts_from_class_and_config(backend_env: dict[str, str]) -> None
     assert {e.key.name for e in entities} <= {"0:spread", "1:spread", "2:spread"}
 
 
+def test_shards_means_the_shard_count_on_the_class_and_on_a_counter(
+    backend_env: dict[str, str],
+) -> None:
+    """One meaning: the number of shards new increments are spread over, whether read
+    on a class (what its counters get) or on a counter (what is in force)."""
+
+    class MyCounter(Counter):
+        shards = 20
+
+    assert (Counter.shards, MyCounter.shards) == (10, 20)
+    config["sharded_counter"] = {"shards": 3}
+    assert (Counter.shards, MyCounter.shards) == (3, 20)
+    assert MyCounter("mine", shards=5).shards == 5  # a keyword wins over the class
+    with pytest.warns(DeprecationWarning, match="shard_count"):
+        assert Counter("plain").shard_count == 3
+
+
 def test_counts_survive_a_cache_flush_and_go_negative(
     backend_env: dict[str, str], memcached_server: Any
 ) -> None:

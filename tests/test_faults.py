@@ -48,9 +48,12 @@ from sharded_counter import (
     Settings,
     config,
 )
-from sharded_counter import counter as counter_module
 from sharded_counter.cache.client import build_client
+from sharded_counter.core import outcomes
+from sharded_counter.core.outcomes import Ending
 from sharded_counter.core.stash import Fold, Stash
+from sharded_counter.paths.sets import Setter
+from sharded_counter.paths.shard_writes import ShardWriter, WriteFailed
 from sharded_counter.store import shards as shards_module
 from sharded_counter.store.shards import ShardOverflow, ShardStore
 from sharded_counter_emulator import DatastoreEmulator, free_port
@@ -767,7 +770,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
     else: its fold marker stays, and past the deadline its resolution looks for the
     write's token on every shard. Counted once either way.
     """
-    monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)
+    monkeypatch.setattr(outcomes, "FOLD_MARGIN", 0.0)
     emulator = sharded_counter_backends.emulator(datastore_engine)
     name = f"unknown-fold-{fate}"
     with monkeypatch.context() as patch:
@@ -952,7 +955,7 @@ def test_changing_shard_counts_under_load_keeps_the_total(
         Small(name, **cache),
         Counter(name, **cache),  # 7, from config
     ]
-    assert [c.shard_count for c in counters] == [20, 3, 50, 2, 7]
+    assert [c.shards for c in counters] == [20, 3, 50, 2, 7]
     for counter in counters:
         counter.get_count()  # connect before the clock starts
 
@@ -968,7 +971,7 @@ def test_changing_shard_counts_under_load_keeps_the_total(
         late = Counter(name, **cache)
         counters.append(late)
         time.sleep(1.5)
-    assert late.shard_count == 1 and counters[4].shard_count == 7
+    assert late.shards == 1 and counters[4].shards == 7
     for counter in counters:
         fold_stash(counter, ledger)
 
@@ -1101,7 +1104,7 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     clock, shows what it replaced. The backends and the stash are real.
     """
     if outcome == "setter-dies":
-        monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)  # its marker expires soon
+        monkeypatch.setattr(outcomes, "FOLD_MARGIN", 0.0)  # its marker expires soon
     name = f"set-vs-fold-{outcome}"
     cache = {"memcache_client": own_memcache()}
     healthy = Counter(name, shards=4, **cache)
@@ -1117,7 +1120,7 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     holding, release = threading.Event(), threading.Event()
     folder_thread: list[threading.Thread] = []
     setter_thread: list[threading.Thread] = []
-    write, rewrite, end_set = ShardStore.add_in_transaction, ShardStore.rewrite, Counter._end_set
+    write, rewrite, end_set = ShardStore.add_in_transaction, ShardStore.rewrite, Setter.end_set
 
     def held(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
         if folder_thread and threading.current_thread() is folder_thread[0]:
@@ -1132,14 +1135,14 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
             raise gexc.ServiceUnavailable("failed to connect to all addresses")
         return rewrite(store, *args, **kwargs)
 
-    def dies(counter: Counter, *args: Any, **kwargs: Any) -> None:
+    def dies(counter: Setter, *args: Any, **kwargs: Any) -> None:
         if outcome == "setter-dies" and threading.current_thread() is setter_thread[0]:
             return  # as if its process died the moment its transaction landed
         end_set(counter, *args, **kwargs)
 
     monkeypatch.setattr(ShardStore, "add_in_transaction", held)
     monkeypatch.setattr(ShardStore, "rewrite", refused)
-    monkeypatch.setattr(Counter, "_end_set", dies)
+    monkeypatch.setattr(Setter, "end_set", dies)
     folder = threading.Thread(target=healthy.increment, args=(5,))
     folder_thread.append(folder)
     folder.start()
@@ -1204,7 +1207,7 @@ def test_a_fold_stalled_past_its_deadline_then_failing_is_counted_once(
     unsure fold part, so the 1,000 is owed while the writer stalls, its late put-back
     changes nothing, and the fold part's resolution writes it once.
     """
-    monkeypatch.setattr(counter_module, "_FOLD_MARGIN", 0.0)
+    monkeypatch.setattr(outcomes, "FOLD_MARGIN", 0.0)
     counter = Counter(
         "stalled-fold",
         shards=4,
@@ -1217,14 +1220,15 @@ def test_a_fold_stalled_past_its_deadline_then_failing_is_counted_once(
     cache = counter._backend.cache
     cache.stash(counter._stash_key, 1000)
 
-    def stalled_then_refused(self: Counter, amount: int, token: str, **_: Any) -> Any:
+    def stalled_then_refused(self: ShardWriter, amount: int, token: str, **_: Any) -> Any:
         assert amount == 1000 + 7, "setup: the write did not fold the stash"
         time.sleep(1.0)  # the fold's deadline was 0.4 s after the take
         cache.stash(counter._stash_key, 5)  # rewrites the key meanwhile
-        raise gexc.ServiceUnavailable("failed to connect to all addresses")
+        refused = gexc.ServiceUnavailable("failed to connect to all addresses")
+        raise WriteFailed(Ending.REFUSED, refused)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Counter, "_write", stalled_then_refused)
+        patch.setattr(ShardWriter, "write", stalled_then_refused)
         counter.increment(7)  # stashed: its own 7; the 1,000 is an unsure fold part
     assert pending_stash(counter) == 1000 + 5 + 7
     ledger = Ledger()
@@ -1240,7 +1244,7 @@ def _fold_then_hold(
     "after-commit" (its write landed; its fold is not settled yet)."""
     from sharded_counter.cache.tier import CacheTier
 
-    counter_module._FOLD_MARGIN = 0.0  # its fold's deadline comes 1.5 s after the take
+    outcomes.FOLD_MARGIN = 0.0  # its fold's deadline comes 1.5 s after the take
     counter = Counter(name, shards=4, retry_deadline=1.0, rpc_timeout=0.5)
     assert counter.count == 1 + 1000  # the read shows this writer the stash
 

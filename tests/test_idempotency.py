@@ -17,7 +17,8 @@ from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded
 from sharded_counter.core.keys import IDEMPOTENCY_KIND, idempotency_record_name
-from sharded_counter.store.keyed import KeyedShardStore, check_idempotency_key
+from sharded_counter.core.validation import check_idempotency_key
+from sharded_counter.store.keyed import KeyedShardStore
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends

@@ -67,3 +67,12 @@ def check_shards(shards: Any) -> int:
 
 def fits_int64(value: int) -> bool:
     return INT64_MIN <= value <= INT64_MAX
+
+
+#: The longest idempotency key accepted, in UTF-8 bytes: Datastore's limit on a key name.
+MAX_IDEMPOTENCY_KEY_BYTES = 1500
+
+
+def check_idempotency_key(key: Any) -> str:
+    """Return ``key`` if it can be an idempotency key, else raise TypeError/ValueError."""
+    return check_text(key, "idempotency_key", MAX_IDEMPOTENCY_KEY_BYTES)

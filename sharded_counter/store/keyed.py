@@ -39,20 +39,11 @@ from google.protobuf import timestamp_pb2
 
 from ..core.keys import IDEMPOTENCY_KIND, idempotency_record_name
 from ..core.record import ShardState
-from ..core.validation import INT64_MAX, check_text
+from ..core.validation import INT64_MAX
 from . import rpc
 from .shards import ShardOverflow, ShardStore, carry_slots, increment_mutation, mutation, within
 
-#: The longest key accepted, in UTF-8 bytes: Datastore's limit on a key name.
-MAX_KEY_BYTES = 1500
-
 _MAX_MUTATIONS = 500  # Datastore's limit per commit; a group keeps room for the shard
-
-
-def check_idempotency_key(key: Any) -> str:
-    """Return ``key`` if it can be an idempotency key, else raise TypeError/ValueError."""
-    return check_text(key, "idempotency_key", MAX_KEY_BYTES)
-
 
 #: The most keys one keyed write may carry (one mutation each, plus the shard's).
 MAX_KEYS_PER_WRITE = _MAX_MUTATIONS - 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
 from google.api_core import exceptions as gexc
 from tenacity import (
     Retrying,
+    before_sleep_log,
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
@@ -20,6 +22,7 @@ from ..settings import Settings
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
+log = logging.getLogger("sharded_counter")
 
 #: Contention: another writer got there first (optimistic) or held the lock too long
 #: (pessimistic, Firestore in Datastore mode says "Transaction lock timeout").
@@ -75,6 +78,10 @@ def outcome_unknown(exc: BaseException) -> bool:
 def write_retrying(settings: Settings, *, until_deadline: bool = False) -> Retrying:
     """Exponential backoff with full jitter, bounded by attempts and by a deadline.
 
+    Call it with the attempt: ``write_retrying(settings)(attempt, *args)`` runs
+    ``attempt`` until it returns, raises what is not worth a retry, or the policy
+    gives up, and then raises the last error. Each retry is logged (debug).
+
     ``until_deadline`` drops the attempt bound: for a write that every concurrent
     increment can abort (a set reads and rewrites every shard), which on an
     optimistic engine under load may lose many rounds before it wins one.
@@ -86,6 +93,7 @@ def write_retrying(settings: Settings, *, until_deadline: bool = False) -> Retry
         wait=wait_random_exponential(
             multiplier=settings.retry_initial_wait, max=settings.retry_max_wait
         ),
+        before_sleep=before_sleep_log(log, logging.DEBUG),
         reraise=True,
     )
 

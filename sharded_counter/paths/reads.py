@@ -1,0 +1,162 @@
+"""Reading totals: one counter's, many at once, and the check of a cached total.
+
+A read trusts a complete cached record (``core/record.py``) plus what
+delayed_incr owes; otherwise it sums every ``CounterShard`` of the name and
+fills the record safely. Unsure writes it sees are resolved first, so a read
+after a write whose outcome was unknown counts it once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+from ..core.record import Drift, ShardState
+from ..errors import CacheUnavailable
+from ..store.retry import write_retrying
+from ..store.shards import Snapshot
+from .context import CounterContext
+from .unsure import UnsureResolver
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """One counter's cached total against its shards (see ``Counter.verify``)."""
+
+    name: str
+    cached: int | None  # the cached total (record + pending), None when not cached
+    shards: int  # the sum of every shard
+    pending: int  # what delayed_incr holds: pending, and writes of unknown outcome
+    stale_shards: int  # shards the cache holds at an older version, or lacks
+    drift: int  # how far the cached total is off because of them
+
+    @property
+    def ok(self) -> bool:
+        return self.stale_shards == 0
+
+
+class Reader:
+    """Reads of one counter, from this process."""
+
+    def __init__(self, ctx: CounterContext, resolver: UnsureResolver) -> None:
+        self.ctx = ctx
+        self.resolver = resolver
+
+    def total(self, *, nocache: bool = False) -> int:
+        """The counter's total (see ``Counter.get_count``)."""
+        ctx = self.ctx
+        cache = ctx.backend.cache
+        if not nocache and cache.enabled:
+            try:
+                record, stash = cache.read(ctx.record_key, ctx.stash_key)
+                if cache.unsure_seen(ctx.stash_key) and self.resolver.resolve():
+                    record, stash = cache.read(ctx.record_key, ctx.stash_key)
+                if record is not None:
+                    return record.total + stash
+                total = cache.fill(ctx.record_key, self.shard_states)
+                return total + stash
+            except CacheUnavailable:
+                pass
+        if cache.enabled:
+            self.resolver.resolve(look=True)
+        return self.snapshot().total + self.pending()
+
+    def shard_states(self) -> list[ShardState]:
+        return list(self.snapshot().states)
+
+    def snapshot(self) -> Snapshot:
+        """Every shard, read under the same retry policy as the writes."""
+        ctx = self.ctx
+        snapshot: Snapshot = write_retrying(ctx.settings)(ctx.backend.store.snapshot, ctx.name)
+        return snapshot
+
+    def pending(self) -> int:
+        """What delayed_incr owes the counter (0 without memcache, or when it is down)."""
+        cache = self.ctx.backend.cache
+        if not cache.enabled:
+            return 0
+        try:
+            return cache.peek_stash(self.ctx.stash_key)
+        except CacheUnavailable:
+            return 0
+
+    def rebuild_cached_record(self) -> None:
+        """Drop the cached record and fill it afresh from the shards."""
+        cache = self.ctx.backend.cache
+        cache.forget(self.ctx.record_key)
+        cache.fill(self.ctx.record_key, self.shard_states)
+
+    def verify(self) -> Verification:
+        """Compare the cached record with the shards (see ``Counter.verify``)."""
+        ctx = self.ctx
+        cache = ctx.backend.cache
+        record = cache.peek(ctx.record_key) if cache.enabled else None
+        pending = cache.peek_stash(ctx.stash_key) if cache.enabled else 0
+        snapshot = self.snapshot()
+        cached = record if record is not None and record.complete else None
+        drift = Drift.between(cached, snapshot.states) if cached is not None else Drift(0, 0)
+        return Verification(
+            name=ctx.name,
+            cached=None if cached is None else cached.total + pending,
+            shards=snapshot.total,
+            pending=pending,
+            stale_shards=drift.stale,
+            drift=drift.difference,
+        )
+
+
+def read_many(contexts: Sequence[CounterContext], *, nocache: bool = False) -> dict[str, int]:
+    """Totals of many counters sharing one backend and settings (``Counter.get_counts``).
+
+    One memcache ``get_many`` for all of them, then one Datastore read for all
+    the misses, cached as a single read would.
+    """
+    if not contexts:
+        return {}
+    first = contexts[0]
+    cache = first.backend.cache
+    cache_down = False
+    if not nocache and cache.enabled:
+        try:
+            return _through_cache(contexts)
+        except CacheUnavailable:
+            cache_down = True  # then no stash can be read either
+    pending: dict[str, int] = {}
+    if cache.enabled and not cache_down:
+        with contextlib.suppress(CacheUnavailable):
+            pending = cache.peek_stashes([c.stash_key for c in contexts])
+    found = _snapshots(first, [c.name for c in contexts])
+    return {c.name: found[c.name].total + pending.get(c.stash_key, 0) for c in contexts}
+
+
+def _through_cache(contexts: Sequence[CounterContext]) -> dict[str, int]:
+    first = contexts[0]
+    cache = first.backend.cache
+    totals: dict[str, int] = {}
+    stashes: dict[str, int] = {}
+    misses: dict[str, CounterContext] = {}
+    pairs = [(c.record_key, c.stash_key) for c in contexts]
+    for ctx, (record, stash) in zip(contexts, cache.read_many(pairs), strict=True):
+        if record is not None:
+            totals[ctx.name] = record.total + stash
+        else:
+            misses[ctx.record_key] = ctx
+            stashes[ctx.record_key] = stash
+
+    def read_shards(keys: list[str]) -> dict[str, Iterable[ShardState]]:
+        found = _snapshots(first, [misses[k].name for k in keys])
+        return {k: found[misses[k].name].states for k in keys}
+
+    filled = cache.fill_many(list(misses), read_shards)
+    for key, ctx in misses.items():
+        totals[ctx.name] = filled[key] + stashes[key]
+    return totals
+
+
+def _snapshots(ctx: CounterContext, names: list[str]) -> dict[str, Snapshot]:
+    backend = ctx.backend
+    snapshots: dict[str, Snapshot] = write_retrying(ctx.settings)(
+        backend.store.snapshots, names, use_in=backend.is_firestore
+    )
+    return snapshots

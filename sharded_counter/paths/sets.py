@@ -1,0 +1,80 @@
+"""``count = v``: one transaction rewrites every shard, coordinated with delayed_incr.
+
+The set puts its marker on the stash first (one ``cas`` that takes what is
+pending, claims the unsure writes and fences the folds in flight,
+``core/stash.py``), then rewrites the shards with those tokens in their fence,
+then ends its marker as landed or not. Writers of the counter in this process
+wait meanwhile: on an optimistic engine each of their commits would abort it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..core.stash import Stash
+from ..core.tokens import new_token
+from ..core.validation import check_value
+from ..errors import CacheUnavailable
+from ..store.shards import spread
+from .context import CounterContext
+from .shard_writes import ShardWriter
+
+log = logging.getLogger("sharded_counter")
+
+
+class Setter:
+    """``count = v`` for one counter, from this process."""
+
+    def __init__(self, ctx: CounterContext, shards: ShardWriter) -> None:
+        self.ctx = ctx
+        self.shards = shards
+
+    def set(self, value: int) -> None:
+        """Set the counter to ``value``: see the module docstring. Bad values raise
+        TypeError/ValueError before anything is written."""
+        ctx = self.ctx
+        value = check_value(value, ctx.shards)
+        spread(value, ctx.shards, ctx.shard_limit)  # refuse what cannot fit, early
+        with ctx.combiner.exclusive():
+            self._set_now(value)
+
+    def _set_now(self, value: int) -> None:
+        ctx = self.ctx
+        cache = ctx.backend.cache
+        token = new_token()
+        coordinated, taken = False, Stash()
+        if cache.enabled:
+            # The marker outlives the set's own time limits (its transaction, then one
+            # call to end it), so only a setter that died leaves it to expire.
+            set_over = ctx.fold_deadline() + ctx.settings.rpc_timeout
+            try:
+                taken = cache.begin_set(ctx.stash_key, token, set_over)
+                coordinated = True
+            except CacheUnavailable:
+                pass  # nothing can be taken or stashed while memcache is down either
+        # The set's own token goes in the fence too: what it took is settled by it, and
+        # a retry after an attempt whose outcome is unknown finds it and writes nothing.
+        fence = [token, *taken.fence]
+        try:
+            states = self.shards.rewrite(lambda _current: value, fence=fence, token=token)
+        except BaseException:
+            if coordinated:
+                self.end_set(token, landed=False)
+            raise
+        if coordinated:
+            self.end_set(token, landed=True)
+        cache.merge(ctx.record_key, ctx.stash_key, states)
+
+    def end_set(self, token: str, *, landed: bool) -> None:
+        ctx = self.ctx
+        try:
+            ctx.backend.cache.end_set(ctx.stash_key, token, landed=landed)
+        except CacheUnavailable as exc:
+            # Nothing is lost: the marker's deadline ends the set as "not landed", and
+            # the shards' fence then tells the resolution what the set replaced.
+            log.warning(
+                "counter %r: memcache failed while ending a set (%s); delayed_incr settles "
+                "it when the set's marker expires",
+                ctx.name,
+                exc,
+            )

@@ -1,0 +1,120 @@
+"""Resolving unsure writes: writes whose outcome stayed unknown, kept in delayed_incr.
+
+Whoever sees them first (a read or a write of the counter, in any process)
+claims them with one ``cas`` and runs one token-checked transaction for each:
+on its shard, which adds the amount unless the shard holds the write's token
+already; or, for the fold part of a writer that vanished mid-fold, over every
+shard, which also fences the fold token (``core/stash.py``). What fails stays
+unsure for a later try, and this process then waits ``RESOLVE_PAUSE`` before
+the next, so reads and writes do not each pay a timeout while Datastore is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from google.api_core import exceptions as gexc
+
+from ..core.record import ShardState
+from ..core.stash import ANY_SHARD, Unsure
+from ..core.tokens import folding_write
+from ..errors import CacheUnavailable
+from ..store.retry import write_retrying
+from ..store.shards import ShardOverflow
+from .context import CounterContext
+
+log = logging.getLogger("sharded_counter")
+
+RESOLVE_PAUSE = 1.0
+
+
+class UnsureResolver:
+    """Resolves the unsure writes of one counter, from this process."""
+
+    def __init__(self, ctx: CounterContext) -> None:
+        self.ctx = ctx
+
+    def resolve(self, *, look: bool = False) -> bool:
+        """Resolve the unsure writes of this counter, if there are any and it is time.
+
+        ``look`` asks memcache even when this process saw none lately. Returns
+        whether anything was resolved. Never raises.
+        """
+        ctx = self.ctx
+        cache, picker = ctx.backend.cache, ctx.picker
+        if not cache.enabled or not picker.resolution_due():
+            return False
+        own = picker.kept()  # before the claim reads the stash: so each was in it by then
+        if not (look or own or cache.unsure_seen(ctx.stash_key)):
+            return False
+        claim = secrets.token_hex(6)
+        try:
+            before, claimed = cache.claim_unsure(ctx.stash_key, claim, ctx.fold_deadline())
+        except CacheUnavailable:
+            picker.resolution_failed(RESOLVE_PAUSE)
+            return False
+        for token in own:
+            if not before.mentions(token):
+                picker.release(token)  # resolved elsewhere, or replaced by a set
+        resolved = failed = False
+        for token, entry in claimed.items():
+            if failed:  # Datastore failed on an earlier one: try them all later
+                cache.finish_unsure(ctx.stash_key, token, claim, written=False)
+                continue
+            try:
+                states = self._resolve_one(token, entry)
+            except ShardOverflow as full:
+                # Not there (the token was looked for first), and that shard is full.
+                cache.unsure_to_pending(ctx.stash_key, token, claim, full.delta)
+                picker.release(token)
+                continue
+            except (gexc.GoogleAPICallError, ValueError) as exc:
+                # ValueError: a fold part that no spread of the total can take.
+                log.warning("counter %r: could not resolve an unsure write: %s", ctx.name, exc)
+                cache.finish_unsure(ctx.stash_key, token, claim, written=False)
+                picker.resolution_failed(RESOLVE_PAUSE)
+                failed = True
+                continue
+            cache.finish_unsure(ctx.stash_key, token, claim, written=True)
+            picker.release(token)
+            ctx.stats.add(resolved=1)
+            cache.merge(ctx.record_key, ctx.stash_key, states)
+            resolved = True
+        return resolved
+
+    def _resolve_one(self, token: str, entry: Unsure) -> list[ShardState]:
+        """Add the unsure write ``token`` unless the shards show it (core/stash.py)."""
+        ctx = self.ctx
+        store, lazy = ctx.backend.store, ctx.backend.lazy_begin
+        if entry.shard != ANY_SHARD:
+            state = store.add_in_transaction(
+                ctx.name,
+                entry.shard,
+                entry.amount,
+                lazy_begin=lazy,
+                limit=ctx.shard_limit,
+                token=token,
+                folded=entry.folded,
+                pinned=ctx.picker.pinned(),
+            )
+            return [state]
+        # A vanished writer's fold part: its write may be on any shard. One transaction
+        # reads them all; it adds the amount only if the write's token is on none of
+        # them, and fences the fold token on every one, so the writer, if it wakes,
+        # writes only its own delta. Retried: every shard write aborts it meanwhile.
+        writer = folding_write(token)
+        if writer is None:
+            raise ValueError(f"unsure entry {token!r} for any shard is not a fold part")
+        states: list[ShardState] = write_retrying(ctx.settings)(
+            store.rewrite,
+            ctx.name,
+            ctx.shards,
+            lazy_begin=lazy,
+            limit=ctx.shard_limit,
+            adding=entry.amount,
+            token=writer,
+            folded=entry.amount,
+            fence=[token],
+        )
+        return states

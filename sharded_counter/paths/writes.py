@@ -1,0 +1,177 @@
+"""A plain increment, from its fold of delayed_incr to its answer.
+
+::
+
+    wait out a running count = v -> resolve unsure writes that are due
+    -> take what delayed_incr holds (a fold) -> write n + the fold to a shard
+    -> look up the ending in core/outcomes.py, and carry out its step:
+         ACKNOWLEDGE  the fold settled, the shard merged into the cached record
+         STASH        the fold put back, n added to delayed_incr
+         KEEP_UNSURE  n + the fold kept as an unsure entry for its token
+         NOT_RECORDED / OUTCOME_UNKNOWN / OVERFLOW   raised, the fold put back
+
+``repair`` folds what is pending the same way: a write of nothing but the fold.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..core import outcomes
+from ..core.outcomes import Ending, Fold, Step
+from ..core.tokens import new_token
+from ..core.validation import fits_int64
+from ..errors import (
+    CacheUnavailable,
+    CounterOverflowError,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+)
+from .context import SET_WAIT_CAP, CounterContext
+from .shard_writes import ShardWriter, WriteFailed
+from .unsure import UnsureResolver
+
+log = logging.getLogger("sharded_counter")
+
+
+class PlainWrites:
+    """The plain (unkeyed) increments of one counter in this process."""
+
+    def __init__(self, ctx: CounterContext, shards: ShardWriter, resolver: UnsureResolver):
+        self.ctx = ctx
+        self.shards = shards
+        self.resolver = resolver
+
+    def apply(self, delta: int) -> None:
+        """Count ``delta`` (with whatever delayed_incr holds): see the module docstring."""
+        self._write_with_fold(delta)
+
+    def fold_pending(self) -> None:
+        """Write what delayed_incr holds now, if anything (``repair``). A failure is
+        raised, with what was taken put back."""
+        self._write_with_fold(0, look=True)
+
+    def _write_with_fold(self, delta: int, *, look: bool = False) -> None:
+        ctx = self.ctx
+        ctx.backend.cache.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
+        self.resolver.resolve()
+        token = new_token()  # names this write, and its fold of the stash if any
+        with ctx.picker.writing(token):
+            folded = self._take_stash(token, look=look)
+            if not fits_int64(delta + folded):
+                # Write the caller's delta alone; the stash waits for a later write.
+                self._settle_fold(token, folded, Fold.PUT_BACK)
+                folded = 0
+            if not delta and not folded:
+                return
+            try:
+                state = self.shards.write(delta + folded, token, folded=folded)
+            except WriteFailed as failed:
+                self._settle_fold(token, folded, outcomes.FOLD[failed.ending])
+                self._after_failure(failed, token, delta, folded)
+                return
+            self._settle_fold(token, folded, outcomes.FOLD[Ending.LANDED])
+        ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, [state])
+        self.shards.rebalance_if_needed(state)
+
+    def _after_failure(self, failed: WriteFailed, token: str, delta: int, folded: int) -> None:
+        """Carry out the step the ending leads to (core/outcomes.PLAIN)."""
+        step = outcomes.PLAIN[failed.ending]
+        cause = failed.__cause__ or failed
+        if not delta and step in (Step.STASH, Step.NOT_RECORDED, Step.OVERFLOW):
+            raise cause  # a fold alone: what it took is back in pending; say why
+        if step is Step.STASH:
+            self._stash(delta, cause)
+        elif step is Step.KEEP_UNSURE:
+            assert failed.shard is not None  # a doubtful ending names its shard
+            self._keep_unsure(token, delta, folded, failed.shard, cause)
+        elif step is Step.OVERFLOW:
+            assert isinstance(cause, CounterOverflowError)
+            raise cause
+        else:
+            raise IncrementNotRecorded(self.ctx.name, delta, cause) from cause
+
+    # -- delayed_incr ------------------------------------------------------------------
+
+    def _take_stash(self, token: str, *, look: bool) -> int:
+        ctx = self.ctx
+        if not ctx.backend.cache.enabled:
+            return 0
+        try:
+            return ctx.backend.cache.take_stash(
+                ctx.stash_key, token, ctx.fold_deadline(), look=look
+            )
+        except CacheUnavailable:
+            return 0  # it stays in memcache and is taken by a later write
+
+    def _settle_fold(self, token: str, folded: int, fold: Fold) -> None:
+        """End the fold ``token`` in delayed_incr as ``fold`` says. Its token stays pinned
+        (and its shard reserved) while the stash still names the write (see
+        ``CacheTier.settle_fold``). A fold that is IN_ENTRY ends with its entry."""
+        ctx = self.ctx
+        if not folded or fold is Fold.IN_ENTRY:
+            return
+        if fold is Fold.SETTLED:
+            ctx.stats.add(folded=1)
+        if ctx.backend.cache.settle_fold(ctx.stash_key, token, put_back=fold is Fold.PUT_BACK):
+            ctx.picker.release(token)
+        else:
+            ctx.picker.keep(token)
+
+    def _stash(self, amount: int, cause: BaseException) -> None:
+        """Keep ``amount``, which certainly did not reach a shard, in delayed_incr."""
+        stash_or_raise(self.ctx, amount, cause)
+
+    def _keep_unsure(
+        self, token: str, delta: int, folded: int, shard: int, cause: BaseException
+    ) -> None:
+        """The write ``token`` (``delta`` plus ``folded`` from delayed_incr) may have
+        landed on ``shard``: keep it in delayed_incr as unsure, replacing its fold
+        marker, for a token-checked transaction to resolve."""
+        ctx = self.ctx
+        amount = delta + folded
+        try:
+            ctx.backend.cache.make_unsure(ctx.stash_key, token, amount, shard, folded=folded)
+        except CacheUnavailable as exc:
+            # The caller's delta is in doubt now. What the fold took is not: its marker
+            # stays, and once past its deadline its resolution looks for the token.
+            if folded:
+                ctx.picker.keep(token)
+            else:
+                ctx.picker.release(token)
+            step = outcomes.when_memcache_fails(Step.KEEP_UNSURE, maybe_applied=exc.maybe_applied)
+            assert step is Step.OUTCOME_UNKNOWN
+            raise IncrementOutcomeUnknown(ctx.name, delta, exc) from cause
+        ctx.picker.keep(token)
+        ctx.stats.add(unsure=1)
+        log.warning(
+            "counter %r: shard write's outcome unknown after retries (%s); %d kept in "
+            "delayed_incr as unsure until a transaction on shard %d resolves it",
+            ctx.name,
+            cause,
+            amount,
+            shard,
+        )
+
+
+def stash_or_raise(ctx: CounterContext, amount: int, cause: BaseException) -> None:
+    """Keep ``amount``, which certainly did not reach a shard, in delayed_incr.
+
+    Raises what ``core/outcomes.when_memcache_fails`` says when memcache cannot:
+    IncrementNotRecorded if it refused, IncrementOutcomeUnknown if the stash's own
+    write may have been applied (its reply was lost).
+    """
+    try:
+        ctx.backend.cache.stash(ctx.stash_key, amount)
+    except CacheUnavailable as exc:
+        step = outcomes.when_memcache_fails(Step.STASH, maybe_applied=exc.maybe_applied)
+        if step is Step.OUTCOME_UNKNOWN:
+            raise IncrementOutcomeUnknown(ctx.name, amount, exc) from cause
+        raise IncrementNotRecorded(ctx.name, amount, exc) from cause
+    ctx.stats.add(stashed=1)
+    log.warning(
+        "counter %r: shard write failed (%s); %d kept in delayed_incr until the next write",
+        ctx.name,
+        cause,
+        amount,
+    )
