@@ -54,7 +54,7 @@ from sharded_counter.core.outcomes import Ending
 from sharded_counter.core.stash import Fold, Stash
 from sharded_counter.paths.sets import Setter
 from sharded_counter.paths.shard_writes import ShardWriter, WriteFailed
-from sharded_counter.store import shards as shards_module
+from sharded_counter.store import entities as entities_module
 from sharded_counter.store.shards import ShardOverflow, ShardStore
 from sharded_counter_emulator import DatastoreEmulator, free_port
 
@@ -824,7 +824,7 @@ def _increment_elsewhere(
 ) -> None:  # pragma: no cover - runs in a spawned process
     """Another process writing the same one-shard counter, straight to the emulator."""
     os.environ["DATASTORE_EMULATOR_HOST"] = emulator_host
-    shards_module._process_slot = slot  # drawn at random; pinned so the test cannot flake
+    entities_module.process_slot = slot  # drawn at random; pinned so the test cannot flake
     counter = Counter(name, shards=1, memcached_hosts=())
     for _ in range(times):
         counter.increment(1)
@@ -851,7 +851,7 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     """
     emulator = sharded_counter_backends.emulator(datastore_engine)
     direct = f"{emulator.host}:{emulator.port}"
-    monkeypatch.setattr(shards_module, "_process_slot", "a1a1")
+    monkeypatch.setattr(entities_module, "process_slot", "a1a1")
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
     name = "unknown-outcome-shared"
     counter = Counter(name, shards=1, rpc_timeout=0.5, retry_deadline=10.0)

@@ -14,7 +14,7 @@ from google.cloud import datastore
 
 from sharded_counter.core.keys import SHARD_KIND, shard_key_name
 from sharded_counter.core.tokens import fold_token, new_token
-from sharded_counter.store import shards as shards_module
+from sharded_counter.store import entities as entities_module
 from sharded_counter.store.shards import ShardStore
 
 pytestmark = pytest.mark.backends
@@ -54,7 +54,7 @@ def test_a_transaction_write_keeps_other_processes_tokens_and_prunes_old_slots(
         }
     )
     client.put(shard)
-    monkeypatch.setattr(shards_module, "_process_slot", "0ddd")
+    monkeypatch.setattr(entities_module, "process_slot", "0ddd")
     store = ShardStore(client, rpc_timeout=5.0)
     mine = [new_token() for _ in range(10)]
     for token in mine:
@@ -74,17 +74,17 @@ def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
     name = "token-found"
     client = datastore.Client()
     store = ShardStore(client, rpc_timeout=5.0)
-    monkeypatch.setattr(shards_module, "_process_slot", "1111")
+    monkeypatch.setattr(entities_module, "process_slot", "1111")
     token = new_token()
     if store.probe_transforms():
         first = store.add_with_transform(name, 0, 7, token=token)  # a slot of one string
     else:
         first = store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token)
     # Another process writes the shard twenty times: its own slot, not ours.
-    monkeypatch.setattr(shards_module, "_process_slot", "2222")
+    monkeypatch.setattr(entities_module, "process_slot", "2222")
     for _ in range(20):
         store.add_in_transaction(name, 0, 1, lazy_begin=False, token=new_token())
-    monkeypatch.setattr(shards_module, "_process_slot", "1111")
+    monkeypatch.setattr(entities_module, "process_slot", "1111")
     again = store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token)
     assert first.value == 7
     assert again.value == 7 + 20  # found: the +7 is not added twice
@@ -96,7 +96,7 @@ def test_a_pinned_token_stays_in_the_slot_however_many_writes_follow(
 ) -> None:
     name = "token-pinned"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
-    monkeypatch.setattr(shards_module, "_process_slot", "3333")
+    monkeypatch.setattr(entities_module, "process_slot", "3333")
     pinned, pushed = new_token(), new_token()
     store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned)
     store.add_in_transaction(name, 0, 5, lazy_begin=False, token=pushed)

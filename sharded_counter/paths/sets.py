@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 
+from ..core.bounds import spread
 from ..core.stash import Stash
 from ..core.tokens import new_token
 from ..core.validation import check_value
 from ..errors import CacheUnavailable
-from ..store.shards import spread
 from .context import CounterContext
 from .shard_writes import ShardWriter
 

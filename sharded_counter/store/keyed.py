@@ -37,11 +37,12 @@ from google.cloud.datastore_v1.types import entity as entity_types
 from google.cloud.datastore_v1.types import query as query_types
 from google.protobuf import timestamp_pb2
 
+from ..core.bounds import within
 from ..core.keys import IDEMPOTENCY_KIND, idempotency_record_name
 from ..core.record import ShardState
 from ..core.validation import INT64_MAX
-from . import rpc
-from .shards import ShardOverflow, ShardStore, carry_slots, increment_mutation, mutation, within
+from . import entities
+from .shards import ShardOverflow, ShardStore, transformed
 
 _MAX_MUTATIONS = 500  # Datastore's limit per commit; a group keeps room for the shard
 
@@ -75,7 +76,7 @@ class KeyedShardStore:
         expire_at = time.time() + ttl
         inserts = []
         for key, delta in keys.items():
-            insert = mutation()
+            insert = entities.mutation()
             insert.insert.CopyFrom(self._record(name, key, delta, expire_at))
             inserts.append(insert)
         return inserts
@@ -87,21 +88,9 @@ class KeyedShardStore:
         the server add their deltas to the shard. Raises ``AlreadyExists`` (nothing
         written) when any record exists already: see ``applied``."""
         store = self.store
-        total = sum(keys.values())
-        request = rpc.CommitRequest(
-            mutations=[
-                *self._inserts(name, keys, ttl),
-                increment_mutation(store.key(name, index), name, total),
-            ],
-            **store.base,
-        )
-        request.single_use_transaction.read_write.SetInParent()
-        result = store.rpc.commit(request).mutation_results[-1]
-        if len(result.transform_results) != 1:
-            raise RuntimeError("the backend ignored the increment transform")
-        return ShardState(
-            f"i{index}", result.version, int(result.transform_results[0].integer_value)
-        )
+        increment = entities.increment_mutation(store.key(name, index), name, sum(keys.values()))
+        response = store.commit([*self._inserts(name, keys, ttl), increment], single_use=True)
+        return transformed(index, response.mutation_results[-1])
 
     def add_in_transaction(
         self,
@@ -133,7 +122,7 @@ class KeyedShardStore:
             left = {k: d for k, d in keys.items() if k not in applied}
             serialized = shard_key.SerializeToString()
             entity = found.get(serialized)
-            current = store.count_of(entity) if entity is not None else 0
+            current = entities.count_of(entity) if entity is not None else 0
             if not left:
                 if transaction is not None:
                     store.quiet_rollback(transaction)
@@ -141,11 +130,11 @@ class KeyedShardStore:
             new = current + sum(left.values())
             if not (within(new, INT64_MAX) and (within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index, new - current)
-            written = store.shard_entity(shard_key, name, new)
-            carry_slots(entity, written, "")
-            upsert = mutation()
-            upsert.upsert.CopyFrom(written)
-            response = store.commit([upsert, *self._inserts(name, left, ttl)], transaction)
+            written = entities.shard_entity(shard_key, name, new)
+            entities.carry_slots(entity, written, "")
+            response = store.commit(
+                [entities.upsert(written), *self._inserts(name, left, ttl)], transaction
+            )
         except BaseException:
             if transaction is not None:
                 store.quiet_rollback(transaction)
@@ -165,7 +154,7 @@ class KeyedShardStore:
         policy is not set up yet). Any record of any counter in this namespace.
         """
         store = self.store
-        request = rpc.RunQueryRequest(partition_id=store.partition, **store.base)
+        request = store.query_request()
         query = request.query
         query.kind.add().name = IDEMPOTENCY_KIND
         expiry = query.filter.property_filter
@@ -173,20 +162,10 @@ class KeyedShardStore:
         expiry.op = _LESS_THAN
         expiry.value.timestamp_value.CopyFrom(_timestamp(time.time() if now is None else now))
         query.projection.add().property.name = "__key__"
-        query.limit.value = _MAX_MUTATIONS
-        removed = 0
-        while True:
-            batch = store.rpc.run_query(request).batch
-            doomed = [result.entity.key for result in batch.entity_results]
-            if not doomed:
-                return removed
-            deletes = []
-            for key in doomed:
-                delete = mutation()
-                delete.delete.CopyFrom(key)
-                deletes.append(delete)
-            store.commit(deletes)
-            removed += len(doomed)
+        doomed = [result.entity.key for result in store.run_query(request)]
+        for start in range(0, len(doomed), _MAX_MUTATIONS):
+            store.commit([entities.delete(k) for k in doomed[start : start + _MAX_MUTATIONS]])
+        return len(doomed)
 
 
 _LESS_THAN = query_types.PropertyFilter.Operator.LESS_THAN

@@ -1,0 +1,130 @@
+"""Datastore calls bound to one project, database and namespace.
+
+``DatastoreCalls`` builds the keys and requests of one partition and sends
+them through ``DatastoreRpc`` (store/rpc.py): each call is bounded by
+``rpc_timeout`` and retried only by the callers' policy (store/retry.py).
+The shard store and the key records (store/keyed.py) share one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from google.cloud import datastore
+from google.cloud.datastore_v1.types import datastore as ds_types
+from google.cloud.datastore_v1.types import entity as entity_types
+from google.cloud.datastore_v1.types import query as query_types
+
+from . import rpc
+from .entities import KeyPb
+
+_TRANSACTIONAL = ds_types.CommitRequest.Mode.TRANSACTIONAL
+_NON_TRANSACTIONAL = ds_types.CommitRequest.Mode.NON_TRANSACTIONAL
+_NOT_FINISHED = query_types.QueryResultBatch.MoreResultsType.NOT_FINISHED
+
+
+class DatastoreCalls:
+    """Keys and raw calls of one Datastore project, database and namespace."""
+
+    def __init__(self, client: datastore.Client, *, rpc_timeout: float) -> None:
+        self.client = client
+        self.rpc = rpc.DatastoreRpc(client, timeout=rpc_timeout)
+        # Every request names the project and database.
+        self.base: dict[str, Any] = {
+            "project_id": client.project,
+            "database_id": client.database or "",
+        }
+        self.partition = entity_types.PartitionId.pb()(
+            project_id=client.project,
+            database_id=client.database or "",
+            namespace_id=client.namespace or "",
+        )
+
+    @property
+    def scope(self) -> str:
+        """Names where these entities live, so cache keys of two scopes never meet."""
+        p = self.partition
+        return f"{p.project_id}/{p.database_id}/{p.namespace_id}"
+
+    def key_for(self, key_name: str, kind: str) -> Any:
+        key = KeyPb()
+        key.partition_id.CopyFrom(self.partition)
+        element = key.path.add()
+        element.kind = kind
+        element.name = key_name
+        return key
+
+    def begin(self) -> bytes:
+        request = rpc.BeginTransactionRequest(**self.base)
+        request.transaction_options.read_write.SetInParent()
+        return bytes(self.rpc.begin_transaction(request).transaction)
+
+    def rollback(self, transaction: bytes) -> None:
+        self.rpc.rollback(rpc.RollbackRequest(transaction=transaction, **self.base))
+
+    def quiet_rollback(self, transaction: bytes) -> None:
+        # Releasing locks early helps the pessimistic engine; failing to is harmless
+        # (the transaction expires), so it must not hide the original error.
+        with contextlib.suppress(Exception):
+            self.rollback(transaction)
+
+    def lookup(
+        self, keys: Sequence[Any], *, transaction: bytes | None = None, begin: bool = False
+    ) -> tuple[dict[bytes, Any], dict[bytes, int], bytes | None]:
+        """Found entities and versions by serialized key, and the transaction begun, if any."""
+        request = rpc.LookupRequest(keys=keys, **self.base)
+        if transaction is not None:
+            request.read_options.transaction = transaction
+        elif begin:
+            request.read_options.new_transaction.read_write.SetInParent()
+        response = self.rpc.lookup(request)
+        found: dict[bytes, Any] = {}
+        versions: dict[bytes, int] = {}
+        for result in response.found:
+            serialized = result.entity.key.SerializeToString()
+            found[serialized] = result.entity
+            versions[serialized] = result.version
+        for result in response.missing:
+            versions[result.entity.key.SerializeToString()] = 0
+        if response.deferred:
+            # Only happens for large batches; fetch the rest the same way.
+            more_found, more_versions, _ = self.lookup(
+                list(response.deferred), transaction=transaction or response.transaction or None
+            )
+            found.update(more_found)
+            versions.update(more_versions)
+        return found, versions, (bytes(response.transaction) or None) if begin else None
+
+    def commit(
+        self,
+        mutations: Sequence[Any],
+        transaction: bytes | None = None,
+        *,
+        single_use: bool = False,
+    ) -> Any:
+        """Commit Mutation protobufs: in ``transaction``, in a transaction of their own
+        (``single_use``: all or nothing, in one call), or on their own."""
+        request = rpc.CommitRequest(mutations=mutations, **self.base)
+        if transaction is not None:
+            request.mode = _TRANSACTIONAL
+            request.transaction = transaction
+        elif single_use:
+            request.single_use_transaction.read_write.SetInParent()
+        else:
+            request.mode = _NON_TRANSACTIONAL
+        return self.rpc.commit(request)
+
+    def run_query(self, request: Any) -> Iterator[Any]:
+        """Every EntityResult of a RunQueryRequest, batch after batch."""
+        while True:
+            batch = self.rpc.run_query(request).batch
+            yield from batch.entity_results
+            if batch.more_results != _NOT_FINISHED or not batch.entity_results:
+                return
+            request.query.start_cursor = batch.end_cursor
+
+    def query_request(self) -> Any:
+        """A RunQueryRequest for this partition, its query to be filled in."""
+        return rpc.RunQueryRequest(partition_id=self.partition, **self.base)
