@@ -10,7 +10,9 @@ Precedence, highest first:
    in the working directory when it exists (its ``[sharded_counter]`` table);
 6. the defaults below.
 
-Every value is checked when a counter is made, before anything is written.
+Every value is checked when a counter is made, before anything is written. The
+file is read once per process (again only if ``SHARDED_COUNTER_CONFIG`` or the
+working directory changes); ``reload()`` has it read again after you edit it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -170,9 +173,6 @@ def _check_known(options: Mapping[str, Any], where: str) -> dict[str, Any]:
     return dict(options)
 
 
-_file_cache: dict[Path, tuple[float, dict[str, Any]]] = {}
-
-
 def config_file_path() -> Path | None:
     """The config file in force, or None when there is none."""
     named = os.environ.get(CONFIG_ENV)
@@ -185,11 +185,7 @@ def config_file_path() -> Path | None:
 
 
 def load_file(path: Path) -> dict[str, Any]:
-    """The ``[sharded_counter]`` table of a TOML file, re-read only when it changes."""
-    mtime = path.stat().st_mtime
-    cached = _file_cache.get(path)
-    if cached is not None and cached[0] == mtime:
-        return cached[1]
+    """The ``[sharded_counter]`` table of a TOML file, read now."""
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
@@ -198,9 +194,36 @@ def load_file(path: Path) -> dict[str, Any]:
     table = data.get(SECTION, {})
     if not isinstance(table, dict):
         raise ConfigurationError(f"[{SECTION}] in {path} must be a table")
-    options = _check_known(table, str(path))
-    _file_cache[path] = (mtime, options)
+    return _check_known(table, str(path))
+
+
+# The file's options, read once per process: (where it was looked for, the options).
+# Looked for again only if $SHARDED_COUNTER_CONFIG or the working directory changed.
+_loaded: tuple[tuple[str | None, str], dict[str, Any]] | None = None
+_loading = threading.Lock()
+
+
+def _file_options() -> dict[str, Any]:
+    global _loaded
+    where = (os.environ.get(CONFIG_ENV), os.getcwd())
+    loaded = _loaded
+    if loaded is not None and loaded[0] == where:
+        return loaded[1]
+    with _loading:
+        path = config_file_path()
+        options = load_file(path) if path is not None else {}
+        _loaded = (where, options)
     return options
+
+
+def reload() -> None:
+    """Read the config file again on the next ``resolve()`` (after you changed it).
+
+    The file is read once per process; counters made before a reload keep the
+    settings they were made with.
+    """
+    global _loaded
+    _loaded = None
 
 
 def _environment() -> dict[str, Any]:
@@ -213,10 +236,7 @@ def resolve(
     class_options: Mapping[str, Any] | None = None,
 ) -> Settings:
     """Merge every source in precedence order into one checked ``Settings``."""
-    merged: dict[str, Any] = {}
-    path = config_file_path()
-    if path is not None:
-        merged.update(load_file(path))
+    merged: dict[str, Any] = dict(_file_options())
     merged.update(_environment())
     section = config.get(SECTION, {})
     if not isinstance(section, Mapping):

@@ -11,6 +11,7 @@ from faultkit import ReplyHoldingRelay
 
 from sharded_counter import Settings, config
 from sharded_counter.cache.client import build_client
+from sharded_counter.settings import reload
 
 
 @pytest.fixture(autouse=True)
@@ -18,8 +19,10 @@ def clean_global_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     # config['sharded_counter'] is process-wide: one test's settings must not leak into the next.
     monkeypatch.delenv("SHARDED_COUNTER_CONFIG", raising=False)
     config.clear()
+    reload()  # the config file is read once per process: each test reads its own
     yield
     config.clear()
+    reload()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharded_counter import ConfigurationError, Settings, config
-from sharded_counter.settings import OPTION_NAMES, resolve
+from sharded_counter.settings import OPTION_NAMES, reload, resolve
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,6 +72,18 @@ def test_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert resolve(class_options={"shards": 5}).shards == 5  # a class attribute beats the dict
     assert resolve({"shards": 6}, {"shards": 5}).shards == 6  # an argument beats everything
     assert resolve().cache_ttl == 30  # untouched options still come from the file
+
+
+def test_the_file_is_read_once_until_reload(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = write_file(tmp_path / "once.toml", "[sharded_counter]\nshards = 7\n")
+    monkeypatch.setenv("SHARDED_COUNTER_CONFIG", str(path))
+    assert resolve().shards == 7
+    write_file(path, "[sharded_counter]\nshards = 8\n")
+    assert resolve().shards == 7  # not read again for every counter
+    reload()
+    assert resolve().shards == 8
 
 
 def test_config_file_named_by_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
