@@ -136,6 +136,13 @@ _NO_UNSURE: Mapping[str, Unsure] = MappingProxyType({})
 
 @dataclasses.dataclass(frozen=True)
 class Stash:
+    """What one delayed_incr key holds, and every change the protocol makes to it.
+
+    About 260 lines, on purpose: each method is one transition of the table in
+    docs/protocol.md (4.2) on an immutable value, and they all keep the same
+    fields consistent; apart, no piece could be checked against the others.
+    """
+
     pending: int = 0
     # fold token -> its fold; read-only, so a Stash can be shared
     folds: Mapping[str, Fold] = dataclasses.field(default_factory=lambda: _NO_FOLDS)

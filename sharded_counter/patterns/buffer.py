@@ -28,23 +28,21 @@ from __future__ import annotations
 
 import atexit
 import collections
-import dataclasses
 import heapq
 import logging
 import os
 import random
-import secrets
 import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterable
 from typing import Any
 
 from ..core.validation import INT64_MAX, INT64_MIN, check_delta, check_name
 from ..counter import Counter, class_options
 from ..errors import IncrementNotRecorded, IncrementOutcomeUnknown
 from ..settings import resolve
+from .batches import Batch, write_batch
 
 log = logging.getLogger("sharded_counter")
 
@@ -54,26 +52,15 @@ _STRIPES = 64  # locks that serialise a counter's flush with reads through the b
 _live_buffers: weakref.WeakSet[CounterBuffer] = weakref.WeakSet()
 
 
-@dataclasses.dataclass
-class _Batch:
-    """An amount one flush took, named by its own idempotency key until it is written."""
-
-    amount: int
-    key: str = dataclasses.field(default_factory=lambda: f"buffer-{secrets.token_hex(12)}")
-    written: int = 0  # int64 parts of it written already (an amount may need several)
-    attempts: int = 0
-    doubtful: bool = False  # some attempt may have landed: only its key may write it now
-    lost: bool = False  # its stash's outcome is unknown: nothing may write it again
-
-    def parts(self) -> list[tuple[str, int]]:
-        """The parts not written yet, each with its own key."""
-        return [(f"{self.key}/{i}", part) for i, part in enumerate(_int64_parts(self.amount))][
-            self.written :
-        ]
-
-
 class CounterBuffer:
-    """Buffered increments for counters of ``counter_class`` (made with ``counter_options``)."""
+    """Buffered increments for counters of ``counter_class`` (made with ``counter_options``).
+
+    Somewhat over 250 lines, on purpose: the pending table, the flush schedule,
+    the async queue and the flusher thread share one lock and one condition,
+    and each method keeps them consistent with the others under it. Split
+    apart, every piece would take that lock from outside. What a flush writes
+    is in patterns/batches.py.
+    """
 
     def __init__(
         self,
@@ -87,11 +74,7 @@ class CounterBuffer:
         max_keys: int = 10_000,
         **counter_options: Any,
     ) -> None:
-        for label, value in (("interval", interval), ("backoff", backoff), ("timeout", timeout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
-        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not jitter >= 0:
-            raise ValueError(f"jitter must be a number of seconds >= 0, not {jitter!r}")
+        _check_timing(interval=interval, backoff=backoff, timeout=timeout, jitter=jitter)
         for label, count in (("max_attempts", max_attempts), ("max_keys", max_keys)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"{label} must be a positive int, not {count!r}")
@@ -114,7 +97,7 @@ class CounterBuffer:
         self._pending: dict[str, int] = {}
         self._schedule: list[tuple[float, str]] = []  # (due, name) heap; stale entries skipped
         self._due: dict[str, float] = {}
-        self._failed: dict[str, _Batch] = {}  # batches whose flush failed, to retry as they are
+        self._failed: dict[str, Batch] = {}  # batches whose flush failed, to retry as they are
         self._in_flight: dict[str, int] = {}  # taken by a flush whose write has not finished
         self._queue: collections.deque[tuple[str, int]] = collections.deque()
         self._checked_names: set[str] = set()
@@ -253,25 +236,12 @@ class CounterBuffer:
                     amount = self._pending.pop(name, 0)
                     if amount == 0:
                         return
-                    batch = _Batch(amount)
+                    batch = Batch(amount)
                 self._in_flight[name] = batch.amount
             batch.attempts += 1
+            counter = self.counter_class(name, **self.counter_options)
             try:
-                counter = self.counter_class(name, **self.counter_options)
-                for key, part in batch.parts():
-                    try:
-                        counter.increment(part, idempotency_key=key)
-                    except IncrementNotRecorded as refused:
-                        if batch.doubtful or not (final or batch.attempts >= self.max_attempts):
-                            raise
-                        # Certainly never landed, under any attempt: memcache may keep
-                        # it for a later write, as it keeps any failed increment.
-                        try:
-                            counter._stash_or_raise(part, refused)
-                        except IncrementOutcomeUnknown as lost:
-                            self._give_up(name, batch, lost)
-                            raise
-                    batch.written += 1
+                write_batch(counter, batch, last_try=final or batch.attempts >= self.max_attempts)
             except IncrementOutcomeUnknown as exc:
                 if not batch.lost:
                     # Its key decides: a retry with it writes nothing if this landed.
@@ -290,20 +260,7 @@ class CounterBuffer:
                         # Added while a failed batch waited its turn: its flush is due.
                         self._schedule_flush(name, time.monotonic())
 
-    def _give_up(self, name: str, batch: _Batch, exc: IncrementOutcomeUnknown) -> None:
-        """The double fault: Datastore refused the part, and memcache lost the reply of the
-        stash that was to keep it. It may be in delayed_incr (and will be counted) or not;
-        trying again could count it twice, so it is dropped, loudly."""
-        batch.lost = True
-        log.error(
-            "flush of %r: %d may or may not be counted (Datastore refused it and memcache "
-            "did not confirm keeping it); not retried, so it is never counted twice: %s",
-            name,
-            exc.delta,
-            exc,
-        )
-
-    def _requeue(self, name: str, batch: _Batch, exc: BaseException) -> None:
+    def _requeue(self, name: str, batch: Batch, exc: BaseException) -> None:
         with self._lock:
             self._in_flight.pop(name, None)
             self._failed[name] = batch
@@ -382,12 +339,12 @@ class CounterBuffer:
             thread.join(timeout=5)
 
 
-def _int64_parts(amount: int) -> Iterable[int]:
-    """A pending sum may outgrow int64; a shard write may not."""
-    while amount:
-        part = max(INT64_MIN, min(INT64_MAX, amount))
-        yield part
-        amount -= part
+def _check_timing(*, interval: Any, backoff: Any, timeout: Any, jitter: Any) -> None:
+    for label, value in (("interval", interval), ("backoff", backoff), ("timeout", timeout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
+    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not jitter >= 0:
+        raise ValueError(f"jitter must be a number of seconds >= 0, not {jitter!r}")
 
 
 _exit_hook_registered = False
