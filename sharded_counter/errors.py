@@ -1,15 +1,22 @@
-"""Every exception the library raises on purpose, in one place.
+"""Every exception the library raises on purpose derives from ``ShardedCounterError``.
 
 Bad input is reported with the built-in ``TypeError`` / ``ValueError`` (or a
 subclass of them), so callers can catch the usual suspects; failures of the
 backends get exceptions of their own so they can be told apart from bugs.
+
+They are defined here, but for three that are defined beside what they carry or
+what they must also be: ``Locked`` (``patterns/lock.py``, with its ``Holder``),
+``RateLimited`` (``patterns/ratelimit.py``, with its ``Decision``) and the
+cluster's ``ServerUnavailable`` (``cache/cluster.py``, a ``CacheUnavailable`` that
+is pymemcache's ``MemcacheError`` too).
 """
 
 from __future__ import annotations
 
 
 class ShardedCounterError(Exception):
-    """Base class of the errors that come from the backends, not from input."""
+    """Base class of the errors that come from the backends, not from input: their
+    failures, and their refusals (a lock held, a rate limit reached)."""
 
 
 class ConfigurationError(ShardedCounterError, ValueError):

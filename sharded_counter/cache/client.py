@@ -160,19 +160,28 @@ class ClientSource:
 
 
 class OutageLog:
-    """Logs a memcache outage once when it starts and once when it ends, not per call."""
+    """Logs a memcache outage once when it starts and once when it ends, not per call.
 
-    def __init__(self, what: str) -> None:
-        self._what = what
+    ``what`` names who noticed (empty for the counters' cache tier); ``on_return``
+    says what follows once memcache answers again. Shared by the cache tier and
+    the rate limiter: many threads report each call, so the state changes under a
+    lock and only the thread that changes it logs.
+    """
+
+    def __init__(self, what: str = "", *, on_return: str = "") -> None:
+        self._prefix = f"{what}: " if what else ""
+        self._on_return = f"; {on_return}" if on_return else ""
         self._down = False
         self._lock = threading.Lock()
 
     def failed(self, exc: BaseException, consequence: str) -> None:
+        if self._down:  # a plain read: the common case (still down) takes no lock
+            return
         with self._lock:
             if self._down:
                 return
             self._down = True
-        log.warning("%s: memcache is unavailable (%s); %s", self._what, exc, consequence)
+        log.warning("%smemcache is unavailable (%s); %s", self._prefix, exc, consequence)
 
     def answered(self) -> None:
         if not self._down:
@@ -181,7 +190,7 @@ class OutageLog:
             if not self._down:
                 return
             self._down = False
-        log.warning("%s: memcache answers again", self._what)
+        log.warning("%smemcache answers again%s", self._prefix, self._on_return)
 
 
 def key_digest(*parts: str) -> str:
@@ -195,6 +204,7 @@ def key_digest(*parts: str) -> str:
     return hashlib.blake2b(joined.encode(), digest_size=20).hexdigest()
 
 
+#: ``incr`` and ``add`` rounds before a counter that keeps vanishing counts as an outage.
 _INCR_ATTEMPTS = 8
 
 
@@ -207,6 +217,10 @@ def incr_or_add(client: CommandClient, key: str, amount: int, expire: int) -> in
     that race increments the key the winner made. Only the creator sets the
     expiry, so the key dies when its window or bucket does, however often it is
     incremented.
+
+    Not ``cas.change_key``: ``incr`` changes the value on the server in one step,
+    so no read and no cas token are needed, and concurrent hitters never lose a
+    race to each other; the loop only covers the key vanishing between the two.
     """
     for _ in range(_INCR_ATTEMPTS):
         value = client.incr(key, amount, noreply=False)

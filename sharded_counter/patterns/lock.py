@@ -31,7 +31,6 @@ import dataclasses
 import logging
 import math
 import os
-import random
 import secrets
 import socket
 import threading
@@ -39,8 +38,18 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+from tenacity import (
+    RetryCallState,
+    retry_if_result,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from ..cache.cas import MISSING, Contended, Outcome, change_key
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
-from ..errors import CacheUnavailable
+from ..cache.retrying import elapsed, memcache_retrying
+from ..errors import CacheUnavailable, ShardedCounterError
 
 log = logging.getLogger("sharded_counter")
 
@@ -49,6 +58,10 @@ _TOMBSTONE = f"{_FORMAT} released".encode()
 _TOMBSTONE_TTL = 60  # just so released locks do not sit in memory forever
 MAX_TTL = 30 * 24 * 3600  # memcached reads a longer relative expiry as a timestamp
 _FIRST_WAIT, _MAX_WAIT = 0.005, 0.25
+# Lost races on the lock's key before a take or a release gives up: a lock changes
+# hands rarely, so a few are plenty.
+_ATTEMPTS = 8
+_JITTERED = wait_random_exponential(multiplier=_FIRST_WAIT, max=_MAX_WAIT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +77,13 @@ class Holder:
         return max(0.0, self.expires_at - (time.time() if now is None else now))
 
 
-class Locked(Exception):
-    """The lock is held by someone else (right away with ``nowait``, or after ``timeout``)."""
+class Locked(ShardedCounterError):
+    """The lock is held by someone else: at once with ``nowait``, or still after
+    waiting ``timeout`` seconds.
+
+    Nothing was taken. ``holder`` is who held it at the last look; ``waited`` is
+    how long this caller waited (None with ``nowait``).
+    """
 
     def __init__(self, name: str, holder: Holder | None, waited: float | None = None) -> None:
         who = f"{holder.owner} for up to {holder.ttl():.1f} s more" if holder else "someone"
@@ -122,43 +140,52 @@ class Lease:
 
         Raises ``CacheUnavailable`` if memcache cannot be asked.
         """
-        started = time.monotonic()
-        wait = _FIRST_WAIT
-        while True:
-            holder = self._try_take()
-            if holder is None:
-                return self
-            waited = time.monotonic() - started
-            if self.nowait:
-                raise Locked(self.name, holder)
-            if waited >= self.timeout:
-                raise Locked(self.name, holder, waited)
-            # Exponential backoff with jitter, so waiters do not all retry in step.
-            self._sleep(min(random.uniform(wait / 2, wait), self.timeout - waited))
-            wait = min(wait * 2, _MAX_WAIT)
+
+        def refuse(state: RetryCallState) -> None:
+            holder = state.outcome.result() if state.outcome is not None else None
+            raise Locked(self.name, holder, None if self.nowait else elapsed(state))
+
+        waiting = memcache_retrying(
+            f"lock {self.name!r} is held",
+            stop=stop_after_attempt(1) if self.nowait else stop_after_delay(self.timeout),
+            retry=retry_if_result(lambda holder: holder is not None),
+            wait=self._backoff,
+            give_up=refuse,
+            sleep=self._sleep,
+        )
+        waiting(self._try_take)
+        return self
+
+    def _backoff(self, state: RetryCallState) -> float:
+        # Exponential backoff with jitter, so waiters do not all retry in step; never
+        # past the timeout, so the last look comes as it runs out.
+        pause = _JITTERED(state)
+        return max(0.0, min(pause, self.timeout - elapsed(state)))
 
     def _try_take(self) -> Holder | None:
-        """Take the lock if it is free; otherwise return who holds it."""
+        """Take the lock if it is free (missing, or a tombstone); otherwise return who
+        holds it. Tries ``add`` first: a lock is mostly free when it is taken."""
+        taken_at = 0.0
+
+        def take(raw: bytes | None) -> Outcome[Holder | None]:
+            nonlocal taken_at
+            if raw is not None and raw != _TOMBSTONE:
+                return _decode(raw) or Holder("(unreadable)", 0.0, 0.0), None
+            taken_at = time.time()
+            return None, _encode(self.token, taken_at, taken_at + self.ttl, _owner())
+
         client = self._client()
-        for _ in range(8):
-            now = time.time()
-            value = _encode(self.token, now, now + self.ttl, _owner())
-            try:
-                if client.add(self._key, value, self.ttl, noreply=False) is True:
-                    self.expires_at = now + self.ttl
-                    return None
-                raw, token = client.gets(self._key)
-                if raw is None:
-                    continue  # it lapsed between our add and our read: try again
-                if raw == _TOMBSTONE:
-                    if client.cas(self._key, value, token, self.ttl) is True:
-                        self.expires_at = now + self.ttl
-                        return None
-                    continue  # someone else took it over first: see who
-            except CLIENT_ERRORS as exc:
-                raise CacheUnavailable(f"cannot take lock {self.name!r}: {exc}") from exc
-            return _decode(raw) or Holder("(unreadable)", 0.0, 0.0)
-        return Holder("(changing hands)", time.time(), time.time())
+        try:
+            holder = change_key(
+                client, self._key, take, expire=self.ttl, attempts=_ATTEMPTS, first=MISSING
+            )
+        except Contended:
+            return Holder("(changing hands)", time.time(), time.time())
+        except CLIENT_ERRORS as exc:
+            raise CacheUnavailable(f"cannot take lock {self.name!r}: {exc}") from exc
+        if holder is None:
+            self.expires_at = taken_at + self.ttl
+        return holder
 
     # -- keeping and giving back ----------------------------------------------------------
 
@@ -191,22 +218,18 @@ class Lease:
         return released
 
     def _replace_if_ours(self, value: Callable[[], bytes], expire: int) -> bool:
+        def replace(raw: bytes | None) -> Outcome[bool]:
+            if _token(raw) != self.token:
+                return False, None  # lapsed, released, or someone else's now
+            return True, value()
+
         client = self._client()
         try:
-            for _ in range(8):
-                raw, token = client.gets(self._key)
-                holder_token = _token(raw)
-                if holder_token != self.token:
-                    return False  # lapsed, released, or someone else's now
-                stored = client.cas(self._key, value(), token, expire)
-                if stored is True:
-                    return True
-                if stored is None:
-                    return False  # lapsed between our read and our cas
-                # False: it changed since our read; read again to see whose it is.
+            return change_key(client, self._key, replace, expire=expire, attempts=_ATTEMPTS)
+        except Contended:
+            return False  # it kept changing: not ours to count on
         except CLIENT_ERRORS as exc:
             raise CacheUnavailable(f"lock {self.name!r}: {exc}") from exc
-        return False
 
 
 def lock(

@@ -44,7 +44,7 @@ from ..cache.client import (
     incr_or_add,
     key_digest,
 )
-from ..errors import CacheUnavailable
+from ..errors import CacheUnavailable, ShardedCounterError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -131,8 +131,12 @@ class Decision:
     reset_at: float
 
 
-class RateLimited(Exception):
-    """Raised by ``RateLimiter.limit``-decorated calls that are over the limit."""
+class RateLimited(ShardedCounterError):
+    """A call decorated with ``RateLimiter.limit`` is over its limit, so it did not run.
+
+    Nothing of its cost was spent. ``key`` is the key it hit, ``decision`` the
+    verdict (``decision.reset_at`` says when the limit is free again).
+    """
 
     def __init__(self, key: str, decision: Decision) -> None:
         super().__init__(f"rate limit exceeded for {key!r}; free again at {decision.reset_at:.0f}")

@@ -1,0 +1,72 @@
+"""What failed memcache calls left to do, done by this process's next call that reaches it.
+
+* A record whose merge (or delete) memcache did not answer may miss a write: it
+  is *suspect*, and deleted, so that the next reader rebuilds it from the shards.
+  Until then it is bounded by its TTL.
+* The end of a fold or of a resolution that memcache did not hear is a change of
+  the stash still to make. Each such change is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from ..core.stash import Stash
+from ..errors import CacheUnavailable
+from .cas import change_stash
+from .guarded import GuardedClient
+
+#: A change of a stash that can be made late: every one of them is safe to repeat.
+StashChange = Callable[[Stash], Stash]
+
+
+class Backlog:
+    """Suspect records and unsettled stash changes, kept until memcache answers."""
+
+    def __init__(self, calls: GuardedClient) -> None:
+        self._calls = calls
+        self._lock = threading.Lock()
+        self._suspects: set[str] = set()
+        self._unsettled: list[tuple[str, StashChange]] = []
+
+    def suspect(self, record_key: str) -> None:
+        with self._lock:
+            self._suspects.add(record_key)
+
+    def settle(self, stash_key: str, change: StashChange) -> None:
+        """Make ``change`` now, or once memcache answers again. Never raises."""
+        try:
+            change_stash(self._calls, stash_key, change)
+        except CacheUnavailable:
+            self.settle_later(stash_key, change)
+
+    def settle_later(self, stash_key: str, change: StashChange) -> None:
+        with self._lock:
+            self._unsettled.append((stash_key, change))
+
+    def catch_up(self) -> None:
+        """Do what is left, before the call that asks. Raises CacheUnavailable, keeping
+        what it could not do for the next call."""
+        self._settle_late()
+        if not self._suspects:  # a plain read: the common case, nothing left, takes no lock
+            return
+        with self._lock:
+            pending = list(self._suspects)
+        for key in pending:
+            self._calls.delete(key)
+            with self._lock:
+                self._suspects.discard(key)
+
+    def _settle_late(self) -> None:
+        if not self._unsettled:
+            return
+        with self._lock:
+            unsettled, self._unsettled = self._unsettled, []
+        for index, (stash_key, change) in enumerate(unsettled):
+            try:
+                change_stash(self._calls, stash_key, change)
+            except CacheUnavailable:
+                with self._lock:
+                    self._unsettled.extend(unsettled[index:])
+                raise

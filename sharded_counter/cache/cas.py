@@ -1,0 +1,123 @@
+"""The one read-change-cas loop: change a memcache key safely under concurrent writers.
+
+memcached has no transactions. A change that depends on the current value reads
+it with ``gets`` (which hands out a cas token), computes the new value, and
+stores it with ``cas``, which fails if anyone wrote the key since the read; a
+missing key is created with ``add``, which fails if anyone created it meanwhile.
+A failed store means another writer got there first, so the loop reads again.
+After ``attempts`` lost races it gives up with ``Contended``, which says nothing
+was stored.
+
+The cached record, the ``delayed_incr`` stash (the cache tier, and the cluster
+moving stashes between servers) and the locks all change their keys through
+``change_key``; only what a change computes differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from ..core.stash import Stash
+from ..errors import CacheUnavailable
+
+T = TypeVar("T")
+
+#: A value as ``gets`` read it, with its cas token; ``(None, None)`` when missing.
+Seen = tuple[bytes | None, Any]
+
+#: What a change gives back: what the caller wants to know about the value it saw,
+#: and the bytes to store instead (None: leave the key alone).
+Outcome = tuple[T, bytes | None]
+
+MISSING: Seen = (None, None)
+
+#: Lost races before a change gives up: far more than a few dozen threads changing
+#: one key at once ever need, and each costs only a round trip.
+ATTEMPTS = 64
+
+
+class CasClient(Protocol):
+    """The three calls the loop makes: a pymemcache client, a pool, or the cache tier's
+    guarded client (whose failures are ``CacheUnavailable``)."""
+
+    def gets(self, key: str) -> Any: ...
+    def add(self, key: str, value: bytes, expire: int = 0, noreply: bool = False) -> bool: ...
+    def cas(
+        self, key: str, value: bytes, cas: Any, expire: int = 0, noreply: bool = False
+    ) -> Any: ...
+
+
+class Contended(CacheUnavailable):
+    """Every attempt to change a memcache key lost its race to another writer.
+
+    Nothing was stored: each ``add`` or ``cas`` that failed was refused whole. A
+    ``CacheUnavailable``, since the cache could not take the change.
+    """
+
+
+def as_seen(found: Any) -> Seen:
+    """What ``gets`` answered, with pymemcache's ``HashClient``'s plain None (its answer
+    for a server it is skipping) read as a missing key."""
+    return found if isinstance(found, tuple) else MISSING
+
+
+def store_if_unchanged(client: CasClient, key: str, value: bytes, seen: Seen, expire: int) -> bool:
+    """Store ``value`` if ``key`` still holds what ``seen`` read: ``add`` where it was
+    missing, ``cas`` with its token otherwise. False when another writer came first."""
+    raw, token = seen
+    if raw is None:
+        return client.add(key, value, expire, noreply=False) is True
+    return client.cas(key, value, token, expire, noreply=False) is True
+
+
+def change_key(
+    client: CasClient,
+    key: str,
+    change: Callable[[bytes | None], Outcome[T]],
+    *,
+    expire: int,
+    attempts: int = ATTEMPTS,
+    first: Seen | None = None,
+    read: Callable[[], Seen] | None = None,
+) -> T:
+    """Apply ``change`` to the value of ``key`` (None when missing) until it sticks.
+
+    ``change`` returns ``(result, new)``: ``new`` is stored (with ``expire``) unless it
+    is None or the value already; ``result`` of the attempt that stored, or left the
+    key alone, is returned. ``first`` is a read made already (``MISSING`` to try an
+    ``add`` before any read), so the first attempt saves a round trip; ``read`` reads
+    the key some other way (the cache tier reads a stash along with a record).
+    Raises ``Contended`` after ``attempts`` lost races; errors of ``client`` propagate.
+    """
+    seen = first
+    for _ in range(attempts):
+        if seen is None:
+            seen = read() if read is not None else as_seen(client.gets(key))
+        result, new = change(seen[0])
+        if new is None or new == seen[0] or store_if_unchanged(client, key, new, seen, expire):
+            return result
+        seen = None  # someone else wrote it: read again
+    raise Contended(f"could not change {key}: {attempts} attempts lost their race")
+
+
+def change_stash(
+    client: CasClient,
+    key: str,
+    change: Callable[[Stash], Stash | None],
+    *,
+    attempts: int = ATTEMPTS,
+) -> Stash:
+    """Apply ``change`` to the ``delayed_incr`` stash at ``key``; return the stash it was
+    applied to, as it was (live: see ``Stash.live``).
+
+    ``change`` returning None or an equal stash leaves the key alone. A stash never
+    expires: it holds acknowledged increments. Raises ``Contended`` as ``change_key``.
+    """
+
+    def on_stash(raw: bytes | None) -> Outcome[Stash]:
+        current = Stash.decode(raw).live()
+        new = change(current)
+        return current, None if new is None or new == current else new.encode()
+
+    return change_key(client, key, on_stash, expire=0, attempts=attempts)

@@ -1,0 +1,71 @@
+"""The cache tier's way to memcache: every failure a ``CacheUnavailable``, and an outage
+logged once when it starts and once when it ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import CacheUnavailable
+from .cas import Seen, as_seen
+from .client import MemcacheClient, OutageLog
+from .cluster import ServerUnavailable
+
+# The calls that change what memcached holds: one that fails after it was sent may
+# have been applied.
+_WRITES = frozenset({"add", "cas", "set", "set_many", "incr", "decr", "delete", "delete_many"})
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Did the call fail before memcached could see it (refused, or its server is out)?"""
+    return isinstance(exc, (ConnectionRefusedError, ServerUnavailable))
+
+
+class GuardedClient:
+    """Calls ``client`` (None: no memcached configured), turning each failure into
+    ``CacheUnavailable``, whose ``maybe_applied`` says whether a write may have landed.
+
+    ``client`` is looked up on every call, so whoever swaps it (the bench counts
+    calls through a proxy put in its place) sees every call the tier makes.
+    """
+
+    def __init__(self, client: MemcacheClient | None) -> None:
+        self.client = client
+        self._outage = OutageLog(on_return="cached totals will rebuild from Datastore")
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        client = self.client
+        if client is None:
+            raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
+        try:
+            result = getattr(client, method)(*args, **kwargs)
+        except Exception as exc:  # pymemcache raises socket errors and its own
+            self._outage.failed(exc, "reading totals from Datastore until it returns")
+            raise CacheUnavailable(
+                f"memcache {method} failed: {exc}",
+                maybe_applied=method in _WRITES and not _never_sent(exc),
+            ) from exc
+        self._outage.answered()
+        return result
+
+    # -- the calls of cas.change_key, and the others the tier makes ----------------------
+
+    def gets(self, key: str) -> Seen:
+        return as_seen(self.call("gets", key))
+
+    def add(self, key: str, value: bytes, expire: int = 0, noreply: bool = False) -> bool:
+        return self.call("add", key, value, expire, noreply=noreply) is True
+
+    def cas(self, key: str, value: bytes, cas: Any, expire: int = 0, noreply: bool = False) -> Any:
+        return self.call("cas", key, value, cas, expire, noreply=noreply)
+
+    def delete(self, key: str) -> None:
+        self.call("delete", key, noreply=False)
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = self.call("get_many", keys)
+        return found
+
+    def gets_many(self, keys: list[str]) -> dict[str, tuple[bytes, Any]]:
+        found: dict[str, tuple[bytes, Any]] = self.call("gets_many", keys)
+        return found

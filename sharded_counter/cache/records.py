@@ -1,0 +1,177 @@
+"""The cached total of each counter: read, refilled safely, merged into by writers.
+
+Protocol (see ``core/record.py`` for the record itself):
+
+* Writers, after a shard write commits, merge the shard's new
+  ``(version, value)`` into the record if there is one. No record: nothing
+  to do.
+* A reader that finds no complete record first makes sure a record exists
+  and notes its epoch, *then* reads every shard, then merges that snapshot
+  in with ``cas`` and marks it complete. A write that committed after the
+  snapshot merged its state after the record existed, so the reader's ``cas``
+  either sees it or fails and re-reads it; if the record vanished or changed
+  epoch meanwhile the reader returns its snapshot without caching it.
+* A merge that memcache does not answer leaves a record that may miss a
+  write. The key is suspect (``backlog.py``) and deleted on this process's next
+  cache call, so the next reader rebuilds it; until then it is bounded by the TTL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+from ..core.record import Record, ShardState
+from ..errors import CacheUnavailable
+from .backlog import Backlog
+from .batches import MergeBatches
+from .cas import MISSING, Contended, Outcome, Seen, change_key, store_if_unchanged
+from .guarded import GuardedClient
+from .sightings import StashSightings
+
+
+class CachedRecords:
+    """Reads, fills and merges the cached records, kept ``ttl`` seconds."""
+
+    def __init__(
+        self, calls: GuardedClient, backlog: Backlog, sightings: StashSightings, *, ttl: int
+    ) -> None:
+        self._calls = calls
+        self._backlog = backlog
+        self._sightings = sightings
+        self._ttl = ttl
+        self._batches: MergeBatches[ShardState] = MergeBatches()
+
+    def read_many(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[Record | None, int]]:
+        """Each counter's complete record (or None) and what its stash owes, in one
+        ``get_many``. Raises CacheUnavailable."""
+        self._backlog.catch_up()
+        found = self._calls.get_many([key for pair in pairs for key in pair])
+        results: list[tuple[Record | None, int]] = []
+        for record_key, stash_key in pairs:
+            record = _decode(found.get(record_key))
+            owed = self._sightings.note(stash_key, found.get(stash_key)).owed
+            results.append((record if record is not None and record.complete else None, owed))
+        return results
+
+    def peek(self, record_key: str) -> Record | None:
+        """The record as it is (complete or not), without touching it."""
+        return _decode(self._calls.gets(record_key)[0])
+
+    def invalidate(self, record_key: str) -> None:
+        """Drop a record that may be stale. Never raises: failing, it is dropped later."""
+        if self._calls.client is None:
+            return
+        try:
+            self._calls.delete(record_key)
+        except CacheUnavailable:
+            self._backlog.suspect(record_key)
+
+    # -- writers ----------------------------------------------------------------------
+
+    def merge(self, record_key: str, stash_key: str, states: Iterable[ShardState]) -> None:
+        """A writer's post-commit step. Never raises: memcache trouble makes the key suspect.
+
+        Writers of one counter in this process merge together (``batches.py``).
+        """
+        if self._calls.client is None:
+            return
+        self._batches.merge(
+            record_key, states, lambda taken: self._merge_now(record_key, stash_key, taken)
+        )
+
+    def _merge_now(self, record_key: str, stash_key: str, states: list[ShardState]) -> None:
+        """One merge of ``states`` into the record, the stash read along for the sightings."""
+
+        def read_both() -> Seen:
+            found = self._calls.gets_many([record_key, stash_key])
+            self._sightings.note(stash_key, found.get(stash_key, MISSING)[0])
+            return found.get(record_key, MISSING)
+
+        def merge_into(raw: bytes | None) -> Outcome[bool]:
+            # The answer: may the record stay? One we cannot read goes.
+            if raw is None:
+                return True, None  # nothing cached; the next reader reads the shards
+            record = Record.decode(raw)
+            if record is None:
+                return False, None
+            merged = record.merged(states)
+            return True, None if merged == record else merged.encode()
+
+        try:
+            self._backlog.catch_up()
+            try:
+                keep = change_key(
+                    self._calls, record_key, merge_into, expire=self._ttl, read=read_both
+                )
+            except Contended:
+                keep = False  # drop the record rather than leave it without our write
+            if not keep:
+                self._calls.delete(record_key)
+        except CacheUnavailable:
+            self._backlog.suspect(record_key)
+
+    # -- readers that refill ----------------------------------------------------------------
+
+    def fill_many(
+        self,
+        record_keys: Sequence[str],
+        snapshot: Callable[[list[str]], Mapping[str, Iterable[ShardState]]],
+    ) -> dict[str, int]:
+        """Read the shards of the counters that need it through ``snapshot`` (all at once)
+        and cache their totals where that is safe.
+
+        Returns each total of the shards (from the cache record when it already
+        holds newer writes). Raises CacheUnavailable only if memcache fails
+        before the snapshot was taken; after that it returns the snapshot.
+        """
+        self._backlog.catch_up()
+        totals: dict[str, int] = {}
+        opened: dict[str, Seen] = {}
+        for key in record_keys:
+            seen = self._open(key)
+            record = _decode(seen[0])
+            if record is not None and record.complete:
+                totals[key] = record.total  # filled by someone else meanwhile
+            else:
+                opened[key] = seen
+        if opened:
+            states = snapshot(list(opened))
+            for key, seen in opened.items():
+                totals[key] = self._complete(key, seen, list(states[key]))
+        return totals
+
+    def _open(self, record_key: str) -> Seen:
+        """Make sure a record exists before the snapshot is taken; return it as read."""
+        seen = self._calls.gets(record_key)
+        if _decode(seen[0]) is None:
+            # Missing, or something we cannot read sits there: one attempt to put a
+            # fresh record in its place. Whoever beats us leaves a record too.
+            store_if_unchanged(self._calls, record_key, Record.new().encode(), seen, self._ttl)
+            seen = self._calls.gets(record_key)
+        return seen
+
+    def _complete(self, record_key: str, opened: Seen, states: list[ShardState]) -> int:
+        """Merge a snapshot into the record opened before it was taken, and mark it complete."""
+        snapshot_total = sum(s.value for s in states)
+        record = _decode(opened[0])
+        if record is None:
+            return snapshot_total
+        epoch = record.epoch
+
+        def complete(raw: bytes | None) -> Outcome[int | None]:
+            # The answer: the cached total, or None when the snapshot may be stale.
+            current = _decode(raw)
+            if current is None or current.epoch != epoch:
+                return None, None  # evicted while we read the shards
+            merged = current.merged(states, complete=True)
+            return merged.total, merged.encode()
+
+        try:
+            total = change_key(self._calls, record_key, complete, expire=self._ttl, first=opened)
+        except CacheUnavailable:  # or Contended: the snapshot is the answer either way
+            return snapshot_total
+        return snapshot_total if total is None else total
+
+
+def _decode(raw: bytes | None) -> Record | None:
+    return Record.decode(raw) if raw is not None else None

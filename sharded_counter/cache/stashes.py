@@ -1,0 +1,84 @@
+"""``delayed_incr``: increments stashed while their shard write could not be made, and the
+folds that take them into a later write (see ``core/stash.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..core.stash import Stash
+from ..errors import CacheUnavailable
+from .backlog import Backlog, StashChange
+from .cas import change_stash
+from .guarded import GuardedClient
+from .sightings import StashSightings
+
+
+class PendingStashes:
+    """Stashing, taking and settling what waits in each counter's stash."""
+
+    def __init__(self, calls: GuardedClient, backlog: Backlog, sightings: StashSightings) -> None:
+        self._calls = calls
+        self._backlog = backlog
+        self._sightings = sightings
+
+    def stash(self, stash_key: str, delta: int) -> None:
+        """Add ``delta`` to the pending stash. Raises CacheUnavailable if it cannot."""
+        self._sightings.expect_pending(stash_key)
+        change_stash(self._calls, stash_key, lambda s: s.added(delta))
+
+    def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
+        """Take the whole pending stash for the fold ``token`` (0 when there is none).
+
+        The key keeps a marker of the fold until ``settle_fold``. Nothing is
+        taken while a set is running. Without ``look`` it asks memcache only
+        when a stash was seen lately (every read and every write's merge
+        looks), saving a round trip per write. A take whose reply is lost is
+        put back on this process's next cache call. Raises CacheUnavailable.
+        """
+        if not look and not self._sightings.pending_seen(stash_key):
+            return 0
+        try:
+            before = change_stash(
+                self._calls,
+                stash_key,
+                lambda s: s.taken(token, deadline) if s.pending and s.setter is None else None,
+            )
+        except CacheUnavailable:
+            self._backlog.settle_later(stash_key, _fold_over(token, put_back=True))
+            raise
+        if not before.pending:
+            self._sightings.expect_pending(stash_key, False)
+        return before.pending if before.setter is None else 0
+
+    def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> bool:
+        """The fold ``token`` is over: drop its marker, and with ``put_back`` return what it
+        took to the stash. Never raises: if memcache does not answer it is done later.
+
+        Returns whether the stash is done with the write's token. It is not when
+        memcache did not answer, or when the fold outlived its deadline and its fold
+        part is an unsure entry now (core/stash.py): the resolutions look for the token,
+        so the writer keeps it pinned in its slot (paths/picker.py) until they are over.
+        """
+        change = _fold_over(token, put_back)
+        try:
+            before = change_stash(self._calls, stash_key, change)
+        except CacheUnavailable:
+            self._backlog.settle_later(stash_key, change)
+            return False
+        return not change(before).mentions(token)
+
+    def peek_stash(self, stash_key: str) -> int:
+        """What the stash adds to its counter's shards (see ``Stash.owed``)."""
+        return Stash.decode(self._calls.gets(stash_key)[0]).live().owed
+
+    def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
+        """``peek_stash`` for many stashes in one ``get_many``."""
+        found = self._calls.get_many(list(stash_keys))
+        return {key: Stash.decode(found.get(key)).live().owed for key in stash_keys}
+
+
+def _fold_over(token: str, put_back: bool) -> StashChange:
+    """The end of the fold ``token``: its marker goes, and with ``put_back`` what it took
+    waits again. Repeating it changes nothing, since the marker is gone."""
+    return (lambda s: s.released(token)) if put_back else (lambda s: s.landed(token))
