@@ -1,6 +1,6 @@
 """Sharded counters on Google Cloud Datastore with memcache in front."""
 
-from .counter import Counter
+from .counter import Counter, Verification
 from .errors import (
     CacheUnavailable,
     ConfigurationError,
@@ -12,7 +12,7 @@ from .errors import (
 )
 from .paths.maintenance import purge_expired_keys
 from .patterns.buffer import CounterBuffer
-from .patterns.lock import Holder, Locked, lock, who_holds
+from .patterns.lock import Holder, Lease, Locked, lock, who_holds
 from .patterns.ratelimit import Decision, Limit, RateLimited, RateLimiter
 from .patterns.timeseries import TimeSeries
 from .settings import Settings, config
@@ -28,6 +28,7 @@ __all__ = [
     "Holder",
     "IncrementNotRecorded",
     "IncrementOutcomeUnknown",
+    "Lease",
     "Limit",
     "Locked",
     "RateLimited",
@@ -35,6 +36,7 @@ __all__ = [
     "Settings",
     "ShardedCounterError",
     "TimeSeries",
+    "Verification",
     "config",
     "lock",
     "purge_expired_keys",

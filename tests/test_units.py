@@ -241,3 +241,17 @@ def test_only_failures_that_may_have_been_applied_count_as_unknown_outcomes() ->
     assert not outcome_unknown(gexc.ResourceExhausted("quota"))
     refused = "failed to connect to all addresses; last error: Connection refused"
     assert not outcome_unknown(gexc.ServiceUnavailable(refused))
+
+
+def test_every_public_error_is_ours_and_every_returned_type_is_exported() -> None:
+    """One hierarchy: whatever the library raises on purpose is a ShardedCounterError
+    (bad input aside), and the types it hands back can be imported from the package."""
+    import sharded_counter
+    from sharded_counter.cache.cluster import ServerUnavailable
+
+    errors = [getattr(sharded_counter, n) for n in sharded_counter.__all__]
+    errors = [e for e in errors if isinstance(e, type) and issubclass(e, BaseException)]
+    assert {e.__name__ for e in errors} >= {"RateLimited", "Locked", "DatastoreUnavailable"}
+    for error in [*errors, ServerUnavailable]:
+        assert issubclass(error, sharded_counter.ShardedCounterError), error
+    assert {"Verification", "Lease", "Holder", "Decision"} <= set(sharded_counter.__all__)

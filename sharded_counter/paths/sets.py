@@ -51,7 +51,9 @@ class Setter:
                 taken = cache.begin_set(ctx.stash_key, token, set_over)
                 coordinated = True
             except CacheUnavailable:
-                pass  # nothing can be taken or stashed while memcache is down either
+                # memcache is down, or another set held the key past our deadline: go
+                # ahead uncoordinated; nothing can be taken or stashed meanwhile either.
+                pass
         # The set's own token goes in the fence too: what it took is settled by it, and
         # a retry after an attempt whose outcome is unknown finds it and writes nothing.
         fence = [token, *taken.fence]
