@@ -27,7 +27,5 @@ def purge_expired_keys(
     """
     settings = resolve(options)
     keyed = backend_for(settings, datastore_client).keyed
-    for attempt in write_retrying(settings):
-        with attempt:
-            return keyed.purge_expired(now=now)
-    raise AssertionError("unreachable: the retry policy re-raises the last error")
+    removed: int = write_retrying(settings)(keyed.purge_expired, now=now)
+    return removed
