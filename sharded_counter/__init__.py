@@ -14,6 +14,7 @@ from .paths.maintenance import purge_expired_keys
 from .patterns.buffer import CounterBuffer
 from .patterns.lock import Holder, Lease, Locked, lock, who_holds
 from .patterns.ratelimit import Decision, Limit, RateLimited, RateLimiter
+from .patterns.shared_buffer import SharedBuffer
 from .patterns.timeseries import TimeSeries
 from .settings import Settings, config
 
@@ -35,6 +36,7 @@ __all__ = [
     "RateLimiter",
     "Settings",
     "ShardedCounterError",
+    "SharedBuffer",
     "TimeSeries",
     "Verification",
     "config",

@@ -26,7 +26,7 @@ from google.cloud import datastore
 
 from .cache.client import MemcacheClient
 from .core.validation import check_delta, check_idempotency_key, check_name
-from .errors import IncrementNotRecorded
+from .errors import CacheUnavailable, IncrementNotRecorded, IncrementOutcomeUnknown
 from .paths.backend import Backend, backend_for
 from .paths.context import TRANSFORM_MAX_DELTA, CounterContext
 from .paths.keyed import KeyedWrites
@@ -209,6 +209,49 @@ class Counter:
         except gexc.GoogleAPICallError as exc:
             # A read in the caller's transaction failed: nothing was staged.
             raise IncrementNotRecorded(self.name, delta, exc) from exc
+
+    # -- writing later: the shared write buffer -------------------------------------
+
+    def defer(self, delta: int = 1) -> bool:
+        """Count ``delta`` in memcache only, for ``write_pending`` to write to a shard later.
+
+        It goes into the counter's ``delayed_incr`` stash, as an increment whose
+        write failed would: reads count it at once, and any later write (or
+        ``write_pending``) folds it into a shard, exactly once
+        (docs/protocol.md). One memcache ``gets`` and ``cas``; no Datastore call.
+        This is what ``SharedBuffer.increment`` does. Returns whether nothing was
+        pending before (the counter now needs a flush).
+
+        Raises ``CacheUnavailable`` (not kept: memcache is down, refused it or is
+        not configured) or ``IncrementOutcomeUnknown`` (memcache may have kept
+        it: its reply was lost). Until it is written, ``delta`` shares the stash's
+        loss window: memcache losing the key loses it.
+        """
+        delta = check_delta(delta)
+        ctx = self._ctx
+        if not ctx.backend.cache.enabled:
+            raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
+        try:
+            before = ctx.backend.cache.stash(ctx.stash_key, delta)
+        except CacheUnavailable as exc:
+            if exc.maybe_applied:
+                raise IncrementOutcomeUnknown(self.name, delta, exc) from exc
+            raise
+        return before == 0
+
+    @datastore_failures_as_ours
+    def write_pending(self) -> None:
+        """Write what ``delayed_incr`` holds for this counter to a shard now, in one write.
+
+        First resolves unsure writes there (a flusher that died mid-write leaves
+        one), then folds the pending amount into one shard write with the usual
+        marker and token, so a writer that dies mid-way loses nothing and counts
+        nothing twice. Raises ``DatastoreUnavailable`` when the write fails (the
+        amount stays pending). With memcache down it writes nothing: the amount
+        waits in memcache.
+        """
+        self._resolver.resolve(look=True)
+        self._writes.fold_pending()
 
     # -- reading ----------------------------------------------------------------
 

@@ -13,7 +13,9 @@ from .cluster import ServerUnavailable
 
 # The calls that change what memcached holds: one that fails after it was sent may
 # have been applied.
-_WRITES = frozenset({"add", "cas", "set", "set_many", "incr", "decr", "delete", "delete_many"})
+_WRITES = frozenset(
+    {"add", "append", "cas", "set", "set_many", "incr", "decr", "delete", "delete_many"}
+)
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -58,6 +60,10 @@ class GuardedClient:
 
     def cas(self, key: str, value: bytes, cas: Any, expire: int = 0, noreply: bool = False) -> Any:
         return self.call("cas", key, value, cas, expire, noreply=noreply)
+
+    def append(self, key: str, value: bytes) -> bool:
+        """Append ``value`` to ``key``'s value; False when the key does not exist."""
+        return self.call("append", key, value, noreply=False) is True
 
     def delete(self, key: str) -> None:
         self.call("delete", key, noreply=False)

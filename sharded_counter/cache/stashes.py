@@ -22,10 +22,11 @@ class PendingStashes:
         self._backlog = backlog
         self._sightings = sightings
 
-    def stash(self, stash_key: str, delta: int) -> None:
-        """Add ``delta`` to the pending stash. Raises CacheUnavailable if it cannot."""
+    def stash(self, stash_key: str, delta: int) -> int:
+        """Add ``delta`` to the pending stash; returns what was pending before. Raises
+        CacheUnavailable if it cannot."""
         self._sightings.expect_pending(stash_key)
-        change_stash(self._calls, stash_key, lambda s: s.added(delta))
+        return change_stash(self._calls, stash_key, lambda s: s.added(delta)).pending
 
     def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
         """Take the whole pending stash for the fold ``token`` (0 when there is none).

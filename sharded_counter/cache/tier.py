@@ -28,6 +28,7 @@ from ..core.stash import Stash, Unsure
 from .backlog import Backlog
 from .client import MemcacheClient
 from .guarded import GuardedClient
+from .pending_names import PendingNames
 from .records import CachedRecords
 from .sets import SetCoordination
 from .sightings import StashSightings
@@ -60,6 +61,11 @@ class CacheTier:
     @property
     def enabled(self) -> bool:
         return self._calls.client is not None
+
+    def pending_names(self, key_prefix: str, scope: str) -> PendingNames:
+        """The names of counters with amounts waiting in their stash to be written by a
+        shared buffer's flusher (pending_names.py), for one scope."""
+        return PendingNames(self._calls, key_prefix, scope)
 
     # -- cached totals: records.py ---------------------------------------------------------
 
@@ -102,9 +108,10 @@ class CacheTier:
 
     # -- pending increments and folds: stashes.py ------------------------------------------
 
-    def stash(self, stash_key: str, delta: int) -> None:
-        """Add ``delta`` to the pending stash. Raises CacheUnavailable if it cannot."""
-        self._stashes.stash(stash_key, delta)
+    def stash(self, stash_key: str, delta: int) -> int:
+        """Add ``delta`` to the pending stash; returns what was pending before. Raises
+        CacheUnavailable if it cannot."""
+        return self._stashes.stash(stash_key, delta)
 
     def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
         """Take the whole pending stash for the fold ``token``. Raises CacheUnavailable."""
