@@ -59,7 +59,7 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
         measured = {p.contender for p in results.points if (p.threads, p.processes) == (threads, 1)}
         assert measured == expected
     several = {p.contender for p in results.points if p.processes == 2}
-    assert several == {"counter", "counter-keyed", "blind"}
+    assert several == {"counter", "counter-keyed", "blind", "buffer", "shared-buffer"}
     for point in results.points:
         assert point.load.acked > 0, point
         assert point.check.uncached == point.load.expected, point
@@ -154,6 +154,7 @@ def test_targets_pass_fail_and_not_measured() -> None:
     assert verdicts == {
         "sharded Counter, 16 writer threads, vs blind puts": "PASS",  # 0.6 >= 0.5
         "keyed increments, 16 writer threads, vs blind puts": "FAIL",  # 0.4 < 0.5
+        "SharedBuffer, 2 processes x 8 threads, vs blind puts": "not measured",
         "buffered increments, one thread": "FAIL",  # 900k < 1M
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
         "cached count read vs bare memcache get": "not measured",

@@ -41,7 +41,7 @@ def assert_clean_failure(result: Result, *, mentions: str) -> None:
 def test_help_lists_every_command() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("demo", "count", "increment", "set", "delete", "env"):
+    for command in ("demo", "count", "increment", "set", "delete", "env", "flush", "purge-keys"):
         assert command in result.output
 
 
@@ -171,6 +171,14 @@ def test_round_trip_on_real_backends(backend_env: dict[str, str]) -> None:
     assert row(run("verify", "hits")) == ["hits", "10", "10", "0", "+0", "yes"]
     assert "deleted hits" in run("delete", "hits")
     assert row(run("count", "hits"))[:4] == ["hits", "0", "0", "0"]
+    # What a SharedBuffer leaves in memcache, written by the flush command.
+    from sharded_counter import SharedBuffer
+
+    SharedBuffer(interval=60).increment("hits", 4)
+    assert row(run("count", "hits")) == ["hits", "4", "4", "0", "4"]
+    assert "flushed 1 counter" in run("flush")
+    assert row(run("count", "hits")) == ["hits", "4", "4", "4", "0"]
+    assert "flushed 0 counters" in run("flush")
 
 
 @pytest.mark.backends

@@ -1,4 +1,4 @@
-"""The commands on counters themselves: count, verify, repair, increment, set, delete, purge-keys.
+"""The commands on counters: count, verify, repair, increment, set, delete, purge-keys, flush.
 
 Each acts on whatever the environment points at (``DATASTORE_EMULATOR_HOST``,
 ``DATASTORE_DATASET``, ``MEMCACHED_HOSTS``, the config file), exactly as
@@ -7,6 +7,7 @@ Each acts on whatever the environment points at (``DATASTORE_EMULATOR_HOST``,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -169,4 +170,33 @@ def purge_keys() -> None:
     stdout().print(Text(f"deleted {removed} expired idempotency key{'' if removed == 1 else 's'}"))
 
 
-COMMANDS = (count, verify, repair, increment, set_, delete, purge_keys)
+@click.command()
+@click.argument("names", metavar="[NAME...]", nargs=-1)
+@click.option(
+    "--every",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Keep flushing, once per this many seconds, until interrupted.",
+)
+def flush(names: tuple[str, ...], every: float | None) -> None:
+    """Write what SharedBuffer increments left pending in memcache.
+
+    Every listed counter (or the NAMEs given) gets one shard write; counters
+    another flusher is writing are left to it. For a cron job, or, with
+    --every, a worker.
+    """
+    from ..patterns.shared_buffer import SharedBuffer
+
+    with clean_errors():
+        buffer = SharedBuffer(interval=every or 5.0)
+    while True:
+        with clean_errors("flush failed"):
+            written = [w for name in names for w in buffer.flush(name)] if names else buffer.flush()
+        stdout().print(Text(f"flushed {len(written)} counter{'' if len(written) == 1 else 's'}"))
+        if every is None:
+            return
+        time.sleep(every)
+
+
+COMMANDS = (count, verify, repair, increment, set_, delete, purge_keys, flush)

@@ -20,6 +20,7 @@ from google.cloud import datastore
 
 from ...counter import Counter
 from ...patterns.buffer import CounterBuffer
+from ...patterns.shared_buffer import SharedBuffer
 
 BLIND_KIND = "BenchBlind"
 SHARDS = 20  # the shard count of the default Counter, the buffer and the transform path
@@ -133,6 +134,22 @@ def _buffer_target(name: str, seconds: float) -> Target:
     return target
 
 
+def _shared_buffer_target(name: str, seconds: float) -> Target:
+    # The Counter made with the same options shares the Backend the buffer uses, so
+    # its memcache calls (the stash, the list of pending names) show on its slot.
+    target = _counter_target(name, seconds, shards=SHARDS)
+    buffer = SharedBuffer(interval=BUFFER_INTERVAL, shards=SHARDS, **_bounded(seconds))
+    target.increment = functools.partial(buffer.increment, name)
+
+    def settle() -> None:
+        buffer.flush(name)  # what is pending goes to a shard, in one write
+
+    target.settle = settle
+    target.write_mode = f"shared buffer {BUFFER_INTERVAL:g} s, {target.write_mode}"
+    target.aborts = None
+    return target
+
+
 def _blind_target(name: str, seconds: float) -> Target:
     # The high-level client is untyped; Any keeps that to this one function.
     client: Any = datastore.Client()  # type: ignore[no-untyped-call]
@@ -214,7 +231,19 @@ CONTENDERS: tuple[Contender, ...] = (
         f"sharded Counter ({SHARDS}), total not cached",
         _counter(shards=SHARDS, read=False),
     ),
-    Contender("buffer", f"CounterBuffer ({BUFFER_INTERVAL:g} s)", _buffer_target, batch=200),
+    Contender(
+        "buffer",
+        f"CounterBuffer ({BUFFER_INTERVAL:g} s)",
+        _buffer_target,
+        batch=200,
+        processes=True,
+    ),
+    Contender(
+        "shared-buffer",
+        f"SharedBuffer ({BUFFER_INTERVAL:g} s)",
+        _shared_buffer_target,
+        processes=True,
+    ),
 )
 
 BY_KEY = {c.key: c for c in CONTENDERS}

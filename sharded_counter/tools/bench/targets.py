@@ -18,6 +18,8 @@ TARGET_THREADS = 16
 COUNTER_VS_BLIND = {"classic": 0.5, "firestore": 0.9}
 # Keyed increments (a key record written with every shard write), on both engines.
 KEYED_VS_BLIND = 0.5
+# SharedBuffer.increment (memcache only) from 2 processes of 8 threads, on both engines.
+SHARED_BUFFER_VS_BLIND = 5.0
 BUFFER_RATE = 1_000_000.0
 BUFFER_VS_DICT = 0.2
 CACHED_VS_BARE_GET = 0.8
@@ -79,6 +81,18 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
                 "x",
                 f"Counter(shards=20) increments/s with idempotency keys / blind puts/s at "
                 f"{TARGET_THREADS} threads",
+            )
+        )
+        shared = results.point("shared-buffer", 8, processes=2)
+        blind_2x8 = results.point("blind", 8, processes=2)
+        found.append(
+            TargetResult(
+                engine,
+                "SharedBuffer, 2 processes x 8 threads, vs blind puts",
+                _ratio(_rate(shared), _rate(blind_2x8)),
+                SHARED_BUFFER_VS_BLIND,
+                "x",
+                "SharedBuffer.increment calls/s / blind puts/s, 2 processes x 8 threads each",
             )
         )
         buffered = results.timed("buffer-increment")
