@@ -40,7 +40,7 @@ class ProcessBackend:
         A data directory passed in by the caller is not inside it and stays.
         """
         if self._process is not None:
-            self._process.stop()
+            self._process.stop(self.stop_grace)
             self._process = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
@@ -78,11 +78,23 @@ class ProcessBackend:
     def log_path(self) -> Path | None:
         return self._process.log_path if self._process is not None else None
 
+    #: Seconds a clean stop may take before the server is killed.
+    stop_grace = 10.0
+
     def restart(self) -> Self:
         """Stop cleanly and start again on the same port (what survives is the
-        subclass's to say: a data directory does, memcached's items do not)."""
-        if self._process is not None:
-            self._process.stop()
+        subclass's to say: a data directory does, memcached's items do not).
+
+        Raises BackendError if the server did not stop by itself within
+        ``stop_grace`` seconds and had to be killed: then what it kept only in
+        memory (an on-disk emulator's writes since its last clean stop) is gone,
+        and the restart was not the clean one asked for.
+        """
+        if self._process is not None and not self._process.stop(self.stop_grace):
+            raise BackendError(
+                f"{self._describe()} did not stop within {self.stop_grace:g} s of SIGTERM "
+                f"and was killed: this was no clean restart (log {self.log_path})"
+            )
         return self.start(self._timeout)
 
     def kill(self) -> None:

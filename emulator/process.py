@@ -226,9 +226,12 @@ class ManagedProcess:
                 )
             time.sleep(_POLL_INTERVAL)
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Stop the whole group: SIGTERM, then SIGKILL after ``grace`` seconds."""
-        self._shutdown(signal.SIGTERM, grace)
+    def stop(self, grace: float = 10.0) -> bool:
+        """Stop the whole group: SIGTERM, then SIGKILL after ``grace`` seconds.
+
+        Returns whether it stopped by itself (False: it had to be killed).
+        """
+        return self._shutdown(signal.SIGTERM, grace)
 
     def kill(self) -> None:
         """Stop the whole group with SIGKILL at once, as a crash would."""
@@ -266,11 +269,12 @@ class ManagedProcess:
             raise BackendError(f"{self.name} is not running")
         _signal_group(self._proc.pid, sig)
 
-    def _shutdown(self, sig: signal.Signals, grace: float) -> None:
+    def _shutdown(self, sig: signal.Signals, grace: float) -> bool:
         proc = self._proc
         if proc is None:
-            return
+            return True
         pgid = proc.pid
+        clean = True
         try:
             if proc.poll() is None:
                 # Signal the leader's children before the leader: a launcher script killed
@@ -287,6 +291,7 @@ class ManagedProcess:
                     proc.wait(timeout=grace if sig != signal.SIGKILL else _LEFTOVER_GRACE)
                 except subprocess.TimeoutExpired:
                     _signal_group(pgid, signal.SIGKILL)
+                    clean = False
             proc.wait()
             # Anything left over (the leader died first, or ignored SIGTERM) goes too.
             if not _wait_group_gone(pgid, 0.5):
@@ -294,9 +299,11 @@ class ManagedProcess:
                 _signal_group(pgid, signal.SIGCONT)
                 if not _wait_group_gone(pgid, _LEFTOVER_GRACE):
                     _signal_group(pgid, signal.SIGKILL)
+                    clean = False
                     # Bounded: a zombie orphaned to a lazy init is not ours to reap.
                     _wait_group_gone(pgid, _LEFTOVER_GRACE)
         finally:
             self._proc = None
             with _atexit_lock:
                 _running.discard(self)
+        return clean or sig == signal.SIGKILL

@@ -194,6 +194,7 @@ class ReplyHoldingRelay:
         self._target = (host, port)
         self.hold = threading.Event()
         self._stop = threading.Event()
+        self._cut = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.05)
         self.port: int = self._listener.getsockname()[1]
@@ -202,6 +203,9 @@ class ReplyHoldingRelay:
 
     def _accept(self) -> None:
         while not self._stop.is_set():
+            if self._cut.is_set():
+                time.sleep(0.01)
+                continue
             try:
                 client, _ = self._listener.accept()
             except (TimeoutError, OSError):
@@ -224,6 +228,22 @@ class ReplyHoldingRelay:
                 if pending and not (holdable and self.hold.is_set()):
                     dst.sendall(pending)
                     pending.clear()
+
+    def cut(self) -> None:
+        """Take the server off the network: every connection through the relay breaks,
+        and new ones are refused (nothing listens), as when the server goes down.
+        Requests already relayed are left to finish at the server."""
+        self._cut.set()
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._sockets = []
+
+    def restore(self) -> None:
+        """Listen again on the same port, relaying to the same server."""
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        self._listener.settimeout(0.05)
+        self._cut.clear()
 
     def close(self) -> None:
         self._stop.set()

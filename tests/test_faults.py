@@ -550,19 +550,30 @@ def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
-    """A classic emulator that stores on disk is stopped and started again on the same
-    port while 16 threads write (the Firestore emulator keeps data in memory only).
+    """A classic emulator that stores on disk goes down and comes back on the same
+    port, with its data, while 16 threads write (the Firestore emulator keeps data in
+    memory only).
 
-    While it is down, writes are refused ("failed to connect": stashed) or time out
+    While it is down, writes are refused ("failed to connect": stashed) or break
     mid-call (kept unsure); once it is back, later writes fold and resolve them from
-    the shards it reloaded. A clean stop is the restart there is: the emulator saves
-    its file only then: after a SIGKILL it comes back without every write since it
-    started (test_emulator.py shows it), which no client can make up for.
+    the shards it reloaded.
+
+    The writers reach it through a relay, which takes it off the network first (every
+    connection breaks, new ones are refused), then the emulator restarts with no
+    client attached, then the relay lets clients back. Restarting the emulator itself
+    under load is not a restart a client can survive: its JVM keeps answering after
+    SIGTERM while its shutdown hooks run side by side, and now and then it hangs
+    there and must be killed (1 in 9 tries under load, 60 s and more), losing every
+    write since it started, acknowledged ones too (6 to 72 acknowledged writes lost in
+    such tries of a script doing blind puts). A SIGKILL loses them as well
+    (test_emulator.py shows it).
     """
     emulator = DatastoreEmulator("classic", on_disk=True).start()
+    relay = ReplyHoldingRelay(emulator.host, emulator.port)
     try:
         for key, value in emulator.env().items():
             monkeypatch.setenv(key, value)
+        monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
         counter = Counter(
             "restarted",
             shards=10,
@@ -576,7 +587,10 @@ def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
         with writers_running(WRITERS, writes):
             time.sleep(1.0)
             began = time.monotonic()
-            emulator.restart()
+            relay.cut()
+            time.sleep(0.2)  # what was relayed already finishes at the emulator
+            emulator.restart()  # no client attached: a clean stop, its file written
+            relay.restore()
             down_s = time.monotonic() - began
             time.sleep(2.0)  # healthy writes fold and resolve what was kept meanwhile
         fold_stash(counter, ledger)
@@ -595,6 +609,7 @@ def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
         assert stats["stashed"] + stats["unsure"] > 0, "setup: no write met the restart"
         assert_totals(counter, ledger.acknowledged)
     finally:
+        relay.close()
         emulator.stop()
 
 
