@@ -156,7 +156,9 @@ def test_each_member_of_a_lost_group_is_told_its_own_delta() -> None:
 
 
 @pytest.mark.backends
-def test_sixteen_threads_share_writes_and_count_exactly(backend_env: dict[str, str]) -> None:
+def test_sixteen_threads_share_writes_and_count_exactly(
+    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     counter = Counter("grouped", shards=20, max_concurrent_writes=2)
     assert counter.count == 0  # cached, so every write also merges into the record
     store = counter._backend.store
@@ -168,7 +170,8 @@ def test_sixteen_threads_share_writes_and_count_exactly(backend_env: dict[str, s
         commits += 1
         return real_commit(*args, **kwargs)  # type: ignore[arg-type]
 
-    store.commit = counting_commit  # type: ignore[method-assign]
+    # The store is the process's own, shared by later tests: monkeypatch puts it back.
+    monkeypatch.setattr(store, "commit", counting_commit)
     threads = [
         threading.Thread(target=lambda: [counter.increment(3) for _ in range(25)])
         for _ in range(16)
