@@ -2,13 +2,14 @@
 
 Sentry's write buffer, on this library's own protocol. ``increment(name, n)``
 adds ``n`` to the counter's ``delayed_incr`` stash in memcache
-(``Counter.defer``: one ``gets`` and one ``cas``) and, when the counter had
-nothing pending, lists its name for the flusher (``cache/pending_names.py``:
-one ``append``). A flusher, in this process or any other (``flusher=True``, or
-``sharded-counter flush --every 5`` from cron or a worker), takes the listed
-names every ``interval`` seconds and writes each counter's pending amount
-with one shard write (``Counter.write_pending``), holding a lock per counter
-so that one flusher at a time writes it.
+(``Counter.defer``: one ``gets`` and one ``cas``, shared by the threads of a
+process adding to the same counter at once, as group commit shares a write)
+and, when the counter had nothing pending, lists its name for the flusher
+(``cache/pending_names.py``: one ``append``). A flusher, in this process or any
+other (``flusher=True``, or ``sharded-counter flush --every 5`` from cron or a
+worker), takes the listed names every ``interval`` seconds and writes each
+counter's pending amount with one shard write (``Counter.write_pending``),
+holding a lock per counter so that one flusher at a time writes it.
 
 The pending amount *is* the stash of ``delayed_incr``: no third mechanism. So
 the stash's guarantees hold for it (docs/protocol.md): reads count pending
@@ -33,10 +34,11 @@ import threading
 import time
 from typing import Any
 
-from ..core.validation import check_delta, check_name
+from ..core.validation import INT64_MAX, check_delta, check_name
 from ..counter import Counter, class_options
 from ..errors import CacheUnavailable, DatastoreUnavailable, ShardedCounterError
 from ..paths.backend import backend_for
+from ..paths.combiner import combiner_for
 from ..settings import resolve
 from .lock import Locked, lock
 
@@ -109,15 +111,21 @@ class SharedBuffer:
         check_name(name)
         n = check_delta(n)
         counter = self._counter(name)
+
+        def defer(amount: int) -> None:
+            if counter.defer(amount) or self._listing_due(name):
+                self._list(name)
+
+        # Threads of this process adding to one counter share one gets + cas: with each
+        # doing its own, a hot counter's stash key loses most cas races and retries.
+        combiner = combiner_for("shared-buffer", self._scope, self.settings.key_prefix, name)
         try:
-            first = counter.defer(n)
+            combiner.run(n, defer, limit=1, max_total=INT64_MAX)
         except CacheUnavailable:
             if self.on_cache_failure == "direct":
                 counter.increment(n)
                 return
             raise
-        if first or self._listing_due(name):
-            self._list(name)
 
     def _listing_due(self, name: str) -> bool:
         # A listing may be lost (a flusher that took it died); listing again once an
