@@ -17,7 +17,7 @@ from sharded_counter.tools import cli
 from sharded_counter.tools.bench import BenchOptions, BenchOutcome, run
 from sharded_counter.tools.bench.contenders import CONTENDERS, Check
 from sharded_counter.tools.bench.load import Load
-from sharded_counter.tools.bench.results import EngineResults, Point, Timed
+from sharded_counter.tools.bench.results import EngineResults, Point, Timed, paired_ratio
 from sharded_counter.tools.bench.rpc_count import CallCounter, counting
 from sharded_counter.tools.bench.targets import evaluate
 
@@ -75,6 +75,9 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
     keyed = results.point("counter-keyed", 1)
     assert keyed is not None and keyed.entities == 2 * keyed.load.acked, keyed
     assert all(t.exact and t.operations > 0 for t in (*results.reads, *results.buffer))
+    # What is compared took turns: each loop has one rate per round, for paired ratios.
+    rounds = {len(t.round_rates) for t in (*results.reads, *results.buffer)}
+    assert len(rounds) == 1 and rounds.pop() >= 3
 
 
 @pytest.mark.backends
@@ -159,6 +162,15 @@ def test_targets_pass_fail_and_not_measured() -> None:
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
         "cached count read vs bare memcache get": "not measured",
     }
+
+
+def test_a_paired_ratio_is_the_median_of_round_by_round_ratios() -> None:
+    # Round 2 of the first loop met a burst of load: it moves one ratio, not the answer.
+    rounds, base = [100.0, 10.0, 90.0, 110.0, 100.0], [100.0, 100.0, 100.0, 100.0, 100.0]
+    assert paired_ratio(rounds, base, rate=82.0, base_rate=100.0) == pytest.approx(1.0)
+    # Without rounds (an older bench.json) it is the ratio of the overall rates.
+    assert paired_ratio((), (), rate=82.0, base_rate=100.0) == pytest.approx(0.82)
+    assert paired_ratio((), (), rate=82.0, base_rate=0.0) is None
 
 
 def test_counting_proxy_counts_and_puts_the_client_back() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .contenders import BY_KEY, CONTENDERS
+from .results import paired_ratio
 from .targets import TARGET_THREADS
 
 # Shorter than the terminal's titles: these head table columns.
@@ -119,7 +120,16 @@ def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
             if mine is None:
                 cells.append("-")
                 continue
-            ratio = mine["rate"] / reference["rate"] if reference and reference["rate"] else None
+            ratio = (
+                None
+                if reference is None
+                else paired_ratio(
+                    mine.get("round_rates", ()),
+                    reference.get("round_rates", ()),
+                    mine["rate"],
+                    reference["rate"],
+                )
+            )
             exact = "" if mine["exact"] else " **WRONG**"
             cpu = mine.get("cpu_per_op")
             spent = "" if cpu is None else f", {1e6 * cpu:.2f} µs"

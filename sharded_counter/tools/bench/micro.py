@@ -8,7 +8,8 @@ against the least any thread-safe in-process counter can do, a dict
 increment under a ``threading.Lock``.
 
 What is compared takes turns in short rounds rather than one long run each,
-so a burst of load from elsewhere on the machine lands on both sides. Loops
+and a ratio is the median of the ratios of rounds run back to back, so a
+burst of load from elsewhere on the machine moves one round, not the answer. Loops
 are timed without counting proxies in the way (they would cost a fair part
 of a memcache get); calls per operation are counted in an untimed pass.
 """
@@ -32,7 +33,7 @@ from .contenders import SHARDS
 from .results import Timed
 from .rpc_count import CallCounter, counting
 
-_ROUNDS = 5
+_ROUNDS = 9  # ratios are the median over rounds (results.paired_ratio)
 _COUNTED = 50  # operations in the untimed pass that counts calls
 _SEEDED = 100  # increments behind the counter that the reads read
 
@@ -45,12 +46,14 @@ class _Turns:
     elapsed: float = 0.0
     wrong: int = 0
     cpu: float = 0.0  # this process's CPU seconds: steadier than wall time on a busy machine
+    round_rates: list[float] = dataclasses.field(default_factory=list)
 
     def add(self, other: _Turns) -> None:
         self.operations += other.operations
         self.elapsed += other.elapsed
         self.wrong += other.wrong
         self.cpu += other.cpu
+        self.round_rates.append(other.operations / other.elapsed if other.elapsed else 0.0)
 
 
 Round = Callable[[float], _Turns]  # one round of one operation, for so many seconds
@@ -166,6 +169,7 @@ def measure_reads(engine: str, memcached: str, seconds: float) -> list[Timed]:
                 rpcs_per_op=sum(rpcs.snapshot().values()) / _COUNTED,
                 memcache_per_op=sum(memcache.snapshot().values()) / _COUNTED,
                 detail=_per_op(rpcs, memcache),
+                round_rates=tuple(turns.round_rates),
             )
         )
     bare._client.close()
@@ -197,6 +201,7 @@ def measure_buffer(engine: str, seconds: float) -> list[Timed]:
             wrong=int(uncached != added) + int(cached != added),
             cpu=buffered.cpu,
             detail=f"then one flush: {uncached:,} uncached, {cached:,} cached",
+            round_rates=tuple(buffered.round_rates),
         ),
         Timed(
             "dict-under-lock",
@@ -205,6 +210,7 @@ def measure_buffer(engine: str, seconds: float) -> list[Timed]:
             plain.elapsed,
             wrong=int(counts[name] != plain.operations),
             cpu=plain.cpu,
+            round_rates=tuple(plain.round_rates),
         ),
     ]
 

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .contenders import CONTENDERS
-from .results import EngineResults, Point
+from .results import EngineResults, Point, paired_ratio
 from .targets import TargetResult
 
 ENGINE_TITLES = {
@@ -158,7 +158,11 @@ def micro_table(results: EngineResults) -> Table:
         *((t, bare) for t in results.reads),
         *((t, locked) for t in results.buffer),
     ):
-        ratio = timed.rate / base.rate if base is not None and base.rate else None
+        ratio = (
+            None
+            if base is None
+            else paired_ratio(timed.round_rates, base.round_rates, timed.rate, base.rate)
+        )
         cpu = timed.cpu_per_op
         table.add_row(
             timed.label,

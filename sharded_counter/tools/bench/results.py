@@ -6,7 +6,9 @@ import dataclasses
 import datetime
 import os
 import platform
+import statistics
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
 
@@ -81,6 +83,7 @@ class Timed:
     rpcs_per_op: float | None = None
     memcache_per_op: float | None = None
     detail: str = ""
+    round_rates: tuple[float, ...] = ()  # ops/s of each round it took turns in
 
     @property
     def rate(self) -> float:
@@ -178,3 +181,16 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def paired_ratio(
+    rounds: Sequence[float], base_rounds: Sequence[float], rate: float, base_rate: float
+) -> float | None:
+    """How fast one loop ran against another that took turns with it: the median of
+    the ratios of rounds run back to back, so a burst of load elsewhere on the
+    machine that hits one round moves one ratio, not the answer. Without rounds
+    (an older bench.json), the ratio of the overall rates."""
+    pairs = [a / b for a, b in zip(rounds, base_rounds, strict=False) if b > 0]
+    if pairs and len(rounds) == len(base_rounds):
+        return statistics.median(pairs)
+    return rate / base_rate if base_rate else None

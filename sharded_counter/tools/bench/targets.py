@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from .results import EngineResults, Point, Timed
+from .results import EngineResults, Point, Timed, paired_ratio
 
 TARGET_THREADS = 16
 # What the sharded Counter must reach, as a share of blind puts, per engine.
@@ -54,6 +54,12 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or not denominator:
         return None
     return numerator / denominator
+
+
+def _paired(measured: Timed | None, base: Timed | None) -> float | None:
+    if measured is None or base is None:
+        return None
+    return paired_ratio(measured.round_rates, base.round_rates, measured.rate, base.rate)
 
 
 def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
@@ -111,7 +117,7 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
             TargetResult(
                 engine,
                 "buffered increments vs dict under lock",
-                _ratio(_rate(buffered), _rate(locked)),
+                _paired(buffered, locked),
                 BUFFER_VS_DICT,
                 "x",
                 "CounterBuffer.increment/s / locked dict increments/s",
@@ -123,7 +129,7 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
             TargetResult(
                 engine,
                 "cached count read vs bare memcache get",
-                _ratio(_rate(cached), _rate(bare)),
+                _paired(cached, bare),
                 CACHED_VS_BARE_GET,
                 "x",
                 "counter.count reads/s / pymemcache get/s, one thread",
