@@ -223,16 +223,18 @@ class Counter:
         pending before (the counter now needs a flush).
 
         Raises ``CacheUnavailable`` (not kept: memcache is down, refused it or is
-        not configured) or ``IncrementOutcomeUnknown`` (memcache may have kept
-        it: its reply was lost). Until it is written, ``delta`` shares the stash's
-        loss window: memcache losing the key loses it.
+        not configured), ``CounterOverflowError`` (not kept: the pending amount
+        would leave the signed 64-bit range, which no one write can carry) or
+        ``IncrementOutcomeUnknown`` (memcache may have kept it: its reply was
+        lost). Until it is written, ``delta`` shares the stash's loss window:
+        memcache losing the key loses it.
         """
         delta = check_delta(delta)
         ctx = self._ctx
         if not ctx.backend.cache.enabled:
             raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
         try:
-            before = ctx.backend.cache.stash(ctx.stash_key, delta)
+            before = ctx.backend.cache.stash(ctx.stash_key, delta, within_int64=True)
         except CacheUnavailable as exc:
             if exc.maybe_applied:
                 raise IncrementOutcomeUnknown(self.name, delta, exc) from exc

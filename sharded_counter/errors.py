@@ -24,7 +24,9 @@ class ConfigurationError(ShardedCounterError, ValueError):
 
 
 class CounterOverflowError(ShardedCounterError, OverflowError):
-    """No shard can take the delta without leaving the signed 64-bit range.
+    """No shard can take the delta without leaving the signed 64-bit range (or, for
+    ``Counter.defer`` and ``SharedBuffer.increment``, the amount pending in memcache
+    would leave it).
 
     Nothing was written when this is raised.
     """

@@ -25,6 +25,7 @@ from google.api_core import exceptions as gexc
 from sharded_counter import (
     CacheUnavailable,
     Counter,
+    CounterOverflowError,
     DatastoreUnavailable,
     SharedBuffer,
 )
@@ -363,6 +364,28 @@ def test_bad_input_is_refused_before_anything_is_written(
     with pytest.raises(error):
         call(buffer)
     assert buffer.flush() == []
+
+
+def test_any_unicode_name_and_the_whole_int64_range(backend_env: dict[str, str]) -> None:
+    """Pending amounts are signed and as wide as a shard; names are any unicode. An
+    increment that would take the pending amount out of int64 is refused whole."""
+    top = 2**63 - 1
+    names = ["página/日本語 ✓", "emoji 🧮 counter", "x" * 400]
+    buffer = SharedBuffer(interval=60)
+    for name in names:
+        buffer.increment(name, top)
+        assert buffer.pending(name) == top
+    assert sorted(buffer.flush()) == sorted(names)
+    for name in names:
+        buffer.increment(name, -top)
+        with pytest.raises(CounterOverflowError):
+            buffer.increment(name, -top)  # -(2**64 - 2) pending: no write could carry it
+        buffer.increment(name, -1)  # -(2**63) pending: the least int64
+        assert buffer.pending(name) == -(2**63)
+        assert buffer.count(name) == -1
+    assert sorted(buffer.flush()) == sorted(names)
+    assert [Counter(n).verify().shards for n in names] == [-1] * 3
+    assert [buffer.pending(n) for n in names] == [0] * 3
 
 
 def test_bad_settings_are_refused() -> None:

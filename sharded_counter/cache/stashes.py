@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..core.stash import Stash
-from ..errors import CacheUnavailable
+from ..core.validation import fits_int64
+from ..errors import CacheUnavailable, CounterOverflowError
 from .backlog import Backlog, StashChange
 from .cas import change_stash
 from .guarded import GuardedClient
@@ -22,11 +23,25 @@ class PendingStashes:
         self._backlog = backlog
         self._sightings = sightings
 
-    def stash(self, stash_key: str, delta: int) -> int:
+    def stash(self, stash_key: str, delta: int, *, within_int64: bool = False) -> int:
         """Add ``delta`` to the pending stash; returns what was pending before. Raises
-        CacheUnavailable if it cannot."""
+        CacheUnavailable if it cannot.
+
+        With ``within_int64``, a ``delta`` that would take the pending amount out of
+        the signed 64-bit range is refused (CounterOverflowError, nothing changed):
+        one write could never carry it. A failed write's stash takes it all the same,
+        since that amount is the caller's already and must be kept.
+        """
+
+        def add(stash: Stash) -> Stash:
+            if within_int64 and not fits_int64(stash.pending + delta):
+                raise CounterOverflowError(
+                    f"{stash.pending} pending plus {delta} leaves the signed 64-bit range"
+                )
+            return stash.added(delta)
+
         self._sightings.expect_pending(stash_key)
-        return change_stash(self._calls, stash_key, lambda s: s.added(delta)).pending
+        return change_stash(self._calls, stash_key, add).pending
 
     def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
         """Take the whole pending stash for the fold ``token`` (0 when there is none).

@@ -108,10 +108,10 @@ class CacheTier:
 
     # -- pending increments and folds: stashes.py ------------------------------------------
 
-    def stash(self, stash_key: str, delta: int) -> int:
+    def stash(self, stash_key: str, delta: int, *, within_int64: bool = False) -> int:
         """Add ``delta`` to the pending stash; returns what was pending before. Raises
-        CacheUnavailable if it cannot."""
-        return self._stashes.stash(stash_key, delta)
+        CacheUnavailable if it cannot (and CounterOverflowError: see PendingStashes)."""
+        return self._stashes.stash(stash_key, delta, within_int64=within_int64)
 
     def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
         """Take the whole pending stash for the fold ``token``. Raises CacheUnavailable."""

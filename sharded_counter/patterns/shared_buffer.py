@@ -105,8 +105,10 @@ class SharedBuffer:
         ``on_cache_failure`` decides: ``"raise"`` raises ``CacheUnavailable``
         (not counted), ``"direct"`` writes it with ``Counter.increment`` instead
         (and its errors). ``IncrementOutcomeUnknown`` means memcache may have
-        kept it (its reply was lost). Bad input raises ``TypeError`` /
-        ``ValueError`` before anything is written.
+        kept it (its reply was lost). ``CounterOverflowError``: the pending
+        amount would leave the signed 64-bit range (nothing kept; no one write
+        could carry it). Bad input raises ``TypeError`` / ``ValueError`` before
+        anything is written.
         """
         check_name(name)
         n = check_delta(n)
