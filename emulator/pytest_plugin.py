@@ -22,7 +22,11 @@ from .stack import BackendStack
 
 _T = TypeVar("_T")
 
-_ENGINE_FIXTURES = ("datastore_engine", "backend_env")
+# Only this fixture's name decides what runs once per engine (sharded_counter_env asks
+# for it). Every fixture of the plugin has a name of its own: the plugin is loaded into
+# every project that installs the package, so a common name such as ``backend_env``
+# would parametrize tests that another project wrote around a fixture of its own.
+_ENGINE_FIXTURE = "sharded_counter_engine"
 # Start-up failures seen this session, by backend: a second test must not wait through
 # another 90 s timeout to learn the same thing.
 _FAILURES = pytest.StashKey[dict[str, str]]()
@@ -51,6 +55,9 @@ def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends: needs the real Datastore emulators and memcached"
+    )
     # A typo in --sc-engines is a usage error up front, not a collection error per module.
     _selected_engines(config)
 
@@ -63,14 +70,14 @@ def _parametrizes(marker: pytest.Mark, argname: str) -> bool:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if not any(name in metafunc.fixturenames for name in _ENGINE_FIXTURES):
+    if _ENGINE_FIXTURE not in metafunc.fixturenames:
         return
     # A test that picks its engines itself keeps its choice.
     markers = metafunc.definition.iter_markers("parametrize")
-    if any(_parametrizes(marker, "datastore_engine") for marker in markers):
+    if any(_parametrizes(marker, _ENGINE_FIXTURE) for marker in markers):
         return
     engines = _selected_engines(metafunc.config)
-    metafunc.parametrize("datastore_engine", engines, ids=list(engines), indirect=True)
+    metafunc.parametrize(_ENGINE_FIXTURE, engines, ids=list(engines), indirect=True)
 
 
 def _start_once(config: pytest.Config, key: str, start: Callable[[], _T]) -> _T:
@@ -101,7 +108,7 @@ def sharded_counter_backends(pytestconfig: pytest.Config) -> Iterator[BackendSta
 
 
 @pytest.fixture(scope="session")
-def memcached_server(
+def sharded_counter_memcached(
     pytestconfig: pytest.Config, sharded_counter_backends: BackendStack
 ) -> Memcached:
     """The session's memcached server."""
@@ -109,7 +116,7 @@ def memcached_server(
 
 
 @pytest.fixture
-def datastore_engine(request: pytest.FixtureRequest) -> Engine:
+def sharded_counter_engine(request: pytest.FixtureRequest) -> Engine:
     """The engine this test runs against (tests using it run once per selected engine)."""
     param = getattr(request, "param", None)
     if param is None:
@@ -119,9 +126,9 @@ def datastore_engine(request: pytest.FixtureRequest) -> Engine:
 
 
 @pytest.fixture
-def backend_env(
+def sharded_counter_env(
     request: pytest.FixtureRequest,
-    datastore_engine: Engine,
+    sharded_counter_engine: Engine,
     sharded_counter_backends: BackendStack,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, str]:
@@ -133,8 +140,8 @@ def backend_env(
     stack = sharded_counter_backends
     emulator = _start_once(
         request.config,
-        f"engine:{datastore_engine}",
-        functools.partial(stack.emulator, datastore_engine),
+        f"engine:{sharded_counter_engine}",
+        functools.partial(stack.emulator, sharded_counter_engine),
     )
     servers = _start_once(request.config, "memcached", lambda: stack.memcached)
     # Clean before the test rather than after, so a test sees a clean slate even when
@@ -142,7 +149,7 @@ def backend_env(
     emulator.reset()
     for server in servers:
         server.flush_all()
-    env = stack.env(datastore_engine)
+    env = stack.env(sharded_counter_engine)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env

@@ -26,7 +26,7 @@ def clean_global_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def own_memcache(memcached_server: Any) -> Iterator[Callable[..., Any]]:
+def own_memcache(sharded_counter_memcached: Any) -> Iterator[Callable[..., Any]]:
     """Make memcache clients of this test's own, as a fresh process would have them.
 
     A memcached restart leaves the idle pooled sockets of every client in the process
@@ -37,7 +37,9 @@ def own_memcache(memcached_server: Any) -> Iterator[Callable[..., Any]]:
     made: list[Any] = []
 
     def make(**options: Any) -> Any:
-        client = build_client(Settings(memcached_hosts=(memcached_server.address,), **options))
+        client = build_client(
+            Settings(memcached_hosts=(sharded_counter_memcached.address,), **options)
+        )
         made.append(client)
         return client
 
@@ -48,9 +50,11 @@ def own_memcache(memcached_server: Any) -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture
-def relay(sharded_counter_backends: Any, datastore_engine: str) -> Iterator[ReplyHoldingRelay]:
+def relay(
+    sharded_counter_backends: Any, sharded_counter_engine: str
+) -> Iterator[ReplyHoldingRelay]:
     """A ReplyHoldingRelay in front of this test's emulator, closed however the test ends."""
-    emulator = sharded_counter_backends.emulator(datastore_engine)
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     holding = ReplyHoldingRelay(emulator.host, emulator.port)
     yield holding
     holding.close()

@@ -12,14 +12,14 @@ pytestmark = pytest.mark.backends
 
 
 def test_get_counts_mixes_cached_and_uncached_totals(
-    backend_env: dict[str, str], memcached_server: Any
+    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
 ) -> None:
     names = [f"page-{i}" for i in range(40)]  # more than one IN filter holds
     for i, name in enumerate(names):
         if i % 3:
             Counter(name).increment(i)
     assert Counter("page-1").count == 1  # one of them is cached now
-    memcached_server.flush_all()
+    sharded_counter_memcached.flush_all()
     Counter("page-2").count  # noqa: B018 - and this one again, after the flush
     expected = {name: (i if i % 3 else 0) for i, name in enumerate(names)}
     assert Counter.get_counts(names) == expected
@@ -28,7 +28,9 @@ def test_get_counts_mixes_cached_and_uncached_totals(
     assert all(Counter(name).verify().ok for name in names)
 
 
-def test_get_counts_follows_writes_and_subclass_settings(backend_env: dict[str, str]) -> None:
+def test_get_counts_follows_writes_and_subclass_settings(
+    sharded_counter_env: dict[str, str],
+) -> None:
     class Wide(Counter):
         shards = 50
 
@@ -40,12 +42,12 @@ def test_get_counts_follows_writes_and_subclass_settings(backend_env: dict[str, 
     assert Wide.get_counts([]) == {}
 
 
-def test_get_counts_without_memcache(backend_env: dict[str, str]) -> None:
+def test_get_counts_without_memcache(sharded_counter_env: dict[str, str]) -> None:
     Counter("x", memcached_hosts=()).increment(5)
     assert Counter.get_counts(["x", "y"], memcached_hosts=()) == {"x": 5, "y": 0}
 
 
-def test_get_counts_refuses_bad_names_before_reading(backend_env: dict[str, str]) -> None:
+def test_get_counts_refuses_bad_names_before_reading(sharded_counter_env: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         Counter.get_counts(["ok", ""])
     with pytest.raises(TypeError):

@@ -32,7 +32,9 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
     return False
 
 
-def test_flushes_once_per_interval_after_the_first_increment(backend_env: dict[str, str]) -> None:
+def test_flushes_once_per_interval_after_the_first_increment(
+    sharded_counter_env: dict[str, str],
+) -> None:
     buffer = CounterBuffer(interval=0.5, jitter=0.2)
     started = time.monotonic()
     for _ in range(1000):
@@ -48,7 +50,7 @@ def test_flushes_once_per_interval_after_the_first_increment(backend_env: dict[s
     assert Counter("hits").verify().shards == 990
 
 
-def test_count_includes_what_is_pending(backend_env: dict[str, str]) -> None:
+def test_count_includes_what_is_pending(sharded_counter_env: dict[str, str]) -> None:
     buffer = CounterBuffer(interval=3600)
     Counter("mixed").increment(5)
     buffer.increment("mixed", 3)
@@ -59,7 +61,7 @@ def test_count_includes_what_is_pending(backend_env: dict[str, str]) -> None:
     assert Counter("mixed").count == 8
 
 
-def test_many_threads_add_up_exactly(backend_env: dict[str, str]) -> None:
+def test_many_threads_add_up_exactly(sharded_counter_env: dict[str, str]) -> None:
     buffer = CounterBuffer(interval=0.05)  # flushes race the writers
     threads, per_thread = 16, 2000
 
@@ -82,7 +84,7 @@ def test_many_threads_add_up_exactly(backend_env: dict[str, str]) -> None:
 
 
 def test_failed_flushes_back_off_then_stash(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: Any
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
     live = Counter("flaky")
     with monkeypatch.context() as patch:
@@ -100,7 +102,7 @@ def test_failed_flushes_back_off_then_stash(
 
 
 def test_flush_on_demand_raises_and_keeps_the_amount(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
     buffer = CounterBuffer(
@@ -115,7 +117,7 @@ def test_flush_on_demand_raises_and_keeps_the_amount(
     assert buffer.pending("stuck") == 4  # nothing dropped
 
 
-def test_thread_stops_when_idle_and_restarts(backend_env: dict[str, str]) -> None:
+def test_thread_stops_when_idle_and_restarts(sharded_counter_env: dict[str, str]) -> None:
     buffer = CounterBuffer(interval=0.05, timeout=0.3)
     buffer.increment("sleepy")
     assert wait_for(lambda: buffer._thread is None)
@@ -125,7 +127,7 @@ def test_thread_stops_when_idle_and_restarts(backend_env: dict[str, str]) -> Non
     assert wait_for(lambda: Counter("sleepy").count == 3)
 
 
-def test_memory_is_bounded_by_flushing_early(backend_env: dict[str, str]) -> None:
+def test_memory_is_bounded_by_flushing_early(sharded_counter_env: dict[str, str]) -> None:
     buffer = CounterBuffer(interval=3600, max_keys=5)
     for i in range(6):
         buffer.increment(f"k{i}")
@@ -133,7 +135,9 @@ def test_memory_is_bounded_by_flushing_early(backend_env: dict[str, str]) -> Non
     assert Counter.get_counts([f"k{i}" for i in range(6)]) == {f"k{i}": 1 for i in range(6)}
 
 
-def test_pending_sums_beyond_int64_are_written_in_parts(backend_env: dict[str, str]) -> None:
+def test_pending_sums_beyond_int64_are_written_in_parts(
+    sharded_counter_env: dict[str, str],
+) -> None:
     buffer = CounterBuffer(interval=3600, write_mode="transaction")
     for _ in range(3):
         buffer.increment("huge", INT64_MAX)
@@ -142,7 +146,7 @@ def test_pending_sums_beyond_int64_are_written_in_parts(backend_env: dict[str, s
     assert Counter("huge").get_count(nocache=True) == 3 * INT64_MAX
 
 
-def test_pending_increments_are_written_at_exit(backend_env: dict[str, str]) -> None:
+def test_pending_increments_are_written_at_exit(sharded_counter_env: dict[str, str]) -> None:
     script = textwrap.dedent(
         """
         from sharded_counter.patterns.buffer import CounterBuffer
@@ -156,7 +160,9 @@ def test_pending_increments_are_written_at_exit(backend_env: dict[str, str]) -> 
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_does_not_write_its_parents_pending(backend_env: dict[str, str]) -> None:
+def test_a_forked_child_does_not_write_its_parents_pending(
+    sharded_counter_env: dict[str, str],
+) -> None:
     buffer = CounterBuffer(interval=3600)
     buffer.increment("forked", 10)
     pid = os.fork()

@@ -14,6 +14,7 @@ from rich.console import Console
 
 import sharded_counter
 from sharded_counter.tools.cli import main
+from sharded_counter_emulator import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -153,7 +154,7 @@ def test_env_reports_a_bad_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 @pytest.mark.backends
 @pytest.mark.usefixtures("wide")
-def test_round_trip_on_real_backends(backend_env: dict[str, str]) -> None:
+def test_round_trip_on_real_backends(sharded_counter_env: dict[str, str]) -> None:
     def run(*args: str) -> str:
         result = invoke(*args)
         assert result.exit_code == 0, result.output
@@ -182,7 +183,22 @@ def test_round_trip_on_real_backends(backend_env: dict[str, str]) -> None:
 
 
 @pytest.mark.backends
-def test_verify_reports_drift_and_repair_mends_it(backend_env: dict[str, str]) -> None:
+@pytest.mark.usefixtures("wide")
+def test_count_reads_the_shards_when_memcache_is_down(
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert invoke("increment", "hits", "7").exit_code == 0
+    monkeypatch.setenv("MEMCACHED_HOSTS", f"127.0.0.1:{free_port()}")
+    result = invoke("count", "hits")
+    assert result.exit_code == 0, result.output
+    [line] = [line for line in result.output.splitlines() if " hits " in f" {line} "]
+    cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
+    assert cells == ["hits", "7", "memcache down", "7", "unknown"]
+    assert "memcache is unavailable" in result.output
+
+
+@pytest.mark.backends
+def test_verify_reports_drift_and_repair_mends_it(sharded_counter_env: dict[str, str]) -> None:
     from google.cloud import datastore
 
     from sharded_counter import Counter

@@ -455,7 +455,7 @@ class Load:
 
 @pytest.mark.parametrize("outage", ["restart", "pause"])
 def test_counters_stay_exact_while_a_server_dies_and_returns(
-    backend_env: dict[str, str], trio: list[Memcached], outage: str
+    sharded_counter_env: dict[str, str], trio: list[Memcached], outage: str
 ) -> None:
     hosts = [s.address for s in trio]
     counters = [
@@ -501,9 +501,9 @@ def test_counters_stay_exact_while_a_server_dies_and_returns(
     assert direct(victim).stats()[b"curr_items"] > 0
 
 
-@pytest.mark.parametrize("datastore_engine", ["classic"], indirect=True)
+@pytest.mark.parametrize("sharded_counter_engine", ["classic"], indirect=True)
 def test_the_plain_hash_client_would_serve_a_stale_total(
-    backend_env: dict[str, str], trio: list[Memcached]
+    sharded_counter_env: dict[str, str], trio: list[Memcached]
 ) -> None:
     """The control: the same outage through pymemcache's own HashClient goes wrong.
 
@@ -588,10 +588,10 @@ def test_the_readme_has_an_example_for_each_part() -> None:
 
 
 def test_the_readme_cache_examples_run(
-    memcached_server: Memcached, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
-    memcached_server.flush_all()
+    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
+    sharded_counter_memcached.flush_all()
     examples = readme_examples()
 
     limits = run_example(examples["Rate limits"][0])
@@ -609,7 +609,7 @@ def test_the_readme_cache_examples_run(
 
 
 def test_the_readme_durable_and_cluster_examples_run(
-    backend_env: dict[str, str], trio: list[Memcached], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], trio: list[Memcached], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     examples = readme_examples()
     durable = run_example(examples["Time series"][1])

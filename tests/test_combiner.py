@@ -157,7 +157,7 @@ def test_each_member_of_a_lost_group_is_told_its_own_delta() -> None:
 
 @pytest.mark.backends
 def test_sixteen_threads_share_writes_and_count_exactly(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counter = Counter("grouped", shards=20, max_concurrent_writes=2)
     assert counter.count == 0  # cached, so every write also merges into the record
@@ -186,7 +186,7 @@ def test_sixteen_threads_share_writes_and_count_exactly(
 
 
 @pytest.mark.backends
-def test_a_read_right_after_a_shared_increment_sees_it(backend_env: dict[str, str]) -> None:
+def test_a_read_right_after_a_shared_increment_sees_it(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("read-after", shards=5, max_concurrent_writes=1)
     assert counter.count == 0
     failures: list[str] = []

@@ -1,7 +1,7 @@
 """The Counter API of the tipfy document, end to end on both Datastore engines and memcached.
 
 Every test here runs once per engine (classic emulator, Firestore emulator in
-Datastore mode) against real processes; ``backend_env`` points the
+Datastore mode) against real processes; ``sharded_counter_env`` points the
 environment at them and wipes both before each test.
 """
 
@@ -27,7 +27,7 @@ def shard_entities(name: str) -> list[datastore.Entity]:
     return list(query.fetch())
 
 
-def test_the_documented_usage(backend_env: dict[str, str]) -> None:
+def test_the_documented_usage(sharded_counter_env: dict[str, str]) -> None:
     hits = Counter("hits")
     hits.increment()
     hits.increment(10)
@@ -40,7 +40,7 @@ def test_the_documented_usage(backend_env: dict[str, str]) -> None:
     assert isinstance(hits.count, int)
 
 
-def test_shard_counts_from_class_and_config(backend_env: dict[str, str]) -> None:
+def test_shard_counts_from_class_and_config(sharded_counter_env: dict[str, str]) -> None:
     class MyCounter(Counter):
         shards = 20
 
@@ -60,7 +60,7 @@ def test_shard_counts_from_class_and_config(backend_env: dict[str, str]) -> None
 
 
 def test_shards_means_the_shard_count_on_the_class_and_on_a_counter(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     """One meaning: the number of shards new increments are spread over, whether read
     on a class (what its counters get) or on a counter (what is in force)."""
@@ -77,12 +77,12 @@ def test_shards_means_the_shard_count_on_the_class_and_on_a_counter(
 
 
 def test_counts_survive_a_cache_flush_and_go_negative(
-    backend_env: dict[str, str], memcached_server: Any
+    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
 ) -> None:
     counter = Counter("down")
     counter.increment(-5)
     assert counter.count == -5
-    memcached_server.flush_all()
+    sharded_counter_memcached.flush_all()
     assert counter.count == -5  # rebuilt from the shards
     counter.increment(2)
     assert counter.count == -3
@@ -90,7 +90,7 @@ def test_counts_survive_a_cache_flush_and_go_negative(
 
 
 def test_a_cached_total_follows_writes_from_other_counter_objects(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     reader, writer = Counter("shared"), Counter("shared")
     assert reader.count == 0  # now cached
@@ -98,7 +98,7 @@ def test_a_cached_total_follows_writes_from_other_counter_objects(
     assert reader.count == 7
 
 
-def test_uncached_sum_counts_shards_written_by_anyone(backend_env: dict[str, str]) -> None:
+def test_uncached_sum_counts_shards_written_by_anyone(sharded_counter_env: dict[str, str]) -> None:
     """Shards of the App Engine originals (or of an old shard count) are counted."""
     client = datastore.Client()
     legacy = datastore.Entity(client.key(SHARD_KIND, "Shardhits3"))
@@ -113,7 +113,7 @@ def test_uncached_sum_counts_shards_written_by_anyone(backend_env: dict[str, str
     assert sum(e["count"] for e in shard_entities("hits")) == 5
 
 
-def test_many_threads_on_one_counter_are_exact(backend_env: dict[str, str]) -> None:
+def test_many_threads_on_one_counter_are_exact(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("hot", shards=5)
     per_thread, threads = 10, 16
     errors: list[BaseException] = []
@@ -137,7 +137,7 @@ def test_many_threads_on_one_counter_are_exact(backend_env: dict[str, str]) -> N
     assert counter.count == per_thread * threads
 
 
-def test_delete_removes_shards_and_cached_entries(backend_env: dict[str, str]) -> None:
+def test_delete_removes_shards_and_cached_entries(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("gone")
     counter.increment(3)
     assert counter.count == 3
@@ -151,7 +151,9 @@ def test_delete_removes_shards_and_cached_entries(backend_env: dict[str, str]) -
     ("bad", "error"),
     [(1.5, TypeError), ("3", TypeError), (None, TypeError), (True, TypeError), (2**63, ValueError)],
 )
-def test_bad_deltas_write_nothing(backend_env: dict[str, str], bad: Any, error: type) -> None:
+def test_bad_deltas_write_nothing(
+    sharded_counter_env: dict[str, str], bad: Any, error: type
+) -> None:
     counter = Counter("strict")
     with pytest.raises(error):
         counter.increment(bad)
@@ -161,7 +163,7 @@ def test_bad_deltas_write_nothing(backend_env: dict[str, str], bad: Any, error: 
 @pytest.mark.parametrize(
     ("name", "error"), [("", ValueError), (None, TypeError), ("x" * 1501, ValueError)]
 )
-def test_bad_names_are_refused(backend_env: dict[str, str], name: Any, error: type) -> None:
+def test_bad_names_are_refused(sharded_counter_env: dict[str, str], name: Any, error: type) -> None:
     with pytest.raises(error):
         Counter(name)
 
@@ -169,7 +171,7 @@ def test_bad_names_are_refused(backend_env: dict[str, str], name: Any, error: ty
 @pytest.mark.parametrize(
     "name", ["spaces and\nnewlines\x00", "__reserved__", "ünïcødé 🧮", "x" * 1500, "a1"]
 )
-def test_hostile_names_work(backend_env: dict[str, str], name: str) -> None:
+def test_hostile_names_work(sharded_counter_env: dict[str, str], name: str) -> None:
     counter = Counter(name, shards=2)
     counter.increment(4)
     assert counter.count == 4
@@ -181,7 +183,7 @@ def test_hostile_names_work(backend_env: dict[str, str], name: str) -> None:
         assert counter.get_count(nocache=True) == 4
 
 
-def test_without_memcache_every_read_sums_the_shards(backend_env: dict[str, str]) -> None:
+def test_without_memcache_every_read_sums_the_shards(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("nocache", memcached_hosts=())
     counter.increment(3)
     assert counter.count == 3
@@ -197,7 +199,7 @@ FAST_FAIL = {"retry_attempts": 2, "retry_deadline": 1.0, "rpc_timeout": 0.5}
 
 
 def test_failed_writes_are_stashed_and_folded_into_the_next_write(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     live = Counter("stash")
     live.increment(1)
@@ -217,7 +219,7 @@ def test_failed_writes_are_stashed_and_folded_into_the_next_write(
 
 
 def test_write_failing_with_memcache_down_raises(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead_datastore(monkeypatch)
     counter = Counter(
@@ -229,7 +231,7 @@ def test_write_failing_with_memcache_down_raises(
     assert "not recorded" in str(caught.value)
 
 
-def test_increment_joins_the_callers_transaction(backend_env: dict[str, str]) -> None:
+def test_increment_joins_the_callers_transaction(sharded_counter_env: dict[str, str]) -> None:
     client = datastore.Client()
     counter = Counter("orders")
     counter.increment(1)
@@ -246,7 +248,7 @@ def test_increment_joins_the_callers_transaction(backend_env: dict[str, str]) ->
     assert counter.get_count(nocache=True) == 6
 
 
-def test_a_rolled_back_transaction_counts_nothing(backend_env: dict[str, str]) -> None:
+def test_a_rolled_back_transaction_counts_nothing(sharded_counter_env: dict[str, str]) -> None:
     client = datastore.Client()
     counter = Counter("orders")
     assert counter.count == 0
@@ -263,7 +265,7 @@ def test_a_rolled_back_transaction_counts_nothing(backend_env: dict[str, str]) -
     assert counter.get_count(nocache=True) == 0
 
 
-def test_joining_needs_a_live_datastore_transaction(backend_env: dict[str, str]) -> None:
+def test_joining_needs_a_live_datastore_transaction(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("orders")
     with pytest.raises(TypeError):
         counter.increment(1, transaction=object())  # type: ignore[arg-type]
@@ -273,7 +275,7 @@ def test_joining_needs_a_live_datastore_transaction(backend_env: dict[str, str])
 
 
 def test_verify_finds_drift_and_repair_rebuilds_from_the_truth(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counter = Counter("audited", shards=1)
     counter.increment(5)

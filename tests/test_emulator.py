@@ -316,19 +316,19 @@ def test_plain():
     pass
 
 
-def test_counts(backend_env, datastore_engine):
-    assert os.environ["DATASTORE_EMULATOR_HOST"] == backend_env["DATASTORE_EMULATOR_HOST"]
-    assert os.environ["MEMCACHED_HOSTS"] == backend_env["MEMCACHED_HOSTS"]
+def test_counts(sharded_counter_env, sharded_counter_engine):
+    assert os.environ["DATASTORE_EMULATOR_HOST"] == sharded_counter_env["DATASTORE_EMULATOR_HOST"]
+    assert os.environ["MEMCACHED_HOSTS"] == sharded_counter_env["MEMCACHED_HOSTS"]
     client = datastore.Client()
     key = client.key("Counter", "x")
     assert client.get(key) is None
     entity = datastore.Entity(key)
-    entity["value"] = datastore_engine
+    entity["value"] = sharded_counter_engine
     client.put(entity)
 
 
-def test_counts_isolated(backend_env, memcached_server, sharded_counter_backends):
-    assert backend_env["MEMCACHED_HOSTS"] == memcached_server.address
+def test_counts_isolated(sharded_counter_env, sharded_counter_memcached, sharded_counter_backends):
+    assert sharded_counter_env["MEMCACHED_HOSTS"] == sharded_counter_memcached.address
     client = datastore.Client()
     assert client.get(client.key("Counter", "x")) is None
 """
@@ -350,6 +350,77 @@ def test_plugin_runs_each_engine_with_clean_backends(plugin_tests: pytest.Pytest
             "*test_counts_isolated[[]classic[]] PASSED*",
             "*test_counts_isolated[[]firestore[]] PASSED*",
         ]
+    )
+
+
+_OTHER_PROJECT_CONFTEST = """
+import pytest
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def datastore_engine(request):
+    return request.param
+
+
+@pytest.fixture
+def backend_env(datastore_engine):
+    return {"ENGINE": datastore_engine}
+
+
+@pytest.fixture
+def memcached_server():
+    return "their own"
+"""
+
+_OTHER_PROJECT_TESTS = """
+import pytest
+
+
+def test_uses_its_own_fixtures(backend_env, memcached_server):
+    assert memcached_server == "their own"
+    assert backend_env["ENGINE"] in ("sqlite", "postgres")
+
+
+def test_plain_env(backend_env):
+    assert backend_env
+
+
+@pytest.mark.backends
+def test_marked():
+    pass
+"""
+
+
+def test_another_projects_fixtures_of_common_names_are_left_alone(
+    pytester: pytest.Pytester,
+) -> None:
+    """Installing us loads the plugin into every project: a project whose own fixtures
+    are called backend_env, datastore_engine or memcached_server runs its tests as it
+    wrote them (once per its own params), and our ``backends`` marker is registered."""
+    pytester.makeconftest(_OTHER_PROJECT_CONFTEST)
+    pytester.makepyfile(test_theirs=_OTHER_PROJECT_TESTS)
+    result = pytester.runpytest(*_plugin_args(), "-v", "--strict-markers", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*test_uses_its_own_fixtures[[]sqlite[]] PASSED*",
+            "*test_uses_its_own_fixtures[[]postgres[]] PASSED*",
+            "*test_plain_env[[]sqlite[]] PASSED*",
+            "*test_plain_env[[]postgres[]] PASSED*",
+            "*test_marked PASSED*",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*classic*")
+
+
+def test_the_readme_testing_example_runs_once_per_engine(pytester: pytest.Pytester) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Testing your own app", 1)[1].split("\n## ", 1)[0]
+    pytester.makepyfile(test_readme=section.split("```python\n", 1)[1].split("```", 1)[0])
+    result = pytester.runpytest(*_plugin_args(), "-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines_random(
+        ["*test_hits[[]classic[]] PASSED*", "*test_hits[[]firestore[]] PASSED*"]
     )
 
 

@@ -98,8 +98,8 @@ def assert_within_contract(ledger: Ledger, total: int, label: str, **extra: Any)
 @pytest.mark.parametrize("memcache", ["memcache", "no-memcache"])
 @pytest.mark.parametrize("grouping", ["group-commit", "no-group-commit"])
 def test_lost_replies_get_an_honest_answer(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     memcache: str,
@@ -134,7 +134,7 @@ def test_lost_replies_get_an_honest_answer(
     assert_within_contract(
         ledger,
         total,
-        f"lost-replies[{datastore_engine},{memcache},{grouping}]",
+        f"lost-replies[{sharded_counter_engine},{memcache},{grouping}]",
         unsure=stats["unsure"],
         resolved=stats["resolved"],
         stashed=stats["stashed"],
@@ -184,8 +184,8 @@ def _child_writer(
 
 @pytest.mark.parametrize("memcache", ["memcache", "no-memcache"])
 def test_lost_replies_get_an_honest_answer_in_two_processes(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     memcache: str,
@@ -233,7 +233,7 @@ def test_lost_replies_get_an_honest_answer_in_two_processes(
     assert_within_contract(
         ledger,
         total,
-        f"lost-replies-2p[{datastore_engine},{memcache}]",
+        f"lost-replies-2p[{sharded_counter_engine},{memcache}]",
         unsure=stats["unsure"] + child_stats["unsure"],
     )
     if memcache == "memcache":
@@ -320,7 +320,7 @@ def _replay_in_child(name: str, sent: Sequence[tuple[str, int]], out: Any) -> No
 
 
 def test_messages_delivered_up_to_three_times_count_once(
-    backend_env: dict[str, str], datastore_engine: str, memcached_server: Any
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str, sharded_counter_memcached: Any
 ) -> None:
     """1,500 messages delivered 1-3 times each, from 16 threads in this process and 8 in
     another, with memcache flushed midway; then a fresh process replays 300 of them."""
@@ -337,7 +337,7 @@ def test_messages_delivered_up_to_three_times_count_once(
         counter.get_count()
         start.set()
         began = time.monotonic()
-        our_tally = _deliver_all(counter, ours, WRITERS, midway=memcached_server.flush_all)
+        our_tally = _deliver_all(counter, ours, WRITERS, midway=sharded_counter_memcached.flush_all)
         their_tally = out.get(timeout=120)
         seconds = time.monotonic() - began
     finally:
@@ -346,7 +346,7 @@ def test_messages_delivered_up_to_three_times_count_once(
             child.kill()
     total, cached = counter.get_count(nocache=True), counter.count
     report(
-        f"keyed-deliveries[{datastore_engine}]",
+        f"keyed-deliveries[{sharded_counter_engine}]",
         deliveries=len(sent),
         messages=1500,
         expected=expected,
@@ -365,8 +365,8 @@ def test_messages_delivered_up_to_three_times_count_once(
 
 
 def test_keyed_deliveries_retried_through_lost_replies_count_exactly(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -392,7 +392,7 @@ def test_keyed_deliveries_retried_through_lost_replies_count_exactly(
         swallow_replies_twice(relay)
     total = counter.get_count(nocache=True)
     report(
-        f"keyed-lost-replies[{datastore_engine}]",
+        f"keyed-lost-replies[{sharded_counter_engine}]",
         delivered=len(applied),
         not_recorded=tally.get("IncrementNotRecorded", 0),
         outcome_unknown=tally.get("IncrementOutcomeUnknown", 0),
@@ -403,7 +403,7 @@ def test_keyed_deliveries_retried_through_lost_replies_count_exactly(
 
 
 def test_a_request_the_server_refuses_is_not_recorded_and_no_raw_error_escapes(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     """A refusal no retry cures (here the real emulator's INVALID_ARGUMENT for a write in
     a reserved namespace; both engines still answer queries there) is certain:
@@ -422,7 +422,7 @@ def test_a_request_the_server_refuses_is_not_recorded_and_no_raw_error_escapes(
 
 
 def test_reads_sets_and_deletes_with_datastore_unreachable_raise_ours(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing listens at the Datastore address: every public call that needs it raises
     one of our errors, with the google error as its cause."""
@@ -451,8 +451,8 @@ def test_reads_sets_and_deletes_with_datastore_unreachable_raise_ours(
 
 
 def test_a_buffer_flush_whose_outcome_was_unknown_is_retried_with_its_key(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -476,7 +476,9 @@ def test_a_buffer_flush_whose_outcome_was_unknown_is_retried_with_its_key(
     buffer.flush()
     total = Counter("buffered", **options).get_count(nocache=True)
     report(
-        f"buffer-unknown-flush[{datastore_engine}]", total=total, pending=buffer.pending("buffered")
+        f"buffer-unknown-flush[{sharded_counter_engine}]",
+        total=total,
+        pending=buffer.pending("buffered"),
     )
     assert (total, buffer.pending("buffered")) == (9, 0)  # 16 without the key
 
@@ -505,16 +507,16 @@ class HeldCas:
 
 
 def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
-    backend_env: dict[str, str],
-    datastore_engine: str,
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    sharded_counter_memcached: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Datastore refuses the write (nothing listens), so the increment goes to the stash;
     the stash's cas reaches memcached (through a relay) and is applied, but its reply is
     held past the timeout. The increment may well be counted: IncrementOutcomeUnknown,
     never IncrementNotRecorded."""
-    mc_relay = ReplyHoldingRelay(memcached_server.host, memcached_server.port)
+    mc_relay = ReplyHoldingRelay(sharded_counter_memcached.host, sharded_counter_memcached.port)
     try:
         timeouts = {"memcache_timeout": 0.2, "memcache_connect_timeout": 0.2}
         client = build_client(Settings(memcached_hosts=(f"127.0.0.1:{mc_relay.port}",), **timeouts))
@@ -533,7 +535,7 @@ def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
         assert unknown.value.delta == 5
         healthy = Counter("stash-reply-lost")
         counted = healthy.get_count(nocache=True)
-        report(f"stash-reply-lost[{datastore_engine}]", counted=counted)
+        report(f"stash-reply-lost[{sharded_counter_engine}]", counted=counted)
         assert counted == 5  # it was kept after all: "not recorded" would have been a lie
     finally:
         mc_relay.close()

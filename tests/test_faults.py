@@ -166,10 +166,10 @@ def _churn_child(
 
 
 def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
-    backend_env: dict[str, str],
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_memcached: Any,
     own_memcache: Callable[..., Any],
-    datastore_engine: str,
+    sharded_counter_engine: str,
 ) -> None:
     """16 threads and 2 processes write while memcached is flushed, restarted and expiring."""
     name = "churn"
@@ -204,11 +204,11 @@ def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
         try:
             while not stop.wait(rng.uniform(0.1, 0.3)):
                 if not chaos_log["restarts"] and time.monotonic() - began > 1.5:
-                    memcached_server.restart()  # same port, every item gone
+                    sharded_counter_memcached.restart()  # same port, every item gone
                     chaos_log["restarts"] += 1
                     restarted_at.append(time.monotonic())
                 else:
-                    memcached_server.flush_all()
+                    sharded_counter_memcached.flush_all()
                     chaos_log["flushes"] += 1
         except BaseException as exc:  # reported by the assertion below
             chaos_errors.append(exc)
@@ -263,7 +263,7 @@ def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
     stale, inflated = read_bound_violations(reads, ledger.events)
     after_restart = [round(t - restarted_at[0], 3) for t, _ in stale]
     report(
-        f"churn[{datastore_engine}]",
+        f"churn[{sharded_counter_engine}]",
         increments=ledger.acked_calls,
         per_second=ledger.acked_calls / seconds,
         reads=len(reads),
@@ -288,10 +288,10 @@ def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
 
 @pytest.mark.parametrize("outage", ["killed", "stalled"])
 def test_memcached_outage_costs_no_increment_and_no_exactness(
-    backend_env: dict[str, str],
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_memcached: Any,
     sharded_counter_backends: Any,
-    datastore_engine: str,
+    sharded_counter_engine: str,
     caplog: pytest.LogCaptureFixture,
     own_memcache: Callable[..., Any],
     outage: str,
@@ -326,9 +326,9 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
             outage_began = time.monotonic()
             # The outage starts while calls are in flight, as a real crash would.
             if outage == "killed":
-                memcached_server.kill()
+                sharded_counter_memcached.kill()
             else:
-                memcached_server.pause()
+                sharded_counter_memcached.pause()
             time.sleep(1.6)
         outage_writes = sum(1 for s, _, _ in ledger.events if s > outage_began)
         began = time.monotonic()
@@ -338,9 +338,9 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
         max_call = ledger.max_latency(since=outage_began)
     finally:
         if outage == "killed":
-            memcached_server.start()
+            sharded_counter_memcached.start()
         else:
-            memcached_server.resume()
+            sharded_counter_memcached.resume()
 
     assert ledger.errors == [] and ledger.refused_calls == 0
     assert outage_writes > 0, "no increment was acknowledged while memcached was out"
@@ -361,7 +361,7 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
     assert warnings_containing(caplog, "memcache answers again") == 1
 
     # Proof the total is served from the rebuilt cache: Datastore is frozen meanwhile.
-    emulator = sharded_counter_backends.emulator(datastore_engine)
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     emulator.pause()
     try:
         began = time.monotonic()
@@ -372,7 +372,7 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
     assert frozen_read == ledger.acknowledged
     assert frozen_seconds < 1.0
     report(
-        f"memcached-{outage}[{datastore_engine}]",
+        f"memcached-{outage}[{sharded_counter_engine}]",
         increments=ledger.acked_calls,
         during_outage=outage_writes,
         max_call_s=max_call,
@@ -382,8 +382,8 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
 
 
 def test_a_memcached_restart_while_idle_costs_no_increment(
-    backend_env: dict[str, str],
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_memcached: Any,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     own_memcache: Callable[..., Any],
@@ -397,8 +397,8 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
         broken = Counter("idle-restart", shards=4, memcache_client=client, **UNREACHABLE)
-    memcached_server.restart()  # returns once the new server answers
-    memcached_server.flush_all()  # and it does
+    sharded_counter_memcached.restart()  # returns once the new server answers
+    sharded_counter_memcached.flush_all()  # and it does
 
     ledger = Ledger()
     for _ in range(3):
@@ -415,13 +415,15 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
 
 
 def test_a_memcached_restart_while_idle_leaves_no_stale_total(
-    backend_env: dict[str, str], memcached_server: Any, own_memcache: Callable[..., Any]
+    sharded_counter_env: dict[str, str],
+    sharded_counter_memcached: Any,
+    own_memcache: Callable[..., Any],
 ) -> None:
     """Two processes' worth of cache tiers: a reader and a writer, each with its own client."""
     reader = Counter("stale-total", shards=4, memcache_client=own_memcache())
     writer = Counter("stale-total", shards=4, memcache_client=own_memcache())
     writer.increment(1)  # the writer's pool now holds an idle connection
-    memcached_server.restart()
+    sharded_counter_memcached.restart()
     assert reader.count == 1  # the reader (fresh sockets) caches a complete record
     writer.increment(5)  # acknowledged; its merge meets the stale socket
     stale = reader.count
@@ -482,9 +484,9 @@ class CommitSpy:
 
 
 def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
-    datastore_engine: str,
+    sharded_counter_engine: str,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -502,7 +504,7 @@ def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
     ledger.increment(counter, 1)  # the first call probes and connects: before any fault
     assert counter.count == 1
     spy = CommitSpy(monkeypatch)
-    emulator = sharded_counter_backends.emulator(datastore_engine)
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
 
     # Distinct deltas per thread and per call, so a landing can be told from another.
     writes = increment_loop(ledger, lambda i, k: counter, lambda i, k: 1000 * (i + 1) + k % 1000)
@@ -527,7 +529,7 @@ def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
     assert cached == uncached
     excess = uncached - ledger.acknowledged
     report(
-        f"datastore-stall[{datastore_engine}]",
+        f"datastore-stall[{sharded_counter_engine}]",
         increments=ledger.acked_calls,
         stashed=stats["stashed"],
         folded=stats["folded"],
@@ -546,7 +548,7 @@ def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
 
 
 def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
-    memcached_server: Any,
+    sharded_counter_memcached: Any,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -614,9 +616,9 @@ def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
 
 
 def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
-    backend_env: dict[str, str],
-    datastore_engine: str,
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    sharded_counter_memcached: Any,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -636,13 +638,13 @@ def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     writes = increment_loop(
         ledger, lambda i, k: broken if i % 2 else healthy, lambda i, k: 10 * (i + 1), pause=0.01
     )
-    memcached_server.kill()
+    sharded_counter_memcached.kill()
     try:
         with writers_running(WRITERS, writes):
             time.sleep(1.5)
         down_totals = (healthy.count, healthy.get_count(nocache=True))
     finally:
-        memcached_server.start()
+        sharded_counter_memcached.start()
 
     assert ledger.errors == []
     assert ledger.refused_calls > 0
@@ -652,7 +654,7 @@ def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     assert down_totals == (ledger.acknowledged, ledger.acknowledged)
     assert_totals(healthy, ledger.acknowledged)
     report(
-        f"both-down[{datastore_engine}]",
+        f"both-down[{sharded_counter_engine}]",
         acknowledged=ledger.acked_calls,
         refused=ledger.refused_calls,
         refused_sum=ledger.refused,
@@ -687,8 +689,8 @@ def lose_the_next_commit_reply(
 
 
 def test_a_commit_that_timed_out_but_landed_is_counted_once(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -709,15 +711,15 @@ def test_a_commit_that_timed_out_but_landed_is_counted_once(
         pytest.fail(f"setup: expected one timed-out commit of 7, saw {spy.ambiguous}")
     time.sleep(0.3)
     uncached = counter.get_count(nocache=True)
-    report(f"unknown-outcome[{datastore_engine}]", ledger=8, total=uncached)
+    report(f"unknown-outcome[{sharded_counter_engine}]", ledger=8, total=uncached)
     assert uncached == 1 + 7, f"acknowledged 8, counted {uncached}"
 
 
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
 def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
-    datastore_engine: str,
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     fate: str,
@@ -730,7 +732,7 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     count, and a reader ("landed") or ``repair`` ("dropped") resolves it with a
     transaction that looks for the write's token: found, or added once.
     """
-    emulator = sharded_counter_backends.emulator(datastore_engine)
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
     name = f"unsure-{fate}"
     counter = Counter(name, shards=4, rpc_timeout=0.5, retry_attempts=1)
@@ -756,7 +758,7 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
         assert repaired.ok and repaired.pending == 0, repaired
         total = repaired.shards
     entries = Stash.decode(reader._backend.cache._client.get(reader._stash_key)).unsure
-    report(f"unsure-{fate}[{datastore_engine}]", ledger=8, total=total, left=len(entries))
+    report(f"unsure-{fate}[{sharded_counter_engine}]", ledger=8, total=total, left=len(entries))
     assert reader.stats.snapshot()["resolved"] == 1
     assert not entries, f"unsure entries left after the read: {dict(entries)}"
     assert_totals(reader, 8)
@@ -766,10 +768,10 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
 
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
 def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once(
-    backend_env: dict[str, str],
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_memcached: Any,
     sharded_counter_backends: Any,
-    datastore_engine: str,
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
@@ -786,7 +788,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
     write's token on every shard. Counted once either way.
     """
     monkeypatch.setattr(outcomes, "FOLD_MARGIN", 0.0)
-    emulator = sharded_counter_backends.emulator(datastore_engine)
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     name = f"unknown-fold-{fate}"
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
@@ -803,7 +805,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
 
     def memcached_then_datastore_fail(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("folded"):  # the take is done
-            memcached_server.pause()
+            sharded_counter_memcached.pause()
             if fate == "dropped":
                 emulator.pause()
         return write(store, *args, **kwargs)
@@ -814,7 +816,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
             with pytest.raises(IncrementOutcomeUnknown) as unknown:
                 counter.increment(7)
     finally:
-        memcached_server.resume()
+        sharded_counter_memcached.resume()
         if fate == "dropped":
             emulator.resume()
     assert unknown.value.delta == 7
@@ -829,7 +831,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
     fold_stash(counter, ledger)  # resolves the fold part: its token found, or not
     expected = 1 + 1000 + (7 if fate == "landed" else 0) + ledger.acknowledged
     left = Stash.decode(counter._backend.cache._client.get(counter._stash_key))
-    report(f"unknown-fold-{fate}[{datastore_engine}]", expected=expected, left=left.owed)
+    report(f"unknown-fold-{fate}[{sharded_counter_engine}]", expected=expected, left=left.owed)
     assert not left.unsure and not left.folds, left
     assert_totals(counter, expected)
 
@@ -847,9 +849,9 @@ def _increment_elsewhere(
 
 @pytest.mark.parametrize("writer", ["another-process", "this-process"])
 def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
-    datastore_engine: str,
+    sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
     writer: str,
@@ -864,7 +866,7 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     append to its slot, which keeps the last eight tokens and every pinned one: the
     token of a write in flight is pinned.
     """
-    emulator = sharded_counter_backends.emulator(datastore_engine)
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     direct = f"{emulator.host}:{emulator.port}"
     monkeypatch.setattr(entities_module, "process_slot", "a1a1")
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
@@ -894,7 +896,7 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     counter.increment(7)  # acknowledged once
     assert held.is_set(), "setup: no commit was held"
     uncached = counter.get_count(nocache=True)
-    report(f"unknown-outcome-{writer}[{datastore_engine}]", ledger=28, total=uncached)
+    report(f"unknown-outcome-{writer}[{sharded_counter_engine}]", ledger=28, total=uncached)
     assert uncached == 1 + 7 + 20, f"acknowledged 28, counted {uncached}"
 
 
@@ -902,8 +904,8 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
 
 
 def test_concurrent_stashing_and_folding_neither_loses_nor_doubles(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -937,7 +939,7 @@ def test_concurrent_stashing_and_folding_neither_loses_nor_doubles(
     assert_totals(healthy, expected)
     broken_stats, healthy_stats = merged_stats(broken), merged_stats(healthy)
     report(
-        f"stash-race[{datastore_engine}]",
+        f"stash-race[{sharded_counter_engine}]",
         acknowledged=ledger.acked_calls,
         stashed=broken_stats["stashed"] + healthy_stats["stashed"],
         folded=healthy_stats["folded"],
@@ -953,7 +955,9 @@ def test_concurrent_stashing_and_folding_neither_loses_nor_doubles(
 
 
 def test_changing_shard_counts_under_load_keeps_the_total(
-    backend_env: dict[str, str], datastore_engine: str, own_memcache: Callable[..., Any]
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    own_memcache: Callable[..., Any],
 ) -> None:
     """Counters of one name with 20, 3, 50, 2 (class), 7 and 1 (config) shards, all at once."""
     name = "reshard"
@@ -998,7 +1002,7 @@ def test_changing_shard_counts_under_load_keeps_the_total(
     assert_totals(Counter(name, shards=1), ledger.acknowledged)
     assert_totals(Small(name), ledger.acknowledged)
     report(
-        f"reshard[{datastore_engine}]",
+        f"reshard[{sharded_counter_engine}]",
         increments=ledger.acked_calls,
         aborts=stats["aborts"],
         stashed=stats["stashed"],
@@ -1011,8 +1015,8 @@ def test_changing_shard_counts_under_load_keeps_the_total(
 
 @pytest.mark.parametrize("setter", ["same-process", "apart"])
 def test_setting_the_count_is_atomic_with_concurrent_increments(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
     own_memcache: Callable[..., Any],
     setter: str,
 ) -> None:
@@ -1068,14 +1072,14 @@ def test_setting_the_count_is_atomic_with_concurrent_increments(
             f"outside [{must}, {may}]"
         )
     report(
-        f"set[{datastore_engine}, {setter}]",
+        f"set[{sharded_counter_engine}, {setter}]",
         set_seconds=max(set_seconds),
         refused_sets=refused_sets,
     )
 
 
 def test_writers_hold_back_for_a_dead_setter_only_briefly(
-    backend_env: dict[str, str], own_memcache: Callable[..., Any]
+    sharded_counter_env: dict[str, str], own_memcache: Callable[..., Any]
 ) -> None:
     """A set's marker left by a process that died holds this process's writers back
     for at most two seconds in all, not until the marker's deadline a minute on."""
@@ -1099,7 +1103,7 @@ def test_writers_hold_back_for_a_dead_setter_only_briefly(
 
 @pytest.mark.parametrize("outcome", ["fold-lands", "fold-fails", "set-fails", "setter-dies"])
 def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
     outcome: str,
@@ -1209,7 +1213,7 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
 
 
 def test_a_fold_stalled_past_its_deadline_then_failing_is_counted_once(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -1289,7 +1293,7 @@ def _fold_then_hold(
 
 @pytest.mark.parametrize("fate", ["killed-before-commit", "killed-after-commit", "wakes-late"])
 def test_a_writer_that_vanishes_mid_fold_neither_loses_nor_doubles_what_it_took(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
     fate: str,
@@ -1363,8 +1367,8 @@ def _write_until_stopped(
 
 
 def test_a_vanished_writers_fold_part_is_resolved_under_load(
-    backend_env: dict[str, str],
-    datastore_engine: str,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
 ) -> None:
     """16 writers in 2 processes keep every shard busy while a fold marker of 1,000 is
     past its deadline, as a writer killed mid-fold leaves it (planted here; the kill
@@ -1400,7 +1404,7 @@ def test_a_vanished_writers_fold_part_is_resolved_under_load(
         other.join(30)
     ledger.add_events(events)
     report(
-        f"vanished-fold-under-load[{datastore_engine}]",
+        f"vanished-fold-under-load[{sharded_counter_engine}]",
         resolved_s=resolved_after if resolved_after is not None else -1.0,
         increments=ledger.acked_calls,
         max_call_s=ledger.max_latency(),
@@ -1411,8 +1415,8 @@ def test_a_vanished_writers_fold_part_is_resolved_under_load(
 
 
 def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
-    backend_env: dict[str, str],
-    memcached_server: Any,
+    sharded_counter_env: dict[str, str],
+    sharded_counter_memcached: Any,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -1423,7 +1427,7 @@ def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
     memcached is real and applies the cas; a relay holds back just that reply.
     """
     name = "lost-take"
-    host, port = memcached_server.address.rsplit(":", 1)
+    host, port = sharded_counter_memcached.address.rsplit(":", 1)
     relay = ReplyHoldingRelay(host, int(port))
     try:
         through_relay = build_client(
@@ -1480,7 +1484,7 @@ hostile_names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1,
 @example(names=["__reserved__", "__reserved__ ", "__key__"])
 @example(names=["x" * 1500, "x" * 1499 + "y", "é" * 750])  # 1500 bytes each
 @example(names=["😀" * 375, "a1", "a"])  # 'a1' shard 1 vs 'a' shard 11 in the original
-def test_hostile_names_count_apart(backend_env: dict[str, str], names: list[str]) -> None:
+def test_hostile_names_count_apart(sharded_counter_env: dict[str, str], names: list[str]) -> None:
     counters = [Counter(n, shards=12) for n in names]
     for counter in counters:
         counter.delete()  # leftovers of an earlier example (hypothesis replays names)

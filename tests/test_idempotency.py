@@ -1,7 +1,7 @@
 """Idempotency keys (store/keyed.py): the first increment with a key counts, later ones don't.
 
 Every test runs once per Datastore engine against the real emulator and real
-memcached (``backend_env`` wipes both first). Fault tests for keyed increments
+memcached (``sharded_counter_env`` wipes both first). Fault tests for keyed increments
 (lost replies, several processes, memcache flushed) are in test_exactly_once.py.
 """
 
@@ -31,7 +31,9 @@ def records_of(name: str) -> dict[str, datastore.Entity]:
     return {e["key"]: e for e in found if e["counter"] == name}
 
 
-def test_a_key_counts_once_and_later_calls_count_nothing(backend_env: dict[str, str]) -> None:
+def test_a_key_counts_once_and_later_calls_count_nothing(
+    sharded_counter_env: dict[str, str],
+) -> None:
     counter = Counter("keyed", shards=5)
     counter.increment(5, idempotency_key="msg-1")
     counter.increment(5, idempotency_key="msg-1")  # a redelivery: returns, counts nothing
@@ -49,7 +51,7 @@ def test_a_key_counts_once_and_later_calls_count_nothing(backend_env: dict[str, 
 
 
 def test_the_same_key_on_another_counter_is_another_increment(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     a, b = Counter("a"), Counter("b")
     a.increment(3, idempotency_key="k")
@@ -59,16 +61,16 @@ def test_the_same_key_on_another_counter_is_another_increment(
 
 
 def test_a_key_is_remembered_by_a_fresh_process_after_memcache_is_flushed(
-    backend_env: dict[str, str], memcached_server: Any
+    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
 ) -> None:
     Counter("flushed").increment(9, idempotency_key="once")
-    memcached_server.flush_all()
+    sharded_counter_memcached.flush_all()
     # A new Counter stands for another process: nothing it could know but Datastore.
     Counter("flushed").increment(9, idempotency_key="once")
     assert Counter("flushed").get_count(nocache=True) == 9
 
 
-def test_a_zero_delta_still_claims_its_key(backend_env: dict[str, str]) -> None:
+def test_a_zero_delta_still_claims_its_key(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("zero")
     counter.increment(0, idempotency_key="z")
     counter.increment(5, idempotency_key="z")
@@ -76,7 +78,7 @@ def test_a_zero_delta_still_claims_its_key(backend_env: dict[str, str]) -> None:
     assert sorted(records_of("zero")) == ["z"]
 
 
-def test_concurrent_deliveries_of_one_key_count_once(backend_env: dict[str, str]) -> None:
+def test_concurrent_deliveries_of_one_key_count_once(sharded_counter_env: dict[str, str]) -> None:
     """16 threads deliver each of 40 keys at the same moment, through group commit."""
     counter = Counter("racing", shards=20)
     start, errors = threading.Barrier(16), []
@@ -101,7 +103,7 @@ def test_concurrent_deliveries_of_one_key_count_once(backend_env: dict[str, str]
     assert counter.stats.snapshot()["keys_applied"] == 40
 
 
-def test_keys_with_a_caller_transaction(backend_env: dict[str, str]) -> None:
+def test_keys_with_a_caller_transaction(sharded_counter_env: dict[str, str]) -> None:
     """The key's record is read and staged in the caller's transaction: written by its
     commit with everything else, or not at all."""
     counter = Counter("joined", shards=4)
@@ -127,7 +129,7 @@ def test_keys_with_a_caller_transaction(backend_env: dict[str, str]) -> None:
     assert sorted(records_of("joined")) == ["order-1", "order-2", "order-3"]
 
 
-def test_a_key_applied_before_a_set_stays_applied(backend_env: dict[str, str]) -> None:
+def test_a_key_applied_before_a_set_stays_applied(sharded_counter_env: dict[str, str]) -> None:
     """``count = v`` replaces what was counted, and keys stay remembered: a message that
     was counted before the set counts nothing when it is delivered again after it."""
     counter = Counter("set-then-replay")
@@ -151,7 +153,7 @@ def test_a_key_applied_before_a_set_stays_applied(backend_env: dict[str, str]) -
     ],
 )
 def test_bad_keys_are_refused_before_anything_is_written(
-    backend_env: dict[str, str], key: Any, error: type[Exception], message: str
+    sharded_counter_env: dict[str, str], key: Any, error: type[Exception], message: str
 ) -> None:
     counter = Counter("bad-keys")
     with pytest.raises(error, match=message):
@@ -163,7 +165,7 @@ def test_bad_keys_are_refused_before_anything_is_written(
     assert records_of("bad-keys") == {}
 
 
-def test_the_longest_key_and_a_long_name_fit(backend_env: dict[str, str]) -> None:
+def test_the_longest_key_and_a_long_name_fit(sharded_counter_env: dict[str, str]) -> None:
     name = "n" * 1500
     key = "é" * 750  # 1,500 bytes of UTF-8
     assert check_idempotency_key(key) == key
@@ -174,7 +176,9 @@ def test_the_longest_key_and_a_long_name_fit(backend_env: dict[str, str]) -> Non
     assert counter.get_count(nocache=True) == 3
 
 
-def test_expired_keys_are_purged_where_no_ttl_policy_runs(backend_env: dict[str, str]) -> None:
+def test_expired_keys_are_purged_where_no_ttl_policy_runs(
+    sharded_counter_env: dict[str, str],
+) -> None:
     old = Counter("short-lived", idempotency_ttl=1)
     kept = Counter("long-lived")
     old.increment(1, idempotency_key="a")
@@ -191,7 +195,7 @@ def test_expired_keys_are_purged_where_no_ttl_policy_runs(backend_env: dict[str,
 
 
 def test_a_keyed_increment_is_never_stashed(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With Datastore unreachable (nothing listens at its address) an unkeyed increment
     is stashed in memcache; a keyed one raises IncrementNotRecorded, because its record
@@ -220,7 +224,7 @@ def test_a_keyed_increment_is_never_stashed(
     assert (healthy.count, healthy.get_count(nocache=True)) == (7, 7)
 
 
-def test_the_readme_example_runs(backend_env: dict[str, str]) -> None:
+def test_the_readme_example_runs(sharded_counter_env: dict[str, str]) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("### Idempotency keys", 1)[1].split("\n#", 1)[0]
     source = section.split("```python\n", 1)[1].split("```", 1)[0]

@@ -24,8 +24,8 @@ from sharded_counter_emulator import Memcached, free_port
 
 
 @pytest.fixture
-def hosts(memcached_server: Memcached) -> list[str]:
-    return [memcached_server.address]
+def hosts(sharded_counter_memcached: Memcached) -> list[str]:
+    return [sharded_counter_memcached.address]
 
 
 def fresh_name() -> str:
@@ -142,7 +142,7 @@ def test_the_arguments_are_checked(hosts: list[str]) -> None:
 
 
 def test_memcache_down_refuses_the_lock_but_a_release_never_raises(
-    memcached_server: Memcached, caplog: pytest.LogCaptureFixture
+    sharded_counter_memcached: Memcached, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(CacheUnavailable, match="cannot take lock"):
         lock("x", memcached_hosts=[f"127.0.0.1:{free_port()}"]).acquire()
@@ -187,13 +187,13 @@ def bump_process(
         worker.join()
 
 
-def run_bumpers(memcached_server: Memcached, locked: bool) -> int:
+def run_bumpers(sharded_counter_memcached: Memcached, locked: bool) -> int:
     name, counter_key = fresh_name(), f"shared:{uuid.uuid4().hex}"
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
             target=bump_process,
-            args=(memcached_server.address, name, counter_key, 8, 25, locked),
+            args=(sharded_counter_memcached.address, name, counter_key, 8, 25, locked),
         )
         for _ in range(2)
     ]
@@ -202,19 +202,21 @@ def run_bumpers(memcached_server: Memcached, locked: bool) -> int:
     for process in processes:
         process.join(timeout=120)
     assert [p.exitcode for p in processes] == [0, 0]
-    raw = Client((memcached_server.host, memcached_server.port))
+    raw = Client((sharded_counter_memcached.host, sharded_counter_memcached.port))
     return int(raw.get(counter_key) or b"0")
 
 
-def test_16_threads_in_2_processes_never_hold_it_together(memcached_server: Memcached) -> None:
-    final = run_bumpers(memcached_server, locked=True)
+def test_16_threads_in_2_processes_never_hold_it_together(
+    sharded_counter_memcached: Memcached,
+) -> None:
+    final = run_bumpers(sharded_counter_memcached, locked=True)
     print(f"\nlock: {final} of {2 * 8 * 25} bumps kept with the lock")
     assert final == 2 * 8 * 25
 
 
-def test_the_same_work_without_the_lock_loses_updates(memcached_server: Memcached) -> None:
+def test_the_same_work_without_the_lock_loses_updates(sharded_counter_memcached: Memcached) -> None:
     """The control: the exact count above is the lock's doing, not the workload's."""
-    final = run_bumpers(memcached_server, locked=False)
+    final = run_bumpers(sharded_counter_memcached, locked=False)
     print(f"\nlock control: {final} of {2 * 8 * 25} bumps kept without the lock")
     assert final < 2 * 8 * 25
 
@@ -223,9 +225,9 @@ def test_the_same_work_without_the_lock_loses_updates(memcached_server: Memcache
 
 
 def test_lock_status_shows_free_and_held_locks(
-    memcached_server: Memcached, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
+    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
     monkeypatch.setenv("COLUMNS", "250")
     free, held = fresh_name(), fresh_name()
     with lock(held, ttl=20):

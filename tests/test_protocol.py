@@ -386,10 +386,10 @@ def _env(key: str, value: str) -> Iterator[None]:
 
 
 def test_the_protocol_keeps_its_invariants_under_every_fault(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
-    datastore_engine: str,
-    memcached_server: Any,
+    sharded_counter_engine: str,
+    sharded_counter_memcached: Any,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -398,10 +398,10 @@ def test_the_protocol_keeps_its_invariants_under_every_fault(
     probe.increment(1)  # probes the engine (and connects) before any fault
     world = World()
     world.relay = relay
-    world.memcached = memcached_server
-    world.emulator = sharded_counter_backends.emulator(datastore_engine)
+    world.memcached = sharded_counter_memcached
+    world.emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     world.write_mode = probe.write_mode
-    peek = build_client(Settings(memcached_hosts=(memcached_server.address,), **MEMCACHE))
+    peek = build_client(Settings(memcached_hosts=(sharded_counter_memcached.address,), **MEMCACHE))
     world.peek = peek
     ProtocolMachine.world = world
     try:

@@ -79,7 +79,7 @@ def spy_on(
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["up", "down"])
 def test_an_increment_a_full_shard_cannot_take_goes_to_another(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, sign: int
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, sign: int
 ) -> None:
     name = f"edge-{sign}"
     edge = INT64_MAX - 3 if sign > 0 else INT64_MIN + 3
@@ -101,7 +101,7 @@ def test_an_increment_a_full_shard_cannot_take_goes_to_another(
     assert_totals(counter, edge + sign * 200)  # past the int64 edge, exactly
 
 
-def test_no_single_shard_has_room_but_all_together_do(backend_env: dict[str, str]) -> None:
+def test_no_single_shard_has_room_but_all_together_do(sharded_counter_env: dict[str, str]) -> None:
     name = "spread-out"
     put_shards(name, {0: INT64_MAX - 3, 1: INT64_MAX - 3})
     counter = Counter(name, shards=2, **TRANSACTION)
@@ -123,7 +123,7 @@ def test_no_single_shard_has_room_but_all_together_do(backend_env: dict[str, str
     ],
 )
 def test_an_increment_no_shard_can_take_writes_nothing(
-    backend_env: dict[str, str], shards: int, value: int, delta: int
+    sharded_counter_env: dict[str, str], shards: int, value: int, delta: int
 ) -> None:
     name = "full"
     counter = Counter(name, shards=shards, **TRANSACTION)
@@ -137,7 +137,7 @@ def test_an_increment_no_shard_can_take_writes_nothing(
 
 
 def test_an_overflowing_increment_puts_back_the_stash_it_took(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The stash taken to fold into a write that overflows is stashed again, not lost."""
     name = "full-with-stash"
@@ -167,7 +167,7 @@ def test_an_overflowing_increment_puts_back_the_stash_it_took(
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["up", "down"])
 def test_totals_beyond_int64_are_exact_python_ints(
-    backend_env: dict[str, str], memcached_server: Any, sign: int
+    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any, sign: int
 ) -> None:
     name = f"huge-{sign}"
     counter = Counter(name, shards=3, **TRANSACTION)
@@ -177,7 +177,7 @@ def test_totals_beyond_int64_are_exact_python_ints(
         counter.increment(sign)
     expected = start + 3 * sign
     assert_totals(counter, expected)
-    memcached_server.flush_all()
+    sharded_counter_memcached.flush_all()
     assert_totals(counter, expected)  # rebuilt from the shards, still exact
     assert_totals(Counter(name), expected)  # another object, another shard count: the same
     assert sum(shard_values(name).values()) == expected
@@ -185,12 +185,12 @@ def test_totals_beyond_int64_are_exact_python_ints(
 
 # -- the transform path (Firestore in Datastore mode) -------------------------------------------
 
-firestore_only = pytest.mark.parametrize("datastore_engine", ["firestore"], indirect=True)
+firestore_only = pytest.mark.parametrize("sharded_counter_engine", ["firestore"], indirect=True)
 
 
 @firestore_only
 @pytest.mark.parametrize("sign", [1, -1], ids=["up", "down"])
-def test_a_shard_past_2_62_is_rebalanced(backend_env: dict[str, str], sign: int) -> None:
+def test_a_shard_past_2_62_is_rebalanced(sharded_counter_env: dict[str, str], sign: int) -> None:
     name = f"rebalance-{sign}"
     high = sign * (2**62 - 5)
     put_shards(name, {0: high, 1: 0})
@@ -210,7 +210,7 @@ def test_a_shard_past_2_62_is_rebalanced(backend_env: dict[str, str], sign: int)
 
 @firestore_only
 def test_deltas_beyond_2_32_take_the_transaction_path(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     counter = Counter("big-deltas", shards=4)
     assert counter.write_mode == "transform"
@@ -228,7 +228,7 @@ def test_deltas_beyond_2_32_take_the_transaction_path(
 @firestore_only
 @pytest.mark.parametrize("sign", [1, -1], ids=["up", "down"])
 def test_transform_increments_near_the_limit_are_exact_or_refused(
-    backend_env: dict[str, str], sign: int
+    sharded_counter_env: dict[str, str], sign: int
 ) -> None:
     """Where transforms write, a shard holds at most 2**62 so the server never saturates.
 
@@ -255,7 +255,7 @@ def test_transform_increments_near_the_limit_are_exact_or_refused(
 
 
 @firestore_only
-def test_setting_past_the_transform_limit_is_refused(backend_env: dict[str, str]) -> None:
+def test_setting_past_the_transform_limit_is_refused(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("transform-wide", shards=3)
     counter.count = 3 * 2**62  # three shards of 2**62 each
     assert_totals(counter, 3 * 2**62)
@@ -267,7 +267,7 @@ def test_setting_past_the_transform_limit_is_refused(backend_env: dict[str, str]
 # -- count = v across several shards ----------------------------------------------------------
 
 
-def test_setting_beyond_one_shard_spreads_it_exactly(backend_env: dict[str, str]) -> None:
+def test_setting_beyond_one_shard_spreads_it_exactly(sharded_counter_env: dict[str, str]) -> None:
     counter = Counter("wide", shards=3, **TRANSACTION)
     for value in (2 * INT64_MAX, 3 * INT64_MAX, -2 * INT64_MAX, 3 * INT64_MIN, 2**64 + 1):
         counter.count = value
@@ -278,7 +278,7 @@ def test_setting_beyond_one_shard_spreads_it_exactly(backend_env: dict[str, str]
 
 @pytest.mark.parametrize("value", [3 * INT64_MAX + 1, 3 * INT64_MIN - 1, 10**30])
 def test_setting_beyond_all_shards_raises_and_writes_nothing(
-    backend_env: dict[str, str], value: int
+    sharded_counter_env: dict[str, str], value: int
 ) -> None:
     counter = Counter("too-wide", shards=3, **TRANSACTION)
     counter.count = 2 * INT64_MAX

@@ -170,8 +170,10 @@ def test_any_text_parses_or_raises_value_error(text: str) -> None:
 # -- verdicts on real memcached ------------------------------------------------------------
 
 
-def test_a_window_allows_exactly_the_limit_then_rolls_over(memcached_server: Memcached) -> None:
-    limiter = RateLimiter("5/2 seconds", memcached_hosts=[memcached_server.address])
+def test_a_window_allows_exactly_the_limit_then_rolls_over(
+    sharded_counter_memcached: Memcached,
+) -> None:
+    limiter = RateLimiter("5/2 seconds", memcached_hosts=[sharded_counter_memcached.address])
     key = fresh_key()
     wait_for_window_start(2, need=1.2)
     first = [limiter.hit(key) for _ in range(8)]
@@ -186,8 +188,8 @@ def test_a_window_allows_exactly_the_limit_then_rolls_over(memcached_server: Mem
     assert second[0].reset_at == window_end + 2
 
 
-def test_test_spends_nothing(memcached_server: Memcached) -> None:
-    limiter = RateLimiter("3/minute", memcached_hosts=memcached_server.address)
+def test_test_spends_nothing(sharded_counter_memcached: Memcached) -> None:
+    limiter = RateLimiter("3/minute", memcached_hosts=sharded_counter_memcached.address)
     key = fresh_key()
     wait_for_window_start(60, need=5)
     for _ in range(50):
@@ -203,8 +205,10 @@ def test_test_spends_nothing(memcached_server: Memcached) -> None:
     assert limiter.test(key) == Decision(False, 0, probe.reset_at)
 
 
-def test_costs_above_one_and_refused_hits_cost_nothing(memcached_server: Memcached) -> None:
-    limiter = RateLimiter("10/minute", memcached_hosts=[memcached_server.address])
+def test_costs_above_one_and_refused_hits_cost_nothing(
+    sharded_counter_memcached: Memcached,
+) -> None:
+    limiter = RateLimiter("10/minute", memcached_hosts=[sharded_counter_memcached.address])
     key = fresh_key()
     wait_for_window_start(60, need=5)
     verdicts = [limiter.hit(key, cost) for cost in (4, 4, 4, 2, 1)]
@@ -225,12 +229,12 @@ def test_costs_above_one_and_refused_hits_cost_nothing(memcached_server: Memcach
         limiter.hit(key, 1.5)  # type: ignore[arg-type]
 
 
-def test_the_sliding_window_weighs_the_previous_one(memcached_server: Memcached) -> None:
+def test_the_sliding_window_weighs_the_previous_one(sharded_counter_memcached: Memcached) -> None:
     clock = FakeClock(1_000_000.0)  # the start of a 10-second window
     limiter = RateLimiter(
         "10 per 10 seconds",
         strategy="sliding",
-        memcached_hosts=[memcached_server.address],
+        memcached_hosts=[sharded_counter_memcached.address],
         clock=clock,
     )
     key = fresh_key()
@@ -251,9 +255,11 @@ def test_the_sliding_window_weighs_the_previous_one(memcached_server: Memcached)
     assert limiter.test(key).remaining == 10
 
 
-def test_the_fixed_window_ignores_the_previous_one(memcached_server: Memcached) -> None:
+def test_the_fixed_window_ignores_the_previous_one(sharded_counter_memcached: Memcached) -> None:
     clock = FakeClock(2_000_000.0)
-    limiter = RateLimiter("10/10s", memcached_hosts=[memcached_server.address], clock=clock)
+    limiter = RateLimiter(
+        "10/10s", memcached_hosts=[sharded_counter_memcached.address], clock=clock
+    )
     key = fresh_key()
     assert all(limiter.hit(key).allowed for _ in range(10))
     assert not limiter.hit(key).allowed
@@ -265,15 +271,15 @@ def test_the_fixed_window_ignores_the_previous_one(memcached_server: Memcached) 
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-def test_any_key_is_limited_apart(memcached_server: Memcached, key: str) -> None:
-    limiter = RateLimiter("2/minute", memcached_hosts=[memcached_server.address])
+def test_any_key_is_limited_apart(sharded_counter_memcached: Memcached, key: str) -> None:
+    limiter = RateLimiter("2/minute", memcached_hosts=[sharded_counter_memcached.address])
     unique = f"{key}\x00{uuid.uuid4()}"
     assert limiter.hit(unique).remaining == 1
     assert limiter.hit(unique + "!").remaining == 1
 
 
-def test_the_decorator_refuses_over_the_limit(memcached_server: Memcached) -> None:
-    limiter = RateLimiter("2/minute", memcached_hosts=[memcached_server.address])
+def test_the_decorator_refuses_over_the_limit(sharded_counter_memcached: Memcached) -> None:
+    limiter = RateLimiter("2/minute", memcached_hosts=[sharded_counter_memcached.address])
     calls: list[str] = []
     user = fresh_key()
 
@@ -330,7 +336,7 @@ def hitter_process(
 
 @pytest.mark.parametrize("strategy", ["fixed", "sliding"])
 def test_exactly_the_limit_under_16_hitters_in_2_processes(
-    memcached_server: Memcached, strategy: str
+    sharded_counter_memcached: Memcached, strategy: str
 ) -> None:
     context = multiprocessing.get_context("spawn")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
@@ -338,7 +344,7 @@ def test_exactly_the_limit_under_16_hitters_in_2_processes(
     processes = [
         context.Process(
             target=hitter_process,
-            args=(memcached_server.address, key, strategy, 8, 25, ready, go, results),
+            args=(sharded_counter_memcached.address, key, strategy, 8, 25, ready, go, results),
         )
         for _ in range(2)
     ]
@@ -408,9 +414,9 @@ def test_needs_memcached_and_checks_its_arguments() -> None:
 
 
 def test_a_limiter_made_before_fork_uses_the_childs_own_connection(
-    memcached_server: Memcached,
+    sharded_counter_memcached: Memcached,
 ) -> None:
-    limiter = RateLimiter("5/minute", memcached_hosts=[memcached_server.address])
+    limiter = RateLimiter("5/minute", memcached_hosts=[sharded_counter_memcached.address])
     parent_client = limiter._client()  # the process-wide client, looked up per call
     key = fresh_key()
     wait_for_window_start(60, need=5)
@@ -428,9 +434,9 @@ def test_a_limiter_made_before_fork_uses_the_childs_own_connection(
 
 
 def test_the_limits_command_shows_without_spending(
-    memcached_server: Memcached, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
+    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
     monkeypatch.setenv("COLUMNS", "200")
     key = fresh_key()
     wait_for_window_start(60, need=5)
@@ -455,12 +461,12 @@ def test_the_limits_command_shows_without_spending(
     ],
 )
 def test_the_limits_command_refuses_bad_input_in_one_line(
-    memcached_server: Memcached,
+    sharded_counter_memcached: Memcached,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
     mentions: str,
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
+    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
     assert "Traceback" not in result.output

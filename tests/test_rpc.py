@@ -13,7 +13,9 @@ from sharded_counter_emulator import free_port
 
 
 @pytest.mark.backends
-def test_a_client_on_the_http_transport_counts_the_same(backend_env: dict[str, str]) -> None:
+def test_a_client_on_the_http_transport_counts_the_same(
+    sharded_counter_env: dict[str, str],
+) -> None:
     # Without a gRPC channel the calls go through the generated client's HTTP transport.
     client = datastore.Client(_use_grpc=False)  # type: ignore[no-untyped-call]
     counter = Counter("over-http", datastore_client=client, shards=3)

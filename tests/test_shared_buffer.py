@@ -61,7 +61,7 @@ def probe_first() -> None:
 
 
 def test_increments_wait_in_memcache_and_a_flush_writes_each_counter_once(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     probe_first()
     buffer = SharedBuffer(interval=60)
@@ -131,7 +131,7 @@ def _flusher(out: Any) -> None:  # pragma: no cover - runs in a spawned process
 
 
 def test_writers_killed_midway_lose_nothing_a_third_process_flushes(
-    backend_env: dict[str, str], datastore_engine: str
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
     """2 processes x 8 threads add to 20 counters, then both are SIGKILLed (their
     increments in flight returned first); a flusher in a third process writes it all."""
@@ -166,7 +166,7 @@ def test_writers_killed_midway_lose_nothing_a_third_process_flushes(
     totals = {name: Counter(name).get_count(nocache=True) for name in NAMES}
     shards = {name: Counter(name).verify().shards for name in NAMES}
     print(
-        f"\n[shared-buffer] killed-writers[{datastore_engine}]: acknowledged="
+        f"\n[shared-buffer] killed-writers[{sharded_counter_engine}]: acknowledged="
         f"{sum(acked.values())} flushed={len(written)} commits={commits}"
     )
     assert totals == acked and shards == acked  # all of it in the shards, exactly
@@ -184,7 +184,7 @@ def _race_flush(ready: Any, start: Any, out: Any) -> None:  # pragma: no cover -
 
 
 def test_two_flushers_racing_write_each_amount_once(
-    backend_env: dict[str, str], datastore_engine: str
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
     buffer = SharedBuffer(interval=60)
     expected = {}
@@ -206,7 +206,7 @@ def test_two_flushers_racing_write_each_amount_once(
     totals = {name: Counter(name).verify().shards for name in NAMES}
     written = [name for names, _ in results for name in names]
     print(
-        f"\n[shared-buffer] racing-flushers[{datastore_engine}]: written by each "
+        f"\n[shared-buffer] racing-flushers[{sharded_counter_engine}]: written by each "
         f"{[len(n) for n, _ in results]}, commits {[c for _, c in results]}"
     )
     assert totals == expected
@@ -228,7 +228,7 @@ def _held_flusher(name: str, held: Any) -> None:  # pragma: no cover - spawned, 
 
 @pytest.mark.parametrize("fate", ["before-write", "after-write"])
 def test_a_flusher_killed_mid_flush_loses_nothing_and_counts_nothing_twice(
-    backend_env: dict[str, str], datastore_engine: str, fate: str
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str, fate: str
 ) -> None:
     """The flusher takes the amount (its fold marker on the stash) and is SIGKILLed,
     before its shard write, or after it landed but before it settled. A flusher
@@ -276,7 +276,7 @@ def _flusher_dies_after_write(name: str, held: Any) -> None:  # pragma: no cover
 
 
 def test_at_most_one_datastore_write_per_counter_per_interval(
-    backend_env: dict[str, str], datastore_engine: str
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
     """A flusher thread at a 0.5 s interval while 8 threads keep adding to 5 counters for
     2.6 s: the shard writes stay within one per counter per flush round."""
@@ -309,7 +309,7 @@ def test_at_most_one_datastore_write_per_counter_per_interval(
     rounds = int(elapsed / 0.5) + 2  # the rounds of the interval, and the final flush
     total = sum(Counter(n).verify().shards for n in names)
     print(
-        f"\n[shared-buffer] writes-per-interval[{datastore_engine}]: increments={acked[0]} "
+        f"\n[shared-buffer] writes-per-interval[{sharded_counter_engine}]: increments={acked[0]} "
         f"commits={len(commits)} rounds<={rounds} keys={len(names)}"
     )
     assert total == acked[0]
@@ -317,7 +317,7 @@ def test_at_most_one_datastore_write_per_counter_per_interval(
 
 
 def test_memcache_down_raises_or_writes_directly_as_the_caller_chose(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     dead = {"memcached_hosts": [f"127.0.0.1:{free_port()}"], "memcache_timeout": 0.2}
     with pytest.raises(CacheUnavailable):
@@ -327,7 +327,7 @@ def test_memcache_down_raises_or_writes_directly_as_the_caller_chose(
 
 
 def test_datastore_down_at_flush_keeps_the_amount_pending(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     SharedBuffer(interval=60).increment("flaky", 9)
     with monkeypatch.context() as patch:
@@ -358,7 +358,7 @@ def test_datastore_down_at_flush_keeps_the_amount_pending(
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(
-    backend_env: dict[str, str], call: Any, error: type[Exception]
+    sharded_counter_env: dict[str, str], call: Any, error: type[Exception]
 ) -> None:
     buffer = SharedBuffer(interval=60)
     with pytest.raises(error):
@@ -366,7 +366,7 @@ def test_bad_input_is_refused_before_anything_is_written(
     assert buffer.flush() == []
 
 
-def test_any_unicode_name_and_the_whole_int64_range(backend_env: dict[str, str]) -> None:
+def test_any_unicode_name_and_the_whole_int64_range(sharded_counter_env: dict[str, str]) -> None:
     """Pending amounts are signed and as wide as a shard; names are any unicode. An
     increment that would take the pending amount out of int64 is refused whole."""
     top = 2**63 - 1
@@ -396,7 +396,7 @@ def test_bad_settings_are_refused() -> None:
         SharedBuffer(on_cache_failure="ignore")
 
 
-def test_the_readme_example_runs(backend_env: dict[str, str]) -> None:
+def test_the_readme_example_runs(sharded_counter_env: dict[str, str]) -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     section = readme.split("### A buffer shared by every process", 1)[1].split("\n#", 1)[0]
     source = section.split("```python\n", 1)[1].split("```", 1)[0]

@@ -79,20 +79,20 @@ def series(server: Memcached, clock: FakeClock | None = None, **options: Any) ->
     ],
 )
 def test_resolutions_are_checked(
-    memcached_server: Memcached, resolutions: Any, error: type[Exception], mentions: str
+    sharded_counter_memcached: Memcached, resolutions: Any, error: type[Exception], mentions: str
 ) -> None:
     with pytest.raises(error) as caught:
-        TimeSeries("x", resolutions, memcached_hosts=[memcached_server.address])
+        TimeSeries("x", resolutions, memcached_hosts=[sharded_counter_memcached.address])
     assert mentions in str(caught.value)
 
 
-def test_resolutions_are_sorted_finest_first(memcached_server: Memcached) -> None:
-    ts = series(memcached_server, resolutions=[(3600, 86400), (10, 600), (60, 7200)])
+def test_resolutions_are_sorted_finest_first(sharded_counter_memcached: Memcached) -> None:
+    ts = series(sharded_counter_memcached, resolutions=[(3600, 86400), (10, 600), (60, 7200)])
     assert [r.seconds for r in ts.resolutions] == [10, 60, 3600]
 
 
-def test_increments_only_go_up(memcached_server: Memcached) -> None:
-    ts = series(memcached_server)
+def test_increments_only_go_up(sharded_counter_memcached: Memcached) -> None:
+    ts = series(sharded_counter_memcached)
     with pytest.raises(ValueError, match="only counts up"):
         ts.incr("k", -1)
     with pytest.raises(TypeError):
@@ -108,14 +108,14 @@ def test_increments_only_go_up(memcached_server: Memcached) -> None:
     ts.incr("k", 0)
     assert ts.sum("k", NOW - 60, NOW) == 0
     with pytest.raises(ValueError, match="name_prefix"):
-        TimeSeries("", memcached_hosts=[memcached_server.address])
+        TimeSeries("", memcached_hosts=[sharded_counter_memcached.address])
 
 
 # -- which buckets a range reads -----------------------------------------------------------------
 
 
-def test_a_sum_reads_the_coarsest_buckets_that_fit(memcached_server: Memcached) -> None:
-    ts = series(memcached_server)
+def test_a_sum_reads_the_coarsest_buckets_that_fit(sharded_counter_memcached: Memcached) -> None:
+    ts = series(sharded_counter_memcached)
     m = MINUTE_AGO_10  # a minute edge
     expected = [
         (10, m + 30),
@@ -133,8 +133,8 @@ def test_a_sum_reads_the_coarsest_buckets_that_fit(memcached_server: Memcached) 
     assert ts.plan(m, m) == []
 
 
-def test_old_ranges_must_align_to_what_is_kept(memcached_server: Memcached) -> None:
-    ts = series(memcached_server)  # 10 s buckets for an hour, 60 s for a day
+def test_old_ranges_must_align_to_what_is_kept(sharded_counter_memcached: Memcached) -> None:
+    ts = series(sharded_counter_memcached)  # 10 s buckets for an hour, 60 s for a day
     two_hours_ago = NOW - 7200  # a minute edge
     with pytest.raises(ValueError, match="align the range's ends there to 60 s"):
         ts.plan(two_hours_ago + 30, NOW)
@@ -151,9 +151,9 @@ def test_old_ranges_must_align_to_what_is_kept(memcached_server: Memcached) -> N
 )
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_sum_counts_every_event_in_the_buckets_it_covers(
-    memcached_server: Memcached, events: list[tuple[int, int]], bounds: list[float]
+    sharded_counter_memcached: Memcached, events: list[tuple[int, int]], bounds: list[float]
 ) -> None:
-    ts = series(memcached_server)
+    ts = series(sharded_counter_memcached)
     base = NOW - 3000
     for offset, n in events:
         ts.incr("page", n, at=base + offset)
@@ -168,8 +168,8 @@ def test_a_sum_counts_every_event_in_the_buckets_it_covers(
         assert count == sum(n for o, n in events if start <= base + o < start + 60)
 
 
-def test_a_query_is_one_round_trip(memcached_server: Memcached) -> None:
-    spy = CountingClient(memcached_server)
+def test_a_query_is_one_round_trip(sharded_counter_memcached: Memcached) -> None:
+    spy = CountingClient(sharded_counter_memcached)
     ts = TimeSeries("spied", memcache_client=spy, clock=FakeClock(NOW))  # type: ignore[arg-type]
     for i in range(30):
         ts.incr("k", at=NOW - 60 * i - 1)
@@ -182,8 +182,8 @@ def test_a_query_is_one_round_trip(memcached_server: Memcached) -> None:
     assert spy.calls == [("get_many", 180)]
 
 
-def test_a_series_lists_every_bucket_with_zeros(memcached_server: Memcached) -> None:
-    ts = series(memcached_server)
+def test_a_series_lists_every_bucket_with_zeros(sharded_counter_memcached: Memcached) -> None:
+    ts = series(sharded_counter_memcached)
     ts.incr("k", 3, at=NOW - 125)
     ts.incr("k", at=dt.datetime.fromtimestamp(NOW - 10, dt.timezone.utc))
     assert ts.series("k", NOW - 180, NOW, 60) == [(NOW - 180, 3), (NOW - 120, 0), (NOW - 60, 1)]
@@ -195,9 +195,11 @@ def test_a_series_lists_every_bucket_with_zeros(memcached_server: Memcached) -> 
         ts.series("k", NOW - 7200, NOW, 10)
 
 
-def test_keys_and_series_never_share_buckets(memcached_server: Memcached) -> None:
-    a = TimeSeries("a\x00b", memcached_hosts=[memcached_server.address], clock=FakeClock(NOW))
-    b = TimeSeries("a", memcached_hosts=[memcached_server.address], clock=FakeClock(NOW))
+def test_keys_and_series_never_share_buckets(sharded_counter_memcached: Memcached) -> None:
+    a = TimeSeries(
+        "a\x00b", memcached_hosts=[sharded_counter_memcached.address], clock=FakeClock(NOW)
+    )
+    b = TimeSeries("a", memcached_hosts=[sharded_counter_memcached.address], clock=FakeClock(NOW))
     a.incr("c", 5, at=NOW - 1)
     assert b.sum("b\x00c", NOW - 10, NOW) == 0
     assert a.sum("c", NOW - 10, NOW) == 5
@@ -207,10 +209,10 @@ def test_keys_and_series_never_share_buckets(memcached_server: Memcached) -> Non
 # -- the cache's own clock -----------------------------------------------------------------------
 
 
-def test_buckets_expire_after_their_retention(memcached_server: Memcached) -> None:
+def test_buckets_expire_after_their_retention(sharded_counter_memcached: Memcached) -> None:
     name = f"short {uuid.uuid4()}"
-    short = TimeSeries(name, [(1, 2)], memcached_hosts=[memcached_server.address])
-    long = TimeSeries(name, [(1, 3600)], memcached_hosts=[memcached_server.address])
+    short = TimeSeries(name, [(1, 2)], memcached_hosts=[sharded_counter_memcached.address])
+    long = TimeSeries(name, [(1, 3600)], memcached_hosts=[sharded_counter_memcached.address])
     at = float(int(time.time()))  # a bucket edge
     short.incr("k", 7, at=at)
     short.incr("k", 1, at=at - 10)  # already past retention: not written at all
@@ -234,7 +236,7 @@ def test_memcache_down_raises_cache_unavailable() -> None:
 
 
 def test_rollup_moves_complete_buckets_into_counters_that_survive_a_flush(
-    backend_env: dict[str, str], memcached_server: Memcached
+    sharded_counter_env: dict[str, str], sharded_counter_memcached: Memcached
 ) -> None:
     clock = FakeClock(time.time() // 60 * 60)
     now = clock.now
@@ -248,7 +250,7 @@ def test_rollup_moves_complete_buckets_into_counters_that_survive_a_flush(
     assert ts.rollup("/home") == 0  # nothing moves twice
     assert Counter(f"ts:60:{int(now - 300)}:12:durable hits:/home").count == 5
 
-    memcached_server.flush_all()  # the cache is lost...
+    sharded_counter_memcached.flush_all()  # the cache is lost...
     assert ts.sum("/home", now - 600, now) == 9  # ...the history is not
     assert ts.series("/home", now - 300, now - 120, 60) == [
         (now - 300, 5),
@@ -261,18 +263,18 @@ def test_rollup_moves_complete_buckets_into_counters_that_survive_a_flush(
     assert ts.sum("/home", now - 600, now) == 15
 
 
-def test_rollup_needs_a_durable_series(memcached_server: Memcached) -> None:
+def test_rollup_needs_a_durable_series(sharded_counter_memcached: Memcached) -> None:
     with pytest.raises(ValueError, match="durable=True"):
-        series(memcached_server).rollup("k")
+        series(sharded_counter_memcached).rollup("k")
 
 
 # -- the command line ---------------------------------------------------------------------------
 
 
 def test_the_series_command_shows_buckets_and_their_total(
-    memcached_server: Memcached, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
+    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
     monkeypatch.setenv("COLUMNS", "200")
     name = f"cli {uuid.uuid4()}"
     now = time.time() // 60 * 60
@@ -303,12 +305,12 @@ def test_the_series_command_shows_buckets_and_their_total(
     ],
 )
 def test_the_series_command_refuses_bad_input_in_one_line(
-    memcached_server: Memcached,
+    sharded_counter_memcached: Memcached,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
     mentions: str,
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", memcached_server.address)
+    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
     base = ["series", "k", "--series", "s"]
     if "--resolution" not in args:
         base += ["--resolution", "60"]

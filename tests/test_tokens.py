@@ -34,7 +34,7 @@ def read_shard(name: str, index: int) -> datastore.Entity:
 
 
 def test_a_transaction_write_keeps_other_processes_tokens_and_prunes_old_slots(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = "tokens"
     client = datastore.Client()
@@ -69,7 +69,7 @@ def test_a_transaction_write_keeps_other_processes_tokens_and_prunes_old_slots(
 
 
 def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = "token-found"
     client = datastore.Client()
@@ -92,7 +92,7 @@ def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
 
 
 def test_a_pinned_token_stays_in_the_slot_however_many_writes_follow(
-    backend_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = "token-pinned"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
@@ -115,7 +115,7 @@ def test_tokens_carry_the_time_they_were_made() -> None:
 
 
 def test_a_fenced_write_writes_nothing_on_any_shard_and_the_fence_is_carried(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     name = "fenced"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
@@ -138,7 +138,7 @@ def test_a_fenced_write_writes_nothing_on_any_shard_and_the_fence_is_carried(
     assert sorted(read_shard(name, 2)["fence"]) == sorted([folding, unsure])
 
 
-def test_fence_tokens_over_a_day_old_are_pruned(backend_env: dict[str, str]) -> None:
+def test_fence_tokens_over_a_day_old_are_pruned(sharded_counter_env: dict[str, str]) -> None:
     name = "fence-pruned"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
     old, recent = token_made(DAY + 60), token_made(60)
@@ -148,7 +148,7 @@ def test_fence_tokens_over_a_day_old_are_pruned(backend_env: dict[str, str]) -> 
 
 
 def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
-    backend_env: dict[str, str],
+    sharded_counter_env: dict[str, str],
 ) -> None:
     """The resolution of a fold part (core/stash.py) and the write it stands in for: whichever
     commits first, the folded 1,000 is counted once and the writer's own 5 is kept."""

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..counter import Counter, Verification
+from ..errors import CacheUnavailable
 from .cli_console import clean_errors, stdout
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,11 +52,18 @@ def count(names: tuple[str, ...], shards: int | None) -> None:
     table.add_column("cached", justify="right")
     table.add_column("shard sum", justify="right")
     table.add_column("pending delayed_incr", justify="right")
+    cache_down = False
     with clean_errors():
         for name in names:
             counter = _counter(name, shards)
             total = counter.count  # fills the cache when it was empty
-            report = counter.verify()
+            try:
+                report = counter.verify()
+            except CacheUnavailable:
+                # The library reads the shards when memcache is down; so does this.
+                cache_down = True
+                table.add_row(Text(name), str(total), "memcache down", str(total), "unknown")
+                continue
             table.add_row(
                 Text(name),
                 str(total),
@@ -64,6 +72,12 @@ def count(names: tuple[str, ...], shards: int | None) -> None:
                 str(report.pending) if counter.settings.memcached_hosts else "no memcache",
             )
     stdout().print(table)
+    if cache_down:
+        click.echo(
+            "memcache is unavailable: counts are the shards' sums, without what may be "
+            "pending in memcache",
+            err=True,
+        )
 
 
 @click.command()
