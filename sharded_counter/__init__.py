@@ -1,5 +1,6 @@
 """Sharded counters on Google Cloud Datastore with memcache in front."""
 
+from ._version import __version__ as __version__
 from .counter import Counter, Verification
 from .errors import (
     CacheUnavailable,
@@ -44,4 +45,3 @@ __all__ = [
     "purge_expired_keys",
     "who_holds",
 ]
-__version__ = "0.1.0"

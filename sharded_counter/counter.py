@@ -17,6 +17,7 @@ in ``core/``, the calls in ``store/`` and ``cache/``.
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -25,6 +26,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from .cache.client import MemcacheClient
+from .core.outcomes import Step
 from .core.validation import check_delta, check_idempotency_key, check_name
 from .errors import CacheUnavailable, IncrementNotRecorded, IncrementOutcomeUnknown
 from .paths.backend import Backend, backend_for
@@ -40,6 +42,7 @@ from .settings import OPTION_NAMES, Settings, resolve
 from .store.joined import check_transaction, stage_increment
 from .store.keyed import MAX_KEYS_PER_WRITE
 from .store.retry import datastore_failures_as_ours
+from .telemetry import telemetry
 
 __all__ = ["Counter", "Verification", "class_options"]
 
@@ -57,6 +60,14 @@ class _Shards:
         if counter is None:
             return resolve({}, class_options(owner)).shards
         return counter.settings.shards
+
+
+# How a returned increment was counted, as telemetry names it (telemetry.OUTCOMES).
+_OUTCOME_OF_STEP = {
+    Step.ACKNOWLEDGE: "written",
+    Step.STASH: "stashed",
+    Step.KEEP_UNSURE: "unsure",
+}
 
 
 class Counter:
@@ -174,10 +185,24 @@ class Counter:
         """
         delta = check_delta(delta)
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
-        combiner, limit = self._ctx.combiner, self.settings.max_concurrent_writes
         if transaction is not None:
+            # Staged only: the caller's commit decides, so no outcome is recorded here.
             self._increment_joined(delta, transaction, key)
-        elif key is not None:
+            return
+        started = time.perf_counter()
+        outcome = "not_recorded"
+        try:
+            outcome = _OUTCOME_OF_STEP[self._increment_now(delta, key)]
+        except IncrementOutcomeUnknown:
+            outcome = "outcome_unknown"
+            raise
+        finally:
+            telemetry().increment_done(outcome, time.perf_counter() - started)
+
+    def _increment_now(self, delta: int, key: str | None) -> Step:
+        """Write ``delta`` (grouped with other threads' increments); how it was counted."""
+        combiner, limit = self._ctx.combiner, self.settings.max_concurrent_writes
+        if key is not None:
             combiner.run_keyed(
                 key,
                 delta,
@@ -186,8 +211,11 @@ class Counter:
                 max_total=TRANSFORM_MAX_DELTA,
                 max_keys=MAX_KEYS_PER_WRITE,
             )
-        elif delta:
-            combiner.run(delta, self._writes.apply, limit=limit, max_total=TRANSFORM_MAX_DELTA)
+            return Step.ACKNOWLEDGE  # a keyed increment is written or raises
+        if not delta:
+            return Step.ACKNOWLEDGE
+        step = combiner.run(delta, self._writes.apply, limit=limit, max_total=TRANSFORM_MAX_DELTA)
+        return Step.ACKNOWLEDGE if step is None else step  # None: deltas cancelled out
 
     def _increment_joined(
         self, delta: int, transaction: datastore.Transaction, key: str | None

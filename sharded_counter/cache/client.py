@@ -22,6 +22,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from ..errors import ConfigurationError
 from ..settings import Settings, parse_host, resolve
+from ..telemetry import telemetry
 from .cluster import ClusterClient
 
 log = logging.getLogger("sharded_counter")
@@ -181,6 +182,7 @@ class OutageLog:
             if self._down:
                 return
             self._down = True
+        telemetry().events({"memcache_outages": 1})
         log.warning("%smemcache is unavailable (%s); %s", self._prefix, exc, consequence)
 
     def answered(self) -> None:

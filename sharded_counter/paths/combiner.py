@@ -29,10 +29,12 @@ import collections
 import contextlib
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
 from .registry import PerCounter
+
+T = TypeVar("T")
 
 # The errors that name the delta they are about: each member gets its own.
 _PER_DELTA = (IncrementNotRecorded, IncrementOutcomeUnknown)
@@ -49,6 +51,7 @@ class _Group:
         self.started = threading.Event()  # a slot was handed to this group
         self.done = threading.Event()  # the write finished; ``error`` says how
         self.error: BaseException | None = None
+        self.result: Any = None  # what the write returned, for every member
         # A keyed write's failures per key (keys applied already are not in it).
         self.key_errors: Mapping[str, BaseException] = {}
 
@@ -69,8 +72,10 @@ class WriteCombiner:
         self._paused = 0  # exclusive() holders: nothing starts while above 0
         self._queue: collections.deque[_Group] = collections.deque()
 
-    def run(self, delta: int, write: Callable[[int], Any], *, limit: int, max_total: int) -> None:
-        """Have ``delta`` written by ``write`` (a function of an amount), alone or in a group.
+    def run(self, delta: int, write: Callable[[int], T], *, limit: int, max_total: int) -> T | None:
+        """Have ``delta`` written by ``write`` (a function of an amount), alone or in a group,
+        and return what that write returned (None when a group's deltas cancelled out and
+        nothing was written).
 
         ``limit`` is how many writes may run at once; a group's total stays
         within ``±max_total`` (a delta larger than that goes in a group of its own).
@@ -78,20 +83,18 @@ class WriteCombiner:
         group, leading = self._join(None, delta, limit=limit, max_total=max_total, max_keys=0)
         if group is None:
             try:
-                write(delta)
+                return write(delta)
             finally:
                 self._release()
-            return
         if leading:
             # Deltas that cancel out need no write at all.
             self._write_for(group, lambda: write(group.total) if group.total else None)
         group.done.wait()
         error = group.error
         if error is None:
-            return
+            return group.result  # type: ignore[no-any-return]
         if isinstance(error, CounterOverflowError) and len(group.deltas) > 1:
-            write(delta)  # nothing was written: find out whether this delta fits alone
-            return
+            return write(delta)  # nothing was written: does this delta fit alone?
         raise self._own_error(error, delta, group)
 
     def run_keyed(
@@ -153,7 +156,7 @@ class WriteCombiner:
         """Run the group's write once its slot comes; every member then sees the outcome."""
         group.started.wait()
         try:
-            write()
+            group.result = write()
         except BaseException as exc:
             group.error = exc
         finally:

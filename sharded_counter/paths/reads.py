@@ -16,6 +16,7 @@ from ..core.record import Drift, ShardState
 from ..errors import CacheUnavailable
 from ..store.retry import write_retrying
 from ..store.shards import Snapshot
+from ..telemetry import telemetry
 from .context import CounterContext
 from .unsure import UnsureResolver
 
@@ -53,7 +54,9 @@ class Reader:
                 if cache.unsure_seen(ctx.stash_key) and self.resolver.resolve():
                     record, stash = cache.read(ctx.record_key, ctx.stash_key)
                 if record is not None:
+                    telemetry().events({"cache_hits": 1})
                     return record.total + stash
+                telemetry().events({"cache_misses": 1})
                 total = cache.fill(ctx.record_key, self.shard_states)
                 return total + stash
             except CacheUnavailable:

@@ -1,9 +1,12 @@
-"""Per-counter tallies of what the write path did, for the demo, bench and logs."""
+"""Per-counter tallies of what the write path did, for the demo, bench and logs; each
+tally also goes to OpenTelemetry (``telemetry.py``) when it is installed."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
+
+from ..telemetry import telemetry
 
 
 @dataclasses.dataclass
@@ -25,6 +28,7 @@ class WriteStats:
         with self._lock:
             for name, amount in amounts.items():
                 setattr(self, name, getattr(self, name) + amount)
+        telemetry().events(amounts)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:

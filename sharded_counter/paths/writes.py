@@ -42,16 +42,17 @@ class PlainWrites:
         self.shards = shards
         self.resolver = resolver
 
-    def apply(self, delta: int) -> None:
-        """Count ``delta`` (with whatever delayed_incr holds): see the module docstring."""
-        self._write_with_fold(delta)
+    def apply(self, delta: int) -> Step:
+        """Count ``delta`` (with whatever delayed_incr holds): see the module docstring.
+        Returns how it was counted (ACKNOWLEDGE, STASH or KEEP_UNSURE), or raises."""
+        return self._write_with_fold(delta)
 
     def fold_pending(self) -> None:
         """Write what delayed_incr holds now, if anything (``repair``). A failure is
         raised, with what was taken put back."""
         self._write_with_fold(0, look=True)
 
-    def _write_with_fold(self, delta: int, *, look: bool = False) -> None:
+    def _write_with_fold(self, delta: int, *, look: bool = False) -> Step:
         ctx = self.ctx
         ctx.backend.cache.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
         self.resolver.resolve()
@@ -63,33 +64,35 @@ class PlainWrites:
                 self._settle_fold(token, folded, Fold.PUT_BACK)
                 folded = 0
             if not delta and not folded:
-                return
+                return Step.ACKNOWLEDGE
             try:
                 state = self.shards.write(delta + folded, token, folded=folded)
             except WriteFailed as failed:
                 self._settle_fold(token, folded, outcomes.FOLD[failed.ending])
-                self._after_failure(failed, token, delta, folded)
-                return
+                return self._after_failure(failed, token, delta, folded)
             self._settle_fold(token, folded, outcomes.FOLD[Ending.LANDED])
         ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, [state])
         self.shards.rebalance_if_needed(state)
+        return Step.ACKNOWLEDGE
 
-    def _after_failure(self, failed: WriteFailed, token: str, delta: int, folded: int) -> None:
-        """Carry out the step the ending leads to (core/outcomes.PLAIN)."""
+    def _after_failure(self, failed: WriteFailed, token: str, delta: int, folded: int) -> Step:
+        """Carry out the step the ending leads to (core/outcomes.PLAIN); return it when
+        it counts the increment, raise otherwise."""
         step = outcomes.PLAIN[failed.ending]
         cause = failed.__cause__ or failed
         if not delta and step in (Step.STASH, Step.NOT_RECORDED, Step.OVERFLOW):
             raise cause  # a fold alone: what it took is back in pending; say why
         if step is Step.STASH:
             self._stash(delta, cause)
-        elif step is Step.KEEP_UNSURE:
+            return step
+        if step is Step.KEEP_UNSURE:
             assert failed.shard is not None  # a doubtful ending names its shard
             self._keep_unsure(token, delta, folded, failed.shard, cause)
-        elif step is Step.OVERFLOW:
+            return step
+        if step is Step.OVERFLOW:
             assert isinstance(cause, CounterOverflowError)
             raise cause
-        else:
-            raise IncrementNotRecorded(self.ctx.name, delta, cause) from cause
+        raise IncrementNotRecorded(self.ctx.name, delta, cause) from cause
 
     # -- delayed_incr ------------------------------------------------------------------
 

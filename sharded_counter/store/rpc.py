@@ -23,6 +23,8 @@ from google.api_core import gapic_v1
 from google.cloud import datastore
 from google.cloud.datastore_v1.types import datastore as ds_types
 
+from ..telemetry import telemetry
+
 _SERVICE = "/google.datastore.v1.Datastore/"
 # method name -> the proto-plus request and response types of that call
 _METHODS: dict[str, tuple[Any, Any]] = {
@@ -104,6 +106,7 @@ class DatastoreRpc:
                 self._calls[method] = self._over_grpc(stub)
             else:
                 self._calls[method] = self._over_gapic(getattr(api, method), request_type)
+            self._calls[method] = _traced(_camel(method), self._calls[method])
 
     def _over_grpc(self, stub: Any) -> Callable[[Any], Any]:
         timeout, metadata = self._timeout, self._metadata
@@ -144,6 +147,17 @@ class DatastoreRpc:
 
     def run_query(self, request: Any) -> Any:
         return self._calls["run_query"](request)
+
+
+def _traced(method: str, call: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``call`` inside a span per call (``telemetry.py``), looked up at each call so that
+    ``telemetry.configure`` applies to stores made before it."""
+
+    def traced(request: Any) -> Any:
+        with telemetry().datastore_call(method):
+            return call(request)
+
+    return traced
 
 
 def _camel(method: str) -> str:
