@@ -1,4 +1,4 @@
-"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``demo``, ``bench``.
+"""Developer sessions: ``nox -s tests``, ``lint``, ``typecheck``, ``docs``, ``demo``, ``bench``.
 
 The ``./dev`` script installs what a fresh machine lacks (memcached, nox)
 and then runs one of these.
@@ -35,6 +35,13 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the library, the emulator package and this file."""
     session.install(".[test,bench]", "mypy", "nox")
     session.run("mypy", "--strict")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs) into site/; any warning fails the build."""
+    session.install(".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "site", *session.posargs)
 
 
 @nox.session

@@ -55,9 +55,7 @@ def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "backends: needs the real Datastore emulators and memcached"
-    )
+    config.addinivalue_line("markers", "backends: needs the real Datastore emulators and memcached")
     # A typo in --sc-engines is a usage error up front, not a collection error per module.
     _selected_engines(config)
 

@@ -79,6 +79,12 @@ class Counter:
     """
 
     shards: int = _Shards()  # type: ignore[assignment]  # read as an int, see _Shards
+    """The number of shards new increments are spread over.
+
+    On ``Counter`` (or a subclass that does not set it) the count the settings give
+    (10 by default); a subclass sets its own with ``shards = 20``; on a counter, the
+    count in force (a keyword argument wins).
+    """
 
     def __init__(
         self,

@@ -559,16 +559,16 @@ def test_the_plain_hash_client_would_serve_a_stale_total(
     assert results["cluster"] == (8, 8)
 
 
-# -- the README's examples -------------------------------------------------------------------------
+# -- the docs' examples ---------------------------------------------------------------------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-SECTION = "## The cache tier: rate limits, time series, locks, clusters"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "cache-tier.md"
+TITLE = "# The cache tier: rate limits, time series, locks, clusters"
 
 
-def readme_examples() -> dict[str, list[str]]:
-    """The python blocks of each ``###`` part of the README's cache-tier section."""
-    section = README.read_text(encoding="utf-8").split(SECTION, 1)[1].split("\n## ", 1)[0]
-    parts = re.split(r"^### (.+)$", section, flags=re.MULTILINE)
+def docs_examples() -> dict[str, list[str]]:
+    """The python blocks of each ``##`` part of the docs' cache-tier page."""
+    section = PAGE.read_text(encoding="utf-8").split(TITLE, 1)[1].split("\n# ", 1)[0]
+    parts = re.split(r"^## (.+)$", section, flags=re.MULTILINE)
     return {
         title.strip(): re.findall(r"```python\n(.*?)```", body, flags=re.DOTALL)
         for title, body in zip(parts[1::2], parts[2::2], strict=True)
@@ -576,23 +576,23 @@ def readme_examples() -> dict[str, list[str]]:
 
 
 def run_example(source: str) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"__name__": "readme_example"}
-    exec(compile(source, str(README), "exec"), namespace)
+    namespace: dict[str, Any] = {"__name__": "docs_example"}
+    exec(compile(source, str(PAGE), "exec"), namespace)
     return namespace
 
 
-def test_the_readme_has_an_example_for_each_part() -> None:
-    examples = readme_examples()
+def test_the_docs_have_an_example_for_each_part() -> None:
+    examples = docs_examples()
     assert set(examples) == {"Rate limits", "Time series", "Locks", "Several memcached servers"}
     assert all(examples.values())
 
 
-def test_the_readme_cache_examples_run(
+def test_the_docs_cache_examples_run(
     sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
     sharded_counter_memcached.flush_all()
-    examples = readme_examples()
+    examples = docs_examples()
 
     limits = run_example(examples["Rate limits"][0])
     assert limits["decision"].allowed
@@ -608,10 +608,10 @@ def test_the_readme_cache_examples_run(
     assert who_holds("nightly-report") is None
 
 
-def test_the_readme_durable_and_cluster_examples_run(
+def test_the_docs_durable_and_cluster_examples_run(
     sharded_counter_env: dict[str, str], trio: list[Memcached], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    examples = readme_examples()
+    examples = docs_examples()
     durable = run_example(examples["Time series"][1])
     assert durable["moved"] == 6
 

@@ -413,10 +413,11 @@ def test_another_projects_fixtures_of_common_names_are_left_alone(
     result.stdout.no_fnmatch_line("*classic*")
 
 
-def test_the_readme_testing_example_runs_once_per_engine(pytester: pytest.Pytester) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("## Testing your own app", 1)[1].split("\n## ", 1)[0]
-    pytester.makepyfile(test_readme=section.split("```python\n", 1)[1].split("```", 1)[0])
+def test_the_docs_testing_example_runs_once_per_engine(pytester: pytest.Pytester) -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "testing.md"
+    section = page.read_text(encoding="utf-8").split("# Testing your own app", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    pytester.makepyfile(test_docs=section.split("```python\n", 1)[1].split("```", 1)[0])
     result = pytester.runpytest(*_plugin_args(), "-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines_random(

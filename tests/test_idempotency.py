@@ -224,9 +224,9 @@ def test_a_keyed_increment_is_never_stashed(
     assert (healthy.count, healthy.get_count(nocache=True)) == (7, 7)
 
 
-def test_the_readme_example_runs(sharded_counter_env: dict[str, str]) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### Idempotency keys", 1)[1].split("\n#", 1)[0]
+def test_the_docs_example_runs(sharded_counter_env: dict[str, str]) -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "using.md").read_text(encoding="utf-8")
+    section = page.split("## Idempotency keys", 1)[1].split("\n#", 1)[0]
     source = section.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(source, "README.md", "exec"), {})
+    exec(compile(source, "docs/using.md", "exec"), {})
     assert Counter("likes").get_count(nocache=True) == 3

@@ -1,6 +1,6 @@
 """The package's layout is its architecture: each folder imports only what its docstring allows.
 
-The rules are the README's drawing (section "Architecture"), checked on the
+The rules are the drawing in docs/architecture.md, checked on the
 code's own imports: ``core`` is pure and imports nothing of ours; ``store``
 (Datastore) and ``cache`` (memcache) know nothing of each other or of the
 shell above them; ``paths`` (the sync shell) sits on both; ``patterns`` sit on

@@ -396,12 +396,12 @@ def test_bad_settings_are_refused() -> None:
         SharedBuffer(on_cache_failure="ignore")
 
 
-def test_the_readme_example_runs(sharded_counter_env: dict[str, str]) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
-    section = readme.split("### A buffer shared by every process", 1)[1].split("\n#", 1)[0]
+def test_the_docs_example_runs(sharded_counter_env: dict[str, str]) -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "using.md").read_text(encoding="utf-8")
+    section = page.split("## A buffer shared by every process", 1)[1].split("\n#", 1)[0]
     source = section.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, Any] = {}
-    exec(compile(source, "README.md", "exec"), namespace)
+    exec(compile(source, "docs/using.md", "exec"), namespace)
     namespace["flusher"].stop()
     assert namespace["views"].pending("page:home") == 0  # flushed
     assert Counter("page:home").verify().shards == 1

@@ -1,4 +1,4 @@
-"""The README's tables, made from a bench.json so that every number in them is that run's.
+"""The tables of docs/benchmarks.md, made from a bench.json so that every number is that run's.
 
 ``python -m sharded_counter.tools.bench.markdown docs/bench.json`` prints them.
 """

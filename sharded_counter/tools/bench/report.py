@@ -1,4 +1,4 @@
-"""Tables for the terminal (rich), Markdown for the README, and the JSON file."""
+"""Tables for the terminal (rich), Markdown for docs/benchmarks.md, and the JSON file."""
 
 from __future__ import annotations
 
