@@ -95,6 +95,7 @@ class Telemetry:
             event: meter.create_counter(metric, unit="1") for event, metric in EVENTS.items()
         }
         self._outcome_attributes = {outcome: {"outcome": outcome} for outcome in OUTCOMES}
+        self._rpc = _RpcAttributes()
 
     def increment_done(self, outcome: str, seconds: float) -> None:
         """One ``increment`` call ended as ``outcome`` after ``seconds``."""
@@ -119,11 +120,27 @@ class Telemetry:
         if not self.enabled:
             yield
             return
-        attributes = {"rpc.system": "grpc", "rpc.service": _RPC_SERVICE, "rpc.method": method}
-        with self._tracer.start_as_current_span(
-            f"Datastore/{method}", kind=_trace.SpanKind.CLIENT, attributes=attributes
-        ):
-            yield  # an exception is recorded on the span and marks it as an error
+        span = self._tracer.start_span(
+            f"Datastore/{method}", kind=_trace.SpanKind.CLIENT, attributes=self._rpc[method]
+        )
+        if not span.is_recording():
+            # No SDK: a non-recording span. Making it current (a context attach and
+            # detach) took a call from 3 to 7 µs here, for nothing.
+            span.end()
+            yield
+            return
+        # An exception is recorded on the span and marks it as an error.
+        with _trace.use_span(span, end_on_exit=True):
+            yield
+
+
+class _RpcAttributes(dict[str, dict[str, str]]):
+    """The span attributes of each Datastore method, made once."""
+
+    def __missing__(self, method: str) -> dict[str, str]:
+        made = {"rpc.system": "grpc", "rpc.service": _RPC_SERVICE, "rpc.method": method}
+        self[method] = made
+        return made
 
 
 _lock = threading.Lock()
