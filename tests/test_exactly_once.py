@@ -28,7 +28,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from faultkit import Ledger, ReplyHoldingRelay, merged_stats, report, writers_running
+from faultkit import (
+    Ledger,
+    ReplyHoldingRelay,
+    merged_stats,
+    probe_through_relay,
+    report,
+    writers_running,
+)
 from google.api_core import exceptions as gexc
 
 from sharded_counter import (
@@ -113,13 +120,14 @@ def test_lost_replies_get_an_honest_answer(
     entries, resolved by token, and the total is exact.
     """
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()  # with the default time limits
     options = {**RELAY_OPTIONS}
     if memcache == "no-memcache":
         options.update(NO_MEMCACHE)
     if grouping == "no-group-commit":
         options.update(NO_GROUP_COMMIT)
     counter = Counter(f"relay-{memcache}-{grouping}", **options)
-    counter.increment(1)  # probe and connect through the relay before the fault
+    counter.increment(1)  # connect through the relay before the fault
     ledger = Ledger(unknown_allowed=True)
     ledger.add_events([(0.0, 0.0, 1)])
 
@@ -461,7 +469,8 @@ def test_a_buffer_flush_whose_outcome_was_unknown_is_retried_with_its_key(
     again under the same key, finds it applied, and counts nothing more."""
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
     options = {**NO_MEMCACHE, "shards": 4, "rpc_timeout": 0.5, "retry_deadline": 1.0}
-    Counter("buffered", **options).get_count()  # probe and connect first
+    probe_through_relay()
+    Counter("buffered", **options).get_count()  # connect first
     buffer = CounterBuffer(interval=60, **options)
     buffer.increment("buffered", 7)
     relay.hold.set()

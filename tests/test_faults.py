@@ -33,6 +33,7 @@ from faultkit import (
     ReplyHoldingRelay,
     increment_loop,
     merged_stats,
+    probe_through_relay,
     report,
     swallow,
     writers_running,
@@ -701,8 +702,9 @@ def test_a_commit_that_timed_out_but_landed_is_counted_once(
     of one increment), which a SIGSTOP cannot target.
     """
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()  # with the default time limits
     counter = Counter("unknown-outcome", shards=4, rpc_timeout=0.5, retry_deadline=5.0)
-    counter.increment(1)  # probe and connect through the relay first
+    counter.increment(1)  # connect through the relay first
     assert counter.write_mode in ("transaction", "transform")
     spy = CommitSpy(monkeypatch)
     lose_the_next_commit_reply(monkeypatch, relay)
@@ -734,9 +736,12 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     """
     emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()  # with the default time limits
     name = f"unsure-{fate}"
-    counter = Counter(name, shards=4, rpc_timeout=0.5, retry_attempts=1)
-    counter.increment(1)  # probe and connect through the relay first
+    # One attempt, so the fault below ends it; 2 s, so that the setup write before it
+    # does not time out on a loaded machine (0.5 s did, in CI).
+    counter = Counter(name, shards=4, rpc_timeout=2.0, retry_attempts=1)
+    counter.increment(1)  # connect through the relay first
     assert counter.count == 1
     if fate == "landed":
         held = lose_the_next_commit_reply(monkeypatch, relay)
@@ -794,9 +799,12 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
         broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
-    options = {"rpc_timeout": 0.5, "retry_attempts": 1, "retry_deadline": 1.0}
+    probe_through_relay()  # with the default time limits
+    # One attempt, so the fault below ends it; 2 s, so that the setup writes before it
+    # do not time out on a loaded machine (0.5 s did, in CI).
+    options = {"rpc_timeout": 2.0, "retry_attempts": 1, "retry_deadline": 1.0}
     counter = Counter(name, shards=4, memcache_client=own_memcache(**FAST_MEMCACHE), **options)
-    counter.increment(1)  # probe and connect through the relay first
+    counter.increment(1)  # connect through the relay first
     broken.increment(1000)  # acknowledged: stashed in delayed_incr
     assert counter.count == 1001  # and now this writer knows there is a stash
     if fate == "landed":
@@ -870,9 +878,10 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     direct = f"{emulator.host}:{emulator.port}"
     monkeypatch.setattr(entities_module, "process_slot", "a1a1")
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()  # with the default time limits
     name = "unknown-outcome-shared"
     counter = Counter(name, shards=1, rpc_timeout=0.5, retry_deadline=10.0)
-    counter.increment(1)  # probe and connect through the relay first
+    counter.increment(1)  # connect through the relay first
     ctx = multiprocessing.get_context("spawn")
 
     def write_elsewhere() -> None:
