@@ -16,51 +16,33 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "sharded_counter"
 
-# layer -> the layers it may import (errors and settings are the shared base).
+# What every layer above the base may import: the pure core, the errors, the settings
+# and the telemetry hooks.
+_BASE = {"core", "errors", "settings", "telemetry"}
+
+# layer -> the layers it may import.
 ALLOWED: dict[str, set[str]] = {
     "core": {"core"},
     "errors": set(),
     "_version": set(),
     "telemetry": {"_version"},
     "settings": {"core", "errors"},
-    "store": {"store", "core", "errors", "settings", "telemetry"},
-    "cache": {"cache", "core", "errors", "settings", "telemetry"},
-    "paths": {"paths", "store", "cache", "core", "errors", "settings", "telemetry"},
-    "counter": {"paths", "store", "cache", "core", "errors", "settings", "telemetry"},
-    "patterns": {
-        "patterns",
-        "counter",
-        "paths",
-        "cache",
-        "core",
-        "errors",
-        "settings",
-        "telemetry",
-    },
-    "__init__": {
-        "counter",
-        "patterns",
-        "paths",
-        "cache",
-        "core",
-        "errors",
-        "settings",
-        "telemetry",
-        "_version",
-    },
+    "store": {"store", *_BASE},
+    "cache": {"cache", *_BASE},
+    "paths": {"paths", "store", "cache", *_BASE},
+    "counter": {"paths", "store", "cache", *_BASE},
+    "patterns": {"patterns", "counter", "paths", "cache", *_BASE},
+    "__init__": {"counter", "patterns", "paths", "cache", "_version", *_BASE},
     "tools": {
         "tools",
         "__init__",
-        "_version",
-        "telemetry",
         "counter",
         "patterns",
         "paths",
         "store",
         "cache",
-        "core",
-        "errors",
-        "settings",
+        "_version",
+        *_BASE,
     },
     "__main__": {"tools"},
 }
