@@ -17,7 +17,13 @@ from sharded_counter.tools import cli
 from sharded_counter.tools.bench import BenchOptions, BenchOutcome, run
 from sharded_counter.tools.bench.contenders import CONTENDERS, Check
 from sharded_counter.tools.bench.load import Load
-from sharded_counter.tools.bench.results import EngineResults, Point, Timed, paired_ratio
+from sharded_counter.tools.bench.results import (
+    EngineResults,
+    Point,
+    Timed,
+    paired_ratio,
+    percentiles,
+)
 from sharded_counter.tools.bench.rpc_count import CallCounter, counting
 from sharded_counter.tools.bench.targets import evaluate
 
@@ -93,6 +99,17 @@ def test_quick_run_writes_its_numbers_as_json(quick_run: QuickRun) -> None:
         assert writer["load"]["acked"] == writer["check"]["uncached"]
         assert writer["rate"] > 0 and writer["exact"] is True
         assert writer["rpcs_per_increment"] is not None
+    # Every point twice (--quick), interleaved; one repeat of each stands for it.
+    medians = [w for w in engine["writers"] if w["median"]]
+    assert len(engine["writers"]) == 2 * len(medians)
+    for writer in medians:
+        spread = writer["spread"]
+        assert spread["repeats"] == 2
+        assert spread["rate_min"] <= writer["rate"] <= spread["rate_max"]
+    by_key = {(w["contender"], w["threads"], w["processes"]): w for w in medians}
+    latency = by_key[("counter", THREADS[-1], 1)]["spread"]
+    assert 0 < latency["latency_p50_ms"] <= latency["latency_p99_ms"]
+    assert by_key[("buffer", THREADS[-1], 1)]["spread"]["latency_p50_ms"] is None  # batched: not timed
     if quick_run.engine == "classic":
         assert "transform-20" in engine["not_applicable"]
     assert {t["verdict"] for t in data["targets"]} <= {"PASS", "FAIL", "not measured"}
@@ -115,7 +132,15 @@ def test_quick_run_draws_a_png(quick_run: QuickRun) -> None:
 # -- without backends ----------------------------------------------------------------
 
 
-def _point(contender: str, acked: int, *, uncached: int, threads: int = 16) -> Point:
+def _point(
+    contender: str,
+    acked: int,
+    *,
+    uncached: int,
+    threads: int = 16,
+    repeat: int = 0,
+    latencies: tuple[float, ...] = (),
+) -> Point:
     return Point(
         engine="classic",
         contender=contender,
@@ -124,12 +149,15 @@ def _point(contender: str, acked: int, *, uncached: int, threads: int = 16) -> P
         threads=threads,
         processes=1,
         seconds=1.0,
-        load=Load(acked=acked, expected=acked, not_recorded=0, errors={}, elapsed=1.0),
+        load=Load(
+            acked=acked, expected=acked, not_recorded=0, errors={}, elapsed=1.0, latencies=latencies
+        ),
         check=Check(expected=acked, uncached=uncached, cached=None),
         aborts=0,
         rpcs={"commit": acked},
         memcache={},
         cpu={"client": 0.5},
+        repeat=repeat,
     )
 
 
@@ -153,6 +181,7 @@ def test_targets_pass_fail_and_not_measured() -> None:
             Timed("dict-under-lock", "dict", 3_000_000, 1.0, 0),
         ],
     )
+    results.summarize()
     verdicts = {t.target: t.verdict for t in evaluate({"classic": results})}
     assert verdicts == {
         "sharded Counter, 16 writer threads, vs blind puts": "PASS",  # 0.6 >= 0.5
@@ -162,6 +191,42 @@ def test_targets_pass_fail_and_not_measured() -> None:
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
         "cached count read vs bare memcache get": "not measured",
     }
+
+
+def test_a_point_is_its_median_repeat_and_its_ratio_the_median_of_paired_ratios() -> None:
+    # Repeat 1 met a slow spell of the emulator: both contenders ran slow in it, so its
+    # ratio is as good as the others'; the rates' range shows the spell.
+    counter = [(0, 120), (1, 30), (2, 90)]
+    blind = [(0, 100), (1, 20), (2, 100)]
+    results = EngineResults(
+        "classic",
+        points=[
+            *(
+                _point("counter", n, uncached=n, repeat=r, latencies=(0.001 * (r + 1),) * n)
+                for r, n in counter
+            ),
+            *(_point("blind", n, uncached=n, repeat=r) for r, n in blind),
+        ],
+    )
+    results.summarize()
+    median = results.point("counter", 16)
+    assert median is not None and median.repeat == 2 and median.rate == 90
+    assert median.ratio_to_blind == pytest.approx(1.2)  # of 1.2, 1.5 and 0.9
+    assert median.spread is not None
+    assert (median.spread.repeats, median.spread.rate_min, median.spread.rate_max) == (3, 30, 120)
+    assert (median.spread.ratio_min, median.spread.ratio_max) == (0.9, 1.5)
+    # Latencies pooled over the repeats: 120 of 1 ms, 30 of 2 ms, 90 of 3 ms.
+    assert median.spread.latency_p50_ms == pytest.approx(1.0)
+    assert median.spread.latency_p99_ms == pytest.approx(3.0)
+    assert [p.key for p in results.medians()] == [("counter", 16, 1), ("blind", 16, 1)]
+    data = median.to_json()
+    assert "latencies" not in data["load"]  # too many to keep; their percentiles are kept
+    assert data["latency_p50_ms"] == pytest.approx(3.0)  # this repeat's own
+
+
+def test_percentiles_are_measured_values() -> None:
+    assert percentiles([]) == (None, None)
+    assert percentiles([0.004, 0.001, 0.003, 0.002]) == (pytest.approx(2.0), pytest.approx(4.0))
 
 
 def test_a_paired_ratio_is_the_median_of_round_by_round_ratios() -> None:

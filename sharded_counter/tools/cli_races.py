@@ -129,16 +129,29 @@ def _thread_counts(_ctx: click.Context, _param: click.Parameter, value: str | No
     show_default=True,
     help="Directory for bench.json and bench.png.",
 )
+@click.option(
+    "--repeats",
+    type=click.IntRange(min=1, max=20),
+    default=None,
+    help="Runs of every point, interleaved; a point is its median [default: 3, or 2 with --quick].",
+)
 @click.option("--quick", is_flag=True, help="A tiny run: short time boxes, few thread counts.")
 def bench(
-    engine: str, seconds: float | None, threads: tuple[int, ...] | None, out: Path, quick: bool
+    engine: str,
+    seconds: float | None,
+    threads: tuple[int, ...] | None,
+    out: Path,
+    repeats: int | None,
+    quick: bool,
 ) -> None:
     """Race every way of counting side by side, on the emulators, and chart it.
 
     A one-entity counter, the transaction path with 1, 5, 20 and 50 shards,
     the transform path, the default Counter, the CounterBuffer and blind puts
     (the ceiling), from many threads and from 2 processes; then reads and the
-    buffer in one thread. Every total is checked. Writes bench.json and
+    buffer in one thread. Every point runs --repeats times, interleaved, and
+    is reported as its median repeat with the range of the others and the
+    p50 and p99 latency per increment. Every total is checked. Writes bench.json and
     bench.png to --out and prints PASS/FAIL per performance target. Exits 1
     if any count was wrong (a missed target does not fail it), 2 if the
     backends could not be started or matplotlib (the bench extra) is missing.
@@ -154,6 +167,8 @@ def bench(
         changes["seconds"] = seconds
     if threads is not None:
         changes["threads"] = threads
+    if repeats is not None:
+        changes["repeats"] = repeats
     options = BenchOptions.quick(**changes) if quick else BenchOptions(**changes)
     console = stdout()
     if not console.is_terminal:

@@ -22,6 +22,8 @@ class WriterTally:
     # Earlier acknowledged amounts that an IncrementNotRecorded handed back to its caller.
     returned: int = 0
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    # Seconds each acknowledged call took, when calls are timed one by one (batch 1).
+    latencies: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def expected(self) -> int:
@@ -44,8 +46,13 @@ class WriterTally:
         """
         clock = time.monotonic
         stopped = stop.is_set if stop is not None else _never
+        # Timing every call of a sub-microsecond increment (a buffer's) would cost more
+        # than the call; those run in batches, and only single calls are timed.
+        timer = time.perf_counter if batch == 1 else None
+        took = self.latencies.append
         while clock() < deadline and not stopped():
             for _ in range(batch):
+                began = timer() if timer is not None else 0.0
                 try:
                     increment()
                 except IncrementNotRecorded as exc:
@@ -55,6 +62,8 @@ class WriterTally:
                     self.errors[type(exc).__name__] += 1
                 else:
                     self.acked += 1
+                    if timer is not None:
+                        took(timer() - began)
 
     @classmethod
     def total(cls, tallies: Iterable[WriterTally]) -> WriterTally:
@@ -65,6 +74,7 @@ class WriterTally:
             total.not_recorded += tally.not_recorded
             total.returned += tally.returned
             total.errors.update(tally.errors)
+            total.latencies.extend(tally.latencies)
         return total
 
 

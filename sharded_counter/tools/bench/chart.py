@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .contenders import CONTENDERS
+from .results import median_points
 
 if TYPE_CHECKING:
     from matplotlib.artist import Artist  # type: ignore[import-not-found,unused-ignore]
@@ -73,7 +74,7 @@ def _rank(key: str) -> int:
 
 def _panel(ax: Axes, results: Mapping[str, Any], title: str) -> None:
     by_contender: dict[str, list[dict[str, Any]]] = {}
-    for point in results["writers"]:
+    for point in median_points(results):
         by_contender.setdefault(point["contender"], []).append(point)
     threads: set[int] = set()
     for key in sorted(by_contender, key=_rank):

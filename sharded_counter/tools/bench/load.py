@@ -20,6 +20,8 @@ class Load:
     not_recorded: int  # calls that raised IncrementNotRecorded (the caller still owns them)
     errors: dict[str, int]  # any other exception, by type: each makes the outcome unknown
     elapsed: float  # from the start signal until every writer stopped and settle() returned
+    # Seconds per acknowledged increment, every one (empty for batched contenders).
+    latencies: tuple[float, ...] = dataclasses.field(default=(), repr=False)
 
 
 def drive(
@@ -64,6 +66,7 @@ def drive(
         not_recorded=total.not_recorded,
         errors=dict(total.errors),
         elapsed=elapsed,
+        latencies=tuple(total.latencies),
     )
 
 
@@ -78,4 +81,5 @@ def combine(loads: list[Load], elapsed: float) -> Load:
         not_recorded=sum(load.not_recorded for load in loads),
         errors=dict(errors),
         elapsed=elapsed,
+        latencies=tuple(latency for load in loads for latency in load.latencies),
     )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .contenders import BY_KEY, CONTENDERS
-from .results import paired_ratio
+from .results import median_points, paired_ratio
 from .targets import TARGET_THREADS
 
 # Shorter than the terminal's titles: these head table columns.
@@ -31,7 +31,7 @@ def _table(header: Sequence[str], align: Sequence[str], rows: Iterable[Sequence[
 
 def writers(engine: dict[str, Any]) -> str:
     """Increments/s per writer count, then the costs at the target's thread count."""
-    points = engine["writers"]
+    points = median_points(engine)
     single = sorted({p["threads"] for p in points if p["processes"] == 1})
     several = sorted({(p["processes"], p["threads"]) for p in points if p["processes"] > 1})
     by = {(p["contender"], p["processes"], p["threads"]): p for p in points}
@@ -46,6 +46,8 @@ def writers(engine: dict[str, Any]) -> str:
         *(f"{t} thr." for t in single),
         *(f"{n}x{t} proc." for n, t in several),
         f"vs blind at {at}",
+        f"range at {at}",
+        f"p50 / p99 ms at {at}",
         "aborts/inc",
         "RPCs/inc",
         "entities/inc",
@@ -56,13 +58,15 @@ def writers(engine: dict[str, Any]) -> str:
     rows = []
     for key, label in labels:
         rates = [by.get((key, 1, t)) for t in single] + [by.get((key, n, t)) for n, t in several]
-        mine = [p for p in points if p["contender"] == key]
+        mine = [p for p in engine["writers"] if p["contender"] == key]  # every repeat
         here = by.get((key, 1, at))
         rows.append(
             [
                 label,
                 *("-" if p is None else _rate(p["rate"]) for p in rates),
                 _ratio(here and here["ratio_to_blind"]),
+                _range(here),
+                _latency(here),
                 _per(here and here["aborts_per_increment"]),
                 _per(here and here["rpcs_per_increment"]),
                 _per(here and here.get("entities_per_increment")),
@@ -77,6 +81,20 @@ def writers(engine: dict[str, Any]) -> str:
         rows.append([label, *["n/a"] * (len(header) - 1)])
         notes.append(f"\n\n{label}: n/a, {why}.")
     return _table(header, ["---", *["---:"] * (len(header) - 2), "---"], rows) + "".join(notes)
+
+
+def _range(point: dict[str, Any] | None) -> str:
+    spread = point and point.get("spread")
+    if not spread:
+        return "-"
+    return f"{_rate(spread['rate_min'])}-{_rate(spread['rate_max'])}"
+
+
+def _latency(point: dict[str, Any] | None) -> str:
+    spread = point and point.get("spread")
+    if not spread or spread["latency_p50_ms"] is None:
+        return "-"
+    return f"{spread['latency_p50_ms']:.1f} / {spread['latency_p99_ms']:.1f}"
 
 
 def _ratio(value: float | None) -> str:

@@ -12,9 +12,11 @@ ENGINES = ("classic", "firestore")
 class BenchOptions:
     engines: tuple[str, ...] = ENGINES
     threads: tuple[int, ...] = (1, 4, 16, 32)
-    # Each of ~70 points on two engines is time-boxed to this; with start-up, checks
-    # and the single-threaded loops a default run takes about 5 minutes on 2 cores.
+    # Each of ~70 points on two engines is time-boxed to this, ``repeats`` times; with
+    # start-up, checks and the single-threaded loops a default run takes about 15
+    # minutes on 2 cores.
     seconds: float = 2.5
+    repeats: int = 3  # every point, interleaved: all points once, then all again, ...
     processes: int = 2  # the multi-process point; 0 leaves it out
     threads_per_process: int = 8
     micro_seconds: float = 1.5  # each single-threaded loop
@@ -25,7 +27,7 @@ class BenchOptions:
     @classmethod
     def quick(cls, **changes: object) -> BenchOptions:
         """A tiny run for tests: everything once, checked, in seconds."""
-        base = cls(seconds=0.3, micro_seconds=0.2, warmup_seconds=0.2, threads=(1, 4))
+        base = cls(seconds=0.3, micro_seconds=0.2, warmup_seconds=0.2, threads=(1, 4), repeats=2)
         return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
@@ -36,5 +38,7 @@ class BenchOptions:
             raise ValueError("threads must be one or more positive counts")
         if not self.seconds > 0 or not self.micro_seconds > 0 or self.warmup_seconds < 0:
             raise ValueError("durations must be positive")
+        if self.repeats < 1:
+            raise ValueError("repeats must be 1 or more")
         if self.processes < 0 or self.threads_per_process < 1:
             raise ValueError("processes must be >= 0 and threads_per_process >= 1")

@@ -68,7 +68,10 @@ def writers_table(results: EngineResults) -> Table:
         "contender",
         "writers",
         "incr./s",
+        "range",
         "vs blind",
+        "p50 ms",
+        "p99 ms",
         "aborts/inc",
         "RPCs/inc",
         "ents/inc",
@@ -80,15 +83,19 @@ def writers_table(results: EngineResults) -> Table:
     ):
         table.add_column(header, justify="left" if header == "contender" else "right", no_wrap=True)
     last = ""
-    for point in sorted(results.points, key=_order):
+    for point in sorted(results.medians(), key=_order):
         if last and point.contender != last:
             table.add_section()
         acked = point.load.acked
+        spread = point.spread
         table.add_row(
             point.label if point.contender != last else "",
             _concurrency(point),
             _rate(point.rate),
+            "-" if spread is None else f"{_rate(spread.rate_min)}-{_rate(spread.rate_max)}",
             _ratio(point.ratio_to_blind),
+            _millis(None if spread is None else spread.latency_p50_ms),
+            _millis(None if spread is None else spread.latency_p99_ms),
             _per(point.aborts / acked if point.aborts is not None and acked else None),
             _per(point.per_increment(point.rpcs)),
             _per(point.entities / acked if acked else None),
@@ -99,8 +106,12 @@ def writers_table(results: EngineResults) -> Table:
             _exact(point.exact),
         )
         last = point.contender
+    repeats = max((p.spread.repeats for p in results.medians() if p.spread), default=1)
     notes = [
-        "vs blind: rate over the blind puts' at the same writers; ents: entities written; "
+        f"each point: the median of {repeats} interleaved repeats (range: their lowest and "
+        "highest rate); vs blind: the median of each repeat's ratio to the blind puts' at "
+        "the same writers; p50/p99: latency per increment over all repeats",
+        "ents: entities written; "
         "mc: memcache calls; "
         "cores: CPU seconds per second of wall time (all cores together)",
         *(f"{key}: n/a, {why}" for key, why in results.not_applicable.items()),
@@ -126,7 +137,7 @@ def calls_table(results: EngineResults, threads: int) -> Table:
     table.add_column("contender", no_wrap=True)
     table.add_column("Datastore", no_wrap=True)
     table.add_column("memcache", no_wrap=True)
-    for point in sorted(results.points, key=_order):
+    for point in sorted(results.medians(), key=_order):
         if point.threads != threads or point.processes != 1 or not point.load.acked:
             continue
         table.add_row(
@@ -135,6 +146,12 @@ def calls_table(results: EngineResults, threads: int) -> Table:
             _breakdown(point.memcache, point.load.acked),
         )
     return table
+
+
+def _millis(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.2f}"
 
 
 def _breakdown(calls: dict[str, int], per: int) -> str:
@@ -209,7 +226,10 @@ def print_engine(console: Console, results: EngineResults, calls_at: int | None)
 
 def problems(point: Point) -> Iterable[tuple[str, bool]]:
     """What a point's row cannot show: (line, whether it makes the run fail)."""
-    where = f"{point.engine} / {point.label} / {_concurrency(point)} writers"
+    where = (
+        f"{point.engine} / {point.label} / {_concurrency(point)} writers / "
+        f"repeat {point.repeat + 1}"
+    )
     if point.load.not_recorded:
         refused = point.load.not_recorded
         yield f"{where}: {refused:,} increments raised IncrementNotRecorded, so not expected", False

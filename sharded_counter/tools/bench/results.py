@@ -4,16 +4,43 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import platform
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
 from .contenders import Check
 from .load import Load
+
+
+def percentiles(latencies: Sequence[float]) -> tuple[float | None, float | None]:
+    """p50 and p99 of ``latencies`` (seconds), in milliseconds; None without any."""
+    if not latencies:
+        return None, None
+    ordered = sorted(latencies)
+    return 1e3 * _rank(ordered, 0.50), 1e3 * _rank(ordered, 0.99)
+
+
+def _rank(ordered: Sequence[float], q: float) -> float:
+    # The nearest-rank percentile: a value that was measured, never an interpolation.
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Spread:
+    """One point over the run's repeats: the median and the range of what varies."""
+
+    repeats: int
+    rate_min: float
+    rate_max: float
+    ratio_min: float | None  # of the round-by-round ratios to the blind puts
+    ratio_max: float | None
+    latency_p50_ms: float | None  # over every increment of every repeat
+    latency_p99_ms: float | None
 
 
 @dataclasses.dataclass
@@ -35,7 +62,11 @@ class Point:
     cpu: dict[str, float | None]  # CPU seconds: client, emulator, memcached
     warnings: dict[str, int] = dataclasses.field(default_factory=dict)  # by log template
     entities: int = 0  # entities the commits wrote (shards, key records, ...)
+    repeat: int = 0  # which of the run's repeats of every point this is
     ratio_to_blind: float | None = None  # filled in once the blind rate is known
+    # Filled in by EngineResults.summarize on the repeat whose rate is the median:
+    median: bool = False
+    spread: Spread | None = None
 
     @property
     def writers(self) -> int:
@@ -52,9 +83,17 @@ class Point:
     def per_increment(self, calls: dict[str, int]) -> float | None:
         return sum(calls.values()) / self.load.acked if self.load.acked else None
 
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return self.contender, self.threads, self.processes
+
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        del data["load"]["latencies"]  # every call's time: too many to keep
+        p50, p99 = percentiles(self.load.latencies)
         data.update(
+            latency_p50_ms=p50,
+            latency_p99_ms=p99,
             writers=self.writers,
             rate=self.rate,
             exact=self.exact,
@@ -122,18 +161,46 @@ class EngineResults:
         )
 
     def point(self, contender: str, threads: int, processes: int = 1) -> Point | None:
-        for p in self.points:
-            if (p.contender, p.threads, p.processes) == (contender, threads, processes):
-                return p
-        return None
+        """The median repeat of that point (once summarized; before, the first one)."""
+        found = [p for p in self.points if p.key == (contender, threads, processes)]
+        return next((p for p in found if p.median), found[0] if found else None)
 
     def timed(self, name: str) -> Timed | None:
         return next((t for t in (*self.reads, *self.buffer) if t.name == name), None)
 
-    def fill_ratios(self) -> None:
+    def summarize(self) -> None:
+        """Each point's ratio to the blind puts of its own repeat; then, for each point,
+        the repeat whose rate is the median stands for it (``point`` returns it), with
+        the median of the ratios and the spread of all repeats."""
+        blind = {
+            (p.threads, p.processes, p.repeat): p for p in self.points if p.contender == "blind"
+        }
         for p in self.points:
-            blind = self.point("blind", p.threads, p.processes)
-            p.ratio_to_blind = p.rate / blind.rate if blind is not None and blind.rate else None
+            base = blind.get((p.threads, p.processes, p.repeat))
+            p.ratio_to_blind = p.rate / base.rate if base is not None and base.rate else None
+        by_key: dict[tuple[str, int, int], list[Point]] = {}
+        for p in self.points:
+            by_key.setdefault(p.key, []).append(p)
+        for repeats in by_key.values():
+            ranked = sorted(repeats, key=lambda p: p.rate)
+            middle = ranked[(len(ranked) - 1) // 2]  # the lower median: a run that was made
+            ratios = [p.ratio_to_blind for p in repeats if p.ratio_to_blind is not None]
+            p50, p99 = percentiles([x for p in repeats for x in p.load.latencies])
+            middle.median = True
+            middle.ratio_to_blind = statistics.median(ratios) if ratios else None
+            middle.spread = Spread(
+                repeats=len(repeats),
+                rate_min=ranked[0].rate,
+                rate_max=ranked[-1].rate,
+                ratio_min=min(ratios) if ratios else None,
+                ratio_max=max(ratios) if ratios else None,
+                latency_p50_ms=p50,
+                latency_p99_ms=p99,
+            )
+
+    def medians(self) -> list[Point]:
+        """One point per contender and concurrency: the median repeat."""
+        return [p for p in self.points if p.median]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -194,3 +261,9 @@ def paired_ratio(
     if pairs and len(rounds) == len(base_rounds):
         return statistics.median(pairs)
     return rate / base_rate if base_rate else None
+
+
+def median_points(engine: Mapping[str, Any]) -> list[Any]:
+    """An engine's points in a bench.json, one per contender and concurrency: its median
+    repeat (a bench.json from before repeats has one of each, all of them)."""
+    return [p for p in engine["writers"] if p.get("median", True)]

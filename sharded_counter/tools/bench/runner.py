@@ -94,24 +94,28 @@ def _bench_engine(
         key=lambda c: first.index(c.key) if c.key in first else len(first),
     )
     results.not_applicable = {c.key: c.unsupported for c in CONTENDERS if not c.runs_on(engine)}
-    for threads in options.threads:
-        for contender in contenders:
-            point = measure(contender, engine, threads, options.seconds, watch)
-            _record(console, results, point, emulator)
-    if options.processes:
-        for contender in (c for c in contenders if c.processes):
-            point = measure_processes(
-                contender,
-                engine,
-                options.processes,
-                options.threads_per_process,
-                options.seconds,
-                watch,
-            )
-            _record(console, results, point, emulator)
+    # Repeats interleave: every point once, then every point again, so that a slow
+    # spell of the machine or the emulator hits one repeat of many points, not every
+    # repeat of one; a point's figure is its median repeat.
+    for repeat in range(options.repeats):
+        for threads in options.threads:
+            for contender in contenders:
+                point = measure(contender, engine, threads, options.seconds, watch)
+                _record(console, results, dataclasses.replace(point, repeat=repeat), emulator)
+        if options.processes:
+            for contender in (c for c in contenders if c.processes):
+                point = measure_processes(
+                    contender,
+                    engine,
+                    options.processes,
+                    options.threads_per_process,
+                    options.seconds,
+                    watch,
+                )
+                _record(console, results, dataclasses.replace(point, repeat=repeat), emulator)
     results.reads = measure_reads(engine, memcached.address, options.micro_seconds)
     results.buffer = measure_buffer(engine, options.micro_seconds)
-    results.fill_ratios()
+    results.summarize()
     results.seconds = time.monotonic() - began
     calls_at = TARGET_THREADS if TARGET_THREADS in options.threads else max(options.threads)
     report.print_engine(console, results, calls_at)
@@ -155,6 +159,7 @@ def _write(
             "engines": list(options.engines),
             "threads": list(options.threads),
             "seconds": options.seconds,
+            "repeats": options.repeats,
             "processes": options.processes,
             "threads_per_process": options.threads_per_process,
             "micro_seconds": options.micro_seconds,

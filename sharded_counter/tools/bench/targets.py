@@ -50,10 +50,10 @@ def _rate(measured: Point | Timed | None) -> float | None:
     return None if measured is None else measured.rate
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
+def _vs_blind(point: Point | None) -> float | None:
+    """The median over the run's repeats of the point's ratio to the blind puts of the
+    same repeat (``EngineResults.summarize``)."""
+    return None if point is None else point.ratio_to_blind
 
 
 def _paired(measured: Timed | None, base: Timed | None) -> float | None:
@@ -66,12 +66,11 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
     found: list[TargetResult] = []
     for engine, results in engines.items():
         counter = results.point("counter", TARGET_THREADS)
-        blind = results.point("blind", TARGET_THREADS)
         found.append(
             TargetResult(
                 engine,
                 f"sharded Counter, {TARGET_THREADS} writer threads, vs blind puts",
-                _ratio(_rate(counter), _rate(blind)),
+                _vs_blind(counter),
                 COUNTER_VS_BLIND.get(engine, 0.5),
                 "x",
                 f"Counter(shards=20) increments/s / blind puts/s at {TARGET_THREADS} threads",
@@ -82,7 +81,7 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
             TargetResult(
                 engine,
                 f"keyed increments, {TARGET_THREADS} writer threads, vs blind puts",
-                _ratio(_rate(keyed), _rate(blind)),
+                _vs_blind(keyed),
                 KEYED_VS_BLIND,
                 "x",
                 f"Counter(shards=20) increments/s with idempotency keys / blind puts/s at "
@@ -90,12 +89,11 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
             )
         )
         shared = results.point("shared-buffer", 8, processes=2)
-        blind_2x8 = results.point("blind", 8, processes=2)
         found.append(
             TargetResult(
                 engine,
                 "SharedBuffer, 2 processes x 8 threads, vs blind puts",
-                _ratio(_rate(shared), _rate(blind_2x8)),
+                _vs_blind(shared),
                 SHARED_BUFFER_VS_BLIND,
                 "x",
                 "SharedBuffer.increment calls/s / blind puts/s, 2 processes x 8 threads each",
