@@ -1,6 +1,7 @@
 """Sharded counters on Google Cloud Datastore with memcache in front."""
 
 from ._version import __version__ as __version__
+from .bounded import BoundedCounter
 from .counter import Counter, Verification
 from .errors import (
     CacheUnavailable,
@@ -9,6 +10,7 @@ from .errors import (
     DatastoreUnavailable,
     IncrementNotRecorded,
     IncrementOutcomeUnknown,
+    LimitReached,
     ShardedCounterError,
 )
 from .paths.maintenance import purge_expired_keys
@@ -20,6 +22,7 @@ from .patterns.timeseries import TimeSeries
 from .settings import Settings, config
 
 __all__ = [
+    "BoundedCounter",
     "CacheUnavailable",
     "ConfigurationError",
     "Counter",
@@ -32,6 +35,7 @@ __all__ = [
     "IncrementOutcomeUnknown",
     "Lease",
     "Limit",
+    "LimitReached",
     "Locked",
     "RateLimited",
     "RateLimiter",

@@ -13,6 +13,8 @@ is pymemcache's ``MemcacheError`` too).
 
 from __future__ import annotations
 
+from typing import Protocol
+
 
 class ShardedCounterError(Exception):
     """Base class of the errors that come from the backends, not from input: their
@@ -99,3 +101,36 @@ class IncrementOutcomeUnknown(ShardedCounterError):
         self.name = name
         self.delta = delta
         self.__cause__ = cause
+
+
+class LimitReached(ShardedCounterError):
+    """A ``BoundedCounter`` refused: the total would leave its bounds. Nothing was written.
+
+    For an increment, ``delta`` is the amount refused: every shard's share of the
+    room together, read in one consistent snapshot, lacked it (or it is larger
+    than the bounds' whole range). For ``count = v`` and a layout, ``delta`` is the
+    total that is outside the bounds. ``minimum`` and ``maximum`` are the bounds
+    (None: none on that side). Retrying is safe, and succeeds once others have
+    released room.
+    """
+
+    def __init__(self, name: str, delta: int, bounds: _HasBounds, *, setting: bool = False) -> None:
+        low = "-inf" if bounds.minimum is None else bounds.minimum
+        high = "+inf" if bounds.maximum is None else bounds.maximum
+        what = f"a total of {delta}" if setting else f"an increment of {delta}"
+        super().__init__(
+            f"counter {name!r} refused {what}: its total must stay within [{low}, {high}]; "
+            "nothing was written"
+        )
+        self.name = name
+        self.delta = delta
+        self.minimum: int | None = bounds.minimum
+        self.maximum: int | None = bounds.maximum
+
+
+class _HasBounds(Protocol):
+    @property
+    def minimum(self) -> int | None: ...
+
+    @property
+    def maximum(self) -> int | None: ...

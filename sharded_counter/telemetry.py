@@ -20,7 +20,10 @@ What is recorded (metric names and attributes are part of the public API):
   ``sharded_counter.stash.folds`` (stashed amounts written to a shard),
   ``sharded_counter.unsure.resolutions`` (unsure writes resolved),
   ``sharded_counter.cache.hits`` and ``sharded_counter.cache.misses`` (reads of
-  the cached total), ``sharded_counter.memcache.outages`` (outages begun);
+  the cached total), ``sharded_counter.memcache.outages`` (outages begun),
+  ``sharded_counter.bounded.borrows`` (a bounded counter's shard borrowed
+  room from others), ``sharded_counter.lease_misses`` (a shard another
+  process was writing, passed over);
 - a span per Datastore call, ``Datastore/<Method>`` (our raw gRPC calls skip the
   client library's own instrumentation), with the RPC attributes of the
   semantic conventions and the error, if any.
@@ -46,7 +49,7 @@ except ImportError:  # pragma: no cover - exercised by the lean-install test
     _trace = None  # type: ignore[assignment]
 
 #: How an increment can end (the ``outcome`` attribute).
-OUTCOMES = ("written", "stashed", "unsure", "not_recorded", "outcome_unknown")
+OUTCOMES = ("written", "stashed", "unsure", "not_recorded", "outcome_unknown", "limit_reached")
 
 #: Event name (as the write path tallies it) -> metric name.
 EVENTS = {
@@ -58,6 +61,8 @@ EVENTS = {
     "cache_hits": "sharded_counter.cache.hits",
     "cache_misses": "sharded_counter.cache.misses",
     "memcache_outages": "sharded_counter.memcache.outages",
+    "borrows": "sharded_counter.bounded.borrows",
+    "lease_misses": "sharded_counter.lease_misses",
 }
 
 _NAME = "sharded_counter"

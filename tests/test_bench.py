@@ -109,7 +109,9 @@ def test_quick_run_writes_its_numbers_as_json(quick_run: QuickRun) -> None:
     by_key = {(w["contender"], w["threads"], w["processes"]): w for w in medians}
     latency = by_key[("counter", THREADS[-1], 1)]["spread"]
     assert 0 < latency["latency_p50_ms"] <= latency["latency_p99_ms"]
-    assert by_key[("buffer", THREADS[-1], 1)]["spread"]["latency_p50_ms"] is None  # batched: not timed
+    assert (
+        by_key[("buffer", THREADS[-1], 1)]["spread"]["latency_p50_ms"] is None
+    )  # batched: not timed
     if quick_run.engine == "classic":
         assert "transform-20" in engine["not_applicable"]
     assert {t["verdict"] for t in data["targets"]} <= {"PASS", "FAIL", "not measured"}

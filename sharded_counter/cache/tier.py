@@ -10,7 +10,8 @@ parts of one job each, every one handed only what it uses:
 * ``stashes.py``, ``unsure.py``, ``sets.py``: the changes of the stash, for
   pending increments and folds, unsure writes, and ``count = v``;
 * ``sightings.py``: what this process last saw in each stash;
-* ``backlog.py``: what failed calls left to do, done on the next call.
+* ``backlog.py``: what failed calls left to do, done on the next call;
+* ``leases.py``: hints that a process is writing a shard right now.
 
 Composed rather than mixed in, so that each part's dependencies are the ones
 its constructor takes, not whatever another mixin happens to set on ``self``.
@@ -28,6 +29,7 @@ from ..core.stash import Stash, Unsure
 from .backlog import Backlog
 from .client import MemcacheClient
 from .guarded import GuardedClient
+from .leases import ShardLeases
 from .pending_names import PendingNames
 from .records import CachedRecords
 from .sets import SetCoordination
@@ -48,6 +50,7 @@ class CacheTier:
         self._stashes = PendingStashes(self._calls, self._backlog, self._sightings)
         self._unsure = UnsureWrites(self._calls, self._backlog, self._sightings)
         self._sets = SetCoordination(self._calls, self._sightings)
+        self._leases = ShardLeases(self._calls)
 
     @property
     def _client(self) -> MemcacheClient | None:
@@ -105,6 +108,17 @@ class CacheTier:
         """Delete ``keys``. Raises CacheUnavailable."""
         for key in keys:
             self._calls.delete(key)
+
+    # -- shard leases: leases.py -------------------------------------------------------------
+
+    def lease(self, key: str) -> bool | None:
+        """Lease a shard for one write: True granted, False held by another writer, None
+        memcache could not say. Never raises."""
+        return self._leases.take(key)
+
+    def end_lease(self, key: str) -> None:
+        """End a lease. Never raises."""
+        self._leases.end(key)
 
     # -- pending increments and folds: stashes.py ------------------------------------------
 

@@ -61,3 +61,9 @@ def cache_keys(prefix: str, scope: str, name: str) -> tuple[str, str]:
     """(cached record key, delayed_incr key) for a counter: at most 250 bytes of ASCII."""
     digest = hashlib.blake2b(f"{scope}\x00{name}".encode(), digest_size=20).hexdigest()
     return f"{prefix}:t:{digest}", f"{prefix}:delayed_incr:{digest}"
+
+
+def lease_key(record_key: str, index: int) -> str:
+    """The memcache key of the lease on shard ``index`` of the counter whose cached
+    record is ``record_key`` (cache/leases.py)."""
+    return f"{record_key}:l{index}"

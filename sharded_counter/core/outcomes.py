@@ -68,6 +68,11 @@ KEYED: Mapping[Ending, Step] = MappingProxyType(
     }
 )
 
+#: A bounded increment (paths/bounded.py), after its write: never kept in memcache
+#: either, since a stash is spent without a look at the shards' shares of the bounds.
+#: (A refusal for want of room, LimitReached, is decided before any ending.)
+BOUNDED: Mapping[Ending, Step] = KEYED
+
 #: The folded delayed_incr amount of a plain write, after its write.
 FOLD: Mapping[Ending, Fold] = MappingProxyType(
     {

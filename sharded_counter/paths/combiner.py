@@ -11,9 +11,11 @@ committed (or was stashed in delayed_incr), so nothing about what an
 larger writes.
 
 A group's write either lands whole or not at all, so its outcome is every
-member's outcome, with one exception: a ``CounterOverflowError`` (nothing
-was written) may be the sum's fault, so each member then writes its own delta
-alone and gets its own answer.
+member's outcome, with one exception: a ``CounterOverflowError`` or a bounded
+counter's ``LimitReached`` (nothing was written) may be the sum's fault, so
+each member then writes its own delta alone and gets its own answer. A bounded
+counter groups increments of one sign only (``same_sign``): a sum within the
+bounds then means each member, in some order, was too.
 
 Keyed increments (``idempotency_key=``) group among themselves, never with
 unkeyed ones: their write inserts one key record per key beside the shard
@@ -31,20 +33,28 @@ import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, TypeVar
 
-from ..errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
+from ..errors import (
+    CounterOverflowError,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+    LimitReached,
+)
 from .registry import PerCounter
 
 T = TypeVar("T")
 
 # The errors that name the delta they are about: each member gets its own.
 _PER_DELTA = (IncrementNotRecorded, IncrementOutcomeUnknown)
+# Refusals of a sum, with nothing written: each member then writes its own delta alone.
+_SUM_REFUSED = (CounterOverflowError, LimitReached)
 
 
 class _Group:
     """Increments waiting for a write slot together. Its first member writes for all."""
 
-    def __init__(self, keyed: bool) -> None:
+    def __init__(self, keyed: bool, *, closed: bool = False) -> None:
         self.keyed = keyed
+        self.closed = closed  # a member that writes alone: nobody else joins it
         self.deltas: list[int] = []
         self.total = 0
         self.keys: dict[str, int] = {}  # a keyed group's keys, each once, with its delta
@@ -72,15 +82,26 @@ class WriteCombiner:
         self._paused = 0  # exclusive() holders: nothing starts while above 0
         self._queue: collections.deque[_Group] = collections.deque()
 
-    def run(self, delta: int, write: Callable[[int], T], *, limit: int, max_total: int) -> T | None:
+    def run(
+        self,
+        delta: int,
+        write: Callable[[int], T],
+        *,
+        limit: int,
+        max_total: int,
+        same_sign: bool = False,
+    ) -> T | None:
         """Have ``delta`` written by ``write`` (a function of an amount), alone or in a group,
         and return what that write returned (None when a group's deltas cancelled out and
         nothing was written).
 
         ``limit`` is how many writes may run at once; a group's total stays
         within ``±max_total`` (a delta larger than that goes in a group of its own).
+        With ``same_sign`` a group holds deltas of one sign only.
         """
-        group, leading = self._join(None, delta, limit=limit, max_total=max_total, max_keys=0)
+        group, leading = self._join(
+            None, delta, limit=limit, max_total=max_total, max_keys=0, same_sign=same_sign
+        )
         if group is None:
             try:
                 return write(delta)
@@ -93,9 +114,24 @@ class WriteCombiner:
         error = group.error
         if error is None:
             return group.result  # type: ignore[no-any-return]
-        if isinstance(error, CounterOverflowError) and len(group.deltas) > 1:
-            return write(delta)  # nothing was written: does this delta fit alone?
+        if isinstance(error, _SUM_REFUSED) and len(group.deltas) > 1:
+            # Nothing was written: does this delta fit alone? Alone, but still within
+            # ``limit``: on a pessimistic engine every member at once would queue on
+            # each other's shard locks.
+            return self._run_alone(delta, write, limit=limit)
         raise self._own_error(error, delta, group)
+
+    def _run_alone(self, delta: int, write: Callable[[int], T], *, limit: int) -> T:
+        group, _ = self._join(None, delta, limit=limit, max_total=0, max_keys=0, alone=True)
+        if group is None:
+            try:
+                return write(delta)
+            finally:
+                self._release()
+        self._write_for(group, lambda: write(delta))
+        if group.error is not None:
+            raise group.error
+        return group.result  # type: ignore[no-any-return]
 
     def run_keyed(
         self, key: str, delta: int, write: KeyedWrite, *, limit: int, max_total: int, max_keys: int
@@ -125,10 +161,19 @@ class WriteCombiner:
         raise self._own_error(error, group.keys[key], group)
 
     def _join(
-        self, key: str | None, delta: int, *, limit: int, max_total: int, max_keys: int
+        self,
+        key: str | None,
+        delta: int,
+        *,
+        limit: int,
+        max_total: int,
+        max_keys: int,
+        same_sign: bool = False,
+        alone: bool = False,
     ) -> tuple[_Group | None, bool]:
         """Take a write slot now (no group), or join the group queued for the next free
-        one; and whether this member leads the group (it opened it, and writes for all)."""
+        one; and whether this member leads the group (it opened it, and writes for all).
+        ``alone``: queue in a group of its own, which nobody joins."""
         keyed = key is not None
         with self._lock:
             self._limit = limit
@@ -139,12 +184,15 @@ class WriteCombiner:
             if key is not None and group is not None and key in group.keys:
                 return group, False  # the same increment, waiting already: it adds nothing
             if (
-                group is None
+                alone
+                or group is None
+                or group.closed
                 or group.keyed != keyed
                 or abs(group.total + delta) > max_total
+                or (same_sign and (group.deltas[0] > 0) != (delta > 0))
                 or (keyed and len(group.keys) >= max_keys)
             ):
-                group = _Group(keyed)
+                group = _Group(keyed, closed=alone)
                 self._queue.append(group)
             if key is not None:
                 group.keys[key] = delta

@@ -88,6 +88,11 @@ class ShardPicker:
             self._busy[index] = self._busy.get(index, 0) + 1
             return index
 
+    def busy(self) -> set[int]:
+        """The shards writers of this process hold right now."""
+        with self._lock:
+            return set(self._busy)
+
     # -- writes whose outcome is unknown ------------------------------------------
 
     def reserve(self, token: str, index: int) -> None:

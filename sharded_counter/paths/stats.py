@@ -20,6 +20,8 @@ class WriteStats:
     resolved: int = 0  # unsure entries this counter object resolved
     rebalances: int = 0  # shards moved back from the int64 edge
     keys_applied: int = 0  # idempotency keys whose increment this counter object wrote
+    borrows: int = 0  # a bounded counter's shard borrowed room from others (core/escrow.py)
+    lease_misses: int = 0  # shards passed over: another process leased them (cache/leases.py)
     _lock: threading.Lock = dataclasses.field(
         default_factory=threading.Lock, repr=False, compare=False
     )

@@ -72,7 +72,8 @@ class KeyedShardStore:
         props["expire_at"].timestamp_value.CopyFrom(_timestamp(expire_at))
         return record
 
-    def _inserts(self, name: str, keys: Mapping[str, int], ttl: float) -> list[Any]:
+    def inserts(self, name: str, keys: Mapping[str, int], ttl: float) -> list[Any]:
+        """Insert mutations of the records of ``keys`` (``{key: delta}``), living ``ttl`` s."""
         expire_at = time.time() + ttl
         inserts = []
         for key, delta in keys.items():
@@ -89,7 +90,7 @@ class KeyedShardStore:
         written) when any record exists already: see ``applied``."""
         store = self.store
         increment = entities.increment_mutation(store.key(name, index), name, sum(keys.values()))
-        response = store.commit([*self._inserts(name, keys, ttl), increment], single_use=True)
+        response = store.commit([*self.inserts(name, keys, ttl), increment], single_use=True)
         return transformed(index, response.mutation_results[-1])
 
     def add_in_transaction(
@@ -133,7 +134,7 @@ class KeyedShardStore:
             written = entities.shard_entity(shard_key, name, new)
             entities.carry_slots(entity, written, "")
             response = store.commit(
-                [entities.upsert(written), *self._inserts(name, left, ttl)], transaction
+                [entities.upsert(written), *self.inserts(name, left, ttl)], transaction
             )
         except BaseException:
             if transaction is not None:

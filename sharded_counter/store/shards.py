@@ -252,8 +252,7 @@ class ShardStore(DatastoreCalls):
         slot, unless the write fences: a set's token is in its own fence, and a
         resolution of a fold part must not look like the write it stands in for.
         """
-        foreign = [r.entity.key for r in self._query_shards(_EQUAL, [name], keys_only=True)]
-        keys = {k.SerializeToString(): k for k in foreign}
+        keys = {k.SerializeToString(): k for k in self.shard_keys(name)}
         for index in range(shards):
             key = self.key(name, index)
             keys[key.SerializeToString()] = key
@@ -296,9 +295,13 @@ class ShardStore(DatastoreCalls):
         versions_written = [r.version for r in response.mutation_results]
         return _states(name, ordered, versions_written, amounts)
 
+    def shard_keys(self, name: str) -> list[Any]:
+        """The keys of every shard of ``name``, ours or not (a keys-only query)."""
+        return [r.entity.key for r in self._query_shards(_EQUAL, [name], keys_only=True)]
+
     def delete_all(self, name: str) -> int:
         """Delete every shard of ``name``; returns how many there were."""
-        keys = [r.entity.key for r in self._query_shards(_EQUAL, [name], keys_only=True)]
+        keys = self.shard_keys(name)
         for start in range(0, len(keys), _MAX_MUTATIONS):
             self.commit([entities.delete(k) for k in keys[start : start + _MAX_MUTATIONS]])
         return len(keys)

@@ -1,9 +1,9 @@
 """The ``sharded-counter`` command: the demo, the bench, and commands to poke at real counters.
 
 This module is the group and its entry point; the commands live by what they
-act on: ``cli_counters`` (counters themselves), ``cli_env`` (the settings),
-``cli_cache_tier`` (rate limits, time series, locks) and ``cli_races`` (demo
-and bench). ``cli_console`` is how they all print and fail.
+act on: ``cli_counters`` (counters themselves), ``cli_bounded`` (bounded
+counters), ``cli_env`` (the settings), ``cli_cache_tier`` (rate limits, time
+series, locks) and ``cli_races`` (demo and bench). ``cli_console`` is how they all print and fail.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
-from . import cli_cache_tier, cli_counters, cli_env, cli_races
+from . import cli_bounded, cli_cache_tier, cli_counters, cli_env, cli_races
 from .cli_time import parse_when
 
 __all__ = ["main", "parse_when"]
@@ -27,6 +27,7 @@ def main() -> None:
 for _command in (
     *cli_races.COMMANDS,
     *cli_counters.COMMANDS,
+    *cli_bounded.COMMANDS,
     cli_env.env,
     *cli_cache_tier.COMMANDS,
 ):

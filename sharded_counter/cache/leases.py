@@ -1,0 +1,44 @@
+"""Shard leases: a hint in memcache that a process is writing one shard right now.
+
+Writers in one process already keep off each other's shards (paths/picker.py);
+writers in different processes know nothing of each other. On the
+pessimistic engine two transactions that read one shard and then both write
+it wait on each other's locks until a lock timeout (2 s on the emulator), so a
+transaction write first *leases* its shard with one memcached ``add``: a
+process that finds the shard leased picks another. A lease is only a hint: it
+expires by itself (a writer that died holds its shard for at most
+``LEASE_SECONDS``), and with memcache down every lease is granted, so nothing
+about exactness ever depends on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from ..errors import CacheUnavailable
+from .guarded import GuardedClient
+
+#: How long a lease lasts if its holder never ends it (memcached counts whole seconds).
+LEASE_SECONDS = 2
+
+
+class ShardLeases:
+    """Leases on shards, through ``calls``."""
+
+    def __init__(self, calls: GuardedClient) -> None:
+        self._calls = calls
+
+    def take(self, key: str) -> bool | None:
+        """Lease ``key``: True when granted, False when another writer holds it, None when
+        memcache could not say (then go ahead: it is only a hint)."""
+        if self._calls.client is None:
+            return None
+        try:
+            return self._calls.add(key, b"1", expire=LEASE_SECONDS)
+        except CacheUnavailable:
+            return None
+
+    def end(self, key: str) -> None:
+        """End a lease taken with ``take``. Never raises: it expires by itself."""
+        with contextlib.suppress(CacheUnavailable):
+            self._calls.call("delete", key, noreply=True)
