@@ -167,6 +167,27 @@ class BoundedCounter(Counter):
             "they would be written without a look at its bounds"
         )
 
+    # -- reading ---------------------------------------------------------------------
+
+    @datastore_failures_as_ours
+    def get_count(self, nocache: bool = False) -> int:
+        """The total, as ``Counter.get_count`` reads it, never outside the bounds.
+
+        Every state the shards pass through is within the bounds, but a cached
+        total merges each shard's latest write as it arrives, so for a moment it
+        may add one shard's newer count to another's older one (as any cached
+        total may lag, see ``Counter``). Such a total, if it is outside the bounds
+        read from Datastore now, is stale for certain, and is given as the bound
+        it passed.
+        """
+        total = super().get_count(nocache=nocache)
+        if self._bounded.bounds.contains(total):
+            return total
+        stored = self._bounded.store.stored(self.name)
+        if stored is None:
+            return total  # not laid out (deleted meanwhile): a plain counter's total
+        return stored.bounds.clamp(total)
+
     # -- setting ---------------------------------------------------------------------
 
     @datastore_failures_as_ours

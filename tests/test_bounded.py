@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import random
 import threading
 import time
 from typing import Any
 
 import pytest
+from faultkit import ReplyHoldingRelay, probe_through_relay, writers_running
 from google.cloud import datastore
 
 from sharded_counter import (
     BoundedCounter,
+    CacheUnavailable,
     Counter,
+    DatastoreUnavailable,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
     LimitReached,
 )
 from sharded_counter.store.escrow import BOUNDS_KIND
@@ -291,3 +297,113 @@ def test_two_processes_race_2000_increments_for_1500_units(
     sharded_counter_memcached.flush_all()
     assert counter.count == 1500
     assert not counter.try_increment()
+
+
+# -- faults ------------------------------------------------------------------------------
+
+
+def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_kill(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_backends: Any,
+    sharded_counter_engine: str,
+    sharded_counter_memcached: Any,
+    own_memcache: Any,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """8 writers press on the maximum of a stock in [0, 200] while, in turn, the
+    relay holds the emulator's replies past the timeout (the real emulator applies
+    the commits: lost replies), memcached is SIGKILLed and restarted, and the
+    emulator's JVM is SIGSTOPped. Readers (cached and uncached) never see a total
+    outside the bounds, and the total ends as acknowledged, give or take only the
+    increments whose outcome the writers were told is unknown."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()
+    options = {
+        "minimum": 0,
+        "maximum": 200,
+        "shards": 8,
+        "rpc_timeout": 1.0,
+        "retry_deadline": 5.0,
+        "memcache_timeout": 0.2,
+        "memcache_connect_timeout": 0.2,
+    }
+    admin = BoundedCounter("stock-faults", memcache_client=own_memcache(), **options)
+    admin.count = 196
+    lock = threading.Lock()
+    tally = {"acked": 196, "calls": 0, "limit": 0, "not_recorded": 0}
+    unknown: list[int] = []
+    errors: list[BaseException] = []
+    reads: list[int] = []
+
+    writers: list[BoundedCounter] = []
+
+    def writer(i: int, stop: threading.Event) -> None:
+        counter = BoundedCounter("stock-faults", memcache_client=own_memcache(), **options)
+        writers.append(counter)
+        rng = random.Random(i)
+        while not stop.is_set():
+            delta = rng.choice((-2, -1, 1, 2, 3, 3))  # pressing on the maximum
+            try:
+                counter.increment(delta)
+                key = "acked"
+            except LimitReached:
+                key, delta = "limit", 1
+            except IncrementNotRecorded:
+                key, delta = "not_recorded", 1
+            except IncrementOutcomeUnknown:
+                with lock:
+                    unknown.append(delta)
+                continue
+            except Exception as exc:  # reported by the assertion below
+                with lock:
+                    errors.append(exc)
+                return
+            with lock:
+                tally[key] += delta
+                tally["calls"] += 1
+
+    def reader(i: int, stop: threading.Event) -> None:
+        counter = BoundedCounter("stock-faults", memcache_client=own_memcache(), **options)
+        while not stop.is_set():
+            try:
+                value = counter.get_count(nocache=bool(i % 2))
+            except (DatastoreUnavailable, CacheUnavailable):
+                continue  # no value to check while a backend is out
+            with lock:
+                reads.append(value)
+            time.sleep(0.02)
+
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
+    with writers_running(8, writer), writers_running(2, reader):
+        time.sleep(0.8)
+        relay.hold.set()  # replies lost: commits land, callers time out
+        time.sleep(1.5)
+        relay.hold.clear()
+        time.sleep(0.8)
+        sharded_counter_memcached.kill()
+        time.sleep(1.0)
+        sharded_counter_memcached.start()
+        time.sleep(0.8)
+        emulator.pause()
+        try:
+            time.sleep(1.5)
+        finally:
+            emulator.resume()
+        time.sleep(1.0)
+    assert errors == []
+    outside = [v for v in reads if not 0 <= v <= 200]
+    total = admin.get_count(nocache=True)
+    excess = total - tally["acked"]
+    failed_attempts = sum(w.stats.snapshot()["transient_errors"] for w in writers)
+    print(
+        f"\nbounded-faults[{sharded_counter_engine}]: {len(reads)} reads, {tally}, "
+        f"{len(unknown)} unknown, {failed_attempts} attempts failed, total {total}, "
+        f"excess {excess}"
+    )
+    assert failed_attempts > 0, "setup: no write attempt met a fault"
+    assert len(reads) > 50 and outside == []
+    assert 0 <= total <= 200
+    assert sum(d for d in unknown if d < 0) <= excess <= sum(d for d in unknown if d > 0)
+    assert tally["calls"] > 20  # the writers went on through the faults
+    assert tally["limit"] > 0  # and met the maximum

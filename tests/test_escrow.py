@@ -165,3 +165,9 @@ class EscrowMachine(RuleBasedStateMachine):
 
 TestEscrowMachine = EscrowMachine.TestCase
 TestEscrowMachine.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+
+
+def test_a_total_past_a_bound_is_given_as_that_bound() -> None:
+    bounds = Bounds(0, 10)
+    assert [bounds.clamp(t) for t in (-3, 0, 7, 10, 12)] == [0, 0, 7, 10, 10]
+    assert Bounds().clamp(-(10**9)) == -(10**9)

@@ -41,6 +41,14 @@ class Bounds:
             self.maximum is None or total <= self.maximum
         )
 
+    def clamp(self, total: int) -> int:
+        """``total``, or the bound it is past."""
+        if self.minimum is not None and total < self.minimum:
+            return self.minimum
+        if self.maximum is not None and total > self.maximum:
+            return self.maximum
+        return total
+
     def describe(self) -> str:
         low = "-inf" if self.minimum is None else str(self.minimum)
         high = "+inf" if self.maximum is None else str(self.maximum)

@@ -95,15 +95,17 @@ class _Turns:
 
 
 class _Known:
-    """What this process knows of one bounded counter: its stored bounds, and the turns
-    its writers take."""
+    """What this process knows of one bounded counter's stored bounds (per backend: a
+    test may point one process at two emulators)."""
 
     def __init__(self) -> None:
         self.stored: Stored | None = None
-        self.turns = _Turns()
 
 
 _known: PerCounter[_Known] = PerCounter(_Known)
+# Per counter, like the picker: every writer of it in this process takes turns,
+# whichever client objects it was made with.
+_turns: PerCounter[_Turns] = PerCounter(_Turns)
 
 
 class BoundedWrites:
@@ -115,6 +117,7 @@ class BoundedWrites:
         self.store = EscrowStore(ctx.backend.store, ctx.backend.keyed)
         self.shards = ShardWriter(ctx)  # for its tally of failed attempts
         self._known = _known.get((id(ctx.backend), ctx.backend.store.scope, ctx.name))
+        self._turns = _turns.get((ctx.backend.store.scope, ctx.name))
         self._told = False  # about bounds in Datastore other than this object's
 
     # -- laying out -------------------------------------------------------------------
@@ -258,7 +261,7 @@ class BoundedWrites:
         """One attempt: the shard's own share, else borrow; raises LimitReached when every
         share together lacks the room."""
         ctx = self.ctx
-        turns = self._known.turns
+        turns = self._turns
         # ``write(lenders)``: the taker alone when there are none, else a borrow.
         write = functools.partial(
             self.store.borrow,
