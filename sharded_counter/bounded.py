@@ -52,6 +52,13 @@ class BoundedCounter(Counter):
 
     minimum: int | None = None
     maximum: int | None = None
+    #: Fewer writes in flight than ``Counter``'s 4: a bounded write is a transaction
+    #: (three round trips on Firestore, two on the classic engine, against a plain
+    #: write's one), so fewer, larger groups carry more increments per second. At 16
+    #: threads, 2 made 0.68-0.72x the plain Counter on Firestore against 0.45-0.51x
+    #: with 4, and 1.33x against 0.92x on the classic engine. A keyword argument or a
+    #: subclass sets another (as a class attribute, it wins over the config's value).
+    max_concurrent_writes: int = 2
 
     def __init__(
         self,

@@ -65,7 +65,7 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
         measured = {p.contender for p in results.points if (p.threads, p.processes) == (threads, 1)}
         assert measured == expected
     several = {p.contender for p in results.points if p.processes == 2}
-    assert several == {"counter", "counter-keyed", "blind", "buffer", "shared-buffer"}
+    assert several == {"counter", "counter-keyed", "bounded", "blind", "buffer", "shared-buffer"}
     for point in results.points:
         assert point.load.acked > 0, point
         assert point.check.uncached == point.load.expected, point
@@ -81,6 +81,12 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
     keyed = results.point("counter-keyed", 1)
     assert keyed is not None and keyed.entities == 2 * keyed.load.acked, keyed
     assert all(t.exact and t.operations > 0 for t in (*results.reads, *results.buffer))
+    # A BoundedCounter filled its room far from its bound, and in its last 5 %, in turns:
+    # every race added exactly its room, and the last-5 % ones were then refused.
+    fills = {t.name: t for t in results.fill}
+    assert set(fills) == {"bounded-fill-far", "bounded-fill-last5"}
+    assert all(t.exact and t.operations == 2 * 200 for t in fills.values())
+    assert all(len(t.round_rates) == 2 for t in fills.values())
     # What is compared took turns: each loop has one rate per round, for paired ratios.
     rounds = {len(t.round_rates) for t in (*results.reads, *results.buffer)}
     assert len(rounds) == 1 and rounds.pop() >= 3
@@ -163,6 +169,23 @@ def _point(
     )
 
 
+def test_the_bounded_target_is_the_median_of_ratios_within_each_repeat() -> None:
+    # Repeat 1 of the Counter ran in a slow spell: its ratio is an outlier, not the median.
+    rates = {"counter": (100, 40, 100), "bounded": (60, 50, 45)}
+    results = EngineResults(
+        "classic",
+        points=[
+            _point(name, rate, uncached=rate, repeat=repeat)
+            for name, series in rates.items()
+            for repeat, rate in enumerate(series)
+        ],
+    )
+    results.summarize()
+    assert results.paired_points("bounded", "counter", 16) == 0.6  # of 0.6, 1.25, 0.45
+    verdicts = {t.target: t.verdict for t in evaluate({"classic": results})}
+    assert verdicts["BoundedCounter far from its bound, 16 threads, vs Counter"] == "PASS"
+
+
 def test_a_wrong_count_makes_the_run_inexact() -> None:
     results = EngineResults("classic", points=[_point("counter", 100, uncached=99)])
     assert not results.exact
@@ -188,6 +211,7 @@ def test_targets_pass_fail_and_not_measured() -> None:
     assert verdicts == {
         "sharded Counter, 16 writer threads, vs blind puts": "PASS",  # 0.6 >= 0.5
         "keyed increments, 16 writer threads, vs blind puts": "FAIL",  # 0.4 < 0.5
+        "BoundedCounter far from its bound, 16 threads, vs Counter": "not measured",
         "SharedBuffer, 2 processes x 8 threads, vs blind puts": "not measured",
         "buffered increments, one thread": "FAIL",  # 900k < 1M
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2

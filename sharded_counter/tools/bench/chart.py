@@ -31,6 +31,7 @@ _STYLE = {
     "counter": ("tab:blue", "s", "-"),
     "counter-solo": ("tab:brown", "s", "--"),
     "counter-unread": ("tab:blue", "s", ":"),
+    "bounded": ("tab:gray", "P", "-"),
     "buffer": ("tab:pink", "*", "-."),
 }
 _ORDER = [c.key for c in CONTENDERS]

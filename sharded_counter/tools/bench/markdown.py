@@ -117,16 +117,21 @@ def _micros(point: dict[str, Any] | None) -> str:
 def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
     names = list(engines)
     header = [
-        "one thread",
+        "loop (one thread, unless it says)",
         *(f"{ENGINE_NAMES.get(e, e)}: ops/s (ratio), client CPU per op" for e in names),
     ]
-    timed = {e: {t["name"]: t for t in (*r["reads"], *r["buffer"])} for e, r in engines.items()}
+    timed = {
+        e: {t["name"]: t for t in (*r["reads"], *r["buffer"], *r.get("fill", ()))}
+        for e, r in engines.items()
+    }
     base = {
         "read-cached": "read-bare-get",
         "read-uncached": "read-bare-get",
         "read-bare-get": "read-bare-get",
         "buffer-increment": "dict-under-lock",
         "dict-under-lock": "dict-under-lock",
+        "bounded-fill-far": "bounded-fill-far",
+        "bounded-fill-last5": "bounded-fill-far",
     }
     first = timed[names[0]]
     rows = []

@@ -21,13 +21,21 @@ class BenchOptions:
     threads_per_process: int = 8
     micro_seconds: float = 1.5  # each single-threaded loop
     warmup_seconds: float = 3.0  # untimed load first: a cold emulator JVM runs ~2x slower
+    fill_room: int = 2_000  # increments of each BoundedCounter fill race (bench/fill.py)
     out: Path = Path("bench-results")
     chart: bool = True
 
     @classmethod
     def quick(cls, **changes: object) -> BenchOptions:
         """A tiny run for tests: everything once, checked, in seconds."""
-        base = cls(seconds=0.3, micro_seconds=0.2, warmup_seconds=0.2, threads=(1, 4), repeats=2)
+        base = cls(
+            seconds=0.3,
+            micro_seconds=0.2,
+            warmup_seconds=0.2,
+            threads=(1, 4),
+            repeats=2,
+            fill_room=200,
+        )
         return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
     def __post_init__(self) -> None:
@@ -38,6 +46,8 @@ class BenchOptions:
             raise ValueError("threads must be one or more positive counts")
         if not self.seconds > 0 or not self.micro_seconds > 0 or self.warmup_seconds < 0:
             raise ValueError("durations must be positive")
+        if self.fill_room < 1:
+            raise ValueError("fill_room must be 1 or more")
         if self.repeats < 1:
             raise ValueError("repeats must be 1 or more")
         if self.processes < 0 or self.threads_per_process < 1:

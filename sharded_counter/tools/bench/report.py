@@ -160,7 +160,7 @@ def _breakdown(calls: dict[str, int], per: int) -> str:
 
 def micro_table(results: EngineResults) -> Table:
     table = Table(
-        title=f"{results.engine}: one thread, reads and buffer",
+        title=f"{results.engine}: one thread (reads, buffer); 16 threads (a bounded fill)",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -171,9 +171,11 @@ def micro_table(results: EngineResults) -> Table:
         )
     bare = results.timed("read-bare-get")
     locked = results.timed("dict-under-lock")
+    far = results.timed("bounded-fill-far")
     for timed, base in (
         *((t, bare) for t in results.reads),
         *((t, locked) for t in results.buffer),
+        *((t, far) for t in results.fill),
     ):
         ratio = (
             None

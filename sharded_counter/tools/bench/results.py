@@ -152,12 +152,13 @@ class EngineResults:
     not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
     reads: list[Timed] = dataclasses.field(default_factory=list)
     buffer: list[Timed] = dataclasses.field(default_factory=list)
+    fill: list[Timed] = dataclasses.field(default_factory=list)  # BoundedCounter races
     seconds: float = 0.0  # wall time of this engine's part
 
     @property
     def exact(self) -> bool:
         return all(p.exact for p in self.points) and all(
-            t.exact for t in (*self.reads, *self.buffer)
+            t.exact for t in (*self.reads, *self.buffer, *self.fill)
         )
 
     def point(self, contender: str, threads: int, processes: int = 1) -> Point | None:
@@ -166,7 +167,22 @@ class EngineResults:
         return next((p for p in found if p.median), found[0] if found else None)
 
     def timed(self, name: str) -> Timed | None:
-        return next((t for t in (*self.reads, *self.buffer) if t.name == name), None)
+        return next((t for t in (*self.reads, *self.buffer, *self.fill) if t.name == name), None)
+
+    def paired_points(self, contender: str, base: str, threads: int) -> float | None:
+        """The median over the run's repeats of ``contender``'s rate over ``base``'s, each
+        ratio taken within one repeat (the two measured close together)."""
+        rates = {
+            (p.contender, p.repeat): p.rate
+            for p in self.points
+            if p.threads == threads and p.processes == 1
+        }
+        ratios = [
+            rate / rates[(base, repeat)]
+            for (name, repeat), rate in rates.items()
+            if name == contender and rates.get((base, repeat))
+        ]
+        return statistics.median(ratios) if ratios else None
 
     def summarize(self) -> None:
         """Each point's ratio to the blind puts of its own repeat; then, for each point,
@@ -211,6 +227,7 @@ class EngineResults:
             "writers": [p.to_json() for p in self.points],
             "reads": [t.to_json() for t in self.reads],
             "buffer": [t.to_json() for t in self.buffer],
+            "fill": [t.to_json() for t in self.fill],
         }
 
 

@@ -21,6 +21,7 @@ from rich.text import Text
 
 from . import chart, report
 from .contenders import CONTENDERS
+from .fill import measure_fill
 from .load import drive
 from .measure import measure
 from .micro import measure_buffer, measure_reads
@@ -88,7 +89,7 @@ def _bench_engine(
     _warm_up(engine, options)
     # The blind puts first, then the target's contenders right after them, so the
     # ratios the targets are about compare measurements taken close together.
-    first = ("blind", "counter", "counter-solo", "counter-unread", "transform-20")
+    first = ("blind", "counter", "bounded", "counter-solo", "counter-unread", "transform-20")
     contenders = sorted(
         (c for c in CONTENDERS if c.runs_on(engine)),
         key=lambda c: first.index(c.key) if c.key in first else len(first),
@@ -115,6 +116,7 @@ def _bench_engine(
                 _record(console, results, dataclasses.replace(point, repeat=repeat), emulator)
     results.reads = measure_reads(engine, memcached.address, options.micro_seconds)
     results.buffer = measure_buffer(engine, options.micro_seconds)
+    results.fill = measure_fill(engine, options.fill_room, options.repeats)
     results.summarize()
     results.seconds = time.monotonic() - began
     calls_at = TARGET_THREADS if TARGET_THREADS in options.threads else max(options.threads)
@@ -164,6 +166,7 @@ def _write(
             "threads_per_process": options.threads_per_process,
             "micro_seconds": options.micro_seconds,
             "warmup_seconds": options.warmup_seconds,
+            "fill_room": options.fill_room,
         },
         "wall_seconds": seconds,
         "exact": all(r.exact for r in engines.values()),
