@@ -174,6 +174,11 @@ class BoundedCounter(Counter):
             "they would be written without a look at its bounds"
         )
 
+    def write_pending(self) -> None:
+        """Not for a bounded counter, which never has increments pending in memcache.
+        Raises TypeError."""
+        raise TypeError("a BoundedCounter has no increments pending in memcache to write")
+
     # -- reading ---------------------------------------------------------------------
 
     @datastore_failures_as_ours

@@ -13,6 +13,7 @@ import multiprocessing
 import random
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,6 +64,29 @@ def test_the_documented_usage(sharded_counter_env: dict[str, str]) -> None:
     assert seats.delete() > 0
     assert not bounds_entity_exists("seats")
     assert BoundedCounter("seats", maximum=2).count == 0  # laid out afresh
+
+
+def test_the_docs_example_runs(
+    sharded_counter_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "using.md").read_text(encoding="utf-8")
+    section = page.split("## Bounded counters", 1)[1].split("\n#", 1)[0]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "docs/using.md", "exec"), namespace)
+    assert capsys.readouterr().out == "3\n"
+    seats = namespace["seats"]
+    assert (seats.count, seats.get_count(nocache=True), seats.maximum) == (4, 4, 5)
+    assert namespace["Stock"]("widgets").minimum == 0
+
+
+def test_the_readme_example_runs(sharded_counter_env: dict[str, str]) -> None:
+    page = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = page.split("### Bounded counters", 1)[1].split("\n#", 1)[0]
+    source = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "README.md", "exec"), namespace)
+    assert namespace["quota"].get_count(nocache=True) == 100
 
 
 def test_bounds_as_class_attributes_and_a_stock_that_never_goes_negative(
@@ -133,6 +157,8 @@ def test_bad_input_is_refused_before_anything_is_written(
         small.increment(1, transaction=datastore.Client().transaction())
     with pytest.raises(TypeError, match="defer"):
         small.defer(1)
+    with pytest.raises(TypeError, match="pending"):
+        small.write_pending()
     with pytest.raises(ValueError, match="1 to 400 shards"):
         small.set_bounds(0, 10, shards=0)
     assert not bounds_entity_exists("bad")

@@ -42,7 +42,17 @@ def assert_clean_failure(result: Result, *, mentions: str) -> None:
 def test_help_lists_every_command() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("demo", "count", "increment", "set", "delete", "env", "flush", "purge-keys"):
+    for command in (
+        "demo",
+        "count",
+        "increment",
+        "set",
+        "delete",
+        "env",
+        "flush",
+        "purge-keys",
+        "bounded",
+    ):
         assert command in result.output
 
 
@@ -180,6 +190,42 @@ def test_round_trip_on_real_backends(sharded_counter_env: dict[str, str]) -> Non
     assert "flushed 1 counter" in run("flush")
     assert row(run("count", "hits")) == ["hits", "4", "4", "4", "0"]
     assert "flushed 0 counters" in run("flush")
+
+
+@pytest.mark.backends
+@pytest.mark.usefixtures("wide")
+def test_bounded_shows_and_changes_a_bounded_counter(sharded_counter_env: dict[str, str]) -> None:
+    from sharded_counter import BoundedCounter
+
+    def cells(output: str, first: str) -> list[str]:
+        [line] = [line for line in output.splitlines() if line.strip("│┃ ").startswith(first)]
+        return [cell.strip() for cell in line.strip("│┃ ").split("│")]
+
+    result = invoke("bounded", "seats")
+    assert_clean_failure(result, mentions="not a bounded counter")
+    seats = BoundedCounter("seats", maximum=10, shards=2)
+    seats.increment(4)
+    shown = invoke("bounded", "seats")
+    assert shown.exit_code == 0, shown.output
+    assert "seats: 4 in [none, 10]" in shown.output
+    assert cells(shown.output, "all") == ["all", "4", "6", "none"]
+    assert len([line for line in shown.output.splitlines() if line.strip("│┃ ")[:1] in "01"]) == 2
+    # A plan upgrade and a floor, with more shards: the total stays.
+    changed = invoke("bounded", "seats", "--max", "20", "--min", "0", "--shards", "4")
+    assert changed.exit_code == 0, changed.output
+    assert "seats: 4 in [0, 20]" in changed.output
+    assert cells(changed.output, "all") == ["all", "4", "16", "4"]
+    assert BoundedCounter("seats", minimum=0, maximum=20).count == 4
+    # Bounds the total is outside of are refused, nothing written.
+    refused = invoke("bounded", "seats", "--max", "3")
+    assert_clean_failure(refused, mentions="refused a total of 4")
+    assert invoke("bounded", "seats", "--max", "5", "--no-max").exit_code == 2
+    assert "seats: 4 in [0, 20]" in invoke("bounded", "seats").output
+    # A plain counter's name becomes bounded when asked.
+    assert invoke("increment", "plain", "3").exit_code == 0
+    made = invoke("bounded", "plain", "--max", "5")
+    assert made.exit_code == 0, made.output
+    assert "plain: 3 in [none, 5]" in made.output
 
 
 @pytest.mark.backends

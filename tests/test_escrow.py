@@ -171,3 +171,16 @@ def test_a_total_past_a_bound_is_given_as_that_bound() -> None:
     bounds = Bounds(0, 10)
     assert [bounds.clamp(t) for t in (-3, 0, 7, 10, 12)] == [0, 0, 7, 10, 10]
     assert Bounds().clamp(-(10**9)) == -(10**9)
+
+
+def test_a_borrow_whose_shares_would_leave_int64_is_caught() -> None:
+    # A valid state (caps add up to the maximum, 2**63 - 1): shard 0 full at 2**62,
+    # shard 1 far below zero with the rest of the room. Pooling them gives shard 0 a
+    # cap of 2**63, which no Datastore integer holds: the store refuses the write
+    # (FieldOverflow, CounterOverflowError to the caller) before anything is written.
+    full = Share(0, count=2**62, cap=2**62, floor=None)
+    low = Share(1, count=-(2**62), cap=2**63 - 1 - 2**62, floor=None)
+    assert (full.cap or 0) + (low.cap or 0) == 2**63 - 1
+    after = escrow.rebalanced([full, low], 0, 1)
+    assert after is not None
+    assert not all(share.fields_fit_int64() for share in after)

@@ -18,14 +18,18 @@ def documented() -> list[tuple[str, str, str]]:
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0] in ("PLAIN", "KEYED", "FOLD", "MEMCACHE_FAILS"):
+        if len(cells) == 4 and cells[0] in ("PLAIN", "KEYED", "BOUNDED", "FOLD", "MEMCACHE_FAILS"):
             rows.append((cells[0], cells[1], cells[2]))
     return rows
 
 
 def in_code() -> list[tuple[str, str, str]]:
     rows = []
-    for table, mapping in (("PLAIN", outcomes.PLAIN), ("KEYED", outcomes.KEYED)):
+    for table, mapping in (
+        ("PLAIN", outcomes.PLAIN),
+        ("KEYED", outcomes.KEYED),
+        ("BOUNDED", outcomes.BOUNDED),
+    ):
         rows += [(table, ending.name, step.name) for ending, step in mapping.items()]
     rows += [("FOLD", ending.name, fold.name) for ending, fold in outcomes.FOLD.items()]
     for step in (Step.STASH, Step.KEEP_UNSURE):
@@ -39,7 +43,7 @@ def test_the_doc_and_the_code_hold_the_same_decisions() -> None:
     assert sorted(documented()) == sorted(in_code())
 
 
-@pytest.mark.parametrize("table", [outcomes.PLAIN, outcomes.KEYED, outcomes.FOLD])
+@pytest.mark.parametrize("table", [outcomes.PLAIN, outcomes.KEYED, outcomes.BOUNDED, outcomes.FOLD])
 def test_every_ending_has_a_decision(table: object) -> None:
     assert set(table) == set(Ending)  # type: ignore[call-overload]
 
@@ -50,8 +54,10 @@ def test_the_decisions_keep_the_contract() -> None:
         assert table[Ending.DOUBTFUL] is not Step.NOT_RECORDED
     for keeping in (Step.STASH, Step.KEEP_UNSURE):
         assert when_memcache_fails(keeping, maybe_applied=True) is not Step.NOT_RECORDED
-    # ...a keyed increment is never kept in memcache (its record goes with it)...
-    assert not {Step.STASH, Step.KEEP_UNSURE} & set(outcomes.KEYED.values())
+    # ...a keyed or bounded increment is never kept in memcache (its record goes with
+    # it; a stash is spent without a look at the bounds' shares)...
+    for never_kept in (outcomes.KEYED, outcomes.BOUNDED):
+        assert not {Step.STASH, Step.KEEP_UNSURE} & set(never_kept.values())
     # ...and a fold's amount goes back to pending only when its write certainly failed.
     assert {e for e, f in outcomes.FOLD.items() if f is Fold.PUT_BACK} == {
         Ending.REFUSED,

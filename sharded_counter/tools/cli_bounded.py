@@ -66,9 +66,9 @@ def bounded(
             )
         shares = counter.shares()
         total = counter.get_count(nocache=True)
-    table = Table(
-        title=f"{name}: {total} in [{_bound(counter.minimum)}, {_bound(counter.maximum)}]"
-    )
+    # A Text, not markup: "[0, 20]" would read as a style tag.
+    bounds = f"[{_bound(counter.minimum)}, {_bound(counter.maximum)}]"
+    table = Table(title=Text(f"{name}: {total} in {bounds}"))
     table.add_column("shard", justify="right")
     table.add_column("count", justify="right")
     table.add_column("room up", justify="right")
