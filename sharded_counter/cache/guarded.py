@@ -36,6 +36,15 @@ class GuardedClient:
         self._outage = OutageLog(on_return="cached totals will rebuild from Datastore")
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call(method, args, kwargs, heard=True)
+
+    def send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """Make a ``noreply`` call: like ``call``, but its success is not taken for
+        memcached answering (the bytes may only have reached a socket buffer), so it
+        never ends an outage in the log."""
+        self._call(method, args, {**kwargs, "noreply": True}, heard=False)
+
+    def _call(self, method: str, args: Any, kwargs: Any, *, heard: bool) -> Any:
         client = self.client
         if client is None:
             raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
@@ -47,7 +56,8 @@ class GuardedClient:
                 f"memcache {method} failed: {exc}",
                 maybe_applied=method in _WRITES and not _never_sent(exc),
             ) from exc
-        self._outage.answered()
+        if heard:
+            self._outage.answered()
         return result
 
     # -- the calls of cas.change_key, and the others the tier makes ----------------------

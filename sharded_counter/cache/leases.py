@@ -41,4 +41,4 @@ class ShardLeases:
     def end(self, key: str) -> None:
         """End a lease taken with ``take``. Never raises: it expires by itself."""
         with contextlib.suppress(CacheUnavailable):
-            self._calls.call("delete", key, noreply=True)
+            self._calls.send("delete", key)

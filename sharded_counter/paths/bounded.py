@@ -226,7 +226,7 @@ class BoundedWrites:
             index = None
             shards = self.stored().shards  # laid out again meanwhile? then as it is now
             try:
-                with leased_shard(ctx, shards, prefer=unsure_of) as index:
+                with leased_shard(ctx, shards, prefer=unsure_of) as (index, _alone):
                     return self._write(index, delta, shards, token, record, deadline)
             except gexc.AlreadyExists:
                 return [None]  # the key's record was inserted meanwhile: it is applied

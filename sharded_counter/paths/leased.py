@@ -20,30 +20,36 @@ _TRIES = 3
 
 
 @contextlib.contextmanager
-def leased_shard(ctx: CounterContext, shards: int, prefer: int | None = None) -> Iterator[int]:
-    """Pick a shard (``prefer``, when given, with no lease asked), lease it, yield it."""
+def leased_shard(
+    ctx: CounterContext, shards: int, prefer: int | None = None, *, lease: bool = True
+) -> Iterator[tuple[int, bool]]:
+    """Pick a shard as ``ShardPicker.pick`` does and, with ``lease``, lease it; yield the
+    index and whether the write has it to itself in this process. ``prefer``, when
+    given, is taken as it is, with no lease asked."""
     cache = ctx.backend.cache
     with contextlib.ExitStack() as held:
-        index = None
+        picked: tuple[int, bool] | None = None
         leased = None
         for attempt in range(_TRIES):
             # Shards passed over stay held here until the write ends, so the picker
             # does not hand them out again meanwhile.
-            index, alone = held.enter_context(ctx.picker.pick(shards, prefer=prefer))
-            if prefer is not None or not alone:
+            picked = held.enter_context(ctx.picker.pick(shards, prefer=prefer))
+            index, alone = picked
+            if not lease or prefer is not None or not alone:
                 break  # asked for, or every shard is busy here already: no choice left
-            granted = cache.lease(lease_key(ctx.record_key, index))
+            key = lease_key(ctx.record_key, index)
+            granted = cache.lease(key)
             if granted is None:
                 break  # memcache cannot say: go ahead
             if granted:
-                leased = lease_key(ctx.record_key, index)
-                break
-            if attempt == _TRIES - 1:
+                leased = key
                 break
             ctx.stats.add(lease_misses=1)
-        assert index is not None
+            if attempt == _TRIES - 1:
+                break
+        assert picked is not None
         try:
-            yield index
+            yield picked
         finally:
             if leased is not None:
                 cache.end_lease(leased)

@@ -22,6 +22,7 @@ from ..errors import CounterOverflowError
 from ..store.retry import CONTENTION, RETRYABLE, outcome_unknown, write_retrying
 from ..store.shards import ShardOverflow
 from .context import TRANSFORM_SHARD_LIMIT, CounterContext
+from .leased import leased_shard
 
 log = logging.getLogger("sharded_counter")
 
@@ -84,9 +85,14 @@ class ShardWriter:
             nonlocal unsure_of
             index = None
             try:
-                with ctx.picker.pick(ctx.shards, prefer=unsure_of) as (index, alone):
-                    # Inside the attempt: the first call may probe the backend.
-                    transform = not folded and ctx.transform_fits(amount)
+                # Inside the attempt: the first call may probe the backend.
+                transform = not folded and ctx.transform_fits(amount)
+                # A transaction reads its shard: writers of other processes on it would
+                # abort it, or on Firestore wait on its lock, so it leases the shard.
+                with leased_shard(ctx, ctx.shards, prefer=unsure_of, lease=not transform) as (
+                    index,
+                    alone,
+                ):
                     if unsure_of is None and alone and transform:
                         state = ctx.backend.store.add_with_transform(
                             ctx.name, index, amount, token=token
