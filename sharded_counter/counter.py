@@ -47,7 +47,7 @@ from .telemetry import telemetry
 __all__ = ["Counter", "Verification", "class_options"]
 
 
-class _Shards:
+class ShardsOption:
     """``shards``: the number of shards new increments are spread over.
 
     On ``Counter`` (or a subclass that does not set it) it reads as the count the
@@ -56,14 +56,15 @@ class _Shards:
     force (a keyword argument wins).
     """
 
-    def __get__(self, counter: Counter | None, owner: type[Counter]) -> int:
+    def __get__(self, counter: Any, owner: type) -> int:
         if counter is None:
             return resolve({}, class_options(owner)).shards
-        return counter.settings.shards
+        shards: int = counter.settings.shards
+        return shards
 
 
 # How a returned increment was counted, as telemetry names it (telemetry.OUTCOMES).
-_OUTCOME_OF_STEP = {
+OUTCOME_OF_STEP = {
     Step.ACKNOWLEDGE: "written",
     Step.STASH: "stashed",
     Step.KEEP_UNSURE: "unsure",
@@ -78,7 +79,7 @@ class Counter:
     ``datastore_client`` / ``memcache_client`` take clients you made yourself.
     """
 
-    shards: int = _Shards()  # type: ignore[assignment]  # read as an int, see _Shards
+    shards: int = ShardsOption()  # type: ignore[assignment]  # read as an int, see ShardsOption
     """The number of shards new increments are spread over.
 
     On ``Counter`` (or a subclass that does not set it) the count the settings give
@@ -145,11 +146,11 @@ class Counter:
         return self._ctx.stash_key
 
     def _pending_stash(self) -> int:
-        return self._reader.pending()
+        return self._ctx.run(self._reader.pending())
 
     def _stash_or_raise(self, amount: int, cause: BaseException) -> None:
         # For CounterBuffer: keep an amount that certainly never landed in delayed_incr.
-        stash_or_raise(self._ctx, amount, cause)
+        self._ctx.run(stash_or_raise(self._ctx, amount, cause))
 
     # -- writing ----------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class Counter:
         started = time.perf_counter()
         outcome = "not_recorded"
         try:
-            outcome = _OUTCOME_OF_STEP[self._increment_now(delta, key)]
+            outcome = OUTCOME_OF_STEP[self._increment_now(delta, key)]
         except IncrementOutcomeUnknown:
             outcome = "outcome_unknown"
             raise
@@ -220,8 +221,11 @@ class Counter:
             return Step.ACKNOWLEDGE  # a keyed increment is written or raises
         if not delta:
             return Step.ACKNOWLEDGE
-        step = combiner.run(delta, self._writes.apply, limit=limit, max_total=TRANSFORM_MAX_DELTA)
+        step = combiner.run(delta, self._write, limit=limit, max_total=TRANSFORM_MAX_DELTA)
         return Step.ACKNOWLEDGE if step is None else step  # None: deltas cancelled out
+
+    def _write(self, amount: int) -> Step:
+        return self._ctx.run(self._writes.apply(amount))
 
     def _increment_joined(
         self, delta: int, transaction: datastore.Transaction, key: str | None
@@ -286,8 +290,8 @@ class Counter:
         amount stays pending). With memcache down it writes nothing: the amount
         waits in memcache.
         """
-        self._resolver.resolve(look=True)
-        self._writes.fold_pending()
+        self._ctx.run(self._resolver.resolve(look=True))
+        self._ctx.run(self._writes.fold_pending())
 
     # -- reading ----------------------------------------------------------------
 
@@ -300,7 +304,7 @@ class Counter:
         what ``delayed_incr`` holds: increments still pending, and writes whose
         outcome is unknown (a read first tries to resolve those, see ``core/stash.py``).
         """
-        return self._reader.total(nocache=nocache)
+        return self._ctx.run(self._reader.total(nocache=nocache))
 
     @classmethod
     @datastore_failures_as_ours
@@ -315,7 +319,10 @@ class Counter:
         refuses IN filters). Misses are cached as ``get_count`` would.
         """
         counters = {name: cls(name, **options) for name in names}
-        return read_many([c._ctx for c in counters.values()], nocache=nocache)
+        contexts = [c._ctx for c in counters.values()]
+        if not contexts:
+            return {}
+        return contexts[0].run(read_many(contexts, nocache=nocache))
 
     @property
     def count(self) -> int:
@@ -350,7 +357,7 @@ class Counter:
         record, not as drift, so it can run while the counter is busy.
         Raises ``CacheUnavailable`` when memcache is configured but down.
         """
-        return self._reader.verify()
+        return self._ctx.run(self._reader.verify())
 
     @datastore_failures_as_ours
     def repair(self) -> Verification:
@@ -361,10 +368,10 @@ class Counter:
         """
         if self._ctx.backend.cache.enabled:
             self._ctx.picker.resolve_now()
-            self._resolver.resolve(look=True)
-            self._writes.fold_pending()
-            self._reader.rebuild_cached_record()
-        return self._reader.verify()
+            self._ctx.run(self._resolver.resolve(look=True))
+            self._ctx.run(self._writes.fold_pending())
+            self._ctx.run(self._reader.rebuild_cached_record())
+        return self._ctx.run(self._reader.verify())
 
     @datastore_failures_as_ours
     def delete(self) -> int:
@@ -379,7 +386,7 @@ class Counter:
         cache = ctx.backend.cache
         if cache.enabled:
             cache.forget(ctx.stash_key)
-        removed = ctx.backend.store.delete_all(self.name)
+        removed = ctx.run(ctx.backend.store.delete_all(self.name))
         if cache.enabled:
             # After the shards: a reader refilling meanwhile must not outlive them.
             cache.forget(ctx.record_key)
@@ -387,10 +394,15 @@ class Counter:
 
 
 def class_options(cls: type) -> dict[str, Any]:
-    """Options set as class attributes on a Counter subclass (``shards = 20``)."""
+    """Options set as class attributes on a subclass of ``Counter`` (or of another class
+    that holds the ``shards`` descriptor, ``AsyncCounter``): ``shards = 20``."""
     options: dict[str, Any] = {}
-    # Counter's own attributes (its properties and the shards descriptor) are not options.
-    for klass in reversed(cls.__mro__[: cls.__mro__.index(Counter)]):
+    # The root's own attributes (its properties and the shards descriptor) are not options.
+    mro = cls.__mro__
+    root = next(
+        i for i, klass in enumerate(mro) if isinstance(vars(klass).get("shards"), ShardsOption)
+    )
+    for klass in reversed(mro[:root]):
         for option in OPTION_NAMES:
             if option in vars(klass) and vars(klass)[option] is not None:
                 options[option] = vars(klass)[option]

@@ -455,9 +455,10 @@ class CommitSpy:
         self._local = threading.local()
         commit = ShardStore.commit
 
+        # The store's calls are steps (core/effects.py): so are these wrappers.
         def spied_commit(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
             try:
-                return commit(store, *args, **kwargs)
+                return (yield from commit(store, *args, **kwargs))
             except gexc.Aborted:
                 raise  # refused by the server: certainly not applied
             except Exception:
@@ -472,7 +473,7 @@ class CommitSpy:
         def attempt(store: ShardStore, name: str, index: int, delta: int, **kw: Any) -> Any:
             self._local.unknown = False
             try:
-                return write(store, name, index, delta, **kw)
+                return (yield from write(store, name, index, delta, **kw))
             except ShardOverflow:
                 raise
             except Exception:
@@ -674,11 +675,11 @@ def lose_the_next_commit_reply(
 
     def commit_with_lost_reply(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
         if held.is_set():
-            return commit(store, *args, **kwargs)
+            return (yield from commit(store, *args, **kwargs))
         held.set()
         relay.hold.set()
         try:
-            return commit(store, *args, **kwargs)
+            return (yield from commit(store, *args, **kwargs))
         finally:
             try:
                 meanwhile()
@@ -816,7 +817,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
             sharded_counter_memcached.pause()
             if fate == "dropped":
                 emulator.pause()
-        return write(store, *args, **kwargs)
+        return (yield from write(store, *args, **kwargs))
 
     try:
         with monkeypatch.context() as patch:
@@ -1156,17 +1157,17 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
             release.wait(30)
             if outcome in ("fold-fails", "setter-dies"):
                 raise gexc.ServiceUnavailable("failed to connect to all addresses")
-        return write(store, *args, **kwargs)
+        return (yield from write(store, *args, **kwargs))
 
     def refused(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
         if outcome == "set-fails" and threading.current_thread() is setter_thread[0]:
             raise gexc.ServiceUnavailable("failed to connect to all addresses")
-        return rewrite(store, *args, **kwargs)
+        return (yield from rewrite(store, *args, **kwargs))
 
-    def dies(counter: Setter, *args: Any, **kwargs: Any) -> None:
+    def dies(counter: Setter, *args: Any, **kwargs: Any) -> Any:
         if outcome == "setter-dies" and threading.current_thread() is setter_thread[0]:
             return  # as if its process died the moment its transaction landed
-        end_set(counter, *args, **kwargs)
+        yield from end_set(counter, *args, **kwargs)
 
     monkeypatch.setattr(ShardStore, "add_in_transaction", held)
     monkeypatch.setattr(ShardStore, "rewrite", refused)
@@ -1254,6 +1255,7 @@ def test_a_fold_stalled_past_its_deadline_then_failing_is_counted_once(
         cache.stash(counter._stash_key, 5)  # rewrites the key meanwhile
         refused = gexc.ServiceUnavailable("failed to connect to all addresses")
         raise WriteFailed(Ending.REFUSED, refused)
+        yield  # a step function (core/effects.py), as the write it stands in for
 
     with monkeypatch.context() as patch:
         patch.setattr(ShardWriter, "write", stalled_then_refused)
@@ -1270,7 +1272,7 @@ def _fold_then_hold(
     """A writer process that takes the stash and then stops at ``stage``, until it is
     killed or told to ``go`` on: "before-commit" (before its shard write) or
     "after-commit" (its write landed; its fold is not settled yet)."""
-    from sharded_counter.cache.tier import CacheTier
+    from sharded_counter.cache.stashes import PendingStashes
 
     outcomes.FOLD_MARGIN = 0.0  # its fold's deadline comes 1.5 s after the take
     counter = Counter(name, shards=4, retry_deadline=1.0, rpc_timeout=0.5)
@@ -1290,13 +1292,14 @@ def _fold_then_hold(
 
         ShardStore.add_in_transaction = held_write  # type: ignore[method-assign]
     else:
-        settle = CacheTier.settle_fold
+        settle = PendingStashes.settle_fold
 
-        def held_settle(cache: CacheTier, *args: Any, **kwargs: Any) -> bool:
+        # The cache tier's calls are steps (core/effects.py): so is this one.
+        def held_settle(stashes: PendingStashes, *args: Any, **kwargs: Any) -> Any:
             hold()
-            return settle(cache, *args, **kwargs)
+            return (yield from settle(stashes, *args, **kwargs))
 
-        CacheTier.settle_fold = held_settle  # type: ignore[method-assign]
+        PendingStashes.settle_fold = held_settle  # type: ignore[method-assign]
     counter.increment(5)
 
 
@@ -1466,7 +1469,7 @@ def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
         healthy.increment(5)  # its take times out: it writes 5 alone
         assert lost, "setup: the take never reached its cas"
         # Its merge put the 1000 back; without the take's marker it would be gone.
-        assert healthy._backend.store.snapshot(name).total == 5
+        assert healthy._backend.store.run(healthy._backend.store.snapshot(name)).total == 5
         assert healthy._backend.cache.peek_stash(healthy._stash_key) == 1000
         assert healthy.get_count(nocache=True) == 1005
         assert healthy.count == 1005

@@ -63,8 +63,8 @@ def spy_on(
     real = getattr(ShardStore, method)
 
     def spied(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
-        try:
-            result = real(store, *args, **kwargs)
+        try:  # the store's calls are steps (core/effects.py): so is this
+            result = yield from real(store, *args, **kwargs)
         except BaseException as exc:
             outcome(exc)
             raise

@@ -58,7 +58,7 @@ def test_a_transaction_write_keeps_other_processes_tokens_and_prunes_old_slots(
     store = ShardStore(client, rpc_timeout=5.0)
     mine = [new_token() for _ in range(10)]
     for token in mine:
-        store.add_in_transaction(name, 0, 1, lazy_begin=False, token=token)
+        store.run(store.add_in_transaction(name, 0, 1, lazy_begin=False, token=token))
 
     written = read_shard(name, 0)
     assert written["count"] == 15
@@ -76,16 +76,16 @@ def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
     store = ShardStore(client, rpc_timeout=5.0)
     monkeypatch.setattr(entities_module, "process_slot", "1111")
     token = new_token()
-    if store.probe_transforms():
-        first = store.add_with_transform(name, 0, 7, token=token)  # a slot of one string
+    if store.run(store.probe_transforms()):
+        first = store.run(store.add_with_transform(name, 0, 7, token=token))  # one string
     else:
-        first = store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token)
+        first = store.run(store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token))
     # Another process writes the shard twenty times: its own slot, not ours.
     monkeypatch.setattr(entities_module, "process_slot", "2222")
     for _ in range(20):
-        store.add_in_transaction(name, 0, 1, lazy_begin=False, token=new_token())
+        store.run(store.add_in_transaction(name, 0, 1, lazy_begin=False, token=new_token()))
     monkeypatch.setattr(entities_module, "process_slot", "1111")
-    again = store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token)
+    again = store.run(store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token))
     assert first.value == 7
     assert again.value == 7 + 20  # found: the +7 is not added twice
     assert read_shard(name, 0)["count"] == 27
@@ -98,13 +98,19 @@ def test_a_pinned_token_stays_in_the_slot_however_many_writes_follow(
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
     monkeypatch.setattr(entities_module, "process_slot", "3333")
     pinned, pushed = new_token(), new_token()
-    store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned)
-    store.add_in_transaction(name, 0, 5, lazy_begin=False, token=pushed)
+    store.run(store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned))
+    store.run(store.add_in_transaction(name, 0, 5, lazy_begin=False, token=pushed))
     for _ in range(20):  # this process's other writes, while the +7 is unsure
-        store.add_in_transaction(name, 0, 1, lazy_begin=False, token=new_token(), pinned={pinned})
+        store.run(
+            store.add_in_transaction(
+                name, 0, 1, lazy_begin=False, token=new_token(), pinned={pinned}
+            )
+        )
     slot = read_shard(name, 0)["w_3333"]
     assert pinned in slot and pushed not in slot and len(slot) == 1 + 8
-    assert store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned).value == 32
+    assert (
+        store.run(store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned)).value == 32
+    )
 
 
 def test_tokens_carry_the_time_they_were_made() -> None:
@@ -119,22 +125,34 @@ def test_a_fenced_write_writes_nothing_on_any_shard_and_the_fence_is_carried(
 ) -> None:
     name = "fenced"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
-    store.add_in_transaction(name, 0, 5, lazy_begin=False, token=new_token())
+    store.run(store.add_in_transaction(name, 0, 5, lazy_begin=False, token=new_token()))
     folding, unsure = new_token(), new_token()
-    store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[folding])
+    store.run(store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[folding]))
     # A later set keeps the fence of the earlier one, and adds its own.
-    store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[unsure])
+    store.run(store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[unsure]))
     for index in range(3):
-        again = store.add_in_transaction(name, index, 1000, lazy_begin=False, token=folding)
+        again = store.run(
+            store.add_in_transaction(name, index, 1000, lazy_begin=False, token=folding)
+        )
         assert again.value == 10  # found in the fence: nothing added
-    store.add_in_transaction(name, 1, 1, lazy_begin=False, token=new_token())  # carries it
-    assert store.add_in_transaction(name, 1, 1000, lazy_begin=False, token=unsure).value == 11
+    store.run(
+        store.add_in_transaction(name, 1, 1, lazy_begin=False, token=new_token())
+    )  # carries it
+    assert (
+        store.run(store.add_in_transaction(name, 1, 1000, lazy_begin=False, token=unsure)).value
+        == 11
+    )
     # A shard the set did not know of (its process had fewer shards) looks at shard 0.
-    assert store.add_in_transaction(name, 7, 1000, lazy_begin=False, token=folding).value == 0
+    assert (
+        store.run(store.add_in_transaction(name, 7, 1000, lazy_begin=False, token=folding)).value
+        == 0
+    )
     # So does a write that no shard has room for, spread over all of them.
-    states = store.rewrite(name, 3, lambda total: total + 1000, lazy_begin=False, token=folding)
+    states = store.run(
+        store.rewrite(name, 3, lambda total: total + 1000, lazy_begin=False, token=folding)
+    )
     assert sum(s.value for s in states) == 31
-    assert store.snapshot(name).total == 31
+    assert store.run(store.snapshot(name)).total == 31
     assert sorted(read_shard(name, 2)["fence"]) == sorted([folding, unsure])
 
 
@@ -142,9 +160,9 @@ def test_fence_tokens_over_a_day_old_are_pruned(sharded_counter_env: dict[str, s
     name = "fence-pruned"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
     old, recent = token_made(DAY + 60), token_made(60)
-    store.rewrite(name, 2, lambda _total: 4, lazy_begin=False, fence=[old, recent])
+    store.run(store.rewrite(name, 2, lambda _total: 4, lazy_begin=False, fence=[old, recent]))
     assert read_shard(name, 0)["fence"] == [recent]
-    assert store.add_in_transaction(name, 0, 1, lazy_begin=False, token=old).value == 3
+    assert store.run(store.add_in_transaction(name, 0, 1, lazy_begin=False, token=old)).value == 3
 
 
 def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
@@ -155,17 +173,19 @@ def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
     name = "fold-part"
     store = ShardStore(datastore.Client(), rpc_timeout=5.0)
     landed, vanished = new_token(), new_token()
-    store.add_in_transaction(name, 1, 1005, lazy_begin=False, token=landed, folded=1000)
+    store.run(store.add_in_transaction(name, 1, 1005, lazy_begin=False, token=landed, folded=1000))
 
     def resolve(writer: str) -> int:
-        states = store.rewrite(
-            name,
-            3,
-            lazy_begin=False,
-            adding=1000,
-            token=writer,
-            folded=1000,
-            fence=[fold_token(writer)],
+        states = store.run(
+            store.rewrite(
+                name,
+                3,
+                lazy_begin=False,
+                adding=1000,
+                token=writer,
+                folded=1000,
+                fence=[fold_token(writer)],
+            )
         )
         return sum(s.value for s in states)
 
@@ -176,17 +196,19 @@ def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
     # The writer wakes: only its own 5 is left, on any shard, one that does not exist
     # yet included (it looks at shard 0's fence).
     def wake(writer: str, index: int, amount: int) -> int:
-        state = store.add_in_transaction(
-            name, index, amount, lazy_begin=False, token=writer, folded=1000
+        state = store.run(
+            store.add_in_transaction(
+                name, index, amount, lazy_begin=False, token=writer, folded=1000
+            )
         )
         return state.value
 
     assert wake(vanished, 7, 1005) == 5
-    assert store.snapshot(name).total == 2010
+    assert store.run(store.snapshot(name)).total == 2010
     assert wake(vanished, 7, 1005) == 5  # its retry finds its token
     assert fold_token(vanished) in read_shard(name, 0)["fence"]
     # A write whose own delta is zero has nothing left once its fold part is fenced.
     zero = new_token()
     assert resolve(zero) == 3010
     wake(zero, 2, 1000)
-    assert store.snapshot(name).total == 3010
+    assert store.run(store.snapshot(name)).total == 3010

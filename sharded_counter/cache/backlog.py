@@ -12,10 +12,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from ..core.effects import Memcache, Steps
 from ..core.stash import Stash
 from ..errors import CacheUnavailable
-from .cas import change_stash
-from .guarded import GuardedClient
+from .cas import changing_stash
 
 #: A change of a stash that can be made late: every one of them is safe to repeat.
 StashChange = Callable[[Stash], Stash]
@@ -24,8 +24,7 @@ StashChange = Callable[[Stash], Stash]
 class Backlog:
     """Suspect records and unsettled stash changes, kept until memcache answers."""
 
-    def __init__(self, calls: GuardedClient) -> None:
-        self._calls = calls
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._suspects: set[str] = set()
         self._unsettled: list[tuple[str, StashChange]] = []
@@ -34,10 +33,10 @@ class Backlog:
         with self._lock:
             self._suspects.add(record_key)
 
-    def settle(self, stash_key: str, change: StashChange) -> None:
+    def settle(self, stash_key: str, change: StashChange) -> Steps[None]:
         """Make ``change`` now, or once memcache answers again. Never raises."""
         try:
-            change_stash(self._calls, stash_key, change)
+            yield from changing_stash(stash_key, change)
         except CacheUnavailable:
             self.settle_later(stash_key, change)
 
@@ -45,27 +44,27 @@ class Backlog:
         with self._lock:
             self._unsettled.append((stash_key, change))
 
-    def catch_up(self) -> None:
+    def catch_up(self) -> Steps[None]:
         """Do what is left, before the call that asks. Raises CacheUnavailable, keeping
         what it could not do for the next call."""
-        self._settle_late()
+        yield from self._settle_late()
         if not self._suspects:  # a plain read: the common case, nothing left, takes no lock
             return
         with self._lock:
             pending = list(self._suspects)
         for key in pending:
-            self._calls.delete(key)
+            yield Memcache("delete", (key,))
             with self._lock:
                 self._suspects.discard(key)
 
-    def _settle_late(self) -> None:
+    def _settle_late(self) -> Steps[None]:
         if not self._unsettled:
             return
         with self._lock:
             unsettled, self._unsettled = self._unsettled, []
         for index, (stash_key, change) in enumerate(unsettled):
             try:
-                change_stash(self._calls, stash_key, change)
+                yield from changing_stash(stash_key, change)
             except CacheUnavailable:
                 with self._lock:
                     self._unsettled.extend(unsettled[index:])

@@ -10,14 +10,18 @@ was stored.
 
 The cached record, the ``delayed_incr`` stash (the cache tier, and the cluster
 moving stashes between servers) and the locks all change their keys through
-``change_key``; only what a change computes differs.
+this loop; only what a change computes differs. It is written once, as steps
+(``changing``, core/effects.py) that any shell can drive; ``change_key`` drives
+it in this thread on a client of the caller's.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
+from ..core.effects import Effect, Memcache, Sleep, Steps, drive
 from ..core.stash import Stash
 from ..errors import CacheUnavailable
 
@@ -62,13 +66,30 @@ def as_seen(found: Any) -> Seen:
     return found if isinstance(found, tuple) else MISSING
 
 
-def store_if_unchanged(client: CasClient, key: str, value: bytes, seen: Seen, expire: int) -> bool:
+def store_if_unchanged(key: str, value: bytes, seen: Seen, expire: int) -> Steps[bool]:
     """Store ``value`` if ``key`` still holds what ``seen`` read: ``add`` where it was
     missing, ``cas`` with its token otherwise. False when another writer came first."""
     raw, token = seen
     if raw is None:
-        return client.add(key, value, expire, noreply=False) is True
-    return client.cas(key, value, token, expire, noreply=False) is True
+        stored = yield Memcache("add", (key, value, expire, False))
+    else:
+        stored = yield Memcache("cas", (key, value, token, expire, False))
+    return stored is True
+
+
+def on(client: Any) -> Callable[[Effect], Any]:
+    """Carry out memcache effects on ``client`` in this thread (for ``drive``): each a
+    call of its method; and pauses, with ``time.sleep``."""
+
+    def call(effect: Effect) -> Any:
+        if isinstance(effect, Memcache):
+            return getattr(client, effect.method)(*effect.args)
+        if isinstance(effect, Sleep):
+            time.sleep(effect.seconds)
+            return None
+        raise TypeError(f"a memcache client cannot carry out {effect!r}")
+
+    return call
 
 
 def change_key(
@@ -79,8 +100,20 @@ def change_key(
     expire: int,
     attempts: int = ATTEMPTS,
     first: Seen | None = None,
-    read: Callable[[], Seen] | None = None,
 ) -> T:
+    """``changing`` carried out on ``client`` in this thread."""
+    return drive(changing(key, change, expire=expire, attempts=attempts, first=first), on(client))
+
+
+def changing(
+    key: str,
+    change: Callable[[bytes | None], Outcome[T]],
+    *,
+    expire: int,
+    attempts: int = ATTEMPTS,
+    first: Seen | None = None,
+    read: Callable[[], Steps[Seen]] | None = None,
+) -> Steps[T]:
     """Apply ``change`` to the value of ``key`` (None when missing) until it sticks.
 
     ``change`` returns ``(result, new)``: ``new`` is stored (with ``expire``) unless it
@@ -93,9 +126,13 @@ def change_key(
     seen = first
     for _ in range(attempts):
         if seen is None:
-            seen = read() if read is not None else as_seen(client.gets(key))
+            seen = (
+                (yield from read())
+                if read is not None
+                else as_seen((yield Memcache("gets", (key,))))
+            )
         result, new = change(seen[0])
-        if new is None or new == seen[0] or store_if_unchanged(client, key, new, seen, expire):
+        if new is None or new == seen[0] or (yield from store_if_unchanged(key, new, seen, expire)):
             return result
         seen = None  # someone else wrote it: read again
     raise Contended(f"could not change {key}: {attempts} attempts lost their race")
@@ -108,6 +145,16 @@ def change_stash(
     *,
     attempts: int = ATTEMPTS,
 ) -> Stash:
+    """``changing_stash`` carried out on ``client`` in this thread."""
+    return drive(changing_stash(key, change, attempts=attempts), on(client))
+
+
+def changing_stash(
+    key: str,
+    change: Callable[[Stash], Stash | None],
+    *,
+    attempts: int = ATTEMPTS,
+) -> Steps[Stash]:
     """Apply ``change`` to the ``delayed_incr`` stash at ``key``; return the stash it was
     applied to, as it was (live: see ``Stash.live``).
 
@@ -120,4 +167,5 @@ def change_stash(
         new = change(current)
         return current, None if new is None or new == current else new.encode()
 
-    return change_key(client, key, on_stash, expire=0, attempts=attempts)
+    stash: Stash = yield from changing(key, on_stash, expire=0, attempts=attempts)
+    return stash

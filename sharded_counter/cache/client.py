@@ -20,7 +20,8 @@ from pymemcache.client.base import PooledClient
 from pymemcache.client.retrying import RetryingClient
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
-from ..errors import ConfigurationError
+from ..core.effects import Memcache, Steps
+from ..errors import CacheUnavailable, ConfigurationError
 from ..settings import Settings, parse_host, resolve
 from ..telemetry import telemetry
 from .cluster import ClusterClient
@@ -210,7 +211,13 @@ def key_digest(*parts: str) -> str:
 _INCR_ATTEMPTS = 8
 
 
-def incr_or_add(client: CommandClient, key: str, amount: int, expire: int) -> int:
+class KeyKeptVanishing(CacheUnavailable, MemcacheError):  # type: ignore[misc]  # untyped base
+    """A counter key was evicted again between every ``incr`` and ``add``: an outage in
+    all but name (a ``CacheUnavailable``, and a pymemcache ``MemcacheError`` as the
+    blocking helpers' callers expect of a failed call)."""
+
+
+def incr_or_add(key: str, amount: int, expire: int) -> Steps[int]:
     """Add ``amount`` to the counter at ``key``, creating it with ``expire``; return the sum.
 
     memcached's ``incr`` answers None for a missing key and never creates one.
@@ -225,10 +232,11 @@ def incr_or_add(client: CommandClient, key: str, amount: int, expire: int) -> in
     race to each other; the loop only covers the key vanishing between the two.
     """
     for _ in range(_INCR_ATTEMPTS):
-        value = client.incr(key, amount, noreply=False)
+        value = yield Memcache("incr", (key, amount, False))
         if value is not None:
             return int(value)
-        if client.add(key, str(amount).encode(), expire, noreply=False) is True:
+        added = yield Memcache("add", (key, str(amount).encode(), expire, False))
+        if added is True:
             return amount
     # Created and evicted again between every try: treat it like an outage.
-    raise MemcacheError(f"could not increment {key}: it kept vanishing")
+    raise KeyKeptVanishing(f"could not increment {key}: it kept vanishing")

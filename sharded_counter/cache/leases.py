@@ -14,31 +14,33 @@ about exactness ever depends on it.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
+from ..core.effects import Memcache, Steps
 from ..errors import CacheUnavailable
-from .guarded import GuardedClient
 
 #: How long a lease lasts if its holder never ends it (memcached counts whole seconds).
 LEASE_SECONDS = 2
 
 
 class ShardLeases:
-    """Leases on shards, through ``calls``."""
+    """Leases on shards (as steps); ``enabled`` says whether there is a memcache at all."""
 
-    def __init__(self, calls: GuardedClient) -> None:
-        self._calls = calls
+    def __init__(self, enabled: Callable[[], bool]) -> None:
+        self._enabled = enabled
 
-    def take(self, key: str) -> bool | None:
+    def take(self, key: str) -> Steps[bool | None]:
         """Lease ``key``: True when granted, False when another writer holds it, None when
         memcache could not say (then go ahead: it is only a hint)."""
-        if self._calls.client is None:
+        if not self._enabled():
             return None
         try:
-            return self._calls.add(key, b"1", expire=LEASE_SECONDS)
+            granted = yield Memcache("add", (key, b"1", LEASE_SECONDS, False))
         except CacheUnavailable:
             return None
+        return granted is True
 
-    def end(self, key: str) -> None:
+    def end(self, key: str) -> Steps[None]:
         """End a lease taken with ``take``. Never raises: it expires by itself."""
         with contextlib.suppress(CacheUnavailable):
-            self._calls.send("delete", key)
+            yield Memcache("send", ("delete", key))

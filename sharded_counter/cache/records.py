@@ -20,32 +20,39 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from ..core.effects import Batched, Memcache, Steps
 from ..core.record import Record, ShardState
 from ..errors import CacheUnavailable
 from .backlog import Backlog
-from .batches import MergeBatches
-from .cas import MISSING, Contended, Outcome, Seen, change_key, store_if_unchanged
-from .guarded import GuardedClient
+from .cas import MISSING, Contended, Outcome, Seen, as_seen, changing, store_if_unchanged
 from .sightings import StashSightings
+
+#: The shards' states of the counters a fill needs, by record key (steps that read them).
+SnapshotSteps = Callable[[list[str]], Steps[Mapping[str, Iterable[ShardState]]]]
 
 
 class CachedRecords:
-    """Reads, fills and merges the cached records, kept ``ttl`` seconds."""
+    """Reads, fills and merges the cached records, kept ``ttl`` seconds; ``enabled`` says
+    whether there is a memcache at all. Every method that calls memcache is steps."""
 
     def __init__(
-        self, calls: GuardedClient, backlog: Backlog, sightings: StashSightings, *, ttl: int
+        self,
+        enabled: Callable[[], bool],
+        backlog: Backlog,
+        sightings: StashSightings,
+        *,
+        ttl: int,
     ) -> None:
-        self._calls = calls
+        self._enabled = enabled
         self._backlog = backlog
         self._sightings = sightings
         self._ttl = ttl
-        self._batches: MergeBatches[ShardState] = MergeBatches()
 
-    def read_many(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[Record | None, int]]:
+    def read_many(self, pairs: Sequence[tuple[str, str]]) -> Steps[list[tuple[Record | None, int]]]:
         """Each counter's complete record (or None) and what its stash owes, in one
         ``get_many``. Raises CacheUnavailable."""
-        self._backlog.catch_up()
-        found = self._calls.get_many([key for pair in pairs for key in pair])
+        yield from self._backlog.catch_up()
+        found = yield Memcache("get_many", ([key for pair in pairs for key in pair],))
         results: list[tuple[Record | None, int]] = []
         for record_key, stash_key in pairs:
             record = _decode(found.get(record_key))
@@ -53,39 +60,41 @@ class CachedRecords:
             results.append((record if record is not None and record.complete else None, owed))
         return results
 
-    def peek(self, record_key: str) -> Record | None:
+    def peek(self, record_key: str) -> Steps[Record | None]:
         """The record as it is (complete or not), without touching it."""
-        return _decode(self._calls.gets(record_key)[0])
+        seen = as_seen((yield Memcache("gets", (record_key,))))
+        return _decode(seen[0])
 
-    def invalidate(self, record_key: str) -> None:
+    def invalidate(self, record_key: str) -> Steps[None]:
         """Drop a record that may be stale. Never raises: failing, it is dropped later."""
-        if self._calls.client is None:
+        if not self._enabled():
             return
         try:
-            self._calls.delete(record_key)
+            yield Memcache("delete", (record_key,))
         except CacheUnavailable:
             self._backlog.suspect(record_key)
 
     # -- writers ----------------------------------------------------------------------
 
-    def merge(self, record_key: str, stash_key: str, states: Iterable[ShardState]) -> None:
+    def merge(self, record_key: str, stash_key: str, states: Iterable[ShardState]) -> Steps[None]:
         """A writer's post-commit step. Never raises: memcache trouble makes the key suspect.
 
         Writers of one counter in this process merge together (``batches.py``).
         """
-        if self._calls.client is None:
+        if not self._enabled():
             return
-        self._batches.merge(
-            record_key, states, lambda taken: self._merge_now(record_key, stash_key, taken)
+        yield Batched(
+            record_key, list(states), lambda taken: self._merge_now(record_key, stash_key, taken)
         )
 
-    def _merge_now(self, record_key: str, stash_key: str, states: list[ShardState]) -> None:
+    def _merge_now(self, record_key: str, stash_key: str, states: list[ShardState]) -> Steps[None]:
         """One merge of ``states`` into the record, the stash read along for the sightings."""
 
-        def read_both() -> Seen:
-            found = self._calls.gets_many([record_key, stash_key])
+        def read_both() -> Steps[Seen]:
+            found = yield Memcache("gets_many", ([record_key, stash_key],))
             self._sightings.note(stash_key, found.get(stash_key, MISSING)[0])
-            return found.get(record_key, MISSING)
+            seen: Seen = found.get(record_key, MISSING)
+            return seen
 
         def merge_into(raw: bytes | None) -> Outcome[bool]:
             # The answer: may the record stay? One we cannot read goes.
@@ -98,25 +107,21 @@ class CachedRecords:
             return True, None if merged == record else merged.encode()
 
         try:
-            self._backlog.catch_up()
+            yield from self._backlog.catch_up()
             try:
-                keep = change_key(
-                    self._calls, record_key, merge_into, expire=self._ttl, read=read_both
-                )
+                keep = yield from changing(record_key, merge_into, expire=self._ttl, read=read_both)
             except Contended:
                 keep = False  # drop the record rather than leave it without our write
             if not keep:
-                self._calls.delete(record_key)
+                yield Memcache("delete", (record_key,))
         except CacheUnavailable:
             self._backlog.suspect(record_key)
 
     # -- readers that refill ----------------------------------------------------------------
 
     def fill_many(
-        self,
-        record_keys: Sequence[str],
-        snapshot: Callable[[list[str]], Mapping[str, Iterable[ShardState]]],
-    ) -> dict[str, int]:
+        self, record_keys: Sequence[str], snapshot: SnapshotSteps
+    ) -> Steps[dict[str, int]]:
         """Read the shards of the counters that need it through ``snapshot`` (all at once)
         and cache their totals where that is safe.
 
@@ -124,33 +129,33 @@ class CachedRecords:
         holds newer writes). Raises CacheUnavailable only if memcache fails
         before the snapshot was taken; after that it returns the snapshot.
         """
-        self._backlog.catch_up()
+        yield from self._backlog.catch_up()
         totals: dict[str, int] = {}
         opened: dict[str, Seen] = {}
         for key in record_keys:
-            seen = self._open(key)
+            seen = yield from self._open(key)
             record = _decode(seen[0])
             if record is not None and record.complete:
                 totals[key] = record.total  # filled by someone else meanwhile
             else:
                 opened[key] = seen
         if opened:
-            states = snapshot(list(opened))
+            states = yield from snapshot(list(opened))
             for key, seen in opened.items():
-                totals[key] = self._complete(key, seen, list(states[key]))
+                totals[key] = yield from self._complete(key, seen, list(states[key]))
         return totals
 
-    def _open(self, record_key: str) -> Seen:
+    def _open(self, record_key: str) -> Steps[Seen]:
         """Make sure a record exists before the snapshot is taken; return it as read."""
-        seen = self._calls.gets(record_key)
+        seen = as_seen((yield Memcache("gets", (record_key,))))
         if _decode(seen[0]) is None:
             # Missing, or something we cannot read sits there: one attempt to put a
             # fresh record in its place. Whoever beats us leaves a record too.
-            store_if_unchanged(self._calls, record_key, Record.new().encode(), seen, self._ttl)
-            seen = self._calls.gets(record_key)
+            yield from store_if_unchanged(record_key, Record.new().encode(), seen, self._ttl)
+            seen = as_seen((yield Memcache("gets", (record_key,))))
         return seen
 
-    def _complete(self, record_key: str, opened: Seen, states: list[ShardState]) -> int:
+    def _complete(self, record_key: str, opened: Seen, states: list[ShardState]) -> Steps[int]:
         """Merge a snapshot into the record opened before it was taken, and mark it complete."""
         snapshot_total = sum(s.value for s in states)
         record = _decode(opened[0])
@@ -167,7 +172,7 @@ class CachedRecords:
             return merged.total, merged.encode()
 
         try:
-            total = change_key(self._calls, record_key, complete, expire=self._ttl, first=opened)
+            total = yield from changing(record_key, complete, expire=self._ttl, first=opened)
         except CacheUnavailable:  # or Contended: the snapshot is the answer either way
             return snapshot_total
         return snapshot_total if total is None else total

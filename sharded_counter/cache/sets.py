@@ -9,10 +9,10 @@ import time
 
 from tenacity import RetryCallState, retry_if_result, wait_exponential
 
+from ..core.effects import Memcache, Steps, retrying
 from ..core.stash import Stash
 from ..errors import CacheUnavailable
-from .cas import change_stash
-from .guarded import GuardedClient
+from .cas import as_seen, changing_stash
 from .retrying import elapsed, memcache_retrying
 from .sightings import StashSightings
 
@@ -21,10 +21,9 @@ _WAITS_KEPT = 64
 
 
 class SetCoordination:
-    """Beginning and ending sets, and holding writes back while one runs."""
+    """Beginning and ending sets, and holding writes back while one runs (as steps)."""
 
-    def __init__(self, calls: GuardedClient, sightings: StashSightings) -> None:
-        self._calls = calls
+    def __init__(self, sightings: StashSightings) -> None:
         self._sightings = sightings
         # How long this process's writers have already waited for each set, by the
         # set's token. Many writers update it at once: every update takes the lock
@@ -32,7 +31,7 @@ class SetCoordination:
         self._lock = threading.Lock()
         self._waited: dict[str, float] = {}
 
-    def wait_out_set(self, stash_key: str, cap: float) -> None:
+    def wait_out_set(self, stash_key: str, cap: float) -> Steps[None]:
         """Hold a write while a set of the counter runs, if this process saw one lately.
 
         On an optimistic engine every shard commit aborts a running set's
@@ -64,13 +63,13 @@ class SetCoordination:
         )
         started = time.monotonic()
         try:
-            waiting(self._look, stash_key)
+            yield from retrying(waiting, self._look, stash_key)
         except CacheUnavailable:
             self._sightings.forget_setter(stash_key)
         finally:
             self._note_wait(token, waited + time.monotonic() - started)
 
-    def begin_set(self, stash_key: str, token: str, deadline: float) -> Stash:
+    def begin_set(self, stash_key: str, token: str, deadline: float) -> Steps[Stash]:
         """Stop new folds and resolutions, take what is pending, claim the unsure writes
         and fence the folds in flight, all in one ``cas`` (see core/stash.py).
 
@@ -103,21 +102,22 @@ class SetCoordination:
             wait=wait_exponential(multiplier=0.005, max=0.1),
             give_up=give_up,
         )
-        before: Stash = waiting(
-            change_stash,
-            self._calls,
+        before: Stash = yield from retrying(
+            waiting,
+            changing_stash,
             stash_key,
             lambda s: s.set_begun(token, deadline) if s.setter is None else None,
         )
         self._sightings.expect_unsure(stash_key, False)
         return before
 
-    def end_set(self, stash_key: str, token: str, *, landed: bool) -> None:
+    def end_set(self, stash_key: str, token: str, *, landed: bool) -> Steps[None]:
         """The set ``token`` is over, and ``landed`` or not (see ``Stash.set_ended``)."""
-        change_stash(self._calls, stash_key, lambda s: s.set_ended(token, landed=landed))
+        yield from changing_stash(stash_key, lambda s: s.set_ended(token, landed=landed))
 
-    def _look(self, stash_key: str) -> Stash:
-        return self._sightings.note(stash_key, self._calls.gets(stash_key)[0])
+    def _look(self, stash_key: str) -> Steps[Stash]:
+        raw, _ = as_seen((yield Memcache("gets", (stash_key,))))
+        return self._sightings.note(stash_key, raw)
 
     def _note_wait(self, token: str, seconds: float) -> None:
         with self._lock:

@@ -6,24 +6,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..core.effects import Memcache, Steps
 from ..core.stash import Stash
 from ..core.validation import fits_int64
 from ..errors import CacheUnavailable, CounterOverflowError
 from .backlog import Backlog, StashChange
-from .cas import change_stash
-from .guarded import GuardedClient
+from .cas import as_seen, changing_stash
 from .sightings import StashSightings
 
 
 class PendingStashes:
-    """Stashing, taking and settling what waits in each counter's stash."""
+    """Stashing, taking and settling what waits in each counter's stash (as steps)."""
 
-    def __init__(self, calls: GuardedClient, backlog: Backlog, sightings: StashSightings) -> None:
-        self._calls = calls
+    def __init__(self, backlog: Backlog, sightings: StashSightings) -> None:
         self._backlog = backlog
         self._sightings = sightings
 
-    def stash(self, stash_key: str, delta: int, *, within_int64: bool = False) -> int:
+    def stash(self, stash_key: str, delta: int, *, within_int64: bool = False) -> Steps[int]:
         """Add ``delta`` to the pending stash; returns what was pending before. Raises
         CacheUnavailable if it cannot.
 
@@ -41,9 +40,12 @@ class PendingStashes:
             return stash.added(delta)
 
         self._sightings.expect_pending(stash_key)
-        return change_stash(self._calls, stash_key, add).pending
+        before = yield from changing_stash(stash_key, add)
+        return before.pending
 
-    def take_stash(self, stash_key: str, token: str, deadline: float, *, look: bool = False) -> int:
+    def take_stash(
+        self, stash_key: str, token: str, deadline: float, *, look: bool = False
+    ) -> Steps[int]:
         """Take the whole pending stash for the fold ``token`` (0 when there is none).
 
         The key keeps a marker of the fold until ``settle_fold``. Nothing is
@@ -55,8 +57,7 @@ class PendingStashes:
         if not look and not self._sightings.pending_seen(stash_key):
             return 0
         try:
-            before = change_stash(
-                self._calls,
+            before = yield from changing_stash(
                 stash_key,
                 lambda s: s.taken(token, deadline) if s.pending and s.setter is None else None,
             )
@@ -67,7 +68,7 @@ class PendingStashes:
             self._sightings.expect_pending(stash_key, False)
         return before.pending if before.setter is None else 0
 
-    def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> bool:
+    def settle_fold(self, stash_key: str, token: str, *, put_back: bool) -> Steps[bool]:
         """The fold ``token`` is over: drop its marker, and with ``put_back`` return what it
         took to the stash. Never raises: if memcache does not answer it is done later.
 
@@ -78,19 +79,20 @@ class PendingStashes:
         """
         change = _fold_over(token, put_back)
         try:
-            before = change_stash(self._calls, stash_key, change)
+            before = yield from changing_stash(stash_key, change)
         except CacheUnavailable:
             self._backlog.settle_later(stash_key, change)
             return False
         return not change(before).mentions(token)
 
-    def peek_stash(self, stash_key: str) -> int:
+    def peek_stash(self, stash_key: str) -> Steps[int]:
         """What the stash adds to its counter's shards (see ``Stash.owed``)."""
-        return Stash.decode(self._calls.gets(stash_key)[0]).live().owed
+        raw, _ = as_seen((yield Memcache("gets", (stash_key,))))
+        return Stash.decode(raw).live().owed
 
-    def peek_stashes(self, stash_keys: Sequence[str]) -> dict[str, int]:
+    def peek_stashes(self, stash_keys: Sequence[str]) -> Steps[dict[str, int]]:
         """``peek_stash`` for many stashes in one ``get_many``."""
-        found = self._calls.get_many(list(stash_keys))
+        found = yield Memcache("get_many", (list(stash_keys),))
         return {key: Stash.decode(found.get(key)).live().owed for key in stash_keys}
 
 

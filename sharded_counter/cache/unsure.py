@@ -4,56 +4,56 @@ finds out whether they landed (see ``core/stash.py``).
 
 from __future__ import annotations
 
+from ..core.effects import Steps
 from ..core.stash import Stash, Unsure
 from .backlog import Backlog
-from .cas import change_stash
-from .guarded import GuardedClient
+from .cas import changing_stash
 from .sightings import StashSightings
 
 
 class UnsureWrites:
-    """Keeping, claiming and resolving the unsure writes of each counter's stash."""
+    """Keeping, claiming and resolving the unsure writes of each counter's stash (as steps)."""
 
-    def __init__(self, calls: GuardedClient, backlog: Backlog, sightings: StashSightings) -> None:
-        self._calls = calls
+    def __init__(self, backlog: Backlog, sightings: StashSightings) -> None:
         self._backlog = backlog
         self._sightings = sightings
 
     def make_unsure(
         self, stash_key: str, token: str, amount: int, shard: int, *, folded: int = 0
-    ) -> None:
+    ) -> Steps[None]:
         """Keep the write ``token`` of ``amount`` to ``shard`` (``folded`` of it taken from
         the stash), whose outcome is unknown, as an unsure entry (dropping its fold
         marker). Raises CacheUnavailable."""
         self._sightings.expect_unsure(stash_key)
-        change_stash(
-            self._calls, stash_key, lambda s: s.made_unsure(token, amount, shard, folded=folded)
+        yield from changing_stash(
+            stash_key, lambda s: s.made_unsure(token, amount, shard, folded=folded)
         )
 
     def claim_unsure(
         self, stash_key: str, claim: str, deadline: float
-    ) -> tuple[Stash, dict[str, Unsure]]:
+    ) -> Steps[tuple[Stash, dict[str, Unsure]]]:
         """Claim every unsure write nobody is resolving, until ``deadline``.
 
         Returns the stash as it was and the entries claimed. Raises CacheUnavailable.
         """
-        before = change_stash(
-            self._calls,
+        before = yield from changing_stash(
             stash_key,
             lambda s: s.claimed(claim, deadline, s.claimable()) if s.claimable() else None,
         )
         self._sightings.expect_unsure(stash_key, False)
         return before, {t: before.unsure[t] for t in before.claimable()}
 
-    def finish_unsure(self, stash_key: str, token: str, claim: str, *, written: bool) -> None:
+    def finish_unsure(
+        self, stash_key: str, token: str, claim: str, *, written: bool
+    ) -> Steps[None]:
         """End ``claim``'s resolution of ``token``: with ``written`` the entry goes (its
         shard holds it now), else it is open again. Never raises."""
         if written:
-            self._backlog.settle(stash_key, lambda s: s.resolved(token))
+            yield from self._backlog.settle(stash_key, lambda s: s.resolved(token))
         else:
-            self._backlog.settle(stash_key, lambda s: s.unclaimed(token, claim))
+            yield from self._backlog.settle(stash_key, lambda s: s.unclaimed(token, claim))
 
-    def unsure_to_pending(self, stash_key: str, token: str, claim: str, amount: int) -> None:
+    def unsure_to_pending(self, stash_key: str, token: str, claim: str, amount: int) -> Steps[None]:
         """The unsure write ``token`` did not land and its shard cannot take the ``amount``
         it still had to add: that waits as pending, for any shard, unless ``claim`` lost
         the entry meanwhile (to a set, or by lapsing; its new owner decides then).
@@ -65,4 +65,4 @@ class UnsureWrites:
                 return stash
             return stash.resolved(token, back=amount)
 
-        self._backlog.settle(stash_key, to_pending)
+        yield from self._backlog.settle(stash_key, to_pending)

@@ -18,9 +18,11 @@ from google.cloud import datastore
 
 from ..cache.client import MemcacheClient, build_client
 from ..cache.tier import CacheTier
+from ..core.effects import Steps
 from ..settings import Settings
 from ..store.keyed import KeyedShardStore
 from ..store.shards import ShardStore
+from .shell import SyncShell
 
 
 @dataclasses.dataclass
@@ -30,6 +32,11 @@ class Backend:
     store: ShardStore
     cache: CacheTier
     requested_mode: str  # "auto", "transform" or "transaction"
+
+    @functools.cached_property
+    def shell(self) -> SyncShell:
+        """Carries out the paths' steps in the calling thread, on this store and cache."""
+        return SyncShell(self.store, self.cache)
 
     @functools.cached_property
     def keyed(self) -> KeyedShardStore:
@@ -50,6 +57,15 @@ class Backend:
         The Firestore engine aborts such transactions every time, so only elsewhere.
         """
         return not self.is_firestore
+
+    def probed(self) -> Steps[None]:
+        """Learn whether this engine applies transforms, if this process has not yet, as
+        steps: the paths call it before they read ``write_mode``, ``lazy_begin`` or
+        ``is_firestore``, so that no shell blocks on the probe (its failure is a
+        Datastore call's failure, handled where the path handles those)."""
+        if self.requested_mode != "auto" or transforms_known(self.store) is not None:
+            return
+        note_transforms(self.store, (yield from self.store.probe_transforms()))
 
     @property
     def is_firestore(self) -> bool:
@@ -101,11 +117,20 @@ def _memcache_client(settings: Settings) -> MemcacheClient | None:
 
 def _transforms_supported(store: ShardStore) -> bool:
     """Probe once per backend; a probe that fails raises and is tried again next time."""
-    key = (store.scope, _emulator()[0])
-    known = _write_modes.get(key)
+    known = transforms_known(store)
     if known is None:
-        known = _write_modes[key] = store.probe_transforms()
+        known = store.run(store.probe_transforms())
+        note_transforms(store, known)
     return known
+
+
+def transforms_known(store: ShardStore) -> bool | None:
+    """What the probe found for this backend, if it ran (the asyncio shell runs its own)."""
+    return _write_modes.get((store.scope, _emulator()[0]))
+
+
+def note_transforms(store: ShardStore, supported: bool) -> None:
+    _write_modes[(store.scope, _emulator()[0])] = supported
 
 
 def backend_for(

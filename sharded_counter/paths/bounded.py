@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from google.api_core import exceptions as gexc
 
 from ..core import escrow, outcomes
+from ..core.effects import Steps, done
 from ..core.escrow import Bounds, Share
 from ..core.outcomes import Ending, Step
 from ..core.record import ShardState
@@ -225,9 +226,15 @@ class BoundedWrites:
             nonlocal unsure_of
             index = None
             shards = self.stored().shards  # laid out again meanwhile? then as it is now
+
+            def write_there(there: int, _alone: bool) -> Steps[list[ShardState | None]]:
+                nonlocal index
+                index = there
+                return done(self._write(there, delta, shards, token, record, deadline))
+
             try:
-                with leased_shard(ctx, shards, prefer=unsure_of) as (index, _alone):
-                    return self._write(index, delta, shards, token, record, deadline)
+                # Still blocking inside: bounded writes are not steps yet.
+                return ctx.run(leased_shard(ctx, shards, write_there, prefer=unsure_of))
             except gexc.AlreadyExists:
                 return [None]  # the key's record was inserted meanwhile: it is applied
             except gexc.GoogleAPICallError as exc:
@@ -235,7 +242,8 @@ class BoundedWrites:
                     unsure_of = index  # retry there: the token or key is looked for first
                 raise
 
-        with ctx.picker.writing(token):
+        # A keyed write names itself by its key, not a token: nothing to pin then.
+        with ctx.picker.writing(token) if token else contextlib.nullcontext():
             try:
                 states = write_retrying(ctx.settings, until_deadline=True)(attempt)
             except Exception as exc:
@@ -290,17 +298,24 @@ class BoundedWrites:
             # pessimistic engine two transactions that read and write one shard wait
             # on each other's locks.
             choose = functools.partial(_lenders, shares, index, delta)
-            with leased_lenders(ctx, choose) as lenders:
+
+            def borrow(
+                lenders: list[int] | None, bounds: Bounds = stored.bounds
+            ) -> Steps[list[ShardState | None] | None]:
                 if lenders is None:
-                    raise LimitReached(ctx.name, delta, stored.bounds)
+                    raise LimitReached(ctx.name, delta, bounds)
                 try:
                     with turns.alone():
-                        result = write(lenders)
+                        return done(write(lenders))
                 except Short:
                     # Others spent the room this snapshot saw: look again, within the deadline.
                     if time.monotonic() > deadline:
                         raise gexc.Aborted("the bounded counter's room kept moving") from None  # type: ignore[no-untyped-call]
-                    continue
+                    return done(None)
+
+            result = ctx.run(leased_lenders(ctx, choose, borrow))
+            if result is None:
+                continue
             ctx.stats.add(borrows=1)
             return result
 

@@ -46,7 +46,7 @@ T = TypeVar("T")
 # The errors that name the delta they are about: each member gets its own.
 _PER_DELTA = (IncrementNotRecorded, IncrementOutcomeUnknown)
 # Refusals of a sum, with nothing written: each member then writes its own delta alone.
-_SUM_REFUSED = (CounterOverflowError, LimitReached)
+SUM_REFUSED = (CounterOverflowError, LimitReached)
 
 
 class _Group:
@@ -114,12 +114,12 @@ class WriteCombiner:
         error = group.error
         if error is None:
             return group.result  # type: ignore[no-any-return]
-        if isinstance(error, _SUM_REFUSED) and len(group.deltas) > 1:
+        if isinstance(error, SUM_REFUSED) and len(group.deltas) > 1:
             # Nothing was written: does this delta fit alone? Alone, but still within
             # ``limit``: on a pessimistic engine every member at once would queue on
             # each other's shard locks.
             return self._run_alone(delta, write, limit=limit)
-        raise self._own_error(error, delta, group)
+        raise own_error(error, delta, len(group.deltas))
 
     def _run_alone(self, delta: int, write: Callable[[int], T], *, limit: int) -> T:
         group, _ = self._join(None, delta, limit=limit, max_total=0, max_keys=0, alone=True)
@@ -158,7 +158,7 @@ class WriteCombiner:
             if key in failed:
                 raise failed[key]
             return
-        raise self._own_error(error, group.keys[key], group)
+        raise own_error(error, group.keys[key], len(group.deltas))
 
     def _join(
         self,
@@ -186,11 +186,9 @@ class WriteCombiner:
             if (
                 alone
                 or group is None
-                or group.closed
-                or group.keyed != keyed
-                or abs(group.total + delta) > max_total
-                or (same_sign and (group.deltas[0] > 0) != (delta > 0))
-                or (keyed and len(group.keys) >= max_keys)
+                or not joinable(
+                    group, keyed, delta, max_total=max_total, max_keys=max_keys, same_sign=same_sign
+                )
             ):
                 group = _Group(keyed, closed=alone)
                 self._queue.append(group)
@@ -214,17 +212,6 @@ class WriteCombiner:
     @staticmethod
     def _keyed_write(group: _Group, write: KeyedWrite) -> None:
         group.key_errors = write(dict(group.keys))
-
-    @staticmethod
-    def _own_error(error: BaseException, delta: int, group: _Group) -> BaseException:
-        """The error one member sees: the group's, of the same class (a member of a write
-        whose outcome is unknown is in doubt too), naming that member's own delta."""
-        if not isinstance(error, _PER_DELTA) or len(group.deltas) == 1:
-            return error
-        cause = error.__cause__ if error.__cause__ is not None else error
-        own = type(error)(error.name, delta, cause)
-        own.__cause__ = cause
-        return own
 
     def _release(self) -> None:
         """A write finished: hand its slot to the next group, or free it."""
@@ -251,6 +238,33 @@ class WriteCombiner:
                 while not self._paused and self._queue and self._running < self._limit:
                     self._running += 1
                     self._queue.popleft().started.set()
+
+
+def joinable(
+    group: Any, keyed: bool, delta: int, *, max_total: int, max_keys: int, same_sign: bool
+) -> bool:
+    """May an increment of ``delta`` join ``group`` (the last one queued)? Not one that
+    writes a member alone, not across keyed and unkeyed, not past ``±max_total`` or
+    ``max_keys`` keys, and with ``same_sign`` not across signs."""
+    return not (
+        group.closed
+        or group.keyed != keyed
+        or abs(group.total + delta) > max_total
+        or (same_sign and (group.deltas[0] > 0) != (delta > 0))
+        or (keyed and len(group.keys) >= max_keys)
+    )
+
+
+def own_error(error: BaseException, delta: int, members: int) -> BaseException:
+    """The error one member of a group of ``members`` sees: the group's, of the same class
+    (a member of a write whose outcome is unknown is in doubt too), naming that member's
+    own delta."""
+    if not isinstance(error, _PER_DELTA) or members == 1:
+        return error
+    cause = error.__cause__ if error.__cause__ is not None else error
+    own = type(error)(error.name, delta, cause)
+    own.__cause__ = cause
+    return own
 
 
 _combiners: PerCounter[WriteCombiner] = PerCounter(WriteCombiner)

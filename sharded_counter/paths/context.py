@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TypeVar
 
 from ..core import outcomes
+from ..core.effects import Steps
 from ..core.keys import cache_keys
 from ..core.validation import INT64_MAX
 from ..settings import Settings
@@ -33,6 +35,8 @@ TRANSFORM_SHARD_LIMIT = 2**62
 # The longest this process's writers hold back, in all, for one count = v of another
 # process (see CacheTier.wait_out_set); only a set that died waits it out in full.
 SET_WAIT_CAP = 2.0
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,10 @@ class CounterContext:
             combiner=combiner_for(id(backend), scope, settings, name),
             stats=WriteStats(),
         )
+
+    def run(self, steps: Steps[T]) -> T:
+        """Carry out ``steps`` in this thread (the blocking shell, paths/shell.py)."""
+        return self.backend.shell.run(steps)
 
     @property
     def shards(self) -> int:

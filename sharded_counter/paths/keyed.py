@@ -36,7 +36,7 @@ class KeyedWrites:
         errors of the keys that failed, each key's own."""
         ctx = self.ctx
         ctx.backend.cache.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
-        self.resolver.resolve()
+        ctx.run(self.resolver.resolve())
         left = dict(keys)  # keys not yet found applied
         doubtful = False  # an attempt that carried ``left`` may have landed
 
@@ -63,7 +63,7 @@ class KeyedWrites:
         if state is not None:
             ctx.stats.add(writes=1, keys_applied=len(left))
             ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, [state])
-            self.shards.rebalance_if_needed(state)
+            ctx.run(self.shards.rebalance_if_needed(state))
         if doubtful:
             # An attempt whose reply was lost may have landed on a shard the cached record
             # never heard of (a retry finds the key and writes nothing): rebuild it.

@@ -10,23 +10,32 @@ over for another free one, a few times; then the write goes where it is
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import TypeVar
 
+from ..core.effects import Steps
 from ..core.keys import lease_key
 from .context import CounterContext
+
+T = TypeVar("T")
 
 # How many shards a write tries to lease before it writes where it is.
 _TRIES = 3
 
 
-@contextlib.contextmanager
 def leased_shard(
-    ctx: CounterContext, shards: int, prefer: int | None = None, *, lease: bool = True
-) -> Iterator[tuple[int, bool]]:
-    """Pick a shard as ``ShardPicker.pick`` does and, with ``lease``, lease it; yield the
-    index and whether the write has it to itself in this process. ``prefer``, when
-    given, is taken as it is, with no lease asked."""
-    cache = ctx.backend.cache
+    ctx: CounterContext,
+    shards: int,
+    body: Callable[[int, bool], Steps[T]],
+    prefer: int | None = None,
+    *,
+    lease: bool = True,
+) -> Steps[T]:
+    """Pick a shard as ``ShardPicker.pick`` does and, with ``lease``, lease it; run
+    ``body(index, alone)``, ``alone`` saying whether the write has the shard to itself
+    in this process, and give both back after. ``prefer``, when given, is taken as it
+    is, with no lease asked."""
+    leases = ctx.backend.cache.steps.leases
     with contextlib.ExitStack() as held:
         picked: tuple[int, bool] | None = None
         leased = None
@@ -38,7 +47,7 @@ def leased_shard(
             if not lease or prefer is not None or not alone:
                 break  # asked for, or every shard is busy here already: no choice left
             key = lease_key(ctx.record_key, index)
-            granted = cache.lease(key)
+            granted = yield from leases.take(key)
             if granted is None:
                 break  # memcache cannot say: go ahead
             if granted:
@@ -49,20 +58,23 @@ def leased_shard(
                 break
         assert picked is not None
         try:
-            yield picked
+            result: T = yield from body(*picked)
         finally:
             if leased is not None:
-                cache.end_lease(leased)
+                yield from leases.end(leased)
+        return result
 
 
-@contextlib.contextmanager
 def leased_lenders(
-    ctx: CounterContext, choose: Callable[[set[int]], list[int] | None]
-) -> Iterator[list[int] | None]:
+    ctx: CounterContext,
+    choose: Callable[[set[int]], list[int] | None],
+    body: Callable[[list[int] | None], Steps[T]],
+) -> Steps[T]:
     """The lenders of a borrow, leased: ``choose(avoid)`` picks them, keeping off ``avoid``
     where it can. Shards this process is writing are avoided from the start; shards
-    another process leased, on a second choice. Yields what ``choose`` returned last."""
-    cache = ctx.backend.cache
+    another process leased, on a second choice. Runs ``body`` with what ``choose``
+    returned last, and ends the leases after."""
+    leases = ctx.backend.cache.steps.leases
     avoid = ctx.picker.busy()
     leased: list[str] = []
     try:
@@ -73,7 +85,7 @@ def leased_lenders(
                 key = lease_key(ctx.record_key, index)
                 if key in leased:
                     continue
-                granted = cache.lease(key)
+                granted = yield from leases.take(key)
                 if granted:
                     leased.append(key)
                 elif granted is False:
@@ -83,7 +95,8 @@ def leased_lenders(
             ctx.stats.add(lease_misses=len(refused))
             avoid |= refused
             lenders = choose(avoid)
-        yield lenders
+        result: T = yield from body(lenders)
     finally:
         for key in leased:
-            cache.end_lease(key)
+            yield from leases.end(key)
+    return result

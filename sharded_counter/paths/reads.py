@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+from ..core.effects import Steps, retrying
 from ..core.record import Drift, ShardState
 from ..errors import CacheUnavailable
 from ..store.retry import write_retrying
@@ -44,59 +45,66 @@ class Reader:
         self.ctx = ctx
         self.resolver = resolver
 
-    def total(self, *, nocache: bool = False) -> int:
+    def total(self, *, nocache: bool = False) -> Steps[int]:
         """The counter's total (see ``Counter.get_count``)."""
         ctx = self.ctx
-        cache = ctx.backend.cache
-        if not nocache and cache.enabled:
+        enabled, cache = ctx.backend.cache.enabled, ctx.backend.cache.steps
+        if not nocache and enabled:
             try:
-                record, stash = cache.read(ctx.record_key, ctx.stash_key)
-                if cache.unsure_seen(ctx.stash_key) and self.resolver.resolve():
-                    record, stash = cache.read(ctx.record_key, ctx.stash_key)
+                record, stash = yield from cache.read(ctx.record_key, ctx.stash_key)
+                if cache.unsure_seen(ctx.stash_key) and (yield from self.resolver.resolve()):
+                    record, stash = yield from cache.read(ctx.record_key, ctx.stash_key)
                 if record is not None:
                     telemetry().events({"cache_hits": 1})
                     return record.total + stash
                 telemetry().events({"cache_misses": 1})
-                total = cache.fill(ctx.record_key, self.shard_states)
+                total = yield from cache.fill(ctx.record_key, self._shard_states)
                 return total + stash
             except CacheUnavailable:
                 pass
-        if cache.enabled:
-            self.resolver.resolve(look=True)
-        return self.snapshot().total + self.pending()
+        if enabled:
+            yield from self.resolver.resolve(look=True)
+        snapshot = yield from self.snapshot()
+        pending = yield from self.pending()
+        return snapshot.total + pending
 
-    def shard_states(self) -> list[ShardState]:
-        return list(self.snapshot().states)
+    def _shard_states(self, keys: list[str]) -> Steps[Mapping[str, Iterable[ShardState]]]:
+        snapshot = yield from self.snapshot()
+        return {key: snapshot.states for key in keys}
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self) -> Steps[Snapshot]:
         """Every shard, read under the same retry policy as the writes."""
         ctx = self.ctx
-        snapshot: Snapshot = write_retrying(ctx.settings)(ctx.backend.store.snapshot, ctx.name)
+        snapshot: Snapshot = yield from retrying(
+            write_retrying(ctx.settings), ctx.backend.store.snapshot, ctx.name
+        )
         return snapshot
 
-    def pending(self) -> int:
+    def pending(self) -> Steps[int]:
         """What delayed_incr owes the counter (0 without memcache, or when it is down)."""
-        cache = self.ctx.backend.cache
-        if not cache.enabled:
+        if not self.ctx.backend.cache.enabled:
             return 0
         try:
-            return cache.peek_stash(self.ctx.stash_key)
+            owed: int = yield from self.ctx.backend.cache.steps.stashes.peek_stash(
+                self.ctx.stash_key
+            )
         except CacheUnavailable:
             return 0
+        return owed
 
-    def rebuild_cached_record(self) -> None:
+    def rebuild_cached_record(self) -> Steps[None]:
         """Drop the cached record and fill it afresh from the shards."""
-        cache = self.ctx.backend.cache
-        cache.forget(self.ctx.record_key)
-        cache.fill(self.ctx.record_key, self.shard_states)
+        cache = self.ctx.backend.cache.steps
+        yield from cache.forget(self.ctx.record_key)
+        yield from cache.fill(self.ctx.record_key, self._shard_states)
 
-    def verify(self) -> Verification:
+    def verify(self) -> Steps[Verification]:
         """Compare the cached record with the shards (see ``Counter.verify``)."""
         ctx = self.ctx
-        cache = ctx.backend.cache
-        record = cache.peek(ctx.record_key) if cache.enabled else None
-        pending = cache.peek_stash(ctx.stash_key) if cache.enabled else 0
-        snapshot = self.snapshot()
+        enabled, cache = ctx.backend.cache.enabled, ctx.backend.cache.steps
+        record = (yield from cache.records.peek(ctx.record_key)) if enabled else None
+        pending = (yield from cache.stashes.peek_stash(ctx.stash_key)) if enabled else 0
+        snapshot = yield from self.snapshot()
         cached = record if record is not None and record.complete else None
         drift = Drift.between(cached, snapshot.states) if cached is not None else Drift(0, 0)
         return Verification(
@@ -109,7 +117,9 @@ class Reader:
         )
 
 
-def read_many(contexts: Sequence[CounterContext], *, nocache: bool = False) -> dict[str, int]:
+def read_many(
+    contexts: Sequence[CounterContext], *, nocache: bool = False
+) -> Steps[dict[str, int]]:
     """Totals of many counters sharing one backend and settings (``Counter.get_counts``).
 
     One memcache ``get_many`` for all of them, then one Datastore read for all
@@ -118,48 +128,57 @@ def read_many(contexts: Sequence[CounterContext], *, nocache: bool = False) -> d
     if not contexts:
         return {}
     first = contexts[0]
-    cache = first.backend.cache
+    enabled, cache = first.backend.cache.enabled, first.backend.cache.steps
     cache_down = False
-    if not nocache and cache.enabled:
+    if not nocache and enabled:
         try:
-            return _through_cache(contexts)
+            totals: dict[str, int] = yield from _through_cache(contexts)
         except CacheUnavailable:
             cache_down = True  # then no stash can be read either
+        else:
+            return totals
     pending: dict[str, int] = {}
-    if cache.enabled and not cache_down:
+    if enabled and not cache_down:
         with contextlib.suppress(CacheUnavailable):
-            pending = cache.peek_stashes([c.stash_key for c in contexts])
-    found = _snapshots(first, [c.name for c in contexts])
+            pending = yield from cache.stashes.peek_stashes([c.stash_key for c in contexts])
+    found = yield from _snapshots(first, [c.name for c in contexts])
     return {c.name: found[c.name].total + pending.get(c.stash_key, 0) for c in contexts}
 
 
-def _through_cache(contexts: Sequence[CounterContext]) -> dict[str, int]:
+def _through_cache(contexts: Sequence[CounterContext]) -> Steps[dict[str, int]]:
     first = contexts[0]
-    cache = first.backend.cache
+    cache = first.backend.cache.steps
     totals: dict[str, int] = {}
     stashes: dict[str, int] = {}
     misses: dict[str, CounterContext] = {}
     pairs = [(c.record_key, c.stash_key) for c in contexts]
-    for ctx, (record, stash) in zip(contexts, cache.read_many(pairs), strict=True):
+    read = yield from cache.records.read_many(pairs)
+    for ctx, (record, stash) in zip(contexts, read, strict=True):
         if record is not None:
             totals[ctx.name] = record.total + stash
         else:
             misses[ctx.record_key] = ctx
             stashes[ctx.record_key] = stash
 
-    def read_shards(keys: list[str]) -> dict[str, Iterable[ShardState]]:
-        found = _snapshots(first, [misses[k].name for k in keys])
+    def read_shards(keys: list[str]) -> Steps[Mapping[str, Iterable[ShardState]]]:
+        found = yield from _snapshots(first, [misses[k].name for k in keys])
         return {k: found[misses[k].name].states for k in keys}
 
-    filled = cache.fill_many(list(misses), read_shards)
+    filled = yield from cache.records.fill_many(list(misses), read_shards)
     for key, ctx in misses.items():
         totals[ctx.name] = filled[key] + stashes[key]
     return totals
 
 
-def _snapshots(ctx: CounterContext, names: list[str]) -> dict[str, Snapshot]:
+def _snapshots(ctx: CounterContext, names: list[str]) -> Steps[dict[str, Snapshot]]:
     backend = ctx.backend
-    snapshots: dict[str, Snapshot] = write_retrying(ctx.settings)(
-        backend.store.snapshots, names, use_in=backend.is_firestore
-    )
+
+    def attempt() -> Steps[dict[str, Snapshot]]:
+        yield from backend.probed()  # the classic engine refuses IN filters
+        found: dict[str, Snapshot] = yield from backend.store.snapshots(
+            names, use_in=backend.is_firestore
+        )
+        return found
+
+    snapshots: dict[str, Snapshot] = yield from retrying(write_retrying(ctx.settings), attempt)
     return snapshots

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from ..core.bounds import spread
+from ..core.effects import Steps
 from ..core.stash import Stash
 from ..core.tokens import new_token
 from ..core.validation import check_value
@@ -33,22 +34,30 @@ class Setter:
         """Set the counter to ``value``: see the module docstring. Bad values raise
         TypeError/ValueError before anything is written."""
         ctx = self.ctx
+        value = self.checked(value)
+        with ctx.combiner.exclusive():
+            ctx.run(self.set_now(value))
+
+    def checked(self, value: int) -> int:
+        """``value`` if the counter can be set to it; raises TypeError/ValueError if not."""
+        ctx = self.ctx
         value = check_value(value, ctx.shards)
         spread(value, ctx.shards, ctx.shard_limit)  # refuse what cannot fit, early
-        with ctx.combiner.exclusive():
-            self._set_now(value)
+        return value
 
-    def _set_now(self, value: int) -> None:
+    def set_now(self, value: int) -> Steps[None]:
+        """The set itself, with this process's writers of the counter held (the caller
+        holds them)."""
         ctx = self.ctx
-        cache = ctx.backend.cache
+        cache = ctx.backend.cache.steps
         token = new_token()
         coordinated, taken = False, Stash()
-        if cache.enabled:
+        if ctx.backend.cache.enabled:
             # The marker outlives the set's own time limits (its transaction, then one
             # call to end it), so only a setter that died leaves it to expire.
             set_over = ctx.fold_deadline() + ctx.settings.rpc_timeout
             try:
-                taken = cache.begin_set(ctx.stash_key, token, set_over)
+                taken = yield from cache.sets.begin_set(ctx.stash_key, token, set_over)
                 coordinated = True
             except CacheUnavailable:
                 # memcache is down, or another set held the key past our deadline: go
@@ -58,19 +67,21 @@ class Setter:
         # a retry after an attempt whose outcome is unknown finds it and writes nothing.
         fence = [token, *taken.fence]
         try:
-            states = self.shards.rewrite(lambda _current: value, fence=fence, token=token)
+            states = yield from self.shards.rewrite(
+                lambda _current: value, fence=fence, token=token
+            )
         except BaseException:
             if coordinated:
-                self.end_set(token, landed=False)
+                yield from self.end_set(token, landed=False)
             raise
         if coordinated:
-            self.end_set(token, landed=True)
-        cache.merge(ctx.record_key, ctx.stash_key, states)
+            yield from self.end_set(token, landed=True)
+        yield from cache.records.merge(ctx.record_key, ctx.stash_key, states)
 
-    def end_set(self, token: str, *, landed: bool) -> None:
+    def end_set(self, token: str, *, landed: bool) -> Steps[None]:
         ctx = self.ctx
         try:
-            ctx.backend.cache.end_set(ctx.stash_key, token, landed=landed)
+            yield from ctx.backend.cache.steps.sets.end_set(ctx.stash_key, token, landed=landed)
         except CacheUnavailable as exc:
             # Nothing is lost: the marker's deadline ends the set as "not landed", and
             # the shards' fence then tells the resolution what the set replaced.

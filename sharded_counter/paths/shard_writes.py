@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 from google.api_core import exceptions as gexc
 
+from ..core.effects import Steps, retrying
 from ..core.outcomes import Ending
 from ..core.record import ShardState
 from ..errors import CounterOverflowError
@@ -63,7 +64,7 @@ class ShardWriter:
             self.ctx.stats.add(transient_errors=1)
         return outcome_unknown(exc)
 
-    def write(self, amount: int, token: str, *, folded: int = 0) -> ShardState:
+    def write(self, amount: int, token: str, *, folded: int = 0) -> Steps[ShardState]:
         """Write ``amount`` to a shard, retrying per the policy; the caller pins ``token``.
 
         A write that folds in ``folded`` from delayed_incr goes through a
@@ -80,29 +81,39 @@ class ShardWriter:
         """
         ctx = self.ctx
         unsure_of: int | None = None  # the shard an unknown-outcome attempt went to
+        index: int | None = None  # the shard the attempt running now went to
 
-        def attempt() -> ShardState:
-            nonlocal unsure_of
+        def write_there(there: int, alone: bool, transform: bool) -> Steps[ShardState]:
+            nonlocal index
+            index = there
+            if unsure_of is None and alone and transform:
+                state = yield from ctx.backend.store.add_with_transform(
+                    ctx.name, there, amount, token=token
+                )
+            else:
+                state = yield from self.add_in_transaction(there, amount, token, folded)
+            if folded and state.shard_id.startswith("i"):
+                # Still held: no transform of this process replaces the token
+                # there before the fold is settled.
+                ctx.picker.reserve(token, int(state.shard_id[1:]))
+            return state
+
+        def attempt() -> Steps[ShardState]:
+            nonlocal unsure_of, index
             index = None
             try:
                 # Inside the attempt: the first call may probe the backend.
+                yield from ctx.backend.probed()
                 transform = not folded and ctx.transform_fits(amount)
                 # A transaction reads its shard: writers of other processes on it would
                 # abort it, or on Firestore wait on its lock, so it leases the shard.
-                with leased_shard(ctx, ctx.shards, prefer=unsure_of, lease=not transform) as (
-                    index,
-                    alone,
-                ):
-                    if unsure_of is None and alone and transform:
-                        state = ctx.backend.store.add_with_transform(
-                            ctx.name, index, amount, token=token
-                        )
-                    else:
-                        state = self.add_in_transaction(index, amount, token, folded)
-                    if folded and state.shard_id.startswith("i"):
-                        # Still held: no transform of this process replaces the token
-                        # there before the fold is settled.
-                        ctx.picker.reserve(token, int(state.shard_id[1:]))
+                state = yield from leased_shard(
+                    ctx,
+                    ctx.shards,
+                    lambda there, alone: write_there(there, alone, transform),
+                    prefer=unsure_of,
+                    lease=not transform,
+                )
             except gexc.GoogleAPICallError as exc:
                 # Retried only when RETRYABLE; any error may leave the outcome unknown
                 # (a cancelled call, say), retried or not.
@@ -119,7 +130,7 @@ class ShardWriter:
             return state
 
         try:
-            state: ShardState = write_retrying(ctx.settings)(attempt)
+            state: ShardState = yield from retrying(write_retrying(ctx.settings), attempt)
         except Exception as exc:
             if unsure_of is not None and not isinstance(exc, CounterOverflowError):
                 raise WriteFailed(Ending.DOUBTFUL, exc, unsure_of) from exc
@@ -130,7 +141,7 @@ class ShardWriter:
 
     def add_in_transaction(
         self, first: int, amount: int, token: str = "", folded: int = 0
-    ) -> ShardState:
+    ) -> Steps[ShardState]:
         """One transaction write, to ``first`` or, when it is full, any shard with room;
         when none has, the total plus ``amount`` is spread over all of them."""
         ctx = self.ctx
@@ -140,7 +151,7 @@ class ShardWriter:
         pinned = ctx.picker.pinned()
         for index in [first, *others]:
             try:
-                return store.add_in_transaction(
+                state: ShardState = yield from store.add_in_transaction(
                     ctx.name,
                     index,
                     amount,
@@ -152,8 +163,9 @@ class ShardWriter:
                 )
             except ShardOverflow:
                 continue
+            return state
         try:
-            states = store.rewrite(
+            states = yield from store.rewrite(
                 ctx.name,
                 ctx.shards,
                 lazy_begin=lazy,
@@ -168,16 +180,18 @@ class ShardWriter:
                 f"counter {ctx.name!r} cannot take {amount}: its {ctx.shards} shards "
                 f"would pass {limit} each; nothing was written"
             ) from None
-        ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, states[1:])
+        yield from ctx.backend.cache.steps.records.merge(ctx.record_key, ctx.stash_key, states[1:])
         return states[0]
 
     def rewrite(
         self, target: Callable[[int], int], fence: Sequence[str] = (), token: str = ""
-    ) -> list[ShardState]:
+    ) -> Steps[list[ShardState]]:
         """Spread ``target(total)`` over the shards in one transaction, retried until
         ``retry_deadline`` (every concurrent increment can abort it)."""
         ctx = self.ctx
-        return write_retrying(ctx.settings, until_deadline=True)(
+        yield from ctx.backend.probed()
+        states: list[ShardState] = yield from retrying(
+            write_retrying(ctx.settings, until_deadline=True),
             ctx.backend.store.rewrite,
             ctx.name,
             ctx.shards,
@@ -187,15 +201,16 @@ class ShardWriter:
             fence=fence,
             token=token,
         )
+        return states
 
-    def rebalance_if_needed(self, state: ShardState) -> None:
+    def rebalance_if_needed(self, state: ShardState) -> Steps[None]:
         """After a transform result past the transform limit, spread the total evenly
         again, so no shard sits there."""
         ctx = self.ctx
         if abs(state.value) <= TRANSFORM_SHARD_LIMIT or ctx.backend.write_mode != "transform":
             return
         try:
-            states = self.rewrite(lambda total: total)
+            states = yield from self.rewrite(lambda total: total)
         except ValueError:
             ctx.picker.transforms_unsafe = True
             log.warning(
@@ -208,4 +223,4 @@ class ShardWriter:
             log.warning("could not rebalance counter %r: %s", ctx.name, exc)
             return
         ctx.stats.add(rebalances=1)
-        ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, states)
+        yield from ctx.backend.cache.steps.records.merge(ctx.record_key, ctx.stash_key, states)

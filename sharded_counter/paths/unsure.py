@@ -16,6 +16,7 @@ import secrets
 
 from google.api_core import exceptions as gexc
 
+from ..core.effects import Steps, retrying
 from ..core.record import ShardState
 from ..core.stash import ANY_SHARD, Unsure
 from ..core.tokens import folding_write
@@ -35,22 +36,24 @@ class UnsureResolver:
     def __init__(self, ctx: CounterContext) -> None:
         self.ctx = ctx
 
-    def resolve(self, *, look: bool = False) -> bool:
+    def resolve(self, *, look: bool = False) -> Steps[bool]:
         """Resolve the unsure writes of this counter, if there are any and it is time.
 
         ``look`` asks memcache even when this process saw none lately. Returns
         whether anything was resolved. Never raises.
         """
         ctx = self.ctx
-        cache, picker = ctx.backend.cache, ctx.picker
-        if not cache.enabled or not picker.resolution_due():
+        cache, picker = ctx.backend.cache.steps, ctx.picker
+        if not ctx.backend.cache.enabled or not picker.resolution_due():
             return False
         own = picker.kept()  # before the claim reads the stash: so each was in it by then
         if not (look or own or cache.unsure_seen(ctx.stash_key)):
             return False
         claim = secrets.token_hex(6)
         try:
-            before, claimed = cache.claim_unsure(ctx.stash_key, claim, ctx.fold_deadline())
+            before, claimed = yield from cache.unsure.claim_unsure(
+                ctx.stash_key, claim, ctx.fold_deadline()
+            )
         except CacheUnavailable:
             picker.resolution_failed(RESOLVE_PAUSE)
             return False
@@ -60,35 +63,36 @@ class UnsureResolver:
         resolved = failed = False
         for token, entry in claimed.items():
             if failed:  # Datastore failed on an earlier one: try them all later
-                cache.finish_unsure(ctx.stash_key, token, claim, written=False)
+                yield from cache.unsure.finish_unsure(ctx.stash_key, token, claim, written=False)
                 continue
             try:
-                states = self._resolve_one(token, entry)
+                states = yield from self._resolve_one(token, entry)
             except ShardOverflow as full:
                 # Not there (the token was looked for first), and that shard is full.
-                cache.unsure_to_pending(ctx.stash_key, token, claim, full.delta)
+                yield from cache.unsure.unsure_to_pending(ctx.stash_key, token, claim, full.delta)
                 picker.release(token)
                 continue
             except (gexc.GoogleAPICallError, ValueError) as exc:
                 # ValueError: a fold part that no spread of the total can take.
                 log.warning("counter %r: could not resolve an unsure write: %s", ctx.name, exc)
-                cache.finish_unsure(ctx.stash_key, token, claim, written=False)
+                yield from cache.unsure.finish_unsure(ctx.stash_key, token, claim, written=False)
                 picker.resolution_failed(RESOLVE_PAUSE)
                 failed = True
                 continue
-            cache.finish_unsure(ctx.stash_key, token, claim, written=True)
+            yield from cache.unsure.finish_unsure(ctx.stash_key, token, claim, written=True)
             picker.release(token)
             ctx.stats.add(resolved=1)
-            cache.merge(ctx.record_key, ctx.stash_key, states)
+            yield from cache.records.merge(ctx.record_key, ctx.stash_key, states)
             resolved = True
         return resolved
 
-    def _resolve_one(self, token: str, entry: Unsure) -> list[ShardState]:
+    def _resolve_one(self, token: str, entry: Unsure) -> Steps[list[ShardState]]:
         """Add the unsure write ``token`` unless the shards show it (core/stash.py)."""
         ctx = self.ctx
+        yield from ctx.backend.probed()
         store, lazy = ctx.backend.store, ctx.backend.lazy_begin
         if entry.shard != ANY_SHARD:
-            state = store.add_in_transaction(
+            state = yield from store.add_in_transaction(
                 ctx.name,
                 entry.shard,
                 entry.amount,
@@ -106,7 +110,8 @@ class UnsureResolver:
         writer = folding_write(token)
         if writer is None:
             raise ValueError(f"unsure entry {token!r} for any shard is not a fold part")
-        states: list[ShardState] = write_retrying(ctx.settings)(
+        states: list[ShardState] = yield from retrying(
+            write_retrying(ctx.settings),
             store.rewrite,
             ctx.name,
             ctx.shards,

@@ -11,6 +11,8 @@
          NOT_RECORDED / OUTCOME_UNKNOWN / OVERFLOW   raised, the fold put back
 
 ``repair`` folds what is pending the same way: a write of nothing but the fold.
+Every method that calls out is steps (core/effects.py): ``Counter`` and
+``AsyncCounter`` drive the same sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 
 from ..core import outcomes
+from ..core.effects import Steps
 from ..core.outcomes import Ending, Fold, Step
 from ..core.tokens import new_token
 from ..core.validation import fits_int64
@@ -42,40 +45,44 @@ class PlainWrites:
         self.shards = shards
         self.resolver = resolver
 
-    def apply(self, delta: int) -> Step:
+    def apply(self, delta: int) -> Steps[Step]:
         """Count ``delta`` (with whatever delayed_incr holds): see the module docstring.
         Returns how it was counted (ACKNOWLEDGE, STASH or KEEP_UNSURE), or raises."""
         return self._write_with_fold(delta)
 
-    def fold_pending(self) -> None:
+    def fold_pending(self) -> Steps[Step]:
         """Write what delayed_incr holds now, if anything (``repair``). A failure is
         raised, with what was taken put back."""
-        self._write_with_fold(0, look=True)
+        return self._write_with_fold(0, look=True)
 
-    def _write_with_fold(self, delta: int, *, look: bool = False) -> Step:
+    def _write_with_fold(self, delta: int, *, look: bool = False) -> Steps[Step]:
         ctx = self.ctx
-        ctx.backend.cache.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
-        self.resolver.resolve()
+        cache = ctx.backend.cache.steps
+        yield from cache.sets.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
+        yield from self.resolver.resolve()
         token = new_token()  # names this write, and its fold of the stash if any
         with ctx.picker.writing(token):
-            folded = self._take_stash(token, look=look)
+            folded = yield from self._take_stash(token, look=look)
             if not fits_int64(delta + folded):
                 # Write the caller's delta alone; the stash waits for a later write.
-                self._settle_fold(token, folded, Fold.PUT_BACK)
+                yield from self._settle_fold(token, folded, Fold.PUT_BACK)
                 folded = 0
             if not delta and not folded:
                 return Step.ACKNOWLEDGE
             try:
-                state = self.shards.write(delta + folded, token, folded=folded)
+                state = yield from self.shards.write(delta + folded, token, folded=folded)
             except WriteFailed as failed:
-                self._settle_fold(token, folded, outcomes.FOLD[failed.ending])
-                return self._after_failure(failed, token, delta, folded)
-            self._settle_fold(token, folded, outcomes.FOLD[Ending.LANDED])
-        ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, [state])
-        self.shards.rebalance_if_needed(state)
+                yield from self._settle_fold(token, folded, outcomes.FOLD[failed.ending])
+                step: Step = yield from self._after_failure(failed, token, delta, folded)
+                return step
+            yield from self._settle_fold(token, folded, outcomes.FOLD[Ending.LANDED])
+        yield from cache.records.merge(ctx.record_key, ctx.stash_key, [state])
+        yield from self.shards.rebalance_if_needed(state)
         return Step.ACKNOWLEDGE
 
-    def _after_failure(self, failed: WriteFailed, token: str, delta: int, folded: int) -> Step:
+    def _after_failure(
+        self, failed: WriteFailed, token: str, delta: int, folded: int
+    ) -> Steps[Step]:
         """Carry out the step the ending leads to (core/outcomes.PLAIN); return it when
         it counts the increment, raise otherwise."""
         step = outcomes.PLAIN[failed.ending]
@@ -83,11 +90,11 @@ class PlainWrites:
         if not delta and step in (Step.STASH, Step.NOT_RECORDED, Step.OVERFLOW):
             raise cause  # a fold alone: what it took is back in pending; say why
         if step is Step.STASH:
-            self._stash(delta, cause)
+            yield from stash_or_raise(self.ctx, delta, cause)
             return step
         if step is Step.KEEP_UNSURE:
             assert failed.shard is not None  # a doubtful ending names its shard
-            self._keep_unsure(token, delta, folded, failed.shard, cause)
+            yield from self._keep_unsure(token, delta, folded, failed.shard, cause)
             return step
         if step is Step.OVERFLOW:
             assert isinstance(cause, CounterOverflowError)
@@ -96,18 +103,19 @@ class PlainWrites:
 
     # -- delayed_incr ------------------------------------------------------------------
 
-    def _take_stash(self, token: str, *, look: bool) -> int:
+    def _take_stash(self, token: str, *, look: bool) -> Steps[int]:
         ctx = self.ctx
         if not ctx.backend.cache.enabled:
             return 0
         try:
-            return ctx.backend.cache.take_stash(
+            taken: int = yield from ctx.backend.cache.steps.stashes.take_stash(
                 ctx.stash_key, token, ctx.fold_deadline(), look=look
             )
         except CacheUnavailable:
             return 0  # it stays in memcache and is taken by a later write
+        return taken
 
-    def _settle_fold(self, token: str, folded: int, fold: Fold) -> None:
+    def _settle_fold(self, token: str, folded: int, fold: Fold) -> Steps[None]:
         """End the fold ``token`` in delayed_incr as ``fold`` says. Its token stays pinned
         (and its shard reserved) while the stash still names the write (see
         ``CacheTier.settle_fold``). A fold that is IN_ENTRY ends with its entry."""
@@ -116,25 +124,26 @@ class PlainWrites:
             return
         if fold is Fold.SETTLED:
             ctx.stats.add(folded=1)
-        if ctx.backend.cache.settle_fold(ctx.stash_key, token, put_back=fold is Fold.PUT_BACK):
+        settled = yield from ctx.backend.cache.steps.stashes.settle_fold(
+            ctx.stash_key, token, put_back=fold is Fold.PUT_BACK
+        )
+        if settled:
             ctx.picker.release(token)
         else:
             ctx.picker.keep(token)
 
-    def _stash(self, amount: int, cause: BaseException) -> None:
-        """Keep ``amount``, which certainly did not reach a shard, in delayed_incr."""
-        stash_or_raise(self.ctx, amount, cause)
-
     def _keep_unsure(
         self, token: str, delta: int, folded: int, shard: int, cause: BaseException
-    ) -> None:
+    ) -> Steps[None]:
         """The write ``token`` (``delta`` plus ``folded`` from delayed_incr) may have
         landed on ``shard``: keep it in delayed_incr as unsure, replacing its fold
         marker, for a token-checked transaction to resolve."""
         ctx = self.ctx
         amount = delta + folded
         try:
-            ctx.backend.cache.make_unsure(ctx.stash_key, token, amount, shard, folded=folded)
+            yield from ctx.backend.cache.steps.unsure.make_unsure(
+                ctx.stash_key, token, amount, shard, folded=folded
+            )
         except CacheUnavailable as exc:
             # The caller's delta is in doubt now. What the fold took is not: its marker
             # stays, and once past its deadline its resolution looks for the token.
@@ -157,7 +166,7 @@ class PlainWrites:
         )
 
 
-def stash_or_raise(ctx: CounterContext, amount: int, cause: BaseException) -> None:
+def stash_or_raise(ctx: CounterContext, amount: int, cause: BaseException) -> Steps[None]:
     """Keep ``amount``, which certainly did not reach a shard, in delayed_incr.
 
     Raises what ``core/outcomes.when_memcache_fails`` says when memcache cannot:
@@ -165,7 +174,7 @@ def stash_or_raise(ctx: CounterContext, amount: int, cause: BaseException) -> No
     write may have been applied (its reply was lost).
     """
     try:
-        ctx.backend.cache.stash(ctx.stash_key, amount)
+        yield from ctx.backend.cache.steps.stashes.stash(ctx.stash_key, amount)
     except CacheUnavailable as exc:
         step = outcomes.when_memcache_fails(Step.STASH, maybe_applied=exc.maybe_applied)
         if step is Step.OUTCOME_UNKNOWN:

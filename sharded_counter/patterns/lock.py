@@ -46,9 +46,10 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from ..cache.cas import MISSING, Contended, Outcome, change_key
+from ..cache.cas import MISSING, Contended, Outcome, changing, on
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
 from ..cache.retrying import elapsed, memcache_retrying
+from ..core.effects import Steps, drive, retrying
 from ..errors import CacheUnavailable, ShardedCounterError
 
 log = logging.getLogger("sharded_counter")
@@ -62,6 +63,8 @@ _FIRST_WAIT, _MAX_WAIT = 0.005, 0.25
 # hands rarely, so a few are plenty.
 _ATTEMPTS = 8
 _JITTERED = wait_random_exponential(multiplier=_FIRST_WAIT, max=_MAX_WAIT)
+# memcache failing: the blocking client's errors, or the asyncio shell's CacheUnavailable.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (*CLIENT_ERRORS, CacheUnavailable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +97,10 @@ class Locked(ShardedCounterError):
         self.waited = waited
 
 
-class Lease:
-    """One attempt to hold a named lock: a context manager, or ``acquire()``/``release()``."""
+class LeaseRules:
+    """One attempt to hold a named lock, as steps (core/effects.py): taking it, extending
+    it, giving it back. ``Lease`` carries them out in this thread and
+    ``sharded_counter.aio.AsyncLease`` in an event loop, on the same key."""
 
     def __init__(
         self,
@@ -104,8 +109,7 @@ class Lease:
         ttl: int,
         nowait: bool,
         timeout: float | None,
-        client: ClientSource,
-        sleep: Callable[[float], None] = time.sleep,
+        key_prefix: str,
     ) -> None:
         self.name = name
         self.ttl = _check_ttl(ttl)
@@ -113,13 +117,114 @@ class Lease:
         self.timeout = float(self.ttl) if timeout is None else _check_timeout(timeout)
         self.token = secrets.token_hex(16)
         self.expires_at: float | None = None  # set while held
-        self._key = lock_key(client.key_prefix, name)
-        self._client = client
-        self._sleep = sleep
+        self._key = lock_key(key_prefix, name)
 
     def __repr__(self) -> str:
         state = "held" if self.expires_at is not None else "not held"
-        return f"<Lease {self.name!r} {state}>"
+        return f"<{type(self).__name__} {self.name!r} {state}>"
+
+    def _acquiring(self) -> Steps[None]:
+        """Take the lock, waiting with backoff unless ``nowait``; raise ``Locked`` if it
+        stays held, ``CacheUnavailable`` if memcache cannot be asked."""
+
+        def refuse(state: RetryCallState) -> None:
+            holder = state.outcome.result() if state.outcome is not None else None
+            raise Locked(self.name, holder, None if self.nowait else elapsed(state))
+
+        waiting = memcache_retrying(
+            f"lock {self.name!r} is held",
+            stop=stop_after_attempt(1) if self.nowait else stop_after_delay(self.timeout),
+            retry=retry_if_result(lambda holder: holder is not None),
+            wait=self._backoff,
+            give_up=refuse,
+        )
+        yield from retrying(waiting, self._try_take)
+
+    def _backoff(self, state: RetryCallState) -> float:
+        # Exponential backoff with jitter, so waiters do not all retry in step; never
+        # past the timeout, so the last look comes as it runs out.
+        pause = _JITTERED(state)
+        return max(0.0, min(pause, self.timeout - elapsed(state)))
+
+    def _try_take(self) -> Steps[Holder | None]:
+        """Take the lock if it is free (missing, or a tombstone); otherwise return who
+        holds it. Tries ``add`` first: a lock is mostly free when it is taken."""
+        taken_at = 0.0
+
+        def take(raw: bytes | None) -> Outcome[Holder | None]:
+            nonlocal taken_at
+            if raw is not None and raw != _TOMBSTONE:
+                return _decode(raw) or Holder("(unreadable)", 0.0, 0.0), None
+            taken_at = time.time()
+            return None, _encode(self.token, taken_at, taken_at + self.ttl, _owner())
+
+        try:
+            holder: Holder | None = yield from changing(
+                self._key, take, expire=self.ttl, attempts=_ATTEMPTS, first=MISSING
+            )
+        except Contended:
+            return Holder("(changing hands)", time.time(), time.time())
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailable(f"cannot take lock {self.name!r}: {exc}") from exc
+        if holder is None:
+            self.expires_at = taken_at + self.ttl
+        return holder
+
+    def _extending(self, ttl: int | None) -> Steps[bool]:
+        ttl = self.ttl if ttl is None else _check_ttl(ttl)
+        now = time.time()
+        owner = _owner()
+        replaced = yield from self._replace_if_ours(
+            lambda: _encode(self.token, now, now + ttl, owner), ttl
+        )
+        if replaced:
+            self.expires_at = now + ttl
+        return replaced
+
+    def _releasing(self) -> Steps[bool]:
+        if self.expires_at is None:
+            return False
+        self.expires_at = None
+        try:
+            released = yield from self._replace_if_ours(lambda: _TOMBSTONE, _TOMBSTONE_TTL)
+        except CacheUnavailable as exc:
+            log.warning("lock %r not released (%s); it lapses within its TTL", self.name, exc)
+            return False
+        if not released:
+            log.warning(
+                "lock %r had lapsed before it was released; its work may have overlapped "
+                "another holder's (give it a longer ttl, or extend it)",
+                self.name,
+            )
+        return released
+
+    def _replace_if_ours(self, value: Callable[[], bytes], expire: int) -> Steps[bool]:
+        def replace(raw: bytes | None) -> Outcome[bool]:
+            if _token(raw) != self.token:
+                return False, None  # lapsed, released, or someone else's now
+            return True, value()
+
+        try:
+            replaced: bool = yield from changing(
+                self._key, replace, expire=expire, attempts=_ATTEMPTS
+            )
+        except Contended:
+            return False  # it kept changing: not ours to count on
+        except _UNAVAILABLE as exc:
+            raise CacheUnavailable(f"lock {self.name!r}: {exc}") from exc
+        return replaced
+
+
+class Lease(LeaseRules):
+    """One attempt to hold a named lock: a context manager, or ``acquire()``/``release()``."""
+
+    def __init__(
+        self, name: str, *, ttl: int, nowait: bool, timeout: float | None, client: ClientSource
+    ) -> None:
+        super().__init__(
+            name, ttl=ttl, nowait=nowait, timeout=timeout, key_prefix=client.key_prefix
+        )
+        self._client = client
 
     def __enter__(self) -> Lease:
         self.acquire()
@@ -133,103 +238,23 @@ class Lease:
     ) -> None:
         self.release()
 
-    # -- taking -----------------------------------------------------------------------------
-
     def acquire(self) -> Lease:
         """Take the lock, waiting with backoff unless ``nowait``; raise ``Locked`` if it stays held.
 
         Raises ``CacheUnavailable`` if memcache cannot be asked.
         """
-
-        def refuse(state: RetryCallState) -> None:
-            holder = state.outcome.result() if state.outcome is not None else None
-            raise Locked(self.name, holder, None if self.nowait else elapsed(state))
-
-        waiting = memcache_retrying(
-            f"lock {self.name!r} is held",
-            stop=stop_after_attempt(1) if self.nowait else stop_after_delay(self.timeout),
-            retry=retry_if_result(lambda holder: holder is not None),
-            wait=self._backoff,
-            give_up=refuse,
-            sleep=self._sleep,
-        )
-        waiting(self._try_take)
+        drive(self._acquiring(), on(self._client()))
         return self
-
-    def _backoff(self, state: RetryCallState) -> float:
-        # Exponential backoff with jitter, so waiters do not all retry in step; never
-        # past the timeout, so the last look comes as it runs out.
-        pause = _JITTERED(state)
-        return max(0.0, min(pause, self.timeout - elapsed(state)))
-
-    def _try_take(self) -> Holder | None:
-        """Take the lock if it is free (missing, or a tombstone); otherwise return who
-        holds it. Tries ``add`` first: a lock is mostly free when it is taken."""
-        taken_at = 0.0
-
-        def take(raw: bytes | None) -> Outcome[Holder | None]:
-            nonlocal taken_at
-            if raw is not None and raw != _TOMBSTONE:
-                return _decode(raw) or Holder("(unreadable)", 0.0, 0.0), None
-            taken_at = time.time()
-            return None, _encode(self.token, taken_at, taken_at + self.ttl, _owner())
-
-        client = self._client()
-        try:
-            holder = change_key(
-                client, self._key, take, expire=self.ttl, attempts=_ATTEMPTS, first=MISSING
-            )
-        except Contended:
-            return Holder("(changing hands)", time.time(), time.time())
-        except CLIENT_ERRORS as exc:
-            raise CacheUnavailable(f"cannot take lock {self.name!r}: {exc}") from exc
-        if holder is None:
-            self.expires_at = taken_at + self.ttl
-        return holder
-
-    # -- keeping and giving back ----------------------------------------------------------
 
     def extend(self, ttl: int | None = None) -> bool:
         """Push the expiry to ``ttl`` (default: the lease's) seconds from now, if still ours."""
-        ttl = self.ttl if ttl is None else _check_ttl(ttl)
-        now = time.time()
-        owner = _owner()
-        replaced = self._replace_if_ours(lambda: _encode(self.token, now, now + ttl, owner), ttl)
-        if replaced:
-            self.expires_at = now + ttl
-        return replaced
+        return drive(self._extending(ttl), on(self._client()))
 
     def release(self) -> bool:
         """Give the lock back if it is still ours. Never raises: a lock left behind lapses."""
         if self.expires_at is None:
             return False
-        self.expires_at = None
-        try:
-            released = self._replace_if_ours(lambda: _TOMBSTONE, _TOMBSTONE_TTL)
-        except CacheUnavailable as exc:
-            log.warning("lock %r not released (%s); it lapses within its TTL", self.name, exc)
-            return False
-        if not released:
-            log.warning(
-                "lock %r had lapsed before it was released; its work may have overlapped "
-                "another holder's (give it a longer ttl, or extend it)",
-                self.name,
-            )
-        return released
-
-    def _replace_if_ours(self, value: Callable[[], bytes], expire: int) -> bool:
-        def replace(raw: bytes | None) -> Outcome[bool]:
-            if _token(raw) != self.token:
-                return False, None  # lapsed, released, or someone else's now
-            return True, value()
-
-        client = self._client()
-        try:
-            return change_key(client, self._key, replace, expire=expire, attempts=_ATTEMPTS)
-        except Contended:
-            return False  # it kept changing: not ours to count on
-        except CLIENT_ERRORS as exc:
-            raise CacheUnavailable(f"lock {self.name!r}: {exc}") from exc
+        return drive(self._releasing(), on(self._client()))
 
 
 def lock(

@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Literal, ParamSpec, TypeVar
 
+from ..cache.cas import on
 from ..cache.client import (
     CLIENT_ERRORS,
     ClientSource,
@@ -44,6 +45,7 @@ from ..cache.client import (
     incr_or_add,
     key_digest,
 )
+from ..core.effects import Memcache, Steps, drive
 from ..errors import CacheUnavailable, ShardedCounterError
 
 P = ParamSpec("P")
@@ -144,14 +146,10 @@ class RateLimited(ShardedCounterError):
         self.decision = decision
 
 
-class RateLimiter:
-    """At most ``limit`` hits per window for each key, counted in memcache.
-
-    ``limit`` is a ``Limit`` or a string such as ``"20/minute"``. Without
-    ``memcache_client`` the servers come from the settings: ``memcached_hosts``
-    here, else ``MEMCACHED_HOSTS`` or the config (see ``sharded_counter.settings``).
-    Keys may be any str: memcache only ever sees a hash of them.
-    """
+class LimiterRules:
+    """What a rate limiter decides, and the memcache calls it makes to decide, as steps
+    (core/effects.py): ``RateLimiter`` carries them out in this thread, and
+    ``sharded_counter.aio.AsyncRateLimiter`` in an event loop, on the same keys."""
 
     def __init__(
         self,
@@ -176,83 +174,42 @@ class RateLimiter:
             memcache_client,
             memcached_hosts=memcached_hosts,
             key_prefix=key_prefix,
-            what="RateLimiter",
+            what=type(self).__name__,
         )
         self._outage = OutageLog(f"rate limit {self.rate}")
 
     def __repr__(self) -> str:
-        return f"RateLimiter({str(self.rate)!r}, strategy={self.strategy!r})"
+        return f"{type(self).__name__}({str(self.rate)!r}, strategy={self.strategy!r})"
 
-    # -- the verdicts -----------------------------------------------------------------
+    def _window(self) -> _Window:
+        return _Window.at(self._clock(), self.rate.window)
 
-    def hit(self, key: str, cost: int = 1) -> Decision:
-        """Spend ``cost`` on ``key`` if the limit allows it; say whether it did."""
-        digest, cost = _check_key(key), _check_cost(cost)
-        window = _Window.at(self._clock(), self.rate.window)
-        try:
-            decision = self._hit(self._client(), digest, cost, window)
-        except CLIENT_ERRORS as exc:
-            return self._unavailable(exc, window, cost)
-        self._outage.answered()
-        return decision
-
-    def test(self, key: str, cost: int = 1) -> Decision:
-        """Would ``hit(key, cost)`` be allowed now? Spends nothing."""
-        digest, cost = _check_key(key), _check_cost(cost)
-        window = _Window.at(self._clock(), self.rate.window)
-        try:
-            current, previous = self._read(self._client(), digest, window)
-        except CLIENT_ERRORS as exc:
-            return self._unavailable(exc, window, cost)
-        self._outage.answered()
+    def _tested(self, current: int, previous: int, window: _Window, cost: int) -> Decision:
         used = self._used(current, previous, window)
         return self._decide(used + cost <= self.rate.amount, used, current, window)
 
-    def limit(
-        self, key_func: Callable[P, str], *, cost: int = 1
-    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-        """Decorate a function so each call hits ``key_func(*args, **kwargs)``.
+    # -- the counting, as steps -----------------------------------------------------------
 
-        A call over the limit raises ``RateLimited`` (with the decision) and the
-        function does not run.
-        """
-        _check_cost(cost)
-
-        def decorate(func: Callable[P, R]) -> Callable[P, R]:
-            @functools.wraps(func)
-            def limited(*args: P.args, **kwargs: P.kwargs) -> R:
-                key = key_func(*args, **kwargs)
-                decision = self.hit(key, cost)
-                if not decision.allowed:
-                    raise RateLimited(key, decision)
-                return func(*args, **kwargs)
-
-            return limited
-
-        return decorate
-
-    # -- the counting -------------------------------------------------------------------
-
-    def _hit(self, client: CommandClient, digest: str, cost: int, window: _Window) -> Decision:
+    def _hit(self, digest: str, cost: int, window: _Window) -> Steps[Decision]:
         current_key = self._key(digest, window.index)
         # A sliding window reads this key again as "previous" during the next window.
         expire = window.seconds_left(windows=2 if self.strategy == "sliding" else 1)
-        current = incr_or_add(client, current_key, cost, expire)
+        current = yield from incr_or_add(current_key, cost, expire)
         previous = 0
         if self.strategy == "sliding":
-            previous = _count(client.get(self._key(digest, window.index - 1)))
+            previous = _count((yield Memcache("get", (self._key(digest, window.index - 1),))))
         used = self._used(current, previous, window)
         if used <= self.rate.amount:
             return self._decide(True, used, current, window)
         # Over: give the cost back, so a refused hit never uses up the allowance.
-        client.decr(current_key, cost, noreply=False)
+        yield Memcache("decr", (current_key, cost, False))
         return self._decide(False, used - cost, current - cost, window)
 
-    def _read(self, client: CommandClient, digest: str, window: _Window) -> tuple[int, int]:
+    def _read(self, digest: str, window: _Window) -> Steps[tuple[int, int]]:
         keys = [self._key(digest, window.index)]
         if self.strategy == "sliding":
             keys.append(self._key(digest, window.index - 1))
-        found = client.get_many(keys)
+        found = yield Memcache("get_many", (keys,))
         previous = _count(found.get(keys[1])) if len(keys) == 2 else 0
         return _count(found.get(keys[0])), previous
 
@@ -286,6 +243,63 @@ class RateLimiter:
         return f"{self._client.key_prefix}:rl:{self.rate.window}:{digest}:{index}"
 
 
+class RateLimiter(LimiterRules):
+    """At most ``limit`` hits per window for each key, counted in memcache.
+
+    ``limit`` is a ``Limit`` or a string such as ``"20/minute"``. Without
+    ``memcache_client`` the servers come from the settings: ``memcached_hosts``
+    here, else ``MEMCACHED_HOSTS`` or the config (see ``sharded_counter.settings``).
+    Keys may be any str: memcache only ever sees a hash of them.
+    """
+
+    # -- the verdicts -----------------------------------------------------------------
+
+    def hit(self, key: str, cost: int = 1) -> Decision:
+        """Spend ``cost`` on ``key`` if the limit allows it; say whether it did."""
+        digest, cost = check_key(key), check_cost(cost)
+        window = self._window()
+        try:
+            decision = drive(self._hit(digest, cost, window), on(self._client()))
+        except CLIENT_ERRORS as exc:
+            return self._unavailable(exc, window, cost)
+        self._outage.answered()
+        return decision
+
+    def test(self, key: str, cost: int = 1) -> Decision:
+        """Would ``hit(key, cost)`` be allowed now? Spends nothing."""
+        digest, cost = check_key(key), check_cost(cost)
+        window = self._window()
+        try:
+            current, previous = drive(self._read(digest, window), on(self._client()))
+        except CLIENT_ERRORS as exc:
+            return self._unavailable(exc, window, cost)
+        self._outage.answered()
+        return self._tested(current, previous, window, cost)
+
+    def limit(
+        self, key_func: Callable[P, str], *, cost: int = 1
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+        """Decorate a function so each call hits ``key_func(*args, **kwargs)``.
+
+        A call over the limit raises ``RateLimited`` (with the decision) and the
+        function does not run.
+        """
+        check_cost(cost)
+
+        def decorate(func: Callable[P, R]) -> Callable[P, R]:
+            @functools.wraps(func)
+            def limited(*args: P.args, **kwargs: P.kwargs) -> R:
+                key = key_func(*args, **kwargs)
+                decision = self.hit(key, cost)
+                if not decision.allowed:
+                    raise RateLimited(key, decision)
+                return func(*args, **kwargs)
+
+            return limited
+
+        return decorate
+
+
 @dataclasses.dataclass(frozen=True)
 class _Window:
     now: float
@@ -309,13 +323,13 @@ class _Window:
         return max(1, math.ceil(self.end + (windows - 1) * self.length - self.now) + 1)
 
 
-def _check_key(key: str) -> str:
+def check_key(key: str) -> str:
     if not isinstance(key, str):
         raise TypeError(f"a rate limit key is a str, not {type(key).__name__}")
     return key_digest(key)
 
 
-def _check_cost(cost: int) -> int:
+def check_cost(cost: int) -> int:
     if isinstance(cost, bool) or not isinstance(cost, int):
         raise TypeError(f"cost must be an int, not {type(cost).__name__}")
     if not 1 <= cost <= MAX_AMOUNT:

@@ -36,7 +36,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ..cache.cas import on
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, incr_or_add, key_digest
+from ..core.effects import drive
 from ..counter import Counter
 from ..errors import CacheUnavailable, IncrementNotRecorded
 
@@ -132,7 +134,8 @@ class TimeSeries:
             if expire <= 0:
                 continue  # that bucket is past its retention already
             try:
-                incr_or_add(client, self._key(res, start, digest), n, min(expire, MAX_RETENTION))
+                key = self._key(res, start, digest)
+                drive(incr_or_add(key, n, min(expire, MAX_RETENTION)), on(client))
             except CLIENT_ERRORS as exc:
                 raise CacheUnavailable(f"time series {self.name_prefix!r}: {exc}") from exc
 
@@ -272,7 +275,7 @@ class TimeSeries:
         try:
             self._bucket_counter(key, res, start).increment(amount)
         except IncrementNotRecorded:
-            incr_or_add(client, mkey, amount, min(expire, MAX_RETENTION))
+            drive(incr_or_add(mkey, amount, min(expire, MAX_RETENTION)), on(client))
             raise
         return amount
 

@@ -1,24 +1,29 @@
 """Datastore calls bound to one project, database and namespace.
 
-``DatastoreCalls`` builds the keys and requests of one partition and sends
-them through ``DatastoreRpc`` (store/rpc.py): each call is bounded by
+``DatastoreCalls`` builds the keys and requests of one partition. Its calls are
+steps (core/effects.py): each yields one ``Rpc`` effect, which a shell sends
+through ``DatastoreRpc`` (store/rpc.py) or its asyncio twin, bounded by
 ``rpc_timeout`` and retried only by the callers' policy (store/retry.py).
+``run`` drives steps in this thread, for the paths not yet written as steps.
 The shard store and the key records (store/keyed.py) share one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from google.cloud import datastore
 from google.cloud.datastore_v1.types import datastore as ds_types
 from google.cloud.datastore_v1.types import entity as entity_types
 from google.cloud.datastore_v1.types import query as query_types
 
+from ..core.effects import Effect, Rpc, Steps, drive
 from . import rpc
 from .entities import KeyPb
+
+T = TypeVar("T")
 
 _TRANSACTIONAL = ds_types.CommitRequest.Mode.TRANSACTIONAL
 _NON_TRANSACTIONAL = ds_types.CommitRequest.Mode.NON_TRANSACTIONAL
@@ -56,30 +61,41 @@ class DatastoreCalls:
         element.name = key_name
         return key
 
-    def begin(self) -> bytes:
+    def run(self, steps: Steps[T]) -> T:
+        """Carry out ``steps`` that ask only for Datastore calls, in this thread."""
+        return drive(steps, self.perform)
+
+    def perform(self, effect: Effect) -> Any:
+        """One Datastore call of steps, made in this thread."""
+        if not isinstance(effect, Rpc):
+            raise TypeError(f"the store carries out Datastore calls only, not {effect!r}")
+        return getattr(self.rpc, effect.method)(effect.request)
+
+    def begin(self) -> Steps[bytes]:
         request = rpc.BeginTransactionRequest(**self.base)
         request.transaction_options.read_write.SetInParent()
-        return bytes(self.rpc.begin_transaction(request).transaction)
+        response = yield Rpc("begin_transaction", request)
+        return bytes(response.transaction)
 
-    def rollback(self, transaction: bytes) -> None:
-        self.rpc.rollback(rpc.RollbackRequest(transaction=transaction, **self.base))
+    def rollback(self, transaction: bytes) -> Steps[None]:
+        yield Rpc("rollback", rpc.RollbackRequest(transaction=transaction, **self.base))
 
-    def quiet_rollback(self, transaction: bytes) -> None:
+    def quiet_rollback(self, transaction: bytes) -> Steps[None]:
         # Releasing locks early helps the pessimistic engine; failing to is harmless
         # (the transaction expires), so it must not hide the original error.
         with contextlib.suppress(Exception):
-            self.rollback(transaction)
+            yield from self.rollback(transaction)
 
     def lookup(
         self, keys: Sequence[Any], *, transaction: bytes | None = None, begin: bool = False
-    ) -> tuple[dict[bytes, Any], dict[bytes, int], bytes | None]:
+    ) -> Steps[tuple[dict[bytes, Any], dict[bytes, int], bytes | None]]:
         """Found entities and versions by serialized key, and the transaction begun, if any."""
         request = rpc.LookupRequest(keys=keys, **self.base)
         if transaction is not None:
             request.read_options.transaction = transaction
         elif begin:
             request.read_options.new_transaction.read_write.SetInParent()
-        response = self.rpc.lookup(request)
+        response = yield Rpc("lookup", request)
         found: dict[bytes, Any] = {}
         versions: dict[bytes, int] = {}
         for result in response.found:
@@ -90,7 +106,7 @@ class DatastoreCalls:
             versions[result.entity.key.SerializeToString()] = 0
         if response.deferred:
             # Only happens for large batches; fetch the rest the same way.
-            more_found, more_versions, _ = self.lookup(
+            more_found, more_versions, _ = yield from self.lookup(
                 list(response.deferred), transaction=transaction or response.transaction or None
             )
             found.update(more_found)
@@ -103,7 +119,7 @@ class DatastoreCalls:
         transaction: bytes | None = None,
         *,
         single_use: bool = False,
-    ) -> Any:
+    ) -> Steps[Any]:
         """Commit Mutation protobufs: in ``transaction``, in a transaction of their own
         (``single_use``: all or nothing, in one call), or on their own."""
         request = rpc.CommitRequest(mutations=mutations, **self.base)
@@ -114,15 +130,18 @@ class DatastoreCalls:
             request.single_use_transaction.read_write.SetInParent()
         else:
             request.mode = _NON_TRANSACTIONAL
-        return self.rpc.commit(request)
+        response = yield Rpc("commit", request)
+        return response
 
-    def run_query(self, request: Any) -> Iterator[Any]:
+    def run_query(self, request: Any) -> Steps[list[Any]]:
         """Every EntityResult of a RunQueryRequest, batch after batch."""
+        results: list[Any] = []
         while True:
-            batch = self.rpc.run_query(request).batch
-            yield from batch.entity_results
+            response = yield Rpc("run_query", request)
+            batch = response.batch
+            results.extend(batch.entity_results)
             if batch.more_results != _NOT_FINISHED or not batch.entity_results:
-                return
+                return results
             request.query.start_cursor = batch.end_cursor
 
     def query_request(self) -> Any:

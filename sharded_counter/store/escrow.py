@@ -70,7 +70,7 @@ class EscrowStore:
 
     def stored(self, name: str) -> Stored | None:
         """The counter's stored bounds, or None when it was never set up as bounded."""
-        found, _, _ = self.store.lookup([self.bounds_key(name)])
+        found, _, _ = self.store.run(self.store.lookup([self.bounds_key(name)]))
         return _stored_of(next(iter(found.values()), None))
 
     def snapshot(self, name: str, shards: int) -> tuple[Stored | None, list[Share]]:
@@ -81,13 +81,13 @@ class EscrowStore:
         request.transaction_options.read_only.SetInParent()
         transaction = bytes(store.rpc.begin_transaction(request).transaction)
         keys = [self.bounds_key(name), *(store.key(name, i) for i in range(shards))]
-        found, _, _ = store.lookup(keys, transaction=transaction)
+        found, _, _ = store.run(store.lookup(keys, transaction=transaction))
         stored = _stored_of(found.get(keys[0].SerializeToString()))
         if stored is not None and stored.shards > shards:
             more = [store.key(name, i) for i in range(shards, stored.shards)]
-            found.update(store.lookup(more, transaction=transaction)[0])
+            found.update(store.run(store.lookup(more, transaction=transaction))[0])
             keys += more
-        store.quiet_rollback(transaction)
+        store.run(store.quiet_rollback(transaction))
         return stored, [
             _share_of(i, found.get(k.SerializeToString())) for i, k in enumerate(keys[1:])
         ]
@@ -128,10 +128,10 @@ class EscrowStore:
         # shards in opposite orders would each wait for the other until a lock timeout.
         by_index = sorted(zip(indexes, shard_keys, strict=True), key=lambda pair: pair[0])
         reading = [k for _, k in by_index] + ([record_key] if record_key is not None else [])
-        transaction = None if lazy_begin else store.begin()
+        transaction = None if lazy_begin else store.run(store.begin())
         try:
-            found, versions, begun = store.lookup(
-                reading, transaction=transaction, begin=lazy_begin
+            found, versions, begun = store.run(
+                store.lookup(reading, transaction=transaction, begin=lazy_begin)
             )
             transaction = transaction or begun
             read = [found.get(k.SerializeToString()) for k in shard_keys]
@@ -139,7 +139,7 @@ class EscrowStore:
             applied = record_key is not None and record_key.SerializeToString() in found
             if applied or (token and token in entities.tokens_of(read[0])):
                 if transaction is not None:
-                    store.quiet_rollback(transaction)
+                    store.run(store.quiet_rollback(transaction))
                 if applied:
                     return [None]
                 taker_key = shard_keys[0].SerializeToString()
@@ -158,10 +158,10 @@ class EscrowStore:
                 mutations.append(entities.upsert(written))
             if key is not None:
                 mutations += self.keyed.inserts(name, {key[0]: delta}, key[1])
-            response = store.commit(mutations, transaction)
+            response = store.run(store.commit(mutations, transaction))
         except BaseException:
             if transaction is not None:
-                store.quiet_rollback(transaction)
+                store.run(store.quiet_rollback(transaction))
             raise
         results = response.mutation_results
         return [ShardState(f"i{s.index}", results[n].version, s.count) for n, s in enumerate(after)]
@@ -190,27 +190,29 @@ class EscrowStore:
         if shards > _MAX_SHARDS:
             raise ValueError(f"a bounded counter has at most {_MAX_SHARDS} shards, not {shards}")
         store = self.store
-        existing = store.shard_keys(name)
+        existing = store.run(store.shard_keys(name))
         keys = {k.SerializeToString(): k for k in existing}
         for index in range(shards):
             key = store.key(name, index)
             keys[key.SerializeToString()] = key
         ordered = [self.bounds_key(name), *keys.values()]
-        transaction = None if lazy_begin else store.begin()
+        transaction = None if lazy_begin else store.run(store.begin())
         try:
-            found, _, begun = store.lookup(ordered, transaction=transaction, begin=lazy_begin)
+            found, _, begun = store.run(
+                store.lookup(ordered, transaction=transaction, begin=lazy_begin)
+            )
             transaction = transaction or begun
             stored = _stored_of(found.get(ordered[0].SerializeToString()))
             if only_if_new and stored is not None:
                 if transaction is not None:
-                    store.quiet_rollback(transaction)
+                    store.run(store.quiet_rollback(transaction))
                 return stored, []
             if keep_stored and stored is not None:
                 bounds, shards = stored.bounds, stored.shards
                 missing = [store.key(name, i) for i in range(shards)]
                 missing = [k for k in missing if k.SerializeToString() not in keys]
                 if missing:  # never written, so not found by the query: read them too
-                    found.update(store.lookup(missing, transaction=transaction)[0])
+                    found.update(store.run(store.lookup(missing, transaction=transaction))[0])
                     ordered += missing
             read = [found.get(k.SerializeToString()) for k in ordered[1:]]
             total = sum(entities.count_of(e) for e in read if e is not None)
@@ -231,10 +233,10 @@ class EscrowStore:
                 entities.carry_slots(entity, written, "")
                 mutations.append(entities.upsert(written))
                 written_shares.append((shard_id, share))
-            response = store.commit(mutations, transaction)
+            response = store.run(store.commit(mutations, transaction))
         except BaseException:
             if transaction is not None:
-                store.quiet_rollback(transaction)
+                store.run(store.quiet_rollback(transaction))
             raise
         results = response.mutation_results[1:]
         states = [
@@ -245,7 +247,7 @@ class EscrowStore:
 
     def forget(self, name: str) -> None:
         """Delete the bounds entity (the shards go with ``ShardStore.delete_all``)."""
-        self.store.commit([entities.delete(self.bounds_key(name))])
+        self.store.run(self.store.commit([entities.delete(self.bounds_key(name))]))
 
 
 def _alone(share: Share, delta: int) -> list[Share] | None:

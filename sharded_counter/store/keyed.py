@@ -90,7 +90,9 @@ class KeyedShardStore:
         written) when any record exists already: see ``applied``."""
         store = self.store
         increment = entities.increment_mutation(store.key(name, index), name, sum(keys.values()))
-        response = store.commit([*self.inserts(name, keys, ttl), increment], single_use=True)
+        response = store.run(
+            store.commit([*self.inserts(name, keys, ttl), increment], single_use=True)
+        )
         return transformed(index, response.mutation_results[-1])
 
     def add_in_transaction(
@@ -113,10 +115,12 @@ class KeyedShardStore:
         store = self.store
         shard_key = store.key(name, index)
         record_keys = {key: self.record_key(name, key) for key in keys}
-        transaction = None if lazy_begin else store.begin()
+        transaction = None if lazy_begin else store.run(store.begin())
         try:
-            found, _, begun = store.lookup(
-                [shard_key, *record_keys.values()], transaction=transaction, begin=lazy_begin
+            found, _, begun = store.run(
+                store.lookup(
+                    [shard_key, *record_keys.values()], transaction=transaction, begin=lazy_begin
+                )
             )
             transaction = transaction or begun
             applied = {k for k, rk in record_keys.items() if rk.SerializeToString() in found}
@@ -126,26 +130,28 @@ class KeyedShardStore:
             current = entities.count_of(entity) if entity is not None else 0
             if not left:
                 if transaction is not None:
-                    store.quiet_rollback(transaction)
+                    store.run(store.quiet_rollback(transaction))
                 return None, applied
             new = current + sum(left.values())
             if not (within(new, INT64_MAX) and (within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index, new - current)
             written = entities.shard_entity(shard_key, name, new)
             entities.carry_slots(entity, written, "")
-            response = store.commit(
-                [entities.upsert(written), *self.inserts(name, left, ttl)], transaction
+            response = store.run(
+                store.commit(
+                    [entities.upsert(written), *self.inserts(name, left, ttl)], transaction
+                )
             )
         except BaseException:
             if transaction is not None:
-                store.quiet_rollback(transaction)
+                store.run(store.quiet_rollback(transaction))
             raise
         return ShardState(f"i{index}", response.mutation_results[0].version, new), applied
 
     def applied(self, name: str, keys: Collection[str]) -> set[str]:
         """Which of ``keys`` have a record on ``name`` (one strongly consistent lookup)."""
         record_keys = {key: self.record_key(name, key) for key in keys}
-        found, _, _ = self.store.lookup(list(record_keys.values()))
+        found, _, _ = self.store.run(self.store.lookup(list(record_keys.values())))
         return {k for k, rk in record_keys.items() if rk.SerializeToString() in found}
 
     def purge_expired(self, *, now: float | None = None) -> int:
@@ -163,9 +169,11 @@ class KeyedShardStore:
         expiry.op = _LESS_THAN
         expiry.value.timestamp_value.CopyFrom(_timestamp(time.time() if now is None else now))
         query.projection.add().property.name = "__key__"
-        doomed = [result.entity.key for result in store.run_query(request)]
+        doomed = [result.entity.key for result in store.run(store.run_query(request))]
         for start in range(0, len(doomed), _MAX_MUTATIONS):
-            store.commit([entities.delete(k) for k in doomed[start : start + _MAX_MUTATIONS]])
+            store.run(
+                store.commit([entities.delete(k) for k in doomed[start : start + _MAX_MUTATIONS]])
+            )
         return len(doomed)
 
 

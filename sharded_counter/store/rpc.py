@@ -86,27 +86,14 @@ class DatastoreRpc:
         self._timeout = timeout
         api: Any = client._datastore_api
         channel = getattr(getattr(api, "_transport", None), "grpc_channel", None)
-        routing = {"project_id": client.project}
-        if client.database:
-            routing["database_id"] = client.database
-        # What the generated client sends with every call: who is calling, and
-        # where the request must be routed (needed for named databases).
-        self._metadata = (
-            client._client_info.to_grpc_metadata(),
-            gapic_v1.routing_header.to_grpc_metadata(routing),  # type: ignore[no-untyped-call]
-        )
+        self._metadata = call_metadata(client)
         self._calls: dict[str, Callable[[Any], Any]] = {}
-        for method, (request_type, response_type) in _METHODS.items():
+        for method, (request_type, _response_type) in _METHODS.items():
             if channel is not None:
-                stub = channel.unary_unary(
-                    _SERVICE + _camel(method),
-                    request_serializer=request_type.pb().SerializeToString,
-                    response_deserializer=response_type.pb().FromString,
-                )
-                self._calls[method] = self._over_grpc(stub)
+                self._calls[method] = self._over_grpc(stub_for(channel, method))
             else:
                 self._calls[method] = self._over_gapic(getattr(api, method), request_type)
-            self._calls[method] = _traced(_camel(method), self._calls[method])
+            self._calls[method] = _traced(camel(method), self._calls[method])
 
     def _over_grpc(self, stub: Any) -> Callable[[Any], Any]:
         timeout, metadata = self._timeout, self._metadata
@@ -149,6 +136,29 @@ class DatastoreRpc:
         return self._calls["run_query"](request)
 
 
+def call_metadata(client: datastore.Client) -> tuple[tuple[str, str], ...]:
+    """What the generated client sends with every call: who is calling, and where the
+    request must be routed (needed for named databases)."""
+    routing = {"project_id": client.project}
+    if client.database:
+        routing["database_id"] = client.database
+    return (
+        client._client_info.to_grpc_metadata(),
+        gapic_v1.routing_header.to_grpc_metadata(routing),  # type: ignore[no-untyped-call]
+    )
+
+
+def stub_for(channel: Any, method: str) -> Any:
+    """The unary call ``method`` on ``channel`` (a gRPC channel, blocking or asyncio), on
+    raw protobufs."""
+    request_type, response_type = _METHODS[method]
+    return channel.unary_unary(
+        _SERVICE + camel(method),
+        request_serializer=request_type.pb().SerializeToString,
+        response_deserializer=response_type.pb().FromString,
+    )
+
+
 def _traced(method: str, call: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """``call`` inside a span per call (``telemetry.py``), looked up at each call so that
     ``telemetry.configure`` applies to stores made before it."""
@@ -160,5 +170,5 @@ def _traced(method: str, call: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return traced
 
 
-def _camel(method: str) -> str:
+def camel(method: str) -> str:
     return "".join(part.capitalize() for part in method.split("_"))

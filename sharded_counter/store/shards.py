@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable, Collection, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from google.cloud.datastore_v1.types import query as query_types
 
 from ..core.bounds import spread, within
+from ..core.effects import Steps, Together
 from ..core.keys import SHARD_KIND, shard_key_name
 from ..core.record import ShardState
 from ..core.tokens import left_to_write
@@ -88,7 +88,7 @@ class ShardStore(DatastoreCalls):
         token: str = "",
         folded: int = 0,
         pinned: Collection[str] = (),
-    ) -> ShardState:
+    ) -> Steps[ShardState]:
         """Read the shard, add ``delta``, write it back, all in one transaction.
 
         ``lazy_begin`` starts the transaction with the read, one round trip
@@ -106,9 +106,11 @@ class ShardStore(DatastoreCalls):
         rest is added (core/tokens.left_to_write).
         """
         key = self.key(name, index)
-        transaction = None if lazy_begin else self.begin()
+        transaction = None if lazy_begin else (yield from self.begin())
         try:
-            found, versions, begun = self.lookup([key], transaction=transaction, begin=lazy_begin)
+            found, versions, begun = yield from self.lookup(
+                [key], transaction=transaction, begin=lazy_begin
+            )
             transaction = transaction or begun
             serialized = key.SerializeToString()
             entity = found.get(serialized)
@@ -116,12 +118,12 @@ class ShardStore(DatastoreCalls):
             if token:
                 seen, fence = entities.tokens_of(entity), entities.fence_tokens(entity)
                 if entity is None and index:
-                    fence = self._fence_of(name, transaction)
+                    fence = yield from self._fence_of(name, transaction)
                     seen = fence
                 left = left_to_write(token, delta, folded, seen, fence)
                 if left is None:
                     if transaction is not None:
-                        self.quiet_rollback(transaction)
+                        yield from self.quiet_rollback(transaction)
                     return ShardState(f"i{index}", versions[serialized], current)
                 delta = left
             new = current + delta
@@ -130,22 +132,22 @@ class ShardStore(DatastoreCalls):
                 raise ShardOverflow(index, delta)
             written = entities.shard_entity(key, name, new)
             entities.carry_slots(entity, written, token, pinned=pinned)
-            response = self.commit([entities.upsert(written)], transaction)
+            response = yield from self.commit([entities.upsert(written)], transaction)
         except BaseException:
             if transaction is not None:
-                self.quiet_rollback(transaction)
+                yield from self.quiet_rollback(transaction)
             raise
         return ShardState(f"i{index}", response.mutation_results[0].version, new)
 
-    def _fence_of(self, name: str, transaction: bytes | None) -> list[str]:
+    def _fence_of(self, name: str, transaction: bytes | None) -> Steps[list[str]]:
         """The fence on shard 0, which every fencing write covers: a shard that does not
         exist yet may be one that write did not know of (its process had fewer shards)."""
-        found, _, _ = self.lookup([self.key(name, 0)], transaction=transaction)
+        found, _, _ = yield from self.lookup([self.key(name, 0)], transaction=transaction)
         return [t for e in found.values() for t in entities.fence_tokens(e)]
 
     def add_with_transform(
         self, name: str, index: int, delta: int, *, token: str = ""
-    ) -> ShardState:
+    ) -> Steps[ShardState]:
         """One commit, no read: upsert ``name`` only and let the server add ``delta`` to count.
 
         Only for backends that apply property transforms (Firestore in
@@ -157,31 +159,31 @@ class ShardStore(DatastoreCalls):
         increment = entities.increment_mutation(self.key(name, index), name, delta)
         if token:
             entities.with_slot_token(increment, token)
-        result = self.commit([increment]).mutation_results[0]
-        return transformed(index, result)
+        response = yield from self.commit([increment])
+        return transformed(index, response.mutation_results[0])
 
-    def probe_transforms(self) -> bool:
+    def probe_transforms(self) -> Steps[bool]:
         """Does this backend apply increment transforms?
 
         The classic emulator silently ignores transforms and the mask and
         overwrites the entity, so this writes only a scratch entity of its own kind.
         """
         key = self.key_for(f"probe-{random.getrandbits(64):016x}", "ShardedCounterProbe")
-        self.commit([entities.upsert(entities.shard_entity(key, "probe", 1))])
+        yield from self.commit([entities.upsert(entities.shard_entity(key, "probe", 1))])
         try:
-            result = self.commit([entities.increment_mutation(key, "probe", 1)])
+            result = yield from self.commit([entities.increment_mutation(key, "probe", 1)])
             reported = [int(r.integer_value) for r in result.mutation_results[0].transform_results]
-            found, _, _ = self.lookup([key])
+            found, _, _ = yield from self.lookup([key])
             stored = found.get(key.SerializeToString())
             return reported == [2] and stored is not None and entities.count_of(stored) == 2
         finally:
-            self.commit([entities.delete(key)])
+            yield from self.commit([entities.delete(key)])
 
     # -- reading, setting, deleting --------------------------------------------
 
     def _query_shards(
         self, op: int, names: Sequence[str], *, keys_only: bool = False
-    ) -> Iterator[Any]:
+    ) -> Steps[list[Any]]:
         """CounterShard entities whose name is ``op`` (EQUAL: the one name, IN: any of them),
         whatever their keys: EntityResult pbs."""
         request = self.query_request()
@@ -197,12 +199,14 @@ class ShardStore(DatastoreCalls):
             (name_filter.value.string_value,) = names
         if keys_only:
             query.projection.add().property.name = "__key__"
-        return self.run_query(request)
+        results: list[Any] = yield from self.run_query(request)
+        return results
 
-    def snapshot(self, name: str) -> Snapshot:
-        return Snapshot(tuple(_state_of(name, r) for r in self._query_shards(_EQUAL, [name])))
+    def snapshot(self, name: str) -> Steps[Snapshot]:
+        results = yield from self._query_shards(_EQUAL, [name])
+        return Snapshot(tuple(_state_of(name, r) for r in results))
 
-    def snapshots(self, names: Sequence[str], *, use_in: bool) -> dict[str, Snapshot]:
+    def snapshots(self, names: Sequence[str], *, use_in: bool) -> Steps[dict[str, Snapshot]]:
         """Every shard of each of ``names``.
 
         With ``use_in`` (Firestore in Datastore mode) it is one query per
@@ -213,11 +217,12 @@ class ShardStore(DatastoreCalls):
         if not unique:
             return {}
         if not use_in:
-            with ThreadPoolExecutor(max_workers=min(8, len(unique))) as pool:
-                return dict(zip(unique, pool.map(self.snapshot, unique), strict=True))
+            found: list[Snapshot] = yield Together([self.snapshot(name) for name in unique])
+            return dict(zip(unique, found, strict=True))
         states: dict[str, list[ShardState]] = {name: [] for name in unique}
         for start in range(0, len(unique), _IN_LIMIT):
-            for result in self._query_shards(_IN, unique[start : start + _IN_LIMIT]):
+            results = yield from self._query_shards(_IN, unique[start : start + _IN_LIMIT])
+            for result in results:
                 name = result.entity.properties["name"].string_value
                 states[name].append(_state_of(name, result))
         return {name: Snapshot(tuple(found)) for name, found in states.items()}
@@ -235,7 +240,7 @@ class ShardStore(DatastoreCalls):
         folded: int = 0,
         fence: Sequence[str] = (),
         pinned: Collection[str] = (),
-    ) -> list[ShardState]:
+    ) -> Steps[list[ShardState]]:
         """Spread ``target(current total)`` plus ``adding`` evenly over the shards of
         ``name``, in one transaction.
 
@@ -252,16 +257,18 @@ class ShardStore(DatastoreCalls):
         slot, unless the write fences: a set's token is in its own fence, and a
         resolution of a fold part must not look like the write it stands in for.
         """
-        keys = {k.SerializeToString(): k for k in self.shard_keys(name)}
+        keys = {k.SerializeToString(): k for k in (yield from self.shard_keys(name))}
         for index in range(shards):
             key = self.key(name, index)
             keys[key.SerializeToString()] = key
         if len(keys) > _MAX_MUTATIONS:
             raise ValueError(f"counter {name!r} has more than {_MAX_MUTATIONS} shards to set")
         ordered = list(keys.values())
-        transaction = None if lazy_begin else self.begin()
+        transaction = None if lazy_begin else (yield from self.begin())
         try:
-            found, versions, begun = self.lookup(ordered, transaction=transaction, begin=lazy_begin)
+            found, versions, begun = yield from self.lookup(
+                ordered, transaction=transaction, begin=lazy_begin
+            )
             transaction = transaction or begun
             read = [found.get(k.SerializeToString()) for k in ordered]
             # One fence for all: a fence must be on every shard, whichever one a
@@ -273,7 +280,7 @@ class ShardStore(DatastoreCalls):
                 left = left_to_write(token, adding, folded, seen, existing)
             if left is None:
                 if transaction is not None:
-                    self.quiet_rollback(transaction)
+                    yield from self.quiet_rollback(transaction)
                 counts = [entities.count_of(e) if e is not None else 0 for e in read]
                 versions_read = [versions[k.SerializeToString()] for k in ordered]
                 return _states(name, ordered, versions_read, counts)
@@ -287,23 +294,26 @@ class ShardStore(DatastoreCalls):
                     entity, written, slot_token, fence=[*fence, *existing], pinned=pinned
                 )
                 mutations.append(entities.upsert(written))
-            response = self.commit(mutations, transaction)
+            response = yield from self.commit(mutations, transaction)
         except BaseException:
             if transaction is not None:
-                self.quiet_rollback(transaction)
+                yield from self.quiet_rollback(transaction)
             raise
         versions_written = [r.version for r in response.mutation_results]
         return _states(name, ordered, versions_written, amounts)
 
-    def shard_keys(self, name: str) -> list[Any]:
+    def shard_keys(self, name: str) -> Steps[list[Any]]:
         """The keys of every shard of ``name``, ours or not (a keys-only query)."""
-        return [r.entity.key for r in self._query_shards(_EQUAL, [name], keys_only=True)]
+        results = yield from self._query_shards(_EQUAL, [name], keys_only=True)
+        return [r.entity.key for r in results]
 
-    def delete_all(self, name: str) -> int:
+    def delete_all(self, name: str) -> Steps[int]:
         """Delete every shard of ``name``; returns how many there were."""
-        keys = self.shard_keys(name)
+        keys = yield from self.shard_keys(name)
         for start in range(0, len(keys), _MAX_MUTATIONS):
-            self.commit([entities.delete(k) for k in keys[start : start + _MAX_MUTATIONS]])
+            yield from self.commit(
+                [entities.delete(k) for k in keys[start : start + _MAX_MUTATIONS]]
+            )
         return len(keys)
 
 
