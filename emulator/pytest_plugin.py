@@ -10,7 +10,8 @@ green without having run against the backends.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+import importlib.util
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TypeVar
 
 import pytest
@@ -151,3 +152,21 @@ def sharded_counter_env(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+# Async tests: pytest-asyncio runs async fixtures in the test's own event loop. Without
+# it the fixture below does not exist (a test asking for it says so by name).
+if importlib.util.find_spec("pytest_asyncio") is not None:
+    import pytest_asyncio
+
+    @pytest_asyncio.fixture
+    async def sharded_counter_aio_env(
+        sharded_counter_env: dict[str, str],
+    ) -> AsyncIterator[dict[str, str]]:
+        """``sharded_counter_env`` for async tests (pytest-asyncio): once per engine, env
+        set, backends wiped; afterwards the test loop's channels and memcache
+        connections of ``sharded_counter.aio`` are closed (``aclose``)."""
+        yield sharded_counter_env
+        from sharded_counter.aio import aclose  # needs the aio extra, as the test does
+
+        await aclose()

@@ -299,11 +299,13 @@ def test_cli_start_prints_exports_and_stops_on_sigterm() -> None:
 
 
 def _plugin_args() -> list[str]:
-    """``-p`` for the plugin, unless the installed project registers it already."""
+    """``-p`` for the plugin, unless the installed project registers it already; and
+    pytest-asyncio's loop scope, which it warns about when a project leaves it unset."""
+    args = ["-o", "asyncio_default_fixture_loop_scope=function"]
     registered = importlib.metadata.entry_points(group="pytest11")
     if any(ep.value == "sharded_counter_emulator.pytest_plugin" for ep in registered):
-        return []
-    return ["-p", "sharded_counter_emulator.pytest_plugin"]
+        return args
+    return [*args, "-p", "sharded_counter_emulator.pytest_plugin"]
 
 
 _PLUGIN_TESTS = """

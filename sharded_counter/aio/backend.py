@@ -1,0 +1,125 @@
+"""What an ``AsyncCounter`` talks to, per event loop.
+
+The protocol's objects are the blocking ``Backend``'s (paths/backend.py): the
+store and cache tier whose methods are steps, the shard pickers, the
+sightings of each stash. They hold no sockets of their own that the steps
+use, so both shells share them, and a process that counts from threads and
+tasks at once keeps one picture of each counter. What differs is the I/O: a
+``grpc.aio`` channel and ``emcache`` clients belong to one event loop, so each
+loop gets its own ``AsyncShell``, and its own group commit per counter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Hashable
+from typing import Any
+
+from ..cache.client import OutageLog
+from ..paths.backend import Backend
+from ..settings import Settings
+from .combiner import AsyncWriteCombiner
+from .memcache import AsyncMemcache
+from .rpc import AsyncDatastoreRpc
+from .shell import AsyncShell
+
+#: Per-counter group commits one loop keeps before starting over (as paths/registry.py).
+_COMBINERS_KEPT = 100_000
+
+
+class AsyncBackend:
+    """The asyncio shell over one ``Backend``, in the running event loop."""
+
+    def __init__(self, backend: Backend, settings: Settings) -> None:
+        self.backend = backend
+        self.shell = AsyncShell(
+            AsyncDatastoreRpc(backend.store.client, timeout=settings.rpc_timeout),
+            AsyncMemcache(
+                settings, outage=OutageLog(on_return="cached totals will rebuild from Datastore")
+            ),
+        )
+        self._combiners: dict[Hashable, AsyncWriteCombiner] = {}
+
+    def combiner(self, key: Hashable) -> AsyncWriteCombiner:
+        combiner = self._combiners.get(key)
+        if combiner is None:
+            if len(self._combiners) >= _COMBINERS_KEPT:
+                self._combiners.clear()
+            combiner = self._combiners[key] = AsyncWriteCombiner()
+        return combiner
+
+
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, AsyncBackend]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def async_backend_for(backend: Backend, settings: Settings) -> AsyncBackend:
+    """The running loop's asyncio shell over ``backend`` (made on first use)."""
+    loop = asyncio.get_running_loop()
+    per_loop = _by_loop.setdefault(loop, {})
+    found = per_loop.get(id(backend))
+    if found is None or found.backend is not backend:
+        found = per_loop[id(backend)] = AsyncBackend(backend, settings)
+    return found
+
+
+# Increments whose callers were cancelled, still running to their end: kept here so
+# the loop does not drop them half-way (see ``AsyncCounter.increment``).
+_finishing: set[asyncio.Task[Any]] = set()
+
+
+def finish_in_background(task: asyncio.Task[Any]) -> None:
+    """Let ``task`` (an increment whose caller was cancelled) run to its end."""
+    if task.done():
+        return
+    _finishing.add(task)
+    task.add_done_callback(_finished)
+
+
+def _finished(task: asyncio.Task[Any]) -> None:
+    _finishing.discard(task)
+    if not task.cancelled():
+        task.exception()  # its caller is gone: nobody else will look at it
+
+
+async def drain() -> None:
+    """Wait for the increments of the running loop whose callers were cancelled: they
+    run on to their end (see ``AsyncCounter.increment``). ``aclose`` does this first."""
+    loop = asyncio.get_running_loop()
+    while True:
+        left = [task for task in _finishing if task.get_loop() is loop and not task.done()]
+        if not left:
+            return
+        await asyncio.wait(left)
+
+
+_memcache_by_loop: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[object, ...], AsyncMemcache]
+] = weakref.WeakKeyDictionary()
+
+
+def async_memcache_for(settings: Settings) -> AsyncMemcache:
+    """The running loop's memcache connections for the rate limiter and locks (one per
+    server list and time limits); they log outages themselves."""
+    loop = asyncio.get_running_loop()
+    per_loop = _memcache_by_loop.setdefault(loop, {})
+    key = (settings.memcached_hosts, settings.memcache_timeout, settings.memcache_connect_timeout)
+    found = per_loop.get(key)
+    if found is None:
+        found = per_loop[key] = AsyncMemcache(settings, outage=None)
+    return found
+
+
+async def aclose() -> None:
+    """Close the running loop's Datastore channels and memcache connections (made by
+    ``AsyncCounter`` and the other asyncio helpers). Call it as the loop's work ends, in
+    an app's shutdown (FastAPI's lifespan, say); anything used after it opens afresh.
+    Increments whose callers were cancelled are waited for first (``drain``)."""
+    await drain()
+    loop = asyncio.get_running_loop()
+    for backend in _by_loop.pop(loop, {}).values():
+        await backend.shell.close()
+    for memcache in _memcache_by_loop.pop(loop, {}).values():
+        await memcache.close()

@@ -1,0 +1,140 @@
+"""Group commit among tasks: paths/combiner.py for asyncio.
+
+The same rules as among threads: at most ``max_concurrent_writes`` writes of one
+counter run at once in an event loop; an increment that arrives while that
+many are in flight joins the group waiting for the next free slot
+(``combiner.joinable`` decides, as it does for threads), and the group goes out
+as one write of its sum. Every member returns once that write is over, with
+its outcome (``combiner.own_error`` names each member's own delta in an error).
+A sum refused whole (``CounterOverflowError``) is written again member by member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..paths.combiner import SUM_REFUSED, joinable, own_error
+
+T = TypeVar("T")
+
+
+class _Group:
+    """Increments waiting for a write slot together; its first member writes for all."""
+
+    keyed = False
+
+    def __init__(self, *, closed: bool = False) -> None:
+        self.closed = closed
+        self.deltas: list[int] = []
+        self.total = 0
+        self.keys: dict[str, int] = {}
+        self.started = asyncio.Event()
+        self.done = asyncio.Event()
+        self.error: BaseException | None = None
+        self.result: Any = None
+
+
+class AsyncWriteCombiner:
+    """The writes of one counter in one event loop."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._limit = 1
+        self._paused = 0
+        self._idle = asyncio.Event()
+        self._queue: collections.deque[_Group] = collections.deque()
+
+    async def run(
+        self, delta: int, write: Callable[[int], Awaitable[T]], *, limit: int, max_total: int
+    ) -> T | None:
+        """Have ``delta`` written by ``write``, alone or in a group; what that write
+        returned (None when a group's deltas cancelled out and nothing was written)."""
+        group, leading = self._join(delta, limit=limit, max_total=max_total)
+        if group is None:
+            try:
+                return await write(delta)
+            finally:
+                self._release()
+        if leading:
+            # The total once the slot comes: members join until then.
+            await self._write_for(group, lambda: write(group.total) if group.total else _nothing())
+        await group.done.wait()
+        error = group.error
+        if error is None:
+            return group.result  # type: ignore[no-any-return]
+        if isinstance(error, SUM_REFUSED) and len(group.deltas) > 1:
+            return await self._run_alone(delta, write)
+        raise own_error(error, delta, len(group.deltas))
+
+    async def _run_alone(self, delta: int, write: Callable[[int], Awaitable[T]]) -> T:
+        group, _ = self._join(delta, limit=self._limit, max_total=0, alone=True)
+        if group is None:
+            try:
+                return await write(delta)
+            finally:
+                self._release()
+        await self._write_for(group, lambda: write(delta))
+        if group.error is not None:
+            raise group.error
+        return group.result  # type: ignore[no-any-return]
+
+    def _join(
+        self, delta: int, *, limit: int, max_total: int, alone: bool = False
+    ) -> tuple[_Group | None, bool]:
+        self._limit = limit
+        if self._running < limit and not self._queue and not self._paused:
+            self._running += 1
+            return None, False
+        group = self._queue[-1] if self._queue else None
+        if (
+            alone
+            or group is None
+            or not joinable(group, False, delta, max_total=max_total, max_keys=0, same_sign=False)
+        ):
+            group = _Group(closed=alone)
+            self._queue.append(group)
+        group.deltas.append(delta)
+        group.total += delta
+        return group, len(group.deltas) == 1
+
+    async def _write_for(self, group: _Group, write: Callable[[], Awaitable[Any]]) -> None:
+        await group.started.wait()
+        try:
+            group.result = await write()
+        except BaseException as exc:
+            group.error = exc
+        finally:
+            group.done.set()
+            self._release()
+
+    def _release(self) -> None:
+        if self._queue and not self._paused:
+            self._queue.popleft().started.set()
+        else:
+            self._running -= 1
+            if not self._running:
+                self._idle.set()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold every write of this counter in this loop: wait for those running, and
+        queue new ones (they go out, grouped, on leaving)."""
+        self._paused += 1
+        try:
+            while self._running:
+                self._idle.clear()
+                await self._idle.wait()
+            yield
+        finally:
+            self._paused -= 1
+            while not self._paused and self._queue and self._running < self._limit:
+                self._running += 1
+                self._queue.popleft().started.set()
+
+
+async def _nothing() -> None:
+    return None
