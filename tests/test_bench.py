@@ -148,6 +148,7 @@ def _point(
     threads: int = 16,
     repeat: int = 0,
     latencies: tuple[float, ...] = (),
+    processes: int = 1,
 ) -> Point:
     return Point(
         engine="classic",
@@ -155,7 +156,7 @@ def _point(
         label=contender,
         write_mode="transaction",
         threads=threads,
-        processes=1,
+        processes=processes,
         seconds=1.0,
         load=Load(
             acked=acked, expected=acked, not_recorded=0, errors={}, elapsed=1.0, latencies=latencies
@@ -212,11 +213,41 @@ def test_targets_pass_fail_and_not_measured() -> None:
         "sharded Counter, 16 writer threads, vs blind puts": "PASS",  # 0.6 >= 0.5
         "keyed increments, 16 writer threads, vs blind puts": "FAIL",  # 0.4 < 0.5
         "BoundedCounter far from its bound, 16 threads, vs Counter": "not measured",
+        "Counter, 2 processes x 8 threads, vs blind puts": "not measured",
+        "Counter p99, 2 processes x 8 threads, vs blind puts'": "not measured",
+        "Counter, 4 processes x 4 threads, vs blind puts": "not measured",
+        "Counter p99, 4 processes x 4 threads, vs blind puts'": "not measured",
         "SharedBuffer, 2 processes x 8 threads, vs blind puts": "not measured",
+        "AsyncCounter, 64 tasks, vs Counter, 16 threads": "not measured",
         "buffered increments, one thread": "FAIL",  # 900k < 1M
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
         "cached count read vs bare memcache get": "not measured",
     }
+
+
+def test_the_p99_targets_are_ceilings_on_the_latency_ratio() -> None:
+    """The processes targets: the Counter's rate at least the blind puts', its p99 at
+    most 1.5 times theirs (here 1.2x and 2.0x), and the verdicts say so."""
+    slow = tuple([0.010] * 98 + [0.024] * 2)  # p99 24 ms
+    fast = tuple([0.010] * 98 + [0.020] * 2)  # p99 20 ms
+    results = EngineResults(
+        "classic",
+        points=[
+            _point("counter", 120, uncached=120, threads=8, processes=2, latencies=fast),
+            _point("blind", 100, uncached=100, threads=8, processes=2, latencies=slow),
+            _point("counter", 120, uncached=120, threads=4, processes=4, latencies=slow),
+            _point(
+                "blind", 100, uncached=100, threads=4, processes=4, latencies=tuple([0.012] * 100)
+            ),
+        ],
+    )
+    results.summarize()
+    found = {t.target: t for t in evaluate({"classic": results})}
+    assert found["Counter, 2 processes x 8 threads, vs blind puts"].verdict == "PASS"
+    p99_2x8 = found["Counter p99, 2 processes x 8 threads, vs blind puts'"]
+    assert p99_2x8.at_most and p99_2x8.verdict == "PASS"  # 20 / 24 <= 1.5
+    p99_4x4 = found["Counter p99, 4 processes x 4 threads, vs blind puts'"]
+    assert p99_4x4.measured == pytest.approx(2.0) and p99_4x4.verdict == "FAIL"
 
 
 def test_a_point_is_its_median_repeat_and_its_ratio_the_median_of_paired_ratios() -> None:

@@ -9,6 +9,7 @@ and ``bench.png``. Start with ``runner.run``; the modules:
 - ``load``, ``measure``, ``procs``: timed writers, in threads or processes;
 - ``micro``: the single-threaded reads and buffer loops;
 - ``fill``: a BoundedCounter filling its room, far from its bound and in its last 5 %;
+- ``aio``: AsyncCounter from 64 tasks in one event loop against Counter from 16 threads;
 - ``rpc_count``, ``cpu``: round trips counted, CPU charged to who used it;
 - ``targets``, ``report``, ``chart``: verdicts, tables, JSON and the PNG.
 """

@@ -107,7 +107,7 @@ def _panel(ax: Axes, results: Mapping[str, Any], title: str) -> None:
     ax.set_yscale("log")
     ticks = sorted(threads)
     ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel("writer threads (hollow markers: 2 processes x 8 threads)")
+    ax.set_xlabel("writer threads (hollow markers: the same spread over processes)")
     ax.set_title(title, fontsize="medium")
     ax.grid(True, which="both", alpha=0.3)
     for i, (key, why) in enumerate(results["not_applicable"].items()):

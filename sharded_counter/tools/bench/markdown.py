@@ -121,7 +121,9 @@ def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
         *(f"{ENGINE_NAMES.get(e, e)}: ops/s (ratio), client CPU per op" for e in names),
     ]
     timed = {
-        e: {t["name"]: t for t in (*r["reads"], *r["buffer"], *r.get("fill", ()))}
+        e: {
+            t["name"]: t for t in (*r["reads"], *r["buffer"], *r.get("fill", ()), *r.get("aio", ()))
+        }
         for e, r in engines.items()
     }
     base = {
@@ -132,6 +134,8 @@ def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
         "dict-under-lock": "dict-under-lock",
         "bounded-fill-far": "bounded-fill-far",
         "bounded-fill-last5": "bounded-fill-far",
+        "counter-threads-16": "counter-threads-16",
+        "aio-tasks-64": "counter-threads-16",
     }
     first = timed[names[0]]
     rows = []
@@ -177,7 +181,7 @@ def targets(data: dict[str, Any]) -> str:
                 target["target"],
                 ENGINE_NAMES.get(target["engine"], target["engine"]),
                 show(target["measured"]),
-                ">= " + show(target["threshold"]),
+                ("<= " if target.get("at_most") else ">= ") + show(target["threshold"]),
                 f"**{verdict}**" if verdict == "FAIL" else verdict,
             ]
         )

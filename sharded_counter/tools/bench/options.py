@@ -17,11 +17,12 @@ class BenchOptions:
     # minutes on 2 cores.
     seconds: float = 2.5
     repeats: int = 3  # every point, interleaved: all points once, then all again, ...
-    processes: int = 2  # the multi-process point; 0 leaves it out
-    threads_per_process: int = 8
+    # The multi-process points, as (processes, threads each); () leaves them out.
+    layouts: tuple[tuple[int, int], ...] = ((2, 8), (4, 4))
     micro_seconds: float = 1.5  # each single-threaded loop
     warmup_seconds: float = 3.0  # untimed load first: a cold emulator JVM runs ~2x slower
     fill_room: int = 2_000  # increments of each BoundedCounter fill race (bench/fill.py)
+    aio_count: int = 4_000  # increments of each tasks-against-threads race (bench/aio.py)
     out: Path = Path("bench-results")
     chart: bool = True
 
@@ -35,6 +36,8 @@ class BenchOptions:
             threads=(1, 4),
             repeats=2,
             fill_room=200,
+            aio_count=200,
+            layouts=((2, 8),),
         )
         return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
@@ -46,9 +49,9 @@ class BenchOptions:
             raise ValueError("threads must be one or more positive counts")
         if not self.seconds > 0 or not self.micro_seconds > 0 or self.warmup_seconds < 0:
             raise ValueError("durations must be positive")
-        if self.fill_room < 1:
-            raise ValueError("fill_room must be 1 or more")
+        if self.fill_room < 1 or self.aio_count < 1:
+            raise ValueError("fill_room and aio_count must be 1 or more")
         if self.repeats < 1:
             raise ValueError("repeats must be 1 or more")
-        if self.processes < 0 or self.threads_per_process < 1:
-            raise ValueError("processes must be >= 0 and threads_per_process >= 1")
+        if any(processes < 2 or threads < 1 for processes, threads in self.layouts):
+            raise ValueError("each layout is 2 or more processes of 1 or more threads")

@@ -160,7 +160,10 @@ def _breakdown(calls: dict[str, int], per: int) -> str:
 
 def micro_table(results: EngineResults) -> Table:
     table = Table(
-        title=f"{results.engine}: one thread (reads, buffer); 16 threads (a bounded fill)",
+        title=(
+            f"{results.engine}: one thread (reads, buffer); 16 threads (a bounded fill); "
+            "64 tasks against 16 threads"
+        ),
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -172,10 +175,12 @@ def micro_table(results: EngineResults) -> Table:
     bare = results.timed("read-bare-get")
     locked = results.timed("dict-under-lock")
     far = results.timed("bounded-fill-far")
+    threads = results.timed("counter-threads-16")
     for timed, base in (
         *((t, bare) for t in results.reads),
         *((t, locked) for t in results.buffer),
         *((t, far) for t in results.fill),
+        *((t, threads) for t in results.aio),
     ):
         ratio = (
             None
@@ -204,7 +209,7 @@ def targets_table(targets: Sequence[TargetResult]) -> Table:
             target.engine,
             target.target,
             _target_value(target.measured, target.unit),
-            ">= " + _target_value(target.threshold, target.unit),
+            ("<= " if target.at_most else ">= ") + _target_value(target.threshold, target.unit),
             Text(target.verdict, style=style),
         )
     return table

@@ -153,13 +153,15 @@ class EngineResults:
     reads: list[Timed] = dataclasses.field(default_factory=list)
     buffer: list[Timed] = dataclasses.field(default_factory=list)
     fill: list[Timed] = dataclasses.field(default_factory=list)  # BoundedCounter races
+    aio: list[Timed] = dataclasses.field(default_factory=list)  # tasks against threads
     seconds: float = 0.0  # wall time of this engine's part
 
     @property
     def exact(self) -> bool:
-        return all(p.exact for p in self.points) and all(
-            t.exact for t in (*self.reads, *self.buffer, *self.fill)
-        )
+        return all(p.exact for p in self.points) and all(t.exact for t in self.timed_loops())
+
+    def timed_loops(self) -> tuple[Timed, ...]:
+        return (*self.reads, *self.buffer, *self.fill, *self.aio)
 
     def point(self, contender: str, threads: int, processes: int = 1) -> Point | None:
         """The median repeat of that point (once summarized; before, the first one)."""
@@ -167,7 +169,7 @@ class EngineResults:
         return next((p for p in found if p.median), found[0] if found else None)
 
     def timed(self, name: str) -> Timed | None:
-        return next((t for t in (*self.reads, *self.buffer, *self.fill) if t.name == name), None)
+        return next((t for t in self.timed_loops() if t.name == name), None)
 
     def paired_points(self, contender: str, base: str, threads: int) -> float | None:
         """The median over the run's repeats of ``contender``'s rate over ``base``'s, each
@@ -228,6 +230,7 @@ class EngineResults:
             "reads": [t.to_json() for t in self.reads],
             "buffer": [t.to_json() for t in self.buffer],
             "fill": [t.to_json() for t in self.fill],
+            "aio": [t.to_json() for t in self.aio],
         }
 
 

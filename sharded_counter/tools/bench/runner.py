@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from . import chart, report
+from .aio import measure_aio
 from .contenders import CONTENDERS
 from .fill import measure_fill
 from .load import drive
@@ -103,20 +104,16 @@ def _bench_engine(
             for contender in contenders:
                 point = measure(contender, engine, threads, options.seconds, watch)
                 _record(console, results, dataclasses.replace(point, repeat=repeat), emulator)
-        if options.processes:
+        for processes, threads in options.layouts:
             for contender in (c for c in contenders if c.processes):
                 point = measure_processes(
-                    contender,
-                    engine,
-                    options.processes,
-                    options.threads_per_process,
-                    options.seconds,
-                    watch,
+                    contender, engine, processes, threads, options.seconds, watch
                 )
                 _record(console, results, dataclasses.replace(point, repeat=repeat), emulator)
     results.reads = measure_reads(engine, memcached.address, options.micro_seconds)
     results.buffer = measure_buffer(engine, options.micro_seconds)
     results.fill = measure_fill(engine, options.fill_room, options.repeats)
+    results.aio = measure_aio(engine, options.aio_count, options.repeats)
     results.summarize()
     results.seconds = time.monotonic() - began
     calls_at = TARGET_THREADS if TARGET_THREADS in options.threads else max(options.threads)
@@ -162,11 +159,11 @@ def _write(
             "threads": list(options.threads),
             "seconds": options.seconds,
             "repeats": options.repeats,
-            "processes": options.processes,
-            "threads_per_process": options.threads_per_process,
+            "layouts": [list(layout) for layout in options.layouts],
             "micro_seconds": options.micro_seconds,
             "warmup_seconds": options.warmup_seconds,
             "fill_room": options.fill_room,
+            "aio_count": options.aio_count,
         },
         "wall_seconds": seconds,
         "exact": all(r.exact for r in engines.values()),

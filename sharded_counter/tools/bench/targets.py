@@ -1,4 +1,4 @@
-"""The performance targets of issues 4, 16 and 19, checked against one run's numbers.
+"""The performance targets of issues 4, 15, 16 and 19, checked against one run's numbers.
 
 A missed target is reported, never hidden, but it does not fail the run:
 only a wrong count does. A target whose inputs were not measured (say, no
@@ -25,6 +25,13 @@ SHARED_BUFFER_VS_BLIND = 5.0
 BUFFER_RATE = 1_000_000.0
 BUFFER_VS_DICT = 0.2
 CACHED_VS_BARE_GET = 0.8
+# AsyncCounter from 64 tasks in one event loop against Counter from 16 threads (issue 15).
+TASKS_VS_THREADS = 1.0
+# Counter from several processes on one counter, against blind puts from the same
+# processes: its rate at least, its p99 latency at most this times theirs (issue 17).
+LAYOUTS = ((2, 8), (4, 4))
+PROCESSES_VS_BLIND = 1.0
+PROCESSES_P99_VS_BLIND = 1.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +42,15 @@ class TargetResult:
     threshold: float
     unit: str  # "x" for a ratio, "/s" for a rate
     how: str  # what was divided by what
+    at_most: bool = False  # the threshold is a ceiling (a latency ratio), not a floor
 
     @property
     def passed(self) -> bool | None:
-        return None if self.measured is None else self.measured >= self.threshold
+        if self.measured is None:
+            return None
+        if self.at_most:
+            return self.measured <= self.threshold
+        return self.measured >= self.threshold
 
     @property
     def verdict(self) -> str:
@@ -56,6 +68,14 @@ def _vs_blind(point: Point | None) -> float | None:
     """The median over the run's repeats of the point's ratio to the blind puts of the
     same repeat (``EngineResults.summarize``)."""
     return None if point is None else point.ratio_to_blind
+
+
+def _p99_ratio(measured: Point | None, base: Point | None) -> float | None:
+    """The p99 latency of ``measured`` over ``base``'s, over every repeat of each."""
+    if measured is None or base is None or measured.spread is None or base.spread is None:
+        return None
+    mine, theirs = measured.spread.latency_p99_ms, base.spread.latency_p99_ms
+    return None if mine is None or not theirs else mine / theirs
 
 
 def _paired(measured: Timed | None, base: Timed | None) -> float | None:
@@ -101,6 +121,31 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
                 f"at {TARGET_THREADS} threads, median over repeats",
             )
         )
+        for procs, each in LAYOUTS:
+            spread = results.point("counter", each, processes=procs)
+            blind = results.point("blind", each, processes=procs)
+            found.append(
+                TargetResult(
+                    engine,
+                    f"Counter, {procs} processes x {each} threads, vs blind puts",
+                    _vs_blind(spread),
+                    PROCESSES_VS_BLIND,
+                    "x",
+                    f"Counter(shards=20) increments/s / blind puts/s, {procs} processes x "
+                    f"{each} threads each",
+                )
+            )
+            found.append(
+                TargetResult(
+                    engine,
+                    f"Counter p99, {procs} processes x {each} threads, vs blind puts'",
+                    _p99_ratio(spread, blind),
+                    PROCESSES_P99_VS_BLIND,
+                    "x",
+                    f"p99 latency per increment / blind puts' p99, {procs} x {each}",
+                    at_most=True,
+                )
+            )
         shared = results.point("shared-buffer", 8, processes=2)
         found.append(
             TargetResult(
@@ -132,6 +177,18 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
                 BUFFER_VS_DICT,
                 "x",
                 "CounterBuffer.increment/s / locked dict increments/s",
+            )
+        )
+        tasks, threads = results.timed("aio-tasks-64"), results.timed("counter-threads-16")
+        found.append(
+            TargetResult(
+                engine,
+                "AsyncCounter, 64 tasks, vs Counter, 16 threads",
+                _paired(tasks, threads),
+                TASKS_VS_THREADS,
+                "x",
+                "AsyncCounter increments/s (64 tasks, one event loop) / Counter increments/s "
+                "(16 threads), median of paired races",
             )
         )
         cached = results.timed("read-cached")
