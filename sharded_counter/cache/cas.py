@@ -4,9 +4,9 @@ memcached has no transactions. A change that depends on the current value reads
 it with ``gets`` (which hands out a cas token), computes the new value, and
 stores it with ``cas``, which fails if anyone wrote the key since the read; a
 missing key is created with ``add``, which fails if anyone created it meanwhile.
-A failed store means another writer got there first, so the loop reads again.
-After ``attempts`` lost races it gives up with ``Contended``, which says nothing
-was stored.
+A failed store means another writer got there first, so the loop reads again,
+after a short random pause that grows with each loss. After ``attempts`` lost
+races it gives up with ``Contended``, which says nothing was stored.
 
 The cached record, the ``delayed_incr`` stash (the cache tier, and the cluster
 moving stashes between servers) and the locks all change their keys through
@@ -17,6 +17,7 @@ it in this thread on a client of the caller's.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -39,6 +40,12 @@ MISSING: Seen = (None, None)
 #: Lost races before a change gives up: far more than a few dozen threads changing
 #: one key at once ever need, and each costs only a round trip.
 ATTEMPTS = 64
+
+#: After a lost race the loop pauses a random while, up to this first bound, doubled
+#: per loss, never past the cap (seconds). Writers in one process take turns anyway
+#: (they merge or add together); writers in several processes do not, and without a
+#: pause the process whose round trip is slowest can lose every race in a row.
+FIRST_PAUSE, MAX_PAUSE = 0.0005, 0.016
 
 
 class CasClient(Protocol):
@@ -124,7 +131,7 @@ def changing(
     Raises ``Contended`` after ``attempts`` lost races; errors of ``client`` propagate.
     """
     seen = first
-    for _ in range(attempts):
+    for attempt in range(attempts):
         if seen is None:
             seen = (
                 (yield from read())
@@ -134,7 +141,8 @@ def changing(
         result, new = change(seen[0])
         if new is None or new == seen[0] or (yield from store_if_unchanged(key, new, seen, expire)):
             return result
-        seen = None  # someone else wrote it: read again
+        seen = None  # someone else wrote it: read again, after a pause (see FIRST_PAUSE)
+        yield Sleep(random.uniform(0.0, min(MAX_PAUSE, FIRST_PAUSE * 2**attempt)))
     raise Contended(f"could not change {key}: {attempts} attempts lost their race")
 
 
