@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from google.api_core import exceptions as gexc
@@ -213,7 +213,7 @@ class Counter:
             combiner.run_keyed(
                 key,
                 delta,
-                self._keyed.write,
+                self._write_keyed,
                 limit=limit,
                 max_total=TRANSFORM_MAX_DELTA,
                 max_keys=MAX_KEYS_PER_WRITE,
@@ -226,6 +226,9 @@ class Counter:
 
     def _write(self, amount: int) -> Step:
         return self._ctx.run(self._writes.apply(amount))
+
+    def _write_keyed(self, keys: dict[str, int]) -> Mapping[str, BaseException]:
+        return self._ctx.run(self._keyed.write(keys))
 
     def _increment_joined(
         self, delta: int, transaction: datastore.Transaction, key: str | None

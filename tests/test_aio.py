@@ -387,3 +387,44 @@ def test_lost_replies_leave_no_doubt_with_memcache(
     assert stats["unsure"] > 0, "setup: no write was left unsure"
     assert total == acknowledged
     assert repaired.pending == 0 and repaired.shards == acknowledged
+
+
+def test_idempotency_keys_count_each_message_once_across_tasks_and_threads(
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str
+) -> None:
+    """Messages delivered 1 to 3 times, by asyncio tasks and by threads of a blocking
+    Counter at once, each with its message's key: every message counts once."""
+    rng = random.Random(17)
+    messages = {f"msg-{i}": rng.randint(1, 9) for i in range(120)}
+    deliveries = [(key, delta) for key, delta in messages.items() for _ in range(rng.randint(1, 3))]
+    rng.shuffle(deliveries)
+    by_threads, by_tasks = deliveries[::2], deliveries[1::2]
+    sync = Counter("aio-keyed", shards=8)
+
+    def threads() -> None:
+        for key, delta in by_threads:
+            sync.increment(delta, idempotency_key=key)
+
+    async def main() -> int:
+        counter = AsyncCounter("aio-keyed", shards=8)
+        worker = threading.Thread(target=threads)
+        worker.start()
+
+        async def deliver(part: list[tuple[str, int]]) -> None:
+            for key, delta in part:
+                await counter.increment(delta, idempotency_key=key)
+
+        await asyncio.gather(*(deliver(by_tasks[i::16]) for i in range(16)))
+        await asyncio.to_thread(worker.join)
+        with pytest.raises(ValueError):
+            await counter.increment(1, idempotency_key="")
+        with pytest.raises(TypeError):
+            await counter.increment(1, idempotency_key=5)  # type: ignore[arg-type]
+        return await counter.get_count(nocache=True)
+
+    total = run(main)
+    report(
+        f"aio-keyed[{sharded_counter_engine}]", deliveries=len(deliveries), messages=len(messages)
+    )
+    assert total == sum(messages.values())
+    assert sync.count == sum(messages.values())

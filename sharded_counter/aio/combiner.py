@@ -7,6 +7,8 @@ many are in flight joins the group waiting for the next free slot
 as one write of its sum. Every member returns once that write is over, with
 its outcome (``combiner.own_error`` names each member's own delta in an error).
 A sum refused whole (``CounterOverflowError``) is written again member by member.
+Keyed increments group among themselves, each key once, and each member gets
+its own key's answer, as among threads.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from ..errors import CounterOverflowError
 from ..paths.combiner import SUM_REFUSED, joinable, own_error
 
 T = TypeVar("T")
@@ -25,9 +28,8 @@ T = TypeVar("T")
 class _Group:
     """Increments waiting for a write slot together; its first member writes for all."""
 
-    keyed = False
-
-    def __init__(self, *, closed: bool = False) -> None:
+    def __init__(self, keyed: bool, *, closed: bool = False) -> None:
+        self.keyed = keyed
         self.closed = closed
         self.deltas: list[int] = []
         self.total = 0
@@ -36,6 +38,13 @@ class _Group:
         self.done = asyncio.Event()
         self.error: BaseException | None = None
         self.result: Any = None
+        # A keyed write's failures per key (keys applied already are not in it).
+        self.key_errors: Mapping[str, BaseException] = {}
+
+
+#: A keyed group's write: ``{key: delta}`` in, ``{key: error}`` out for the keys that
+#: failed (raising fails them all).
+AsyncKeyedWrite = Callable[[dict[str, int]], Awaitable[Mapping[str, BaseException]]]
 
 
 class AsyncWriteCombiner:
@@ -82,21 +91,75 @@ class AsyncWriteCombiner:
             raise group.error
         return group.result  # type: ignore[no-any-return]
 
+    async def run_keyed(
+        self,
+        key: str,
+        delta: int,
+        write: AsyncKeyedWrite,
+        *,
+        limit: int,
+        max_total: int,
+        max_keys: int,
+    ) -> None:
+        """Have the keyed increment ``key`` of ``delta`` written by ``write``, alone or in a
+        group of at most ``max_keys`` keys whose deltas sum within ``±max_total``."""
+        group, leading = self._join(
+            delta, limit=limit, max_total=max_total, key=key, max_keys=max_keys
+        )
+        if group is None:
+            try:
+                failed = await write({key: delta})
+            finally:
+                self._release()
+            if key in failed:
+                raise failed[key]
+            return
+        if leading:
+            await self._write_for(group, lambda: self._keyed_write(group, write))
+        await group.done.wait()
+        error = group.error or group.key_errors.get(key)
+        if error is None:
+            return
+        if isinstance(error, CounterOverflowError) and len(group.keys) > 1:
+            failed = await write({key: delta})  # nothing was written: does this one fit alone?
+            if key in failed:
+                raise failed[key]
+            return
+        raise own_error(error, group.keys[key], len(group.deltas))
+
+    @staticmethod
+    async def _keyed_write(group: _Group, write: AsyncKeyedWrite) -> None:
+        group.key_errors = await write(dict(group.keys))
+
     def _join(
-        self, delta: int, *, limit: int, max_total: int, alone: bool = False
+        self,
+        delta: int,
+        *,
+        limit: int,
+        max_total: int,
+        alone: bool = False,
+        key: str | None = None,
+        max_keys: int = 0,
     ) -> tuple[_Group | None, bool]:
         self._limit = limit
         if self._running < limit and not self._queue and not self._paused:
             self._running += 1
             return None, False
+        keyed = key is not None
         group = self._queue[-1] if self._queue else None
+        if key is not None and group is not None and key in group.keys:
+            return group, False  # the same increment, waiting already: it adds nothing
         if (
             alone
             or group is None
-            or not joinable(group, False, delta, max_total=max_total, max_keys=0, same_sign=False)
+            or not joinable(
+                group, keyed, delta, max_total=max_total, max_keys=max_keys, same_sign=False
+            )
         ):
-            group = _Group(closed=alone)
+            group = _Group(keyed, closed=alone)
             self._queue.append(group)
+        if key is not None:
+            group.keys[key] = delta
         group.deltas.append(delta)
         group.total += delta
         return group, len(group.deltas) == 1

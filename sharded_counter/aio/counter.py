@@ -19,18 +19,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from ..core.outcomes import Step
-from ..core.validation import check_delta, check_name, check_value
+from ..core.validation import check_delta, check_idempotency_key, check_name, check_value
 from ..counter import OUTCOME_OF_STEP, ShardsOption, class_options
 from ..errors import DatastoreUnavailable, IncrementOutcomeUnknown
 from ..paths.backend import backend_for
 from ..paths.context import TRANSFORM_MAX_DELTA, CounterContext
+from ..paths.keyed import KeyedWrites
 from ..paths.reads import Reader, read_many
 from ..paths.sets import Setter
 from ..paths.shard_writes import ShardWriter
@@ -38,6 +39,7 @@ from ..paths.stats import WriteStats
 from ..paths.unsure import UnsureResolver
 from ..paths.writes import PlainWrites
 from ..settings import Settings, resolve
+from ..store.keyed import MAX_KEYS_PER_WRITE
 from ..telemetry import telemetry
 from .backend import AsyncBackend, async_backend_for, finish_in_background
 
@@ -93,6 +95,7 @@ class AsyncCounter:
         shards = ShardWriter(ctx)
         resolver = UnsureResolver(ctx)
         self._writes = PlainWrites(ctx, shards, resolver)
+        self._keyed = KeyedWrites(ctx, shards, resolver)
         self._setter = Setter(ctx, shards)
         self._reader = Reader(ctx, resolver)
 
@@ -110,7 +113,7 @@ class AsyncCounter:
 
     # -- writing ----------------------------------------------------------------
 
-    async def increment(self, delta: int = 1) -> None:
+    async def increment(self, delta: int = 1, *, idempotency_key: str | None = None) -> None:
         """Add ``delta`` (any int64, negative to decrement) to the counter.
 
         Returns, and raises, as ``Counter.increment`` does: once the increment is
@@ -119,6 +122,12 @@ class AsyncCounter:
         when it may have been; ``CounterOverflowError`` and ``TypeError`` /
         ``ValueError`` with nothing written.
 
+        ``idempotency_key`` works as for ``Counter.increment``: the first call with
+        that key on this counter counts ``delta``, every later one (from any task,
+        thread or process, blocking or asyncio) counts nothing, for at least
+        ``idempotency_ttl`` seconds; a keyed increment is never stashed, so
+        retrying it with the same key is always safe.
+
         Cancelling the task that awaits it does not stop the increment: it runs
         to its end in the background (a write half done would otherwise leave
         its outcome in doubt), and counts or fails just as it would have. A
@@ -126,16 +135,17 @@ class AsyncCounter:
         caller is not told which.
         """
         delta = check_delta(delta)
-        if not delta:
+        key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
+        if not delta and key is None:
             return
-        task = asyncio.ensure_future(self._increment_now(delta))
+        task = asyncio.ensure_future(self._increment_now(delta, key))
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             finish_in_background(task)
             raise
 
-    async def _increment_now(self, delta: int) -> None:
+    async def _increment_now(self, delta: int, key: str | None) -> None:
         started = time.perf_counter()
         outcome = "not_recorded"
         try:
@@ -145,6 +155,20 @@ class AsyncCounter:
             async def write(amount: int) -> Step:
                 return await shell.shell.run(self._writes.apply(amount))
 
+            async def write_keyed(keys: dict[str, int]) -> Mapping[str, BaseException]:
+                return await shell.shell.run(self._keyed.write(keys))
+
+            if key is not None:
+                await combiner.run_keyed(
+                    key,
+                    delta,
+                    write_keyed,
+                    limit=self.settings.max_concurrent_writes,
+                    max_total=TRANSFORM_MAX_DELTA,
+                    max_keys=MAX_KEYS_PER_WRITE,
+                )
+                outcome = OUTCOME_OF_STEP[Step.ACKNOWLEDGE]  # written, or it raised
+                return
             step = await combiner.run(
                 delta,
                 write,

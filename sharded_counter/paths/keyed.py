@@ -13,6 +13,7 @@ import random
 from google.api_core import exceptions as gexc
 
 from ..core import outcomes
+from ..core.effects import Steps, retrying
 from ..core.outcomes import Step
 from ..core.record import ShardState
 from ..errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
@@ -31,29 +32,32 @@ class KeyedWrites:
         self.shards = shards
         self.resolver = resolver
 
-    def write(self, keys: dict[str, int]) -> dict[str, BaseException]:
+    def write(self, keys: dict[str, int]) -> Steps[dict[str, BaseException]]:
         """Write the keyed increments ``keys`` (key -> delta) together; returns the
         errors of the keys that failed, each key's own."""
         ctx = self.ctx
-        ctx.backend.cache.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
-        ctx.run(self.resolver.resolve())
+        cache = ctx.backend.cache.steps
+        yield from cache.sets.wait_out_set(ctx.stash_key, SET_WAIT_CAP)
+        yield from self.resolver.resolve()
         left = dict(keys)  # keys not yet found applied
         doubtful = False  # an attempt that carried ``left`` may have landed
 
-        def attempt() -> ShardState | None:
+        def attempt() -> Steps[ShardState | None]:
             nonlocal doubtful
             try:
-                return self._attempt(left)
+                yield from ctx.backend.probed()  # the first call may probe the backend
+                written: ShardState | None = yield from self._attempt(left)
             except gexc.GoogleAPICallError as exc:
                 doubtful = self.shards.attempt_failed(exc) or doubtful
                 raise
+            return written
 
         try:
-            state: ShardState | None = write_retrying(ctx.settings)(attempt)
+            state: ShardState | None = yield from retrying(write_retrying(ctx.settings), attempt)
         except Exception as exc:
             if doubtful:
                 # Whatever landed is on a shard the cached record never heard of.
-                ctx.backend.cache.invalidate(ctx.record_key)
+                yield from cache.records.invalidate(ctx.record_key)
                 step = outcomes.KEYED[outcomes.Ending.DOUBTFUL]
             elif isinstance(exc, (CounterOverflowError, gexc.GoogleAPICallError)):
                 step = outcomes.KEYED[ending_of(exc)]
@@ -62,12 +66,12 @@ class KeyedWrites:
             return {k: self._error(step, d, exc) for k, d in left.items()}
         if state is not None:
             ctx.stats.add(writes=1, keys_applied=len(left))
-            ctx.backend.cache.merge(ctx.record_key, ctx.stash_key, [state])
-            ctx.run(self.shards.rebalance_if_needed(state))
+            yield from cache.records.merge(ctx.record_key, ctx.stash_key, [state])
+            yield from self.shards.rebalance_if_needed(state)
         if doubtful:
             # An attempt whose reply was lost may have landed on a shard the cached record
             # never heard of (a retry finds the key and writes nothing): rebuild it.
-            ctx.backend.cache.invalidate(ctx.record_key)
+            yield from cache.records.invalidate(ctx.record_key)
         return {}
 
     def _error(self, step: Step, delta: int, cause: BaseException) -> BaseException:
@@ -78,7 +82,7 @@ class KeyedWrites:
         assert step is Step.NOT_RECORDED, step
         return IncrementNotRecorded(self.ctx.name, delta, cause)
 
-    def _attempt(self, left: dict[str, int]) -> ShardState | None:
+    def _attempt(self, left: dict[str, int]) -> Steps[ShardState | None]:
         """One attempt at writing ``left``; keys found applied already leave it.
 
         Returns the shard written, or None when every key was applied already.
@@ -93,14 +97,18 @@ class KeyedWrites:
             while left:
                 if ctx.transform_fits(sum(left.values())):
                     try:
-                        return keyed.add_with_transform(ctx.name, index, left, ttl=ttl)
+                        written: ShardState = yield from keyed.add_with_transform(
+                            ctx.name, index, left, ttl=ttl
+                        )
                     except gexc.AlreadyExists:
-                        applied = keyed.applied(ctx.name, left)
+                        applied = yield from keyed.applied(ctx.name, left)
+                    else:
+                        return written
                 else:
                     try:
-                        state, applied = self._in_transaction(index, left)
+                        state, applied = yield from self._in_transaction(index, left)
                     except gexc.AlreadyExists:
-                        applied = keyed.applied(ctx.name, left)
+                        applied = yield from keyed.applied(ctx.name, left)
                     else:
                         for key in applied:
                             del left[key]
@@ -116,13 +124,15 @@ class KeyedWrites:
 
     def _in_transaction(
         self, first: int, left: dict[str, int]
-    ) -> tuple[ShardState | None, set[str]]:
+    ) -> Steps[tuple[ShardState | None, set[str]]]:
         """The transaction path of a keyed write: ``first`` shard, else any with room."""
         ctx = self.ctx
         others = [i for i in random.sample(range(ctx.shards), ctx.shards) if i != first]
         for index in [first, *others]:
             try:
-                return ctx.backend.keyed.add_in_transaction(
+                found: tuple[
+                    ShardState | None, set[str]
+                ] = yield from ctx.backend.keyed.add_in_transaction(
                     ctx.name,
                     index,
                     left,
@@ -132,6 +142,7 @@ class KeyedWrites:
                 )
             except ShardOverflow:
                 continue
+            return found
         raise CounterOverflowError(
             f"counter {ctx.name!r} cannot take {sum(left.values())}: no one of its "
             f"{ctx.shards} shards has room for a keyed increment; nothing was written"

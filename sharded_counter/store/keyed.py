@@ -38,6 +38,7 @@ from google.cloud.datastore_v1.types import query as query_types
 from google.protobuf import timestamp_pb2
 
 from ..core.bounds import within
+from ..core.effects import Steps
 from ..core.keys import IDEMPOTENCY_KIND, idempotency_record_name
 from ..core.record import ShardState
 from ..core.validation import INT64_MAX
@@ -84,14 +85,14 @@ class KeyedShardStore:
 
     def add_with_transform(
         self, name: str, index: int, keys: Mapping[str, int], *, ttl: float
-    ) -> ShardState:
+    ) -> Steps[ShardState]:
         """One commit in a single-use transaction: insert every key's record and have
         the server add their deltas to the shard. Raises ``AlreadyExists`` (nothing
         written) when any record exists already: see ``applied``."""
         store = self.store
         increment = entities.increment_mutation(store.key(name, index), name, sum(keys.values()))
-        response = store.run(
-            store.commit([*self.inserts(name, keys, ttl), increment], single_use=True)
+        response = yield from store.commit(
+            [*self.inserts(name, keys, ttl), increment], single_use=True
         )
         return transformed(index, response.mutation_results[-1])
 
@@ -104,7 +105,7 @@ class KeyedShardStore:
         ttl: float,
         lazy_begin: bool,
         limit: int = INT64_MAX,
-    ) -> tuple[ShardState | None, set[str]]:
+    ) -> Steps[tuple[ShardState | None, set[str]]]:
         """Read the shard and the key records, add the deltas of the keys not applied
         yet and insert their records, all in one transaction.
 
@@ -115,12 +116,10 @@ class KeyedShardStore:
         store = self.store
         shard_key = store.key(name, index)
         record_keys = {key: self.record_key(name, key) for key in keys}
-        transaction = None if lazy_begin else store.run(store.begin())
+        transaction = None if lazy_begin else (yield from store.begin())
         try:
-            found, _, begun = store.run(
-                store.lookup(
-                    [shard_key, *record_keys.values()], transaction=transaction, begin=lazy_begin
-                )
+            found, _, begun = yield from store.lookup(
+                [shard_key, *record_keys.values()], transaction=transaction, begin=lazy_begin
             )
             transaction = transaction or begun
             applied = {k for k, rk in record_keys.items() if rk.SerializeToString() in found}
@@ -130,28 +129,26 @@ class KeyedShardStore:
             current = entities.count_of(entity) if entity is not None else 0
             if not left:
                 if transaction is not None:
-                    store.run(store.quiet_rollback(transaction))
+                    yield from store.quiet_rollback(transaction)
                 return None, applied
             new = current + sum(left.values())
             if not (within(new, INT64_MAX) and (within(new, limit) or abs(new) <= abs(current))):
                 raise ShardOverflow(index, new - current)
             written = entities.shard_entity(shard_key, name, new)
             entities.carry_slots(entity, written, "")
-            response = store.run(
-                store.commit(
-                    [entities.upsert(written), *self.inserts(name, left, ttl)], transaction
-                )
+            response = yield from store.commit(
+                [entities.upsert(written), *self.inserts(name, left, ttl)], transaction
             )
         except BaseException:
             if transaction is not None:
-                store.run(store.quiet_rollback(transaction))
+                yield from store.quiet_rollback(transaction)
             raise
         return ShardState(f"i{index}", response.mutation_results[0].version, new), applied
 
-    def applied(self, name: str, keys: Collection[str]) -> set[str]:
+    def applied(self, name: str, keys: Collection[str]) -> Steps[set[str]]:
         """Which of ``keys`` have a record on ``name`` (one strongly consistent lookup)."""
         record_keys = {key: self.record_key(name, key) for key in keys}
-        found, _, _ = self.store.run(self.store.lookup(list(record_keys.values())))
+        found, _, _ = yield from self.store.lookup(list(record_keys.values()))
         return {k for k, rk in record_keys.items() if rk.SerializeToString() in found}
 
     def purge_expired(self, *, now: float | None = None) -> int:
