@@ -415,6 +415,25 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
     assert warnings_containing(caplog, "memcache is unavailable") == 0
 
 
+def test_a_memcached_restart_with_several_idle_sockets_costs_no_call(
+    sharded_counter_memcached: Any, own_memcache: Callable[..., Any]
+) -> None:
+    """Three idle pooled sockets, all stale after a restart: the next call drops them one
+    by one and answers on a fresh socket. (Found when a rate limit test met a shared
+    client whose pool an earlier test had grown to two sockets: the second stale one
+    failed the call, and the limiter failed open.)"""
+    client = own_memcache(**FAST_MEMCACHE)
+    pool = client._client.client_pool  # the RetryingClient's PooledClient
+    sockets = [pool.get() for _ in range(3)]
+    for each in sockets:
+        each.version()  # connected
+    for each in sockets:
+        pool.release(each)
+    sharded_counter_memcached.restart()
+    client.set("after-restart", b"1")
+    assert client.get("after-restart") == b"1"
+
+
 def test_a_memcached_restart_while_idle_leaves_no_stale_total(
     sharded_counter_env: dict[str, str],
     sharded_counter_memcached: Any,

@@ -64,6 +64,8 @@ def build_client(settings: Settings) -> MemcacheClient | None:
     return client
 
 
+_POOL_SIZE = 64  # sockets a single-server client keeps open at most
+
 _CLOSED_BY_PEER = [
     MemcacheUnexpectedCloseError,
     ConnectionResetError,
@@ -83,12 +85,15 @@ def _make_client(settings: Settings) -> Any:
             timeout=settings.memcache_timeout,
             no_delay=True,
             default_noreply=False,
-            max_pool_size=64,
+            max_pool_size=_POOL_SIZE,
         )
-        # After memcached restarts, every idle pooled socket fails once. Their requests
-        # went to the process that died, so one more try on a fresh socket is safe; a
-        # timeout is not retried (the request may still be applied).
-        return RetryingClient(pooled, attempts=2, retry_for=_CLOSED_BY_PEER)
+        # After memcached restarts, every idle pooled socket fails once, and is dropped
+        # from the pool. Their requests went to the process that died, so trying again
+        # is safe, until a fresh socket answers: one try more than the pool can hold
+        # stale sockets (a call that met one stale socket and then a second used to
+        # fail). A timeout is not retried (the request may still be applied), nor is
+        # a refused connection (the server is down: nothing stale is left to drop).
+        return RetryingClient(pooled, attempts=_POOL_SIZE + 1, retry_for=_CLOSED_BY_PEER)
     return ClusterClient(
         servers,
         connect_timeout=settings.memcache_connect_timeout,
