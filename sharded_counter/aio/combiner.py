@@ -3,7 +3,7 @@
 The same rules as among threads: at most ``max_concurrent_writes`` writes of one
 counter run at once in an event loop; an increment that arrives while that
 many are in flight joins the group waiting for the next free slot
-(``combiner.joinable`` decides, as it does for threads), and the group goes out
+(``combiner.queue_member`` decides, as it does for threads), and the group goes out
 as one write of its sum. Every member returns once that write is over, with
 its outcome (``combiner.own_error`` names each member's own delta in an error).
 A sum refused whole (``CounterOverflowError``) is written again member by member.
@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from ..errors import CounterOverflowError
-from ..paths.combiner import SUM_REFUSED, joinable, own_error
+from ..paths.combiner import SUM_REFUSED, own_error, queue_member
 
 T = TypeVar("T")
 
@@ -145,24 +145,16 @@ class AsyncWriteCombiner:
         if self._running < limit and not self._queue and not self._paused:
             self._running += 1
             return None, False
-        keyed = key is not None
-        group = self._queue[-1] if self._queue else None
-        if key is not None and group is not None and key in group.keys:
-            return group, False  # the same increment, waiting already: it adds nothing
-        if (
-            alone
-            or group is None
-            or not joinable(
-                group, keyed, delta, max_total=max_total, max_keys=max_keys, same_sign=False
-            )
-        ):
-            group = _Group(keyed, closed=alone)
-            self._queue.append(group)
-        if key is not None:
-            group.keys[key] = delta
-        group.deltas.append(delta)
-        group.total += delta
-        return group, len(group.deltas) == 1
+        return queue_member(
+            self._queue,
+            _Group,
+            key,
+            delta,
+            max_total=max_total,
+            max_keys=max_keys,
+            same_sign=False,
+            alone=alone,
+        )
 
     async def _write_for(self, group: _Group, write: Callable[[], Awaitable[Any]]) -> None:
         await group.started.wait()

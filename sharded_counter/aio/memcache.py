@@ -176,19 +176,19 @@ class AsyncMemcache:
         )
 
     async def incr(self, key: str, value: int, noreply: bool = False) -> int | None:
-        try:
-            found = await self._guarded(
-                "incr", key, lambda c: c.increment(key.encode(), value, noreply=noreply)
-            )
-        except emcache.NotFoundCommandError:
-            return None
-        return None if found is None else int(found)
+        """The new value, or None when ``key`` is missing (as pymemcache answers)."""
+        return await self._counter_call("incr", key, value, noreply)
 
     async def decr(self, key: str, value: int, noreply: bool = False) -> int | None:
+        return await self._counter_call("decr", key, value, noreply)
+
+    async def _counter_call(self, method: str, key: str, value: int, noreply: bool) -> int | None:
+        def call(c: emcache.Client) -> Any:
+            command = c.increment if method == "incr" else c.decrement
+            return command(key.encode(), value, noreply=noreply)
+
         try:
-            found = await self._guarded(
-                "decr", key, lambda c: c.decrement(key.encode(), value, noreply=noreply)
-            )
+            found = await self._guarded(method, key, call)
         except emcache.NotFoundCommandError:
             return None
         return None if found is None else int(found)

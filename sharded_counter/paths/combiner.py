@@ -174,29 +174,21 @@ class WriteCombiner:
         """Take a write slot now (no group), or join the group queued for the next free
         one; and whether this member leads the group (it opened it, and writes for all).
         ``alone``: queue in a group of its own, which nobody joins."""
-        keyed = key is not None
         with self._lock:
             self._limit = limit
             if self._running < limit and not self._queue and not self._paused:
                 self._running += 1
                 return None, False
-            group = self._queue[-1] if self._queue else None
-            if key is not None and group is not None and key in group.keys:
-                return group, False  # the same increment, waiting already: it adds nothing
-            if (
-                alone
-                or group is None
-                or not joinable(
-                    group, keyed, delta, max_total=max_total, max_keys=max_keys, same_sign=same_sign
-                )
-            ):
-                group = _Group(keyed, closed=alone)
-                self._queue.append(group)
-            if key is not None:
-                group.keys[key] = delta
-            group.deltas.append(delta)
-            group.total += delta
-            return group, len(group.deltas) == 1
+            return queue_member(
+                self._queue,
+                _Group,
+                key,
+                delta,
+                max_total=max_total,
+                max_keys=max_keys,
+                same_sign=same_sign,
+                alone=alone,
+            )
 
     def _write_for(self, group: _Group, write: Callable[[], Any]) -> None:
         """Run the group's write once its slot comes; every member then sees the outcome."""
@@ -238,6 +230,44 @@ class WriteCombiner:
                 while not self._paused and self._queue and self._running < self._limit:
                     self._running += 1
                     self._queue.popleft().started.set()
+
+
+G = TypeVar("G")
+
+
+def queue_member(
+    queue: collections.deque[G],
+    make: Callable[..., G],
+    key: str | None,
+    delta: int,
+    *,
+    max_total: int,
+    max_keys: int,
+    same_sign: bool,
+    alone: bool,
+) -> tuple[G, bool]:
+    """Put an increment in the last group of ``queue`` when it may join (``joinable``),
+    else in a new one, ``make(keyed, closed=alone)``; return the group and whether this
+    member leads it. A key already in the group is the same increment: it adds nothing.
+    Threads (this module) and tasks (aio/combiner.py) queue by these rules alike."""
+    keyed = key is not None
+    group: Any = queue[-1] if queue else None
+    if key is not None and group is not None and key in group.keys:
+        return group, False  # the same increment, waiting already: it adds nothing
+    if (
+        alone
+        or group is None
+        or not joinable(
+            group, keyed, delta, max_total=max_total, max_keys=max_keys, same_sign=same_sign
+        )
+    ):
+        group = make(keyed, closed=alone)
+        queue.append(group)
+    if key is not None:
+        group.keys[key] = delta
+    group.deltas.append(delta)
+    group.total += delta
+    return group, len(group.deltas) == 1
 
 
 def joinable(
