@@ -44,6 +44,12 @@ class Backlog:
         with self._lock:
             self._unsettled.append((stash_key, change))
 
+    @property
+    def empty(self) -> bool:
+        """Nothing left to do: the common case, which callers check without starting
+        ``catch_up``'s steps (a read of the cached total is that cheap)."""
+        return not (self._unsettled or self._suspects)
+
     def catch_up(self) -> Steps[None]:
         """Do what is left, before the call that asks. Raises CacheUnavailable, keeping
         what it could not do for the next call."""

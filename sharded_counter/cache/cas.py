@@ -4,9 +4,10 @@ memcached has no transactions. A change that depends on the current value reads
 it with ``gets`` (which hands out a cas token), computes the new value, and
 stores it with ``cas``, which fails if anyone wrote the key since the read; a
 missing key is created with ``add``, which fails if anyone created it meanwhile.
-A failed store means another writer got there first, so the loop reads again,
-after a short random pause that grows with each loss. After ``attempts`` lost
-races it gives up with ``Contended``, which says nothing was stored.
+A failed store means another writer got there first, so the loop reads again:
+at once after the first loss, then after a random pause that grows with each
+loss. After ``attempts`` lost races it gives up with ``Contended``, which says
+nothing was stored.
 
 The cached record, the ``delayed_incr`` stash (the cache tier, and the cluster
 moving stashes between servers) and the locks all change their keys through
@@ -41,11 +42,17 @@ MISSING: Seen = (None, None)
 #: one key at once ever need, and each costs only a round trip.
 ATTEMPTS = 64
 
-#: After a lost race the loop pauses a random while, up to this first bound, doubled
-#: per loss, never past the cap (seconds). Writers in one process take turns anyway
-#: (they merge or add together); writers in several processes do not, and without a
-#: pause the process whose round trip is slowest can lose every race in a row.
-FIRST_PAUSE, MAX_PAUSE = 0.0005, 0.016
+#: After ``EAGER_RETRIES`` lost races in a row the loop pauses a random while before
+#: each next read, up to ``FIRST_PAUSE``, doubled per loss, never past ``MAX_PAUSE``
+#: (seconds). Writers in one process take turns anyway (they merge or add
+#: together); writers in several processes do not, and without a pause the process
+#: whose round trip is slowest can lose every race in a row. The first retry goes at
+#: once: between two processes, losing one race is common and cheap. Measured on a
+#: SharedBuffer from 4 processes x 4 threads: pausing after every loss, 8,761-9,697
+#: increments/s; after the first, 13,540-15,707/s; after the third, some writers
+#: still lost 64 races in a row.
+EAGER_RETRIES = 1
+FIRST_PAUSE, MAX_PAUSE = 0.00025, 0.016
 
 
 class CasClient(Protocol):
@@ -141,8 +148,10 @@ def changing(
         result, new = change(seen[0])
         if new is None or new == seen[0] or (yield from store_if_unchanged(key, new, seen, expire)):
             return result
-        seen = None  # someone else wrote it: read again, after a pause (see FIRST_PAUSE)
-        yield Sleep(random.uniform(0.0, min(MAX_PAUSE, FIRST_PAUSE * 2**attempt)))
+        seen = None  # someone else wrote it: read again (after a pause: EAGER_RETRIES)
+        if attempt >= EAGER_RETRIES:
+            losses = attempt - EAGER_RETRIES
+            yield Sleep(random.uniform(0.0, min(MAX_PAUSE, FIRST_PAUSE * 2**losses)))
     raise Contended(f"could not change {key}: {attempts} attempts lost their race")
 
 

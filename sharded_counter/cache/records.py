@@ -51,7 +51,8 @@ class CachedRecords:
     def read_many(self, pairs: Sequence[tuple[str, str]]) -> Steps[list[tuple[Record | None, int]]]:
         """Each counter's complete record (or None) and what its stash owes, in one
         ``get_many``. Raises CacheUnavailable."""
-        yield from self._backlog.catch_up()
+        if not self._backlog.empty:
+            yield from self._backlog.catch_up()
         found = yield Memcache("get_many", ([key for pair in pairs for key in pair],))
         results: list[tuple[Record | None, int]] = []
         for record_key, stash_key in pairs:
@@ -107,7 +108,8 @@ class CachedRecords:
             return True, None if merged == record else merged.encode()
 
         try:
-            yield from self._backlog.catch_up()
+            if not self._backlog.empty:
+                yield from self._backlog.catch_up()
             try:
                 keep = yield from changing(record_key, merge_into, expire=self._ttl, read=read_both)
             except Contended:
@@ -129,7 +131,8 @@ class CachedRecords:
         holds newer writes). Raises CacheUnavailable only if memcache fails
         before the snapshot was taken; after that it returns the snapshot.
         """
-        yield from self._backlog.catch_up()
+        if not self._backlog.empty:
+            yield from self._backlog.catch_up()
         totals: dict[str, int] = {}
         opened: dict[str, Seen] = {}
         for key in record_keys:
