@@ -7,7 +7,7 @@ backends get exceptions of their own so they can be told apart from bugs.
 They are defined here, but for three that are defined beside what they carry or
 what they must also be: ``Locked`` (``patterns/lock.py``, with its ``Holder``),
 ``RateLimited`` (``patterns/ratelimit.py``, with its ``Decision``) and the
-cluster's ``ServerUnavailable`` (``cache/cluster.py``, a ``CacheUnavailable`` that
+cluster's ``ServerUnavailable`` (``cache/ring.py``, a ``CacheUnavailable`` that
 is pymemcache's ``MemcacheError`` too).
 """
 

@@ -12,6 +12,7 @@ from faultkit import ReplyHoldingRelay
 from sharded_counter import Settings, config
 from sharded_counter.cache.client import build_client
 from sharded_counter.settings import reload
+from sharded_counter_emulator import Memcached
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +59,16 @@ def relay(
     holding = ReplyHoldingRelay(emulator.host, emulator.port)
     yield holding
     holding.close()
+
+
+@pytest.fixture
+def trio() -> Iterator[list[Memcached]]:
+    """Three memcached servers of the test's own, for the cluster tests."""
+    servers = [Memcached().start() for _ in range(3)]
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            if server.alive:
+                server.resume()  # a paused server would not stop
+            server.stop()

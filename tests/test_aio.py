@@ -19,7 +19,6 @@ import pytest
 from faultkit import ReplyHoldingRelay, report
 
 from sharded_counter import (
-    ConfigurationError,
     Counter,
     DatastoreUnavailable,
     IncrementNotRecorded,
@@ -143,8 +142,6 @@ def test_class_attributes_and_bad_input_as_in_the_sync_api(
     assert Hits("h", shards=3).shards == 3
     with pytest.raises(ValueError):
         AsyncCounter("")
-    with pytest.raises(ConfigurationError, match="one memcached server"):
-        AsyncCounter("h", memcached_hosts=["127.0.0.1:1", "127.0.0.1:2"])
     with pytest.raises(TypeError):
         AsyncCounter(5)  # type: ignore[arg-type]
 

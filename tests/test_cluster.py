@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +35,6 @@ from sharded_counter.settings import Settings
 from sharded_counter_emulator import Memcached
 
 TIMEOUT = 0.3
-
-
-@pytest.fixture
-def trio() -> Iterator[list[Memcached]]:
-    servers = [Memcached().start() for _ in range(3)]
-    try:
-        yield servers
-    finally:
-        for server in servers:
-            if server.alive:
-                server.resume()  # a paused server would not stop
-            server.stop()
 
 
 def cluster(servers: list[Memcached], dead_timeout: float = 1.0) -> ClusterClient:

@@ -28,7 +28,7 @@ from google.cloud import datastore
 from ..core.outcomes import Step
 from ..core.validation import check_delta, check_idempotency_key, check_name, check_value
 from ..counter import OUTCOME_OF_STEP, ShardsOption, class_options
-from ..errors import ConfigurationError, DatastoreUnavailable, IncrementOutcomeUnknown
+from ..errors import DatastoreUnavailable, IncrementOutcomeUnknown
 from ..paths.backend import backend_for
 from ..paths.context import TRANSFORM_MAX_DELTA, CounterContext
 from ..paths.keyed import KeyedWrites
@@ -74,8 +74,8 @@ class AsyncCounter:
     them as class attributes (``shards = 20``). ``datastore_client`` names the
     project, database, namespace and credentials to use (its own blocking channel
     is not used: calls go over a ``grpc.aio`` channel to the same endpoint).
-    Needs the ``aio`` extra (``emcache``). One memcached server at most, for now:
-    several raise ``ConfigurationError`` (see docs/limits.md).
+    Needs the ``aio`` extra (``emcache``). Several memcached servers fail over as
+    the blocking cluster client does (aio/routing.py).
     """
 
     shards: int = ShardsOption()  # type: ignore[assignment]  # read as an int
@@ -90,15 +90,6 @@ class AsyncCounter:
     ) -> None:
         self.name = check_name(name)
         self.settings: Settings = resolve(options, class_options(type(self)))
-        if len(self.settings.memcached_hosts) > 1:
-            # A blocking process moves a failed server's stashes to the others and
-            # cleans it before it serves again; this shell does not follow those moves
-            # yet, and could fold a stash left on a server that came back.
-            raise ConfigurationError(
-                "AsyncCounter works with one memcached server for now, not "
-                f"{len(self.settings.memcached_hosts)}: it does not yet fail a server's "
-                "keys over to the others as the blocking cluster client does"
-            )
         self.shards = self.settings.shards
         backend = backend_for(self.settings, datastore_client)
         self._ctx = ctx = CounterContext.make(self.name, self.settings, backend)

@@ -57,25 +57,22 @@ from typing import Any
 from pymemcache.client.base import PooledClient, check_key_helper
 from pymemcache.client.hash import HashClient
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheError
 
-from ..errors import CacheUnavailable
 from .membership import Membership
-from .ring import RECORD_KEY, STASH_KEY, CasToken, ServerState, connection_lost, never_applied
+from .ring import (
+    RECORD_KEY,
+    STASH_KEY,
+    CasToken,
+    ServerUnavailable,
+    check_stash_delete,
+    connection_lost,
+    may_fail_over,
+    never_applied,
+    route,
+    token_is_current,
+)
 
 __all__ = ["RECORD_KEY", "STASH_KEY", "CasToken", "ClusterClient", "ServerUnavailable"]
-
-_READS = frozenset({"get", "gets"})
-
-
-class ServerUnavailable(CacheUnavailable, MemcacheError):  # type: ignore[misc]  # untyped base
-    """The key's server is down, leaving or rejoining: the call was not sent anywhere.
-
-    A ``CacheUnavailable`` (never applied: ``maybe_applied`` is false), and a
-    pymemcache ``MemcacheError`` too, as ``HashClient``'s machinery expects of what
-    a client raises.
-    """
-
 
 class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
     """A pooled ``HashClient`` that fails over, never answers silent defaults, and
@@ -140,20 +137,8 @@ class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
     def _route(self, key: str) -> tuple[str, Any, int]:
         check_key_helper(key, self.allow_unicode_keys, self.key_prefix)
         self._members.maybe_rejoin()
-        view = self._members.view
-        home = view.home(key)
-        if home is None:
-            raise ServerUnavailable("every memcached server is down")
-        if view.states[home] is not ServerState.UP:
-            raise ServerUnavailable(f"memcached {home} is {view.states[home].value}")
-        return home, self.clients[home], view.generations[home]
-
-    def _check_stash_delete(self, key: str) -> None:
-        home = self._all.get_node(key)
-        if STASH_KEY.fullmatch(key) and self._members.view.states[home] is not ServerState.UP:
-            raise ServerUnavailable(
-                f"not deleting {key}: its server {home} is away and would bring it back"
-            )
+        home, generation = route(self._members.view, key)
+        return home, self.clients[home], generation
 
     def _get_client(self, key: str) -> Any:
         # What HashClient's own helpers call; everything we use goes through _route.
@@ -178,11 +163,13 @@ class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
 
     def _run_cmd(self, cmd: str, key: str, default_val: Any, *args: Any, **kwargs: Any) -> Any:
         if cmd == "delete":
-            self._check_stash_delete(key)
+            check_stash_delete(self._members.view, self._all, key)
         try:
             return self._run_at_home(cmd, key, *args, **kwargs)
         except Exception as exc:
-            if not (connection_lost(exc) and self._may_fail_over(cmd, key, exc)):
+            if not (
+                connection_lost(exc) and may_fail_over(cmd, key, unapplied=never_applied(exc))
+            ):
                 raise
         return self._run_at_home(cmd, key, *args, **kwargs)
 
@@ -199,20 +186,12 @@ class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
             return (value, None if value is None else CasToken(server, generation, token))
         return result
 
-    @staticmethod
-    def _may_fail_over(cmd: str, key: str, exc: BaseException) -> bool:
-        if cmd in _READS:
-            return True
-        if cmd == "delete" and STASH_KEY.fullmatch(key):
-            return False  # its home just went away: see _check_stash_delete
-        return never_applied(exc)
-
     def cas(
         self, key: str, value: Any, cas: Any, expire: int = 0, noreply: bool | None = None
     ) -> Any:
         server, pool, generation = self._route(key)
         if isinstance(cas, CasToken):
-            if (cas.server, cas.generation) != (server, generation):
+            if not token_is_current(cas, server, generation):
                 return False  # read from another server, or an earlier life of this one
             cas = cas.value
         try:

@@ -1,5 +1,10 @@
-"""The cluster's picture of its servers: who is in the ring, in which life, and what a
-failed call says about the server (see ``cluster.py``).
+"""The cluster's picture of its servers: who is in the ring, in which life, what a
+failed call says about the server, and where a call may go (see ``cluster.py``).
+
+The routing rules below are the blocking ``ClusterClient``'s and the asyncio
+shell's (``aio/routing.py``) alike: both ask them, so the two cannot disagree on
+which server a key lives on, when a call may be made again elsewhere, or which
+cas token is stale.
 """
 
 from __future__ import annotations
@@ -11,11 +16,22 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from pymemcache.client.rendezvous import RendezvousHash
-from pymemcache.exceptions import MemcacheUnexpectedCloseError
+from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+
+from ..errors import CacheUnavailable
 
 #: Counter records and delayed_incr stashes, as ``keys.cache_keys`` names them.
 RECORD_KEY = re.compile(r"[!-~]+:t:[0-9a-f]{40}")
 STASH_KEY = re.compile(r"[!-~]+:delayed_incr:[0-9a-f]{40}")
+
+
+class ServerUnavailable(CacheUnavailable, MemcacheError):  # type: ignore[misc]  # untyped base
+    """The key's server is down, leaving or rejoining: the call was not sent anywhere.
+
+    A ``CacheUnavailable`` (never applied: ``maybe_applied`` is false), and a
+    pymemcache ``MemcacheError`` too, as ``HashClient``'s machinery expects of what
+    a client raises.
+    """
 
 
 class ServerState(enum.Enum):
@@ -96,3 +112,49 @@ def never_applied(exc: BaseException) -> bool:
             MemcacheUnexpectedCloseError,
         ),
     )
+
+
+# -- where a call may go: the rules both shells route by ------------------------------
+
+
+def route(view: View, key: str) -> tuple[str, int]:
+    """The server ``key`` goes to now, and that server's life; ``ServerUnavailable``
+    if every server is down, or the key's server is leaving or rejoining."""
+    home = view.home(key)
+    if home is None:
+        raise ServerUnavailable("every memcached server is down")
+    if view.states[home] is not ServerState.UP:
+        raise ServerUnavailable(f"memcached {home} is {view.states[home].value}")
+    return home, view.generations[home]
+
+
+def check_stash_delete(view: View, every_server: Any, key: str) -> None:
+    """Refuse to delete a stash whose own server (in ``every_server``, the ring of all
+    configured servers) is away: the stash there would outlive the delete and come
+    back with it."""
+    home = every_server.get_node(key)
+    if STASH_KEY.fullmatch(key) and view.states[home] is not ServerState.UP:
+        raise ServerUnavailable(
+            f"not deleting {key}: its server {home} is away and would bring it back"
+        )
+
+
+def may_fail_over(cmd: str, key: str, *, unapplied: bool) -> bool:
+    """May ``cmd`` on ``key``, failed by a server that just left, be made once more at
+    the key's new home? Reads may. ``cas`` never: its token belongs to the server that
+    issued it. Nor a stash's delete: see ``check_stash_delete``. Other writes only
+    when the failure shows the first server never applied them (``unapplied``)."""
+    if cmd in _READS:
+        return True
+    if cmd == "cas" or (cmd == "delete" and STASH_KEY.fullmatch(key)):
+        return False
+    return unapplied
+
+
+_READS = frozenset({"get", "gets", "get_many", "gets_many"})
+
+
+def token_is_current(token: CasToken, server: str, generation: int) -> bool:
+    """Was ``token`` issued by ``server`` in this life? A ``cas`` with any other answers
+    "not stored" without being sent."""
+    return (token.server, token.generation) == (server, generation)
