@@ -50,6 +50,9 @@ class BoundedCounter(Counter):
     the shares, so the bounds would no longer hold.
     """
 
+    # Its shares are dealt over the shards it was laid out with: they do not grow.
+    _grows_shards = False
+
     minimum: int | None = None
     maximum: int | None = None
     #: Fewer writes in flight than ``Counter``'s 4: a bounded write is a transaction
@@ -154,6 +157,7 @@ class BoundedCounter(Counter):
             delta,
             self._bounded.apply,
             limit=self.settings.max_concurrent_writes,
+            eager=not self.settings.group_commit,
             max_total=TRANSFORM_MAX_DELTA,
             same_sign=True,
         )

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
@@ -87,6 +87,10 @@ class Counter:
     count in force (a keyword argument wins).
     """
 
+    #: Adaptive sharding (paths/growth.py): writes spread over more shards while they
+    #: meet contention, up to ``max_shards``.
+    _grows_shards: ClassVar[bool] = True
+
     def __init__(
         self,
         name: str,
@@ -100,7 +104,9 @@ class Counter:
         # On the counter itself: it wins over a subclass's ``shards = 20``.
         self.shards = self.settings.shards
         backend = backend_for(self.settings, datastore_client, memcache_client)
-        self._ctx = ctx = CounterContext.make(self.name, self.settings, backend)
+        self._ctx = ctx = CounterContext.make(
+            self.name, self.settings, backend, grows=self._grows_shards
+        )
         shards = ShardWriter(ctx)
         resolver = UnsureResolver(ctx)
         self._writes = PlainWrites(ctx, shards, resolver)
@@ -111,6 +117,13 @@ class Counter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shards})"
+
+    @property
+    def shards_in_use(self) -> int:
+        """How many shards this process spreads new increments over now: ``shards``, or
+        more while its writes meet contention, up to ``max_shards`` (see *Adaptive
+        sharding* in the docs). Reads sum every shard, whatever count wrote it."""
+        return self._ctx.shards
 
     @property
     def shard_count(self) -> int:
@@ -209,19 +222,23 @@ class Counter:
     def _increment_now(self, delta: int, key: str | None) -> Step:
         """Write ``delta`` (grouped with other threads' increments); how it was counted."""
         combiner, limit = self._ctx.combiner, self.settings.max_concurrent_writes
+        eager = not self.settings.group_commit
         if key is not None:
             combiner.run_keyed(
                 key,
                 delta,
                 self._write_keyed,
                 limit=limit,
+                eager=eager,
                 max_total=TRANSFORM_MAX_DELTA,
                 max_keys=MAX_KEYS_PER_WRITE,
             )
             return Step.ACKNOWLEDGE  # a keyed increment is written or raises
         if not delta:
             return Step.ACKNOWLEDGE
-        step = combiner.run(delta, self._write, limit=limit, max_total=TRANSFORM_MAX_DELTA)
+        step = combiner.run(
+            delta, self._write, limit=limit, max_total=TRANSFORM_MAX_DELTA, eager=eager
+        )
         return Step.ACKNOWLEDGE if step is None else step  # None: deltas cancelled out
 
     def _write(self, amount: int) -> Step:

@@ -59,6 +59,8 @@ class Settings:
     rpc_timeout: float = 5.0
     write_mode: str = "auto"
     max_concurrent_writes: int = 4
+    group_commit: bool = True
+    max_shards: int = 20
     idempotency_ttl: int = 86400
     project: str | None = None
     database: str | None = None
@@ -86,6 +88,12 @@ def _positive_number(name: str, value: Any) -> float:
     if value != value or value == float("inf"):
         raise ConfigurationError(f"{name} must be finite, not {value!r}")
     return float(value)
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{name} must be true or false, not {value!r}")
+    return value
 
 
 def _shards(name: str, value: Any) -> int:
@@ -156,6 +164,8 @@ _CHECKS = {
     "rpc_timeout": _positive_number,
     "write_mode": _write_mode,
     "max_concurrent_writes": _positive_int,
+    "group_commit": _bool,
+    "max_shards": _shards,
     "idempotency_ttl": _positive_int,
     "project": _optional_str,
     "database": _optional_str,

@@ -15,6 +15,7 @@ import pytest
 
 from sharded_counter import Counter, CounterOverflowError, IncrementNotRecorded
 from sharded_counter.paths.combiner import WriteCombiner
+from sharded_counter.paths.slots import SLOW
 
 
 class GatedWrites:
@@ -70,11 +71,13 @@ def behind_one_write(
         assert not thread.is_alive()
 
 
-def test_increments_beyond_the_limit_share_the_next_write() -> None:
+def test_without_group_commit_writes_start_at_once_up_to_the_limit() -> None:
+    # group_commit=False (eager): the rule before adaptive slots, kept for one write
+    # per increment; only increments beyond the limit share a write.
     combiner, writes = WriteCombiner(), GatedWrites()
 
     def run(delta: int) -> Callable[[], None]:
-        return lambda: combiner.run(delta, writes, limit=2, max_total=2**32)
+        return lambda: combiner.run(delta, writes, limit=2, max_total=2**32, eager=True)
 
     first = [start(run(1)), start(run(2))]
     wait_until(lambda: writes.running == 2)
@@ -86,6 +89,57 @@ def test_increments_beyond_the_limit_share_the_next_write() -> None:
         assert not thread.is_alive()
     assert sorted(writes.amounts) == [1, 2, 55]
     assert writes.most_running == 2
+
+
+def patient(combiner: WriteCombiner, seconds: float) -> WriteCombiner:
+    """Make ``combiner``'s queued groups wait ``seconds`` for a slot before opening one
+    (as if its writes usually took a tenth of that): the tests decide, not the clock."""
+    combiner._times.usual = seconds / SLOW
+    return combiner
+
+
+def test_one_write_in_flight_and_everything_behind_it_shares_the_next() -> None:
+    combiner, writes = patient(WriteCombiner(), 600.0), GatedWrites()
+
+    def run(delta: int) -> Callable[[], None]:
+        return lambda: combiner.run(delta, writes, limit=4, max_total=2**32)
+
+    first = start(run(1))
+    wait_until(lambda: writes.running == 1)
+    waiting = [start(run(d)) for d in (10, 20, 30, -5)]
+    wait_until(lambda: queued(combiner) == 4)
+    assert writes.amounts == [1]  # below the limit, yet nobody else started a write
+    writes.gate.set()
+    for thread in [first, *waiting]:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert writes.amounts == [1, 55]
+    assert writes.most_running == 1
+
+
+def test_a_group_behind_a_slow_write_opens_another_slot_up_to_the_limit() -> None:
+    combiner, writes = WriteCombiner(), GatedWrites()
+
+    def run(delta: int) -> Callable[[], None]:
+        return lambda: combiner.run(delta, writes, limit=2, max_total=2**32)
+
+    first = start(run(1))
+    wait_until(lambda: writes.running == 1)
+    patient(combiner, 0.05)  # the held write is "slow" after 50 ms
+    second = [start(run(d)) for d in (10, 20)]
+    wait_until(lambda: writes.running == 2)  # the group went around the held write
+    assert sorted(writes.amounts) == [1, 30]
+    third = [start(run(d)) for d in (100, 200)]
+    wait_until(lambda: queued(combiner) == 2)
+    time.sleep(0.3)  # six times the patience: the limit, not the clock, holds it now
+    assert writes.most_running == 2
+    assert queued(combiner) == 2
+    writes.gate.set()
+    for thread in [first, *second, *third]:
+        thread.join(10)
+        assert not thread.is_alive()
+    assert sorted(writes.amounts) == [1, 30, 300]
+    assert combiner._running == 0
 
 
 def test_a_group_never_grows_past_max_total() -> None:

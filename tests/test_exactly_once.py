@@ -56,7 +56,7 @@ HOLD_S = 4.0  # each spell of swallowed replies
 # The setup: replies lost for longer than a write's whole retry deadline.
 RELAY_OPTIONS: dict[str, Any] = {"shards": 20, "rpc_timeout": 1.0, "retry_deadline": 2.5}
 NO_MEMCACHE: dict[str, Any] = {"memcached_hosts": ()}
-NO_GROUP_COMMIT: dict[str, Any] = {"max_concurrent_writes": 64}  # more than the writers
+NO_GROUP_COMMIT: dict[str, Any] = {"max_concurrent_writes": 64, "group_commit": False}
 
 
 def swallow_replies_twice(relay: ReplyHoldingRelay) -> tuple[float, float]:

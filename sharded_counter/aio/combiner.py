@@ -1,8 +1,9 @@
 """Group commit among tasks: paths/combiner.py for asyncio.
 
-The same rules as among threads: at most ``max_concurrent_writes`` writes of one
-counter run at once in an event loop; an increment that arrives while that
-many are in flight joins the group waiting for the next free slot
+The same rules as among threads: one write of a counter in flight in an event
+loop, and more, up to ``max_concurrent_writes``, only for groups that waited
+longer than a slow write takes (paths/slots.py); an increment that arrives
+while a write is in flight joins the group waiting for the next
 (``combiner.queue_member`` decides, as it does for threads), and the group goes out
 as one write of its sum. Every member returns once that write is over, with
 its outcome (``combiner.own_error`` names each member's own delta in an error).
@@ -16,11 +17,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from ..errors import CounterOverflowError
-from ..paths.combiner import SUM_REFUSED, own_error, queue_member
+from ..paths.combiner import SUM_REFUSED, first_waiting, hand_out, own_error, queue_member
+from ..paths.slots import WriteTimes
 
 T = TypeVar("T")
 
@@ -56,18 +59,23 @@ class AsyncWriteCombiner:
         self._paused = 0
         self._idle = asyncio.Event()
         self._queue: collections.deque[_Group] = collections.deque()
+        self._times = WriteTimes()
 
     async def run(
-        self, delta: int, write: Callable[[int], Awaitable[T]], *, limit: int, max_total: int
+        self,
+        delta: int,
+        write: Callable[[int], Awaitable[T]],
+        *,
+        limit: int,
+        max_total: int,
+        eager: bool = False,
     ) -> T | None:
         """Have ``delta`` written by ``write``, alone or in a group; what that write
-        returned (None when a group's deltas cancelled out and nothing was written)."""
-        group, leading = self._join(delta, limit=limit, max_total=max_total)
+        returned (None when a group's deltas cancelled out and nothing was written).
+        ``eager`` as for threads (paths/combiner.py)."""
+        group, leading = self._join(delta, limit=limit, max_total=max_total, eager=eager)
         if group is None:
-            try:
-                return await write(delta)
-            finally:
-                self._release()
+            return await self._timed(write(delta))
         if leading:
             # The total once the slot comes: members join until then.
             await self._write_for(group, lambda: write(group.total) if group.total else _nothing())
@@ -76,16 +84,13 @@ class AsyncWriteCombiner:
         if error is None:
             return group.result  # type: ignore[no-any-return]
         if isinstance(error, SUM_REFUSED) and len(group.deltas) > 1:
-            return await self._run_alone(delta, write)
+            return await self._run_alone(delta, write, eager)
         raise own_error(error, delta, len(group.deltas))
 
-    async def _run_alone(self, delta: int, write: Callable[[int], Awaitable[T]]) -> T:
-        group, _ = self._join(delta, limit=self._limit, max_total=0, alone=True)
+    async def _run_alone(self, delta: int, write: Callable[[int], Awaitable[T]], eager: bool) -> T:
+        group, _ = self._join(delta, limit=self._limit, max_total=0, alone=True, eager=eager)
         if group is None:
-            try:
-                return await write(delta)
-            finally:
-                self._release()
+            return await self._timed(write(delta))
         await self._write_for(group, lambda: write(delta))
         if group.error is not None:
             raise group.error
@@ -100,17 +105,15 @@ class AsyncWriteCombiner:
         limit: int,
         max_total: int,
         max_keys: int,
+        eager: bool = False,
     ) -> None:
         """Have the keyed increment ``key`` of ``delta`` written by ``write``, alone or in a
         group of at most ``max_keys`` keys whose deltas sum within ``±max_total``."""
         group, leading = self._join(
-            delta, limit=limit, max_total=max_total, key=key, max_keys=max_keys
+            delta, limit=limit, max_total=max_total, key=key, max_keys=max_keys, eager=eager
         )
         if group is None:
-            try:
-                failed = await write({key: delta})
-            finally:
-                self._release()
+            failed = await self._timed(write({key: delta}))
             if key in failed:
                 raise failed[key]
             return
@@ -140,9 +143,11 @@ class AsyncWriteCombiner:
         alone: bool = False,
         key: str | None = None,
         max_keys: int = 0,
+        eager: bool = False,
     ) -> tuple[_Group | None, bool]:
         self._limit = limit
-        if self._running < limit and not self._queue and not self._paused:
+        free = self._running < limit if eager else not self._running
+        if free and not self._queue and not self._paused:
             self._running += 1
             return None, False
         return queue_member(
@@ -157,18 +162,44 @@ class AsyncWriteCombiner:
         )
 
     async def _write_for(self, group: _Group, write: Callable[[], Awaitable[Any]]) -> None:
-        await group.started.wait()
+        await self._await_slot(group)
+        started = time.monotonic()
         try:
             group.result = await write()
         except BaseException as exc:
             group.error = exc
         finally:
             group.done.set()
-            self._release()
+            self._release(time.monotonic() - started)
 
-    def _release(self) -> None:
-        if self._queue and not self._paused:
-            self._queue.popleft().started.set()
+    async def _await_slot(self, group: _Group) -> None:
+        """Wait until a slot is handed to ``group``, or open one when the writes ahead of
+        it are slow (paths/slots.py), then close it to new members: its total is final."""
+        while not group.started.is_set():
+            if self._limit == 1:
+                await group.started.wait()
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(group.started.wait(), self._times.patience())
+            if not group.started.is_set() and self._running < self._limit and not self._paused:
+                self._running += 1
+                group.started.set()
+        self._queue.remove(group)  # from now on nobody joins it
+
+    async def _timed(self, write: Awaitable[T]) -> T:
+        started = time.monotonic()
+        try:
+            return await write
+        finally:
+            self._release(time.monotonic() - started)
+
+    def _release(self, seconds: float) -> None:
+        """A write finished after ``seconds``: hand its slot to the next group waiting for
+        one, or free it."""
+        self._times.took(seconds)
+        waiting = first_waiting(self._queue)
+        if waiting is not None and not self._paused:
+            waiting.started.set()
         else:
             self._running -= 1
             if not self._running:
@@ -186,9 +217,8 @@ class AsyncWriteCombiner:
             yield
         finally:
             self._paused -= 1
-            while not self._paused and self._queue and self._running < self._limit:
-                self._running += 1
-                self._queue.popleft().started.set()
+            if not self._paused:
+                self._running = hand_out(self._queue, self._running, self._limit)
 
 
 async def _nothing() -> None:

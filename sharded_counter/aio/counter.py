@@ -104,6 +104,12 @@ class AsyncCounter:
         return f"{type(self).__name__}({self.name!r}, shards={self.shards})"
 
     @property
+    def shards_in_use(self) -> int:
+        """How many shards this process spreads new increments over now (as
+        ``Counter.shards_in_use``: adaptive sharding)."""
+        return self._ctx.shards
+
+    @property
     def stats(self) -> WriteStats:
         """What this counter's writes did, in this process (shared with ``Counter``
         objects of the same name only through the store, not these figures)."""
@@ -165,6 +171,7 @@ class AsyncCounter:
                     delta,
                     write_keyed,
                     limit=self.settings.max_concurrent_writes,
+                    eager=not self.settings.group_commit,
                     max_total=TRANSFORM_MAX_DELTA,
                     max_keys=MAX_KEYS_PER_WRITE,
                 )
@@ -174,6 +181,7 @@ class AsyncCounter:
                 delta,
                 write,
                 limit=self.settings.max_concurrent_writes,
+                eager=not self.settings.group_commit,
                 max_total=TRANSFORM_MAX_DELTA,
             )
             outcome = OUTCOME_OF_STEP[Step.ACKNOWLEDGE if step is None else step]

@@ -74,6 +74,7 @@ from .ring import (
 
 __all__ = ["RECORD_KEY", "STASH_KEY", "CasToken", "ClusterClient", "ServerUnavailable"]
 
+
 class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
     """A pooled ``HashClient`` that fails over, never answers silent defaults, and
     cleans a server before it serves again (see the module docstring).
@@ -167,9 +168,7 @@ class ClusterClient(HashClient):  # type: ignore[misc]  # pymemcache is untyped
         try:
             return self._run_at_home(cmd, key, *args, **kwargs)
         except Exception as exc:
-            if not (
-                connection_lost(exc) and may_fail_over(cmd, key, unapplied=never_applied(exc))
-            ):
+            if not (connection_lost(exc) and may_fail_over(cmd, key, unapplied=never_applied(exc))):
                 raise
         return self._run_at_home(cmd, key, *args, **kwargs)
 

@@ -1,14 +1,16 @@
 """Group commit: increments of one counter that queue up in a process share a write.
 
 Every shard write costs a round trip and, on a busy client, more CPU than
-anything else an increment does. A process lets at most
-``max_concurrent_writes`` writes of one counter run at once; an increment
-that arrives while that many are in flight joins the group waiting for the
-next free slot, and that group goes out as one write of the sum of its
-deltas. Every member still returns only once the write holding its delta
-committed (or was stashed in delayed_incr), so nothing about what an
-``increment`` call guarantees changes; under load there are simply fewer,
-larger writes.
+anything else an increment does. A process writes one counter through one
+write at a time: an increment that arrives while a write is in flight joins
+the group waiting for the next, and that group goes out as one write of the
+sum of its deltas. A group that waits longer than a slow write takes opens a
+write slot of its own, up to ``max_concurrent_writes`` (slots.py says when).
+A group takes members until its write begins: those returning from the write
+before it, which come right back with their next increment, still make it.
+Every member still returns only once the write holding its delta committed
+(or was stashed in delayed_incr), so nothing about what an ``increment``
+call guarantees changes; under load there are simply fewer, larger writes.
 
 A group's write either lands whole or not at all, so its outcome is every
 member's outcome, with one exception: a ``CounterOverflowError`` or a bounded
@@ -30,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -40,6 +43,7 @@ from ..errors import (
     LimitReached,
 )
 from .registry import PerCounter
+from .slots import WriteTimes
 
 T = TypeVar("T")
 
@@ -58,7 +62,8 @@ class _Group:
         self.deltas: list[int] = []
         self.total = 0
         self.keys: dict[str, int] = {}  # a keyed group's keys, each once, with its delta
-        self.started = threading.Event()  # a slot was handed to this group
+        self.started = threading.Event()  # a slot was handed to this group (it still
+        # takes members until its leader begins the write and takes it off the queue)
         self.done = threading.Event()  # the write finished; ``error`` says how
         self.error: BaseException | None = None
         self.result: Any = None  # what the write returned, for every member
@@ -77,10 +82,11 @@ class WriteCombiner:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified as writes finish
-        self._running = 0
+        self._running = 0  # writes in flight, and slots handed to groups about to write
         self._limit = 1
         self._paused = 0  # exclusive() holders: nothing starts while above 0
         self._queue: collections.deque[_Group] = collections.deque()
+        self._times = WriteTimes()
 
     def run(
         self,
@@ -90,6 +96,7 @@ class WriteCombiner:
         limit: int,
         max_total: int,
         same_sign: bool = False,
+        eager: bool = False,
     ) -> T | None:
         """Have ``delta`` written by ``write`` (a function of an amount), alone or in a group,
         and return what that write returned (None when a group's deltas cancelled out and
@@ -97,16 +104,21 @@ class WriteCombiner:
 
         ``limit`` is how many writes may run at once; a group's total stays
         within ``±max_total`` (a delta larger than that goes in a group of its own).
-        With ``same_sign`` a group holds deltas of one sign only.
+        With ``same_sign`` a group holds deltas of one sign only. ``eager`` (the
+        ``group_commit=False`` setting) starts a write at once whenever fewer than
+        ``limit`` run, instead of only when none does.
         """
         group, leading = self._join(
-            None, delta, limit=limit, max_total=max_total, max_keys=0, same_sign=same_sign
+            None,
+            delta,
+            limit=limit,
+            max_total=max_total,
+            max_keys=0,
+            same_sign=same_sign,
+            eager=eager,
         )
         if group is None:
-            try:
-                return write(delta)
-            finally:
-                self._release()
+            return self._timed(lambda: write(delta))
         if leading:
             # Deltas that cancel out need no write at all.
             self._write_for(group, lambda: write(group.total) if group.total else None)
@@ -118,32 +130,38 @@ class WriteCombiner:
             # Nothing was written: does this delta fit alone? Alone, but still within
             # ``limit``: on a pessimistic engine every member at once would queue on
             # each other's shard locks.
-            return self._run_alone(delta, write, limit=limit)
+            return self._run_alone(delta, write, limit=limit, eager=eager)
         raise own_error(error, delta, len(group.deltas))
 
-    def _run_alone(self, delta: int, write: Callable[[int], T], *, limit: int) -> T:
-        group, _ = self._join(None, delta, limit=limit, max_total=0, max_keys=0, alone=True)
+    def _run_alone(self, delta: int, write: Callable[[int], T], *, limit: int, eager: bool) -> T:
+        group, _ = self._join(
+            None, delta, limit=limit, max_total=0, max_keys=0, alone=True, eager=eager
+        )
         if group is None:
-            try:
-                return write(delta)
-            finally:
-                self._release()
+            return self._timed(lambda: write(delta))
         self._write_for(group, lambda: write(delta))
         if group.error is not None:
             raise group.error
         return group.result  # type: ignore[no-any-return]
 
     def run_keyed(
-        self, key: str, delta: int, write: KeyedWrite, *, limit: int, max_total: int, max_keys: int
+        self,
+        key: str,
+        delta: int,
+        write: KeyedWrite,
+        *,
+        limit: int,
+        max_total: int,
+        max_keys: int,
+        eager: bool = False,
     ) -> None:
         """Have the keyed increment ``key`` of ``delta`` written by ``write``, alone or in a
         group of at most ``max_keys`` keys whose deltas sum within ``±max_total``."""
-        group, leading = self._join(key, delta, limit=limit, max_total=max_total, max_keys=max_keys)
+        group, leading = self._join(
+            key, delta, limit=limit, max_total=max_total, max_keys=max_keys, eager=eager
+        )
         if group is None:
-            try:
-                failed = write({key: delta})
-            finally:
-                self._release()
+            failed = self._timed(lambda: write({key: delta}))
             if key in failed:
                 raise failed[key]
             return
@@ -170,13 +188,16 @@ class WriteCombiner:
         max_keys: int,
         same_sign: bool = False,
         alone: bool = False,
+        eager: bool = False,
     ) -> tuple[_Group | None, bool]:
         """Take a write slot now (no group), or join the group queued for the next free
         one; and whether this member leads the group (it opened it, and writes for all).
-        ``alone``: queue in a group of its own, which nobody joins."""
+        ``alone``: queue in a group of its own, which nobody joins. Only the first write
+        starts at once: further slots open for groups that waited (``_await_slot``)."""
         with self._lock:
             self._limit = limit
-            if self._running < limit and not self._queue and not self._paused:
+            free = self._running < limit if eager else not self._running
+            if free and not self._queue and not self._paused:
                 self._running += 1
                 return None, False
             return queue_member(
@@ -192,24 +213,46 @@ class WriteCombiner:
 
     def _write_for(self, group: _Group, write: Callable[[], Any]) -> None:
         """Run the group's write once its slot comes; every member then sees the outcome."""
-        group.started.wait()
+        self._await_slot(group)
+        started = time.monotonic()
         try:
             group.result = write()
         except BaseException as exc:
             group.error = exc
         finally:
             group.done.set()
-            self._release()
+            self._release(time.monotonic() - started)
+
+    def _await_slot(self, group: _Group) -> None:
+        """Wait until a slot is handed to ``group``, or open one when the writes ahead of
+        it are slow (slots.py), then close it to new members: its total is final."""
+        while not group.started.wait(self._times.patience() if self._limit > 1 else None):
+            with self._lock:
+                if not group.started.is_set() and self._running < self._limit and not self._paused:
+                    self._running += 1
+                    group.started.set()
+        with self._lock:
+            self._queue.remove(group)  # from now on nobody joins it
+
+    def _timed(self, write: Callable[[], T]) -> T:
+        started = time.monotonic()
+        try:
+            return write()
+        finally:
+            self._release(time.monotonic() - started)
 
     @staticmethod
     def _keyed_write(group: _Group, write: KeyedWrite) -> None:
         group.key_errors = write(dict(group.keys))
 
-    def _release(self) -> None:
-        """A write finished: hand its slot to the next group, or free it."""
+    def _release(self, seconds: float) -> None:
+        """A write finished after ``seconds``: hand its slot to the next group waiting for
+        one, or free it."""
         with self._lock:
-            if self._queue and not self._paused:
-                self._queue.popleft().started.set()  # no one joins it from now on
+            self._times.took(seconds)
+            waiting = first_waiting(self._queue)
+            if waiting is not None and not self._paused:
+                waiting.started.set()
             else:
                 self._running -= 1
                 self._idle.notify_all()
@@ -227,9 +270,8 @@ class WriteCombiner:
         finally:
             with self._lock:
                 self._paused -= 1
-                while not self._paused and self._queue and self._running < self._limit:
-                    self._running += 1
-                    self._queue.popleft().started.set()
+                if not self._paused:
+                    self._running = hand_out(self._queue, self._running, self._limit)
 
 
 G = TypeVar("G")
@@ -268,6 +310,24 @@ def queue_member(
     group.deltas.append(delta)
     group.total += delta
     return group, len(group.deltas) == 1
+
+
+def first_waiting(queue: collections.deque[G]) -> G | None:
+    """The oldest group of ``queue`` no slot was handed to yet (groups handed one stay
+    queued, taking members, until their leader begins the write)."""
+    return next((g for g in queue if not g.started.is_set()), None)  # type: ignore[attr-defined]
+
+
+def hand_out(queue: collections.deque[G], running: int, limit: int) -> int:
+    """Hand free slots (below ``limit``) to the oldest waiting groups; the slots in use
+    afterwards."""
+    for group in queue:
+        if running >= limit:
+            break
+        if not group.started.is_set():  # type: ignore[attr-defined]
+            running += 1
+            group.started.set()  # type: ignore[attr-defined]
+    return running
 
 
 def joinable(

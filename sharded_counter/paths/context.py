@@ -9,6 +9,7 @@ through their contexts.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import TypeVar
 
@@ -38,6 +39,8 @@ SET_WAIT_CAP = 2.0
 
 T = TypeVar("T")
 
+log = logging.getLogger("sharded_counter")
+
 
 @dataclasses.dataclass(frozen=True)
 class CounterContext:
@@ -51,9 +54,12 @@ class CounterContext:
     picker: ShardPicker
     combiner: WriteCombiner
     stats: WriteStats
+    grows: bool = True  # adaptive sharding (growth.py); a bounded counter keeps its layout
 
     @classmethod
-    def make(cls, name: str, settings: Settings, backend: Backend) -> CounterContext:
+    def make(
+        cls, name: str, settings: Settings, backend: Backend, *, grows: bool = True
+    ) -> CounterContext:
         scope = backend.store.scope
         record_key, stash_key = cache_keys(settings.key_prefix, scope, name)
         return cls(
@@ -65,6 +71,7 @@ class CounterContext:
             picker=picker_for(scope, name),
             combiner=combiner_for(id(backend), scope, settings, name),
             stats=WriteStats(),
+            grows=grows,
         )
 
     def run(self, steps: Steps[T]) -> T:
@@ -73,8 +80,29 @@ class CounterContext:
 
     @property
     def shards(self) -> int:
-        """The number of shards new increments are spread over."""
-        return self.settings.shards
+        """The number of shards new increments are spread over: ``shards``, or more
+        while this process's writes meet contention (growth.py)."""
+        if not self.grows:
+            return self.settings.shards
+        return self.picker.growth.in_use(self.settings.shards, self.settings.max_shards)
+
+    def contended(self) -> None:
+        """A write met another writer: an abort, or a shard another process leased."""
+        self.picker.growth.contended()
+
+    def shard_written(self, **tallies: int) -> None:
+        """A shard write committed: tally it, and let adaptive sharding count it."""
+        self.stats.add(writes=1, **tallies)
+        if not self.grows:
+            return
+        settings = self.settings
+        grown = self.picker.growth.wrote(settings.shards, settings.max_shards)
+        if grown is not None:
+            log.info(
+                "counter %r: this process now spreads its writes over %d shards",
+                self.name,
+                grown,
+            )
 
     @property
     def shard_limit(self) -> int:

@@ -65,7 +65,7 @@ class KeyedWrites:
                 return dict.fromkeys(left, exc)
             return {k: self._error(step, d, exc) for k, d in left.items()}
         if state is not None:
-            ctx.stats.add(writes=1, keys_applied=len(left))
+            ctx.shard_written(keys_applied=len(left))
             yield from cache.records.merge(ctx.record_key, ctx.stash_key, [state])
             yield from self.shards.rebalance_if_needed(state)
         if doubtful:

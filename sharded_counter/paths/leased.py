@@ -54,6 +54,7 @@ def leased_shard(
                 leased = key
                 break
             ctx.stats.add(lease_misses=1)
+            ctx.contended()
             if attempt == _TRIES - 1:
                 break
         assert picked is not None
@@ -93,6 +94,7 @@ def leased_lenders(
             if not refused:
                 break
             ctx.stats.add(lease_misses=len(refused))
+            ctx.contended()
             avoid |= refused
             lenders = choose(avoid)
         result: T = yield from body(lenders)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .growth import ShardGrowth
 from .registry import PerCounter
 
 
@@ -42,6 +43,8 @@ class ShardPicker:
         #: limit and could not spread it back: its writes then use transactions.
         self.transforms_unsafe = False
         self._resolve_after = 0.0  # monotonic time before which no resolution is tried
+        #: How many shards writes spread over (adaptive sharding: growth.py).
+        self.growth = ShardGrowth()
 
     @contextmanager
     def pick(self, shards: int, prefer: int | None = None) -> Iterator[tuple[int, bool]]:

@@ -60,6 +60,7 @@ class ShardWriter:
         """Tally one failed write attempt; returns whether it may have been applied."""
         if isinstance(exc, CONTENTION):
             self.ctx.stats.add(aborts=1)
+            self.ctx.contended()
         elif isinstance(exc, RETRYABLE):
             self.ctx.stats.add(transient_errors=1)
         return outcome_unknown(exc)
@@ -124,7 +125,7 @@ class ShardWriter:
                     # this process's slot.
                     ctx.picker.reserve(token, index)
                 raise
-            ctx.stats.add(writes=1)
+            ctx.shard_written()
             if not folded:
                 ctx.picker.release(token)
             return state

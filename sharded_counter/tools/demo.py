@@ -127,11 +127,13 @@ def _race(engine: str, threads: int, seconds: float, shards: int, console: Conso
             Counter(
                 f"demo-one-{engine}-{tag}",
                 shards=1,
+                max_shards=1,  # the one entity, as written
                 write_mode="transaction",
                 memcached_hosts=(),
                 # The pattern as the originals wrote it: one write per increment,
                 # no group commit (more writes in flight than threads).
                 max_concurrent_writes=max(threads, 1),
+                group_commit=False,
                 **limits,
             ),
         ),
