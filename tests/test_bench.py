@@ -60,12 +60,25 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
     assert outcome.exact, quick_run.output
     assert "every count was exact" in quick_run.output
     results = outcome.engines[engine]
-    expected = {c.key for c in CONTENDERS if c.runs_on(engine)}
+    expected = {c.key for c in CONTENDERS if c.runs_on(engine) and c.threads}
     for threads in THREADS:
         measured = {p.contender for p in results.points if (p.threads, p.processes) == (threads, 1)}
         assert measured == expected
     several = {p.contender for p in results.points if p.processes == 2}
-    assert several == {"counter", "counter-keyed", "bounded", "blind", "buffer", "shared-buffer"}
+    assert several == {
+        "counter",
+        "counter-default",
+        "counter-keyed",
+        "bounded",
+        "blind",
+        "buffer",
+        "shared-buffer",
+    }
+    # The default counter reports the shard count each of its processes ended at.
+    for point in results.points:
+        if point.contender == "counter-default":
+            assert len(point.shards_in_use) == 2
+            assert all(10 <= n <= 20 for n in point.shards_in_use), point.shards_in_use
     for point in results.points:
         assert point.load.acked > 0, point
         assert point.check.uncached == point.load.expected, point
@@ -217,6 +230,8 @@ def test_targets_pass_fail_and_not_measured() -> None:
         "Counter p99, 2 processes x 8 threads, vs blind puts'": "not measured",
         "Counter, 4 processes x 4 threads, vs blind puts": "not measured",
         "Counter p99, 4 processes x 4 threads, vs blind puts'": "not measured",
+        "default Counter, adaptive shards, 2 x 8, vs blind puts": "not measured",
+        "default Counter p99, adaptive shards, 2 x 8, vs blind puts'": "not measured",
         "SharedBuffer, 2 processes x 8 threads, vs blind puts": "not measured",
         "AsyncCounter, 64 tasks, vs Counter, 16 threads": "not measured",
         "buffered increments, one thread": "FAIL",  # 900k < 1M

@@ -28,7 +28,12 @@ SHARDS = 20  # the shard count of the default Counter, the buffer and the transf
 BUFFER_INTERVAL = 0.5
 # More than the most writer threads the bench runs: every increment is a write of
 # its own, so the write paths themselves are measured, without group commit.
-ONE_WRITE_EACH: dict[str, Any] = {"max_concurrent_writes": 64}
+ONE_WRITE_EACH: dict[str, Any] = {"max_concurrent_writes": 64, "group_commit": False}
+
+
+def _fixed(shards: int) -> dict[str, Any]:
+    """A contender measured at exactly ``shards`` shards: adaptive sharding off."""
+    return {"shards": shards, "max_shards": shards}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Target:
     cache_slots: list[tuple[object, str]]  # (object, attribute) holding a memcache client
     aborts: Callable[[], int] | None = None  # contention aborts so far, where known
     settle: Callable[[], None] = _no_op  # inside the timed span, after the writers stop
+    shards_in_use: Callable[[], int] | None = None  # adaptive sharding's count, at the end
 
 
 Opener = Callable[[str, float], Target]  # (name, seconds per measurement) -> Target
@@ -72,6 +78,7 @@ class Contender:
     engines: tuple[str, ...] = ("classic", "firestore")
     unsupported: str = ""  # why it is "n/a" on the other engines
     processes: bool = False  # also measured with several processes
+    threads: bool = True  # measured from threads of one process (False: processes only)
     batch: int = 1  # increments between two looks at the clock (fast contenders)
 
     def runs_on(self, engine: str) -> bool:
@@ -104,6 +111,7 @@ def _counter_target(name: str, seconds: float, *, read: bool = True, **options: 
         rpc_slots=[(counter._backend.store, "rpc")],
         cache_slots=[(cache, "_client")],
         aborts=lambda: counter.stats.snapshot()["aborts"],
+        shards_in_use=lambda: counter.shards_in_use,
     )
 
 
@@ -221,25 +229,34 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender(
         "naive",
         "one entity, transaction, no cache",
-        _counter(shards=1, write_mode="transaction", memcached_hosts=(), **ONE_WRITE_EACH),
+        _counter(**_fixed(1), write_mode="transaction", memcached_hosts=(), **ONE_WRITE_EACH),
     ),
     *(
         Contender(
             f"txn-{n}",
             f"transaction, {n} shard{'s' if n > 1 else ''}",
-            _counter(shards=n, write_mode="transaction", **ONE_WRITE_EACH),
+            _counter(**_fixed(n), write_mode="transaction", **ONE_WRITE_EACH),
         )
         for n in (1, 5, 20, 50)
     ),
     Contender(
         "transform-20",
         f"transform, {SHARDS} shards",
-        _counter(shards=SHARDS, write_mode="transform", **ONE_WRITE_EACH),
+        _counter(**_fixed(SHARDS), write_mode="transform", **ONE_WRITE_EACH),
         engines=("firestore",),
         unsupported=_TRANSFORM_NOTE,
     ),
     Contender(
         "counter", f"sharded Counter ({SHARDS}, auto)", _counter(shards=SHARDS), processes=True
+    ),
+    # Issue 17: a counter made with the default shard count, which adaptive sharding
+    # grows under contention, measured from a cold start at the process layouts.
+    Contender(
+        "counter-default",
+        "sharded Counter (default shards, adaptive)",
+        _counter(),
+        processes=True,
+        threads=False,
     ),
     # The same Counter with group commit out of the way: what one write per
     # increment costs on the best path for the engine.
@@ -258,7 +275,7 @@ CONTENDERS: tuple[Contender, ...] = (
     Contender(
         "counter-solo",
         f"sharded Counter ({SHARDS}), no group commit",
-        _counter(shards=SHARDS, **ONE_WRITE_EACH),
+        _counter(**_fixed(SHARDS), **ONE_WRITE_EACH),
     ),
     # Not one of the ways to count: the same Counter while nobody reads it, so no
     # total is cached and a write's merge is one memcache call. Next to the line

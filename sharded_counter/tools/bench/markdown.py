@@ -76,6 +76,19 @@ def writers(engine: dict[str, Any]) -> str:
             ]
         )
     notes = []
+    for key, label in labels:
+        grown = [
+            f"{p['processes']}x{p['threads']}: {'/'.join(map(str, p['shards_in_use']))}"
+            for p in sorted(
+                engine["writers"], key=lambda p: (p["processes"], p["threads"], p["repeat"])
+            )
+            if p["contender"] == key and p.get("shards_in_use")
+        ]
+        if grown:
+            notes.append(
+                f"\n\n{label}: shards each process spread its writes over at the end of "
+                f"each repeat (adaptive sharding), {'; '.join(grown)}."
+            )
     for key, why in engine["not_applicable"].items():
         label = BY_KEY[key].label if key in BY_KEY else key
         rows.append([label, *["n/a"] * (len(header) - 1)])

@@ -49,6 +49,7 @@ class _Report:
     warnings: dict[str, int]
     error: str = ""
     entities: int = 0
+    shards_in_use: int | None = None
 
 
 def _child(job: _Job, barrier: Any, reports: Any) -> None:
@@ -82,6 +83,7 @@ def _child(job: _Job, barrier: Any, reports: Any) -> None:
                 cpu,
                 dict(warnings.counts),
                 entities=rpcs.written(),
+                shards_in_use=None if target.shards_in_use is None else target.shards_in_use(),
             )
         )
     except BaseException as exc:
@@ -142,6 +144,7 @@ def measure_processes(
         cpu=cpu,
         warnings=_sum_calls(r.warnings for r in done),
         entities=sum(r.entities for r in done),
+        shards_in_use=tuple(r.shards_in_use for r in done if r.shards_in_use is not None),
     )
 
 

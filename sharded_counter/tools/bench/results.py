@@ -62,6 +62,7 @@ class Point:
     cpu: dict[str, float | None]  # CPU seconds: client, emulator, memcached
     warnings: dict[str, int] = dataclasses.field(default_factory=dict)  # by log template
     entities: int = 0  # entities the commits wrote (shards, key records, ...)
+    shards_in_use: tuple[int, ...] = ()  # each process's shard count at the end (adaptive)
     repeat: int = 0  # which of the run's repeats of every point this is
     ratio_to_blind: float | None = None  # filled in once the blind rate is known
     # Filled in by EngineResults.summarize on the repeat whose rate is the median:

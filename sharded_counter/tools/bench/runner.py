@@ -90,7 +90,15 @@ def _bench_engine(
     _warm_up(engine, options)
     # The blind puts first, then the target's contenders right after them, so the
     # ratios the targets are about compare measurements taken close together.
-    first = ("blind", "counter", "bounded", "counter-solo", "counter-unread", "transform-20")
+    first = (
+        "blind",
+        "counter",
+        "counter-default",
+        "bounded",
+        "counter-solo",
+        "counter-unread",
+        "transform-20",
+    )
     contenders = sorted(
         (c for c in CONTENDERS if c.runs_on(engine)),
         key=lambda c: first.index(c.key) if c.key in first else len(first),
@@ -101,7 +109,7 @@ def _bench_engine(
     # repeat of one; a point's figure is its median repeat.
     for repeat in range(options.repeats):
         for threads in options.threads:
-            for contender in contenders:
+            for contender in (c for c in contenders if c.threads):
                 point = measure(contender, engine, threads, options.seconds, watch)
                 _record(console, results, dataclasses.replace(point, repeat=repeat), emulator)
         for processes, threads in options.layouts:
