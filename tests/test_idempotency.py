@@ -18,7 +18,7 @@ from google.cloud import datastore
 from sharded_counter import Counter, IncrementNotRecorded
 from sharded_counter.core.keys import IDEMPOTENCY_KIND, idempotency_record_name
 from sharded_counter.core.validation import check_idempotency_key
-from sharded_counter.store.keyed import KeyedShardStore
+from sharded_counter.store.keyed import MAX_KEYS_PER_WRITE, KeyedShardStore
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends
@@ -230,3 +230,39 @@ def test_the_docs_example_runs(sharded_counter_env: dict[str, str]) -> None:
     source = section.split("```python\n", 1)[1].split("```", 1)[0]
     exec(compile(source, "docs/using.md", "exec"), {})
     assert Counter("likes").get_count(nocache=True) == 3
+
+
+def test_a_write_of_the_most_keys_a_group_holds_fits_one_transaction(
+    sharded_counter_env: dict[str, str],
+) -> None:
+    # The shard and one key record per key, in one transaction: within the classic
+    # Datastore's 25 entity groups.
+    counter = Counter("widest-keyed-write", shards=3)
+    keys = {f"wide-{i}": 1 for i in range(MAX_KEYS_PER_WRITE)}
+    assert counter._ctx.run(counter._keyed.write(keys)) == {}
+    assert counter.get_count(nocache=True) == MAX_KEYS_PER_WRITE
+
+
+def test_forty_threads_of_keyed_increments_are_all_recorded(
+    sharded_counter_env: dict[str, str],
+) -> None:
+    # One write in flight and 39 keys queued behind it: the groups must stay within
+    # what one transaction can take, or whole groups are refused.
+    counter = Counter("many-keyed-writers", shards=5)
+    failures: list[BaseException] = []
+
+    def deliver(worker: int) -> None:
+        for i in range(15):
+            try:
+                counter.increment(1, idempotency_key=f"w{worker}-{i}")
+            except Exception as exc:  # the assertion below shows them
+                failures.append(exc)
+
+    threads = [threading.Thread(target=deliver, args=(w,)) for w in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert counter.get_count(nocache=True) == 40 * 15
+    assert counter.count == 40 * 15
