@@ -76,7 +76,9 @@ def writers(engine: dict[str, Any]) -> str:
             ]
         )
     notes = []
-    for key, label in labels:
+    # The shard counts adaptive sharding ended at, for the contender that starts from the
+    # default count (the others start at the most they may use, or wrap one that does).
+    for key, label in [(k, lab) for k, lab in labels if k == "counter-default"]:
         grown = [
             f"{p['processes']}x{p['threads']}: {'/'.join(map(str, p['shards_in_use']))}"
             for p in sorted(
