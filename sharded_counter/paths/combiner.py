@@ -34,7 +34,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..errors import (
     CounterOverflowError,
@@ -312,21 +312,37 @@ def queue_member(
     return group, len(group.deltas) == 1
 
 
-def first_waiting(queue: collections.deque[G]) -> G | None:
+class _Flag(Protocol):
+    def is_set(self) -> bool: ...
+    def set(self) -> None: ...
+
+
+class Slotted(Protocol):
+    """A queued group, of threads or of tasks: ``started`` is set when a slot is
+    handed to it (a ``threading.Event`` or an ``asyncio.Event``)."""
+
+    @property
+    def started(self) -> _Flag: ...
+
+
+S = TypeVar("S", bound=Slotted)
+
+
+def first_waiting(queue: collections.deque[S]) -> S | None:
     """The oldest group of ``queue`` no slot was handed to yet (groups handed one stay
     queued, taking members, until their leader begins the write)."""
-    return next((g for g in queue if not g.started.is_set()), None)  # type: ignore[attr-defined]
+    return next((g for g in queue if not g.started.is_set()), None)
 
 
-def hand_out(queue: collections.deque[G], running: int, limit: int) -> int:
+def hand_out(queue: collections.deque[S], running: int, limit: int) -> int:
     """Hand free slots (below ``limit``) to the oldest waiting groups; the slots in use
     afterwards."""
     for group in queue:
         if running >= limit:
             break
-        if not group.started.is_set():  # type: ignore[attr-defined]
+        if not group.started.is_set():
             running += 1
-            group.started.set()  # type: ignore[attr-defined]
+            group.started.set()
     return running
 
 

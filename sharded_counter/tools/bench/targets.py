@@ -88,6 +88,37 @@ def _paired(measured: Timed | None, base: Timed | None) -> float | None:
     return paired_ratio(measured.round_rates, base.round_rates, measured.rate, base.rate)
 
 
+def _against_blind_puts(
+    engine: str,
+    results: EngineResults,
+    contender: str,
+    procs: int,
+    each: int,
+    what: str,
+    how: str,
+) -> list[TargetResult]:
+    """Issue 17's pair for ``contender`` at ``procs`` processes of ``each`` threads: its
+    rate at least the blind puts' from the same processes, its p99 at most 1.5x theirs."""
+    measured = results.point(contender, each, processes=procs)
+    blind = results.point("blind", each, processes=procs)
+    # "Counter, 2 processes x 8 threads" -> "Counter p99, 2 processes x 8 threads"
+    first, _, rest = what.partition(", ")
+    return [
+        TargetResult(
+            engine, f"{what}, vs blind puts", _vs_blind(measured), PROCESSES_VS_BLIND, "x", how
+        ),
+        TargetResult(
+            engine,
+            f"{first} p99, {rest}, vs blind puts'",
+            _p99_ratio(measured, blind),
+            PROCESSES_P99_VS_BLIND,
+            "x",
+            f"p99 latency per increment / blind puts' p99, {procs} x {each}",
+            at_most=True,
+        ),
+    ]
+
+
 def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
     found: list[TargetResult] = []
     for engine, results in engines.items():
@@ -126,54 +157,26 @@ def evaluate(engines: Mapping[str, EngineResults]) -> list[TargetResult]:
             )
         )
         for procs, each in LAYOUTS:
-            spread = results.point("counter", each, processes=procs)
-            blind = results.point("blind", each, processes=procs)
-            found.append(
-                TargetResult(
-                    engine,
-                    f"Counter, {procs} processes x {each} threads, vs blind puts",
-                    _vs_blind(spread),
-                    PROCESSES_VS_BLIND,
-                    "x",
-                    f"Counter(shards=20) increments/s / blind puts/s, {procs} processes x "
-                    f"{each} threads each",
-                )
-            )
-            found.append(
-                TargetResult(
-                    engine,
-                    f"Counter p99, {procs} processes x {each} threads, vs blind puts'",
-                    _p99_ratio(spread, blind),
-                    PROCESSES_P99_VS_BLIND,
-                    "x",
-                    f"p99 latency per increment / blind puts' p99, {procs} x {each}",
-                    at_most=True,
-                )
+            found += _against_blind_puts(
+                engine,
+                results,
+                "counter",
+                procs,
+                each,
+                f"Counter, {procs} processes x {each} threads",
+                f"Counter(shards=20) increments/s / blind puts/s, {procs} processes x "
+                f"{each} threads each",
             )
         procs, each = GROWTH_LAYOUT
-        grown = results.point("counter-default", each, processes=procs)
-        blind = results.point("blind", each, processes=procs)
-        found.append(
-            TargetResult(
-                engine,
-                f"default Counter, adaptive shards, {procs} x {each}, vs blind puts",
-                _vs_blind(grown),
-                PROCESSES_VS_BLIND,
-                "x",
-                f"Counter() increments/s from a cold start / blind puts/s, {procs} processes "
-                f"x {each} threads each",
-            )
-        )
-        found.append(
-            TargetResult(
-                engine,
-                f"default Counter p99, adaptive shards, {procs} x {each}, vs blind puts'",
-                _p99_ratio(grown, blind),
-                PROCESSES_P99_VS_BLIND,
-                "x",
-                f"p99 latency per increment / blind puts' p99, {procs} x {each}",
-                at_most=True,
-            )
+        found += _against_blind_puts(
+            engine,
+            results,
+            "counter-default",
+            procs,
+            each,
+            f"default Counter, adaptive shards, {procs} x {each}",
+            f"Counter() increments/s from a cold start / blind puts/s, {procs} processes "
+            f"x {each} threads each",
         )
         shared = results.point("shared-buffer", 8, processes=2)
         found.append(
