@@ -16,7 +16,16 @@ from hypothesis import strategies as st
 from sharded_counter import Counter
 from sharded_counter.paths import growth
 from sharded_counter.paths.growth import ShardGrowth
-from sharded_counter.paths.slots import FIRST_GUESS, MIN_PATIENCE, SLOW, WriteTimes
+from sharded_counter.paths.slots import (
+    FIRST_GUESS,
+    FORGET_AFTER,
+    GAP_FACTOR,
+    LINGER_SHARE,
+    MIN_PATIENCE,
+    SLOW,
+    Returns,
+    WriteTimes,
+)
 
 
 def writes(policy: ShardGrowth, n: int, *, contended: bool, start: int, maximum: int) -> list[int]:
@@ -99,6 +108,57 @@ def test_write_times_set_the_patience_of_a_queued_group() -> None:
     for _ in range(200):
         times.took(0.0001)
     assert times.patience() == MIN_PATIENCE  # never sooner than the floor
+
+
+def test_writers_that_come_straight_back_are_waited_for() -> None:
+    returns = Returns()
+    assert returns.linger(0.02) == 0.0  # nobody came back yet: no reason to wait
+    now = 100.0
+    for _ in range(50):  # a write of "a" and "b" ends; both are back 0.2 ms later
+        returns.finished(["a", "b"], now)
+        assert returns.expected(now)
+        returns.joined("a", now + 0.0002)
+        assert returns.expected(now + 0.0002)  # "b" is still out
+        returns.joined("b", now + 0.0002)
+        assert not returns.expected(now + 0.0002)
+        now += 0.02
+    assert returns.usual_gap == pytest.approx(0.0002)
+    assert returns.linger(0.02) == pytest.approx(GAP_FACTOR * 0.0002)
+
+
+def test_writers_that_come_back_late_are_not_waited_for() -> None:
+    # Requests arriving one by one: each writer is back long after its write ended.
+    returns = Returns()
+    now = 100.0
+    for _ in range(50):
+        returns.finished(["a"], now)
+        returns.joined("a", now + 0.03)
+        now += 0.05
+    assert returns.linger(0.02) == 0.0
+
+
+def test_a_writer_that_never_comes_back_is_forgotten() -> None:
+    returns = Returns()
+    returns.finished(["gone"], 100.0)
+    assert returns.expected(100.0 + FORGET_AFTER / 2)
+    assert not returns.expected(100.0 + FORGET_AFTER * 2)
+    returns.finished(["other"], 100.0 + FORGET_AFTER * 2)  # and dropped from the books
+    returns.joined("gone", 100.0 + FORGET_AFTER * 3)
+    assert returns.usual_gap is None  # so its late return teaches nothing
+
+
+@given(
+    gaps=st.lists(st.floats(min_value=0.0, max_value=0.9), min_size=1, max_size=50),
+    usual_write=st.floats(min_value=1e-4, max_value=5.0),
+)
+def test_the_wait_never_passes_its_share_of_a_write(gaps: list[float], usual_write: float) -> None:
+    returns = Returns()
+    now = 0.0
+    for gap in gaps:
+        returns.finished(["w"], now)
+        returns.joined("w", now + gap)
+        now += gap + 1.0
+        assert 0.0 <= returns.linger(usual_write) <= LINGER_SHARE * usual_write
 
 
 # -- on the real backends: two processes of writers on one counter ---------------------------

@@ -55,6 +55,35 @@ def queued(combiner: WriteCombiner) -> int:
     return sum(len(group.deltas) for group in combiner._queue)
 
 
+def closed_loop_groups(writers: int, write_seconds: float, rounds: int) -> list[int]:
+    """``writers`` threads each increment by 1, ``rounds`` times, straight back each time,
+    through one combiner whose write takes ``write_seconds``; the size of every group."""
+    combiner, sizes = WriteCombiner(), []
+
+    def write(amount: int) -> None:
+        sizes.append(amount)
+        time.sleep(write_seconds)
+
+    def loop() -> None:
+        for _ in range(rounds):
+            combiner.run(1, write, limit=1, max_total=2**32)
+
+    threads = [start(loop) for _ in range(writers)]
+    for thread in threads:
+        thread.join(60)
+    assert sum(sizes) == writers * rounds
+    return sizes
+
+
+def test_writers_that_come_straight_back_make_full_groups() -> None:
+    # With one write in flight and no waiting, 4 writers looping made groups of 2: the
+    # half in the write, and the half queued behind it (slots.Returns). The first
+    # writes teach the combiner how soon writers come back, so only the later count.
+    sizes = closed_loop_groups(writers=4, write_seconds=0.1, rounds=12)
+    later = sizes[len(sizes) // 2 :]
+    assert sum(later) / len(later) > 3.0, sizes
+
+
 def behind_one_write(
     combiner: WriteCombiner, run: Callable[[int], None], deltas: list[int], release: threading.Event
 ) -> None:

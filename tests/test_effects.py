@@ -126,6 +126,30 @@ def test_tasks_queued_behind_a_running_write_go_out_as_one() -> None:
     assert results == [1, 9, 9, 9]
 
 
+def test_tasks_that_come_straight_back_make_full_groups() -> None:
+    # 8 tasks each looping over increments: once a write ends, all 8 are back before
+    # the next begins. Without waiting for them (slots.Returns) the first one back took
+    # the free slot alone, and the groups went 1, 7, 1, 7, ...
+    async def main() -> list[int]:
+        combiner, sizes = AsyncWriteCombiner(), []
+
+        async def write(amount: int) -> None:
+            sizes.append(amount)
+            await asyncio.sleep(0.02)
+
+        async def loop() -> None:
+            for _ in range(20):
+                await combiner.run(1, write, limit=1, max_total=100)
+
+        await asyncio.gather(*(loop() for _ in range(8)))
+        return sizes
+
+    sizes = asyncio.run(main())
+    assert sum(sizes) == 160
+    later = sizes[len(sizes) // 2 :]
+    assert sum(later) / len(later) > 7.0, sizes
+
+
 def test_each_member_of_a_failed_group_is_told_of_its_own_delta() -> None:
     async def main() -> list[Any]:
         combiner = AsyncWriteCombiner()

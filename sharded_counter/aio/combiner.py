@@ -5,7 +5,9 @@ loop, and more, up to ``max_concurrent_writes``, only for groups that waited
 longer than a slow write takes (paths/slots.py); an increment that arrives
 while a write is in flight joins the group waiting for the next
 (``combiner.queue_member`` decides, as it does for threads), and the group goes out
-as one write of its sum. Every member returns once that write is over, with
+as one write of its sum; a group about to write waits a moment for the members
+of the write that just ended when they usually come straight back
+(``slots.Returns``). Every member returns once that write is over, with
 its outcome (``combiner.own_error`` names each member's own delta in an error).
 A sum refused whole (``CounterOverflowError``) is written again member by member.
 Keyed increments group among themselves, each key once, and each member gets
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 
 from ..errors import CounterOverflowError
 from ..paths.combiner import SUM_REFUSED, first_waiting, hand_out, own_error, queue_member
-from ..paths.slots import WriteTimes
+from ..paths.slots import Returns, WriteTimes
 
 T = TypeVar("T")
 
@@ -35,6 +37,7 @@ class _Group:
         self.keyed = keyed
         self.closed = closed
         self.deltas: list[int] = []
+        self.writers: list[int] = []  # each member's task, expected back when it ends
         self.total = 0
         self.keys: dict[str, int] = {}
         self.started = asyncio.Event()
@@ -60,6 +63,8 @@ class AsyncWriteCombiner:
         self._idle = asyncio.Event()
         self._queue: collections.deque[_Group] = collections.deque()
         self._times = WriteTimes()
+        self._returns = Returns()
+        self._joined = asyncio.Event()  # set as writers join, for a group waiting on them
 
     async def run(
         self,
@@ -75,7 +80,7 @@ class AsyncWriteCombiner:
         ``eager`` as for threads (paths/combiner.py)."""
         group, leading = self._join(delta, limit=limit, max_total=max_total, eager=eager)
         if group is None:
-            return await self._timed(write(delta))
+            return await self._timed(write(delta), _me())
         if leading:
             # The total once the slot comes: members join until then.
             await self._write_for(group, lambda: write(group.total) if group.total else _nothing())
@@ -90,7 +95,7 @@ class AsyncWriteCombiner:
     async def _run_alone(self, delta: int, write: Callable[[int], Awaitable[T]], eager: bool) -> T:
         group, _ = self._join(delta, limit=self._limit, max_total=0, alone=True, eager=eager)
         if group is None:
-            return await self._timed(write(delta))
+            return await self._timed(write(delta), _me())
         await self._write_for(group, lambda: write(delta))
         if group.error is not None:
             raise group.error
@@ -113,7 +118,7 @@ class AsyncWriteCombiner:
             delta, limit=limit, max_total=max_total, key=key, max_keys=max_keys, eager=eager
         )
         if group is None:
-            failed = await self._timed(write({key: delta}))
+            failed = await self._timed(write({key: delta}), _me())
             if key in failed:
                 raise failed[key]
             return
@@ -146,11 +151,23 @@ class AsyncWriteCombiner:
         eager: bool = False,
     ) -> tuple[_Group | None, bool]:
         self._limit = limit
+        me, now = _me(), time.monotonic()
+        self._returns.joined(me, now)
+        self._joined.set()
         free = self._running < limit if eager else not self._running
         if free and not self._queue and not self._paused:
             self._running += 1
-            return None, False
-        return queue_member(
+            if alone or eager or not self._lingers(now):
+                return None, False
+            group, leading = self._queue_member(key, delta, max_total, max_keys, alone=False)
+            group.started.set()  # the slot is its own: it only waits for the others
+            return group, leading
+        return self._queue_member(key, delta, max_total, max_keys, alone=alone)
+
+    def _queue_member(
+        self, key: str | None, delta: int, max_total: int, max_keys: int, *, alone: bool
+    ) -> tuple[_Group, bool]:
+        group, leading = queue_member(
             self._queue,
             _Group,
             key,
@@ -160,6 +177,12 @@ class AsyncWriteCombiner:
             same_sign=False,
             alone=alone,
         )
+        group.writers.append(_me())
+        return group, leading
+
+    def _lingers(self, now: float) -> bool:
+        """Would a group beginning its write now wait for returning writers?"""
+        return self._returns.expected(now) and self._returns.linger(self._times.usual) > 0
 
     async def _write_for(self, group: _Group, write: Callable[[], Awaitable[Any]]) -> None:
         await self._await_slot(group)
@@ -169,8 +192,7 @@ class AsyncWriteCombiner:
         except BaseException as exc:
             group.error = exc
         finally:
-            group.done.set()
-            self._release(time.monotonic() - started)
+            self._release(time.monotonic() - started, group.writers, group.done)
 
     async def _await_slot(self, group: _Group) -> None:
         """Wait until a slot is handed to ``group``, or open one when the writes ahead of
@@ -184,19 +206,32 @@ class AsyncWriteCombiner:
             if not group.started.is_set() and self._running < self._limit and not self._paused:
                 self._running += 1
                 group.started.set()
+        now = time.monotonic()
+        if not group.closed and self._lingers(now):
+            deadline = now + self._returns.linger(self._times.usual)
+            while now < deadline and self._returns.expected(now):
+                self._joined.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._joined.wait(), deadline - now)
+                now = time.monotonic()
         self._queue.remove(group)  # from now on nobody joins it
 
-    async def _timed(self, write: Awaitable[T]) -> T:
+    async def _timed(self, write: Awaitable[T], writer: int) -> T:
         started = time.monotonic()
         try:
             return await write
         finally:
-            self._release(time.monotonic() - started)
+            self._release(time.monotonic() - started, [writer])
 
-    def _release(self, seconds: float) -> None:
-        """A write finished after ``seconds``: hand its slot to the next group waiting for
-        one, or free it."""
+    def _release(
+        self, seconds: float, writers: list[int], done: asyncio.Event | None = None
+    ) -> None:
+        """A write of ``writers`` finished after ``seconds``: tell its members (``done``),
+        expect them back, and hand its slot to the next group waiting for one, or free it."""
         self._times.took(seconds)
+        self._returns.finished(writers, time.monotonic())
+        if done is not None:
+            done.set()
         waiting = first_waiting(self._queue)
         if waiting is not None and not self._paused:
             waiting.started.set()
@@ -223,3 +258,9 @@ class AsyncWriteCombiner:
 
 async def _nothing() -> None:
     return None
+
+
+def _me() -> int:
+    """The writer: the task calling (the loop itself outside one, for a callback), by
+    its id, so that a task that never comes back is not kept alive by the wait."""
+    return id(asyncio.current_task() or asyncio.get_running_loop())

@@ -6,8 +6,9 @@ write at a time: an increment that arrives while a write is in flight joins
 the group waiting for the next, and that group goes out as one write of the
 sum of its deltas. A group that waits longer than a slow write takes opens a
 write slot of its own, up to ``max_concurrent_writes`` (slots.py says when).
-A group takes members until its write begins: those returning from the write
-before it, which come right back with their next increment, still make it.
+A group takes members until its write begins, and when the members of the
+write that just ended usually come straight back, it waits a moment for them
+first (``slots.Returns``).
 Every member still returns only once the write holding its delta committed
 (or was stashed in delayed_incr), so nothing about what an ``increment``
 call guarantees changes; under load there are simply fewer, larger writes.
@@ -43,7 +44,7 @@ from ..errors import (
     LimitReached,
 )
 from .registry import PerCounter
-from .slots import WriteTimes
+from .slots import Returns, WriteTimes
 
 T = TypeVar("T")
 
@@ -60,6 +61,7 @@ class _Group:
         self.keyed = keyed
         self.closed = closed  # a member that writes alone: nobody else joins it
         self.deltas: list[int] = []
+        self.writers: list[int] = []  # each member's thread, expected back when it ends
         self.total = 0
         self.keys: dict[str, int] = {}  # a keyed group's keys, each once, with its delta
         self.started = threading.Event()  # a slot was handed to this group (it still
@@ -87,6 +89,9 @@ class WriteCombiner:
         self._paused = 0  # exclusive() holders: nothing starts while above 0
         self._queue: collections.deque[_Group] = collections.deque()
         self._times = WriteTimes()
+        self._returns = Returns()
+        self._joined = threading.Condition(self._lock)  # notified as writers join
+        self._lingering = 0  # leaders waiting for returning writers
 
     def run(
         self,
@@ -118,7 +123,7 @@ class WriteCombiner:
             eager=eager,
         )
         if group is None:
-            return self._timed(lambda: write(delta))
+            return self._timed(lambda: write(delta), threading.get_ident())
         if leading:
             # Deltas that cancel out need no write at all.
             self._write_for(group, lambda: write(group.total) if group.total else None)
@@ -138,7 +143,7 @@ class WriteCombiner:
             None, delta, limit=limit, max_total=0, max_keys=0, alone=True, eager=eager
         )
         if group is None:
-            return self._timed(lambda: write(delta))
+            return self._timed(lambda: write(delta), threading.get_ident())
         self._write_for(group, lambda: write(delta))
         if group.error is not None:
             raise group.error
@@ -161,7 +166,7 @@ class WriteCombiner:
             key, delta, limit=limit, max_total=max_total, max_keys=max_keys, eager=eager
         )
         if group is None:
-            failed = self._timed(lambda: write({key: delta}))
+            failed = self._timed(lambda: write({key: delta}), threading.get_ident())
             if key in failed:
                 raise failed[key]
             return
@@ -193,23 +198,52 @@ class WriteCombiner:
         """Take a write slot now (no group), or join the group queued for the next free
         one; and whether this member leads the group (it opened it, and writes for all).
         ``alone``: queue in a group of its own, which nobody joins. Only the first write
-        starts at once: further slots open for groups that waited (``_await_slot``)."""
+        starts at once: further slots open for groups that waited (``_await_slot``).
+        A free slot is taken by a group, not at once, while writers are expected back
+        (``slots.Returns``): it then waits for them before it writes."""
+        me = threading.get_ident()
         with self._lock:
             self._limit = limit
+            now = time.monotonic()
+            self._returns.joined(me, now)
+            if self._lingering:
+                self._joined.notify_all()
             free = self._running < limit if eager else not self._running
             if free and not self._queue and not self._paused:
                 self._running += 1
-                return None, False
-            return queue_member(
-                self._queue,
-                _Group,
-                key,
-                delta,
-                max_total=max_total,
-                max_keys=max_keys,
-                same_sign=same_sign,
-                alone=alone,
-            )
+                if alone or eager or not self._lingers(now):
+                    return None, False
+                group, leading = self._queue_member(key, delta, max_total, max_keys, same_sign)
+                group.started.set()  # the slot is its own: it only waits for the others
+                return group, leading
+            return self._queue_member(key, delta, max_total, max_keys, same_sign, alone=alone)
+
+    def _queue_member(
+        self,
+        key: str | None,
+        delta: int,
+        max_total: int,
+        max_keys: int,
+        same_sign: bool,
+        *,
+        alone: bool = False,
+    ) -> tuple[_Group, bool]:
+        group, leading = queue_member(
+            self._queue,
+            _Group,
+            key,
+            delta,
+            max_total=max_total,
+            max_keys=max_keys,
+            same_sign=same_sign,
+            alone=alone,
+        )
+        group.writers.append(threading.get_ident())
+        return group, leading
+
+    def _lingers(self, now: float) -> bool:
+        """Would a group beginning its write now wait for returning writers?"""
+        return self._returns.expected(now) and self._returns.linger(self._times.usual) > 0
 
     def _write_for(self, group: _Group, write: Callable[[], Any]) -> None:
         """Run the group's write once its slot comes; every member then sees the outcome."""
@@ -220,36 +254,52 @@ class WriteCombiner:
         except BaseException as exc:
             group.error = exc
         finally:
-            group.done.set()
-            self._release(time.monotonic() - started)
+            self._release(time.monotonic() - started, group.writers, group.done)
 
     def _await_slot(self, group: _Group) -> None:
         """Wait until a slot is handed to ``group``, or open one when the writes ahead of
-        it are slow (slots.py), then close it to new members: its total is final."""
+        it are slow (slots.py); wait a moment for writers expected back (slots.Returns);
+        then close it to new members: its total is final."""
         while not group.started.wait(self._times.patience() if self._limit > 1 else None):
             with self._lock:
                 if not group.started.is_set() and self._running < self._limit and not self._paused:
                     self._running += 1
                     group.started.set()
         with self._lock:
+            now = time.monotonic()
+            if not group.closed and self._lingers(now):
+                deadline = now + self._returns.linger(self._times.usual)
+                self._lingering += 1
+                try:
+                    while now < deadline and self._returns.expected(now):
+                        self._joined.wait(deadline - now)
+                        now = time.monotonic()
+                finally:
+                    self._lingering -= 1
             self._queue.remove(group)  # from now on nobody joins it
 
-    def _timed(self, write: Callable[[], T]) -> T:
+    def _timed(self, write: Callable[[], T], writer: int) -> T:
         started = time.monotonic()
         try:
             return write()
         finally:
-            self._release(time.monotonic() - started)
+            self._release(time.monotonic() - started, [writer])
 
     @staticmethod
     def _keyed_write(group: _Group, write: KeyedWrite) -> None:
         group.key_errors = write(dict(group.keys))
 
-    def _release(self, seconds: float) -> None:
-        """A write finished after ``seconds``: hand its slot to the next group waiting for
-        one, or free it."""
+    def _release(
+        self, seconds: float, writers: list[int], done: threading.Event | None = None
+    ) -> None:
+        """A write of ``writers`` finished after ``seconds``: tell its members (``done``),
+        expect them back, and hand its slot to the next group waiting for one, or free it."""
         with self._lock:
             self._times.took(seconds)
+            # Expected before they can arrive, so that none is waited for once it is back.
+            self._returns.finished(writers, time.monotonic())
+            if done is not None:
+                done.set()
             waiting = first_waiting(self._queue)
             if waiting is not None and not self._paused:
                 waiting.started.set()
