@@ -31,8 +31,8 @@ while they are known to come back quickly: their usual gap between a write's
 end and their next increment is short next to a write (``linger``). Writers
 that come back later than that, as requests arriving one by one do, are never
 waited for, so a group then begins at once, as it always did. At 4 processes
-x 4 threads on the classic emulator a write then carried LINGER_SLOTS
-(docs/how-it-works.md, *Group commit*).
+x 4 threads on the classic emulator a write then carried 3.5-3.7 increments
+instead of about 2.5 (docs/how-it-works.md, *Group commit*).
 
 Both combiners (threads and tasks) ask the same ``WriteTimes`` and ``Returns``.
 """
