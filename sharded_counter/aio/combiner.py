@@ -155,29 +155,25 @@ class AsyncWriteCombiner:
         self._returns.joined(me, now)
         self._joined.set()
         free = self._running < limit if eager else not self._running
+        taken = False  # a free slot taken by a group that waits for returning tasks
         if free and not self._queue and not self._paused:
             self._running += 1
             if alone or eager or not self._lingers(now):
                 return None, False
-            group, leading = self._queue_member(key, delta, max_total, max_keys, alone=False)
-            group.started.set()  # the slot is its own: it only waits for the others
-            return group, leading
-        return self._queue_member(key, delta, max_total, max_keys, alone=alone)
-
-    def _queue_member(
-        self, key: str | None, delta: int, max_total: int, max_keys: int, *, alone: bool
-    ) -> tuple[_Group, bool]:
+            taken = True
         group, leading = queue_member(
             self._queue,
             _Group,
             key,
             delta,
+            me,
             max_total=max_total,
             max_keys=max_keys,
             same_sign=False,
             alone=alone,
         )
-        group.writers.append(_me())
+        if taken:
+            group.started.set()  # the slot is its own: it only waits for the others
         return group, leading
 
     def _lingers(self, now: float) -> bool:

@@ -209,37 +209,26 @@ class WriteCombiner:
             if self._lingering:
                 self._joined.notify_all()
             free = self._running < limit if eager else not self._running
+            taken = False  # a free slot taken by a group that waits for returning writers
             if free and not self._queue and not self._paused:
                 self._running += 1
                 if alone or eager or not self._lingers(now):
                     return None, False
-                group, leading = self._queue_member(key, delta, max_total, max_keys, same_sign)
+                taken = True
+            group, leading = queue_member(
+                self._queue,
+                _Group,
+                key,
+                delta,
+                me,
+                max_total=max_total,
+                max_keys=max_keys,
+                same_sign=same_sign,
+                alone=alone,
+            )
+            if taken:
                 group.started.set()  # the slot is its own: it only waits for the others
-                return group, leading
-            return self._queue_member(key, delta, max_total, max_keys, same_sign, alone=alone)
-
-    def _queue_member(
-        self,
-        key: str | None,
-        delta: int,
-        max_total: int,
-        max_keys: int,
-        same_sign: bool,
-        *,
-        alone: bool = False,
-    ) -> tuple[_Group, bool]:
-        group, leading = queue_member(
-            self._queue,
-            _Group,
-            key,
-            delta,
-            max_total=max_total,
-            max_keys=max_keys,
-            same_sign=same_sign,
-            alone=alone,
-        )
-        group.writers.append(threading.get_ident())
-        return group, leading
+            return group, leading
 
     def _lingers(self, now: float) -> bool:
         """Would a group beginning its write now wait for returning writers?"""
@@ -332,19 +321,22 @@ def queue_member(
     make: Callable[..., G],
     key: str | None,
     delta: int,
+    writer: Hashable,
     *,
     max_total: int,
     max_keys: int,
     same_sign: bool,
     alone: bool,
 ) -> tuple[G, bool]:
-    """Put an increment in the last group of ``queue`` when it may join (``joinable``),
-    else in a new one, ``make(keyed, closed=alone)``; return the group and whether this
-    member leads it. A key already in the group is the same increment: it adds nothing.
+    """Put an increment of ``writer`` (a thread or a task) in the last group of ``queue``
+    when it may join (``joinable``), else in a new one, ``make(keyed, closed=alone)``;
+    return the group and whether this member leads it. A key already in the group is the
+    same increment: it adds nothing, but its writer waits on the group all the same.
     Threads (this module) and tasks (aio/combiner.py) queue by these rules alike."""
     keyed = key is not None
     group: Any = queue[-1] if queue else None
     if key is not None and group is not None and key in group.keys:
+        group.writers.append(writer)
         return group, False  # the same increment, waiting already: it adds nothing
     if (
         alone
@@ -357,6 +349,7 @@ def queue_member(
         queue.append(group)
     if key is not None:
         group.keys[key] = delta
+    group.writers.append(writer)
     group.deltas.append(delta)
     group.total += delta
     return group, len(group.deltas) == 1
