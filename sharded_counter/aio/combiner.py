@@ -158,7 +158,7 @@ class AsyncWriteCombiner:
         taken = False  # a free slot taken by a group that waits for returning tasks
         if free and not self._queue and not self._paused:
             self._running += 1
-            if alone or eager or not self._lingers(now):
+            if alone or eager or not self._returns.wait_now(now, self._times.usual):
                 return None, False
             taken = True
         group, leading = queue_member(
@@ -175,10 +175,6 @@ class AsyncWriteCombiner:
         if taken:
             group.started.set()  # the slot is its own: it only waits for the others
         return group, leading
-
-    def _lingers(self, now: float) -> bool:
-        """Would a group beginning its write now wait for returning writers?"""
-        return self._returns.expected(now) and self._returns.linger(self._times.usual) > 0
 
     async def _write_for(self, group: _Group, write: Callable[[], Awaitable[Any]]) -> None:
         await self._await_slot(group)
@@ -203,8 +199,9 @@ class AsyncWriteCombiner:
                 self._running += 1
                 group.started.set()
         now = time.monotonic()
-        if not group.closed and self._lingers(now):
-            deadline = now + self._returns.linger(self._times.usual)
+        wait = 0.0 if group.closed else self._returns.wait_now(now, self._times.usual)
+        if wait:
+            deadline = now + wait
             while now < deadline and self._returns.expected(now):
                 self._joined.clear()
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -212,7 +212,7 @@ class WriteCombiner:
             taken = False  # a free slot taken by a group that waits for returning writers
             if free and not self._queue and not self._paused:
                 self._running += 1
-                if alone or eager or not self._lingers(now):
+                if alone or eager or not self._returns.wait_now(now, self._times.usual):
                     return None, False
                 taken = True
             group, leading = queue_member(
@@ -229,10 +229,6 @@ class WriteCombiner:
             if taken:
                 group.started.set()  # the slot is its own: it only waits for the others
             return group, leading
-
-    def _lingers(self, now: float) -> bool:
-        """Would a group beginning its write now wait for returning writers?"""
-        return self._returns.expected(now) and self._returns.linger(self._times.usual) > 0
 
     def _write_for(self, group: _Group, write: Callable[[], Any]) -> None:
         """Run the group's write once its slot comes; every member then sees the outcome."""
@@ -256,8 +252,9 @@ class WriteCombiner:
                     group.started.set()
         with self._lock:
             now = time.monotonic()
-            if not group.closed and self._lingers(now):
-                deadline = now + self._returns.linger(self._times.usual)
+            wait = 0.0 if group.closed else self._returns.wait_now(now, self._times.usual)
+            if wait:
+                deadline = now + wait
                 self._lingering += 1
                 try:
                     while now < deadline and self._returns.expected(now):

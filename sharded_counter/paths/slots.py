@@ -118,3 +118,8 @@ class Returns:
             return 0.0
         wait = GAP_FACTOR * self.usual_gap
         return wait if wait <= LINGER_SHARE * usual_write else 0.0
+
+    def wait_now(self, now: float, usual_write: float) -> float:
+        """How long a group beginning its write at ``now`` waits: ``linger`` while any
+        writer is still expected back, else 0 (it begins at once)."""
+        return self.linger(usual_write) if self.expected(now) else 0.0
