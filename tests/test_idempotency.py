@@ -179,14 +179,14 @@ def test_the_longest_key_and_a_long_name_fit(sharded_counter_env: dict[str, str]
 def test_expired_keys_are_purged_where_no_ttl_policy_runs(
     sharded_counter_env: dict[str, str],
 ) -> None:
-    old = Counter("short-lived", idempotency_ttl=1)
+    old = Counter("short-lived", idempotency_ttl=60)  # long enough to outlast a slow run
     kept = Counter("long-lived")
     old.increment(1, idempotency_key="a")
     old.increment(1, idempotency_key="b")
     kept.increment(1, idempotency_key="a")
     keyed = KeyedShardStore(old._backend.store)
     assert keyed.purge_expired() == 0  # nothing has expired yet
-    assert keyed.purge_expired(now=time.time() + 2) == 2
+    assert keyed.purge_expired(now=time.time() + 61) == 2
     assert sorted(records_of("short-lived")) == []
     assert sorted(records_of("long-lived")) == ["a"]
     old.increment(1, idempotency_key="a")  # forgotten: counts again

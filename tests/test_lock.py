@@ -64,11 +64,13 @@ def test_who_holds_shows_the_holder_and_its_ttl(hosts: list[str]) -> None:
 
 
 def test_a_lock_lapses_after_its_ttl(hosts: list[str]) -> None:
+    # memcached's clock ticks once a second, so a lock taken with ttl=N lapses
+    # between N-1 and N seconds later: ttl=1 could lapse before the next look.
     name = fresh_name()
-    first = lock(name, ttl=1, memcached_hosts=hosts).acquire()
+    first = lock(name, ttl=2, memcached_hosts=hosts).acquire()
     with pytest.raises(Locked):
         lock(name, memcached_hosts=hosts).acquire()
-    time.sleep(2.1)  # memcached counts expiry in whole seconds
+    time.sleep(2.1)
     second = lock(name, ttl=10, memcached_hosts=hosts).acquire()
     assert second.release() is True
     assert first.release() is False
@@ -92,11 +94,16 @@ def test_a_stale_holder_cannot_release_the_next_holders_lock(
 
 
 def test_extend_keeps_a_lease_alive(hosts: list[str]) -> None:
+    # A lease of ttl=3 lapses between 2 and 3 seconds after it was written (memcached's
+    # clock ticks once a second), so extending every second leaves a second to spare;
+    # four rounds outlast the 3 seconds the first lease could have lived unextended.
     name = fresh_name()
-    held = lock(name, ttl=2, memcached_hosts=hosts).acquire()
-    for _ in range(3):
+    taken = time.monotonic()
+    held = lock(name, ttl=3, memcached_hosts=hosts).acquire()
+    for _ in range(4):
         time.sleep(1)
         assert held.extend(3) is True
+    assert time.monotonic() - taken > 3
     with pytest.raises(Locked):
         lock(name, memcached_hosts=hosts).acquire()
     assert held.release() is True
