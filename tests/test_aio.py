@@ -8,11 +8,13 @@ the loop's channels and connections (``aclose``) before the loop ends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import multiprocessing
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -66,6 +68,24 @@ class LoopLag:
         return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
+@contextlib.contextmanager
+def heap_frozen() -> Iterator[None]:
+    """Leave the heap built so far out of the garbage collector's full collections.
+
+    While many tasks hold objects across their awaits, CPython promotes them to
+    the oldest generation and soon runs a full collection, which walks every
+    object in the process: 40-50 ms on this machine for a test process's heap,
+    one pause of the interpreter that shows as loop lateness though no call
+    blocked. Frozen, that heap is skipped; what the run itself makes is still
+    collected."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def test_sixty_four_tasks_count_exactly_and_leave_the_loop_free(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
@@ -99,7 +119,8 @@ def test_sixty_four_tasks_count_exactly_and_leave_the_loop_free(
             len(lag.samples),
         )
 
-    cached, summed, lag_p99, samples = run(main)
+    with heap_frozen():
+        cached, summed, lag_p99, samples = run(main)
     assert (cached, summed) == (64 * 40, 64 * 40)
     assert samples > 20
     assert lag_p99 < 0.020, f"the event loop was blocked: p99 lateness {lag_p99 * 1000:.1f} ms"
