@@ -74,7 +74,7 @@ def heap_frozen() -> Iterator[None]:
 
     While many tasks hold objects across their awaits, CPython promotes them to
     the oldest generation and soon runs a full collection, which walks every
-    object in the process: 40-50 ms on this machine for a test process's heap,
+    object in the process: 38-49 ms on this machine for a test process's heap,
     one pause of the interpreter that shows as loop lateness though no call
     blocked. Frozen, that heap is skipped; what the run itself makes is still
     collected."""
