@@ -134,7 +134,9 @@ def sharded_counter_env(
     """Point this test at clean backends: emulator and memcached emptied, env set.
 
     Sets DATASTORE_* (as ``gcloud beta emulators datastore env-init`` prints them) and
-    MEMCACHED_HOSTS in os.environ for the test's duration, and returns them.
+    MEMCACHED_HOSTS in os.environ for the test's duration, and returns them. Calls
+    ``sharded_counter.reconnect()``, so counters made earlier (a module-level one in the
+    app under test) connect to these backends on their next call.
     """
     stack = sharded_counter_backends
     emulator = _start_once(
@@ -151,6 +153,11 @@ def sharded_counter_env(
     env = stack.env(sharded_counter_engine)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    # Counters made before (at import, in a module-level fixture) connect afresh on their
+    # next call, to these backends.
+    from sharded_counter import reconnect
+
+    reconnect()
     return env
 
 

@@ -19,6 +19,7 @@ from .patterns.lock import Holder, Lease, Locked, lock, who_holds
 from .patterns.ratelimit import Decision, Limit, RateLimited, RateLimiter
 from .patterns.shared_buffer import SharedBuffer
 from .patterns.timeseries import TimeSeries
+from .process import reconnect
 from .settings import Settings, config
 
 __all__ = [
@@ -47,5 +48,6 @@ __all__ = [
     "config",
     "lock",
     "purge_expired_keys",
+    "reconnect",
     "who_holds",
 ]

@@ -23,6 +23,7 @@ from .counter import Counter
 from .errors import IncrementOutcomeUnknown, LimitReached
 from .paths.bounded import BoundedWrites
 from .paths.context import TRANSFORM_MAX_DELTA
+from .process import PerProcess
 from .store.retry import datastore_failures_as_ours
 from .telemetry import telemetry
 
@@ -83,7 +84,12 @@ class BoundedCounter(Counter):
         )
         self.minimum = bounds.minimum
         self.maximum = bounds.maximum
-        self._bounded = BoundedWrites(self._ctx, bounds)
+        # This process's view of the stored bounds and shares, on this process's paths.
+        self._bounded_here = PerProcess(lambda: BoundedWrites(self._ctx, bounds))
+
+    @property
+    def _bounded(self) -> BoundedWrites:
+        return self._bounded_here.get()
 
     def __repr__(self) -> str:
         return (

@@ -29,15 +29,13 @@ from .cache.client import MemcacheClient
 from .core.outcomes import Step
 from .core.validation import check_delta, check_idempotency_key, check_name
 from .errors import CacheUnavailable, IncrementNotRecorded, IncrementOutcomeUnknown
-from .paths.backend import Backend, backend_for
+from .paths.backend import Backend
 from .paths.context import TRANSFORM_MAX_DELTA, CounterContext
-from .paths.keyed import KeyedWrites
-from .paths.reads import Reader, Verification, read_many
-from .paths.sets import Setter
-from .paths.shard_writes import ShardWriter
+from .paths.reads import Verification, read_many
 from .paths.stats import WriteStats
-from .paths.unsure import UnsureResolver
-from .paths.writes import PlainWrites, stash_or_raise
+from .paths.wiring import CounterPaths, GivenClients, connect
+from .paths.writes import stash_or_raise
+from .process import PerProcess
 from .settings import OPTION_NAMES, Settings, resolve
 from .store.joined import check_transaction, stage_increment
 from .store.keyed import MAX_KEYS_PER_WRITE
@@ -100,20 +98,28 @@ class Counter:
         **options: Any,
     ) -> None:
         self.name = check_name(name)
+        self._options = options
+        # Read now, so that a bad option fails here; read again when the counter connects.
         self.settings: Settings = resolve(options, class_options(type(self)))
         # On the counter itself: it wins over a subclass's ``shards = 20``.
         self.shards = self.settings.shards
-        backend = backend_for(self.settings, datastore_client, memcache_client)
-        self._ctx = ctx = CounterContext.make(
-            self.name, self.settings, backend, grows=self._grows_shards
-        )
-        shards = ShardWriter(ctx)
-        resolver = UnsureResolver(ctx)
-        self._writes = PlainWrites(ctx, shards, resolver)
-        self._keyed = KeyedWrites(ctx, shards, resolver)
-        self._resolver = resolver
-        self._setter = Setter(ctx, shards)
-        self._reader = Reader(ctx, resolver)
+        self._clients = GivenClients(datastore_client, memcache_client)
+        # Connected on the first call in each process (and after reconnect()): making a
+        # counter opens nothing, and one made before a fork uses the child's own clients.
+        self._here: PerProcess[CounterPaths] = PerProcess(self._connect)
+
+    def _connect(self) -> CounterPaths:
+        self.settings = resolve(self._options, class_options(type(self)))
+        self.shards = self.settings.shards
+        return connect(self.name, self.settings, self._clients, grows=self._grows_shards)
+
+    @property
+    def _paths(self) -> CounterPaths:
+        return self._here.get()
+
+    @property
+    def _ctx(self) -> CounterContext:
+        return self._here.get().ctx
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shards})"
@@ -159,7 +165,8 @@ class Counter:
         return self._ctx.stash_key
 
     def _pending_stash(self) -> int:
-        return self._ctx.run(self._reader.pending())
+        paths = self._paths
+        return paths.ctx.run(paths.reader.pending())
 
     def _stash_or_raise(self, amount: int, cause: BaseException) -> None:
         # For CounterBuffer: keep an amount that certainly never landed in delayed_incr.
@@ -242,10 +249,12 @@ class Counter:
         return Step.ACKNOWLEDGE if step is None else step  # None: deltas cancelled out
 
     def _write(self, amount: int) -> Step:
-        return self._ctx.run(self._writes.apply(amount))
+        paths = self._paths
+        return paths.ctx.run(paths.writes.apply(amount))
 
     def _write_keyed(self, keys: dict[str, int]) -> Mapping[str, BaseException]:
-        return self._ctx.run(self._keyed.write(keys))
+        paths = self._paths
+        return paths.ctx.run(paths.keyed.write(keys))
 
     def _increment_joined(
         self, delta: int, transaction: datastore.Transaction, key: str | None
@@ -310,8 +319,9 @@ class Counter:
         amount stays pending). With memcache down it writes nothing: the amount
         waits in memcache.
         """
-        self._ctx.run(self._resolver.resolve(look=True))
-        self._ctx.run(self._writes.fold_pending())
+        paths = self._paths
+        paths.ctx.run(paths.resolver.resolve(look=True))
+        paths.ctx.run(paths.writes.fold_pending())
 
     # -- reading ----------------------------------------------------------------
 
@@ -324,7 +334,8 @@ class Counter:
         what ``delayed_incr`` holds: increments still pending, and writes whose
         outcome is unknown (a read first tries to resolve those, see ``core/stash.py``).
         """
-        return self._ctx.run(self._reader.total(nocache=nocache))
+        paths = self._paths
+        return paths.ctx.run(paths.reader.total(nocache=nocache))
 
     @classmethod
     @datastore_failures_as_ours
@@ -365,7 +376,7 @@ class Counter:
         counter in this process wait for the set; the set retries until
         ``retry_deadline``.
         """
-        self._setter.set(value)
+        self._paths.setter.set(value)
 
     # -- checking the cache against the truth ----------------------------------------
 
@@ -377,7 +388,8 @@ class Counter:
         record, not as drift, so it can run while the counter is busy.
         Raises ``CacheUnavailable`` when memcache is configured but down.
         """
-        return self._ctx.run(self._reader.verify())
+        paths = self._paths
+        return paths.ctx.run(paths.reader.verify())
 
     @datastore_failures_as_ours
     def repair(self) -> Verification:
@@ -386,12 +398,14 @@ class Counter:
 
         Returns the verification after the repair.
         """
-        if self._ctx.backend.cache.enabled:
-            self._ctx.picker.resolve_now()
-            self._ctx.run(self._resolver.resolve(look=True))
-            self._ctx.run(self._writes.fold_pending())
-            self._ctx.run(self._reader.rebuild_cached_record())
-        return self._ctx.run(self._reader.verify())
+        paths = self._paths
+        ctx = paths.ctx
+        if ctx.backend.cache.enabled:
+            ctx.picker.resolve_now()
+            ctx.run(paths.resolver.resolve(look=True))
+            ctx.run(paths.writes.fold_pending())
+            ctx.run(paths.reader.rebuild_cached_record())
+        return ctx.run(paths.reader.verify())
 
     @datastore_failures_as_ours
     def delete(self) -> int:

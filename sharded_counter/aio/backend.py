@@ -18,14 +18,13 @@ from typing import Any
 
 from ..cache.client import OutageLog
 from ..paths.backend import Backend
+from ..paths.registry import PerCounter
+from ..process import forget_at_fork
 from ..settings import Settings
 from .combiner import AsyncWriteCombiner
 from .memcache import AsyncMemcache
 from .rpc import AsyncDatastoreRpc
 from .shell import AsyncShell
-
-#: Per-counter group commits one loop keeps before starting over (as paths/registry.py).
-_COMBINERS_KEPT = 100_000
 
 
 class AsyncBackend:
@@ -39,15 +38,11 @@ class AsyncBackend:
                 settings, outage=OutageLog(on_return="cached totals will rebuild from Datastore")
             ),
         )
-        self._combiners: dict[Hashable, AsyncWriteCombiner] = {}
+        # Kept as paths/registry.py keeps the threads' ones: never two for one counter.
+        self._combiners: PerCounter[AsyncWriteCombiner] = PerCounter(AsyncWriteCombiner)
 
     def combiner(self, key: Hashable) -> AsyncWriteCombiner:
-        combiner = self._combiners.get(key)
-        if combiner is None:
-            if len(self._combiners) >= _COMBINERS_KEPT:
-                self._combiners.clear()
-            combiner = self._combiners[key] = AsyncWriteCombiner()
-        return combiner
+        return self._combiners.get(key)
 
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, AsyncBackend]] = (
@@ -110,6 +105,16 @@ def async_memcache_for(settings: Settings) -> AsyncMemcache:
     if found is None:
         found = per_loop[key] = AsyncMemcache(settings, outage=None)
     return found
+
+
+@forget_at_fork
+def _forget_loops() -> None:
+    # A forked child must not use the channels and connections made for a loop of its
+    # parent's: it opens its own on its next call. (A reconnect needs nothing here: its
+    # new Backend gets a new AsyncBackend, and aclose still closes the old one.)
+    _by_loop.clear()
+    _memcache_by_loop.clear()
+    _finishing.clear()
 
 
 async def aclose() -> None:

@@ -29,15 +29,11 @@ from ..core.outcomes import Step
 from ..core.validation import check_delta, check_idempotency_key, check_name, check_value
 from ..counter import OUTCOME_OF_STEP, ShardsOption, class_options
 from ..errors import DatastoreUnavailable, IncrementOutcomeUnknown
-from ..paths.backend import backend_for
 from ..paths.context import TRANSFORM_MAX_DELTA, CounterContext
-from ..paths.keyed import KeyedWrites
-from ..paths.reads import Reader, read_many
-from ..paths.sets import Setter
-from ..paths.shard_writes import ShardWriter
+from ..paths.reads import read_many
 from ..paths.stats import WriteStats
-from ..paths.unsure import UnsureResolver
-from ..paths.writes import PlainWrites
+from ..paths.wiring import CounterPaths, GivenClients, connect
+from ..process import PerProcess
 from ..settings import Settings, resolve
 from ..store.keyed import MAX_KEYS_PER_WRITE
 from ..telemetry import telemetry
@@ -89,16 +85,26 @@ class AsyncCounter:
         **options: Any,
     ) -> None:
         self.name = check_name(name)
+        self._options = options
+        # Read now, so that a bad option fails here; read again when the counter connects.
         self.settings: Settings = resolve(options, class_options(type(self)))
         self.shards = self.settings.shards
-        backend = backend_for(self.settings, datastore_client)
-        self._ctx = ctx = CounterContext.make(self.name, self.settings, backend)
-        shards = ShardWriter(ctx)
-        resolver = UnsureResolver(ctx)
-        self._writes = PlainWrites(ctx, shards, resolver)
-        self._keyed = KeyedWrites(ctx, shards, resolver)
-        self._setter = Setter(ctx, shards)
-        self._reader = Reader(ctx, resolver)
+        self._clients = GivenClients(datastore_client, None)
+        # As Counter: connected on the first call in each process (and after reconnect()).
+        self._here: PerProcess[CounterPaths] = PerProcess(self._connect)
+
+    def _connect(self) -> CounterPaths:
+        self.settings = resolve(self._options, class_options(type(self)))
+        self.shards = self.settings.shards
+        return connect(self.name, self.settings, self._clients)
+
+    @property
+    def _paths(self) -> CounterPaths:
+        return self._here.get()
+
+    @property
+    def _ctx(self) -> CounterContext:
+        return self._here.get().ctx
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shards})"
@@ -156,14 +162,15 @@ class AsyncCounter:
         started = time.perf_counter()
         outcome = "not_recorded"
         try:
+            paths = self._paths
             shell = await self._loop_backend()
-            combiner = shell.combiner((id(self._ctx.backend), self._ctx.name, self.settings))
+            combiner = shell.combiner((id(paths.ctx.backend), paths.ctx.name, self.settings))
 
             async def write(amount: int) -> Step:
-                return await shell.shell.run(self._writes.apply(amount))
+                return await shell.shell.run(paths.writes.apply(amount))
 
             async def write_keyed(keys: dict[str, int]) -> Mapping[str, BaseException]:
-                return await shell.shell.run(self._keyed.write(keys))
+                return await shell.shell.run(paths.keyed.write(keys))
 
             if key is not None:
                 await combiner.run_keyed(
@@ -196,8 +203,9 @@ class AsyncCounter:
     @_datastore_failures_as_ours
     async def get_count(self, nocache: bool = False) -> int:
         """The counter's total, as ``Counter.get_count``."""
+        paths = self._paths
         shell = await self._loop_backend()
-        return await shell.shell.run(self._reader.total(nocache=nocache))
+        return await shell.shell.run(paths.reader.total(nocache=nocache))
 
     @classmethod
     @_datastore_failures_as_ours
@@ -218,12 +226,13 @@ class AsyncCounter:
         """Set the counter to ``value``, as ``Counter.set_count``: one transaction over
         every shard; increments of this counter in this event loop wait for it."""
         value = check_value(value, self.shards)  # bad input: before any call
+        paths = self._paths
         shell = await self._loop_backend()
-        await shell.shell.run(self._ctx.backend.probed())  # checked() reads the engine's limit
-        value = self._setter.checked(value)
-        combiner = shell.combiner((id(self._ctx.backend), self._ctx.name, self.settings))
+        await shell.shell.run(paths.ctx.backend.probed())  # checked() reads the engine's limit
+        value = paths.setter.checked(value)
+        combiner = shell.combiner((id(paths.ctx.backend), paths.ctx.name, self.settings))
         async with combiner.exclusive():
-            await shell.shell.run(self._setter.set_now(value))
+            await shell.shell.run(paths.setter.set_now(value))
 
     @_datastore_failures_as_ours
     async def delete(self) -> int:

@@ -22,6 +22,7 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
 from ..core.effects import Memcache, Steps
 from ..errors import CacheUnavailable, ConfigurationError
+from ..process import check_given_here, forget_at_fork, forget_connections
 from ..settings import Settings, parse_host, resolve
 from ..telemetry import telemetry
 from .cluster import ClusterClient
@@ -109,21 +110,24 @@ _shared_lock = threading.Lock()
 _shared: dict[tuple[Any, ...], Any] = {}
 
 
-def _forget_shared_after_fork() -> None:
+@forget_connections
+def _forget_shared() -> None:
+    _shared.clear()  # sockets must not be shared with a parent
+
+
+@forget_at_fork
+def _new_lock_after_fork() -> None:
     global _shared_lock
-    _shared_lock = threading.Lock()
-    _shared.clear()  # sockets must not be shared with the parent
-
-
-os.register_at_fork(after_in_child=_forget_shared_after_fork)
+    _shared_lock = threading.Lock()  # a parent's thread may have held it
 
 
 class ClientSource:
     """Where a rate limiter, time series or lock gets its client on each call.
 
-    The caller's own client if one was given. Otherwise the process-wide client
-    for the resolved settings, looked up per call so that a helper made before a
-    ``fork`` uses the child's own sockets, not its parent's.
+    The caller's own client if one was given (refused in a forked child: its sockets
+    are the parent's). Otherwise the process-wide client for the resolved settings,
+    looked up per call so that a helper made before a ``fork`` uses the child's own
+    sockets, not its parent's.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class ClientSource:
             options["key_prefix"] = key_prefix
         self.settings = resolve(options)
         self._client = client
+        self._given_in = os.getpid()
         if client is None and not self.settings.memcached_hosts:
             raise ConfigurationError(
                 f"{what} needs memcached: set MEMCACHED_HOSTS (or memcached_hosts), "
@@ -153,6 +158,7 @@ class ClientSource:
 
     def __call__(self) -> CommandClient:
         if self._client is not None:
+            check_given_here(self._given_in, "memcache_client")
             return self._client
         s = self.settings
         key = (s.memcached_hosts, s.memcache_timeout, s.memcache_connect_timeout)

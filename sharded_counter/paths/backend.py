@@ -2,8 +2,10 @@
 
 A Datastore client holds a gRPC channel and a memcache client a pool of
 sockets: both are costly to make and safe to share between threads, so each
-is made once per distinct setting. After ``fork`` the child starts afresh,
-since neither gRPC channels nor sockets survive being shared with a parent.
+is made once per distinct setting, on the first call that needs it (making a
+client opens no connection; its first request does). A forked child, and
+``reconnect()``, start afresh (process.py), since neither gRPC channels nor
+sockets survive being shared with a parent.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import os
 import threading
 from typing import Any
 
+import google.auth.exceptions
 from google.cloud import datastore
 
 from ..cache.client import MemcacheClient, build_client
 from ..cache.tier import CacheTier
 from ..core.effects import Steps
+from ..errors import ConfigurationError
+from ..process import forget_at_fork, forget_connections
 from ..settings import Settings
 from ..store.keyed import KeyedShardStore
 from ..store.shards import ShardStore
@@ -80,15 +85,17 @@ _write_modes: dict[tuple[str, str], bool] = {}  # (scope, host) -> transforms su
 _backends: dict[tuple[Any, ...], Backend] = {}
 
 
-def _reset_after_fork() -> None:
-    global _lock
-    _lock = threading.Lock()
+@forget_connections
+def _forget_clients() -> None:
     _datastore_clients.clear()
     _memcache_clients.clear()
     _backends.clear()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+@forget_at_fork
+def _new_lock_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a parent's thread may have held it
 
 
 def _emulator() -> tuple[str, str]:
@@ -101,11 +108,37 @@ def _datastore_client(settings: Settings) -> datastore.Client:
     key = (settings.project, settings.database, settings.namespace, *_emulator())
     client = _datastore_clients.get(key)
     if client is None:
-        client = datastore.Client(  # type: ignore[no-untyped-call]
+        client = _datastore_clients[key] = new_datastore_client(settings)
+    return client
+
+
+#: What to set when Datastore cannot be reached for want of credentials or a project.
+CREDENTIALS_HELP = (
+    "set DATASTORE_EMULATOR_HOST and DATASTORE_DATASET for an emulator; otherwise "
+    "Google credentials (GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default "
+    "login`, or a service account on Google Cloud) and a project (the `project` setting "
+    "or GOOGLE_CLOUD_PROJECT); or pass datastore_client"
+)
+
+
+def new_datastore_client(settings: Settings) -> datastore.Client:
+    """A Datastore client for ``settings`` (connecting on its first request).
+
+    Raises ``ConfigurationError`` naming what to set when there are no credentials
+    or no project to be found: google-auth's own errors are not ours to let out.
+    """
+    try:
+        return datastore.Client(  # type: ignore[no-untyped-call]
             project=settings.project, namespace=settings.namespace, database=settings.database
         )
-        _datastore_clients[key] = client
-    return client
+    except google.auth.exceptions.GoogleAuthError as exc:
+        raise ConfigurationError(
+            f"Datastore has no credentials to use ({exc}): {CREDENTIALS_HELP}"
+        ) from exc
+    except OSError as exc:  # google-cloud-core's "Project was not passed ..." is an OSError
+        raise ConfigurationError(
+            f"Datastore has no project to use ({exc}): {CREDENTIALS_HELP}"
+        ) from exc
 
 
 def _memcache_client(settings: Settings) -> MemcacheClient | None:

@@ -1,55 +1,71 @@
 """Process-wide objects kept per counter (its picker, its write combiner).
 
-Bounded, so a process that touches millions of one-off counters does not
-grow without end (past the bound it starts over: a fresh object for a busy
-counter costs a little sharing, never correctness), and emptied in a forked
-child, where a lock held by one of the parent's threads would never be released.
+Every ``Counter`` object of one counter in a process must share them: two
+combiners of one counter would each keep a write in flight, and two pickers
+would each lease shards, which is the contention they exist to avoid. So an
+entry is never replaced while anything still uses it: the registry holds its
+entries weakly, and holds strongly only the most recently used ``_RECENT``
+(so that short-lived ``Counter('x')`` objects made per request still share
+one). An entry that nothing uses and that has fallen out of the recent ones
+is dropped; the next use makes a fresh one, which nothing else holds, so no
+counter's protections are ever split. Memory stays bounded by the counters in
+use plus ``_RECENT`` entries.
+
+Emptied in a forked child (process.py), where a lock held by one of the
+parent's threads would never be released.
 """
 
 from __future__ import annotations
 
-import os
+import collections
 import threading
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Generic, TypeVar
 
+from ..process import forget_at_fork
+
 _T = TypeVar("_T")
 
-_LIMIT = 100_000
+#: Entries each registry keeps alive when nothing else uses them.
+_RECENT = 10_000
 
 
 class PerCounter(Generic[_T]):
     """One ``make()`` per key, shared by every thread of this process."""
 
-    def __init__(self, make: Callable[[], _T]) -> None:
+    def __init__(self, make: Callable[[], _T], *, recent: int = _RECENT) -> None:
         self._make = make
-        self._items: dict[Hashable, _T] = {}
-        self._lock = threading.Lock()
+        self._recent_cap = recent
+        self._forget()
         _registries.add(self)
 
     def get(self, key: Hashable) -> _T:
-        item = self._items.get(key)
-        if item is None:
-            with self._lock:
-                item = self._items.get(key)
-                if item is None:
-                    if len(self._items) >= _LIMIT:
-                        self._items.clear()
-                    item = self._items[key] = self._make()
-        return item
+        with self._lock:
+            item = self._live.get(key)
+            if item is None:
+                item = self._live[key] = self._make()
+            recent = self._recent
+            recent[key] = item
+            recent.move_to_end(key)
+            if len(recent) > self._recent_cap:
+                recent.popitem(last=False)  # still alive while anything else holds it
+            return item
+
+    def __len__(self) -> int:
+        """Entries alive now: the recent ones and those still in use."""
+        return len(self._live)
 
     def _forget(self) -> None:
-        self._items = {}
+        self._live: weakref.WeakValueDictionary[Hashable, _T] = weakref.WeakValueDictionary()
+        self._recent: collections.OrderedDict[Hashable, _T] = collections.OrderedDict()
         self._lock = threading.Lock()
 
 
 _registries: weakref.WeakSet[PerCounter[Any]] = weakref.WeakSet()
 
 
+@forget_at_fork
 def _forget_after_fork() -> None:
     for registry in list(_registries):
         registry._forget()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)

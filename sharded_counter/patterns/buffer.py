@@ -30,7 +30,6 @@ import atexit
 import collections
 import heapq
 import logging
-import os
 import random
 import threading
 import time
@@ -41,6 +40,7 @@ from typing import Any
 from ..core.validation import INT64_MAX, INT64_MIN, check_delta, check_name
 from ..counter import Counter, class_options
 from ..errors import IncrementNotRecorded, IncrementOutcomeUnknown
+from ..process import forget_at_fork
 from ..settings import resolve
 from .batches import Batch, write_batch
 
@@ -365,9 +365,7 @@ def _flush_all_at_exit() -> None:
             log.error("at exit, a buffered counter could not be written: %s", exc)
 
 
+@forget_at_fork
 def _forget_parents_pending() -> None:
     for buffer in list(_live_buffers):
         buffer._reset()
-
-
-os.register_at_fork(after_in_child=_forget_parents_pending)

@@ -32,13 +32,17 @@ import logging
 import math
 import threading
 import time
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
+from ..cache.pending_names import PendingNames
 from ..core.validation import INT64_MAX, check_delta, check_name
 from ..counter import Counter, class_options
 from ..errors import CacheUnavailable, DatastoreUnavailable, ShardedCounterError
 from ..paths.backend import backend_for
 from ..paths.combiner import combiner_for
+from ..paths.wiring import GivenClients
+from ..process import PerProcess, forget_at_fork
 from ..settings import resolve
 from .lock import Locked, lock
 
@@ -47,6 +51,13 @@ log = logging.getLogger("sharded_counter")
 ON_CACHE_FAILURE = ("raise", "direct")
 _MAX_COUNTERS = 10_000  # Counter objects kept for increments; past it they are made anew
 _MAX_BACKOFF = 60.0
+
+
+class _Here(NamedTuple):
+    """What a SharedBuffer works with in one process."""
+
+    names: PendingNames
+    scope: str
 
 
 class SharedBuffer:
@@ -76,13 +87,12 @@ class SharedBuffer:
         # Bad options fail now, not at the first increment; clients are not options.
         options = {k: v for k, v in counter_options.items() if not k.endswith("_client")}
         self.settings = resolve(options, class_options(counter_class))
-        backend = backend_for(
-            self.settings,
-            counter_options.get("datastore_client"),
-            counter_options.get("memcache_client"),
+        self._clients = GivenClients(
+            counter_options.get("datastore_client"), counter_options.get("memcache_client")
         )
-        self._names = backend.cache.pending_names(self.settings.key_prefix, backend.store.scope)
-        self._scope = backend.store.scope
+        # The list of pending names, over this process's own memcache connections: made on
+        # first use, and again in a forked child.
+        self._here: PerProcess[_Here] = PerProcess(self._connect)
         self.interval = float(interval)
         self.on_cache_failure = on_cache_failure
         self.counter_class = counter_class
@@ -92,8 +102,23 @@ class SharedBuffer:
         self._listed_at: dict[str, float] = {}  # when this process last listed each name
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        _live_buffers.add(self)
         if flusher:
             self.start_flusher()
+
+    def _connect(self) -> _Here:
+        given = self._clients.here()
+        backend = backend_for(self.settings, given.datastore, given.memcache)
+        scope = backend.store.scope
+        return _Here(backend.cache.pending_names(self.settings.key_prefix, scope), scope)
+
+    @property
+    def _scope(self) -> str:
+        return self._here.get().scope
+
+    @property
+    def _names(self) -> PendingNames:
+        return self._here.get().names
 
     # -- adding ----------------------------------------------------------------------
 
@@ -253,3 +278,17 @@ class SharedBuffer:
         if thread is not None:
             thread.join(timeout=max(30.0, 2 * self.interval))
         self.flush()
+
+
+_live_buffers: weakref.WeakSet[SharedBuffer] = weakref.WeakSet()
+
+
+@forget_at_fork
+def _forget_parents_threads() -> None:
+    # A forked child has none of its parent's threads: a lock one of them held would
+    # never be released, and the flusher is the parent's (the names are listed in
+    # memcache, so it flushes what children add; a child may start its own).
+    for buffer in list(_live_buffers):
+        buffer._lock = threading.Lock()
+        buffer._stop = threading.Event()
+        buffer._thread = None

@@ -10,7 +10,6 @@ decided in ``core/tokens.py``; this module only reads and writes them.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import time
 from collections.abc import Collection, Sequence
@@ -21,6 +20,7 @@ from google.cloud.datastore_v1.types import entity as entity_types
 
 from ..core import tokens
 from ..core.keys import shard_index
+from ..process import forget_at_fork
 
 EntityPb = entity_types.Entity.pb()
 KeyPb = entity_types.Key.pb()
@@ -39,12 +39,10 @@ def _draw_slot() -> str:
 process_slot = _draw_slot()
 
 
+@forget_at_fork
 def _new_slot_after_fork() -> None:
     global process_slot
     process_slot = _draw_slot()
-
-
-os.register_at_fork(after_in_child=_new_slot_after_fork)
 
 
 # -- entities --------------------------------------------------------------------------
