@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from sharded_counter import Counter, IncrementNotRecorded, IncrementOutcomeUnknown
 
@@ -263,3 +263,18 @@ class ReplyHoldingRelay:
         for sock in [self._listener, *self._sockets]:
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+_Connectable = TypeVar("_Connectable")
+
+
+def connected(thing: _Connectable) -> _Connectable:
+    """Connect a counter (or buffer) now, with the environment as it is at this moment.
+
+    Counters connect on their first call, reading the environment then
+    (process.py). A test that points one at a dead address for a moment
+    (``monkeypatch.context()`` around ``DATASTORE_EMULATOR_HOST``) has it connect
+    while that address is set, as making it used to.
+    """
+    thing._here.get()  # type: ignore[attr-defined]
+    return thing

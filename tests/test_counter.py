@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 import pytest
+from faultkit import connected
 from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded, config
@@ -206,7 +207,7 @@ def test_failed_writes_are_stashed_and_folded_into_the_next_write(
     assert live.count == 1
     with monkeypatch.context() as patch:
         dead_datastore(patch)
-        broken = Counter("stash", **FAST_FAIL)
+        broken = connected(Counter("stash", **FAST_FAIL))
         broken.increment(5)  # acknowledged: it went to delayed_incr
         broken.increment(-2)
         assert broken.stats.snapshot()["stashed"] == 2

@@ -31,6 +31,7 @@ import pytest
 from faultkit import (
     Ledger,
     ReplyHoldingRelay,
+    connected,
     merged_stats,
     probe_through_relay,
     report,
@@ -531,13 +532,15 @@ def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
         client = build_client(Settings(memcached_hosts=(f"127.0.0.1:{mc_relay.port}",), **timeouts))
         with monkeypatch.context() as patch:
             patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-            broken = Counter(
-                "stash-reply-lost",
-                write_mode="transaction",
-                retry_attempts=1,
-                retry_deadline=0.3,
-                rpc_timeout=0.3,
-                memcache_client=HeldCas(client, mc_relay),
+            broken = connected(
+                Counter(
+                    "stash-reply-lost",
+                    write_mode="transaction",
+                    retry_attempts=1,
+                    retry_deadline=0.3,
+                    rpc_timeout=0.3,
+                    memcache_client=HeldCas(client, mc_relay),
+                )
             )
         with pytest.raises(IncrementOutcomeUnknown) as unknown:
             broken.increment(5)

@@ -31,6 +31,7 @@ import pytest
 from faultkit import (
     Ledger,
     ReplyHoldingRelay,
+    connected,
     increment_loop,
     merged_stats,
     probe_through_relay,
@@ -397,7 +398,7 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
     assert healthy.count == 1  # the pool now holds an idle connection
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter("idle-restart", shards=4, memcache_client=client, **UNREACHABLE)
+        broken = connected(Counter("idle-restart", shards=4, memcache_client=client, **UNREACHABLE))
     sharded_counter_memcached.restart()  # returns once the new server answers
     sharded_counter_memcached.flush_all()  # and it does
 
@@ -653,7 +654,7 @@ def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     with monkeypatch.context() as patch:
         # Nothing listens there: connection refused, so no request can land late.
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, shards=10, memcache_client=client, **UNREACHABLE)
+        broken = connected(Counter(name, shards=10, memcache_client=client, **UNREACHABLE))
 
     # Half the threads lose both backends; half keep Datastore and lose only the cache.
     writes = increment_loop(
@@ -817,7 +818,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
     name = f"unknown-fold-{fate}"
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+        broken = connected(Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE))
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
     probe_through_relay()  # with the default time limits
     # One attempt, so the fault below ends it; 2 s, so that the setup writes before it
@@ -910,7 +911,7 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
         if writer == "this-process":
             with monkeypatch.context() as patch:
                 patch.setenv("DATASTORE_EMULATOR_HOST", direct)
-                mine = Counter(name, shards=1, memcached_hosts=())
+                mine = connected(Counter(name, shards=1, memcached_hosts=()))
             thread = threading.Thread(target=lambda: [mine.increment(1) for _ in range(20)])
             thread.start()
             thread.join(60)
@@ -946,7 +947,7 @@ def test_concurrent_stashing_and_folding_neither_loses_nor_doubles(
     ledger.increment(healthy, 1)
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, shards=10, memcache_client=client, **UNREACHABLE)
+        broken = connected(Counter(name, shards=10, memcache_client=client, **UNREACHABLE))
 
     writes = increment_loop(
         ledger,
@@ -1159,7 +1160,7 @@ def test_setting_the_count_fences_a_stash_that_a_writer_is_folding(
     healthy.increment(1)
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, shards=4, **cache, **UNREACHABLE)
+        broken = connected(Counter(name, shards=4, **cache, **UNREACHABLE))
     broken.increment(1000)  # acknowledged: stashed in delayed_incr
     if merged_stats(broken)["stashed"] != 1:
         pytest.fail("setup: the increment of 1000 was not stashed")
@@ -1345,7 +1346,7 @@ def test_a_writer_that_vanishes_mid_fold_neither_loses_nor_doubles_what_it_took(
     counter.increment(1)
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+        broken = connected(Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE))
     broken.increment(1000)  # acknowledged: stashed in delayed_incr
     if merged_stats(broken)["stashed"] != 1:
         pytest.fail("setup: the increment of 1000 was not stashed")
@@ -1466,7 +1467,9 @@ def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
         )
         with monkeypatch.context() as patch:
             patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-            broken = Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+            broken = connected(
+                Counter(name, shards=4, memcache_client=own_memcache(), **UNREACHABLE)
+            )
         broken.increment(1000)  # acknowledged: stashed in delayed_incr
         healthy = Counter(name, shards=4, memcache_client=through_relay, **FAST_MEMCACHE)
         assert healthy.count == 1000  # and now this writer knows there is a stash

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import connected
 from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded
@@ -204,13 +205,15 @@ def test_a_keyed_increment_is_never_stashed(
     healthy.increment(1)
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(
-            "unreachable",
-            shards=3,
-            write_mode=healthy.write_mode,  # no probe: the address is dead
-            retry_attempts=2,
-            retry_deadline=0.5,
-            rpc_timeout=0.3,
+        broken = connected(
+            Counter(
+                "unreachable",
+                shards=3,
+                write_mode=healthy.write_mode,  # no probe: the address is dead
+                retry_attempts=2,
+                retry_deadline=0.5,
+                rpc_timeout=0.3,
+            )
         )
     with pytest.raises(IncrementNotRecorded) as caught:
         broken.increment(4, idempotency_key="later")
@@ -239,7 +242,7 @@ def test_a_write_of_the_most_keys_a_group_holds_fits_one_transaction(
     # Datastore's 25 entity groups.
     counter = Counter("widest-keyed-write", shards=3)
     keys = {f"wide-{i}": 1 for i in range(MAX_KEYS_PER_WRITE)}
-    assert counter._ctx.run(counter._keyed.write(keys)) == {}
+    assert counter._ctx.run(counter._paths.keyed.write(keys)) == {}
     assert counter.get_count(nocache=True) == MAX_KEYS_PER_WRITE
 
 

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faultkit import ReplyHoldingRelay
+from faultkit import ReplyHoldingRelay, connected
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -221,7 +221,9 @@ class ProtocolMachine(RuleBasedStateMachine):
     def increment_with_datastore_unreachable(self, delta: int, key: str | None) -> None:
         """Nothing listens at the Datastore address: refused, never applied."""
         with _env("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}"):
-            counter = self._counter(retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+            counter = connected(
+                self._counter(retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+            )
         self._book(delta, lambda: counter.increment(delta, idempotency_key=key), key)
 
     @rule(delta=st.integers(1, 100), both=st.booleans())
@@ -230,7 +232,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         counter = self.counter
         if both:
             with _env("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}"):
-                counter = self._counter(retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+                counter = connected(
+                    self._counter(retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+                )
         self.world.memcached.pause()
         try:
             self._book(delta, lambda: counter.increment(delta))

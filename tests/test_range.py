@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from faultkit import connected
 from google.cloud import datastore
 
 from sharded_counter import Counter, CounterOverflowError
@@ -146,7 +147,7 @@ def test_an_overflowing_increment_puts_back_the_stash_it_took(
     with monkeypatch.context() as patch:
         # Nothing listens there: this counter's writes fail and go to delayed_incr.
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+        broken = connected(Counter(name, retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3))
     broken.increment(5)
     assert broken.stats.snapshot()["stashed"] == 1
     assert_totals(counter, INT64_MAX - 5)  # the read also lets this writer see the stash

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import connected
 from google.api_core import exceptions as gexc
 
 from sharded_counter import (
@@ -333,10 +334,10 @@ def test_datastore_down_at_flush_keeps_the_amount_pending(
     with monkeypatch.context() as patch:
         # Nothing listens there: every write is refused, certainly not applied.
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = SharedBuffer(
+        broken = connected(SharedBuffer(
             interval=60, write_mode="transaction", retry_attempts=1, retry_deadline=0.3,
             rpc_timeout=0.3,
-        )  # fmt: skip
+        ))  # fmt: skip
         with pytest.raises(DatastoreUnavailable) as failed:
             broken.flush()
         assert isinstance(failed.value.__cause__, gexc.ServiceUnavailable)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faultkit import connected
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -129,8 +130,10 @@ def test_outcomes_when_datastore_or_memcache_fail(
 ) -> None:
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        stashing = Counter("otel-down", **UNREACHABLE)
-        nowhere = Counter("otel-down", memcached_hosts=[f"127.0.0.1:{free_port()}"], **UNREACHABLE)
+        stashing = connected(Counter("otel-down", **UNREACHABLE))
+        nowhere = connected(
+            Counter("otel-down", memcached_hosts=[f"127.0.0.1:{free_port()}"], **UNREACHABLE)
+        )
     stashing.increment(5)  # Datastore down, memcache up: kept in delayed_incr
     with pytest.raises(IncrementNotRecorded):
         nowhere.increment(2)  # and memcache down too: not counted

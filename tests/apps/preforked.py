@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from sharded_counter import Counter, SharedBuffer, ShardedCounterError
+from sharded_counter import Counter, ShardedCounterError, SharedBuffer
 
 HITS = "preforked:hits"
 BUFFERED = "preforked:buffered"
