@@ -146,7 +146,7 @@ class BoundedCounter(Counter):
 
     def _bounded_increment(self, delta: int, key: str | None) -> None:
         if not delta:
-            self._bounded.stored()  # still checks the bounds agree
+            self._bounded.stored_for_increment(delta)  # still checks the bounds agree
             return
         if key is not None:
             self._bounded.apply(delta, key)
