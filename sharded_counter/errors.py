@@ -25,6 +25,10 @@ class ConfigurationError(ShardedCounterError, ValueError):
     """A setting is unknown, of the wrong type or out of range."""
 
 
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """A setting is of the wrong type: a ``ConfigurationError`` that is a ``TypeError`` too."""
+
+
 class CounterOverflowError(ShardedCounterError, OverflowError):
     """No shard can take the delta without leaving the signed 64-bit range (or, for
     ``Counter.defer`` and ``SharedBuffer.increment``, the amount pending in memcache
