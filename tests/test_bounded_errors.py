@@ -33,10 +33,10 @@ from sharded_counter_emulator import free_port
 pytestmark = pytest.mark.backends
 
 # A Datastore that is down: no retries worth waiting for, and quick to say so.
-UNREACHABLE = {"retry_attempts": 1, "retry_deadline": 0.5, "rpc_timeout": 1.0}
+UNREACHABLE: dict[str, Any] = {"retry_attempts": 1, "retry_deadline": 0.5, "rpc_timeout": 1.0}
 # The same backend (its rpc_timeout is part of what a backend is shared by) with the
 # default retries: for the writes before the fault, which must not fail on a busy machine.
-PATIENT = {"rpc_timeout": UNREACHABLE["rpc_timeout"]}
+PATIENT: dict[str, Any] = {"rpc_timeout": UNREACHABLE["rpc_timeout"]}
 
 INCREMENT_ERRORS = (IncrementNotRecorded, IncrementOutcomeUnknown)
 

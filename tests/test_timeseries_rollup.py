@@ -27,7 +27,7 @@ from sharded_counter_emulator import free_port
 pytestmark = pytest.mark.backends
 
 # A Datastore that is down: no retries worth waiting for, and quick to say so.
-UNREACHABLE = {"retry_attempts": 1, "retry_deadline": 0.5, "rpc_timeout": 1.0}
+UNREACHABLE: dict[str, Any] = {"retry_attempts": 1, "retry_deadline": 0.5, "rpc_timeout": 1.0}
 RESOLUTIONS = [(60, 3600)]
 
 
