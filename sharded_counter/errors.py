@@ -107,6 +107,26 @@ class IncrementOutcomeUnknown(ShardedCounterError):
         self.__cause__ = cause
 
 
+class CounterIsBounded(ShardedCounterError):
+    """A plain ``Counter`` refused to write a counter that has bounds in Datastore (a
+    ``BoundedCounter``'s): its writes do not spend the shards' shares of the bounds,
+    so the bounds would stop holding. Nothing was written.
+
+    Write it with a ``BoundedCounter`` (on the command line: ``sharded-counter
+    bounded NAME``). ``minimum`` and ``maximum`` are the stored bounds.
+    """
+
+    def __init__(self, name: str, bounds: _HasBounds) -> None:
+        super().__init__(
+            f"counter {name!r} has bounds [{bounds.minimum}, {bounds.maximum}] in Datastore: "
+            "write it with a BoundedCounter (sharded-counter bounded NAME), not a plain "
+            "Counter, whose writes would break them; nothing was written"
+        )
+        self.name = name
+        self.minimum: int | None = bounds.minimum
+        self.maximum: int | None = bounds.maximum
+
+
 class LimitReached(ShardedCounterError):
     """A ``BoundedCounter`` refused: the total would leave its bounds. Nothing was written.
 
