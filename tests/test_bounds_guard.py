@@ -98,13 +98,19 @@ def test_a_deleted_bounded_counter_can_be_written_plainly_again(
 
 
 def test_with_datastore_down_the_check_does_not_refuse_the_increment(
-    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, lookups: list[str]
 ) -> None:
-    """The lookup fails: the increment goes its usual way (here: stashed in memcache)."""
+    """The lookup fails: the increment goes its usual way (here: stashed in memcache),
+    and the next writes within ``retry_deadline`` do not look again."""
+    # One attempt per write, so the long deadline only spaces out the looks.
+    options = UNREACHABLE | {"retry_deadline": 60.0}
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        Counter("guarded-down", **UNREACHABLE).increment(7)
-    assert Counter("guarded-down").count == 7  # the stash is counted by reads
+        counter = Counter("guarded-down", **options)
+        for delta in (7, 1, 2):
+            counter.increment(delta)
+    assert lookups == ["guarded-down"]
+    assert Counter("guarded-down").count == 10  # the stash is counted by reads
 
 
 def test_the_cli_refuses_increment_and_set_of_a_bounded_name(

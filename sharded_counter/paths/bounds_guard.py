@@ -13,11 +13,15 @@ per process, not one per write.
 * Bounds: ``CounterIsBounded``, nothing written. Not remembered, so a bounded
   counter deleted meanwhile can be written plainly again.
 * The lookup fails (Datastore down): the write goes on as it would have, and
-  the next write looks again. Refusing it instead would turn every plain
-  increment into a failure whenever Datastore is down, where today it stashes.
+  a write after ``retry_deadline`` seconds looks again (not every write: each
+  look at a stalled Datastore costs up to ``rpc_timeout``). Refusing the write
+  instead would turn every plain increment into a failure whenever Datastore
+  is down, where today it stashes.
 """
 
 from __future__ import annotations
+
+import time
 
 from google.api_core import exceptions as gexc
 
@@ -28,12 +32,14 @@ from .registry import PerCounter
 
 
 class _Seen:
-    """Whether this process found a counter without bounds."""
+    """Whether this process found a counter without bounds, and when it may look again
+    after a lookup that failed (``time.monotonic()``)."""
 
-    __slots__ = ("unbounded",)
+    __slots__ = ("next_look", "unbounded")
 
     def __init__(self) -> None:
         self.unbounded = False
+        self.next_look = 0.0
 
 
 # Per backend, as the bounded paths' own knowledge is: a test may point one process
@@ -45,12 +51,14 @@ def refuse_if_bounded(ctx: CounterContext) -> None:
     """Raise ``CounterIsBounded`` when ``ctx``'s counter has bounds in Datastore (see the
     module docstring for when it looks, and what it remembers)."""
     seen = _seen.get((id(ctx.backend), ctx.backend.store.scope, ctx.name))
-    if seen.unbounded:
+    if seen.unbounded or time.monotonic() < seen.next_look:
         return
     try:
         stored = EscrowStore(ctx.backend.store, ctx.backend.keyed).stored(ctx.name)
     except gexc.GoogleAPICallError:
-        return  # Datastore down: the write fails or stashes as before; looked up next time
+        # Datastore down: the write fails or stashes as before; looked up again later.
+        seen.next_look = time.monotonic() + ctx.settings.retry_deadline
+        return
     if stored is not None:
         raise CounterIsBounded(ctx.name, stored.bounds)
     seen.unbounded = True
