@@ -46,9 +46,9 @@ class BoundedCounter(Counter):
     that was written as a plain ``Counter`` becomes bounded then, if its total
     is within the bounds. Once laid out, the bounds and shard count in
     Datastore win over the ones an object is made with (a difference is logged
-    once): ``set_bounds`` changes them, for every process at once. Do not write a bounded
-    counter's name with a plain ``Counter`` as well: its writes do not spend
-    the shares, so the bounds would no longer hold.
+    once): ``set_bounds`` changes them, for every process at once. A plain ``Counter``
+    of the same name then refuses to write it (``CounterIsBounded``): its writes
+    do not spend the shares, so the bounds would no longer hold.
     """
 
     # Its shares are dealt over the shards it was laid out with: they do not grow.
@@ -152,7 +152,7 @@ class BoundedCounter(Counter):
 
     def _bounded_increment(self, delta: int, key: str | None) -> None:
         if not delta:
-            self._bounded.stored()  # still checks the bounds agree
+            self._bounded.stored_for_increment(delta)  # still checks the bounds agree
             return
         if key is not None:
             self._bounded.apply(delta, key)

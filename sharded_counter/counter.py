@@ -30,6 +30,7 @@ from .core.outcomes import Step
 from .core.validation import check_delta, check_idempotency_key, check_name
 from .errors import CacheUnavailable, IncrementNotRecorded, IncrementOutcomeUnknown
 from .paths.backend import Backend
+from .paths.bounds_guard import refuse_if_bounded
 from .paths.context import TRANSFORM_MAX_DELTA, CounterContext
 from .paths.reads import Verification, read_many
 from .paths.stats import WriteStats
@@ -212,6 +213,7 @@ class Counter:
         """
         delta = check_delta(delta)
         key = None if idempotency_key is None else check_idempotency_key(idempotency_key)
+        refuse_if_bounded(self._ctx)  # a BoundedCounter's name: CounterIsBounded
         if transaction is not None:
             # Staged only: the caller's commit decides, so no outcome is recorded here.
             self._increment_joined(delta, transaction, key)
@@ -376,7 +378,9 @@ class Counter:
         counter in this process wait for the set; the set retries until
         ``retry_deadline``.
         """
-        self._paths.setter.set(value)
+        paths = self._paths
+        refuse_if_bounded(paths.ctx)
+        paths.setter.set(value)
 
     # -- checking the cache against the truth ----------------------------------------
 

@@ -25,6 +25,10 @@ class ConfigurationError(ShardedCounterError, ValueError):
     """A setting is unknown, of the wrong type or out of range."""
 
 
+class ConfigurationTypeError(ConfigurationError, TypeError):
+    """A setting is of the wrong type: a ``ConfigurationError`` that is a ``TypeError`` too."""
+
+
 class CounterOverflowError(ShardedCounterError, OverflowError):
     """No shard can take the delta without leaving the signed 64-bit range (or, for
     ``Counter.defer`` and ``SharedBuffer.increment``, the amount pending in memcache
@@ -101,6 +105,26 @@ class IncrementOutcomeUnknown(ShardedCounterError):
         self.name = name
         self.delta = delta
         self.__cause__ = cause
+
+
+class CounterIsBounded(ShardedCounterError):
+    """A plain ``Counter`` refused to write a counter that has bounds in Datastore (a
+    ``BoundedCounter``'s): its writes do not spend the shards' shares of the bounds,
+    so the bounds would stop holding. Nothing was written.
+
+    Write it with a ``BoundedCounter`` (on the command line: ``sharded-counter
+    bounded NAME``). ``minimum`` and ``maximum`` are the stored bounds.
+    """
+
+    def __init__(self, name: str, bounds: _HasBounds) -> None:
+        super().__init__(
+            f"counter {name!r} has bounds [{bounds.minimum}, {bounds.maximum}] in Datastore: "
+            "write it with a BoundedCounter (sharded-counter bounded NAME), not a plain "
+            "Counter, whose writes would break them; nothing was written"
+        )
+        self.name = name
+        self.minimum: int | None = bounds.minimum
+        self.maximum: int | None = bounds.maximum
 
 
 class LimitReached(ShardedCounterError):

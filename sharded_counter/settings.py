@@ -21,12 +21,20 @@ import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .core.validation import check_shards
-from .errors import ConfigurationError
+from .core.validation import (
+    check_choice,
+    check_flag,
+    check_host_port,
+    check_int,
+    check_memcached_ttl,
+    check_seconds,
+    check_text,
+)
+from .errors import ConfigurationError, ConfigurationTypeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -68,109 +76,109 @@ class Settings:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            check = _CHECKS.get(field.name)
-            if check is not None:
-                object.__setattr__(self, field.name, check(field.name, getattr(self, field.name)))
+            checked = _as_setting(_CHECKS[field.name], getattr(self, field.name), field.name)
+            object.__setattr__(self, field.name, checked)
+        if self.max_shards < self.shards:
+            # Writes start on ``shards`` and grow up to ``max_shards``: the other way
+            # round is a typo, which would otherwise pass silently.
+            raise ConfigurationError(
+                f"max_shards ({self.max_shards}) must be at least shards ({self.shards})"
+            )
 
 
 OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(Settings))
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive int, not {value!r}")
-    return value
+# Each option's check (core/validation.py: one rule per kind of value, shared with
+# every class's constructor arguments), raising TypeError or ValueError.
+_Check = Callable[[Any, str], Any]
 
 
-def _positive_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number, not {value!r}")
-    if value != value or value == float("inf"):
-        raise ConfigurationError(f"{name} must be finite, not {value!r}")
-    return float(value)
+def _seconds(value: Any, name: str) -> float:
+    return check_seconds(value, name)
 
 
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigurationError(f"{name} must be true or false, not {value!r}")
-    return value
+def _positive_int_up_to(high: int) -> _Check:
+    return lambda value, name: check_int(value, name, 1, high)
 
 
-def _shards(name: str, value: Any) -> int:
-    try:
-        return int(check_shards(value))
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(str(exc)) from None
+def _shards(value: Any, name: str) -> int:
+    return check_int(value, name, 1, MAX_SHARDS)
 
 
-def _cache_ttl(name: str, value: Any) -> int:
-    seconds = _positive_int(name, value)
-    # memcached reads an expiry above 30 days as a unix timestamp.
-    if seconds > 30 * 24 * 3600:
-        raise ConfigurationError(f"{name} must be at most 2592000 seconds (30 days), not {seconds}")
-    return seconds
-
-
-def _key_prefix(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value or len(value) > 64:
-        raise ConfigurationError(f"{name} must be a non-empty str of at most 64 chars")
-    if not all("!" <= ch <= "~" for ch in value):
+def _key_prefix(value: Any, name: str) -> str:
+    prefix = check_text(value, name, 64)
+    if not all("!" <= ch <= "~" for ch in prefix):
         # memcache keys travel in a text protocol: no spaces or control bytes.
-        raise ConfigurationError(f"{name} must be printable ASCII without spaces: {value!r}")
-    return value
+        raise ValueError(f"{name} must be printable ASCII without spaces: {prefix!r}")
+    return prefix
 
 
-def _write_mode(name: str, value: Any) -> str:
-    if value not in WRITE_MODES:
-        raise ConfigurationError(f"{name} must be one of {', '.join(WRITE_MODES)}, not {value!r}")
-    return str(value)
+def _write_mode(value: Any, name: str) -> str:
+    return check_choice(value, name, WRITE_MODES)
 
 
-def _optional_str(name: str, value: Any) -> str | None:
+def _optional_str(value: Any, name: str) -> str | None:
     if value is not None and not isinstance(value, str):
-        raise ConfigurationError(f"{name} must be a str, not {type(value).__name__}")
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
     return value or None
 
 
-def _hosts(name: str, value: Any) -> tuple[str, ...]:
+def _hosts(value: Any, name: str) -> tuple[str, ...]:
     if isinstance(value, str):
         value = value.split()
-    if not isinstance(value, (list, tuple)) or not all(isinstance(h, str) for h in value):
-        raise ConfigurationError(f"{name} must be a list of 'host:port' strings")
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of 'host:port' strs, not {type(value).__name__}")
     for host in value:
-        parse_host(host)
+        check_host_port(host, f"{name} entry")
     return tuple(value)
 
 
 def parse_host(spec: str) -> tuple[str, int]:
     """Split ``host:port`` (or ``[v6]:port``) into its parts, checking the port."""
-    host, sep, port = spec.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigurationError(f"memcached host must look like 'host:port', not {spec!r}")
-    return host.strip("[]"), int(port)
+    return _as_setting(check_host_port, spec, "memcached host")  # type: ignore[no-any-return]
 
 
-_CHECKS = {
+#: The most shards a counter may have: every uncached read and every ``count = v``
+#: touches all of them.
+MAX_SHARDS = 10_000
+#: The longest an idempotency key may be remembered: ten years, in seconds. Its
+#: record's ``expire_at`` must stay a Datastore timestamp (before year 10000).
+MAX_IDEMPOTENCY_TTL = 3650 * 24 * 3600
+
+_CHECKS: dict[str, _Check] = {
     "shards": _shards,
     "memcached_hosts": _hosts,
-    "cache_ttl": _cache_ttl,
-    "memcache_timeout": _positive_number,
-    "memcache_connect_timeout": _positive_number,
+    "cache_ttl": check_memcached_ttl,
+    "memcache_timeout": _seconds,
+    "memcache_connect_timeout": _seconds,
     "key_prefix": _key_prefix,
-    "retry_attempts": _positive_int,
-    "retry_deadline": _positive_number,
-    "retry_initial_wait": _positive_number,
-    "retry_max_wait": _positive_number,
-    "rpc_timeout": _positive_number,
+    "retry_attempts": _positive_int_up_to(1000),
+    "retry_deadline": _seconds,
+    "retry_initial_wait": _seconds,
+    "retry_max_wait": _seconds,
+    "rpc_timeout": _seconds,
     "write_mode": _write_mode,
-    "max_concurrent_writes": _positive_int,
-    "group_commit": _bool,
+    "max_concurrent_writes": _positive_int_up_to(1000),
+    "group_commit": check_flag,
     "max_shards": _shards,
-    "idempotency_ttl": _positive_int,
+    "idempotency_ttl": _positive_int_up_to(MAX_IDEMPOTENCY_TTL),
     "project": _optional_str,
     "database": _optional_str,
     "namespace": _optional_str,
 }
+
+
+def _as_setting(check: _Check, value: Any, name: str) -> Any:
+    """``check(value, name)``, its TypeError a ConfigurationTypeError and its ValueError a
+    ConfigurationError: a bad setting is a ConfigurationError, as the docs promise,
+    and a wrong type is a TypeError too, as for every other argument."""
+    try:
+        return check(value, name)
+    except TypeError as exc:
+        raise ConfigurationTypeError(str(exc)) from None
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def _check_known(options: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -254,4 +262,15 @@ def resolve(
     merged.update(_check_known(section, f"config[{SECTION!r}]"))
     merged.update(_check_known(class_options or {}, "class attributes"))
     merged.update(_check_known(arguments or {}, "arguments"))
+    _max_shards_follows_shards(merged)
     return Settings(**merged)
+
+
+def _max_shards_follows_shards(merged: dict[str, Any]) -> None:
+    """Left unset, ``max_shards`` is its default or ``shards``, whichever is more:
+    ``Counter('hits', shards=50)`` spreads over 50 shards and does not grow. Set
+    anywhere below ``shards``, it is refused (``Settings`` checks that)."""
+    shards = merged.get("shards")
+    default = Settings().max_shards
+    if "max_shards" not in merged and isinstance(shards, int) and not isinstance(shards, bool):
+        merged["max_shards"] = max(default, shards)

@@ -138,6 +138,15 @@ class BoundedWrites:
         self._follow(known)
         return known
 
+    def stored_for_increment(self, delta: int) -> Stored:
+        """``stored()`` ahead of an increment of ``delta``. Datastore failing to give
+        (or lay out) the bounds fails the increment before any write of it was sent,
+        so it is certainly not counted: ``IncrementNotRecorded``."""
+        try:
+            return self.stored()
+        except gexc.GoogleAPICallError as exc:
+            raise IncrementNotRecorded(self.ctx.name, delta, exc) from exc
+
     def _follow(self, stored: Stored) -> None:
         if stored.bounds != self.bounds:
             if not self._told:
@@ -214,7 +223,7 @@ class BoundedWrites:
         ``LimitReached``, ``IncrementNotRecorded``, ``IncrementOutcomeUnknown`` or
         ``CounterOverflowError``. With ``key``, its record goes in the same transaction."""
         ctx = self.ctx
-        stored = self.stored()
+        stored = self.stored_for_increment(delta)
         if not escrow.can_ever_fit(delta, stored.bounds):
             raise LimitReached(ctx.name, delta, stored.bounds)
         token = "" if key is not None else new_token()
@@ -247,7 +256,11 @@ class BoundedWrites:
             try:
                 states = write_retrying(ctx.settings, until_deadline=True)(attempt)
             except Exception as exc:
-                raise self._failure(exc, delta, unsure_of is not None) from None
+                failure = self._failure(exc, delta, unsure_of is not None)
+                if failure is exc:
+                    raise
+                # The backend's error stays the cause, as docs/using.md promises.
+                raise failure from exc
         written = [s for s in states if s is not None]
         if written:
             ctx.stats.add(writes=1)

@@ -50,6 +50,7 @@ from ..cache.cas import MISSING, Contended, Outcome, changing, on
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
 from ..cache.retrying import elapsed, memcache_retrying
 from ..core.effects import Steps, drive, retrying
+from ..core.validation import MAX_MEMCACHED_TTL, check_memcached_ttl, check_seconds
 from ..errors import CacheUnavailable, ShardedCounterError
 
 log = logging.getLogger("sharded_counter")
@@ -57,7 +58,7 @@ log = logging.getLogger("sharded_counter")
 _FORMAT = "lk1"
 _TOMBSTONE = f"{_FORMAT} released".encode()
 _TOMBSTONE_TTL = 60  # just so released locks do not sit in memory forever
-MAX_TTL = 30 * 24 * 3600  # memcached reads a longer relative expiry as a timestamp
+MAX_TTL = MAX_MEMCACHED_TTL  # memcached reads a longer relative expiry as a timestamp
 _FIRST_WAIT, _MAX_WAIT = 0.005, 0.25
 # Lost races on the lock's key before a take or a release gives up: a lock changes
 # hands rarely, so a few are plenty.
@@ -306,6 +307,26 @@ def lock_key(prefix: str, name: str) -> str:
     return f"{prefix}:lock:{key_digest(name)}"
 
 
+def internal_lock(
+    purpose: str,
+    *parts: str,
+    ttl: int,
+    memcache_client: CommandClient | None = None,
+    memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    key_prefix: str | None = None,
+) -> Lease:
+    """A lock of the library's own (a SharedBuffer flusher's, per counter), taken at once
+    or ``Locked``. Its key hashes ``purpose`` and ``parts`` as separate parts, where a
+    ``lock(name)`` key hashes the one name: ``key_digest`` length-prefixes each part,
+    so no user's lock name can give the same key."""
+    source = ClientSource(
+        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
+    )
+    lease = Lease(":".join((purpose, *parts)), ttl=ttl, nowait=True, timeout=None, client=source)
+    lease._key = f"{source.key_prefix}:lock:{key_digest(purpose, *parts)}"
+    return lease
+
+
 def _owner() -> str:
     return f"{socket.gethostname()} pid {os.getpid()} {threading.current_thread().name}"
 
@@ -338,16 +359,9 @@ def _decode(raw: bytes | None) -> Holder | None:
 
 
 def _check_ttl(ttl: int) -> int:
-    if isinstance(ttl, bool) or not isinstance(ttl, int):
-        raise TypeError(f"ttl is whole seconds (memcached's expiry), not {type(ttl).__name__}")
-    if not 1 <= ttl <= MAX_TTL:
-        raise ValueError(f"ttl must be 1 to {MAX_TTL} seconds, not {ttl}")
-    return ttl
+    return check_memcached_ttl(ttl, "ttl")  # whole seconds: memcached's expiry
 
 
 def _check_timeout(timeout: float) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout is seconds, not {type(timeout).__name__}")
-    if not 0 <= timeout < float("inf"):
-        raise ValueError(f"timeout must be 0 or more seconds, not {timeout}")
-    return float(timeout)
+    # Up to the longest ttl: the default timeout is the ttl.
+    return check_seconds(timeout, "timeout", zero_ok=True, maximum=MAX_TTL)

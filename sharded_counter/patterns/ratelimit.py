@@ -46,6 +46,7 @@ from ..cache.client import (
     key_digest,
 )
 from ..core.effects import Memcache, Steps, drive
+from ..core.validation import check_choice
 from ..errors import CacheUnavailable, ShardedCounterError
 
 P = ParamSpec("P")
@@ -163,11 +164,9 @@ class LimiterRules:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.rate = limit if isinstance(limit, Limit) else Limit.parse(limit)
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be 'fixed' or 'sliding', not {strategy!r}")
+        check_choice(strategy, "strategy", STRATEGIES)
         self.strategy: Strategy = strategy
-        if on_outage not in ON_OUTAGE:
-            raise ValueError(f"on_outage must be 'open', 'closed' or 'raise', not {on_outage!r}")
+        check_choice(on_outage, "on_outage", ON_OUTAGE)
         self.on_outage: OnOutage = on_outage
         self._clock = clock
         self._client = ClientSource(

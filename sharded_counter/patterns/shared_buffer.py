@@ -36,7 +36,7 @@ import weakref
 from typing import Any, NamedTuple
 
 from ..cache.pending_names import PendingNames
-from ..core.validation import INT64_MAX, check_delta, check_name
+from ..core.validation import INT64_MAX, check_choice, check_delta, check_name, check_seconds
 from ..counter import Counter, class_options
 from ..errors import CacheUnavailable, DatastoreUnavailable, ShardedCounterError
 from ..paths.backend import backend_for
@@ -44,7 +44,7 @@ from ..paths.combiner import combiner_for
 from ..paths.wiring import GivenClients
 from ..process import PerProcess, forget_at_fork
 from ..settings import resolve
-from .lock import Locked, lock
+from .lock import Locked, internal_lock
 
 log = logging.getLogger("sharded_counter")
 
@@ -73,15 +73,8 @@ class SharedBuffer:
         counter_class: type[Counter] = Counter,
         **counter_options: Any,
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0:
-            raise ValueError(f"interval must be a positive number of seconds, not {interval!r}")
-        if not math.isfinite(interval):
-            raise ValueError(f"interval must be finite, not {interval!r}")
-        if on_cache_failure not in ON_CACHE_FAILURE:
-            raise ValueError(
-                f"on_cache_failure must be one of {', '.join(ON_CACHE_FAILURE)}, "
-                f"not {on_cache_failure!r}"
-            )
+        check_seconds(interval, "interval")
+        check_choice(on_cache_failure, "on_cache_failure", ON_CACHE_FAILURE)
         if not (isinstance(counter_class, type) and issubclass(counter_class, Counter)):
             raise TypeError("counter_class must be Counter or a subclass of it")
         # Bad options fail now, not at the first increment; clients are not options.
@@ -231,8 +224,10 @@ class SharedBuffer:
         # it to lapse, and its fold then resolves as the stash's protocol says.
         ttl = math.ceil(settings.retry_deadline + 2 * settings.rpc_timeout + 2)
         try:
-            with lock(
-                f"flush:{self._scope}:{name}",
+            with internal_lock(
+                "flush",
+                self._scope,
+                name,
                 ttl=ttl,
                 memcache_client=self.counter_options.get("memcache_client"),
                 memcached_hosts=settings.memcached_hosts,

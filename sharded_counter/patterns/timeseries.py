@@ -24,10 +24,21 @@ With ``durable=True``, ``rollup(key)`` moves complete buckets into sharded
 bucket's Counter to what memcache still holds, so history survives a cache
 loss (one Counter read per bucket: keep durable ranges coarse). Roll up more
 often than the shortest retention, or buckets expire before they are moved.
+
+**A move, exactly once.** A bucket's amount is written to its Counter first,
+under an idempotency key, and only then subtracted from memcache (``decr``,
+so a late event that arrived meanwhile stays). A move record in memcache
+(``add``: one mover per bucket) holds the key and the amount until the move
+is done. A write that certainly failed leaves the bucket as it was; one whose
+outcome is unknown, or a mover that died, leaves the record, and a later
+rollup, once the record's deadline passed, finishes that move with the same
+key: counted once. Bucket counters have names of the library's own
+(``core/validation.internal_name``), which no user's ``Counter`` can take.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
@@ -39,8 +50,11 @@ from typing import Any
 from ..cache.cas import on
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, incr_or_add, key_digest
 from ..core.effects import drive
-from ..counter import Counter
+from ..core.tokens import new_token
+from ..core.validation import check_flag, check_text, internal_name
+from ..counter import Counter, class_options
 from ..errors import CacheUnavailable, IncrementNotRecorded
+from ..settings import Settings, resolve
 
 #: memcached reads a relative expiry above 30 days as a unix timestamp.
 MAX_RETENTION = 30 * 24 * 3600
@@ -92,14 +106,19 @@ class TimeSeries:
         counter_options: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if not isinstance(name_prefix, str) or not name_prefix:
-            raise ValueError("a TimeSeries needs a non-empty str name_prefix")
-        self.name_prefix = name_prefix
+        self.name_prefix = check_text(name_prefix, "name_prefix", 256)
         self.resolutions = _check_resolutions(resolutions)
-        self.durable = durable
+        self.durable = check_flag(durable, "durable")
+        if counter_options is not None and not isinstance(counter_options, Mapping):
+            raise TypeError(f"counter_options must be a dict, not {type(counter_options).__name__}")
         self._counter_options = dict(counter_options or {})
         if memcached_hosts is not None:
             self._counter_options.setdefault("memcached_hosts", memcached_hosts)
+        # Bad options fail now, not at the first rollup; clients passed in are not options.
+        self._counter_settings = resolve(
+            {k: v for k, v in self._counter_options.items() if not k.endswith("_client")},
+            class_options(Counter),
+        )
         self._clock = clock
         self._client = ClientSource(
             memcache_client,
@@ -226,12 +245,12 @@ class TimeSeries:
     def rollup(self, key: str, before: Instant | None = None) -> int:
         """Move complete buckets that ended by ``before`` (default now) into Counters.
 
-        Each bucket still in memcache with a count is taken whole (``cas`` to 0,
-        so two rollups never move the same count twice) and added to its
-        bucket's ``Counter``. If that increment is not recorded, the count goes
-        back to memcache. Returns the total moved. A process that dies between
-        the take and the increment loses that bucket's count: the same window as
-        ``delayed_incr``.
+        Each bucket still in memcache with a count is written to its bucket's
+        ``Counter`` under an idempotency key, then subtracted from memcache (see
+        *A move, exactly once* in the module docstring). Returns the total moved.
+        Raises the Counter's errors: after ``IncrementNotRecorded`` the bucket is
+        as it was; after ``IncrementOutcomeUnknown`` a later rollup finishes the
+        move, counted once. ``CacheUnavailable`` when memcache fails.
         """
         if not self.durable:
             raise ValueError("rollup needs a TimeSeries made with durable=True")
@@ -245,43 +264,84 @@ class TimeSeries:
             starts = range(oldest, res.start_of(limit) - res.seconds + 1, res.seconds)
             keys = {self._key(res, start, digest): start for start in starts}
             try:
-                found = client.gets_many(list(keys)) if keys else {}
+                found = client.get_many(list(keys)) if keys else {}
             except CLIENT_ERRORS as exc:
                 raise CacheUnavailable(f"time series {self.name_prefix!r}: {exc}") from exc
-            for mkey, (raw, token) in found.items():
-                moved += self._move(client, key, res, keys[mkey], mkey, _count(raw), token)
+            for mkey, raw in found.items():
+                moved += self._move(client, key, res, keys[mkey], mkey, _count(raw))
         return moved
 
     def _move(
-        self,
-        client: CommandClient,
-        key: str,
-        res: Resolution,
-        start: int,
-        mkey: str,
-        amount: int,
-        token: Any,
+        self, client: CommandClient, key: str, res: Resolution, start: int, mkey: str, amount: int
     ) -> int:
         expire = math.ceil(start + res.seconds + res.retention - self._clock())
         if amount == 0 or expire <= 0:
             return 0
+        ttl, record = min(expire, MAX_RETENTION), mkey + _MOVE_SUFFIX
         try:
-            # Kept (at 0) until the bucket expires, so a late incr for it still
-            # finds its counter and is rolled up next time.
-            if client.cas(mkey, b"0", token, min(expire, MAX_RETENTION)) is not True:
-                return 0  # changed meanwhile, or taken by another rollup: next time
+            move = self._hold(client, record, ttl)
+            if move is not None and move.amount == 0:
+                move = self._decide(client, record, mkey, move, ttl)
         except CLIENT_ERRORS as exc:
             raise CacheUnavailable(f"time series {self.name_prefix!r}: {exc}") from exc
+        return 0 if move is None else self._finish(client, key, res, start, mkey, move)
+
+    def _hold(self, client: CommandClient, record: str, ttl: int) -> _Move | None:
+        """The bucket's move record, made (``add``: one mover per bucket) or taken over
+        from a mover past its deadline (``cas``); None while another mover holds it."""
+        # Rounded as the record writes it, so a record read back compares equal.
+        deadline = round(self._clock() + _move_deadline(self._counter_settings), 3)
+        fresh = _Move(new_token(), 0, deadline)  # amount 0: not decided yet
+        if client.add(record, fresh.encode(), ttl):
+            return fresh
+        raw, token = client.gets(record)
+        left = _Move.decode(raw)
+        if left is None or left.deadline > self._clock():
+            return None  # moved meanwhile, or its mover is still within its time
+        # A mover that died or failed: finish its move, under its key.
+        mine = dataclasses.replace(left, deadline=deadline)
+        return mine if client.cas(record, mine.encode(), token, ttl) is True else None
+
+    def _decide(
+        self, client: CommandClient, record: str, mkey: str, move: _Move, ttl: int
+    ) -> _Move | None:
+        """Fix the amount to move: what the bucket holds now that this rollup holds its
+        record (no one else subtracts meanwhile; later events stay for next time)."""
+        amount = _count(client.get(mkey))
+        if amount == 0:
+            client.delete(record)
+            return None
+        raw, token = client.gets(record)
+        decided = dataclasses.replace(move, amount=amount)
+        if _Move.decode(raw) != move:
+            return None  # past its deadline, another rollup took it over
+        if client.cas(record, decided.encode(), token, ttl) is not True:
+            return None
+        return decided
+
+    def _finish(
+        self, client: CommandClient, key: str, res: Resolution, start: int, mkey: str, move: _Move
+    ) -> int:
+        """Write the move to the bucket's Counter under its key, then take it out of memcache."""
         try:
-            self._bucket_counter(key, res, start).increment(amount)
+            self._bucket_counter(key, res, start).increment(move.amount, idempotency_key=move.key)
         except IncrementNotRecorded:
-            drive(incr_or_add(mkey, amount, min(expire, MAX_RETENTION)), on(client))
+            # Certainly not counted: the bucket still holds the amount; drop the record.
+            _forget(client, mkey + _MOVE_SUFFIX)
             raise
-        return amount
+        # Any other failure leaves the record: a later rollup finishes the move with
+        # the same key, so a write that landed is not counted again.
+        try:
+            client.decr(mkey, move.amount)  # floors at 0; a bucket evicted meanwhile: None
+            client.delete(mkey + _MOVE_SUFFIX)
+        except CLIENT_ERRORS as exc:
+            raise CacheUnavailable(f"time series {self.name_prefix!r}: {exc}") from exc
+        return move.amount
 
     def _bucket_counter(self, key: str, res: Resolution, start: int) -> Counter:
-        # Numbers first, then the name's length: no two (name, key) pairs share a Counter.
-        name = f"ts:{res.seconds}:{start}:{len(self.name_prefix)}:{self.name_prefix}:{key}"
+        # A name of the library's own, length-prefixed part by part: no user Counter and
+        # no other (series, key, bucket) can have it.
+        name = internal_name("ts", str(res.seconds), str(start), self.name_prefix, key)
         return Counter(name, **self._counter_options)
 
     # -- helpers ----------------------------------------------------------------------------
@@ -300,6 +360,44 @@ class TimeSeries:
                 return res
         known = ", ".join(str(r.seconds) for r in self.resolutions)
         raise ValueError(f"resolution {seconds!r} is not one of this series' ({known})")
+
+
+#: A bucket's move record is its memcache key plus this.
+_MOVE_SUFFIX = ":mv"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Move:
+    """A move of ``amount`` from a bucket to its Counter under idempotency ``key``, by a
+    rollup that has until ``deadline`` (unix seconds) before another may finish it."""
+
+    key: str
+    amount: int
+    deadline: float
+
+    def encode(self) -> bytes:
+        return f"{self.key} {self.amount} {self.deadline:.3f}".encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> _Move | None:
+        try:
+            key, amount, deadline = (raw or b"").decode().split(" ")
+            return cls(key, int(amount), float(deadline))
+        except ValueError:
+            return None  # gone, or not a record: nothing to resume
+
+
+def _move_deadline(settings: Settings) -> float:
+    """Seconds a mover has before another rollup may finish its move: as long as its
+    Counter write may take, as a SharedBuffer flush lock lasts."""
+    return settings.retry_deadline + 2 * settings.rpc_timeout + 2
+
+
+def _forget(client: CommandClient, key: str) -> None:
+    # Left behind, the record is taken over after its deadline: harmless, since
+    # its key never counted and the bucket still holds the amount.
+    with contextlib.suppress(*CLIENT_ERRORS):
+        client.delete(key)
 
 
 def _check_resolutions(resolutions: Iterable[tuple[int, int]]) -> tuple[Resolution, ...]:
