@@ -185,9 +185,9 @@ def test_a_forked_child_does_not_write_its_parents_pending(
     [
         ({"interval": 0}, ValueError),
         ({"jitter": -1}, ValueError),
-        ({"backoff": "1"}, ValueError),
+        ({"backoff": "1"}, TypeError),
         ({"max_attempts": 0}, ValueError),
-        ({"max_keys": 1.5}, ValueError),
+        ({"max_keys": 1.5}, TypeError),
         ({"shards": 0}, ValueError),
         ({"counter_class": dict}, TypeError),
     ],

@@ -7,9 +7,10 @@ its first increment or set of a counter, a process looks for the counter's
 ``CounterBounds`` entity (``store/escrow.py``): one Datastore lookup per counter
 per process, not one per write.
 
-* No bounds: remembered for the life of the process (or until this registry
-  is full and starts over). A counter laid out as bounded *after* that, by
-  another process, is not noticed by this one: the window docs/limits.md gives.
+* No bounds: remembered while the process uses the counter (paths/registry.py
+  keeps the answer for the 10,000 counters used last, and for any in use). A
+  counter laid out as bounded *after* that, by another process, is not noticed
+  by this one: the window docs/limits.md gives.
 * Bounds: ``CounterIsBounded``, nothing written. Not remembered, so a bounded
   counter deleted meanwhile can be written plainly again.
 * The lookup fails (Datastore down): the write goes on as it would have, and
@@ -34,8 +35,6 @@ from .registry import PerCounter
 class _Seen:
     """Whether this process found a counter without bounds, and when it may look again
     after a lookup that failed (``time.monotonic()``)."""
-
-    __slots__ = ("next_look", "unbounded")
 
     def __init__(self) -> None:
         self.unbounded = False

@@ -37,7 +37,14 @@ import weakref
 import zlib
 from typing import Any
 
-from ..core.validation import INT64_MAX, INT64_MIN, check_delta, check_name
+from ..core.validation import (
+    INT64_MAX,
+    INT64_MIN,
+    check_delta,
+    check_int,
+    check_name,
+    check_seconds,
+)
 from ..counter import Counter, class_options
 from ..errors import IncrementNotRecorded, IncrementOutcomeUnknown
 from ..process import forget_at_fork
@@ -74,10 +81,12 @@ class CounterBuffer:
         max_keys: int = 10_000,
         **counter_options: Any,
     ) -> None:
-        _check_timing(interval=interval, backoff=backoff, timeout=timeout, jitter=jitter)
-        for label, count in (("max_attempts", max_attempts), ("max_keys", max_keys)):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"{label} must be a positive int, not {count!r}")
+        interval = check_seconds(interval, "interval")
+        backoff = check_seconds(backoff, "backoff")
+        timeout = check_seconds(timeout, "timeout")
+        jitter = check_seconds(jitter, "jitter", zero_ok=True)
+        max_attempts = check_int(max_attempts, "max_attempts", 1, 1_000)
+        max_keys = check_int(max_keys, "max_keys", 1, 10_000_000)
         if not (isinstance(counter_class, type) and issubclass(counter_class, Counter)):
             raise TypeError("counter_class must be Counter or a subclass of it")
         # Bad options fail now, not at the first flush; clients passed in are not options.
@@ -337,14 +346,6 @@ class CounterBuffer:
             self._wake.notify()
         if thread is not None:
             thread.join(timeout=5)
-
-
-def _check_timing(*, interval: Any, backoff: Any, timeout: Any, jitter: Any) -> None:
-    for label, value in (("interval", interval), ("backoff", backoff), ("timeout", timeout)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
-    if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not jitter >= 0:
-        raise ValueError(f"jitter must be a number of seconds >= 0, not {jitter!r}")
 
 
 _exit_hook_registered = False
