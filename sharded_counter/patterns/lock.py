@@ -23,6 +23,8 @@ What "good enough" leaves out:
   evicts the key, the lock is gone. In a cluster, a lock taken on a stand-in
   server while its home server is away is not seen once that server returns
   (see ``cache/cluster.py``). Use it to avoid duplicate work, not to guard money.
+* A value at the lock's key that is not a holder we wrote (parsed strictly) is
+  held by ``(unreadable)``: never taken over, until memcached expires it.
 """
 
 from __future__ import annotations
