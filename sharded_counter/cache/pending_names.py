@@ -101,7 +101,7 @@ def _decode(raw: bytes | None) -> set[str]:
             try:
                 names.add(_name_of(entry))
             except parse.Garbled as exc:
-                _report_poisoned(bytes(entry), str(exc))
+                _report_poisoned(parse.fingerprint(entry), parse.describe(entry), str(exc))
     return names
 
 
@@ -119,11 +119,12 @@ def _name_of(entry: bytes) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def _report_poisoned(entry: bytes, why: str) -> None:
-    """Log a poisoned entry once (while among the last 256): a peek and a take both see it."""
+def _report_poisoned(fingerprint: str, shown: str, why: str) -> None:
+    """Log a poisoned entry once (by ``fingerprint``, while among the last 256): a peek
+    and a take both see it."""
     log.warning(
         "a shared buffer's list of pending counters in memcache holds an entry that is not "
         "a name we listed (%s): %s; dropped, the other names are flushed (docs/security.md)",
         why,
-        parse.describe(entry),
+        shown,
     )

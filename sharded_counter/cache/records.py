@@ -195,16 +195,16 @@ def _decode(raw: bytes | None) -> Record | None:
         return None
     record = Record.decode(raw)
     if record is None:
-        _report_garbled(bytes(raw))
+        _report_garbled(parse.fingerprint(raw), parse.describe(raw))
     return record
 
 
 @functools.lru_cache(maxsize=256)
-def _report_garbled(raw: bytes) -> None:
-    """Log a garbled record once per distinct value (while among the last 256): a
-    reader, its refill and a writer's merge may each meet the same bytes."""
+def _report_garbled(fingerprint: str, shown: str) -> None:
+    """Log a garbled record once per distinct value (``fingerprint``; while among the
+    last 256): a reader, its refill and a writer's merge may each meet the same bytes."""
     log.warning(
         "a cached counter record in memcache is garbled: %s; discarded, and the total "
         "read again from Datastore (docs/security.md)",
-        parse.describe(raw),
+        shown,
     )

@@ -15,6 +15,7 @@ Pure: no I/O. Callers log what they drop, using ``describe`` for the bytes.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 
@@ -97,3 +98,9 @@ def describe(raw: bytes | None) -> str:
     head = bytes(raw[:_DESCRIBED])
     more = f"... ({len(raw)} bytes)" if len(raw) > _DESCRIBED else ""
     return f"{head!r}{more}"
+
+
+def fingerprint(raw: bytes) -> str:
+    """A short digest of ``raw``: what a log-once memo keeps of a garbled value, which
+    may be up to a megabyte, instead of the value itself."""
+    return hashlib.blake2b(bytes(raw), digest_size=16).hexdigest()

@@ -206,7 +206,7 @@ class Stash:
         try:
             return cls.parse(raw)
         except parse.Garbled as exc:
-            _report_garbled(bytes(raw), str(exc))
+            _report_garbled(parse.fingerprint(raw), parse.describe(raw), str(exc))
             return cls()
 
     @classmethod
@@ -476,13 +476,13 @@ def _add_once(marks: dict[str, T], token: str, mark: T) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _report_garbled(raw: bytes, why: str) -> None:
-    """Log a garbled stash once per distinct value (while among the last 256): every
-    read of the counter sees it again until a change replaces it."""
+def _report_garbled(fingerprint: str, shown: str, why: str) -> None:
+    """Log a garbled stash once per distinct value (``fingerprint``; while among the last
+    256): every read of the counter sees it again until a change replaces it."""
     log.error(
         "a delayed_incr stash in memcache is garbled (%s): %s; it reads as empty and the "
         "next change replaces it, so whatever it held is lost, as if memcache had dropped "
         "the key (docs/security.md)",
         why,
-        parse.describe(raw),
+        shown,
     )
