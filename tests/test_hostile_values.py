@@ -21,7 +21,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pymemcache.client.base import Client
 
-from sharded_counter import Counter, Locked, RateLimiter, SharedBuffer, TimeSeries, lock
+from sharded_counter import (
+    Counter,
+    IncrementNotRecorded,
+    Locked,
+    RateLimiter,
+    SharedBuffer,
+    TimeSeries,
+    lock,
+)
 from sharded_counter.cache import pending_names as pending_names_module
 from sharded_counter.cache import records as records_module
 from sharded_counter.core import parse
@@ -31,7 +39,7 @@ from sharded_counter.core.record import Record, ShardState
 from sharded_counter.core.stash import Stash
 from sharded_counter.patterns.lock import UNREADABLE, lock_key, who_holds
 from sharded_counter.patterns.ratelimit import Strategy, check_key
-from sharded_counter_emulator import Memcached
+from sharded_counter_emulator import Memcached, free_port
 
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
@@ -236,6 +244,26 @@ def test_a_garbled_stash_counts_nothing_and_the_next_change_replaces_it(
     assert counter.get_count(nocache=True) == 8
 
 
+def test_a_failed_write_that_would_take_the_stash_past_int64_is_not_recorded(
+    sharded_counter_env: dict[str, str], raw: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its stash would read back as garbled, so it is refused: never written, never lost."""
+    name = f"edge {uuid.uuid4()}"
+    healthy = Counter(name)
+    healthy.increment(1)
+    with monkeypatch.context() as patch:
+        # Nothing listens there: every write is refused for sure.
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        broken = Counter(name, retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+    raw.set(healthy._stash_key, str(INT64_MAX - 1).encode())
+
+    broken.increment(1)  # stashed: pending reaches INT64_MAX exactly
+    assert Stash.decode(raw.get(healthy._stash_key)).pending == INT64_MAX
+    with pytest.raises(IncrementNotRecorded):
+        broken.increment(1)
+    assert Stash.decode(raw.get(healthy._stash_key)).pending == INT64_MAX
+
+
 # -- a shared buffer's pending names: the poisoned one dropped, the rest flushed -------
 
 
@@ -288,7 +316,7 @@ def window_key(limiter: RateLimiter, key: str, windows_back: int = 0) -> str:
 
 
 @pytest.mark.parametrize("strategy", ["fixed", "sliding"])
-@pytest.mark.parametrize("on_outage", ["open", "closed"])
+@pytest.mark.parametrize("on_outage", ["open", "closed", "raise"])
 @pytest.mark.parametrize("garbage", RATE_GARBAGE)
 def test_a_garbled_window_is_the_whole_limit_spent(
     sharded_counter_memcached: Memcached,
@@ -411,6 +439,44 @@ def test_a_garbled_lock_is_held_until_memcached_expires_it(
     taken = lock(name, ttl=5, nowait=False, timeout=10, memcached_hosts=hosts).acquire()
     assert taken.expires_at is not None
     assert taken.release()
+
+
+def test_a_garbled_async_lock_is_held_too(
+    sharded_counter_memcached: Memcached, raw: Client
+) -> None:
+    from sharded_counter.aio import aclose, alock
+
+    hosts = [sharded_counter_memcached.address]
+    name = f"lock {uuid.uuid4()}"
+    raw.set(lock_key("sc", name), b"lk1 x inf nan someone", expire=60)
+
+    async def main() -> str:
+        try:
+            with pytest.raises(Locked) as refused:
+                await alock(name, memcached_hosts=hosts).acquire()
+            assert refused.value.holder is not None
+            return refused.value.holder.owner
+        finally:
+            await aclose()
+
+    assert asyncio.run(main()) == UNREADABLE
+
+
+def test_a_garbled_flush_lock_holds_off_its_counter_only(
+    sharded_counter_env: dict[str, str], raw: Client
+) -> None:
+    """A shared buffer's flush takes a lock per counter: garbage there is a lock held."""
+    held, free = f"held {uuid.uuid4()}", f"free {uuid.uuid4()}"
+    buffer = SharedBuffer(interval=60)
+    buffer.increment(held, 4)
+    buffer.increment(free, 5)
+    raw.set(lock_key("sc", f"flush:{buffer._scope}:{held}"), b"\xff" * 8, expire=60)
+
+    assert buffer.flush() == [free]
+    assert Counter(free).get_count(nocache=True) == 5
+    waiting = Counter(held)
+    assert Stash.decode(raw.get(waiting._stash_key)).pending == 4  # not written: still pending,
+    assert waiting.get_count(nocache=True) == 4  # and counted by reads
 
 
 # -- shard leases: garbage is a lease held, a hint only -------------------------------
