@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pymemcache.client.base import Client
 
 from sharded_counter import (
+    CacheUnavailable,
     Counter,
     IncrementNotRecorded,
     Locked,
@@ -362,6 +363,34 @@ def test_a_garbled_previous_window_refuses_a_sliding_limit(
     assert int(raw.get(window_key(limiter, key))) == 0  # the refused hit gave its cost back
 
 
+class GarbageBeforeDecr:
+    """A real client that writes garbage at a key just before each ``decr`` of it: the
+    race of a hostile write between a refused hit's ``incr`` and its refund, which no
+    real process could time every run (so this wrapper makes it, on the real server)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._client, name)
+
+    def decr(self, key: str, value: int, noreply: bool | None = None) -> object:
+        self._client.set(key, b"garbage")
+        return self._client.decr(key, value, noreply)
+
+
+def test_garbage_written_before_a_refund_is_still_refused(
+    sharded_counter_memcached: Memcached, raw: Client
+) -> None:
+    limiter = RateLimiter(
+        "2/minute",
+        memcache_client=GarbageBeforeDecr(raw),  # type: ignore[arg-type]
+        clock=FakeClock(time.time() // 60 * 60 + 20),
+    )
+    key = f"user {uuid.uuid4()}"
+    assert [limiter.hit(key).allowed for _ in range(5)] == [True, True, False, False, False]
+
+
 @pytest.mark.parametrize("garbage", [b"lots", str(UINT64_MAX).encode()])
 def test_an_async_rate_limiter_refuses_on_a_garbled_window(
     sharded_counter_memcached: Memcached, raw: Client, garbage: bytes
@@ -407,6 +436,9 @@ def test_a_garbled_bucket_is_skipped_and_the_rest_rolled_up(
     assert "time series bucket in memcache is garbled" in caplog.text
     assert series.sum("/home", now - 600, now) == 7  # now from Datastore
     assert raw.get(poisoned) == garbage  # left alone: never rolled up
+    if not garbage.isdigit():  # memcached will not add to it: the caller hears so
+        with pytest.raises(CacheUnavailable, match="non-numeric"):
+            series.incr("/home", 1, at=now - 240)
 
 
 # -- locks: garbage is held, never taken over, until memcached expires it -------------

@@ -232,7 +232,10 @@ class LimiterRules:
         if used <= self.rate.amount:
             return self._decide(True, used, current, window)
         # Over: give the cost back, so a refused hit never uses up the allowance.
-        yield Memcache("decr", (current_key, cost, False))
+        try:
+            yield Memcache("decr", (current_key, cost, False))
+        except _NOT_A_COUNT:  # garbage written since our incr: refused all the same
+            return (yield from self._garbled(current_key, expire, window))
         return self._decide(False, used - cost, current - cost, window)
 
     def _garbled(self, key: str, expire: int, window: _Window) -> Steps[Decision]:
