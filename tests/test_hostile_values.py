@@ -149,6 +149,19 @@ def test_every_record_we_write_reads_back(states: list[ShardState], complete: bo
     assert Record.parse(record.encode()) == record
 
 
+def test_the_stash_of_the_protocol_page_reads_strictly() -> None:
+    documented = (
+        b"17;f692e1f3a9c41b2d7=1000@1796157600.250;u692e1f40e3d07a11=7/3;"
+        b"s692e1f41aa55c0de=0@1796157604.000"
+    )
+    stash = Stash.parse(documented)
+    assert (stash.pending, stash.unsure["692e1f40e3d07a11"].shard) == (17, 3)
+    assert stash.encode() == documented
+    entries = "".join(f";u{i:016x}=7/3" for i in range(30_000))  # 660,000 bytes
+    with pytest.raises(parse.Garbled, match="more than"):
+        Stash.parse(f"0{entries}".encode())
+
+
 # -- the cached record: discarded, and read again from Datastore ----------------------
 
 
