@@ -242,12 +242,7 @@ class LimiterRules:
         """The window's count at ``key`` is not one hits made: refuse, and raise it to
         the limit so that the rest of the window is refused too (a ``cas``, which
         leaves a count at or above the limit alone)."""
-        log.warning(
-            "rate limit %s: the count at %s in memcache is not one hits made; "
-            "read as the whole limit spent until the window ends (docs/security.md)",
-            self.rate,
-            key,
-        )
+        _report_garbled(str(self.rate), key, "it cannot be counted on")
 
         def at_least_the_limit(raw: bytes | None) -> Outcome[None]:
             count = _parsed(raw)
@@ -272,13 +267,7 @@ class LimiterRules:
         made reads as the whole limit spent."""
         count = _parsed(raw)
         if count is None or count > MAX_COUNT:
-            log.warning(
-                "rate limit %s: the count at %s in memcache is not one hits made (%s); "
-                "read as the whole limit spent (docs/security.md)",
-                self.rate,
-                key,
-                parse.describe(raw),
-            )
+            _report_garbled(str(self.rate), key, parse.describe(raw))
             return self.rate.amount
         return count
 
@@ -404,6 +393,19 @@ def check_cost(cost: int) -> int:
     if not 1 <= cost <= MAX_AMOUNT:
         raise ValueError(f"cost must be 1 to 2**62, not {cost} (use test() to spend nothing)")
     return cost
+
+
+@functools.lru_cache(maxsize=256)
+def _report_garbled(rate: str, key: str, what: str) -> None:
+    """Log a garbled window once per key (while among the last 256): a hostile value
+    may sit at a key for a whole window, under every hit."""
+    log.warning(
+        "rate limit %s: the count at %s in memcache is not one hits made (%s); read as "
+        "the whole limit spent until the window ends (docs/security.md)",
+        rate,
+        key,
+        what,
+    )
 
 
 def _parsed(raw: bytes | None) -> int | None:
