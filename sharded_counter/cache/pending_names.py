@@ -13,20 +13,35 @@ nothing pending and writes nothing.
 Losing an entry loses no amount: the stash still holds it, reads still count
 it, and a writer lists the name again at its next increment once the flusher's
 interval has passed (the shared buffer sees to that).
+
+An entry that is not one we could have written (not strict URL-safe base64 of a
+name of at most 1,500 bytes of UTF-8) is *poisoned*: it is dropped with a log
+line, and the rest of its bucket is flushed as usual.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import functools
 import hashlib
+import logging
+import re
 
+from ..core import parse
 from ..errors import CacheUnavailable
 from .cas import change_key
 from .client import key_digest
 from .guarded import GuardedClient
 
+log = logging.getLogger("sharded_counter")
+
 BUCKETS = 32
 _SEPARATOR = b"\n"
+#: The longest name a counter may have, in bytes of UTF-8 (Datastore's key name limit).
+MAX_NAME_BYTES = 1500
+# One entry as _encode writes it: URL-safe base64, padded, of at most MAX_NAME_BYTES.
+_ENTRY = re.compile(rb"(?:[A-Za-z0-9_-]{4}){0,500}(?:[A-Za-z0-9_-]{2}==|[A-Za-z0-9_-]{3}=)?")
 
 
 class PendingNames:
@@ -77,13 +92,39 @@ def _encode(name: str) -> bytes:
 
 
 def _decode(raw: bytes | None) -> set[str]:
+    """The names listed in a bucket; a poisoned entry is dropped (and logged)."""
     if not raw:
         return set()
     names: set[str] = set()
     for entry in raw.split(_SEPARATOR):
         if entry:
             try:
-                names.add(base64.urlsafe_b64decode(entry).decode("utf-8"))
-            except ValueError:
-                continue  # a torn entry (never written by us): its name lists again later
+                names.add(_name_of(entry))
+            except parse.Garbled as exc:
+                _report_poisoned(parse.fingerprint(entry), parse.describe(entry), str(exc))
     return names
+
+
+def _name_of(entry: bytes) -> str:
+    """The counter name ``entry`` lists, strictly as ``_encode`` wrote it."""
+    if not _ENTRY.fullmatch(entry):
+        raise parse.Garbled("not URL-safe base64 of a name of at most 1,500 bytes")
+    try:
+        name = base64.b64decode(entry, altchars=b"-_", validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise parse.Garbled(f"not a name: {exc}") from exc
+    if not 0 < len(name.encode("utf-8")) <= MAX_NAME_BYTES:
+        raise parse.Garbled("a name must be 1 to 1,500 bytes of UTF-8")
+    return name
+
+
+@functools.lru_cache(maxsize=256)
+def _report_poisoned(fingerprint: str, shown: str, why: str) -> None:
+    """Log a poisoned entry once (by ``fingerprint``, while among the last 256): a peek
+    and a take both see it."""
+    log.warning(
+        "a shared buffer's list of pending counters in memcache holds an entry that is not "
+        "a name we listed (%s): %s; dropped, the other names are flushed (docs/security.md)",
+        why,
+        shown,
+    )

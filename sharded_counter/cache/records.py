@@ -14,18 +14,26 @@ Protocol (see ``core/record.py`` for the record itself):
 * A merge that memcache does not answer leaves a record that may miss a
   write. The key is suspect (``backlog.py``) and deleted on this process's next
   cache call, so the next reader rebuilds it; until then it is bounded by the TTL.
+* A value at a record's key that is not a record we could have written (see
+  ``Record.parse``) is a miss: logged, replaced by a fresh record, and the total
+  read again from Datastore. A writer's merge deletes it.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from ..core import parse
 from ..core.effects import Batched, Memcache, Steps
 from ..core.record import Record, ShardState
 from ..errors import CacheUnavailable
 from .backlog import Backlog
 from .cas import MISSING, Contended, Outcome, Seen, as_seen, changing, store_if_unchanged
 from .sightings import StashSightings
+
+log = logging.getLogger("sharded_counter")
 
 #: The shards' states of the counters a fill needs, by record key (steps that read them).
 SnapshotSteps = Callable[[list[str]], Steps[Mapping[str, Iterable[ShardState]]]]
@@ -101,7 +109,7 @@ class CachedRecords:
             # The answer: may the record stay? One we cannot read goes.
             if raw is None:
                 return True, None  # nothing cached; the next reader reads the shards
-            record = Record.decode(raw)
+            record = _decode(raw)
             if record is None:
                 return False, None
             merged = record.merged(states)
@@ -182,4 +190,21 @@ class CachedRecords:
 
 
 def _decode(raw: bytes | None) -> Record | None:
-    return Record.decode(raw) if raw is not None else None
+    """The record in ``raw``; None when there is none, or it is garbled (then logged)."""
+    if raw is None:
+        return None
+    record = Record.decode(raw)
+    if record is None:
+        _report_garbled(parse.fingerprint(raw), parse.describe(raw))
+    return record
+
+
+@functools.lru_cache(maxsize=256)
+def _report_garbled(fingerprint: str, shown: str) -> None:
+    """Log a garbled record once per distinct value (``fingerprint``; while among the
+    last 256): a reader, its refill and a writer's merge may each meet the same bytes."""
+    log.warning(
+        "a cached counter record in memcache is garbled: %s; discarded, and the total "
+        "read again from Datastore (docs/security.md)",
+        shown,
+    )

@@ -26,17 +26,18 @@ class PendingStashes:
         """Add ``delta`` to the pending stash; returns what was pending before. Raises
         CacheUnavailable if it cannot.
 
-        With ``within_int64``, a ``delta`` that would take the pending amount out of
-        the signed 64-bit range is refused (CounterOverflowError, nothing changed):
-        one write could never carry it. A failed write's stash takes it all the same,
-        since that amount is the caller's already and must be kept.
+        A ``delta`` that would take the pending amount out of the signed 64-bit range
+        is refused, nothing changed: one write could never carry it, and a stash
+        holding it would read back as garbled (core/parse.py). With ``within_int64``
+        (a shared buffer's increment) that is CounterOverflowError; otherwise (a
+        failed write's stash) CacheUnavailable, as if memcache had refused it, so the
+        increment is not recorded.
         """
 
         def add(stash: Stash) -> Stash:
-            if within_int64 and not fits_int64(stash.pending + delta):
-                raise CounterOverflowError(
-                    f"{stash.pending} pending plus {delta} leaves the signed 64-bit range"
-                )
+            if not fits_int64(stash.pending + delta):
+                why = f"{stash.pending} pending plus {delta} leaves the signed 64-bit range"
+                raise CounterOverflowError(why) if within_int64 else CacheUnavailable(why)
             return stash.added(delta)
 
         self._sightings.expect_pending(stash_key)

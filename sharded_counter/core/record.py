@@ -18,10 +18,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import secrets
 from collections.abc import Iterable
 
+from . import parse
+
 _FORMAT = "r1"
+#: The longest record we read: 10,000 shards (the most a counter may have) of about
+#: 50 bytes each, and room for shards written by others.
+MAX_RECORD_BYTES = 1_000_000
+#: Shard indexes run below the most shards a counter may have (core/validation.py).
+MAX_SHARDS = 10_000
+# A shard's id as ``store/entities.shard_id`` makes it: ``i<index>``, or ``k`` and
+# 12 hex digits for a shard written by anyone else; and an epoch, 12 hex digits.
+_FOREIGN_SHARD = re.compile(r"k[0-9a-f]{12}", re.ASCII)
+_EPOCH = re.compile(r"[0-9a-f]{12}", re.ASCII)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +74,8 @@ class Record:
 
     @classmethod
     def decode(cls, raw: bytes) -> Record | None:
-        """The record in ``raw``, or None when it is not one we wrote (treated as a miss).
+        """The record in ``raw``, or None when it is not one we wrote (treated as a miss,
+        so the record is read again from Datastore).
 
         Remembered by value: a hot counter's readers mostly see the same bytes
         again, and parsing twenty shards costs more than the memcache get.
@@ -70,19 +83,44 @@ class Record:
         return _decode(bytes(raw))
 
     @classmethod
+    def parse(cls, raw: bytes) -> Record:
+        """The record in ``raw``, strictly: raises ``parse.Garbled`` unless it is exactly
+        what ``encode`` writes (its format and epoch, each shard id once and in order,
+        within a counter's shards, and every version and value within int64)."""
+        fields = parse.text(raw, limit=MAX_RECORD_BYTES).split("|")
+        if len(fields) != 4:
+            raise parse.Garbled(f"a record has 4 fields, not {len(fields)}")
+        fmt, epoch, state, body = fields
+        if fmt != _FORMAT or state not in ("c", "p") or not _EPOCH.fullmatch(epoch):
+            raise parse.Garbled(f"not a record's header: {parse.describe(raw)}")
+        shards: dict[str, tuple[int, int]] = {}
+        last = ""  # encode writes shards sorted by id: anything else is not ours
+        for item in body.split(",") if body else ():
+            sid, equals, pair = item.partition("=")
+            ver, colon, val = pair.partition(":")
+            if not (equals and colon):
+                raise parse.Garbled(f"not a shard's entry: {item[:80]!r}")
+            if sid <= last:
+                raise parse.Garbled(f"shard {sid[:80]!r} repeated or out of order")
+            shards[_shard_id(sid)] = (parse.integer(ver, lo=0), parse.integer(val))
+            last = sid
+        return cls(epoch, state == "c", shards)
+
+    @classmethod
     def _parse(cls, raw: bytes) -> Record | None:
         try:
-            fmt, epoch, state, body = raw.decode("ascii").split("|")
-            if fmt != _FORMAT or state not in ("c", "p"):
-                return None
-            shards: dict[str, tuple[int, int]] = {}
-            for item in body.split(",") if body else ():
-                sid, _, pair = item.partition("=")
-                ver, _, val = pair.partition(":")
-                shards[sid] = (int(ver), int(val))
-        except ValueError:
+            return cls.parse(raw)
+        except parse.Garbled:
             return None
-        return cls(epoch, state == "c", shards)
+
+
+def _shard_id(sid: str) -> str:
+    """``sid`` if it names one of a counter's shards as ``store/entities.shard_id`` does."""
+    if sid.startswith("i"):
+        parse.integer(sid[1:], lo=0, hi=MAX_SHARDS - 1)
+    elif not _FOREIGN_SHARD.fullmatch(sid):
+        raise parse.Garbled(f"not a shard id: {sid[:80]!r}")
+    return sid
 
 
 @functools.lru_cache(maxsize=1024)

@@ -52,16 +52,38 @@ per fold in flight (``!<set token>`` added while fenced),
 part of it came from delayed_incr; ``/<claim>@<deadline>`` added while
 claimed) and ``;s<token>=<taken>@<deadline>`` while a set runs.
 A plain integer, the format of earlier versions, reads as ``pending``.
+
+Anything else at the key (see ``Stash.parse`` for how strictly it is read) is
+*garbled*: it reads as an empty stash, is logged once with its bytes, and the
+next change of the stash replaces it. What it held, if it was ever ours, is
+lost as a flushed key's is (docs/protocol.md, S11); counting bytes we cannot
+read would count garbage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
+from typing import TypeVar
 
+from . import parse
 from .tokens import fold_token, folding_write
+
+# The one side effect of core/: a garbled stash is a loss an operator must hear of,
+# and decode() is the only place that sees every one of them, whichever layer read it.
+log = logging.getLogger("sharded_counter")
+
+#: The longest stash we read: thousands of unsure entries (about 40 bytes each) of a
+#: long outage fit; memcached's own limit on a value is 1 MB.
+MAX_STASH_BYTES = 512 * 1024
+#: Shards an unsure entry may name: ``ANY_SHARD`` up to the most a counter may have.
+_MAX_SHARD = 9_999
+
+T = TypeVar("T")
 
 #: The shard of an unsure entry that stands for the delayed_incr part of a fold.
 ANY_SHARD = -1
@@ -81,12 +103,15 @@ class Fold:
 
     @classmethod
     def decode(cls, body: str) -> tuple[str, Fold]:
-        token, _, rest = body.partition("=")
-        amount, _, rest = rest.partition("@")
+        """``<token>=<amount>@<deadline>[!<set>]``, strictly; raises ``parse.Garbled``."""
+        token, equals, rest = body.partition("=")
+        amount, at, rest = rest.partition("@")
         deadline, bang, fence = rest.partition("!")
-        if bang and not fence:
-            raise ValueError(body)
-        return token, cls(int(amount), float(deadline), fence)
+        if not (equals and at) or (bang and not fence):
+            raise parse.Garbled(f"not a fold marker: {body[:80]!r}")
+        return parse.token(token), cls(
+            parse.integer(amount), parse.deadline(deadline), parse.token(fence) if bang else ""
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,17 +136,23 @@ class Unsure:
 
     @classmethod
     def decode(cls, body: str) -> tuple[str, Unsure]:
-        token, _, rest = body.partition("=")
-        amounts, _, rest = rest.partition("/")
+        """``<token>=<amount>[+<folded>]/<shard>[/<claim>@<deadline>]``, strictly; raises
+        ``parse.Garbled``."""
+        token, equals, rest = body.partition("=")
+        amounts, slash, rest = rest.partition("/")
         amount, plus, folded = amounts.partition("+")
-        if plus and not folded:
-            raise ValueError(body)
-        shard, _, claimed = rest.partition("/")
-        claim, _, deadline = claimed.partition("@")
-        if claim and not deadline:
-            raise ValueError(body)
-        deadline_at = float(deadline) if claim else 0.0
-        return token, cls(int(amount), int(shard), claim, deadline_at, int(folded or 0))
+        shard, claimed, claim_at = rest.partition("/")
+        claim, at, deadline = claim_at.partition("@")
+        if not (equals and slash) or (plus and not folded) or (claimed and not at):
+            raise parse.Garbled(f"not an unsure entry: {body[:80]!r}")
+        entry = cls(
+            parse.integer(amount),
+            parse.integer(shard, lo=ANY_SHARD, hi=_MAX_SHARD),
+            parse.token(claim) if claimed else "",
+            parse.deadline(deadline) if claimed else 0.0,
+            parse.integer(folded) if plus else 0,
+        )
+        return _unsure_token(token), entry
 
     def unclaimed(self) -> Unsure:
         return dataclasses.replace(self, claim="", deadline=0.0)
@@ -168,30 +199,46 @@ class Stash:
 
     @classmethod
     def decode(cls, raw: bytes | None) -> Stash:
-        """What ``raw`` holds; anything unreadable counts as empty."""
+        """What ``raw`` holds. Anything garbled (see ``parse``) reads as empty, and is
+        logged: whatever it held is lost, as if memcache had dropped the key."""
         if not raw:
             return cls()
         try:
-            head, *marks = raw.decode("ascii").split(";")
-            folds: dict[str, Fold] = {}
-            unsure: dict[str, Unsure] = {}
-            setter, set_taken = None, 0
-            for mark in marks:
-                if mark.startswith("u"):
-                    token, entry = Unsure.decode(mark[1:])
-                    unsure[token] = entry
-                elif mark.startswith("f"):
-                    token, fold = Fold.decode(mark[1:])
-                    folds[token] = fold
-                elif mark.startswith("s"):
-                    body, _, deadline = mark[1:].partition("@")
-                    token, equals, taken = body.partition("=")
-                    setter, set_taken = (token, float(deadline)), int(taken) if equals else 0
-            return cls(
-                int(head), MappingProxyType(folds), setter, MappingProxyType(unsure), set_taken
-            )
-        except ValueError:
+            return cls.parse(raw)
+        except parse.Garbled as exc:
+            _report_garbled(parse.fingerprint(raw), parse.describe(raw), str(exc))
             return cls()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Stash:
+        """The stash in ``raw``, strictly: exactly what ``encode`` writes (every amount
+        within int64, every deadline a finite time, every token and shard well formed,
+        no token twice, at most one set marker), or a plain pending integer as earlier
+        versions wrote. Raises ``parse.Garbled`` for anything else."""
+        head, *marks = parse.text(raw, limit=MAX_STASH_BYTES).split(";")
+        folds: dict[str, Fold] = {}
+        unsure: dict[str, Unsure] = {}
+        setter: tuple[str, float] | None = None
+        set_taken = 0
+        for mark in marks:
+            kind, body = mark[:1], mark[1:]
+            if kind == "u":
+                token, entry = Unsure.decode(body)
+                _add_once(unsure, token, entry)
+            elif kind == "f":
+                token, fold = Fold.decode(body)
+                _add_once(folds, token, fold)
+            elif kind == "s" and setter is None:
+                setter, set_taken = _set_marker(body)
+            else:
+                raise parse.Garbled(f"not a stash's mark: {mark[:80]!r}")
+        return cls(
+            parse.integer(head),
+            MappingProxyType(folds),
+            setter,
+            MappingProxyType(unsure),
+            set_taken,
+        )
 
     def encode(self) -> bytes:
         parts = [str(self.pending)]
@@ -402,3 +449,40 @@ class Stash:
             unsure=MappingProxyType(unsure),
             set_taken=0,
         )
+
+
+def _unsure_token(token: str) -> str:
+    """An unsure entry's name: a write token, or a fold token (``<token>+``)."""
+    writer = folding_write(token)
+    parse.token(token if writer is None else writer)
+    return token
+
+
+def _set_marker(body: str) -> tuple[tuple[str, float], int]:
+    """``<token>=<taken>@<deadline>`` (``<token>@<deadline>`` as earlier versions wrote):
+    the set's token and deadline, and what it took."""
+    named, at, deadline = body.partition("@")
+    token, equals, taken = named.partition("=")
+    if not at:
+        raise parse.Garbled(f"not a set marker: {body[:80]!r}")
+    setter = (parse.token(token), parse.deadline(deadline))
+    return setter, parse.integer(taken) if equals else 0
+
+
+def _add_once(marks: dict[str, T], token: str, mark: T) -> None:
+    if token in marks:
+        raise parse.Garbled(f"token {token!r} marked twice")
+    marks[token] = mark
+
+
+@functools.lru_cache(maxsize=256)
+def _report_garbled(fingerprint: str, shown: str, why: str) -> None:
+    """Log a garbled stash once per distinct value (``fingerprint``; while among the last
+    256): every read of the counter sees it again until a change replaces it."""
+    log.error(
+        "a delayed_incr stash in memcache is garbled (%s): %s; it reads as empty and the "
+        "next change replaces it, so whatever it held is lost, as if memcache had dropped "
+        "the key (docs/security.md)",
+        why,
+        shown,
+    )

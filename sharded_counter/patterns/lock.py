@@ -23,6 +23,8 @@ What "good enough" leaves out:
   evicts the key, the lock is gone. In a cluster, a lock taken on a stand-in
   server while its home server is away is not seen once that server returns
   (see ``cache/cluster.py``). Use it to avoid duplicate work, not to guard money.
+* A value at the lock's key that is not a holder we wrote (parsed strictly) is
+  held by ``(unreadable)``: never taken over, until memcached expires it.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from tenacity import (
 from ..cache.cas import MISSING, Contended, Outcome, changing, on
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, key_digest
 from ..cache.retrying import elapsed, memcache_retrying
+from ..core import parse
 from ..core.effects import Steps, drive, retrying
 from ..core.validation import MAX_MEMCACHED_TTL, check_memcached_ttl, check_seconds
 from ..errors import CacheUnavailable, ShardedCounterError
@@ -59,6 +62,10 @@ _FORMAT = "lk1"
 _TOMBSTONE = f"{_FORMAT} released".encode()
 _TOMBSTONE_TTL = 60  # just so released locks do not sit in memory forever
 MAX_TTL = MAX_MEMCACHED_TTL  # memcached reads a longer relative expiry as a timestamp
+#: Who holds a lock whose value is not a holder we wrote.
+UNREADABLE = "(unreadable)"
+# A holder's value: the format, a token, two times and a host, pid and thread name.
+_MAX_HOLDER_BYTES = 4096
 _FIRST_WAIT, _MAX_WAIT = 0.005, 0.25
 # Lost races on the lock's key before a take or a release gives up: a lock changes
 # hands rarely, so a few are plenty.
@@ -155,7 +162,7 @@ class LeaseRules:
         def take(raw: bytes | None) -> Outcome[Holder | None]:
             nonlocal taken_at
             if raw is not None and raw != _TOMBSTONE:
-                return _decode(raw) or Holder("(unreadable)", 0.0, 0.0), None
+                return _decode(raw) or Holder(UNREADABLE, 0.0, 0.0), None
             taken_at = time.time()
             return None, _encode(self.token, taken_at, taken_at + self.ttl, _owner())
 
@@ -339,23 +346,41 @@ def _encode(token: str, acquired_at: float, expires_at: float, owner: str) -> by
 
 
 def _token(raw: bytes | None) -> str | None:
-    if not raw or raw == _TOMBSTONE:
-        return None
-    parts = raw.split(b" ", 2)
-    return parts[1].decode("ascii", "replace") if len(parts) == 3 else None
-
-
-def _decode(raw: bytes | None) -> Holder | None:
-    """The holder written in ``raw``; None for a free lock (missing or a tombstone)."""
+    """The token of the holder written in ``raw``; None for a free or unreadable lock."""
     if not raw or raw == _TOMBSTONE:
         return None
     try:
-        fmt, _, acquired, expires, owner = raw.decode("utf-8").split(" ", 4)
-        if fmt != _FORMAT:
-            raise ValueError(fmt)
-        return Holder(owner, float(acquired), float(expires))
-    except ValueError:
-        return Holder("(unreadable)", 0.0, 0.0)
+        return _parse(raw)[0]
+    except parse.Garbled:
+        return None
+
+
+def _decode(raw: bytes | None) -> Holder | None:
+    """The holder written in ``raw``; None for a free lock (missing or a tombstone).
+
+    Anything else that is not a holder we wrote is held by ``(unreadable)``: never
+    taken over, it stays held until memcached expires it (docs/security.md)."""
+    if not raw or raw == _TOMBSTONE:
+        return None
+    try:
+        return _parse(raw)[1]
+    except parse.Garbled:
+        return Holder(UNREADABLE, 0.0, 0.0)
+
+
+def _parse(raw: bytes) -> tuple[str, Holder]:
+    """``lk1 <token> <acquired> <expires> <owner>``, strictly; raises ``parse.Garbled``."""
+    if len(raw) > _MAX_HOLDER_BYTES:
+        raise parse.Garbled(f"{len(raw)} bytes: longer than any holder we write")
+    try:
+        fields = bytes(raw).decode("utf-8").split(" ", 4)
+    except UnicodeDecodeError as exc:
+        raise parse.Garbled("not UTF-8") from exc
+    if len(fields) != 5 or fields[0] != _FORMAT:
+        raise parse.Garbled("not a lock holder")
+    _, token, acquired, expires, owner = fields
+    holder = Holder(owner, parse.deadline(acquired), parse.deadline(expires))
+    return parse.token(token), holder
 
 
 def _check_ttl(ttl: int) -> int:

@@ -24,19 +24,30 @@ outage starts and one when it ends. A cache outage should not take the
 application down with it. ``"closed"`` refuses every hit instead (for limits
 that guard something costly), and ``"raise"`` raises ``CacheUnavailable``
 (for tools that must not guess).
+
+A value at a window's key that is not a count we could have made (garbled, or
+forged: not ASCII digits, above any count hits could reach, or a count that
+wrapped past memcached's unsigned 64 bits) reads as the whole limit spent,
+under every ``on_outage``: the hit is refused, a warning is logged, and the key
+is raised to the limit so that the rest of the window is refused too. It is
+never read as room to allow a hit (docs/security.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import math
 import re
 import time
 from collections.abc import Callable
 from typing import Literal, ParamSpec, TypeVar
 
-from ..cache.cas import on
+from pymemcache.exceptions import MemcacheClientError
+
+from ..cache.cas import Contended, Outcome, changing, on
 from ..cache.client import (
     CLIENT_ERRORS,
     ClientSource,
@@ -45,9 +56,12 @@ from ..cache.client import (
     incr_or_add,
     key_digest,
 )
+from ..core import parse
 from ..core.effects import Memcache, Steps, drive
 from ..core.validation import check_choice
 from ..errors import CacheUnavailable, ShardedCounterError
+
+log = logging.getLogger("sharded_counter")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,6 +76,15 @@ ON_OUTAGE: tuple[OnOutage, ...] = ("open", "closed", "raise")
 MAX_WINDOW = 7 * 24 * 3600
 #: memcached's counters are unsigned 64-bit; leave room for refunds and bursts.
 MAX_AMOUNT = 2**62
+#: The most a window's count can reach: the limit plus the cost of every hit in
+#: flight at once, each at most MAX_AMOUNT. A count above it was not made by hits.
+MAX_COUNT = 2**63 - 1
+# memcached's answer when ``incr`` finds a value that is not a number (pymemcache's
+# error for it; emcache fails to read the answer as an int: a ValueError). Either
+# way the server answered, so it is not an outage.
+_NOT_A_COUNT: tuple[type[BaseException], ...] = (MemcacheClientError, ValueError)
+# Raising a garbled count to the limit failed (either shell's errors, or lost races).
+_REPAIR_FAILED: tuple[type[BaseException], ...] = (Contended, CacheUnavailable, *CLIENT_ERRORS)
 
 _UNITS = {
     **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
@@ -193,24 +216,59 @@ class LimiterRules:
         current_key = self._key(digest, window.index)
         # A sliding window reads this key again as "previous" during the next window.
         expire = window.seconds_left(windows=2 if self.strategy == "sliding" else 1)
-        current = yield from incr_or_add(current_key, cost, expire)
+        try:
+            current = yield from incr_or_add(current_key, cost, expire)
+        except _NOT_A_COUNT:
+            current = None
+        if current is None or not cost <= current <= MAX_COUNT:
+            # Not a count hits made: below our own cost it wrapped past 2**64.
+            return (yield from self._garbled(current_key, expire, window))
         previous = 0
         if self.strategy == "sliding":
-            previous = _count((yield Memcache("get", (self._key(digest, window.index - 1),))))
+            previous_key = self._key(digest, window.index - 1)
+            previous = self._count(previous_key, (yield Memcache("get", (previous_key,))))
         used = self._used(current, previous, window)
         if used <= self.rate.amount:
             return self._decide(True, used, current, window)
         # Over: give the cost back, so a refused hit never uses up the allowance.
-        yield Memcache("decr", (current_key, cost, False))
+        try:
+            yield Memcache("decr", (current_key, cost, False))
+        except _NOT_A_COUNT:  # garbage written since our incr: refused all the same
+            return (yield from self._garbled(current_key, expire, window))
         return self._decide(False, used - cost, current - cost, window)
+
+    def _garbled(self, key: str, expire: int, window: _Window) -> Steps[Decision]:
+        """The window's count at ``key`` is not one hits made: refuse, and raise it to
+        the limit so that the rest of the window is refused too (a ``cas``, which
+        leaves a count at or above the limit alone)."""
+        _report_garbled(str(self.rate), key, "it cannot be counted on")
+
+        def at_least_the_limit(raw: bytes | None) -> Outcome[None]:
+            count = _parsed(raw)
+            if count is not None and self.rate.amount <= count <= MAX_COUNT:
+                return None, None
+            return None, str(self.rate.amount).encode()
+
+        with contextlib.suppress(*_REPAIR_FAILED):  # refused all the same; the next hit retries
+            yield from changing(key, at_least_the_limit, expire=expire, attempts=4)
+        return self._decide(False, self.rate.amount, self.rate.amount, window)
 
     def _read(self, digest: str, window: _Window) -> Steps[tuple[int, int]]:
         keys = [self._key(digest, window.index)]
         if self.strategy == "sliding":
             keys.append(self._key(digest, window.index - 1))
         found = yield Memcache("get_many", (keys,))
-        previous = _count(found.get(keys[1])) if len(keys) == 2 else 0
-        return _count(found.get(keys[0])), previous
+        counts = [self._count(key, found.get(key)) for key in keys]
+        return counts[0], counts[1] if len(counts) == 2 else 0
+
+    def _count(self, key: str, raw: bytes | None) -> int:
+        """The count of a window as read (0 when missing); one that is not a count hits
+        made reads as the whole limit spent."""
+        count = _parsed(raw)
+        if count is None or count > MAX_COUNT:
+            _report_garbled(str(self.rate), key, parse.describe(raw))
+            return self.rate.amount
+        return count
 
     def _used(self, current: int, previous: int, window: _Window) -> float:
         if self.strategy == "fixed":
@@ -336,9 +394,25 @@ def check_cost(cost: int) -> int:
     return cost
 
 
-def _count(raw: bytes | None) -> int:
-    # memcached stores counters as ASCII digits, sometimes padded with spaces after a decr.
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
+@functools.lru_cache(maxsize=256)
+def _report_garbled(rate: str, key: str, what: str) -> None:
+    """Log a garbled window once per key (while among the last 256): a hostile value
+    may sit at a key for a whole window, under every hit."""
+    log.warning(
+        "rate limit %s: the count at %s in memcache is not one hits made (%s); read as "
+        "the whole limit spent until the window ends (docs/security.md)",
+        rate,
+        key,
+        what,
+    )
+
+
+def _parsed(raw: bytes | None) -> int | None:
+    """A window's count as memcached keeps it (ASCII digits, padded with spaces after
+    some decrs); 0 when missing, None when it is not a count at all."""
+    if raw is None:
         return 0
+    try:
+        return parse.counter(raw)
+    except parse.Garbled:
+        return None

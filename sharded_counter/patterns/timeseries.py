@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import itertools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -49,12 +50,15 @@ from typing import Any
 
 from ..cache.cas import on
 from ..cache.client import CLIENT_ERRORS, ClientSource, CommandClient, incr_or_add, key_digest
+from ..core import parse
 from ..core.effects import drive
 from ..core.tokens import new_token
 from ..core.validation import check_flag, check_text, internal_name
 from ..counter import Counter, class_options
 from ..errors import CacheUnavailable, IncrementNotRecorded
 from ..settings import Settings, resolve
+
+log = logging.getLogger("sharded_counter")
 
 #: memcached reads a relative expiry above 30 days as a unix timestamp.
 MAX_RETENTION = 30 * 24 * 3600
@@ -464,7 +468,12 @@ def _when(t: float) -> str:
 
 
 def _count(raw: bytes | None) -> int:
+    """A bucket's count; one that is not a count we could have made (core/parse.py)
+    is skipped, with a log line: read as 0 and never rolled up (docs/security.md)."""
+    if raw is None:
+        return 0
     try:
-        return int(raw) if raw else 0
-    except ValueError:
+        return parse.counter(raw, hi=parse.INT64_MAX)
+    except parse.Garbled as exc:
+        log.warning("a time series bucket in memcache is garbled (%s): skipped", exc)
         return 0
