@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from faultkit import connected
 from hypothesis import given
 from hypothesis import strategies as st
 from pymemcache.client.base import Client
@@ -33,6 +34,7 @@ from sharded_counter import (
 )
 from sharded_counter.cache import pending_names as pending_names_module
 from sharded_counter.cache import records as records_module
+from sharded_counter.cache.client import key_digest
 from sharded_counter.core import parse
 from sharded_counter.core import stash as stash_module
 from sharded_counter.core.keys import lease_key
@@ -268,7 +270,7 @@ def test_a_failed_write_that_would_take_the_stash_past_int64_is_not_recorded(
     with monkeypatch.context() as patch:
         # Nothing listens there: every write is refused for sure.
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
-        broken = Counter(name, retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3)
+        broken = connected(Counter(name, retry_attempts=1, retry_deadline=0.3, rpc_timeout=0.3))
     raw.set(healthy._stash_key, str(INT64_MAX - 1).encode())
 
     broken.increment(1)  # stashed: pending reaches INT64_MAX exactly
@@ -515,7 +517,8 @@ def test_a_garbled_flush_lock_holds_off_its_counter_only(
     buffer = SharedBuffer(interval=60)
     buffer.increment(held, 4)
     buffer.increment(free, 5)
-    raw.set(lock_key("sc", f"flush:{buffer._scope}:{held}"), b"\xff" * 8, expire=60)
+    flush_lock = f"sc:lock:{key_digest('flush', buffer._scope, held)}"  # lock.internal_lock
+    raw.set(flush_lock, b"\xff" * 8, expire=60)
 
     assert buffer.flush() == [free]
     assert Counter(free).get_count(nocache=True) == 5
