@@ -7,6 +7,7 @@ a spy counts the real lookups.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from sharded_counter import BoundedCounter, Counter, LimitReached
+from sharded_counter.aio import AsyncCounter, aclose
 from sharded_counter.errors import CounterIsBounded
 from sharded_counter.store.escrow import EscrowStore
 from sharded_counter.tools.cli import main
@@ -29,13 +31,13 @@ UNREACHABLE: dict[str, Any] = {"retry_attempts": 1, "retry_deadline": 0.3, "rpc_
 def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names whose stored bounds were looked up (the real lookup runs: a spy)."""
     seen: list[str] = []
-    real = EscrowStore.stored
+    real = EscrowStore.stored_steps
 
     def spied(store: EscrowStore, name: str) -> Any:
         seen.append(name)
         return real(store, name)
 
-    monkeypatch.setattr(EscrowStore, "stored", spied)
+    monkeypatch.setattr(EscrowStore, "stored_steps", spied)
     return seen
 
 
@@ -60,6 +62,26 @@ def test_a_plain_counter_refuses_a_bounded_counters_name(
     with pytest.raises(LimitReached):
         seats.increment()
     assert plain.count == 3  # reading is fine
+
+
+def test_an_async_counter_refuses_a_bounded_counters_name(
+    sharded_counter_env: dict[str, str],
+) -> None:
+    BoundedCounter("guarded-async", maximum=2).increment(2)
+
+    async def main() -> list[str]:
+        plain = AsyncCounter("guarded-async")
+        refused = []
+        for write in (plain.increment, lambda: plain.set_count(7)):
+            try:
+                await write()
+            except CounterIsBounded as exc:
+                refused.append(exc.maximum)
+        await aclose()
+        return refused
+
+    assert asyncio.run(main()) == [2, 2]
+    assert Counter("guarded-async").get_count(nocache=True) == 2  # nothing written
 
 
 def test_a_plain_counter_looks_once_per_process(

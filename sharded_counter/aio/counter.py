@@ -29,6 +29,7 @@ from ..core.outcomes import Step
 from ..core.validation import check_delta, check_idempotency_key, check_name, check_value
 from ..counter import OUTCOME_OF_STEP, ShardsOption, class_options
 from ..errors import DatastoreUnavailable, IncrementOutcomeUnknown
+from ..paths.bounds_guard import bounds_look_due, look_for_bounds
 from ..paths.context import TRANSFORM_MAX_DELTA, CounterContext
 from ..paths.reads import read_many
 from ..paths.stats import WriteStats
@@ -124,6 +125,13 @@ class AsyncCounter:
     async def _loop_backend(self) -> AsyncBackend:
         return async_backend_for(self._ctx.backend, self.settings)
 
+    async def _refuse_if_bounded(self, shell: AsyncBackend) -> None:
+        """``CounterIsBounded`` for a ``BoundedCounter``'s name, as ``Counter`` does."""
+        ctx = self._ctx
+        seen = bounds_look_due(ctx)
+        if seen is not None:
+            await shell.shell.run(look_for_bounds(ctx, seen))
+
     # -- writing ----------------------------------------------------------------
 
     async def increment(self, delta: int = 1, *, idempotency_key: str | None = None) -> None:
@@ -164,6 +172,7 @@ class AsyncCounter:
         try:
             paths = self._paths
             shell = await self._loop_backend()
+            await self._refuse_if_bounded(shell)
             combiner = shell.combiner((id(paths.ctx.backend), paths.ctx.name, self.settings))
 
             async def write(amount: int) -> Step:
@@ -228,6 +237,7 @@ class AsyncCounter:
         value = check_value(value, self.shards)  # bad input: before any call
         paths = self._paths
         shell = await self._loop_backend()
+        await self._refuse_if_bounded(shell)
         await shell.shell.run(paths.ctx.backend.probed())  # checked() reads the engine's limit
         value = paths.setter.checked(value)
         combiner = shell.combiner((id(paths.ctx.backend), paths.ctx.name, self.settings))

@@ -26,6 +26,7 @@ import time
 
 from google.api_core import exceptions as gexc
 
+from ..core.effects import Steps
 from ..errors import CounterIsBounded
 from ..store.escrow import EscrowStore
 from .context import CounterContext
@@ -46,14 +47,22 @@ class _Seen:
 _seen: PerCounter[_Seen] = PerCounter(_Seen)
 
 
-def refuse_if_bounded(ctx: CounterContext) -> None:
-    """Raise ``CounterIsBounded`` when ``ctx``'s counter has bounds in Datastore (see the
-    module docstring for when it looks, and what it remembers)."""
+def bounds_look_due(ctx: CounterContext) -> _Seen | None:
+    """What this process knows of ``ctx``'s counter, when it is time to look for its
+    bounds (``look_for_bounds``); None when it is known to have none, or a failed look
+    was too recent (see the module docstring). No I/O: a plain write checks this
+    before it starts any steps."""
     seen = _seen.get((id(ctx.backend), ctx.backend.store.scope, ctx.name))
     if seen.unbounded or time.monotonic() < seen.next_look:
-        return
+        return None
+    return seen
+
+
+def look_for_bounds(ctx: CounterContext, seen: _Seen) -> Steps[None]:
+    """Raise ``CounterIsBounded`` when ``ctx``'s counter has bounds in Datastore; remember
+    when it has none. As steps, so that both shells look the same way."""
     try:
-        stored = EscrowStore(ctx.backend.store, ctx.backend.keyed).stored(ctx.name)
+        stored = yield from EscrowStore(ctx.backend.store, ctx.backend.keyed).stored_steps(ctx.name)
     except gexc.GoogleAPICallError:
         # Datastore down: the write fails or stashes as before; looked up again later.
         seen.next_look = time.monotonic() + ctx.settings.retry_deadline
@@ -61,3 +70,10 @@ def refuse_if_bounded(ctx: CounterContext) -> None:
     if stored is not None:
         raise CounterIsBounded(ctx.name, stored.bounds)
     seen.unbounded = True
+
+
+def refuse_if_bounded(ctx: CounterContext) -> None:
+    """``look_for_bounds`` in this thread, when a look is due (the blocking shell)."""
+    seen = bounds_look_due(ctx)
+    if seen is not None:
+        ctx.run(look_for_bounds(ctx, seen))

@@ -19,6 +19,7 @@ from typing import Any
 from google.cloud.datastore_v1.types import entity as entity_types
 
 from ..core import escrow
+from ..core.effects import Steps
 from ..core.escrow import Bounds, Share
 from ..core.keys import shard_key_name
 from ..core.record import ShardState
@@ -70,7 +71,11 @@ class EscrowStore:
 
     def stored(self, name: str) -> Stored | None:
         """The counter's stored bounds, or None when it was never set up as bounded."""
-        found, _, _ = self.store.run(self.store.lookup([self.bounds_key(name)]))
+        return self.store.run(self.stored_steps(name))
+
+    def stored_steps(self, name: str) -> Steps[Stored | None]:
+        """``stored``, as steps (for either shell)."""
+        found, _, _ = yield from self.store.lookup([self.bounds_key(name)])
         return _stored_of(next(iter(found.values()), None))
 
     def snapshot(self, name: str, shards: int) -> tuple[Stored | None, list[Share]]:
