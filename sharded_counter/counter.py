@@ -20,57 +20,31 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from .cache.client import MemcacheClient
 from .core.outcomes import Step
-from .core.validation import check_delta, check_idempotency_key, check_name
+from .core.validation import check_delta, check_idempotency_key
 from .errors import CacheUnavailable, IncrementNotRecorded, IncrementOutcomeUnknown
 from .paths.backend import Backend
 from .paths.bounds_guard import refuse_if_bounded
-from .paths.context import TRANSFORM_MAX_DELTA, CounterContext
+from .paths.context import TRANSFORM_MAX_DELTA
 from .paths.reads import Verification, read_many
 from .paths.stats import WriteStats
-from .paths.wiring import CounterPaths, GivenClients, connect
+from .paths.wiring import OUTCOME_OF_STEP, CounterFacade, ShardsOption, class_options
 from .paths.writes import stash_or_raise
-from .process import PerProcess
-from .settings import OPTION_NAMES, Settings, resolve
 from .store.joined import check_transaction, stage_increment
 from .store.keyed import MAX_KEYS_PER_WRITE
 from .store.retry import datastore_failures_as_ours
 from .telemetry import telemetry
 
-__all__ = ["Counter", "Verification", "class_options"]
+__all__ = ["OUTCOME_OF_STEP", "Counter", "ShardsOption", "Verification", "class_options"]
 
 
-class ShardsOption:
-    """``shards``: the number of shards new increments are spread over.
-
-    On ``Counter`` (or a subclass that does not set it) it reads as the count the
-    settings give (``config``, the environment, the file; 10 by default); a
-    subclass sets its own with ``shards = 20``; on a counter it is the count in
-    force (a keyword argument wins).
-    """
-
-    def __get__(self, counter: Any, owner: type) -> int:
-        if counter is None:
-            return resolve({}, class_options(owner)).shards
-        shards: int = counter.settings.shards
-        return shards
-
-
-# How a returned increment was counted, as telemetry names it (telemetry.OUTCOMES).
-OUTCOME_OF_STEP = {
-    Step.ACKNOWLEDGE: "written",
-    Step.STASH: "stashed",
-    Step.KEEP_UNSURE: "unsure",
-}
-
-
-class Counter:
+class Counter(CounterFacade):
     """A counter spread over ``shards`` Datastore entities, with its total cached in memcache.
 
     ``Counter('hits')`` connects from the environment; keyword arguments override
@@ -86,10 +60,6 @@ class Counter:
     count in force (a keyword argument wins).
     """
 
-    #: Adaptive sharding (paths/growth.py): writes spread over more shards while they
-    #: meet contention, up to ``max_shards``.
-    _grows_shards: ClassVar[bool] = True
-
     def __init__(
         self,
         name: str,
@@ -98,29 +68,9 @@ class Counter:
         memcache_client: MemcacheClient | None = None,
         **options: Any,
     ) -> None:
-        self.name = check_name(name)
-        self._options = options
-        # Read now, so that a bad option fails here; read again when the counter connects.
-        self.settings: Settings = resolve(options, class_options(type(self)))
-        # On the counter itself: it wins over a subclass's ``shards = 20``.
-        self.shards = self.settings.shards
-        self._clients = GivenClients(datastore_client, memcache_client)
         # Connected on the first call in each process (and after reconnect()): making a
         # counter opens nothing, and one made before a fork uses the child's own clients.
-        self._here: PerProcess[CounterPaths] = PerProcess(self._connect)
-
-    def _connect(self) -> CounterPaths:
-        self.settings = resolve(self._options, class_options(type(self)))
-        self.shards = self.settings.shards
-        return connect(self.name, self.settings, self._clients, grows=self._grows_shards)
-
-    @property
-    def _paths(self) -> CounterPaths:
-        return self._here.get()
-
-    @property
-    def _ctx(self) -> CounterContext:
-        return self._here.get().ctx
+        super().__init__(name, options, datastore_client, memcache_client)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shards})"
@@ -429,19 +379,3 @@ class Counter:
             # After the shards: a reader refilling meanwhile must not outlive them.
             cache.forget(ctx.record_key)
         return removed
-
-
-def class_options(cls: type) -> dict[str, Any]:
-    """Options set as class attributes on a subclass of ``Counter`` (or of another class
-    that holds the ``shards`` descriptor, ``AsyncCounter``): ``shards = 20``."""
-    options: dict[str, Any] = {}
-    # The root's own attributes (its properties and the shards descriptor) are not options.
-    mro = cls.__mro__
-    root = next(
-        i for i, klass in enumerate(mro) if isinstance(vars(klass).get("shards"), ShardsOption)
-    )
-    for klass in reversed(mro[:root]):
-        for option in OPTION_NAMES:
-            if option in vars(klass) and vars(klass)[option] is not None:
-                options[option] = vars(klass)[option]
-    return options

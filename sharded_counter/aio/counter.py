@@ -26,16 +26,13 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from ..core.outcomes import Step
-from ..core.validation import check_delta, check_idempotency_key, check_name, check_value
-from ..counter import OUTCOME_OF_STEP, ShardsOption, class_options
+from ..core.validation import check_delta, check_idempotency_key, check_value
 from ..errors import DatastoreUnavailable, IncrementOutcomeUnknown
 from ..paths.bounds_guard import bounds_look_due, look_for_bounds
-from ..paths.context import TRANSFORM_MAX_DELTA, CounterContext
+from ..paths.context import TRANSFORM_MAX_DELTA
 from ..paths.reads import read_many
 from ..paths.stats import WriteStats
-from ..paths.wiring import CounterPaths, GivenClients, connect
-from ..process import PerProcess
-from ..settings import Settings, resolve
+from ..paths.wiring import OUTCOME_OF_STEP, CounterFacade, ShardsOption
 from ..store.keyed import MAX_KEYS_PER_WRITE
 from ..telemetry import telemetry
 from .backend import AsyncBackend, async_backend_for, finish_in_background
@@ -63,7 +60,7 @@ def _datastore_failures_as_ours(
     return wrapper
 
 
-class AsyncCounter:
+class AsyncCounter(CounterFacade):
     """A sharded counter for asyncio code: ``Counter``'s options, storage and guarantees.
 
     ``AsyncCounter('hits')`` connects from the environment, as ``Counter`` does;
@@ -85,27 +82,8 @@ class AsyncCounter:
         datastore_client: datastore.Client | None = None,
         **options: Any,
     ) -> None:
-        self.name = check_name(name)
-        self._options = options
-        # Read now, so that a bad option fails here; read again when the counter connects.
-        self.settings: Settings = resolve(options, class_options(type(self)))
-        self.shards = self.settings.shards
-        self._clients = GivenClients(datastore_client, None)
         # As Counter: connected on the first call in each process (and after reconnect()).
-        self._here: PerProcess[CounterPaths] = PerProcess(self._connect)
-
-    def _connect(self) -> CounterPaths:
-        self.settings = resolve(self._options, class_options(type(self)))
-        self.shards = self.settings.shards
-        return connect(self.name, self.settings, self._clients)
-
-    @property
-    def _paths(self) -> CounterPaths:
-        return self._here.get()
-
-    @property
-    def _ctx(self) -> CounterContext:
-        return self._here.get().ctx
+        super().__init__(name, options, datastore_client, None)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, shards={self.shards})"
