@@ -270,3 +270,21 @@ def test_a_key_dump_is_streamed_not_read_whole(own_memcached: Memcached) -> None
     report("keydump", keys=count, approx_dump_bytes=dump_bytes, peak_bytes=peak)
     assert (count, strays) == (NAMES, 0)
     assert peak < 1 << 20  # the dump is over 25 MB
+
+
+def test_a_shared_buffer_keeps_at_most_its_cap_of_counters(
+    sharded_counter_env: dict[str, str],
+) -> None:
+    from sharded_counter import SharedBuffer
+    from sharded_counter.patterns.shared_buffer import MAX_COUNTERS
+
+    buffer = SharedBuffer(interval=60)
+    names = [f"buffered-{i}" for i in range(MAX_COUNTERS + 2_000)]
+    for name in names:
+        buffer.increment(name)
+    kept = (len(buffer._counters), len(buffer._listed_at))
+    report("shared-buffer", names=len(names), kept=kept, bytes=approx_bytes(buffer._listed_at))
+    assert kept == (MAX_COUNTERS, MAX_COUNTERS)
+    assert names[0] not in buffer._counters and names[-1] in buffer._counters  # oldest gone
+    assert buffer.pending(names[0]) == 1  # a forgotten Counter object is made anew
+    assert buffer._names.peek() >= {names[0], names[-1]}  # and every name stays listed

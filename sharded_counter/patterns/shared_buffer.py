@@ -52,7 +52,9 @@ from .lock import Holder, Locked, lock, who_holds
 log = logging.getLogger("sharded_counter")
 
 ON_CACHE_FAILURE = ("raise", "direct")
-_MAX_COUNTERS = 10_000  # Counter objects kept for increments; past it they are made anew
+#: Counter objects, and the times names were listed, kept per buffer; past it the
+#: oldest goes (a Counter is made anew; a name is listed again at its next increment).
+MAX_COUNTERS = 10_000
 _MAX_BACKOFF = 60.0  # the longest wait between rounds while the backends keep failing
 
 #: What a backend that is down or stalled raises: a round that meets one of these waits
@@ -231,18 +233,17 @@ class SharedBuffer:
             log.warning("could not list counter %r for the flusher: %s", name, exc)
             return
         with self._lock:
-            if len(self._listed_at) > _MAX_COUNTERS:
-                self._listed_at.clear()
+            self._listed_at.pop(name, None)  # re-inserted: the dict stays oldest first
             self._listed_at[name] = time.monotonic()
+            _drop_oldest(self._listed_at)
 
     def _counter(self, name: str) -> Counter:
         counter = self._counters.get(name)
         if counter is None:
             counter = self.counter_class(name, **self.counter_options)
             with self._lock:
-                if len(self._counters) > _MAX_COUNTERS:
-                    self._counters.clear()
                 self._counters[name] = counter
+                _drop_oldest(self._counters)
         return counter
 
     # -- reading ---------------------------------------------------------------------
@@ -379,3 +380,9 @@ class SharedBuffer:
         if thread is not None:
             thread.join(timeout=max(30.0, 2 * self.interval))
         self.flush()
+
+
+def _drop_oldest(kept: dict[str, Any]) -> None:
+    """Past ``MAX_COUNTERS`` entries, forget the first inserted (called under the lock)."""
+    while len(kept) > MAX_COUNTERS:
+        del kept[next(iter(kept))]
