@@ -43,6 +43,9 @@ pytestmark = pytest.mark.backends
 NAMES = 100_000
 OUTAGE_WRITES = 10_000
 WRITERS = 8
+#: Datastore time limits with room for a loaded machine: the emulators slow down with
+#: 100,000 counters' worth of work (a read timed out at the default 5 s on Firestore).
+SLACK = {"rpc_timeout": 30.0, "retry_deadline": 90.0}
 
 #: The byte caps docs/limits.md states, each from a run of this file (with room to spare).
 SIGHTINGS_BYTES = 6 << 20  # the three kinds of sighting together
@@ -127,7 +130,7 @@ def test_caps_hold_with_100000_counters_and_a_10000_write_memcache_outage(
     own_memcached: Memcached,
 ) -> None:
     hosts = own_memcached.address
-    probe = Counter("memory-probe", memcached_hosts=hosts)
+    probe = Counter("memory-probe", memcached_hosts=hosts, **SLACK)
     probe.increment(1)  # connects, and the engine's write-mode probe, before the clock
     cache = probe._backend.cache.steps
     scope = probe._backend.store.scope
@@ -146,7 +149,7 @@ def test_caps_hold_with_100000_counters_and_a_10000_write_memcache_outage(
     started = time.monotonic()
     for at in range(0, NAMES, 5_000):
         chunk = names[at : at + 5_000]
-        totals = Counter.get_counts(chunk, memcached_hosts=hosts)
+        totals = Counter.get_counts(chunk, memcached_hosts=hosts, **SLACK)
         assert totals == {name: at + i + 1 for i, name in enumerate(chunk)}
     read_s = time.monotonic() - started
     sightings = cache.sightings.sizes()
@@ -159,7 +162,9 @@ def test_caps_hold_with_100000_counters_and_a_10000_write_memcache_outage(
     own_memcached.stop()
     written = names[-OUTAGE_WRITES:]
     started = time.monotonic()
-    in_threads(lambda i: Counter(written[i], memcached_hosts=hosts).increment(1), OUTAGE_WRITES)
+    in_threads(
+        lambda i: Counter(written[i], memcached_hosts=hosts, **SLACK).increment(1), OUTAGE_WRITES
+    )
     outage_s = time.monotonic() - started
     backlog = cache.backlog.sizes()
     assert backlog["suspects"] == SUSPECTS_CAP, backlog  # reached, not passed
@@ -187,12 +192,12 @@ def test_caps_hold_with_100000_counters_and_a_10000_write_memcache_outage(
     # memcached back (empty, as after any restart): the next call catches up, and
     # every write of the outage is in the shards.
     own_memcached.start()
-    assert Counter(written[0], memcached_hosts=hosts).count == 1
+    assert Counter(written[0], memcached_hosts=hosts, **SLACK).count == 1
     assert cache.backlog.sizes() == {"suspects": 0, "unsettled": 0}
-    sample = written[:: OUTAGE_WRITES // 100]
-    assert Counter.get_counts(sample, nocache=True, memcached_hosts=hosts) == dict.fromkeys(
-        sample, 1
-    )
+    sample = written[:: OUTAGE_WRITES // 20]  # summed from the shards
+    assert Counter.get_counts(
+        sample, nocache=True, memcached_hosts=hosts, **SLACK
+    ) == dict.fromkeys(sample, 1)
 
 
 def test_every_kind_of_stash_sighting_stays_under_its_cap() -> None:
