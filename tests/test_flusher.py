@@ -176,16 +176,18 @@ def _held_locks(buffer: SharedBuffer, names: list[str]) -> list[str]:
     return [name for name in names if buffer.flush_holder(name) is not None]
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_flush_every_finishes_its_round_on_sigterm_and_releases_its_locks(
     sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
     sharded_counter_engine: str,
+    stop: signal.Signals,
 ) -> None:
-    """SIGTERM while the command is mid-round (its writes held up by a frozen emulator,
-    its flush locks taken): it finishes the round, exits 0, and leaves no lock held."""
+    """SIGTERM (or SIGINT) while the command is mid-round (its writes held up by a frozen
+    emulator, its flush locks taken): it finishes the round, exits 0, leaves no lock held."""
     emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     buffer = SharedBuffer(interval=60)
-    names = [f"sigterm-{i}" for i in range(20)]
+    names = [f"stopped-{i}" for i in range(20)]
     process = _flusher_process(0.2)
     try:
         assert process.stdout is not None
@@ -195,7 +197,7 @@ def test_flush_every_finishes_its_round_on_sigterm_and_releases_its_locks(
             for name in names:  # memcache only: no Datastore call, so none waits
                 buffer.increment(name, 3)
             wait_until(lambda: bool(_held_locks(buffer, names)), "the flusher to take a lock")
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(stop)
             time.sleep(0.5)  # no race: the command waits for its round whenever this ends
             assert process.poll() is None, "it exited mid-round"
         finally:
@@ -206,7 +208,7 @@ def test_flush_every_finishes_its_round_on_sigterm_and_releases_its_locks(
             process.kill()
             process.wait()
     assert process.returncode == 0, err
-    assert "SIGTERM: round finished, locks released" in err
+    assert f"{stop.name}: round finished, locks released" in err
     assert _held_locks(buffer, names) == []
     # A second flusher takes every lock at once (a held one would be skipped), and
     # nothing was lost or counted twice.
