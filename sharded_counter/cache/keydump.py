@@ -8,6 +8,9 @@ cleaning (see ``cluster.py``).
 from __future__ import annotations
 
 import socket
+import tempfile
+from collections.abc import Iterator
+from typing import IO
 from urllib.parse import unquote
 
 from tenacity import RetryCallState, retry_if_result, stop_after_delay, wait_exponential
@@ -15,6 +18,9 @@ from tenacity import RetryCallState, retry_if_result, stop_after_delay, wait_exp
 from .retrying import memcache_retrying
 
 _BUSY_WAIT = 10.0  # seconds to wait out another crawl
+_CHUNK = 1 << 16  # bytes read at a time: what a dump holds in memory at most
+_HEAD = 256  # bytes enough to hold a one-line answer (BUSY, ERROR, CLIENT_ERROR ...)
+_END = b"END\r\n"
 
 
 class DumpFailed(Exception):
@@ -28,45 +34,77 @@ def command(address: tuple[str, int], request: bytes, timeout: float) -> bytes:
         return sock.recv(4096)
 
 
-def dump_keys(address: tuple[str, int], timeout: float) -> list[str]:
+def dump_keys(address: tuple[str, int], timeout: float) -> Iterator[str]:
     """Every key a server holds, from ``lru_crawler metadump all`` (keys come URL-encoded).
 
     memcached runs one crawl at a time and answers BUSY meanwhile (perhaps to
     another process cleaning the same server), so BUSY is waited out for a while.
+
+    Streamed, in bounded memory whatever the server holds: the dump is read as
+    fast as the server sends it into a temporary file (memcached's crawler gives
+    up on a reader that stalls it for a second, so the caller's pace cannot set
+    the reading's), then its keys are yielded one at a time. Raises ``DumpFailed``.
     """
 
-    def give_up(state: RetryCallState) -> bytes:
+    def give_up(state: RetryCallState) -> IO[bytes]:
         raise DumpFailed(f"memcached at {address} stayed busy crawling; cannot list its keys")
 
     waiting = memcache_retrying(
         f"listing the keys of memcached at {address}",
         stop=stop_after_delay(_BUSY_WAIT),
-        retry=retry_if_result(lambda reply: reply.startswith(b"BUSY")),
+        retry=retry_if_result(lambda dump: dump is None),
         wait=wait_exponential(multiplier=0.01, max=0.5),
         give_up=give_up,
     )
-    reply: bytes = waiting(_read_dump, address, timeout)
-    if not reply.endswith(b"END\r\n"):
-        raise DumpFailed(f"memcached at {address} cannot list its keys: {reply[:80]!r}")
-    # Item lines end in a bare "\n"; only the closing END has "\r\n".
-    return [
-        unquote(line[4:].split(b" ", 1)[0].decode("ascii"))
-        for line in reply.splitlines()
-        if line.startswith(b"key=")
-    ]
+    dump = waiting(_spool_dump, address, timeout)
+    assert dump is not None  # give_up raised otherwise
+    return _keys_in(dump)
 
 
-def _read_dump(address: tuple[str, int], timeout: float) -> bytes:
-    data = bytearray()
+def _keys_in(dump: IO[bytes]) -> Iterator[str]:
+    with dump:
+        # Item lines end in a bare "\n"; only the closing END has "\r\n".
+        for line in dump:
+            if line.startswith(b"key="):
+                yield unquote(line[4:].split(b" ", 1)[0].decode("ascii"))
+
+
+def _spool_dump(address: tuple[str, int], timeout: float) -> IO[bytes] | None:
+    """The whole dump in a temporary file, at its start; None when the server is BUSY."""
+    dump = tempfile.TemporaryFile()  # noqa: SIM115 - returned open, closed by _keys_in
+    try:
+        if _receive_dump(address, timeout, dump):
+            dump.seek(0)
+            return dump
+    except BaseException:
+        dump.close()
+        raise
+    dump.close()
+    return None
+
+
+def _receive_dump(address: tuple[str, int], timeout: float, dump: IO[bytes]) -> bool:
+    """Write the dump's lines into ``dump``; False when the server answered BUSY."""
+    head: bytes | None = b""  # the reply's first bytes, to tell a dump from a one-line answer
+    tail = b""  # the last bytes received: the dump is over when they are END
     with socket.create_connection(address, timeout=timeout) as sock:
         sock.settimeout(max(timeout, 2.0))  # a big cache takes a while to walk
         sock.sendall(b"lru_crawler metadump all\r\n")
         while True:
-            chunk = sock.recv(1 << 16)
+            chunk = sock.recv(_CHUNK)
             if not chunk:
                 raise DumpFailed(f"memcached at {address} closed the connection mid-dump")
-            data += chunk
-            if data.endswith(b"END\r\n"):
-                return bytes(data)
-            if not data.startswith(b"key=") and b"\n" in data:
-                return bytes(data)  # a one-line answer: BUSY, ERROR, CLIENT_ERROR
+            if head is not None:
+                head += chunk
+                if b"\n" in head or len(head) >= _HEAD:
+                    if not head.startswith((b"key=", _END)):
+                        if head.startswith(b"BUSY"):
+                            return False
+                        raise DumpFailed(
+                            f"memcached at {address} cannot list its keys: {head[:80]!r}"
+                        )
+                    head = None  # a dump: no need to look again
+            dump.write(chunk)
+            tail = (tail + chunk)[-len(_END) :]
+            if tail == _END:
+                return True

@@ -6,13 +6,24 @@ holding something, resolves unsure writes only when some were seen waiting,
 and waits for a set only when one was seen running. A hint that is out of date
 costs a round trip that finds nothing, or a wait that its cap bounds; never a
 wrong count, since each change of the stash is a ``cas`` on what it holds then.
+
+So each kind of sighting is kept for at most ``SIGHTINGS_CAP`` stash keys, the
+least recently noted forgotten first: a process that touches many counters holds
+bounded memory, and a forgotten sighting is only a hint lost (the next read of
+that stash notes it again).
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TypeVar
 
 from ..core.stash import Stash
+
+#: The most stash keys each kind of sighting (pending, unsure, a set running) holds.
+SIGHTINGS_CAP = 10_000
+
+V = TypeVar("V")
 
 
 class StashSightings:
@@ -24,20 +35,22 @@ class StashSightings:
     only a stale hint (see the module docstring).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = SIGHTINGS_CAP) -> None:
         self._lock = threading.Lock()
-        self._pending: set[str] = set()  # seen holding something: only these cost a take
-        self._unsure: set[str] = set()  # seen holding unsure writes nobody was resolving
+        self.cap = cap
+        # Dicts in the order last noted, so that the oldest goes first past the cap.
+        self._pending: dict[str, None] = {}  # seen holding something: only these cost a take
+        self._unsure: dict[str, None] = {}  # seen holding unsure writes nobody was resolving
         self._setters: dict[str, tuple[str, float]] = {}  # seen under a set: (token, deadline)
 
     def note(self, stash_key: str, raw: bytes | None) -> Stash:
         """Remember what the stash holds as read (``raw``); return it, live."""
         stash = Stash.decode(raw).live()
         with self._lock:
-            _mark(self._pending, stash_key, bool(stash.pending))
-            _mark(self._unsure, stash_key, bool(stash.claimable()))
+            _mark(self._pending, stash_key, bool(stash.pending), self.cap)
+            _mark(self._unsure, stash_key, bool(stash.claimable()), self.cap)
             if stash.setter is not None:
-                self._setters[stash_key] = stash.setter
+                _newest(self._setters, stash_key, stash.setter, self.cap)
             else:
                 self._setters.pop(stash_key, None)
         return stash
@@ -54,20 +67,36 @@ class StashSightings:
     def expect_pending(self, stash_key: str, expected: bool = True) -> None:
         """This process is about to leave something pending there (or took it all)."""
         with self._lock:
-            _mark(self._pending, stash_key, expected)
+            _mark(self._pending, stash_key, expected, self.cap)
 
     def expect_unsure(self, stash_key: str, expected: bool = True) -> None:
         """This process is about to leave an unsure write there (or claimed them all)."""
         with self._lock:
-            _mark(self._unsure, stash_key, expected)
+            _mark(self._unsure, stash_key, expected, self.cap)
 
     def forget_setter(self, stash_key: str) -> None:
         with self._lock:
             self._setters.pop(stash_key, None)
 
+    def sizes(self) -> dict[str, int]:
+        """How many stash keys each kind of sighting holds now (each at most ``cap``)."""
+        return {
+            "pending": len(self._pending),
+            "unsure": len(self._unsure),
+            "setters": len(self._setters),
+        }
 
-def _mark(keys: set[str], key: str, present: bool) -> None:
+
+def _mark(keys: dict[str, None], key: str, present: bool, cap: int) -> None:
     if present:
-        keys.add(key)
+        _newest(keys, key, None, cap)
     else:
-        keys.discard(key)
+        keys.pop(key, None)
+
+
+def _newest(seen: dict[str, V], key: str, value: V, cap: int) -> None:
+    """Note ``key`` as the newest sighting; past ``cap`` the oldest is forgotten."""
+    seen.pop(key, None)
+    seen[key] = value
+    if len(seen) > cap:
+        del seen[next(iter(seen))]

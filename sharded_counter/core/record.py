@@ -123,8 +123,22 @@ def _shard_id(sid: str) -> str:
     return sid
 
 
-@functools.lru_cache(maxsize=1024)
+#: The decode cache's bounds: entries, and the largest value it keeps (its key is the
+#: value itself). A record of 40 shards, each at the largest version and value, is
+#: under 2 KiB; a larger value (a record of more shards, or garbage) is parsed each
+#: time rather than held.
+DECODE_CACHE_ENTRIES = 1024
+DECODE_CACHE_MAX_VALUE = 2048
+
+
 def _decode(raw: bytes) -> Record | None:
+    if len(raw) > DECODE_CACHE_MAX_VALUE:
+        return Record._parse(raw)
+    return _decode_cached(raw)
+
+
+@functools.lru_cache(maxsize=DECODE_CACHE_ENTRIES)
+def _decode_cached(raw: bytes) -> Record | None:
     # Records are never changed in place (merged() copies), so sharing one is safe.
     return Record._parse(raw)
 

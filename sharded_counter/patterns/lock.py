@@ -303,8 +303,27 @@ def who_holds(
     source = ClientSource(
         memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
     )
+    return _holder_at(source, lock_key(source.key_prefix, name), name)
+
+
+def who_holds_internal(
+    purpose: str,
+    *parts: str,
+    memcache_client: CommandClient | None = None,
+    memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    key_prefix: str | None = None,
+) -> Holder | None:
+    """``who_holds`` for a lock of the library's own (``internal_lock``)."""
+    source = ClientSource(
+        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
+    )
+    key = internal_lock_key(source.key_prefix, purpose, *parts)
+    return _holder_at(source, key, ":".join((purpose, *parts)))
+
+
+def _holder_at(source: ClientSource, key: str, name: str) -> Holder | None:
     try:
-        raw = source().get(lock_key(source.key_prefix, name))
+        raw = source().get(key)
     except CLIENT_ERRORS as exc:
         raise CacheUnavailable(f"lock {name!r}: {exc}") from exc
     return _decode(raw)
@@ -312,6 +331,12 @@ def who_holds(
 
 def lock_key(prefix: str, name: str) -> str:
     return f"{prefix}:lock:{key_digest(name)}"
+
+
+def internal_lock_key(prefix: str, purpose: str, *parts: str) -> str:
+    """The key of an ``internal_lock``: ``purpose`` and ``parts`` hashed as separate
+    parts, which no ``lock(name)`` key can equal."""
+    return f"{prefix}:lock:{key_digest(purpose, *parts)}"
 
 
 def internal_lock(
@@ -330,7 +355,7 @@ def internal_lock(
         memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
     )
     lease = Lease(":".join((purpose, *parts)), ttl=ttl, nowait=True, timeout=None, client=source)
-    lease._key = f"{source.key_prefix}:lock:{key_digest(purpose, *parts)}"
+    lease._key = internal_lock_key(source.key_prefix, purpose, *parts)
     return lease
 
 

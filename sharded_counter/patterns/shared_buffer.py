@@ -28,8 +28,10 @@ in one process, so each process writes each counter once per interval, and a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import random
 import threading
 import time
 import weakref
@@ -38,19 +40,107 @@ from typing import Any, NamedTuple
 from ..cache.pending_names import PendingNames
 from ..core.validation import INT64_MAX, check_choice, check_delta, check_name, check_seconds
 from ..counter import Counter, class_options
-from ..errors import CacheUnavailable, DatastoreUnavailable, ShardedCounterError
+from ..errors import (
+    CacheUnavailable,
+    DatastoreUnavailable,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+)
 from ..paths.backend import backend_for
 from ..paths.combiner import combiner_for
 from ..paths.wiring import GivenClients
 from ..process import PerProcess, forget_at_fork
 from ..settings import resolve
-from .lock import Locked, internal_lock
+from .lock import Holder, Locked, internal_lock, who_holds_internal
 
 log = logging.getLogger("sharded_counter")
 
 ON_CACHE_FAILURE = ("raise", "direct")
-_MAX_COUNTERS = 10_000  # Counter objects kept for increments; past it they are made anew
-_MAX_BACKOFF = 60.0
+#: Counter objects, and the times names were listed, kept per buffer; past it the
+#: oldest goes (a Counter is made anew; a name is listed again at its next increment).
+MAX_COUNTERS = 10_000
+_MAX_BACKOFF = 60.0  # the longest wait between rounds while the backends keep failing
+
+#: What a backend that is down or stalled raises: a round that meets one of these waits
+#: longer before the next (see ``FlushBackoff``). Anything else is one counter's own
+#: problem, logged with its name, and the other counters flush as usual.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    CacheUnavailable,
+    DatastoreUnavailable,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+)
+
+
+@dataclasses.dataclass
+class FlushBackoff:
+    """How long a flusher waits before its next round: ``interval`` while rounds go
+    well; after ``n`` rounds in a row that met a down backend, ``interval * 2**n``
+    capped at ``cap``, of which a random part (up to ``jitter``, a fraction) is left
+    out, so that flushers that failed together do not all come back at once.
+
+    A strategy object as tenacity's ``wait_*`` are, but driven by rounds: the
+    flusher keeps running whatever happens, so there is no stop condition.
+    """
+
+    interval: float
+    cap: float = _MAX_BACKOFF
+    jitter: float = 0.5
+    failures: int = 0
+
+    def after(self, round_: FlushRound) -> float:
+        """Seconds to wait after ``round_``, counting it among the failures or not."""
+        self.failures = min(self.failures + 1, 32) if round_.transient else 0
+        if not self.failures:
+            return self.interval
+        longest = max(self.interval, min(self.cap, self.interval * 2**self.failures))
+        shortest = max(self.interval, longest * (1 - self.jitter))
+        return random.uniform(shortest, longest)
+
+
+@dataclasses.dataclass
+class FlushRound:
+    """What one round of a flusher came to. Built by ``SharedBuffer.flush_round``,
+    which never raises: every failure is here instead."""
+
+    written: list[str] = dataclasses.field(default_factory=list)
+    #: The counters whose flush raised, with what: each stays pending in memcache.
+    failed: dict[str, Exception] = dataclasses.field(default_factory=dict)
+    #: Set when the list of pending counters itself could not be taken (memcache down).
+    listing_error: Exception | None = None
+
+    @property
+    def transient(self) -> bool:
+        """Did a backend fail in this round (so that the next one should wait longer)?
+        A round that could not even take the list of counters counts as one."""
+        if self.listing_error is not None:
+            return True
+        return any(isinstance(exc, TRANSIENT_ERRORS) for exc in self.failed.values())
+
+    def first_error(self) -> Exception | None:
+        if self.listing_error is not None:
+            return self.listing_error
+        return next(iter(self.failed.values()), None)
+
+    def log(self, next_in: float | None = None) -> None:
+        """Log each failure with its counter's name: a warning for a down backend, an
+        error with its traceback for anything else."""
+        later = "" if next_in is None else f"; next round in {next_in:.1f} s"
+        if self.listing_error is not None:
+            log.warning(
+                "shared buffer: could not take the pending counters (%s)%s",
+                self.listing_error,
+                later,
+            )
+        for name, exc in self.failed.items():
+            if isinstance(exc, TRANSIENT_ERRORS):
+                log.warning("shared buffer: flush of %r failed (%s)%s", name, exc, later)
+            else:
+                log.error(
+                    "shared buffer: flush of %r failed; its amount stays pending",
+                    name,
+                    exc_info=exc,
+                )
 
 
 class _Here(NamedTuple):
@@ -161,18 +251,17 @@ class SharedBuffer:
             log.warning("could not list counter %r for the flusher: %s", name, exc)
             return
         with self._lock:
-            if len(self._listed_at) > _MAX_COUNTERS:
-                self._listed_at.clear()
+            self._listed_at.pop(name, None)  # re-inserted: the dict stays oldest first
             self._listed_at[name] = time.monotonic()
+            _drop_oldest(self._listed_at)
 
     def _counter(self, name: str) -> Counter:
         counter = self._counters.get(name)
         if counter is None:
             counter = self.counter_class(name, **self.counter_options)
             with self._lock:
-                if len(self._counters) > _MAX_COUNTERS:
-                    self._counters.clear()
                 self._counters[name] = counter
+                _drop_oldest(self._counters)
         return counter
 
     # -- reading ---------------------------------------------------------------------
@@ -194,29 +283,66 @@ class SharedBuffer:
 
         Each counter is written by one flusher at a time (a lock per counter);
         one another flusher holds is skipped. Returns the names written. A write
-        that fails leaves the amount pending and lists the name again; the first
-        error is raised after the others were tried.
+        that fails leaves the amount pending (and lists the name again when a
+        backend failed); the first error is raised after the others were tried.
         """
         if name is not None:
             check_name(name)
-            names = {name}
-        else:
-            names = self._listed_names()
-        written: list[str] = []
-        first_error: BaseException | None = None
-        for each in sorted(names):
+        outcome = self.flush_round(None if name is None else [name])
+        error = outcome.first_error()
+        if error is not None:
+            raise error
+        return outcome.written
+
+    def flush_round(self, names: list[str] | None = None) -> FlushRound:
+        """One flusher round over ``names`` (default: every listed counter). Never
+        raises an ``Exception``: what failed, and for which counter, is in the result.
+
+        A counter whose flush meets a down backend is listed again for the next
+        round; one that fails for a reason of its own is not (its amount stays
+        pending all the same, reads count it, and its next increment after an
+        interval lists it again), so one bad name cannot fail every round.
+        """
+        outcome = FlushRound()
+        if names is None:
+            try:
+                names = sorted(self._listed_names())
+            except Exception as exc:
+                outcome.listing_error = exc
+                return outcome
+        for each in names:
             try:
                 if self._flush_one(each):
-                    written.append(each)
+                    outcome.written.append(each)
             except Exception as exc:
-                first_error = first_error or exc
-                self._list(each)  # it stays pending: try it next round
-        if first_error is not None:
-            raise first_error
-        return written
+                outcome.failed[each] = exc
+                if isinstance(exc, TRANSIENT_ERRORS):
+                    self._list_again(each)
+        return outcome
+
+    def _list_again(self, name: str) -> None:
+        try:
+            self._list(name)
+        except Exception:  # never let a name we could not list stop the round
+            log.exception("shared buffer: could not list %r again", name)
 
     def _listed_names(self) -> set[str]:
         return self._names.take()
+
+    def flush_holder(self, name: str) -> Holder | None:
+        """Who holds ``name``'s flush lock now (a flusher writing it), or None. Raises
+        ``CacheUnavailable``."""
+        check_name(name)
+        return who_holds_internal(
+            *self._flush_lock(name),
+            memcache_client=self.counter_options.get("memcache_client"),
+            memcached_hosts=self.settings.memcached_hosts,
+            key_prefix=self.settings.key_prefix,
+        )
+
+    def _flush_lock(self, name: str) -> tuple[str, str, str]:
+        # A lock of the library's own: no user's lock(name) can take its key.
+        return ("flush", self._scope, name)
 
     def _flush_one(self, name: str) -> bool:
         settings = self.settings
@@ -225,9 +351,7 @@ class SharedBuffer:
         ttl = math.ceil(settings.retry_deadline + 2 * settings.rpc_timeout + 2)
         try:
             with internal_lock(
-                "flush",
-                self._scope,
-                name,
+                *self._flush_lock(name),
                 ttl=ttl,
                 memcache_client=self.counter_options.get("memcache_client"),
                 memcached_hosts=settings.memcached_hosts,
@@ -252,19 +376,21 @@ class SharedBuffer:
             self._thread.start()
 
     def _run(self) -> None:
-        failures = 0
-        while not self._stop.wait(min(self.interval * 2**failures, _MAX_BACKOFF)):
+        backoff = FlushBackoff(self.interval)
+        delay = self.interval
+        while not self._stop.wait(delay):
             try:
-                self.flush()
-            except (ShardedCounterError, DatastoreUnavailable) as exc:
-                failures = min(failures + 1, 10)
-                log.warning(
-                    "shared buffer flush failed (%s); next try in %.1f s",
-                    exc,
-                    min(self.interval * 2**failures, _MAX_BACKOFF),
-                )
-            else:
-                failures = 0
+                outcome = self.flush_round()
+            except Exception as exc:  # flush_round catches everything: a last resort
+                outcome = FlushRound(listing_error=exc)
+            delay = backoff.after(outcome)
+            outcome.log(delay)
+
+    @property
+    def flusher_running(self) -> bool:
+        """Is this buffer's flusher thread alive?"""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def stop(self) -> None:
         """Stop the flusher thread (after its current round) and flush once more."""
@@ -287,3 +413,9 @@ def _forget_parents_threads() -> None:
         buffer._lock = threading.Lock()
         buffer._stop = threading.Event()
         buffer._thread = None
+
+
+def _drop_oldest(kept: dict[str, Any]) -> None:
+    """Past ``MAX_COUNTERS`` entries, forget the first inserted (called under the lock)."""
+    while len(kept) > MAX_COUNTERS:
+        del kept[next(iter(kept))]

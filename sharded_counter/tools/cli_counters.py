@@ -7,9 +7,13 @@ Each acts on whatever the environment points at (``DATASTORE_EMULATOR_HOST``,
 
 from __future__ import annotations
 
+import math
+import signal
+import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.table import Table
@@ -19,7 +23,12 @@ from ..counter import Counter, Verification
 from ..errors import CacheUnavailable
 from .cli_console import clean_errors, stdout
 
+if TYPE_CHECKING:
+    from ..patterns.shared_buffer import FlushRound
+
 F = TypeVar("F", bound=Callable[..., Any])
+
+_SIGNAL_CHECK = 0.1  # seconds: how soon a flusher sleeping between rounds sees SIGTERM
 
 # A negative amount ("increment hits -2") must reach the argument, not the option parser.
 _NUMBERS_ALLOWED = {"ignore_unknown_options": True}
@@ -184,33 +193,117 @@ def purge_keys() -> None:
     stdout().print(Text(f"deleted {removed} expired idempotency key{'' if removed == 1 else 's'}"))
 
 
+def _seconds_between_rounds(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    # time.sleep and threading waits refuse what is not finite, negative or past
+    # TIMEOUT_MAX: refused here as a usage error, not hours later as a crash.
+    if value is None:
+        return None
+    if not (math.isfinite(value) and 0 < value <= threading.TIMEOUT_MAX):
+        raise click.BadParameter(
+            f"{value} is not a number of seconds above 0 and at most {threading.TIMEOUT_MAX:g}"
+        )
+    return value
+
+
 @click.command()
 @click.argument("names", metavar="[NAME...]", nargs=-1)
 @click.option(
     "--every",
-    type=click.FloatRange(min=0, min_open=True),
+    type=float,
+    callback=_seconds_between_rounds,
     default=None,
     metavar="SECONDS",
-    help="Keep flushing, once per this many seconds, until interrupted.",
+    help="Keep flushing, once per this many seconds, until SIGTERM or SIGINT.",
 )
 def flush(names: tuple[str, ...], every: float | None) -> None:
     """Write what SharedBuffer increments left pending in memcache.
 
     Every listed counter (or the NAMEs given) gets one shard write; counters
     another flusher is writing are left to it. For a cron job, or, with
-    --every, a worker.
+    --every, a worker: it outlives failed rounds (waiting longer after each,
+    up to a minute), and on SIGTERM or SIGINT it finishes its round, releases
+    its locks and exits 0.
     """
-    from ..patterns.shared_buffer import SharedBuffer
+    from ..patterns.shared_buffer import FlushBackoff, SharedBuffer
 
     with clean_errors():
         buffer = SharedBuffer(interval=every or 5.0)
-    while True:
-        with clean_errors("flush failed"):
-            written = [w for name in names for w in buffer.flush(name)] if names else buffer.flush()
-        stdout().print(Text(f"flushed {len(written)} counter{'' if len(written) == 1 else 's'}"))
-        if every is None:
-            return
-        time.sleep(every)
+    backoff = FlushBackoff(buffer.interval)
+    with _StopSignals() as stop:
+        while True:
+            outcome = buffer.flush_round(list(names) if names else None)
+            written = len(outcome.written)
+            stdout().print(Text(f"flushed {written} counter{'' if written == 1 else 's'}"))
+            if every is None:
+                _fail_on(outcome)
+                return
+            delay = backoff.after(outcome)
+            _report_failures(outcome, delay)
+            stop.sleep(0 if stop.received else delay)
+            if stop.received:
+                click.echo(f"{stop.received.name}: round finished, locks released", err=True)
+                return
+
+
+def _fail_on(outcome: FlushRound) -> None:
+    """A single flush exits as any other command: 1, with one line per failure."""
+    error = outcome.first_error()
+    if error is None:
+        return
+    for name, exc in outcome.failed.items():
+        click.echo(f"flush of {name!r} failed: {_one_line(exc)}", err=True)
+    with clean_errors("flush failed"):
+        raise error
+
+
+def _report_failures(outcome: FlushRound, delay: float) -> None:
+    if outcome.listing_error is not None:
+        click.echo(
+            f"could not take the pending counters: {_one_line(outcome.listing_error)}", err=True
+        )
+    for name, exc in outcome.failed.items():
+        click.echo(f"flush of {name!r} failed: {_one_line(exc)}", err=True)
+    if outcome.transient:
+        click.echo(f"next round in {delay:.1f} s", err=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT, while inside: noted, not acted on at once, so that a round
+    of writes ends as usual (its locks released) before the command exits."""
+
+    _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # else: cannot catch them
+            for signum in self._SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until a signal came."""
+        deadline = time.monotonic() + seconds
+        while self.received is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, _SIGNAL_CHECK))
 
 
 COMMANDS = (count, verify, repair, increment, set_, delete, purge_keys, flush)
