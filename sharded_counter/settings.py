@@ -5,7 +5,7 @@ Precedence, highest first:
 1. keyword arguments to ``Counter(...)``;
 2. class attributes of a ``Counter`` subclass (``shards = 20``);
 3. the global ``config['sharded_counter']`` dict;
-4. the environment (``MEMCACHED_HOSTS``);
+4. the environment (``MEMCACHED_HOSTS``, ``SHARDED_COUNTER_CACHE_URL``);
 5. the TOML file named by ``SHARDED_COUNTER_CONFIG``, else ``config/sharded_counter.toml``
    in the working directory when it exists (its ``[sharded_counter]`` table);
 6. the defaults below.
@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .core.cache_url import BadCacheUrl, parse_cache_url
 from .core.validation import check_shards
 from .errors import ConfigurationError
 
@@ -48,6 +49,8 @@ class Settings:
 
     shards: int = 10
     memcached_hosts: tuple[str, ...] = ()
+    # Checked, not yet used to connect (docs/cache-backends.md); may hold a password.
+    cache_url: str | None = dataclasses.field(default=None, repr=False)
     cache_ttl: int = 3600
     memcache_timeout: float = 0.5
     memcache_connect_timeout: float = 0.5
@@ -150,9 +153,20 @@ def parse_host(spec: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _cache_url(name: str, value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    try:
+        parse_cache_url(value)
+    except BadCacheUrl as exc:
+        raise ConfigurationError(f"{name}: {exc}") from None
+    return str(value).strip()
+
+
 _CHECKS = {
     "shards": _shards,
     "memcached_hosts": _hosts,
+    "cache_url": _cache_url,
     "cache_ttl": _cache_ttl,
     "memcache_timeout": _positive_number,
     "memcache_connect_timeout": _positive_number,
@@ -238,7 +252,8 @@ def reload() -> None:
 
 def _environment() -> dict[str, Any]:
     hosts = os.environ.get("MEMCACHED_HOSTS", "").strip()
-    return {"memcached_hosts": hosts} if hosts else {}
+    url = os.environ.get("SHARDED_COUNTER_CACHE_URL", "").strip()
+    return {**({"memcached_hosts": hosts} if hosts else {}), **({"cache_url": url} if url else {})}
 
 
 def resolve(
