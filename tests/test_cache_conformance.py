@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from pymemcache.exceptions import MemcacheClientError, MemcacheIllegalInputError
 
+from sharded_counter.cache.by_url import redis_client_for
 from sharded_counter.cache.cas import change_key
 from sharded_counter.cache.client import CLIENT_ERRORS, build_client, incr_or_add
 from sharded_counter.cache.guarded import GuardedClient
@@ -438,3 +439,18 @@ def test_a_write_that_timed_out_may_have_landed(own_server: tuple[str, Any]) -> 
     assert isinstance(cause, TimeoutError) and isinstance(cause, CLIENT_ERRORS), kind
     assert client.get("before") == b"v"  # and it answers again
     client.close()
+
+
+def test_a_redis_url_reaches_its_server_and_db(redis_server: RedisServer) -> None:
+    key = f"conf-{uuid.uuid4().hex[:12]}"
+    in_db_3 = redis_client_for(Settings(cache_url=f"{redis_server.url}/3"))
+    in_db_0 = redis_client_for(Settings(cache_url=redis_server.url))
+    assert in_db_3 is not None and in_db_0 is not None
+    try:
+        assert in_db_3.add(key, b"three") is True
+        assert in_db_0.get(key) is None  # another db: another keyspace
+        assert in_db_0.add(key, b"zero") is True
+        assert (in_db_3.get(key), in_db_0.get(key)) == (b"three", b"zero")
+    finally:
+        in_db_3.close()
+        in_db_0.close()

@@ -14,6 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sharded_counter.cache.by_url import memcached_servers, redis_client_for
+from sharded_counter.cache.redis_client import RedisClient
 from sharded_counter.core.cache_url import (
     DEFAULT_PORTS,
     SCHEMES,
@@ -22,7 +24,7 @@ from sharded_counter.core.cache_url import (
     parse_cache_url,
 )
 from sharded_counter.errors import ConfigurationError
-from sharded_counter.settings import resolve
+from sharded_counter.settings import Settings, resolve
 
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 _NAMES = st.lists(_LABEL, min_size=1, max_size=3).map(".".join)
@@ -180,3 +182,32 @@ def test_the_setting_comes_from_the_environment_and_memcached_hosts_stays(
 def test_a_non_string_setting_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="must be a str"):
         resolve({"cache_url": 6379})
+
+
+# -- the client a URL names (by_url.py): nothing connects until a call --------------------
+
+
+def test_a_redis_url_names_a_redis_client_with_its_parts() -> None:
+    settings = Settings(cache_url="valkeys://:pw@cache.internal:6380/4", memcache_timeout=0.2)
+    client = redis_client_for(settings)
+    assert isinstance(client, RedisClient)
+    assert client.address == ("cache.internal", 6380)
+    kwargs = client._pool.connection_kwargs
+    assert (kwargs["db"], kwargs["password"], kwargs["socket_timeout"]) == (4, "pw", 0.2)
+    assert client._pool.connection_class.__name__ == "SSLConnection"
+    assert memcached_servers(settings) == []
+
+
+def test_memcached_hosts_decide_when_no_url_is_set_and_a_memcached_url_wins() -> None:
+    hosts = Settings(memcached_hosts=("10.0.0.1:11211",))
+    assert redis_client_for(hosts) is None
+    assert memcached_servers(hosts) == [("10.0.0.1", 11211)]
+    both = Settings(memcached_hosts=("10.0.0.1:11211",), cache_url="memcached://a,[::1]:9")
+    assert redis_client_for(both) is None
+    assert memcached_servers(both) == [("a", 11211), ("::1", 9)]
+
+
+@pytest.mark.parametrize("scheme", ["redis+cluster", "valkey+cluster"])
+def test_cluster_urls_parse_but_are_refused_for_now(scheme: str) -> None:
+    with pytest.raises(ConfigurationError, match="not supported yet"):
+        redis_client_for(Settings(cache_url=f"{scheme}://h1:7000,h2:7001"))
