@@ -454,3 +454,20 @@ def test_a_redis_url_reaches_its_server_and_db(redis_server: RedisServer) -> Non
     finally:
         in_db_3.close()
         in_db_0.close()
+
+
+def test_redis_cas_tokens_keep_growing_after_a_flush(redis_server: RedisServer) -> None:
+    """Redis only: memcached's cas uniques start again after a restart, ours go on from
+    the clock, so a token read before a FLUSHALL never matches a key written after it."""
+    client = redis_client(redis_server)
+    key = f"conf-{uuid.uuid4().hex[:12]}"
+    try:
+        assert client.add(key, b"1") is True
+        before = int(client.gets(key)[1])
+        redis_server.flush_all()
+        assert client.add(key, b"1") is True
+        after = int(client.gets(key)[1])
+        assert after > before
+        assert client.cas(key, b"2", str(before)) is False
+    finally:
+        client.close()

@@ -8,7 +8,9 @@ in ``client.py``, and ``append``) with memcached's meaning:
 - **cas tokens.** Each key holds one string, ``b"<cas unique>:<data>"``. Every write
   takes its cas unique from one counter that only grows (``INCR`` of
   ``CAS_UNIQUES_KEY``, as memcached keeps one for the whole server), so a token is
-  never seen twice, even after the key is deleted and made again. ``gets`` hands it
+  never seen twice, even after the key is deleted and made again. When the counter
+  itself is gone (a flush, a restart, an eviction) it starts again from the server's
+  clock in microseconds, so tokens keep growing where memcached's start again at 1. ``gets`` hands it
   out as pymemcache does (ASCII digits, as ``bytes``); ``cas`` stores only while it is
   current: True, False when another write came first, None when the key is gone.
 - **Atomic writes.** ``add``, ``cas``, ``append``, ``incr`` and ``decr`` are Lua
@@ -111,9 +113,18 @@ _COMMON = r"""
 local key, uniques = KEYS[1], KEYS[2]
 
 -- The data with a cas unique new for this write in front: "<unique>:<data>".
--- INCR's integer arrives as a Lua double: exact up to 2^53 writes.
+-- A counter that is missing (a new server, a flush, a restart without persistence,
+-- an eviction) starts again from the clock in microseconds, above any unique handed
+-- out before unless writes outran a million a second. INCR's integer arrives as a
+-- Lua double: exact up to 2^53, which the clock reaches in the year 2255.
 local function stamped(data)
-  return string.format('%.0f', redis.call('INCR', uniques)) .. ':' .. data
+  local unique = redis.call('INCR', uniques)
+  if unique == 1 then
+    local now = redis.call('TIME')
+    unique = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    redis.call('SET', uniques, string.format('%.0f', unique))
+  end
+  return string.format('%.0f', unique) .. ':' .. data
 end
 
 -- The data and its cas unique, or nil when the key is missing.
