@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sharded_counter import Counter
 from sharded_counter.cache.by_url import memcached_servers, redis_client_for
 from sharded_counter.cache.redis_client import RedisClient
 from sharded_counter.core.cache_url import (
@@ -156,10 +157,26 @@ def test_bad_urls_are_refused_naming_what_is_wrong(text: str, reason: str) -> No
     assert reason in str(configured.value) and str(configured.value).startswith("cache_url: ")
 
 
-def test_a_refusal_never_repeats_a_password() -> None:
+@pytest.mark.parametrize(
+    "text",
+    [
+        "redis://u:hunter2@h:6379?x=1",
+        "redis://u:hun/ter2@h:6379",
+        "redis://u:hunter2@h:0",
+        "redis://u:hun?ter2@h:6379",
+        "redis://u:hun#ter2@h:6379",
+        "memcached://u:hunter2@h",
+    ],
+)
+def test_a_refusal_never_repeats_a_password(text: str) -> None:
     with pytest.raises(BadCacheUrl) as refused:
-        parse_cache_url("redis://u:hunter2@h:6379?x=1")
-    assert "hunter2" not in str(refused.value)
+        parse_cache_url(text)
+    assert "hunter2" not in str(refused.value) and "ter2" not in str(refused.value)
+
+
+def test_a_counter_with_a_bad_url_is_refused_when_made() -> None:
+    with pytest.raises(ConfigurationError, match="port"):
+        Counter("hits", cache_url="redis://h:0")
 
 
 def test_the_setting_comes_from_the_environment_and_memcached_hosts_stays(

@@ -105,6 +105,9 @@ def parse_cache_url(text: str) -> CacheUrl:
         if mark in rest:
             raise BadCacheUrl(f"{scheme}:// URLs take no options: {_shown(text)} has {what}")
     netloc, slash, path = rest.partition("/")
+    if "@" in path:
+        # A raw '/' in a password: the rest would be read as hosts, and echoed.
+        raise BadCacheUrl(f"{scheme}:// URL has '@' after a '/': write '/' in a password as %2F")
     userinfo, at, hostlist = netloc.rpartition("@")
     username, password = _credentials(scheme, family, userinfo) if at else (None, None)
     hosts = _hosts(scheme, hostlist, DEFAULT_PORTS[family])
