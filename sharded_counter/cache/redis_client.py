@@ -10,9 +10,10 @@ in ``client.py``, and ``append``) with memcached's meaning:
   ``CAS_UNIQUES_KEY``, as memcached keeps one for the whole server), so a token is
   never seen twice, even after the key is deleted and made again. When the counter
   itself is gone (a flush, a restart, an eviction) it starts again from the server's
-  clock in microseconds, so tokens keep growing where memcached's start again at 1. ``gets`` hands it
-  out as pymemcache does (ASCII digits, as ``bytes``); ``cas`` stores only while it is
-  current: True, False when another write came first, None when the key is gone.
+  clock in microseconds, so tokens keep growing where memcached's start again at 1.
+  ``gets`` hands a token out as pymemcache does (ASCII digits, as ``bytes``); ``cas``
+  stores only while it is current: True, False when another write came first, None
+  when the key is gone.
 - **Atomic writes.** ``add``, ``cas``, ``append``, ``incr`` and ``decr`` are Lua
   scripts: each reads, decides and writes in one step on the server.
 - **Counters.** ``incr`` and ``decr`` read the data as an unsigned 64-bit decimal,
