@@ -7,6 +7,7 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import quote
 
 from .backend import ProcessBackend
 from .errors import BackendError, MissingDependency
@@ -33,28 +34,44 @@ def require_redis_server(binary: str | None = None) -> str:
     )
 
 
-def redis_command(host: str, port: int, *words: str, timeout: float = 2.0) -> bytes:
-    """Send one command (as a RESP array) and return the first line of the reply."""
-    request = f"*{len(words)}\r\n".encode() + b"".join(
-        f"${len(w.encode())}\r\n".encode() + w.encode() + b"\r\n" for w in words
-    )
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(request)
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
+def _resp(*words: str) -> bytes:
+    """One command as a RESP array of bulk strings."""
+    parts = [f"${len(w.encode())}\r\n".encode() + w.encode() + b"\r\n" for w in words]
+    return f"*{len(words)}\r\n".encode() + b"".join(parts)
+
+
+def _reply_line(sock: socket.socket) -> bytes:
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
     return reply.strip()
 
 
-def redis_ok(host: str, port: int, *, timeout: float = 2.0) -> bool:
+def redis_command(
+    host: str, port: int, *words: str, password: str | None = None, timeout: float = 2.0
+) -> bytes:
+    """Send one command (after ``AUTH password`` if given) and return the first line of
+    its reply (a refused AUTH's reply instead)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        if password is not None:
+            sock.sendall(_resp("AUTH", password))
+            authed = _reply_line(sock)
+            if authed != b"+OK":
+                return authed
+        sock.sendall(_resp(*words))
+        return _reply_line(sock)
+
+
+def redis_ok(host: str, port: int, *, password: str | None = None, timeout: float = 2.0) -> bool:
     """Whether the server answers ``PING`` (it refuses it while loading its data)."""
     try:
-        return redis_command(host, port, "PING", timeout=timeout) == b"+PONG"
+        reply = redis_command(host, port, "PING", password=password, timeout=timeout)
     except OSError:
         return False
+    return reply == b"+PONG"
 
 
 class RedisServer(ProcessBackend):
@@ -62,13 +79,20 @@ class RedisServer(ProcessBackend):
 
     Started with ``--save ''`` and ``--appendonly no``: a restart brings it back
     empty, as memcached comes back. The port is chosen on the first start and kept.
+    With ``password``, clients must AUTH (``requirepass``), as on Memorystore.
     """
 
     def __init__(
-        self, *, host: str = "127.0.0.1", port: int | None = None, binary: str | None = None
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        binary: str | None = None,
+        password: str | None = None,
     ) -> None:
         super().__init__(host=host, port=port)
         self.binary = binary
+        self.password = password
         self.label = binary or "redis-server"
         self._timeout = 10.0
 
@@ -78,7 +102,9 @@ class RedisServer(ProcessBackend):
 
     @property
     def url(self) -> str:
-        return f"redis://{self.address}"
+        """``redis://[:password@]host:port``, the password percent-encoded."""
+        auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
+        return f"redis://{auth}{self.address}"
 
     def start(self, timeout: float = 10.0) -> Self:
         """Start the server unless it runs already; return once it answers ``PING``."""
@@ -100,18 +126,22 @@ class RedisServer(ProcessBackend):
             "--dir", str(self._workdir),
             "--daemonize", "no",
         ]  # fmt: skip
+        if self.password is not None:
+            argv += ["--requirepass", self.password]
         self._timeout = timeout
         self._process = ManagedProcess(
             f"{self.label} on {self.host}:{self._port}",
             argv,
             log_path=self._workdir / "redis.log",
         )
-        self._process.start(lambda: redis_ok(self.host, self.port, timeout=1.0), timeout)
+        self._process.start(
+            lambda: redis_ok(self.host, self.port, password=self.password, timeout=1.0), timeout
+        )
         return self
 
     def flush_all(self) -> None:
         """Drop every key, as memcached's ``flush_all`` does."""
         self._running()
-        reply = redis_command(self.host, self.port, "FLUSHALL")
+        reply = redis_command(self.host, self.port, "FLUSHALL", password=self.password)
         if reply != b"+OK":
             raise BackendError(f"{self.label} at {self.address} answered {reply!r} to FLUSHALL")

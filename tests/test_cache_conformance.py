@@ -471,3 +471,49 @@ def test_redis_cas_tokens_keep_growing_after_a_flush(redis_server: RedisServer) 
         assert client.cas(key, b"2", str(before)) is False
     finally:
         client.close()
+
+
+def test_a_restart_while_idle_costs_no_call(own_server: tuple[str, Any]) -> None:
+    """Pooled connections to a server that restarted are stale; the next calls, one
+    per pooled connection and more, must each reach the new server."""
+    kind, (server, make) = own_server
+    client = make()
+    warm = threading.Barrier(8)
+
+    def call(i: int) -> None:
+        warm.wait()
+        assert client.add(f"warm{i}", b"v") is True
+
+    workers = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    server.restart()
+    for i in range(12):
+        assert client.get(f"warm{i % 8}") is None, (kind, i)  # empty: nothing kept
+        assert client.add(f"after{i}", b"v") is True, (kind, i)
+    client.close()
+
+
+def test_a_password_url_authenticates_and_a_wrong_one_is_never_sent() -> None:
+    """Redis only (memcached has no AUTH here): requirepass, as on Memorystore."""
+    server = RedisServer(password="s3cret/with:odd@chars").start()
+    try:
+        good = redis_client_for(Settings(cache_url=server.url))
+        assert good is not None
+        assert good.add("k", b"v") is True and good.get("k") == b"v"
+        good.close()
+        bad = redis_client_for(Settings(cache_url=f"redis://:wrong@{server.address}"))
+        assert bad is not None
+        with pytest.raises(CacheUnavailable) as refused:
+            GuardedClient(bad).add("k2", b"v")
+        assert refused.value.maybe_applied is False
+        assert isinstance(refused.value.__cause__, ConnectionRefusedError)  # CacheNotReached
+        bad.close()
+        anonymous = RedisClient(server.host, server.port)
+        with pytest.raises(ConnectionRefusedError):
+            anonymous.get("k")  # NOAUTH: refused when the connection is made
+        anonymous.close()
+    finally:
+        server.stop()
