@@ -228,3 +228,19 @@ def test_memcached_hosts_decide_when_no_url_is_set_and_a_memcached_url_wins() ->
 def test_cluster_urls_parse_but_are_refused_for_now(scheme: str) -> None:
     with pytest.raises(ConfigurationError, match="not supported yet"):
         redis_client_for(Settings(cache_url=f"{scheme}://h1:7000,h2:7001"))
+
+
+def test_the_env_command_shows_the_url_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from click.testing import CliRunner
+
+    from sharded_counter.tools.cli import main
+
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", "rediss://app:hunter2@cache:6380/1")
+    result = CliRunner().invoke(main, ["env"])
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    line = next(line for line in result.output.splitlines() if "cache_url" in line)
+    assert "rediss://app:***@cache:6380/1" in line and "SHARDED_COUNTER_CACHE_URL" in line
