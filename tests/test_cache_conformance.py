@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pymemcache.exceptions import MemcacheClientError, MemcacheIllegalInputError
 
 from sharded_counter.cache.by_url import redis_client_for
@@ -517,3 +519,109 @@ def test_a_password_url_authenticates_and_a_wrong_one_is_never_sent() -> None:
         anonymous.close()
     finally:
         server.stop()
+
+
+# -- the same random calls on both servers: the same answers ------------------------------
+
+_NAMES = ["a", "b"]
+_VALUES = [
+    b"", b"0", b"9", b"10", b"100", str(UINT64_MAX).encode(), str(2**64).encode(), b"abc",
+    b" 5", b"7 ", b"12\x00x", b"-0", b"-5", b"-" + str(UINT64_MAX).encode(), b"+3", b"1 2",
+    b"\r\n", b"3:4", b"12abc",
+]  # fmt: skip
+_DELTAS = [0, 1, 9, 10, 2**63, UINT64_MAX]
+_EXPIRES = [0, 3600, -1, 30 * 24 * 3600 + 1]  # none, an hour, at once, a unix time in 1970
+
+_name = st.sampled_from(_NAMES)
+_OPS = st.one_of(
+    st.tuples(st.just("get"), _name),
+    st.tuples(st.just("gets"), _name),
+    st.tuples(st.just("get_many")),
+    st.tuples(st.just("add"), _name, st.sampled_from(_VALUES), st.sampled_from(_EXPIRES)),
+    st.tuples(
+        st.just("cas"),
+        _name,
+        st.sampled_from(_VALUES),
+        st.sampled_from(["latest", "oldest"]),
+        st.sampled_from(_EXPIRES),
+    ),
+    st.tuples(st.just("append"), _name, st.sampled_from(_VALUES)),
+    st.tuples(st.sampled_from(["incr", "decr"]), _name, st.sampled_from(_DELTAS)),
+    st.tuples(st.just("delete"), _name),
+)
+
+
+class Replay:
+    """Carries out ops on one client under fresh keys, answering what each came to.
+
+    cas tokens differ between servers, so a cas names the token it uses by when it
+    was read (the latest or the oldest ``gets`` of that key), and a ``gets`` answers
+    whether its token is one read before rather than the token itself.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.prefix = f"diff-{uuid.uuid4().hex[:12]}"
+        self.tokens: dict[str, list[Any]] = {name: [] for name in _NAMES}
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def run(self, op: tuple[Any, ...]) -> Any:
+        try:
+            return self._run(op)
+        except MemcacheClientError:
+            return "refused"
+
+    def _run(self, op: tuple[Any, ...]) -> Any:
+        verb, *args = op
+        c = self.client
+        if verb == "get_many":
+            found = c.get_many([self.key(n) for n in _NAMES])
+            return {k.rpartition(":")[2]: v for k, v in found.items()}
+        name, *rest = args
+        key = self.key(name)
+        if verb == "gets":
+            value, cas = c.gets(key)
+            seen = cas in self.tokens[name]
+            if cas is not None:
+                self.tokens[name].append(cas)
+            return value, seen
+        if verb == "cas":
+            value, which, expire = rest
+            if not self.tokens[name]:
+                return "no token yet"
+            token = self.tokens[name][-1 if which == "latest" else 0]
+            return c.cas(key, value, token, expire)
+        if verb in ("get", "delete"):
+            return getattr(c, verb)(key)
+        return getattr(c, verb)(key, *rest)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    start=st.lists(st.sampled_from(_VALUES), min_size=len(_NAMES), max_size=len(_NAMES)),
+    ops=st.lists(_OPS, min_size=5, max_size=40),
+)
+def test_random_calls_get_the_same_answers_from_both(
+    start: list[bytes], ops: list[tuple[Any, ...]], memcached_and_redis: tuple[Any, Any]
+) -> None:
+    """Each key starts with a value (and a token read), then the calls run on both."""
+    on_memcached, on_redis = (Replay(c) for c in memcached_and_redis)
+    setup = [
+        op
+        for name, v in zip(_NAMES, start, strict=True)
+        for op in (("add", name, v, 0), ("gets", name))
+    ]
+    for i, op in enumerate(setup + ops):
+        assert on_redis.run(op) == on_memcached.run(op), (i, op)
+
+
+@pytest.fixture(scope="module")
+def memcached_and_redis(
+    sharded_counter_memcached: Memcached, redis_server: RedisServer
+) -> Iterator[tuple[Any, Any]]:
+    clients = (memcached_client(sharded_counter_memcached.address), redis_client(redis_server))
+    yield clients
+    for client in clients:
+        client.close()

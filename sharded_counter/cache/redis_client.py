@@ -21,8 +21,8 @@ in ``client.py``, and ``append``) with memcached's meaning:
   at 2**64, ``decr`` stops at 0; data that is no such number is refused
   (``CacheCommandError``, a pymemcache ``MemcacheClientError``, as memcached's
   ``CLIENT_ERROR`` is). The arithmetic is on decimal strings, since Lua's numbers
-  are doubles. memcached may pad a shrunken number with spaces (``b"9 "``); this
-  client never does; both read as the same ``int``.
+  are doubles. A result shorter than the data it replaces is space-padded to its
+  length (``b"9 "`` after ``decr`` of ``b"10"``), as memcached writes it in place.
 - **Expiry** as memcached reads ``exptime``: 0 never, up to 30 days a number of
   seconds, above that a unix time, negative (or a time already past) expired at
   once. ``append``, ``incr`` and ``decr`` keep a key's expiry. Redis counts in
@@ -243,13 +243,19 @@ local function minus(a, b)  -- a - b, for a >= b
   return trimmed(table.concat(out))
 end
 
--- memcached reads the data with strtoull: leading whitespace, digits, then the end
--- or whitespace; out of the unsigned 64-bit range is no number.
+-- memcached reads the data with strtoull: leading whitespace, a sign, digits, then
+-- the end, whitespace or a NUL. Out of the unsigned 64-bit range is no number; a
+-- '-' negates modulo 2^64, and memcached takes the result only below 2^63.
+local TWO_TO_63 = '9223372036854775808'
 local function number(data)
-  local digits, rest = string.match(data, '^%s*%+?(%d+)(.*)$')
-  if not digits or (rest ~= '' and not string.find(rest, '^%s')) then return nil end
+  local sign, digits, rest = string.match(data, '^%s*([+-]?)(%d+)(.*)$')
+  if not digits or (rest ~= '' and not string.find(rest, '^[%s%z]')) then return nil end
   digits = trimmed(digits)
   if not below(digits, TWO_TO_64) then return nil end
+  if sign == '-' and digits ~= '0' then
+    digits = minus(TWO_TO_64, digits)
+    if not below(digits, TWO_TO_63) then return nil end
+  end
   return digits
 end
 
@@ -267,7 +273,11 @@ elseif below(value, ARGV[1]) then
 else
   value = minus(value, ARGV[1])
 end
-rewrite(value)
+-- Written over the old data when it fits, space-padded to its length, as memcached
+-- writes it in place; the answer is the number alone.
+local stored = value
+if #value < #data then stored = value .. string.rep(' ', #data - #value) end
+rewrite(stored)
 return value
 """
 )
