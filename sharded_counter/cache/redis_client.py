@@ -512,6 +512,13 @@ class RedisClient:
         except (RedisConnectionError, OSError) as exc:
             connection.disconnect()
             raise CacheConnectionLost(f"redis {name}: {exc}", maybe_applied=write) from exc
+        except BaseException:
+            # Anything else (an interrupt mid-read, say) may leave an answer unread on
+            # the connection, which the next call would take for its own. redis-py's
+            # checkout drops a connection with data waiting; not one whose answer is
+            # still on its way.
+            connection.disconnect()
+            raise
         finally:
             self._pool.release(connection)  # type: ignore[no-untyped-call]
 
