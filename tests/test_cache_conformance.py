@@ -25,7 +25,11 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pymemcache.exceptions import MemcacheClientError, MemcacheIllegalInputError
+from pymemcache.exceptions import (
+    MemcacheClientError,
+    MemcacheIllegalInputError,
+    MemcacheServerError,
+)
 
 from sharded_counter.cache.by_url import redis_client_for
 from sharded_counter.cache.cas import change_key
@@ -625,3 +629,16 @@ def memcached_and_redis(
     yield clients
     for client in clients:
         client.close()
+
+
+def test_a_value_over_memcacheds_item_size_is_one_known_difference(cache: Cache) -> None:
+    """memcached refuses an item over its size limit (1 MB by default); Redis stores it.
+    docs/cache-backends.md lists this among the differences."""
+    big = b"x" * (2 * 1024 * 1024)
+    if cache.kind == "memcached":
+        with pytest.raises(MemcacheServerError):
+            cache.client.add(cache.key(), big)
+        assert cache.client.get(cache.key()) is None
+    else:
+        assert cache.client.add(cache.key(), big) is True
+        assert cache.client.get(cache.key()) == big
