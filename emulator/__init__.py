@@ -12,6 +12,7 @@ from .engines import ENGINES, Engine
 from .errors import BackendError, BackendTimeout, MissingDependency
 from .memcached import Memcached
 from .ports import free_port
+from .redis_server import RedisServer
 from .sdk import sdk_root
 from .stack import BackendStack
 
@@ -24,6 +25,7 @@ __all__ = [
     "Engine",
     "Memcached",
     "MissingDependency",
+    "RedisServer",
     "free_port",
     "sdk_root",
 ]

@@ -5,7 +5,7 @@ Precedence, highest first:
 1. keyword arguments to ``Counter(...)``;
 2. class attributes of a ``Counter`` subclass (``shards = 20``);
 3. the global ``config['sharded_counter']`` dict;
-4. the environment (``MEMCACHED_HOSTS``);
+4. the environment (``MEMCACHED_HOSTS``, ``SHARDED_COUNTER_CACHE_URL``);
 5. the TOML file named by ``SHARDED_COUNTER_CONFIG``, else ``config/sharded_counter.toml``
    in the working directory when it exists (its ``[sharded_counter]`` table);
 6. the defaults below.
@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .core.cache_url import parse_cache_url
 from .core.validation import (
     check_choice,
     check_flag,
@@ -56,6 +57,8 @@ class Settings:
 
     shards: int = 10
     memcached_hosts: tuple[str, ...] = ()
+    # Checked, not yet used to connect (docs/cache-backends.md); may hold a password.
+    cache_url: str | None = dataclasses.field(default=None, repr=False)
     cache_ttl: int = 3600
     memcache_timeout: float = 0.5
     memcache_connect_timeout: float = 0.5
@@ -139,6 +142,16 @@ def parse_host(spec: str) -> tuple[str, int]:
     return _as_setting(check_host_port, spec, "memcached host")  # type: ignore[no-any-return]
 
 
+def _cache_url(value: Any, name: str) -> str | None:
+    """A cache URL (core/cache_url.py), or None for none; BadCacheUrl is a ValueError."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    parse_cache_url(value)
+    return value.strip()
+
+
 #: The most shards a counter may have: every uncached read and every ``count = v``
 #: touches all of them.
 MAX_SHARDS = 10_000
@@ -149,6 +162,7 @@ MAX_IDEMPOTENCY_TTL = 3650 * 24 * 3600
 _CHECKS: dict[str, _Check] = {
     "shards": _shards,
     "memcached_hosts": _hosts,
+    "cache_url": _cache_url,
     "cache_ttl": check_memcached_ttl,
     "memcache_timeout": _seconds,
     "memcache_connect_timeout": _seconds,
@@ -246,7 +260,8 @@ def reload() -> None:
 
 def _environment() -> dict[str, Any]:
     hosts = os.environ.get("MEMCACHED_HOSTS", "").strip()
-    return {"memcached_hosts": hosts} if hosts else {}
+    url = os.environ.get("SHARDED_COUNTER_CACHE_URL", "").strip()
+    return {**({"memcached_hosts": hosts} if hosts else {}), **({"cache_url": url} if url else {})}
 
 
 def resolve(
@@ -255,15 +270,25 @@ def resolve(
 ) -> Settings:
     """Merge every source in precedence order into one checked ``Settings``."""
     merged: dict[str, Any] = dict(_file_options())
-    merged.update(_environment())
+    _layer(merged, _environment())
     section = config.get(SECTION, {})
     if not isinstance(section, Mapping):
         raise ConfigurationError(f"config[{SECTION!r}] must be a dict")
-    merged.update(_check_known(section, f"config[{SECTION!r}]"))
-    merged.update(_check_known(class_options or {}, "class attributes"))
-    merged.update(_check_known(arguments or {}, "arguments"))
+    _layer(merged, _check_known(section, f"config[{SECTION!r}]"))
+    _layer(merged, _check_known(class_options or {}, "class attributes"))
+    _layer(merged, _check_known(arguments or {}, "arguments"))
     _max_shards_follows_shards(merged)
     return Settings(**merged)
+
+
+def _layer(merged: dict[str, Any], options: Mapping[str, Any]) -> None:
+    """Lay ``options`` over what lower places gave. The cache is named by whichever place
+    named one last: ``memcached_hosts`` given here drops a ``cache_url`` from below (a
+    ``Counter(memcached_hosts=...)`` is not overridden by $SHARDED_COUNTER_CACHE_URL);
+    given both in one place, ``cache_url`` wins."""
+    if "memcached_hosts" in options and "cache_url" not in options:
+        merged.pop("cache_url", None)
+    merged.update(options)
 
 
 def _max_shards_follows_shards(merged: dict[str, Any]) -> None:

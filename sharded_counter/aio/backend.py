@@ -16,7 +16,7 @@ import weakref
 from collections.abc import Hashable
 from typing import Any
 
-from ..cache.client import OutageLog
+from ..cache.client import OutageLog, cache_client_key
 from ..paths.backend import Backend
 from ..paths.registry import PerCounter
 from ..process import forget_at_fork
@@ -100,7 +100,7 @@ def async_memcache_for(settings: Settings) -> AsyncMemcache:
     server list and time limits); they log outages themselves."""
     loop = asyncio.get_running_loop()
     per_loop = _memcache_by_loop.setdefault(loop, {})
-    key = (settings.memcached_hosts, settings.memcache_timeout, settings.memcache_connect_timeout)
+    key = cache_client_key(settings)
     found = per_loop.get(key)
     if found is None:
         found = per_loop[key] = AsyncMemcache(settings, outage=None)

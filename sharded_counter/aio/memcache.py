@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 
 import emcache
 
+from ..cache.by_url import cache_url_of, memcached_servers
 from ..cache.client import OutageLog
 from ..cache.ring import CasToken, token_is_current
-from ..errors import CacheUnavailable
-from ..settings import Settings, parse_host
+from ..errors import CacheUnavailable, ConfigurationError
+from ..settings import Settings
 from .routing import SERVER_FAILED, OneServer, ServerRing
 
 T = TypeVar("T")
@@ -36,8 +37,19 @@ _ANSWERS = (*_NOT_STORED, emcache.NotFoundCommandError)
 
 
 def router_for(settings: Settings) -> OneServer | ServerRing | None:
-    """How calls reach ``settings.memcached_hosts``: None when there are none."""
-    servers = [parse_host(h) for h in settings.memcached_hosts]
+    """How calls reach the memcached servers of ``settings``: None when there are none.
+
+    Raises ``ConfigurationError`` for a Redis or Valkey ``cache_url``: the asyncio
+    shell speaks memcached only, for now (docs/cache-backends.md), and going on
+    without the cache the blocking shell would use would split one counter's stash.
+    """
+    url = cache_url_of(settings)
+    if url is not None and url.redis_protocol:
+        raise ConfigurationError(
+            f"sharded_counter.aio does not support {url.scheme}:// yet: its cache must be "
+            "memcached (memcached_hosts, or a memcached:// cache_url)"
+        )
+    servers = memcached_servers(settings)
     if not servers:
         return None
     if len(servers) == 1:

@@ -16,6 +16,10 @@ The cache tier: ``tier.py`` (``CacheTier``) is what the counters use, over
 (the changes of a stash), ``sightings.py`` (what was last seen in each stash)
 and ``backlog.py`` (what failed calls left to do).
 
-May import: ``core``, ``errors``, ``settings``, pymemcache, tenacity. Never ``store``,
+Redis and Valkey: ``redis_client.py`` answers pymemcache's calls with memcached's
+meaning (docs/cache-backends.md); nothing imports it yet.
+
+May import: ``core``, ``errors``, ``settings``, pymemcache, tenacity, and redis-py
+(``redis_client.py`` only: the ``redis`` extra). Never ``store``,
 ``paths`` or anything above.
 """

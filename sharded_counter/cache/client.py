@@ -23,8 +23,9 @@ from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 from ..core.effects import Memcache, Steps
 from ..errors import CacheUnavailable, ConfigurationError
 from ..process import check_given_here, forget_at_fork, forget_connections
-from ..settings import Settings, parse_host, resolve
+from ..settings import Settings, resolve
 from ..telemetry import telemetry
+from .by_url import memcached_servers, redis_client_for
 from .cluster import ClusterClient
 
 log = logging.getLogger("sharded_counter")
@@ -59,6 +60,16 @@ class CommandClient(MemcacheClient, Protocol):
     def decr(self, key: str, value: int, noreply: bool = False) -> int | None: ...
 
 
+def cache_client_key(settings: Settings) -> tuple[Any, ...]:
+    """What makes two clients of the cache the same: its servers and time limits."""
+    return (
+        settings.memcached_hosts,
+        settings.cache_url,
+        settings.memcache_timeout,
+        settings.memcache_connect_timeout,
+    )
+
+
 def build_client(settings: Settings) -> MemcacheClient | None:
     """The client for ``settings.memcached_hosts``, or None when none are configured."""
     client: MemcacheClient | None = _make_client(settings)
@@ -76,7 +87,12 @@ _CLOSED_BY_PEER = [
 
 
 def _make_client(settings: Settings) -> Any:
-    servers = [parse_host(h) for h in settings.memcached_hosts]
+    redis = redis_client_for(settings)
+    if redis is not None:
+        # Redis or Valkey, with memcached's semantics for every call the tier makes
+        # (cache/redis_client.py).
+        return redis
+    servers = memcached_servers(settings)
     if not servers:
         return None
     if len(servers) == 1:
@@ -146,10 +162,10 @@ class ClientSource:
         self.settings = resolve(options)
         self._client = client
         self._given_in = os.getpid()
-        if client is None and not self.settings.memcached_hosts:
+        if client is None and not (self.settings.memcached_hosts or self.settings.cache_url):
             raise ConfigurationError(
-                f"{what} needs memcached: set MEMCACHED_HOSTS (or memcached_hosts), "
-                "or pass memcache_client"
+                f"{what} needs a cache: set MEMCACHED_HOSTS (or memcached_hosts), "
+                "SHARDED_COUNTER_CACHE_URL (or cache_url), or pass memcache_client"
             )
 
     @property
@@ -161,7 +177,7 @@ class ClientSource:
             check_given_here(self._given_in, "memcache_client")
             return self._client
         s = self.settings
-        key = (s.memcached_hosts, s.memcache_timeout, s.memcache_connect_timeout)
+        key = cache_client_key(s)
         client = _shared.get(key)
         if client is None:
             with _shared_lock:

@@ -19,7 +19,7 @@ from typing import Any
 import google.auth.exceptions
 from google.cloud import datastore
 
-from ..cache.client import MemcacheClient, build_client
+from ..cache.client import MemcacheClient, build_client, cache_client_key
 from ..cache.tier import CacheTier
 from ..core.effects import Steps
 from ..errors import ConfigurationError
@@ -142,7 +142,7 @@ def new_datastore_client(settings: Settings) -> datastore.Client:
 
 
 def _memcache_client(settings: Settings) -> MemcacheClient | None:
-    key = (settings.memcached_hosts, settings.memcache_timeout, settings.memcache_connect_timeout)
+    key = cache_client_key(settings)
     if key not in _memcache_clients:
         _memcache_clients[key] = build_client(settings)
     return _memcache_clients[key]
@@ -176,9 +176,7 @@ def backend_for(
         settings.project,
         settings.database,
         settings.namespace,
-        settings.memcached_hosts,
-        settings.memcache_timeout,
-        settings.memcache_connect_timeout,
+        *cache_client_key(settings),
         settings.cache_ttl,
         settings.rpc_timeout,
         settings.write_mode,

@@ -10,6 +10,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
+from ..core.cache_url import parse_cache_url
 from ..settings import (
     CONFIG_ENV,
     DEFAULT_CONFIG_FILE,
@@ -47,7 +48,7 @@ def env() -> None:
     for field in dataclasses.fields(settings):
         table.add_row(
             field.name,
-            Text(_show(getattr(settings, field.name))),
+            Text(_show(_redacted(field.name, getattr(settings, field.name)))),
             _source(field.name, file_options),
         )
     console.print(table)
@@ -69,12 +70,19 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _redacted(option: str, value: Any) -> Any:
+    """A cache URL without its password; any other value as it is."""
+    return parse_cache_url(value).redacted() if option == "cache_url" and value else value
+
+
 def _source(option: str, file_options: dict[str, Any]) -> str:
     # Mirrors config.resolve's precedence for the sources a CLI process can have.
     if option in config.get(SECTION, {}):
         return "config dict"
     if option == "memcached_hosts" and os.environ.get("MEMCACHED_HOSTS", "").strip():
         return "MEMCACHED_HOSTS"
+    if option == "cache_url" and os.environ.get("SHARDED_COUNTER_CACHE_URL", "").strip():
+        return "SHARDED_COUNTER_CACHE_URL"
     if option in file_options:
         return "config file"
     return "default"
