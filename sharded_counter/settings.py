@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .core.cache_url import parse_cache_url
+from .core.cache_url import BadCacheUrl, parse_cache_url
 from .core.validation import (
     check_choice,
     check_flag,
@@ -148,7 +148,10 @@ def _cache_url(value: Any, name: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
-    parse_cache_url(value)
+    try:
+        parse_cache_url(value)
+    except BadCacheUrl as exc:  # says what is wrong, and never repeats a password
+        raise ValueError(f"{name}: {exc}") from None
     return value.strip()
 
 

@@ -1,12 +1,14 @@
 """The cache chosen by URL: what parses, to what, and what is refused with which reason.
 
-Pure parsing: no server is needed. The property tests build URLs from their parts
+Mostly pure parsing, with no server: the property tests build URLs from their parts
 and check that the parts come back; the table of bad URLs checks that each is
-refused by the settings with a ``ConfigurationError`` naming what is wrong.
+refused by the settings with a ``ConfigurationError`` naming what is wrong. At the
+end, a counter and a rate limiter on a real redis-server that a URL names.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from urllib.parse import quote
 
@@ -14,7 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sharded_counter import Counter
+from sharded_counter import Counter, RateLimiter, config, reconnect
+from sharded_counter.aio import AsyncCounter
 from sharded_counter.cache.by_url import memcached_servers, redis_client_for
 from sharded_counter.cache.redis_client import RedisClient
 from sharded_counter.core.cache_url import (
@@ -26,6 +29,7 @@ from sharded_counter.core.cache_url import (
 )
 from sharded_counter.errors import ConfigurationError
 from sharded_counter.settings import Settings, resolve
+from sharded_counter_emulator.redis_server import RedisServer
 
 _LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
 _NAMES = st.lists(_LABEL, min_size=1, max_size=3).map(".".join)
@@ -244,3 +248,57 @@ def test_the_env_command_shows_the_url_without_its_password(
     assert "hunter2" not in result.output
     line = next(line for line in result.output.splitlines() if "cache_url" in line)
     assert "rediss://app:***@cache:6380/1" in line and "SHARDED_COUNTER_CACHE_URL" in line
+
+
+# -- which place names the cache, and a counter on the server a URL names ------------------
+
+
+def test_the_place_that_names_a_cache_last_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("MEMCACHED_HOSTS", "127.0.0.1:11211")
+    assert resolve().cache_url == "redis://127.0.0.1:6379/0"  # one place, both: the URL
+    explicit = resolve({"memcached_hosts": ["127.0.0.1:11311"]})
+    assert (explicit.cache_url, explicit.memcached_hosts) == (None, ("127.0.0.1:11311",))
+    config["sharded_counter"] = {"memcached_hosts": ["127.0.0.1:11411"]}
+    try:
+        assert resolve().cache_url is None  # config in code sits above the environment
+        assert resolve({"cache_url": "valkey://v:1"}).cache_url == "valkey://v:1"
+    finally:
+        config.clear()
+
+
+@pytest.mark.backends
+def test_a_counter_and_a_rate_limiter_run_on_the_redis_a_url_names(
+    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = RedisServer().start()
+    try:
+        monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", f"redis://{server.host}:{server.port}/0")
+        reconnect()
+        hits = Counter("on-redis")
+        for delta in (1, 2, 3):
+            hits.increment(delta)
+        assert (hits.count, hits.get_count(nocache=True)) == (6, 6)
+        assert isinstance(hits._backend.cache._calls.client, RedisClient)
+        limiter = RateLimiter("2/minute")
+        assert [limiter.hit("k").allowed for _ in range(3)] == [True, True, False]
+        # Kept there, not in the session's memcached: the record is the Redis server's.
+        assert RedisClient(server.host, server.port).get(hits._record_key) is not None
+    finally:
+        server.stop()
+        reconnect()
+
+
+def test_asyncio_refuses_a_redis_url_rather_than_run_without_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", "redis://127.0.0.1:6379/0")
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:1")  # never reached
+    monkeypatch.setenv("DATASTORE_DATASET", "refused")
+    reconnect()
+
+    async def first_call() -> None:
+        await AsyncCounter("async-on-redis").get_count()
+
+    with pytest.raises(ConfigurationError, match="does not support redis://"):
+        asyncio.run(first_call())
