@@ -81,6 +81,7 @@ class SharedBuffer:
             counter_options.get("datastore_client"),
             counter_options.get("memcache_client"),
         )
+        self._cache = backend.cache
         self._names = backend.cache.pending_names(self.settings.key_prefix, backend.store.scope)
         self._scope = backend.store.scope
         self.interval = float(interval)
@@ -160,9 +161,16 @@ class SharedBuffer:
     # -- reading ---------------------------------------------------------------------
 
     def pending(self, name: str) -> int:
-        """What memcache holds for ``name`` that is not in its shards yet."""
+        """What memcache holds for ``name`` that is not in its shards yet.
+
+        Raises ``CacheUnavailable`` when memcache does not answer (or none is
+        configured): what it holds is unknown then, and 0 would be a guess.
+        """
         check_name(name)
-        return self._counter(name)._pending_stash()
+        counter = self._counter(name)
+        if not self._cache.enabled:
+            raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
+        return self._cache.peek_stash(counter._stash_key)
 
     def count(self, name: str, *, nocache: bool = False) -> int:
         """``name``'s total, pending amounts included (a plain ``Counter`` read)."""
