@@ -232,13 +232,25 @@ class Cell:
     datastore: bool = True  # does it reach Datastore at all?
     rounds: int = 1  # retry rounds (or memcache call rounds) it may take one after another
     extra: float = 0.0  # seconds beyond the rounds, for a time limit the settings do not set
+    counts: int | None = None  # the delta the call adds to the counter, if it counts it
+    # What the cell had pending before the call (in memcache, or in a CounterBuffer that
+    # its cleanup flushes once healthy): counted once afterwards, whatever the call did.
+    keeps: int = 0
+    keeps_in_memcache: bool = False
 
     @property
     def member(self) -> str:
         return self.key.split("[", 1)[0]
 
 
-def run_cell(cell: Cell, world: World, fault: str, patch: pytest.MonkeyPatch) -> tuple[str, float]:
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    outcome: str  # what the call did: its act's word, "ok", or the error's name
+    seconds: float
+    name: str  # the counter (or lock, or series) the cell used
+
+
+def run_cell(cell: Cell, world: World, fault: str, patch: pytest.MonkeyPatch) -> Observed:
     """Prepare, break, call, heal; return what the call did and how long it took."""
     scene = Scene(world.emulator.address)
     # Each cell starts from an empty memcached: nothing another cell left (a flusher's
@@ -256,7 +268,10 @@ def run_cell(cell: Cell, world: World, fault: str, patch: pytest.MonkeyPatch) ->
         config["sharded_counter"] = short_limits(fault)
 
     if cell.abuild is not None:
-        return asyncio.run(_run_async(cell, cell.abuild, world, fault, scene, healthy, faulty))
+        outcome, seconds = asyncio.run(
+            _run_async(cell, cell.abuild, world, fault, scene, healthy, faulty)
+        )
+        return Observed(outcome, seconds, scene.name)
     assert cell.build is not None
     healthy()
     if cell.prepare is not None:
@@ -271,7 +286,7 @@ def run_cell(cell: Cell, world: World, fault: str, patch: pytest.MonkeyPatch) ->
     finally:
         healthy()
         undo(scene)
-    return outcome, seconds
+    return Observed(outcome, seconds, scene.name)
 
 
 async def _run_async(
@@ -395,11 +410,13 @@ def counter_rows(cls: type[Counter], prepare: Callable[[Scene], None]) -> list[C
             f"{prefix}.increment",
             prepare=prepare,
             build=lambda s: (lambda c: lambda: how_written(c, lambda: c.increment(7)))(make(s)),
+            counts=7,
         ),
         Cell(
             f"{prefix}.increment[idempotency_key]",
             prepare=prepare,
             build=lambda s: (lambda c: lambda: c.increment(7, idempotency_key="k-1"))(make(s)),
+            counts=7,
         ),
         Cell(
             f"{prefix}.get_count",
@@ -779,10 +796,22 @@ CELLS: list[Cell] = [
         # counter's: counter.py does not pass its own to store/joined.py (yet).
         extra=DEFAULT_READ_TIMEOUT,
     ),
-    Cell("Counter.defer", prepare=prepare_counter, build=defer_row, datastore=False),
-    Cell("Counter.write_pending", prepare=prepare_pending, build=write_pending_row, rounds=2),
+    Cell("Counter.defer", prepare=prepare_counter, build=defer_row, datastore=False, counts=7),
+    Cell(
+        "Counter.write_pending",
+        prepare=prepare_pending,
+        build=write_pending_row,
+        rounds=2,
+        keeps=2,
+        keeps_in_memcache=True,
+    ),
     *counter_rows(BoundedCounter, prepare_bounded),
-    Cell("BoundedCounter.try_increment", prepare=prepare_bounded, build=try_increment_row),
+    Cell(
+        "BoundedCounter.try_increment",
+        prepare=prepare_bounded,
+        build=try_increment_row,
+        counts=7,
+    ),
     Cell("BoundedCounter.set_bounds", prepare=prepare_bounded, build=set_bounds_row),
     Cell(
         "BoundedCounter.bounds_in_datastore",
@@ -791,31 +820,85 @@ CELLS: list[Cell] = [
     ),
     Cell("BoundedCounter.shares", prepare=prepare_bounded, build=shares_row),
     Cell("CounterBuffer()", build=lambda s: lambda: new_buffer() and None, datastore=False),
-    Cell("CounterBuffer.increment", build=buffer_increment_row, datastore=False),
-    Cell("CounterBuffer.increment[idempotency_key]", build=buffer_keyed_row),
-    Cell("CounterBuffer.async_increment", build=buffer_async_increment_row, datastore=False),
-    Cell("CounterBuffer.pending", build=buffer_pending_row, datastore=False),
-    Cell("CounterBuffer.count", prepare=prepare_counter, build=buffer_count_row),
-    Cell("CounterBuffer.flush", prepare=prepare_counter, build=buffer_flush_row, rounds=2),
-    Cell("CounterBuffer.stop", prepare=prepare_counter, build=buffer_stop_row, rounds=2),
+    Cell(
+        "CounterBuffer.increment",
+        build=buffer_increment_row,
+        datastore=False,
+        counts=3,
+        keeps=7,
+    ),
+    Cell("CounterBuffer.increment[idempotency_key]", build=buffer_keyed_row, counts=7),
+    Cell(
+        "CounterBuffer.async_increment",
+        build=buffer_async_increment_row,
+        datastore=False,
+        counts=3,
+        keeps=7,
+    ),
+    Cell("CounterBuffer.pending", build=buffer_pending_row, datastore=False, keeps=7),
+    Cell("CounterBuffer.count", prepare=prepare_counter, build=buffer_count_row, keeps=7),
+    Cell(
+        "CounterBuffer.flush",
+        prepare=prepare_counter,
+        build=buffer_flush_row,
+        rounds=2,
+        keeps=7,
+    ),
+    Cell("CounterBuffer.stop", prepare=prepare_counter, build=buffer_stop_row, rounds=2, keeps=7),
     Cell("SharedBuffer()", build=lambda s: lambda: shared_buffer(s) and None, datastore=False),
     Cell(
         "SharedBuffer.increment",
         prepare=prepare_counter,
         build=shared_increment_row,
         datastore=False,
+        counts=7,
     ),
     Cell(
         "SharedBuffer.increment[direct]",
         prepare=prepare_counter,
         build=shared_direct_row,
         rounds=2,
+        counts=7,
     ),
-    Cell("SharedBuffer.pending", prepare=prepare_shared, build=shared_pending_row, datastore=False),
-    Cell("SharedBuffer.count", prepare=prepare_shared, build=shared_count_row),
-    Cell("SharedBuffer.flush", prepare=prepare_shared, build=shared_flush_row, rounds=2),
-    Cell("SharedBuffer.flush[all]", prepare=prepare_shared, build=shared_flush_all_row, rounds=2),
-    Cell("SharedBuffer.stop", prepare=prepare_shared, build=shared_stop_row, rounds=2),
+    Cell(
+        "SharedBuffer.pending",
+        prepare=prepare_shared,
+        build=shared_pending_row,
+        datastore=False,
+        keeps=2,
+        keeps_in_memcache=True,
+    ),
+    Cell(
+        "SharedBuffer.count",
+        prepare=prepare_shared,
+        build=shared_count_row,
+        keeps=2,
+        keeps_in_memcache=True,
+    ),
+    Cell(
+        "SharedBuffer.flush",
+        prepare=prepare_shared,
+        build=shared_flush_row,
+        rounds=2,
+        keeps=2,
+        keeps_in_memcache=True,
+    ),
+    Cell(
+        "SharedBuffer.flush[all]",
+        prepare=prepare_shared,
+        build=shared_flush_all_row,
+        rounds=2,
+        keeps=2,
+        keeps_in_memcache=True,
+    ),
+    Cell(
+        "SharedBuffer.stop",
+        prepare=prepare_shared,
+        build=shared_stop_row,
+        rounds=2,
+        keeps=2,
+        keeps_in_memcache=True,
+    ),
     Cell(
         "RateLimiter()", build=lambda s: lambda: RateLimiter("100/minute") and None, datastore=False
     ),
@@ -854,6 +937,7 @@ CELLS: list[Cell] = [
             f"AsyncCounter.{method}",
             prepare=prepare_counter,
             abuild=async_counter_row(method),
+            counts=7 if method.startswith("increment") else None,
         )
         for method in (
             "increment",
@@ -1134,7 +1218,8 @@ KNOWN_ESCAPES: dict[tuple[str, str], str] = {
 }
 
 
-def check(cell: Cell, fault: str, engine: str, outcome: str, seconds: float) -> None:
+def check(cell: Cell, fault: str, engine: str, observed: Observed) -> None:
+    outcome, seconds = observed.outcome, observed.seconds
     allowed = budget(cell, fault) + SLACK
     print(
         f"\n[matrix] {cell.key} | {fault} | {engine} | {outcome} | {seconds:.2f}s of {allowed:.2f}s"
@@ -1144,6 +1229,31 @@ def check(cell: Cell, fault: str, engine: str, outcome: str, seconds: float) -> 
         f"expected {EXPECTED[cell.key][FAULTS.index(fault)]}"
     )
     assert seconds <= allowed, f"{cell.key} under {fault} took {seconds:.2f}s (> {allowed:.2f}s)"
+    check_counted(cell, fault, observed)
+
+
+def check_counted(cell: Cell, fault: str, observed: Observed) -> None:
+    """What the call said must be true: with both backends healthy again (and the cell's
+    cleanups done), the total has an increment's delta if the call returned, not if it
+    was not recorded, and either if its outcome is unknown; and what was pending before
+    the call is counted once, but where a memcached restart lost it (the documented loss
+    window of what memcache holds)."""
+    if cell.counts is None and not cell.keeps:
+        return
+    delta = cell.counts or 0
+    if observed.outcome in (NOT_RECORDED, MC_DOWN, DS_DOWN):
+        deltas = {0}
+    elif observed.outcome == UNKNOWN:
+        deltas = {0, delta}
+    else:
+        deltas = {delta}
+    lost = cell.keeps_in_memcache and fault in (MC_REFUSING, BOTH_DOWN)
+    allowed = {(0 if lost else cell.keeps) + each for each in deltas}
+    before = PREPARED_TOTAL if cell.prepare is not None else 0
+    added = Counter(observed.name).get_count(nocache=True) - before
+    assert added in allowed, (
+        f"{cell.key} said {observed.outcome}, and added {added} (allowed: {sorted(allowed)})"
+    )
 
 
 @pytest.mark.parametrize(("cell", "fault"), _cells(both_engines=True))
@@ -1156,8 +1266,7 @@ def test_a_datastore_fault(
 ) -> None:
     """Calls that reach Datastore, with Datastore at fault: on both engines."""
     world = worlds(sharded_counter_engine)
-    outcome, seconds = run_cell(cell, world, fault, monkeypatch)
-    check(cell, fault, sharded_counter_engine, outcome, seconds)
+    check(cell, fault, sharded_counter_engine, run_cell(cell, world, fault, monkeypatch))
 
 
 @pytest.mark.parametrize(("cell", "fault"), _cells(both_engines=False))
@@ -1171,8 +1280,7 @@ def test_a_fault_on_one_engine(
     """memcache faults, and calls that never reach Datastore: on one engine."""
     engine = first_engine(pytestconfig)
     world = worlds(engine)
-    outcome, seconds = run_cell(cell, world, fault, monkeypatch)
-    check(cell, fault, engine, outcome, seconds)
+    check(cell, fault, engine, run_cell(cell, world, fault, monkeypatch))
 
 
 #: How the docs word an outcome (our errors are named as they are).
