@@ -149,25 +149,25 @@ class World:
     @contextlib.contextmanager
     def broken(self, fault: str, scene: Scene) -> Iterator[None]:
         """The fault for the block. Datastore refusing is in the env the objects were made
-        with already, but for connections a cell made before (its own hooks cut them)."""
-        if fault in (DS_REFUSING, BOTH_DOWN):
-            for hook in scene.on_datastore_refusing:
-                hook()
-        if fault == DS_STALLED:
-            self.emulator.pause()
-        if fault in (MC_REFUSING, BOTH_DOWN):
-            self.memcached.kill()
-        if fault == MC_STALLED:
-            self.memcached.pause()
-        try:
-            yield
-        finally:
+        with already, but for connections a cell made before (its own hooks cut them).
+
+        Each heal is registered before its fault, so that a fault that fails half-way
+        (a pause that times out after SIGSTOP was sent) is healed all the same.
+        """
+        with contextlib.ExitStack() as heal:
+            if fault in (DS_REFUSING, BOTH_DOWN):
+                for hook in scene.on_datastore_refusing:
+                    hook()
             if fault == DS_STALLED:
-                self.emulator.resume()
+                heal.callback(self.emulator.resume)
+                self.emulator.pause()
             if fault in (MC_REFUSING, BOTH_DOWN):
-                self.memcached.start()
+                heal.callback(self.memcached.start)
+                self.memcached.kill()
             if fault == MC_STALLED:
-                self.memcached.resume()
+                heal.callback(self.memcached.resume)
+                self.memcached.pause()
+            yield
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +204,8 @@ def first_engine(config_: pytest.Config) -> str:
 
 
 class Scene:
-    """What a cell's steps share: the counter name, and what to undo afterwards."""
+    """What a cell's steps share: the name it counts (or locks) under, where the engine's
+    emulator listens, what to undo afterwards, and what to cut when Datastore refuses."""
 
     def __init__(self, emulator_address: str) -> None:
         self.emulator_address = emulator_address  # host:port of the engine's emulator
