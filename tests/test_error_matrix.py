@@ -338,8 +338,11 @@ def label(result: object) -> str:
 
 
 def error_label(exc: BaseException) -> str:
-    """Our errors by name; anything else is an escape, named with its module."""
+    """Our errors by name; anything else is an escape, named with its module. Each of our
+    errors here comes of a backend's failure, which it keeps as ``__cause__``."""
     if isinstance(exc, ShardedCounterError):
+        if exc.__cause__ is None:
+            return f"{type(exc).__name__} without its cause: {exc}"
         return type(exc).__name__
     return f"ESCAPED {type(exc).__module__}.{type(exc).__name__}: {str(exc)[:160]}"
 
