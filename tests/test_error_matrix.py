@@ -405,65 +405,57 @@ def counter_rows(cls: type[Counter], prepare: Callable[[Scene], None]) -> list[C
     def make(scene: Scene) -> Counter:
         return cls(scene.name, maximum=1000) if cls is BoundedCounter else cls(scene.name)
 
+    def calling(call: Callable[[Counter], object]) -> Callable[[Scene], Act]:
+        """A row's build: the counter is made now (short limits); the act calls ``call``."""
+
+        def build(scene: Scene) -> Act:
+            counter = make(scene)
+            return lambda: call(counter)
+
+        return build
+
     def assign(counter: Counter) -> None:
         counter.count = 3
 
+    def other_name(scene: Scene) -> Act:
+        return lambda: totals(cls.get_counts([scene.name, scene.name + "-other"]), scene.name)
+
     return [
-        Cell(f"{prefix}()", build=lambda s: lambda: make(s) and None, datastore=False),
+        Cell(f"{prefix}()", build=calling(lambda c: None), datastore=False),
         Cell(
             f"{prefix}.increment",
             prepare=prepare,
-            build=lambda s: (lambda c: lambda: how_written(c, lambda: c.increment(7)))(make(s)),
+            build=calling(lambda c: how_written(c, lambda: c.increment(7))),
             counts=7,
         ),
         Cell(
             f"{prefix}.increment[idempotency_key]",
             prepare=prepare,
-            build=lambda s: (lambda c: lambda: c.increment(7, idempotency_key="k-1"))(make(s)),
+            build=calling(lambda c: c.increment(7, idempotency_key="k-1")),
             counts=7,
         ),
-        Cell(
-            f"{prefix}.get_count",
-            prepare=prepare,
-            build=lambda s: (lambda c: lambda: total(c.get_count()))(make(s)),
-        ),
+        Cell(f"{prefix}.get_count", prepare=prepare, build=calling(lambda c: total(c.get_count()))),
         Cell(
             f"{prefix}.get_count[nocache]",
             prepare=prepare,
-            build=lambda s: (lambda c: lambda: total(c.get_count(nocache=True)))(make(s)),
+            build=calling(lambda c: total(c.get_count(nocache=True))),
         ),
-        Cell(
-            f"{prefix}.count",
-            prepare=prepare,
-            build=lambda s: (lambda c: lambda: total(c.count))(make(s)),
-        ),
-        Cell(
-            f"{prefix}.count[set]",
-            prepare=prepare,
-            build=lambda s: (lambda c: lambda: assign(c))(make(s)),
-        ),
-        Cell(
-            f"{prefix}.set_count",
-            prepare=prepare,
-            build=lambda s: (lambda c: lambda: c.set_count(3))(make(s)),
-        ),
-        Cell(
-            f"{prefix}.get_counts",
-            prepare=prepare,
-            build=lambda s: lambda: totals(cls.get_counts([s.name, s.name + "-other"]), s.name),
-        ),
-        Cell(f"{prefix}.verify", prepare=prepare, build=lambda s: (lambda c: c.verify)(make(s))),
+        Cell(f"{prefix}.count", prepare=prepare, build=calling(lambda c: total(c.count))),
+        Cell(f"{prefix}.count[set]", prepare=prepare, build=calling(assign)),
+        Cell(f"{prefix}.set_count", prepare=prepare, build=calling(lambda c: c.set_count(3))),
+        Cell(f"{prefix}.get_counts", prepare=prepare, build=other_name),
+        Cell(f"{prefix}.verify", prepare=prepare, build=calling(lambda c: c.verify())),
         Cell(
             f"{prefix}.repair",
             prepare=prepare,
-            build=lambda s: (lambda c: c.repair)(make(s)),
+            build=calling(lambda c: c.repair()),
             rounds=4,  # resolve unsure writes, fold the stash, rebuild the record, verify
         ),
-        Cell(f"{prefix}.delete", prepare=prepare, build=lambda s: (lambda c: c.delete)(make(s))),
+        Cell(f"{prefix}.delete", prepare=prepare, build=calling(lambda c: c.delete())),
         Cell(
             f"{prefix}.write_mode",
             prepare=prepare,  # this process has probed the engine (as any that wrote)
-            build=lambda s: (lambda c: lambda: c.write_mode and None)(make(s)),
+            build=calling(lambda c: "ok" if c.write_mode in ("transform", "transaction") else "?"),
         ),
     ]
 
@@ -732,11 +724,16 @@ def async_counter_row(method: str) -> Callable[[Scene], Awaitable[AsyncAct]]:
     return build
 
 
-async def async_constructed(scene: Scene) -> AsyncAct:
-    async def make() -> None:
-        AsyncCounter(scene.name)
+def constructing(make: Callable[[Scene], object]) -> Callable[[Scene], Awaitable[AsyncAct]]:
+    """A row whose act makes an object inside the event loop, as asyncio code would."""
 
-    return make
+    async def build(scene: Scene) -> AsyncAct:
+        async def act() -> None:
+            make(scene)
+
+        return act
+
+    return build
 
 
 def async_limiter_row(
@@ -935,7 +932,7 @@ CELLS: list[Cell] = [
     Cell("Lease.__exit__", build=lease_row("__exit__"), datastore=False),
     Cell("who_holds()", build=who_holds_row, datastore=False),
     Cell("purge_expired_keys()", build=lambda s: lambda: purge_expired_keys() and None),
-    Cell("AsyncCounter()", abuild=async_constructed, datastore=False),
+    Cell("AsyncCounter()", abuild=constructing(lambda s: AsyncCounter(s.name)), datastore=False),
     *(
         Cell(
             f"AsyncCounter.{method}",
@@ -954,7 +951,7 @@ CELLS: list[Cell] = [
     ),
     Cell(
         "AsyncRateLimiter()",
-        abuild=lambda s: async_plain(lambda: asyncio.sleep(0, AsyncRateLimiter("9/minute"))),
+        abuild=constructing(lambda s: AsyncRateLimiter("9/minute")),
         datastore=False,
     ),
     Cell("AsyncRateLimiter.hit", abuild=async_limiter_row("hit"), datastore=False),
@@ -966,7 +963,7 @@ CELLS: list[Cell] = [
     Cell("AsyncRateLimiter.limit", abuild=async_limiter_row("limit"), datastore=False),
     Cell(
         "alock()",
-        abuild=lambda s: async_plain(lambda: asyncio.sleep(0, alock(s.name))),
+        abuild=constructing(lambda s: alock(s.name)),
         datastore=False,
     ),
     Cell("AsyncLease.acquire", abuild=async_lease_row("acquire"), datastore=False),
