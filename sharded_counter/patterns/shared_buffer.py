@@ -267,9 +267,17 @@ class SharedBuffer:
     # -- reading ---------------------------------------------------------------------
 
     def pending(self, name: str) -> int:
-        """What memcache holds for ``name`` that is not in its shards yet."""
+        """What memcache holds for ``name`` that is not in its shards yet.
+
+        Raises ``CacheUnavailable`` when memcache does not answer (or none is
+        configured): what it holds is unknown then, and 0 would be a guess.
+        """
         check_name(name)
-        return self._counter(name)._pending_stash()
+        counter = self._counter(name)
+        cache = counter._backend.cache  # this process's, as the counter connects here
+        if not cache.enabled:
+            raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
+        return cache.peek_stash(counter._stash_key)
 
     def count(self, name: str, *, nocache: bool = False) -> int:
         """``name``'s total, pending amounts included (a plain ``Counter`` read)."""

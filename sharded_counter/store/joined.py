@@ -25,13 +25,22 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from google.api_core.retry import Retry
 from google.cloud import datastore
 
 from ..core.keys import IDEMPOTENCY_KIND, SHARD_KIND, idempotency_record_name, shard_key_name
 from ..core.validation import fits_int64
 from ..errors import CounterOverflowError
+from ..settings import Settings
 
 _ATTRIBUTE = "_sharded_counter_joined"
+
+# The reads in a caller's transaction are made once, each within a timeout: the
+# client's own default retries them for 60 s and then raises RetryError, which is no
+# verdict of the server and which the counter cannot map to IncrementNotRecorded.
+_ONCE = Retry(predicate=lambda exc: False)
+#: The bound on each read when the caller passes none: the default ``rpc_timeout``.
+DEFAULT_READ_TIMEOUT = Settings().rpc_timeout
 
 
 class JoinedWrites:
@@ -94,11 +103,14 @@ def stage_increment(
     after_commit: Callable[[], None],
     idempotency_key: str | None = None,
     key_ttl: float = 0,
+    timeout: float = DEFAULT_READ_TIMEOUT,
 ) -> None:
     """Add ``delta`` to one shard of ``name`` inside ``transaction``; written at its commit.
 
     With ``idempotency_key``, nothing is staged if the key is applied already
-    (recorded in Datastore, or staged earlier in this transaction).
+    (recorded in Datastore, or staged earlier in this transaction). Each read is
+    one attempt of at most ``timeout`` seconds; a failed one raises the client's
+    ``GoogleAPICallError`` with nothing staged.
     """
     state = joined_writes(transaction)
     client = transaction._client
@@ -108,7 +120,8 @@ def stage_increment(
         if record_name in state.records:
             return
         record_key = client.key(IDEMPOTENCY_KIND, record_name, namespace=namespace)
-        if client.get(record_key, transaction=transaction) is not None:
+        found = client.get(record_key, transaction=transaction, retry=_ONCE, timeout=timeout)
+        if found is not None:
             return
         record = datastore.Entity(  # type: ignore[no-untyped-call]
             record_key, exclude_from_indexes=("counter", "key", "delta")
@@ -124,7 +137,7 @@ def stage_increment(
         key = client.key(
             SHARD_KIND, shard_key_name(name, random.randrange(shards)), namespace=namespace
         )
-        entity = client.get(key, transaction=transaction)
+        entity = client.get(key, transaction=transaction, retry=_ONCE, timeout=timeout)
         if entity is None:
             entity = datastore.Entity(key, exclude_from_indexes=("count",))  # type: ignore[no-untyped-call]
             entity.update({"name": name, "count": 0})
