@@ -93,8 +93,12 @@ class Counter(CounterFacade):
         return self.shards
 
     @property
+    @datastore_failures_as_ours
     def write_mode(self) -> str:
-        """ "transform" (one commit, no read) or "transaction" (read, add, write)."""
+        """ "transform" (one commit, no read) or "transaction" (read, add, write).
+
+        The first look in a process may ask Datastore which engine it is: raises
+        ``DatastoreUnavailable`` when that fails."""
         return self._ctx.backend.write_mode
 
     @property
@@ -224,6 +228,7 @@ class Counter(CounterFacade):
                 after_commit=lambda: cache.invalidate(ctx.record_key),
                 idempotency_key=key,
                 key_ttl=self.settings.idempotency_ttl,
+                timeout=self.settings.rpc_timeout,
             )
         except gexc.GoogleAPICallError as exc:
             # A read in the caller's transaction failed: nothing was staged.
