@@ -141,7 +141,7 @@ def test_caps_hold_with_100000_counters_and_a_10000_write_memcache_outage(
     # delayed_incr, read through the public API (no Datastore read: all cached).
     def cached(name_index: int) -> Iterator[tuple[str, bytes]]:
         record_key, stash_key = cache_keys(prefix, scope, names[name_index])
-        record = Record("e0", True, {"i0": (1, name_index)})
+        record = Record("0123456789ab", True, {"i0": (1, name_index)})  # a well-formed epoch
         yield record_key, record.encode()
         yield stash_key, Stash(pending=1).encode()
 
