@@ -66,8 +66,10 @@ def reconnect() -> None:
 
     For tests that point the process at other backends (the pytest plugin's
     ``sharded_counter_env`` calls it), and for an app whose backends moved.
-    Calls already running finish on the connections they had. Nothing pending is
-    dropped: a ``CounterBuffer`` keeps what it holds.
+    Calls already running finish on the connections they had. No increment is
+    dropped (a ``CounterBuffer`` keeps what it holds), but what failed memcache calls
+    left to do (cache/backlog.py) is forgotten, as at a restart: a cached total
+    marked suspect may stay stale until its TTL.
     """
     _new_generation()
 
