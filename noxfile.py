@@ -13,13 +13,31 @@ nox.options.reuse_existing_virtualenvs = True
 
 SOURCES = ["sharded_counter", "emulator", "tests", "noxfile.py"]
 
+#: The behaviour tests that run a second time with Redis as the cache.
+REDIS_BEHAVIOUR = [
+    "tests/test_counter.py",
+    "tests/test_stash.py",
+    "tests/test_idempotency.py",
+    "tests/test_shared_buffer.py",
+    "tests/test_fork.py",
+    "tests/test_ratelimit.py",
+    "tests/test_lock.py",
+]
+
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Unit tests, and behaviour tests on both Datastore emulators with real memcached."""
     # test brings the cli extra (the CLI is tested); bench: the bench's test draws its chart
     session.install(".[test,bench]")
-    session.run("pytest", *(session.posargs or ["-q"]))
+    if session.posargs:
+        session.run("pytest", *session.posargs)
+        return
+    session.run("pytest", "-q")
+    # The counters' behaviour again with Redis as the cache (docs/cache-backends.md): the
+    # files that exercise the cache tier's protocol; the rest of the suite is about
+    # Datastore, memcached's own cluster, or the tools.
+    session.run("pytest", "-q", "--sc-cache", "redis", *REDIS_BEHAVIOUR)
 
 
 @nox.session

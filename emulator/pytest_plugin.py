@@ -19,6 +19,7 @@ import pytest
 from .engines import ENGINES, Engine, check_engine
 from .errors import BackendError
 from .memcached import Memcached
+from .redis_server import RedisServer
 from .stack import BackendStack
 
 _T = TypeVar("_T")
@@ -42,6 +43,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="comma-separated Datastore engines to run backend tests against "
         f"(default: {','.join(ENGINES)})",
     )
+    group.addoption(
+        "--sc-cache",
+        default="memcached",
+        choices=CACHES,
+        help="the cache sharded_counter_env points counters at: memcached (MEMCACHED_HOSTS, "
+        "the default) or redis (SHARDED_COUNTER_CACHE_URL, a redis-server of the run's own); "
+        "tests marked memcached_only are skipped under redis",
+    )
 
 
 def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
@@ -55,10 +64,29 @@ def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
     return engines
 
 
+#: The caches ``--sc-cache`` chooses from.
+CACHES = ("memcached", "redis")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "backends: needs the real Datastore emulators and memcached")
+    config.addinivalue_line(
+        "markers",
+        "memcached_only: looks at memcached itself (its connections, MEMCACHED_HOSTS): "
+        "skipped when --sc-cache names another cache",
+    )
     # A typo in --sc-engines is a usage error up front, not a collection error per module.
     _selected_engines(config)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cache = str(config.getoption("--sc-cache"))
+    if cache == "memcached":
+        return
+    skip = pytest.mark.skip(reason=f"looks at memcached itself; this run's cache is {cache}")
+    for item in items:
+        if item.get_closest_marker("memcached_only") is not None:
+            item.add_marker(skip)
 
 
 def _parametrizes(marker: pytest.Mark, argname: str) -> bool:
@@ -114,6 +142,17 @@ def sharded_counter_memcached(
     return _start_once(pytestconfig, "memcached", lambda: sharded_counter_backends.memcached[0])
 
 
+@pytest.fixture(scope="session")
+def sharded_counter_redis() -> Iterator[RedisServer]:
+    """A redis-server of the run's own, started on first use (``--sc-cache redis`` points
+    ``sharded_counter_env`` at it; tests of the cache itself may ask for it directly)."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def sharded_counter_engine(request: pytest.FixtureRequest) -> Engine:
     """The engine this test runs against (tests using it run once per selected engine)."""
@@ -151,6 +190,12 @@ def sharded_counter_env(
     for server in servers:
         server.flush_all()
     env = stack.env(sharded_counter_engine)
+    if request.config.getoption("--sc-cache") == "redis":
+        redis = _start_once(
+            request.config, "redis", lambda: request.getfixturevalue("sharded_counter_redis")
+        )
+        redis.flush_all()
+        env.update(redis.env())
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     # Counters made before (at import, in a module-level fixture) connect afresh on their

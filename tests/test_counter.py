@@ -15,6 +15,7 @@ from faultkit import connected
 from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded, config
+from sharded_counter.cache.redis_client import RedisClient
 from sharded_counter.core.keys import SHARD_KIND
 from sharded_counter_emulator import free_port
 
@@ -297,3 +298,14 @@ def test_verify_finds_drift_and_repair_rebuilds_from_the_truth(
     assert repaired.ok
     assert (repaired.cached, repaired.shards, repaired.pending) == (11, 11, 0)
     assert counter.count == 11
+
+
+def test_the_cache_is_the_one_this_run_names(
+    sharded_counter_env: dict[str, str], pytestconfig: pytest.Config
+) -> None:
+    """``--sc-cache redis`` runs this file with Redis as the cache: make sure it is."""
+    counter = Counter("which-cache")
+    counter.increment(2)
+    on_redis = isinstance(counter._backend.cache._calls.client, RedisClient)
+    assert on_redis == (pytestconfig.getoption("--sc-cache") == "redis")
+    assert counter.count == counter.get_count(nocache=True) == 2

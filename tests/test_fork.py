@@ -99,6 +99,7 @@ _stats_clients: dict[str, PlainClient] = {}
 # -- the rule, deterministically: a child opens connections of its own -------------------
 
 
+@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
 def test_making_a_counter_opens_nothing(
     sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
 ) -> None:
@@ -121,6 +122,7 @@ def test_a_module_level_counter_uses_the_fixtures_backends(
     assert MODULE_LEVEL.count == 3
 
 
+@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
 def test_a_child_opens_its_own_memcache_connections(
     sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
 ) -> None:

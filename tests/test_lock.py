@@ -247,6 +247,7 @@ def test_lock_status_shows_free_and_held_locks(
     assert any(f"{s:.1f} s" in rows[held] for s in (20.0, 19.9, 19.8, 19.7, 19.6))
 
 
+@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
 def test_lock_status_reports_memcache_down_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MEMCACHED_HOSTS", f"127.0.0.1:{free_port()}")
     result = CliRunner().invoke(main, ["lock-status", "x"])

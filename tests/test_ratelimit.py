@@ -404,6 +404,7 @@ def test_fails_closed_or_raises_when_asked() -> None:
         RateLimiter("1/minute", memcached_hosts=[nowhere], on_outage="maybe")  # type: ignore[arg-type]
 
 
+@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
 def test_needs_memcached_and_checks_its_arguments() -> None:
     with pytest.raises(ConfigurationError, match="MEMCACHED_HOSTS"):
         RateLimiter("1/minute")
@@ -473,6 +474,7 @@ def test_the_limits_command_refuses_bad_input_in_one_line(
     assert mentions in result.output
 
 
+@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
 def test_the_limits_command_reports_memcache_down_in_one_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
