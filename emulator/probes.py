@@ -42,13 +42,19 @@ def memcached_command(host: str, port: int, command: str, *, timeout: float = 2.
     """Send one text-protocol command to memcached and return its one-line reply."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(command.encode("ascii") + b"\r\n")
-        reply = b""
-        while not reply.endswith(b"\r\n"):
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            reply += chunk
-    return reply.decode("ascii", errors="replace").strip()
+        reply = reply_line(sock)
+    return reply.decode("ascii", errors="replace")
+
+
+def reply_line(sock: socket.socket) -> bytes:
+    """Read until the end of the first reply line (or until the server closes); stripped."""
+    reply = b""
+    while not reply.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    return reply.strip()
 
 
 def memcached_ok(host: str, port: int, *, timeout: float = 2.0) -> bool:

@@ -12,6 +12,7 @@ from urllib.parse import quote
 from .backend import ProcessBackend
 from .errors import BackendError, MissingDependency
 from .ports import free_port, port_is_free
+from .probes import reply_line
 from .process import ManagedProcess
 
 if TYPE_CHECKING:
@@ -40,16 +41,6 @@ def _resp(*words: str) -> bytes:
     return f"*{len(words)}\r\n".encode() + b"".join(parts)
 
 
-def _reply_line(sock: socket.socket) -> bytes:
-    reply = b""
-    while not reply.endswith(b"\r\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        reply += chunk
-    return reply.strip()
-
-
 def redis_command(
     host: str, port: int, *words: str, password: str | None = None, timeout: float = 2.0
 ) -> bytes:
@@ -58,11 +49,11 @@ def redis_command(
     with socket.create_connection((host, port), timeout=timeout) as sock:
         if password is not None:
             sock.sendall(_resp("AUTH", password))
-            authed = _reply_line(sock)
+            authed = reply_line(sock)
             if authed != b"+OK":
                 return authed
         sock.sendall(_resp(*words))
-        return _reply_line(sock)
+        return reply_line(sock)
 
 
 def redis_ok(host: str, port: int, *, password: str | None = None, timeout: float = 2.0) -> bool:

@@ -286,9 +286,7 @@ def lock(
     """
     if not isinstance(name, str):
         raise TypeError(f"a lock name is a str, not {type(name).__name__}")
-    source = ClientSource(
-        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
-    )
+    source = _source(memcache_client, memcached_hosts, key_prefix)
     return Lease(name, ttl=ttl, nowait=nowait, timeout=timeout, client=source)
 
 
@@ -300,9 +298,7 @@ def who_holds(
     key_prefix: str | None = None,
 ) -> Holder | None:
     """Who holds lock ``name`` now, or None when it is free. Raises ``CacheUnavailable``."""
-    source = ClientSource(
-        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
-    )
+    source = _source(memcache_client, memcached_hosts, key_prefix)
     return _holder_at(source, lock_key(source.key_prefix, name), name)
 
 
@@ -314,11 +310,20 @@ def who_holds_internal(
     key_prefix: str | None = None,
 ) -> Holder | None:
     """``who_holds`` for a lock of the library's own (``internal_lock``)."""
-    source = ClientSource(
-        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
-    )
+    source = _source(memcache_client, memcached_hosts, key_prefix)
     key = internal_lock_key(source.key_prefix, purpose, *parts)
     return _holder_at(source, key, ":".join((purpose, *parts)))
+
+
+def _source(
+    memcache_client: CommandClient | None,
+    memcached_hosts: str | list[str] | tuple[str, ...] | None,
+    key_prefix: str | None,
+) -> ClientSource:
+    """Where a lock's calls get their client (the caller's, or this process's own)."""
+    return ClientSource(
+        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
+    )
 
 
 def _holder_at(source: ClientSource, key: str, name: str) -> Holder | None:
@@ -351,9 +356,7 @@ def internal_lock(
     or ``Locked``. Its key hashes ``purpose`` and ``parts`` as separate parts, where a
     ``lock(name)`` key hashes the one name: ``key_digest`` length-prefixes each part,
     so no user's lock name can give the same key."""
-    source = ClientSource(
-        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
-    )
+    source = _source(memcache_client, memcached_hosts, key_prefix)
     lease = Lease(":".join((purpose, *parts)), ttl=ttl, nowait=True, timeout=None, client=source)
     lease._key = internal_lock_key(source.key_prefix, purpose, *parts)
     return lease
