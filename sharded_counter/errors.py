@@ -7,9 +7,9 @@ backends get exceptions of their own so they can be told apart from bugs.
 They are defined here, but for three that are defined beside what they carry or
 what they must also be: ``Locked`` (``patterns/lock.py``, with its ``Holder``),
 ``RateLimited`` (``patterns/ratelimit.py``, with its ``Decision``) and the
-cluster's ``ServerUnavailable`` (``cache/ring.py``, a ``CacheUnavailable`` that
+cluster's ``ServerUnavailable`` (``cache/memcached/ring.py``, a ``CacheUnavailable`` that
 is pymemcache's ``MemcacheError`` too); and the Redis client's, which are also the
-pymemcache or socket errors a memcached client raises (``cache/redis_client.py``).
+pymemcache or socket errors a memcached client raises (``cache/redis/client.py``).
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from sharded_counter.cache.by_url import redis_client_for
 from sharded_counter.cache.cas import change_key
 from sharded_counter.cache.client import CLIENT_ERRORS, build_client, incr_or_add
 from sharded_counter.cache.guarded import GuardedClient
-from sharded_counter.cache.redis_client import RedisClient
+from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.core.effects import drive
 from sharded_counter.errors import CacheUnavailable
 from sharded_counter.settings import Settings

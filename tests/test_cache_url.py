@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from sharded_counter import Counter, RateLimiter, config, reconnect
 from sharded_counter.aio import AsyncCounter
 from sharded_counter.cache.by_url import memcached_servers, redis_client_for
-from sharded_counter.cache.redis_client import RedisClient
+from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.core.cache_url import (
     DEFAULT_PORTS,
     SCHEMES,

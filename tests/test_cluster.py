@@ -1,4 +1,5 @@
-"""Several memcached servers as one cache (``cache/cluster.py``), on three real memcached processes.
+"""Several memcached servers as one cache (``cache/memcached/cluster.py``), on three real memcached
+processes.
 
 Each test starts its own three servers, so that every test sees fresh client
 state: the client cache of ``paths/backend.py`` is keyed by the server addresses.
@@ -26,8 +27,14 @@ from pymemcache.client.base import Client
 from pymemcache.client.hash import HashClient
 
 from sharded_counter import Counter, who_holds
-from sharded_counter.cache.client import DEAD_TIMEOUT, build_client, key_digest
-from sharded_counter.cache.cluster import RECORD_KEY, STASH_KEY, ClusterClient, ServerUnavailable
+from sharded_counter.cache.client import build_client, key_digest
+from sharded_counter.cache.memcached import DEAD_TIMEOUT
+from sharded_counter.cache.memcached.cluster import (
+    RECORD_KEY,
+    STASH_KEY,
+    ClusterClient,
+    ServerUnavailable,
+)
 from sharded_counter.cache.tier import CacheTier
 from sharded_counter.core.keys import cache_keys
 from sharded_counter.patterns.lock import lock_key

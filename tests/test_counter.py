@@ -15,7 +15,7 @@ from faultkit import connected
 from google.cloud import datastore
 
 from sharded_counter import Counter, IncrementNotRecorded, config
-from sharded_counter.cache.redis_client import RedisClient
+from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.core.keys import SHARD_KIND
 from sharded_counter_emulator import free_port
 

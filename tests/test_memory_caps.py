@@ -26,7 +26,7 @@ from pymemcache.client.base import Client
 
 from sharded_counter import Counter
 from sharded_counter.cache.backlog import SUSPECTS_CAP, UNSETTLED_CAP
-from sharded_counter.cache.keydump import dump_keys
+from sharded_counter.cache.memcached.keydump import dump_keys
 from sharded_counter.cache.sightings import SIGHTINGS_CAP, StashSightings
 from sharded_counter.core.keys import cache_keys
 from sharded_counter.core.record import (

@@ -247,7 +247,7 @@ def test_every_public_error_is_ours_and_every_returned_type_is_exported() -> Non
     """One hierarchy: whatever the library raises on purpose is a ShardedCounterError
     (bad input aside), and the types it hands back can be imported from the package."""
     import sharded_counter
-    from sharded_counter.cache.cluster import ServerUnavailable
+    from sharded_counter.cache.memcached.cluster import ServerUnavailable
 
     errors = [getattr(sharded_counter, n) for n in sharded_counter.__all__]
     errors = [e for e in errors if isinstance(e, type) and issubclass(e, BaseException)]

@@ -20,7 +20,7 @@ import emcache
 
 from ..cache.by_url import cache_url_of, memcached_servers
 from ..cache.client import OutageLog
-from ..cache.ring import CasToken, token_is_current
+from ..cache.memcached.ring import CasToken, token_is_current
 from ..errors import CacheUnavailable, ConfigurationError
 from ..settings import Settings
 from .routing import SERVER_FAILED, OneServer, ServerRing

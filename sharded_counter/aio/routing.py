@@ -8,9 +8,9 @@ failure does to the servers:
   unsent, for ``REST_AFTER_FAILURE`` seconds: emcache would otherwise make each
   one wait out its timeout while it reconnects in the background.
 * ``ServerRing``: several servers, with the blocking cluster's failover
-  (cache/cluster.py). The routing rules are ring.py's, which ``ClusterClient``
+  (cache/memcached/cluster.py). The routing rules are ring.py's, which ``ClusterClient``
   asks too. A server that fails a call leaves the ring, and is cleaned before it
-  serves again, by the blocking cluster's own ``Membership`` (cache/membership.py):
+  serves again, by the blocking cluster's own ``Membership`` (cache/memcached/membership.py):
   the same purges and the same moves of stashes home, in the same order. Those
   moves are rare administration (a server leaving or coming back) made over
   blocking sockets, so they run on a worker thread; the call that saw the
@@ -36,9 +36,9 @@ import emcache
 from pymemcache.client.base import PooledClient
 from pymemcache.client.rendezvous import RendezvousHash
 
-from ..cache.client import DEAD_TIMEOUT
-from ..cache.membership import Membership
-from ..cache.ring import (
+from ..cache.memcached import DEAD_TIMEOUT
+from ..cache.memcached.membership import Membership
+from ..cache.memcached.ring import (
     ServerUnavailable,
     View,
     check_stash_delete,

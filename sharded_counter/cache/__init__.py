@@ -1,14 +1,15 @@
-"""memcache: the client built from settings, a failover cluster, and the counter's
-two keys (the cached record and the ``delayed_incr`` stash).
+"""The cache (memcached, Redis or Valkey): one protocol, a backend per kind of server,
+and the counter's two keys (the cached record and the ``delayed_incr`` stash).
 
-Shared by every memcache user: ``client.py`` builds clients and holds the helpers
+Shared by every cache user: ``client.py`` names the calls (the cache protocol),
+builds clients and holds the helpers
 (an outage logged once, ``incr`` that creates its key); ``cas.py`` is the one
 read-change-cas loop; ``retrying.py`` is how the loops that wait retry.
 
-The cluster: ``cluster.py`` spreads keys over several servers and fails calls
-over; ``membership.py`` takes a failed server out and cleans one before it
-serves again; ``ring.py`` is the picture of the servers they share;
-``keydump.py`` lists the keys a server holds.
+The backends, each answering the calls the tier makes with memcached's meaning:
+``memcached/`` (one server, or several as a failover cluster that cleans a server
+before it serves again) and ``redis/`` (Redis or Valkey). ``by_url.py`` chooses
+one from the settings; nothing else knows which it is.
 
 The cache tier: ``tier.py`` (``CacheTier``) is what the counters use, over
 ``guarded.py`` (its calls, failures as ``CacheUnavailable``), ``records.py`` and
@@ -16,10 +17,7 @@ The cache tier: ``tier.py`` (``CacheTier``) is what the counters use, over
 (the changes of a stash), ``sightings.py`` (what was last seen in each stash)
 and ``backlog.py`` (what failed calls left to do).
 
-Redis and Valkey: ``redis_client.py`` answers pymemcache's calls with memcached's
-meaning (docs/cache-backends.md); nothing imports it yet.
-
 May import: ``core``, ``errors``, ``settings``, pymemcache, tenacity, and redis-py
-(``redis_client.py`` only: the ``redis`` extra). Never ``store``,
+(``redis/`` only: the ``redis`` extra). Never ``store``,
 ``paths`` or anything above.
 """

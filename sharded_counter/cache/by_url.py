@@ -1,27 +1,22 @@
-"""The cache client a ``cache_url`` names: what ``client.build_client`` will ask first.
+"""Which cache the settings name, and its client: the one place that chooses a backend.
 
-Not wired in yet (docs/cache-backends.md). The hook is meant to sit at the top of
-``client._make_client``::
-
-    redis_client = redis_client_for(settings)
-    if redis_client is not None:
-        return redis_client
-    servers = memcached_servers(settings)   # in place of parsing memcached_hosts
-
-redis-py is imported only when a URL names a Redis or Valkey server, so the
-library still needs nothing beyond pymemcache without one.
+A ``cache_url`` names memcached (``memcached://``), or Redis or Valkey
+(``redis://``, ``rediss://``, ``valkey://``, ``valkeys://``); without one,
+``memcached_hosts`` names memcached servers. redis-py is imported only when a URL
+names a Redis or Valkey server, so the library still needs nothing beyond
+pymemcache without one.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.cache_url import CacheUrl, parse_cache_url
 from ..errors import ConfigurationError
 from ..settings import Settings, parse_host
 
 if TYPE_CHECKING:
-    from .redis_client import RedisClient
+    from .redis.client import RedisClient
 
 
 def cache_url_of(settings: Settings) -> CacheUrl | None:
@@ -36,6 +31,23 @@ def memcached_servers(settings: Settings) -> list[tuple[str, int]]:
     if url is None:
         return [parse_host(h) for h in settings.memcached_hosts]
     return list(url.hosts) if url.family == "memcached" else []
+
+
+def connect_cache(settings: Settings) -> Any:
+    """The client of the cache ``settings`` name, or None when they name none."""
+    redis = redis_client_for(settings)
+    if redis is not None:
+        return redis
+    servers = memcached_servers(settings)
+    if not servers:
+        return None
+    from .memcached import connect
+
+    return connect(
+        servers,
+        connect_timeout=settings.memcache_connect_timeout,
+        timeout=settings.memcache_timeout,
+    )
 
 
 def redis_client_for(settings: Settings) -> RedisClient | None:
@@ -53,7 +65,7 @@ def redis_client_for(settings: Settings) -> RedisClient | None:
             "(redis://, rediss://, valkey://, valkeys://) can be the cache for now"
         )
     try:
-        from .redis_client import RedisClient
+        from .redis.client import RedisClient
     except ImportError as exc:
         raise ConfigurationError(
             f"{url.scheme}:// needs redis-py: pip install 'sharded-counter[redis]' ({exc})"

@@ -1,11 +1,11 @@
-"""Building the memcache client from settings, and what its users share.
+"""The cache protocol the tier speaks, the client built from settings, and what its users share.
 
-One server gets a ``PooledClient``. Several get a ``ClusterClient`` (``cache/cluster.py``):
-a pooled ``HashClient`` that spreads keys over them, moves a failed server's keys
-to the others, and cleans a server before it serves again. Either way each thread
-borrows its own connection (pymemcache's base ``Client`` is not thread-safe),
-replies are always awaited (``default_noreply=False``: an ``add`` or ``cas`` that is
-not answered tells us nothing), and every call is bounded by the timeouts.
+``MemcacheClient`` and ``CommandClient`` are the calls every backend answers, with
+memcached's meaning (pymemcache's calls). Which backend the settings name is
+``by_url.py``'s choice: ``memcached/`` (one server, or a failover cluster) or
+``redis/`` (Redis or Valkey). Here: one client per process for the helpers
+(``ClientSource``), an outage logged once (``OutageLog``), and ``incr`` that
+creates its key.
 """
 
 from __future__ import annotations
@@ -16,22 +16,16 @@ import os
 import threading
 from typing import Any, Protocol
 
-from pymemcache.client.base import PooledClient
-from pymemcache.client.retrying import RetryingClient
-from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
+from pymemcache.exceptions import MemcacheError
 
 from ..core.effects import Memcache, Steps
 from ..errors import CacheUnavailable, ConfigurationError
 from ..process import check_given_here, forget_at_fork, forget_connections
 from ..settings import Settings, resolve
 from ..telemetry import telemetry
-from .by_url import memcached_servers, redis_client_for
-from .cluster import ClusterClient
+from .by_url import connect_cache
 
 log = logging.getLogger("sharded_counter")
-
-#: Seconds a failed server of a cluster is left alone before it is probed again.
-DEAD_TIMEOUT = 5.0
 
 #: What a memcache call raises when the cache, not the caller, is at fault:
 #: pymemcache's errors, and socket errors (refused, reset, timed out).
@@ -76,48 +70,8 @@ def build_client(settings: Settings) -> MemcacheClient | None:
     return client
 
 
-_POOL_SIZE = 64  # sockets a single-server client keeps open at most
-
-_CLOSED_BY_PEER = [
-    MemcacheUnexpectedCloseError,
-    ConnectionResetError,
-    BrokenPipeError,
-    ConnectionAbortedError,
-]
-
-
 def _make_client(settings: Settings) -> Any:
-    redis = redis_client_for(settings)
-    if redis is not None:
-        # Redis or Valkey, with memcached's semantics for every call the tier makes
-        # (cache/redis_client.py).
-        return redis
-    servers = memcached_servers(settings)
-    if not servers:
-        return None
-    if len(servers) == 1:
-        pooled = PooledClient(
-            servers[0],
-            connect_timeout=settings.memcache_connect_timeout,
-            timeout=settings.memcache_timeout,
-            no_delay=True,
-            default_noreply=False,
-            max_pool_size=_POOL_SIZE,
-        )
-        # After memcached restarts, every idle pooled socket fails once, and is dropped
-        # from the pool. Their requests went to the process that died, so trying again
-        # is safe, until a fresh socket answers: one try more than the pool can hold
-        # stale sockets (a call that met one stale socket and then a second used to
-        # fail). A timeout is not retried (the request may still be applied), nor is
-        # a refused connection (the server is down: nothing stale is left to drop).
-        return RetryingClient(pooled, attempts=_POOL_SIZE + 1, retry_for=_CLOSED_BY_PEER)
-    return ClusterClient(
-        servers,
-        connect_timeout=settings.memcache_connect_timeout,
-        timeout=settings.memcache_timeout,
-        dead_timeout=DEAD_TIMEOUT,
-        max_pool_size=64,
-    )
+    return connect_cache(settings)
 
 
 # -- one client per process for the rate limiter, time series and locks ------------------

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import CacheUnavailable
 from .cas import Seen, as_seen
 from .client import MemcacheClient, OutageLog
-from .cluster import ServerUnavailable
+from .memcached.cluster import ServerUnavailable
 
 # The calls that change what memcached holds: one that fails after it was sent may
 # have been applied.

@@ -22,7 +22,7 @@ What "good enough" leaves out:
 * The lock lives on one memcached server. If that server is restarted or
   evicts the key, the lock is gone. In a cluster, a lock taken on a stand-in
   server while its home server is away is not seen once that server returns
-  (see ``cache/cluster.py``). Use it to avoid duplicate work, not to guard money.
+  (see ``cache/memcached/cluster.py``). Use it to avoid duplicate work, not to guard money.
 * A value at the lock's key that is not a holder we wrote (parsed strictly) is
   held by ``(unreadable)``: never taken over, until memcached expires it.
 """

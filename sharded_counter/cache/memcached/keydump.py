@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 from tenacity import RetryCallState, retry_if_result, stop_after_delay, wait_exponential
 
-from .retrying import memcache_retrying
+from ..retrying import memcache_retrying
 
 _BUSY_WAIT = 10.0  # seconds to wait out another crawl
 _CHUNK = 1 << 16  # bytes read at a time: what a dump holds in memory at most

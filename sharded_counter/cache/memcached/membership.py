@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from ..core.stash import Stash
-from .cas import Contended, change_stash
+from ...core.stash import Stash
+from ..cas import Contended, change_stash
 from .keydump import DumpFailed, command, dump_keys
 from .ring import RECORD_KEY, STASH_KEY, ServerState, View, connection_lost
 

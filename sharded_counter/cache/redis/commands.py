@@ -1,21 +1,21 @@
-"""A Redis (or Valkey) client that behaves as pymemcache does against memcached.
+"""Redis and Valkey with memcached's meaning, as calls that do no I/O.
 
-The first step towards Redis and Valkey as the cache (docs/cache-backends.md): the
-cache tier, the stash, leases and the patterns run unchanged on it, because it
-answers the calls they make of pymemcache (``MemcacheClient`` and ``CommandClient``
-in ``client.py``, and ``append``) with memcached's meaning:
+The cache tier, the stash, leases and the patterns were written against memcached
+(pymemcache's calls). Each call here says what to send to Redis and how to read its
+answer (a ``Call``); ``client.py`` sends them from threads, ``aio/redis.py`` from
+asyncio, and cluster mode routes them, so all three mean the same:
 
-- **cas tokens.** Each key holds one string, ``b"<cas unique>:<data>"``. Every write
-  takes its cas unique from one counter that only grows (``INCR`` of
-  ``CAS_UNIQUES_KEY``, as memcached keeps one for the whole server), so a token is
-  never seen twice, even after the key is deleted and made again. When the counter
-  itself is gone (a flush, a restart, an eviction) it starts again from the server's
-  clock in microseconds, so tokens keep growing where memcached's start again at 1.
-  ``gets`` hands a token out as pymemcache does (ASCII digits, as ``bytes``); ``cas``
-  stores only while it is current: True, False when another write came first, None
-  when the key is gone.
-- **Atomic writes.** ``add``, ``cas``, ``append``, ``incr`` and ``decr`` are Lua
-  scripts: each reads, decides and writes in one step on the server.
+- **cas tokens.** Each key holds one string, ``b"<cas unique>:<data>"``. A write's
+  unique is the server's clock in microseconds, or one past the key's last when that
+  is not below it, so a key's uniques only grow: a token read before a delete, a
+  flush or an eviction never matches the key made again after it (memcached's uniques
+  start again at 1 after a restart). ``gets`` hands a token out as pymemcache does
+  (ASCII digits, as ``bytes``); ``cas`` stores only while it is current: True, False
+  when another write came first, None when the key is gone.
+- **One key per step.** ``add``, ``cas``, ``append``, ``incr`` and ``decr`` are Lua
+  scripts that read, decide and write one key in one step on the server. No step
+  touches two keys, so in cluster mode each runs on the node that holds its key and
+  keys need no hash tags.
 - **Counters.** ``incr`` and ``decr`` read the data as an unsigned 64-bit decimal,
   as memcached does: a missing key gives None and is never created; ``incr`` wraps
   at 2**64, ``decr`` stops at 0; data that is no such number is refused
@@ -35,40 +35,30 @@ in ``client.py``, and ``append``) with memcached's meaning:
   ``incr``/``decr``), but the call still waits for Redis's answer, so it costs a
   round trip and a failure still raises.
 
-Failures are exceptions the callers already handle: a ``CacheUnavailable`` that is
-also the ``OSError`` pymemcache's socket errors are (``client.CLIENT_ERRORS``).
-``CacheNotReached`` (a ``ConnectionRefusedError``: ``guarded.py`` reads it as never
-sent) when no connection could be had, so the call was never sent;
+Failures (``failure``) are exceptions the callers already handle: a
+``CacheUnavailable`` that is also the ``OSError`` pymemcache's socket errors are
+(``client.CLIENT_ERRORS``). ``CacheNotReached`` (a ``ConnectionRefusedError``:
+``guarded.py`` reads it as never sent) when no connection could be had;
 ``CacheTimedOut`` (a ``TimeoutError``) and ``CacheConnectionLost`` (a
-``ConnectionError``) after it was sent, with ``maybe_applied`` true for a write.
-Nothing is retried: a write that timed out may have landed.
+``ConnectionError``) after the call was sent, with ``maybe_applied`` true for a
+write. Nothing is retried: a write that timed out may have landed.
 
-Thread-safe: each call borrows a connection from redis-py's blocking pool (at most
-``max_pool_size``, waiting up to ``timeout`` for one), and redis-py's pool makes new
-connections in a forked child. Needs Redis 6.2 or later, or Valkey (``SET ...
-EXAT`` and ``KEEPTTL``), and redis-py 5.3 or later (``get_connection()`` without a
-command name).
+Needs Redis 6.2 or later, or Valkey (``SET ... EXAT`` and ``KEEPTTL``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-import redis
 from pymemcache.exceptions import MemcacheClientError, MemcacheIllegalInputError
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
-from ..errors import CacheUnavailable, ShardedCounterError
-
-#: The key of the counter every write takes its cas unique from. It holds a space,
-#: which no key a caller passes can (see ``check_key``), so it never meets one.
-CAS_UNIQUES_KEY = "sharded_counter cas-uniques"
+from ...errors import CacheUnavailable, ShardedCounterError
 
 #: memcached's longest key, in bytes.
 MAX_KEY_BYTES = 250
@@ -109,22 +99,22 @@ class CacheTimedOut(CacheUnavailable, TimeoutError):
 
 # -- the scripts --------------------------------------------------------------------------
 
-# Shared by every script: KEYS[1] is the key, KEYS[2] the cas uniques' counter.
+# Shared by every script: KEYS[1] is the key, and the only key a script touches, so
+# each runs on the one node that holds it in cluster mode.
 _COMMON = r"""
-local key, uniques = KEYS[1], KEYS[2]
+local key = KEYS[1]
+local previous = nil  -- the key's cas unique, once read() has read it
 
 -- The data with a cas unique new for this write in front: "<unique>:<data>".
--- A counter that is missing (a new server, a flush, a restart without persistence,
--- an eviction) starts again from the clock in microseconds, above any unique handed
--- out before unless writes outran a million a second. INCR's integer arrives as a
--- Lua double: exact up to 2^53, which the clock reaches in the year 2255.
+-- The unique is the server's clock in microseconds, or one past the key's last when
+-- that is not below it (several writes in one microsecond, a clock set back). So a
+-- key's uniques only grow, and a key made again after a delete, a flush or an
+-- eviction starts above every unique it had before (one write takes longer than a
+-- microsecond). A Lua double holds the clock exactly until the year 2255.
 local function stamped(data)
-  local unique = redis.call('INCR', uniques)
-  if unique == 1 then
-    local now = redis.call('TIME')
-    unique = tonumber(now[1]) * 1000000 + tonumber(now[2])
-    redis.call('SET', uniques, string.format('%.0f', unique))
-  end
+  local now = redis.call('TIME')
+  local unique = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  if previous and tonumber(previous) >= unique then unique = tonumber(previous) + 1 end
   return string.format('%.0f', unique) .. ':' .. data
 end
 
@@ -136,7 +126,8 @@ local function read()
   if not colon then
     error({err = 'CLIENT_ERROR the key holds a value this client did not write'})
   end
-  return string.sub(blob, colon + 1), string.sub(blob, 1, colon - 1)
+  previous = string.sub(blob, 1, colon - 1)
+  return string.sub(blob, colon + 1), previous
 end
 
 -- Store data with memcached's exptime: 0 never expires, up to 30 days is seconds
@@ -283,7 +274,7 @@ return value
 )
 
 
-class _Script:
+class Script:
     """A Lua script, run by its SHA1 and sent whole only when the server lacks it."""
 
     def __init__(self, source: str) -> None:
@@ -291,8 +282,8 @@ class _Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
-_SCRIPTS = {
-    name: _Script(source)
+SCRIPTS = {
+    name: Script(source)
     for name, source in (("add", _ADD), ("cas", _CAS), ("append", _APPEND), ("delta", _DELTA))
 }
 
@@ -358,170 +349,129 @@ def _split(blob: bytes, key: Any) -> tuple[bytes, bytes]:
     return data, unique
 
 
-# -- the client ---------------------------------------------------------------------------
+# -- the calls ----------------------------------------------------------------------------
 
 
-class RedisClient:
-    """pymemcache's calls, with memcached's meaning, on one Redis or Valkey server."""
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One call, ready to send: Redis ``command`` (or ``script`` run on ``key`` with
+    ``args``), whether it may change what the server holds, and how to read the answer.
+    """
 
-    def __init__(
-        self,
-        host: str,
-        port: int = 6379,
-        *,
-        db: int = 0,
-        username: str | None = None,
-        password: str | None = None,
-        tls: bool = False,
-        connect_timeout: float = 0.5,
-        timeout: float = 0.5,
-        max_pool_size: int = 64,
-    ) -> None:
-        connection_class: type[redis.Connection] = redis.SSLConnection if tls else redis.Connection
-        self.address = (host, port)
-        self._pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
-            connection_class=connection_class,
-            max_connections=max_pool_size,
-            timeout=timeout,  # how long a call waits for a free connection
-            host=host,
-            port=port,
-            db=db,
-            username=username,
-            password=password,
-            socket_timeout=timeout,
-            socket_connect_timeout=connect_timeout,
-            # A call is sent once: resending a write that timed out could apply it twice.
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-        )
+    name: str
+    write: bool
+    read: Callable[[Any], Any]
+    command: tuple[Any, ...] = ()
+    script: Script | None = None
+    key: bytes = b""
+    args: tuple[Any, ...] = ()
 
-    def __repr__(self) -> str:
-        host, port = self.address
-        return f"RedisClient({host!r}, {port})"
+    def evalsha(self) -> tuple[Any, ...]:
+        assert self.script is not None
+        return ("EVALSHA", self.script.sha, 1, self.key, *self.args)
 
-    def close(self) -> None:
-        """Close every pooled connection; the next call opens a new one."""
-        self._pool.disconnect()
+    def eval(self) -> tuple[Any, ...]:
+        """The script sent whole: for a server that lacks it (a restart, ``SCRIPT
+        FLUSH``, a node new to a cluster). A NOSCRIPT answer ran nothing."""
+        assert self.script is not None
+        return ("EVAL", self.script.source, 1, self.key, *self.args)
 
-    # -- reads ----------------------------------------------------------------------------
 
-    def get(self, key: str | bytes, default: Any = None) -> Any:
-        found = self.get_many([key])
-        return found.get(key, default)
+def _run(name: str, key: str | bytes, *args: Any, read: Callable[[Any], Any]) -> Call:
+    return Call(name, True, read, script=SCRIPTS[name], key=check_key(key), args=args)
 
-    def get_many(self, keys: Iterable[str | bytes]) -> dict[Any, bytes]:
-        return {key: data for key, (data, _) in self.gets_many(keys).items()}
 
-    def gets(
-        self, key: str | bytes, default: Any = None, cas_default: Any = None
-    ) -> tuple[Any, Any]:
-        found = self.gets_many([key])
-        return found.get(key, (default, cas_default))
+def gets_many(keys: Iterable[str | bytes]) -> tuple[list[Any], Call | None]:
+    """``MGET`` of ``keys``; its answer read as ``{key: (data, cas unique)}`` of the
+    keys found. ``(keys, None)`` when there are none: nothing to send."""
+    wanted = list(keys)
+    if not wanted:
+        return wanted, None
+    raw = [check_key(k) for k in wanted]
 
-    def gets_many(self, keys: Iterable[str | bytes]) -> dict[Any, tuple[bytes, bytes]]:
-        wanted = list(keys)
-        if not wanted:
-            return {}
-        raw_keys = [check_key(k) for k in wanted]
-        blobs = self._call(False, "MGET", *raw_keys)
+    def read(blobs: list[bytes | None]) -> dict[Any, tuple[bytes, bytes]]:
         return {
             key: _split(blob, key)
             for key, blob in zip(wanted, blobs, strict=True)
             if blob is not None
         }
 
-    # -- writes ---------------------------------------------------------------------------
-
-    def add(
-        self, key: str | bytes, value: Any, expire: int = 0, noreply: bool | None = None
-    ) -> bool:
-        stored = self._script("add", key, _data(value), _integer(expire, "expire"))
-        return True if noreply else stored == 1
-
-    def cas(
-        self,
-        key: str | bytes,
-        value: Any,
-        cas: Any,
-        expire: int = 0,
-        noreply: bool | None = False,
-    ) -> bool | None:
-        token = _token(cas)
-        stored = self._script("cas", key, _data(value), token, _integer(expire, "expire"))
-        if noreply:
-            return True
-        return {1: True, 0: False}.get(stored)  # -1: the key is missing, None
-
-    def append(
-        self, key: str | bytes, value: Any, expire: int = 0, noreply: bool | None = None
-    ) -> bool:
-        """Add ``value`` after the key's data; False when the key is missing. ``expire``
-        is ignored, as memcached ignores it: the key keeps its own."""
-        _integer(expire, "expire")
-        appended = self._script("append", key, _data(value))
-        return True if noreply else appended == 1
-
-    def incr(self, key: str | bytes, value: int, noreply: bool | None = False) -> int | None:
-        return self._delta("incr", key, value, noreply)
-
-    def decr(self, key: str | bytes, value: int, noreply: bool | None = False) -> int | None:
-        return self._delta("decr", key, value, noreply)
-
-    def delete(self, key: str | bytes, noreply: bool | None = None) -> bool:
-        deleted = self._call(True, "DEL", check_key(key))
-        return True if noreply else deleted == 1
-
-    def _delta(self, verb: str, key: str | bytes, value: int, noreply: bool | None) -> int | None:
-        delta = _integer(value, "value")
-        if not 0 <= delta < _UINT64_LIMIT:
-            raise CacheCommandError("invalid numeric delta argument")
-        result = self._script("delta", key, str(delta).encode(), verb.encode())
-        if noreply or result is None:
-            return None
-        return int(result)
-
-    # -- talking to the server ------------------------------------------------------------
-
-    def _script(self, name: str, key: str | bytes, *args: Any) -> Any:
-        """Run script ``name`` on ``key``: by SHA1, and whole if the server lacks it
-        (after a restart or ``SCRIPT FLUSH``; a NOSCRIPT answer ran nothing)."""
-        script = _SCRIPTS[name]
-        keys = (check_key(key), CAS_UNIQUES_KEY)
-        try:
-            return self._call(True, "EVALSHA", script.sha, len(keys), *keys, *args)
-        except _NoScript:
-            return self._call(True, "EVAL", script.source, len(keys), *keys, *args)
-
-    def _call(self, write: bool, *command: Any) -> Any:
-        """Send ``command`` and return Redis's answer; failures as this module's errors."""
-        name = command[0]
-        try:
-            connection = self._pool.get_connection()  # type: ignore[no-untyped-call]
-        except RedisError as exc:
-            raise CacheNotReached(f"redis {name}: {exc}", maybe_applied=False) from exc
-        try:
-            connection.send_command(*command)
-            return connection.read_response()
-        except NoScriptError as exc:
-            raise _NoScript(str(exc)) from exc
-        except ResponseError as exc:
-            raise CacheCommandError(f"redis {name}: {exc}") from exc
-        except (RedisTimeoutError, TimeoutError) as exc:
-            connection.disconnect()  # its answer may still come: never read it as another's
-            raise CacheTimedOut(f"redis {name}: {exc}", maybe_applied=write) from exc
-        except (RedisConnectionError, OSError) as exc:
-            connection.disconnect()
-            raise CacheConnectionLost(f"redis {name}: {exc}", maybe_applied=write) from exc
-        except BaseException:
-            # Anything else (an interrupt mid-read, say) may leave an answer unread on
-            # the connection, which the next call would take for its own. redis-py's
-            # checkout drops a connection with data waiting; not one whose answer is
-            # still on its way.
-            connection.disconnect()
-            raise
-        finally:
-            self._pool.release(connection)  # type: ignore[no-untyped-call]
+    return wanted, Call("MGET", False, read, command=("MGET", *raw))
 
 
-class _NoScript(Exception):
-    """The server does not have a script yet: nothing ran."""
+def add(key: str | bytes, value: Any, expire: int = 0, noreply: bool | None = None) -> Call:
+    """1 stored, 0 the key exists."""
+    return _run(
+        "add",
+        key,
+        _data(value),
+        _integer(expire, "expire"),
+        read=lambda stored: True if noreply else stored == 1,
+    )
+
+
+def cas(
+    key: str | bytes, value: Any, token: Any, expire: int = 0, noreply: bool | None = False
+) -> Call:
+    """True stored, False another write came first, None the key is missing."""
+    digits = _token(token)
+    return _run(
+        "cas",
+        key,
+        _data(value),
+        digits,
+        _integer(expire, "expire"),
+        read=lambda stored: True if noreply else {1: True, 0: False}.get(stored),
+    )
+
+
+def append(key: str | bytes, value: Any, expire: int = 0, noreply: bool | None = None) -> Call:
+    """Add ``value`` after the key's data; False when the key is missing. ``expire``
+    is ignored, as memcached ignores it: the key keeps its own."""
+    _integer(expire, "expire")
+    return _run(
+        "append", key, _data(value), read=lambda appended: True if noreply else appended == 1
+    )
+
+
+def delta(verb: str, key: str | bytes, value: int, noreply: bool | None = False) -> Call:
+    """``incr`` or ``decr``: the new value, None when the key is missing."""
+    amount = _integer(value, "value")
+    if not 0 <= amount < _UINT64_LIMIT:
+        raise CacheCommandError("invalid numeric delta argument")
+
+    def read(result: Any) -> int | None:
+        return None if noreply or result is None else int(result)
+
+    return _run("delta", key, str(amount).encode(), verb.encode(), read=read)
+
+
+def delete(key: str | bytes, noreply: bool | None = None) -> Call:
+    return Call(
+        "DEL",
+        True,
+        lambda deleted: True if noreply else deleted == 1,
+        command=("DEL", check_key(key)),
+    )
+
+
+# -- failures -----------------------------------------------------------------------------
+
+
+class NoScript(Exception):
+    """The server does not have a script yet: nothing ran. Send it whole."""
+
+
+def failure(exc: BaseException, call: Call) -> BaseException | None:
+    """What to raise in place of redis-py's ``exc``, met while ``call`` was under way
+    (after it was sent), or None when it is no failure of the server's."""
+    what = f"redis {call.name}: {exc}"
+    if isinstance(exc, NoScriptError):
+        return NoScript(str(exc))
+    if isinstance(exc, ResponseError):
+        return CacheCommandError(what)
+    if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+        return CacheTimedOut(what, maybe_applied=call.write)
+    if isinstance(exc, (RedisConnectionError, OSError)):
+        return CacheConnectionLost(what, maybe_applied=call.write)
+    return None

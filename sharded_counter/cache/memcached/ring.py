@@ -18,7 +18,7 @@ from typing import Any
 from pymemcache.client.rendezvous import RendezvousHash
 from pymemcache.exceptions import MemcacheError, MemcacheUnexpectedCloseError
 
-from ..errors import CacheUnavailable
+from ...errors import CacheUnavailable
 
 #: Counter records and delayed_incr stashes, as ``keys.cache_keys`` names them.
 RECORD_KEY = re.compile(r"[!-~]+:t:[0-9a-f]{40}")
