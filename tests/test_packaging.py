@@ -94,3 +94,24 @@ def test_the_console_script_names_the_extra_to_install(lean_venv: Path) -> None:
         assert done.returncode == 2, (command, done.stdout, done.stderr)
         assert "pip install 'sharded-counter[cli]'" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_every_package_folder_is_listed_for_the_wheel() -> None:
+    # pyproject.toml names its packages one by one (emulator/ ships under another
+    # name), so a new sub-package left off the list is missing from every install
+    # while an editable checkout still imports it.
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "sharded_counter").rglob("__init__.py")
+    }
+    found |= {
+        "sharded_counter_emulator"
+        + "".join("." + p for p in init.parent.relative_to(ROOT / "emulator").parts)
+        for init in (ROOT / "emulator").rglob("__init__.py")
+    }
+    assert found <= listed, sorted(found - listed)
