@@ -5,7 +5,8 @@ Precedence, highest first:
 1. keyword arguments to ``Counter(...)``;
 2. class attributes of a ``Counter`` subclass (``shards = 20``);
 3. the global ``config['sharded_counter']`` dict;
-4. the environment (``MEMCACHED_HOSTS``, ``SHARDED_COUNTER_CACHE_URL``);
+4. the environment (``MEMCACHED_HOSTS``, ``SHARDED_COUNTER_CACHE_URL``,
+   ``SHARDED_COUNTER_CACHE_CA_FILE``);
 5. the TOML file named by ``SHARDED_COUNTER_CONFIG``, else ``config/sharded_counter.toml``
    in the working directory when it exists (its ``[sharded_counter]`` table);
 6. the defaults below.
@@ -57,8 +58,11 @@ class Settings:
 
     shards: int = 10
     memcached_hosts: tuple[str, ...] = ()
-    # Checked, not yet used to connect (docs/cache-backends.md); may hold a password.
+    # May hold a password, so repr leaves it out.
     cache_url: str | None = dataclasses.field(default=None, repr=False)
+    # The CA certificates (PEM) that a rediss:// or valkeys:// server's certificate
+    # must chain to, in place of the system's (Memorystore gives each instance its own).
+    cache_ca_file: str | None = None
     cache_ttl: int = 3600
     memcache_timeout: float = 0.5
     memcache_connect_timeout: float = 0.5
@@ -166,6 +170,7 @@ _CHECKS: dict[str, _Check] = {
     "shards": _shards,
     "memcached_hosts": _hosts,
     "cache_url": _cache_url,
+    "cache_ca_file": _optional_str,
     "cache_ttl": check_memcached_ttl,
     "memcache_timeout": _seconds,
     "memcache_connect_timeout": _seconds,
@@ -264,7 +269,12 @@ def reload() -> None:
 def _environment() -> dict[str, Any]:
     hosts = os.environ.get("MEMCACHED_HOSTS", "").strip()
     url = os.environ.get("SHARDED_COUNTER_CACHE_URL", "").strip()
-    return {**({"memcached_hosts": hosts} if hosts else {}), **({"cache_url": url} if url else {})}
+    ca_file = os.environ.get("SHARDED_COUNTER_CACHE_CA_FILE", "").strip()
+    return {
+        **({"memcached_hosts": hosts} if hosts else {}),
+        **({"cache_url": url} if url else {}),
+        **({"cache_ca_file": ca_file} if ca_file else {}),
+    }
 
 
 def resolve(

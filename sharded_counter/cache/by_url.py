@@ -50,6 +50,22 @@ def connect_cache(settings: Settings) -> Any:
     )
 
 
+def tls_ca_file(settings: Settings) -> str | None:
+    """``cache_ca_file``, once it is known to be a file this process can read (a
+    ``ConfigurationError`` names it otherwise), or None to trust the system's CAs."""
+    path = settings.cache_ca_file
+    if path is None:
+        return None
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cache_ca_file {path!r} cannot be read: {exc.strerror or exc}"
+        ) from None
+    return path
+
+
 def redis_client_for(settings: Settings) -> RedisClient | None:
     """A ``RedisClient`` when ``cache_url`` names a Redis or Valkey server, else None.
 
@@ -78,6 +94,7 @@ def redis_client_for(settings: Settings) -> RedisClient | None:
         username=url.username,
         password=url.password,
         tls=url.tls,
+        ca_file=tls_ca_file(settings) if url.tls else None,
         connect_timeout=settings.memcache_connect_timeout,
         timeout=settings.memcache_timeout,
     )

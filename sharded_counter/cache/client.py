@@ -59,6 +59,7 @@ def cache_client_key(settings: Settings) -> tuple[Any, ...]:
     return (
         settings.memcached_hosts,
         settings.cache_url,
+        settings.cache_ca_file,
         settings.memcache_timeout,
         settings.memcache_connect_timeout,
     )

@@ -34,11 +34,15 @@ class RedisClient:
         username: str | None = None,
         password: str | None = None,
         tls: bool = False,
+        ca_file: str | None = None,
         connect_timeout: float = 0.5,
         timeout: float = 0.5,
         max_pool_size: int = 64,
     ) -> None:
         connection_class: type[redis.Connection] = redis.SSLConnection if tls else redis.Connection
+        # A TLS connection checks the server's certificate and name: against ca_file
+        # when given, else the system's CAs.
+        tls_options = {"ssl_ca_certs": ca_file} if tls and ca_file else {}
         self.address = (host, port)
         self._pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
             connection_class=connection_class,
@@ -54,6 +58,7 @@ class RedisClient:
             # A call is sent once: resending a write that timed out could apply it twice.
             retry=Retry(NoBackoff(), 0),
             retry_on_timeout=False,
+            **tls_options,
         )
 
     def __repr__(self) -> str:
