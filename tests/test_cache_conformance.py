@@ -36,6 +36,7 @@ from sharded_counter.cache.cas import change_key
 from sharded_counter.cache.client import CLIENT_ERRORS, build_client, incr_or_add
 from sharded_counter.cache.guarded import GuardedClient
 from sharded_counter.cache.redis.client import RedisClient
+from sharded_counter.cache.redis.commands import CacheCommandError
 from sharded_counter.core.effects import drive
 from sharded_counter.errors import CacheUnavailable
 from sharded_counter.settings import Settings
@@ -642,3 +643,46 @@ def test_a_value_over_memcacheds_item_size_is_one_known_difference(cache: Cache)
     else:
         assert cache.client.add(cache.key(), big) is True
         assert cache.client.get(cache.key()) == big
+
+
+@pytest.mark.parametrize(
+    "foreign", [b"plain", b"", b"12", b"0:x", b"007:x", b"x:1", b"1" * 20 + b":x"]
+)
+def test_a_value_another_redis_client_set_is_data_with_token_zero(
+    redis_server: RedisServer, foreign: bytes
+) -> None:
+    """Redis only: a plain ``SET`` from another client (no cas unique of ours in front)
+    reads as data, as anything at a memcached key does, and our next write replaces
+    it. docs/cache-backends.md says so."""
+    import redis
+
+    other = redis.Redis(host=redis_server.host, port=redis_server.port)
+    client = redis_client(redis_server)
+    key = f"conf-{uuid.uuid4().hex[:12]}"
+    try:
+        other.set(key, foreign)
+        assert client.get(key) == foreign
+        assert client.gets(key) == (foreign, b"0")
+        assert client.append(key, b"+") is True
+        assert client.get(key) == foreign + b"+"
+        other.set(key, foreign)
+        assert client.cas(key, b"mine", b"0") is True
+        data, unique = client.gets(key)
+        assert data == b"mine" and int(unique) > 0
+        other.set(key, b"41")
+        assert client.incr(key, 1) == 42
+        listed = f"{key}-list"
+        other.rpush(listed, b"x")  # another type than a string: missing to reads,
+        assert client.get(listed) is None  # and every write refused
+        for write in (
+            lambda: client.add(listed, b"v"),
+            lambda: client.append(listed, b"v"),
+            lambda: client.cas(listed, b"v", b"0"),
+            lambda: client.incr(listed, 1),
+        ):
+            with pytest.raises(CacheCommandError, match="WRONGTYPE"):
+                write()
+        assert other.lrange(listed, 0, -1) == [b"x"]
+    finally:
+        other.close()
+        client.close()

@@ -11,7 +11,11 @@ asyncio, and cluster mode routes them, so all three mean the same:
   flush or an eviction never matches the key made again after it (memcached's uniques
   start again at 1 after a restart). ``gets`` hands a token out as pymemcache does
   (ASCII digits, as ``bytes``); ``cas`` stores only while it is current: True, False
-  when another write came first, None when the key is gone.
+  when another write came first, None when the key is gone. A string another client
+  wrote (a plain ``SET``: no unique of ours in front) is all data, with token
+  ``b"0"``, so garbage at a key is data as in memcached, and the next write of ours
+  replaces it. A key of another type reads as missing (``MGET``'s answer) and every
+  write to it is refused (``WRONGTYPE``).
 - **One key per step.** ``add``, ``cas``, ``append``, ``incr`` and ``decr`` are Lua
   scripts that read, decide and write one key in one step on the server. No step
   touches two keys, so in cluster mode each runs on the node that holds its key and
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -72,7 +77,8 @@ _UINT64_LIMIT = 2**64  # incr/decr deltas and cas tokens are unsigned 64-bit
 class CacheCommandError(ShardedCounterError, MemcacheClientError):  # type: ignore[misc]
     """The server refused a call, as memcached answers ``CLIENT_ERROR``: ``incr`` or
     ``decr`` of data that is no unsigned 64-bit number, a delta or cas token out of
-    range, a key that holds something this client did not write. Nothing was changed.
+    range, a key that holds another type than a string (``WRONGTYPE``). Nothing was
+    changed.
     Also a pymemcache ``MemcacheClientError``, as code written for pymemcache expects.
     """
 
@@ -118,16 +124,17 @@ local function stamped(data)
   return string.format('%.0f', unique) .. ':' .. data
 end
 
--- The data and its cas unique, or nil when the key is missing.
+-- The data and its cas unique, or nil when the key is missing. A string another
+-- client wrote (no unique of ours in front: 1 to 19 digits, no leading zero, and a
+-- colon) is all data, with cas unique 0: any value at a key is data, as in
+-- memcached, and the next write replaces it.
 local function read()
   local blob = redis.call('GET', key)
   if not blob then return nil end
-  local colon = string.find(blob, ':', 1, true)
-  if not colon then
-    error({err = 'CLIENT_ERROR the key holds a value this client did not write'})
-  end
-  previous = string.sub(blob, 1, colon - 1)
-  return string.sub(blob, colon + 1), previous
+  local unique, data = string.match(blob, '^([1-9]%d*):(.*)$')
+  if not unique or #unique > 19 then return blob, '0' end
+  previous = unique
+  return data, unique
 end
 
 -- Store data with memcached's exptime: 0 never expires, up to 30 days is seconds
@@ -161,7 +168,10 @@ end
 _ADD = (
     _COMMON
     + r"""
-if redis.call('EXISTS', key) == 1 then return 0 end
+if redis.call('EXISTS', key) == 1 then
+  redis.call('STRLEN', key)  -- a key of another type: refused (WRONGTYPE), as cas is
+  return 0
+end
 store(ARGV[1], ARGV[2])
 return 1
 """
@@ -341,11 +351,16 @@ def _token(cas: Any) -> bytes:
     return str(int(cas)).encode()
 
 
-def _split(blob: bytes, key: Any) -> tuple[bytes, bytes]:
-    """``(data, cas unique)`` of a stored string."""
+#: A cas unique as the scripts write them: 1 to 19 digits, no leading zero.
+_OUR_UNIQUE = re.compile(rb"[1-9][0-9]{0,18}")
+
+
+def _split(blob: bytes) -> tuple[bytes, bytes]:
+    """``(data, cas unique)`` of a stored string; one another client wrote (no unique
+    of ours in front) is all data, with cas unique 0, as the scripts read it."""
     unique, colon, data = blob.partition(b":")
-    if not colon or not unique.isdigit():
-        raise CacheCommandError(f"key {key!r} holds a value this client did not write")
+    if not colon or not _OUR_UNIQUE.fullmatch(unique):
+        return blob, b"0"
     return data, unique
 
 
@@ -391,9 +406,7 @@ def gets_many(keys: Iterable[str | bytes]) -> tuple[list[Any], Call | None]:
 
     def read(blobs: list[bytes | None]) -> dict[Any, tuple[bytes, bytes]]:
         return {
-            key: _split(blob, key)
-            for key, blob in zip(wanted, blobs, strict=True)
-            if blob is not None
+            key: _split(blob) for key, blob in zip(wanted, blobs, strict=True) if blob is not None
         }
 
     return wanted, Call("MGET", False, read, command=("MGET", *raw))
