@@ -16,6 +16,7 @@ from sharded_counter import Counter, Locked, SharedBuffer, lock
 from sharded_counter.cache.client import key_digest
 from sharded_counter.core.validation import INTERNAL_PREFIX, check_name, internal_name
 from sharded_counter.patterns.lock import internal_lock, lock_key
+from sharded_counter_emulator import Memcached, RedisServer, free_port
 
 parts = st.lists(st.text(max_size=20), min_size=1, max_size=5)
 
@@ -47,7 +48,7 @@ def test_no_user_lock_name_gives_an_internal_lock_key(user: str, a: list[str]) -
 
 
 def test_a_user_lock_named_like_a_flush_lock_does_not_hold_a_flush_back(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: object
+    sharded_counter_env: dict[str, str],
 ) -> None:
     buffer = SharedBuffer(interval=5.0)
     buffer.increment("page:home", 3)
@@ -65,3 +66,23 @@ def test_a_user_lock_named_like_a_flush_lock_does_not_hold_a_flush_back(
             internal_lock("flush", scope, "page:home", ttl=30).acquire()
     assert buffer.flush("page:home") == ["page:home"]
     assert Counter("page:home").get_count(nocache=True) == 5
+
+
+def test_a_flush_lock_lives_in_the_buffers_own_cache(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_cache: Memcached | RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A buffer given its cache (``cache_url``) takes its flush locks there too, with
+    its own settings: not on the servers MEMCACHED_HOSTS names, nothing listening."""
+    monkeypatch.setenv("MEMCACHED_HOSTS", f"127.0.0.1:{free_port()}")
+    monkeypatch.delenv("SHARDED_COUNTER_CACHE_URL", raising=False)
+    buffer = SharedBuffer(interval=60, cache_url=sharded_counter_cache.url)
+    buffer.increment("page:home", 3)
+    held = internal_lock("flush", buffer._scope, "page:home", ttl=30, settings=buffer.settings)
+    with held:
+        assert buffer.flush_holder("page:home") is not None
+        assert buffer.flush("page:home") == []  # held, in the buffer's cache
+    assert buffer.flush_holder("page:home") is None
+    assert buffer.flush("page:home") == ["page:home"]
+    assert Counter("page:home", cache_url=sharded_counter_cache.url).get_count(nocache=True) == 3

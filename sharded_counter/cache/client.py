@@ -106,15 +106,21 @@ class ClientSource:
         client: CommandClient | None,
         *,
         memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+        cache_url: str | None = None,
         key_prefix: str | None = None,
+        settings: Settings | None = None,
         what: str,
     ) -> None:
-        options: dict[str, Any] = {}
-        if memcached_hosts is not None:
-            options["memcached_hosts"] = memcached_hosts
-        if key_prefix is not None:
-            options["key_prefix"] = key_prefix
-        self.settings = resolve(options)
+        if settings is None:  # else the caller's own, resolved already (the whole cache)
+            options: dict[str, Any] = {}
+            if memcached_hosts is not None:
+                options["memcached_hosts"] = memcached_hosts
+            if cache_url is not None:
+                options["cache_url"] = cache_url
+            if key_prefix is not None:
+                options["key_prefix"] = key_prefix
+            settings = resolve(options)
+        self.settings = settings
         self._client = client
         self._given_in = os.getpid()
         if client is None and not (self.settings.memcached_hosts or self.settings.cache_url):

@@ -55,6 +55,7 @@ from ..core import parse
 from ..core.effects import Steps, drive, retrying
 from ..core.validation import MAX_MEMCACHED_TTL, check_memcached_ttl, check_seconds
 from ..errors import CacheUnavailable, ShardedCounterError
+from ..settings import Settings
 
 log = logging.getLogger("sharded_counter")
 
@@ -273,6 +274,7 @@ def lock(
     *,
     memcache_client: CommandClient | None = None,
     memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    cache_url: str | None = None,
     key_prefix: str | None = None,
 ) -> Lease:
     """A lease on the lock ``name``: use it as ``with lock('crazy', ttl=10): ...``.
@@ -282,11 +284,12 @@ def lock(
     otherwise it waits with exponential backoff for up to ``timeout`` seconds
     (default: ``ttl``, by which time a dead holder's lock has lapsed), then
     raises ``Locked``. Without ``memcache_client`` the servers come from the
-    settings (``memcached_hosts`` here, else ``MEMCACHED_HOSTS`` or the config).
+    settings (``cache_url`` or ``memcached_hosts`` here, else
+    ``SHARDED_COUNTER_CACHE_URL``, ``MEMCACHED_HOSTS`` or the config).
     """
     if not isinstance(name, str):
         raise TypeError(f"a lock name is a str, not {type(name).__name__}")
-    source = _source(memcache_client, memcached_hosts, key_prefix)
+    source = _source(memcache_client, memcached_hosts, cache_url, key_prefix)
     return Lease(name, ttl=ttl, nowait=nowait, timeout=timeout, client=source)
 
 
@@ -295,10 +298,11 @@ def who_holds(
     *,
     memcache_client: CommandClient | None = None,
     memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    cache_url: str | None = None,
     key_prefix: str | None = None,
 ) -> Holder | None:
     """Who holds lock ``name`` now, or None when it is free. Raises ``CacheUnavailable``."""
-    source = _source(memcache_client, memcached_hosts, key_prefix)
+    source = _source(memcache_client, memcached_hosts, cache_url, key_prefix)
     return _holder_at(source, lock_key(source.key_prefix, name), name)
 
 
@@ -306,11 +310,11 @@ def who_holds_internal(
     purpose: str,
     *parts: str,
     memcache_client: CommandClient | None = None,
-    memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
-    key_prefix: str | None = None,
+    settings: Settings | None = None,
 ) -> Holder | None:
-    """``who_holds`` for a lock of the library's own (``internal_lock``)."""
-    source = _source(memcache_client, memcached_hosts, key_prefix)
+    """``who_holds`` for a lock of the library's own (``internal_lock``), in the cache
+    ``settings`` name (the caller's whole cache choice; default: the process's)."""
+    source = ClientSource(memcache_client, settings=settings, what="lock")
     key = internal_lock_key(source.key_prefix, purpose, *parts)
     return _holder_at(source, key, ":".join((purpose, *parts)))
 
@@ -318,11 +322,16 @@ def who_holds_internal(
 def _source(
     memcache_client: CommandClient | None,
     memcached_hosts: str | list[str] | tuple[str, ...] | None,
+    cache_url: str | None,
     key_prefix: str | None,
 ) -> ClientSource:
     """Where a lock's calls get their client (the caller's, or this process's own)."""
     return ClientSource(
-        memcache_client, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="lock"
+        memcache_client,
+        memcached_hosts=memcached_hosts,
+        cache_url=cache_url,
+        key_prefix=key_prefix,
+        what="lock",
     )
 
 
@@ -349,14 +358,15 @@ def internal_lock(
     *parts: str,
     ttl: int,
     memcache_client: CommandClient | None = None,
-    memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
-    key_prefix: str | None = None,
+    settings: Settings | None = None,
 ) -> Lease:
     """A lock of the library's own (a SharedBuffer flusher's, per counter), taken at once
     or ``Locked``. Its key hashes ``purpose`` and ``parts`` as separate parts, where a
     ``lock(name)`` key hashes the one name: ``key_digest`` length-prefixes each part,
-    so no user's lock name can give the same key."""
-    source = _source(memcache_client, memcached_hosts, key_prefix)
+    so no user's lock name can give the same key. It lives in the cache ``settings``
+    name, which a caller passes whole: the lock must be in the same cache as what it
+    guards, with the same timeouts."""
+    source = ClientSource(memcache_client, settings=settings, what="lock")
     lease = Lease(":".join((purpose, *parts)), ttl=ttl, nowait=True, timeout=None, client=source)
     lease._key = internal_lock_key(source.key_prefix, purpose, *parts)
     return lease

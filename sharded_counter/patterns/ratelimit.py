@@ -182,6 +182,7 @@ class LimiterRules:
         strategy: Strategy = "fixed",
         memcache_client: CommandClient | None = None,
         memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+        cache_url: str | None = None,
         key_prefix: str | None = None,
         on_outage: OnOutage = "open",
         clock: Callable[[], float] = time.time,
@@ -195,6 +196,7 @@ class LimiterRules:
         self._client = ClientSource(
             memcache_client,
             memcached_hosts=memcached_hosts,
+            cache_url=cache_url,
             key_prefix=key_prefix,
             what=type(self).__name__,
         )
@@ -304,8 +306,9 @@ class RateLimiter(LimiterRules):
     """At most ``limit`` hits per window for each key, counted in memcache.
 
     ``limit`` is a ``Limit`` or a string such as ``"20/minute"``. Without
-    ``memcache_client`` the servers come from the settings: ``memcached_hosts``
-    here, else ``MEMCACHED_HOSTS`` or the config (see ``sharded_counter.settings``).
+    ``memcache_client`` the cache comes from the settings: ``cache_url`` or
+    ``memcached_hosts`` here, else ``SHARDED_COUNTER_CACHE_URL``, ``MEMCACHED_HOSTS``
+    or the config (see ``sharded_counter.settings``).
     Keys may be any str: memcache only ever sees a hash of them.
     """
 

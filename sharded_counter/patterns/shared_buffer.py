@@ -344,8 +344,7 @@ class SharedBuffer:
         return who_holds_internal(
             *self._flush_lock(name),
             memcache_client=self.counter_options.get("memcache_client"),
-            memcached_hosts=self.settings.memcached_hosts,
-            key_prefix=self.settings.key_prefix,
+            settings=self.settings,
         )
 
     def _flush_lock(self, name: str) -> tuple[str, str, str]:
@@ -362,8 +361,7 @@ class SharedBuffer:
                 *self._flush_lock(name),
                 ttl=ttl,
                 memcache_client=self.counter_options.get("memcache_client"),
-                memcached_hosts=settings.memcached_hosts,
-                key_prefix=settings.key_prefix,
+                settings=settings,
             ):
                 self._counter(name).write_pending()
         except Locked:

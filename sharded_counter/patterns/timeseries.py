@@ -94,7 +94,8 @@ class TimeSeries:
     ``name_prefix`` names the series: two series with different names never
     share a bucket. ``resolutions`` is a list of ``(bucket seconds, retention
     seconds)``. Without ``memcache_client`` the servers come from the settings
-    (``memcached_hosts`` here, else ``MEMCACHED_HOSTS`` or the config).
+    (``cache_url`` or ``memcached_hosts`` here, else ``SHARDED_COUNTER_CACHE_URL``,
+    ``MEMCACHED_HOSTS`` or the config).
     ``counter_options`` go to the ``Counter`` of each bucket when ``durable``.
     """
 
@@ -105,6 +106,7 @@ class TimeSeries:
         *,
         memcache_client: CommandClient | None = None,
         memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+        cache_url: str | None = None,
         key_prefix: str | None = None,
         durable: bool = False,
         counter_options: Mapping[str, Any] | None = None,
@@ -118,6 +120,8 @@ class TimeSeries:
         self._counter_options = dict(counter_options or {})
         if memcached_hosts is not None:
             self._counter_options.setdefault("memcached_hosts", memcached_hosts)
+        if cache_url is not None:
+            self._counter_options.setdefault("cache_url", cache_url)
         # Bad options fail now, not at the first rollup; clients passed in are not options.
         self._counter_settings = resolve(
             {k: v for k, v in self._counter_options.items() if not k.endswith("_client")},
@@ -127,6 +131,7 @@ class TimeSeries:
         self._client = ClientSource(
             memcache_client,
             memcached_hosts=memcached_hosts,
+            cache_url=cache_url,
             key_prefix=key_prefix,
             what="TimeSeries",
         )
