@@ -37,6 +37,11 @@ class Memcached(ProcessBackend):
         """The variable clients read to find this server (google-cloud-ndb's convention)."""
         return {"MEMCACHED_HOSTS": self.address}
 
+    @property
+    def url(self) -> str:
+        """``memcached://host:port``: this server as a ``cache_url``."""
+        return f"memcached://{self.address}"
+
     def start(self, timeout: float = 10.0) -> Self:
         """Start the server unless it runs already; return once it answers ``version``."""
         if self.alive:

@@ -154,6 +154,19 @@ def sharded_counter_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def sharded_counter_cache(request: pytest.FixtureRequest) -> Memcached | RedisServer:
+    """The server of the cache ``--sc-cache`` names, the one ``sharded_counter_env``
+    points at: for tests that flush, kill, pause or restart the cache, or reach it
+    through a relay (each has ``url``, ``host``, ``port`` and those methods)."""
+    if request.config.getoption("--sc-cache") == "redis":
+        return _start_once(
+            request.config, "redis", lambda: request.getfixturevalue("sharded_counter_redis")
+        )
+    server: Memcached = request.getfixturevalue("sharded_counter_memcached")
+    return server
+
+
+@pytest.fixture
 def sharded_counter_engine(request: pytest.FixtureRequest) -> Engine:
     """The engine this test runs against (tests using it run once per selected engine)."""
     param = getattr(request, "param", None)

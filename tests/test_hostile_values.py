@@ -15,12 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from cachekit import raw_client
 from faultkit import connected
 from hypothesis import given
 from hypothesis import strategies as st
-from pymemcache.client.base import Client
 
 from sharded_counter import (
     CacheUnavailable,
@@ -42,7 +43,7 @@ from sharded_counter.core.record import Record, ShardState
 from sharded_counter.core.stash import Stash
 from sharded_counter.patterns.lock import UNREADABLE, lock_key, who_holds
 from sharded_counter.patterns.ratelimit import Strategy, check_key
-from sharded_counter_emulator import Memcached, free_port
+from sharded_counter_emulator import Memcached, RedisServer, free_port
 
 INT64_MAX = 2**63 - 1
 UINT64_MAX = 2**64 - 1
@@ -52,12 +53,9 @@ LENIENT_INTEGERS = ["1_000", " 1", "1 ", "+1", "\u0661", "01", "-0", "1e3", "0x1
 
 
 @pytest.fixture
-def raw(sharded_counter_memcached: Memcached) -> Iterator[Client]:
-    """The test's own plain client: what anyone with access to memcached can do."""
-    # Replies on: a write without one may reach memcached after the read that follows it.
-    client = Client(
-        (sharded_counter_memcached.host, sharded_counter_memcached.port), default_noreply=False
-    )
+def raw(sharded_counter_cache: Memcached | RedisServer) -> Iterator[Any]:
+    """The test's own plain client: what anyone with access to the cache can do."""
+    client = raw_client(sharded_counter_cache)
     yield client
     client.close()
 
@@ -181,7 +179,7 @@ def test_the_stash_of_the_protocol_page_reads_strictly() -> None:
 )
 def test_a_garbled_record_is_read_again_from_datastore(
     sharded_counter_env: dict[str, str],
-    raw: Client,
+    raw: Any,
     garbage: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -200,7 +198,7 @@ def test_a_garbled_record_is_read_again_from_datastore(
 
 
 def test_a_well_formed_forged_record_is_served_and_verify_finds_it(
-    sharded_counter_env: dict[str, str], raw: Client
+    sharded_counter_env: dict[str, str], raw: Any
 ) -> None:
     """What we cannot defend (docs/security.md): a forged record of the right form."""
     counter = Counter(f"forged {uuid.uuid4()}")
@@ -239,7 +237,7 @@ def test_a_well_formed_forged_record_is_served_and_verify_finds_it(
 )
 def test_a_garbled_stash_counts_nothing_and_the_next_change_replaces_it(
     sharded_counter_env: dict[str, str],
-    raw: Client,
+    raw: Any,
     garbage: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -261,7 +259,7 @@ def test_a_garbled_stash_counts_nothing_and_the_next_change_replaces_it(
 
 
 def test_a_failed_write_that_would_take_the_stash_past_int64_is_not_recorded(
-    sharded_counter_env: dict[str, str], raw: Client, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_env: dict[str, str], raw: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its stash would read back as garbled, so it is refused: never written, never lost."""
     name = f"edge {uuid.uuid4()}"
@@ -284,7 +282,7 @@ def test_a_failed_write_that_would_take_the_stash_past_int64_is_not_recorded(
 
 
 def test_a_poisoned_pending_name_is_dropped_and_the_rest_are_flushed(
-    sharded_counter_env: dict[str, str], raw: Client, caplog: pytest.LogCaptureFixture
+    sharded_counter_env: dict[str, str], raw: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     names = [f"pending {uuid.uuid4()}" for _ in range(3)]
     buffer = SharedBuffer(interval=60)
@@ -335,8 +333,8 @@ def window_key(limiter: RateLimiter, key: str, windows_back: int = 0) -> str:
 @pytest.mark.parametrize("on_outage", ["open", "closed", "raise"])
 @pytest.mark.parametrize("garbage", RATE_GARBAGE)
 def test_a_garbled_window_is_the_whole_limit_spent(
-    sharded_counter_memcached: Memcached,
-    raw: Client,
+    sharded_counter_cache: Memcached | RedisServer,
+    raw: Any,
     strategy: Strategy,
     on_outage: str,
     garbage: bytes,
@@ -346,7 +344,7 @@ def test_a_garbled_window_is_the_whole_limit_spent(
         f"{LIMIT}/minute",
         strategy=strategy,
         on_outage=on_outage,  # type: ignore[arg-type]
-        memcached_hosts=[sharded_counter_memcached.address],
+        cache_url=sharded_counter_cache.url,
         clock=clock,
     )
     key = f"user {uuid.uuid4()}"
@@ -362,13 +360,13 @@ def test_a_garbled_window_is_the_whole_limit_spent(
 
 @pytest.mark.parametrize("garbage", RATE_GARBAGE)
 def test_a_garbled_previous_window_refuses_a_sliding_limit(
-    sharded_counter_memcached: Memcached, raw: Client, garbage: bytes
+    sharded_counter_cache: Memcached | RedisServer, raw: Any, garbage: bytes
 ) -> None:
     clock = FakeClock(time.time() // 60 * 60 + 6)  # the previous window still weighs 90 %
     limiter = RateLimiter(
         f"{LIMIT}/minute",
         strategy="sliding",
-        memcached_hosts=[sharded_counter_memcached.address],
+        cache_url=sharded_counter_cache.url,
         clock=clock,
     )
     key = f"user {uuid.uuid4()}"
@@ -383,7 +381,7 @@ class GarbageBeforeDecr:
     race of a hostile write between a refused hit's ``incr`` and its refund, which no
     real process could time every run (so this wrapper makes it, on the real server)."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Any) -> None:
         self._client = client
 
     def __getattr__(self, name: str) -> object:
@@ -395,7 +393,7 @@ class GarbageBeforeDecr:
 
 
 def test_garbage_written_before_a_refund_is_still_refused(
-    sharded_counter_memcached: Memcached, raw: Client
+    sharded_counter_cache: Memcached | RedisServer, raw: Any
 ) -> None:
     limiter = RateLimiter(
         "2/minute",
@@ -408,13 +406,13 @@ def test_garbage_written_before_a_refund_is_still_refused(
 
 @pytest.mark.parametrize("garbage", [b"lots", str(UINT64_MAX).encode()])
 def test_an_async_rate_limiter_refuses_on_a_garbled_window(
-    sharded_counter_memcached: Memcached, raw: Client, garbage: bytes
+    sharded_counter_cache: Memcached | RedisServer, raw: Any, garbage: bytes
 ) -> None:
     from sharded_counter.aio import AsyncRateLimiter, aclose
 
     clock = FakeClock(time.time() // 60 * 60 + 20)
-    hosts = [sharded_counter_memcached.address]
-    limiter = AsyncRateLimiter(f"{LIMIT}/minute", memcached_hosts=hosts, clock=clock)
+    url = sharded_counter_cache.url
+    limiter = AsyncRateLimiter(f"{LIMIT}/minute", cache_url=url, clock=clock)
     key = f"user {uuid.uuid4()}"
     raw.set(window_key(limiter, key), garbage, expire=120)
 
@@ -433,7 +431,7 @@ def test_an_async_rate_limiter_refuses_on_a_garbled_window(
 @pytest.mark.parametrize("garbage", [b"lots", b"1_000", str(UINT64_MAX).encode(), b"-5"])
 def test_a_garbled_bucket_is_skipped_and_the_rest_rolled_up(
     sharded_counter_env: dict[str, str],
-    raw: Client,
+    raw: Any,
     garbage: bytes,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -471,36 +469,36 @@ def test_a_garbled_bucket_is_skipped_and_the_rest_rolled_up(
     ],
 )
 def test_a_garbled_lock_is_held_until_memcached_expires_it(
-    sharded_counter_memcached: Memcached, raw: Client, garbage: bytes
+    sharded_counter_cache: Memcached | RedisServer, raw: Any, garbage: bytes
 ) -> None:
-    hosts = [sharded_counter_memcached.address]
+    url = sharded_counter_cache.url
     name = f"lock {uuid.uuid4()}"
     raw.set(lock_key("sc", name), garbage, expire=2)
 
     with pytest.raises(Locked) as refused:
-        lock(name, memcached_hosts=hosts).acquire()
+        lock(name, cache_url=url).acquire()
     assert refused.value.holder is not None and refused.value.holder.owner == UNREADABLE
-    holder = who_holds(name, memcached_hosts=hosts)
+    holder = who_holds(name, cache_url=url)
     assert holder is not None and holder.owner == UNREADABLE
     # memcached drops it within its 2 s (whole-second clock); waiting takes it then.
-    taken = lock(name, ttl=5, nowait=False, timeout=10, memcached_hosts=hosts).acquire()
+    taken = lock(name, ttl=5, nowait=False, timeout=10, cache_url=url).acquire()
     assert taken.expires_at is not None
     assert taken.release()
 
 
 def test_a_garbled_async_lock_is_held_too(
-    sharded_counter_memcached: Memcached, raw: Client
+    sharded_counter_cache: Memcached | RedisServer, raw: Any
 ) -> None:
     from sharded_counter.aio import aclose, alock
 
-    hosts = [sharded_counter_memcached.address]
+    url = sharded_counter_cache.url
     name = f"lock {uuid.uuid4()}"
     raw.set(lock_key("sc", name), b"lk1 x inf nan someone", expire=60)
 
     async def main() -> str:
         try:
             with pytest.raises(Locked) as refused:
-                await alock(name, memcached_hosts=hosts).acquire()
+                await alock(name, cache_url=url).acquire()
             assert refused.value.holder is not None
             return refused.value.holder.owner
         finally:
@@ -510,7 +508,7 @@ def test_a_garbled_async_lock_is_held_too(
 
 
 def test_a_garbled_flush_lock_holds_off_its_counter_only(
-    sharded_counter_env: dict[str, str], raw: Client
+    sharded_counter_env: dict[str, str], raw: Any
 ) -> None:
     """A shared buffer's flush takes a lock per counter: garbage there is a lock held."""
     held, free = f"held {uuid.uuid4()}", f"free {uuid.uuid4()}"
@@ -531,7 +529,7 @@ def test_a_garbled_flush_lock_holds_off_its_counter_only(
 
 
 def test_garbage_at_every_shard_lease_leaves_the_count_exact(
-    sharded_counter_env: dict[str, str], raw: Client
+    sharded_counter_env: dict[str, str], raw: Any
 ) -> None:
     counter = Counter(f"leases {uuid.uuid4()}", shards=3, max_shards=3, write_mode="transaction")
     for index in range(3):

@@ -1,0 +1,51 @@
+"""The session's cache as anyone with access to it sees it, whichever kind it is.
+
+Tests that write straight into the cache (garbage at a key the library reads, a value
+planted before a call) or reach it through a relay use these, so the same test runs
+with memcached and with Redis as the cache (``--sc-cache``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sharded_counter.cache.redis.client import RedisClient
+from sharded_counter_emulator import Memcached, RedisServer
+
+
+class RawRedis:
+    """What another program with access to the Redis server can do, with pymemcache's
+    calls: ``set`` is a plain Redis ``SET`` (a value with no cas unique of ours, which
+    the library must read as data, as anything at a memcached key is); every other
+    call is the library's own client, so ``get`` reads back what the library wrote."""
+
+    def __init__(self, server: RedisServer) -> None:
+        import redis
+
+        self._plain = redis.Redis(host=server.host, port=server.port, password=server.password)
+        self._ours = RedisClient(server.host, server.port, password=server.password)
+
+    def set(self, key: str, value: bytes, expire: int = 0) -> bool:
+        return bool(self._plain.set(key, value, ex=expire or None))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ours, name)
+
+    def close(self) -> None:
+        self._plain.close()
+        self._ours.close()
+
+
+def raw_client(server: Memcached | RedisServer) -> Any:
+    """A plain client of ``server`` of the test's own, replies on (a write without one
+    may reach the server after the read that follows it)."""
+    if isinstance(server, RedisServer):
+        return RawRedis(server)
+    from pymemcache.client.base import Client
+
+    return Client((server.host, server.port), default_noreply=False)
+
+
+def cache_url_through(server: Memcached | RedisServer, host: str, port: int) -> str:
+    """``server``'s cache URL with ``host:port`` (a relay in front of it) in its place."""
+    return server.url.replace(server.address, f"{host}:{port}", 1)
