@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from cachekit import cache_url_through
 from click.testing import CliRunner, Result
 from rich.console import Console
 
 import sharded_counter
 from sharded_counter.tools.cli import main
-from sharded_counter_emulator import free_port
+from sharded_counter_emulator import Memcached, RedisServer, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -230,17 +231,20 @@ def test_bounded_shows_and_changes_a_bounded_counter(sharded_counter_env: dict[s
 
 @pytest.mark.backends
 @pytest.mark.usefixtures("wide")
-def test_count_reads_the_shards_when_memcache_is_down(
-    sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+def test_count_reads_the_shards_when_the_cache_is_down(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_cache: Memcached | RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert invoke("increment", "hits", "7").exit_code == 0
-    monkeypatch.setenv("MEMCACHED_HOSTS", f"127.0.0.1:{free_port()}")
+    dead = cache_url_through(sharded_counter_cache, "127.0.0.1", free_port())
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", dead)  # of the kind in use: nothing there
     result = invoke("count", "hits")
     assert result.exit_code == 0, result.output
     [line] = [line for line in result.output.splitlines() if " hits " in f" {line} "]
     cells = [cell.strip() for cell in line.strip("│┃ ").split("│")]
-    assert cells == ["hits", "7", "memcache down", "7", "unknown"]
-    assert "memcache is unavailable" in result.output
+    assert cells == ["hits", "7", "cache down", "7", "unknown"]
+    assert "the cache is unavailable" in result.output
 
 
 @pytest.mark.backends

@@ -24,10 +24,12 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from cachekit import cache_url_through
 from faultkit import (
     Ledger,
     ReplyHoldingRelay,
@@ -329,7 +331,7 @@ def _replay_in_child(name: str, sent: Sequence[tuple[str, int]], out: Any) -> No
 
 
 def test_messages_delivered_up_to_three_times_count_once(
-    sharded_counter_env: dict[str, str], sharded_counter_engine: str, sharded_counter_memcached: Any
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str, sharded_counter_cache: Any
 ) -> None:
     """1,500 messages delivered 1-3 times each, from 16 threads in this process and 8 in
     another, with memcache flushed midway; then a fresh process replays 300 of them."""
@@ -346,7 +348,7 @@ def test_messages_delivered_up_to_three_times_count_once(
         counter.get_count()
         start.set()
         began = time.monotonic()
-        our_tally = _deliver_all(counter, ours, WRITERS, midway=sharded_counter_memcached.flush_all)
+        our_tally = _deliver_all(counter, ours, WRITERS, midway=sharded_counter_cache.flush_all)
         their_tally = out.get(timeout=120)
         seconds = time.monotonic() - began
     finally:
@@ -519,17 +521,23 @@ class HeldCas:
 def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
     sharded_counter_env: dict[str, str],
     sharded_counter_engine: str,
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Datastore refuses the write (nothing listens), so the increment goes to the stash;
-    the stash's cas reaches memcached (through a relay) and is applied, but its reply is
+    the stash's cas reaches the cache (through a relay) and is applied, but its reply is
     held past the timeout. The increment may well be counted: IncrementOutcomeUnknown,
     never IncrementNotRecorded."""
-    mc_relay = ReplyHoldingRelay(sharded_counter_memcached.host, sharded_counter_memcached.port)
+    mc_relay = ReplyHoldingRelay(sharded_counter_cache.host, sharded_counter_cache.port)
     try:
         timeouts = {"memcache_timeout": 0.2, "memcache_connect_timeout": 0.2}
-        client = build_client(Settings(memcached_hosts=(f"127.0.0.1:{mc_relay.port}",), **timeouts))
+        url = cache_url_through(sharded_counter_cache, "127.0.0.1", mc_relay.port)
+        client = build_client(Settings(cache_url=url, **timeouts))
+        # One add and one cas with replies on first: Redis then holds our scripts, so the
+        # held call below runs (a first EVALSHA is refused NOSCRIPT, and ran nothing).
+        warm = f"warm-{uuid.uuid4().hex}"
+        assert client.add(warm, b"1") is True
+        assert client.cas(warm, b"2", client.gets(warm)[1]) is True
         with monkeypatch.context() as patch:
             patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
             broken = connected(

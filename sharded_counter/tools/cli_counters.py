@@ -69,24 +69,30 @@ def count(names: tuple[str, ...], shards: int | None) -> None:
             try:
                 report = counter.verify()
             except CacheUnavailable:
-                # The library reads the shards when memcache is down; so does this.
+                # The library reads the shards when the cache is down; so does this.
                 cache_down = True
-                table.add_row(Text(name), str(total), "memcache down", str(total), "unknown")
+                table.add_row(Text(name), str(total), "cache down", str(total), "unknown")
                 continue
             table.add_row(
                 Text(name),
                 str(total),
                 "-" if report.cached is None else str(report.cached),
                 str(report.shards),
-                str(report.pending) if counter.settings.memcached_hosts else "no memcache",
+                str(report.pending) if _has_cache(counter) else "no cache",
             )
     stdout().print(table)
     if cache_down:
         click.echo(
-            "memcache is unavailable: counts are the shards' sums, without what may be "
-            "pending in memcache",
+            "the cache is unavailable: counts are the shards' sums, without what may be "
+            "pending in the cache",
             err=True,
         )
+
+
+def _has_cache(counter: Counter) -> bool:
+    """Whether ``counter`` has a cache (memcached or Redis) to hold a pending stash."""
+    settings = counter.settings
+    return bool(settings.memcached_hosts or settings.cache_url)
 
 
 @click.command()
