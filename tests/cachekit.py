@@ -8,6 +8,7 @@ with memcached and with Redis as the cache (``--sc-cache``).
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter_emulator import Memcached, RedisServer
@@ -19,11 +20,11 @@ class RawRedis:
     the library must read as data, as anything at a memcached key is); every other
     call is the library's own client, so ``get`` reads back what the library wrote."""
 
-    def __init__(self, server: RedisServer) -> None:
+    def __init__(self, host: str, port: int, password: str | None = None) -> None:
         import redis
 
-        self._plain = redis.Redis(host=server.host, port=server.port, password=server.password)
-        self._ours = RedisClient(server.host, server.port, password=server.password)
+        self._plain = redis.Redis(host=host, port=port, password=password)
+        self._ours = RedisClient(host, port, password=password)
 
     def set(self, key: str, value: bytes, expire: int = 0) -> bool:
         return bool(self._plain.set(key, value, ex=expire or None))
@@ -36,14 +37,19 @@ class RawRedis:
         self._ours.close()
 
 
-def raw_client(server: Memcached | RedisServer) -> Any:
-    """A plain client of ``server`` of the test's own, replies on (a write without one
-    may reach the server after the read that follows it)."""
-    if isinstance(server, RedisServer):
-        return RawRedis(server)
+def raw_client(server: Memcached | RedisServer | str) -> Any:
+    """A plain client of the test's own for ``server`` (or its cache URL, which a
+    spawned process can be handed), replies on (a write without one may reach the
+    server after the read that follows it)."""
+    url = urlsplit(server if isinstance(server, str) else server.url)
+    assert url.hostname is not None and url.port is not None, url
+    if url.scheme == "redis":
+        password = unquote(url.password) if url.password is not None else None
+        return RawRedis(url.hostname, url.port, password)
+    assert url.scheme == "memcached", url
     from pymemcache.client.base import Client
 
-    return Client((server.host, server.port), default_noreply=False)
+    return Client((url.hostname, url.port), default_noreply=False)
 
 
 def cache_url_through(server: Memcached | RedisServer, host: str, port: int) -> str:

@@ -27,8 +27,9 @@ def clean_global_config(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def own_memcache(sharded_counter_memcached: Any) -> Iterator[Callable[..., Any]]:
-    """Make memcache clients of this test's own, as a fresh process would have them.
+def own_memcache(sharded_counter_cache: Any) -> Iterator[Callable[..., Any]]:
+    """Make clients of the session's cache (whichever ``--sc-cache`` names) of this
+    test's own, as a fresh process would have them.
 
     A memcached restart leaves the idle pooled sockets of every client in the process
     stale, and each then fails once (test_a_memcached_restart_while_idle_costs_no_increment
@@ -38,9 +39,7 @@ def own_memcache(sharded_counter_memcached: Any) -> Iterator[Callable[..., Any]]
     made: list[Any] = []
 
     def make(**options: Any) -> Any:
-        client = build_client(
-            Settings(memcached_hosts=(sharded_counter_memcached.address,), **options)
-        )
+        client = build_client(Settings(cache_url=sharded_counter_cache.url, **options))
         made.append(client)
         return client
 

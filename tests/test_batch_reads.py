@@ -12,14 +12,14 @@ pytestmark = pytest.mark.backends
 
 
 def test_get_counts_mixes_cached_and_uncached_totals(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Any
 ) -> None:
     names = [f"page-{i}" for i in range(40)]  # more than one IN filter holds
     for i, name in enumerate(names):
         if i % 3:
             Counter(name).increment(i)
     assert Counter("page-1").count == 1  # one of them is cached now
-    sharded_counter_memcached.flush_all()
+    sharded_counter_cache.flush_all()
     Counter("page-2").count  # noqa: B018 - and this one again, after the flush
     expected = {name: (i if i % 3 else 0) for i, name in enumerate(names)}
     assert Counter.get_counts(names) == expected

@@ -288,7 +288,7 @@ def _racer(name: str, threads: int, calls: int, ready: Any, start: Any, out: Any
 
 def test_two_processes_race_2000_increments_for_1500_units(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     sharded_counter_engine: str,
 ) -> None:
     name = "tickets"
@@ -320,7 +320,7 @@ def test_two_processes_race_2000_increments_for_1500_units(
     assert (acked, refused) == (1500, 500)
     counter = BoundedCounter(name, maximum=1500)
     assert counter.get_count(nocache=True) == 1500 == counter.count
-    sharded_counter_memcached.flush_all()
+    sharded_counter_cache.flush_all()
     assert counter.count == 1500
     assert not counter.try_increment()
 
@@ -332,7 +332,7 @@ def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_
     sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
     sharded_counter_engine: str,
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     own_memcache: Any,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
@@ -407,9 +407,9 @@ def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_
         time.sleep(1.5)
         relay.hold.clear()
         time.sleep(0.8)
-        sharded_counter_memcached.kill()
+        sharded_counter_cache.kill()
         time.sleep(1.0)
-        sharded_counter_memcached.start()
+        sharded_counter_cache.start()
         time.sleep(0.8)
         emulator.pause()
         try:

@@ -79,12 +79,12 @@ def test_shards_means_the_shard_count_on_the_class_and_on_a_counter(
 
 
 def test_counts_survive_a_cache_flush_and_go_negative(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Any
 ) -> None:
     counter = Counter("down")
     counter.increment(-5)
     assert counter.count == -5
-    sharded_counter_memcached.flush_all()
+    sharded_counter_cache.flush_all()
     assert counter.count == -5  # rebuilt from the shards
     counter.increment(2)
     assert counter.count == -3

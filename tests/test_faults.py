@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
+from cachekit import cache_url_through
 from faultkit import (
     Ledger,
     ReplyHoldingRelay,
@@ -169,7 +170,7 @@ def _churn_child(
 
 def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     own_memcache: Callable[..., Any],
     sharded_counter_engine: str,
 ) -> None:
@@ -206,11 +207,11 @@ def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
         try:
             while not stop.wait(rng.uniform(0.1, 0.3)):
                 if not chaos_log["restarts"] and time.monotonic() - began > 1.5:
-                    sharded_counter_memcached.restart()  # same port, every item gone
+                    sharded_counter_cache.restart()  # same port, every item gone
                     chaos_log["restarts"] += 1
                     restarted_at.append(time.monotonic())
                 else:
-                    sharded_counter_memcached.flush_all()
+                    sharded_counter_cache.flush_all()
                     chaos_log["flushes"] += 1
         except BaseException as exc:  # reported by the assertion below
             chaos_errors.append(exc)
@@ -291,7 +292,7 @@ def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
 @pytest.mark.parametrize("outage", ["killed", "stalled"])
 def test_memcached_outage_costs_no_increment_and_no_exactness(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     sharded_counter_backends: Any,
     sharded_counter_engine: str,
     caplog: pytest.LogCaptureFixture,
@@ -328,9 +329,9 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
             outage_began = time.monotonic()
             # The outage starts while calls are in flight, as a real crash would.
             if outage == "killed":
-                sharded_counter_memcached.kill()
+                sharded_counter_cache.kill()
             else:
-                sharded_counter_memcached.pause()
+                sharded_counter_cache.pause()
             time.sleep(1.6)
         outage_writes = sum(1 for s, _, _ in ledger.events if s > outage_began)
         began = time.monotonic()
@@ -340,9 +341,9 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
         max_call = ledger.max_latency(since=outage_began)
     finally:
         if outage == "killed":
-            sharded_counter_memcached.start()
+            sharded_counter_cache.start()
         else:
-            sharded_counter_memcached.resume()
+            sharded_counter_cache.resume()
 
     assert ledger.errors == [] and ledger.refused_calls == 0
     assert outage_writes > 0, "no increment was acknowledged while memcached was out"
@@ -385,7 +386,7 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
 
 def test_a_memcached_restart_while_idle_costs_no_increment(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     own_memcache: Callable[..., Any],
@@ -399,8 +400,8 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
     with monkeypatch.context() as patch:
         patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
         broken = connected(Counter("idle-restart", shards=4, memcache_client=client, **UNREACHABLE))
-    sharded_counter_memcached.restart()  # returns once the new server answers
-    sharded_counter_memcached.flush_all()  # and it does
+    sharded_counter_cache.restart()  # returns once the new server answers
+    sharded_counter_cache.flush_all()  # and it does
 
     ledger = Ledger()
     for _ in range(3):
@@ -416,8 +417,9 @@ def test_a_memcached_restart_while_idle_costs_no_increment(
     assert warnings_containing(caplog, "memcache is unavailable") == 0
 
 
+@pytest.mark.memcached_only  # pymemcache's pool of sockets (Redis: test_cache_conformance)
 def test_a_memcached_restart_with_several_idle_sockets_costs_no_call(
-    sharded_counter_memcached: Any, own_memcache: Callable[..., Any]
+    sharded_counter_cache: Any, own_memcache: Callable[..., Any]
 ) -> None:
     """Three idle pooled sockets, all stale after a restart: the next call drops them one
     by one and answers on a fresh socket. (Found when a rate limit test met a shared
@@ -430,21 +432,21 @@ def test_a_memcached_restart_with_several_idle_sockets_costs_no_call(
         each.version()  # connected
     for each in sockets:
         pool.release(each)
-    sharded_counter_memcached.restart()
+    sharded_counter_cache.restart()
     client.set("after-restart", b"1")
     assert client.get("after-restart") == b"1"
 
 
 def test_a_memcached_restart_while_idle_leaves_no_stale_total(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     own_memcache: Callable[..., Any],
 ) -> None:
     """Two processes' worth of cache tiers: a reader and a writer, each with its own client."""
     reader = Counter("stale-total", shards=4, memcache_client=own_memcache())
     writer = Counter("stale-total", shards=4, memcache_client=own_memcache())
     writer.increment(1)  # the writer's pool now holds an idle connection
-    sharded_counter_memcached.restart()
+    sharded_counter_cache.restart()
     assert reader.count == 1  # the reader (fresh sockets) caches a complete record
     writer.increment(5)  # acknowledged; its merge meets the stale socket
     stale = reader.count
@@ -570,7 +572,7 @@ def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
 
 
 def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -640,7 +642,7 @@ def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
 def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     sharded_counter_env: dict[str, str],
     sharded_counter_engine: str,
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -660,13 +662,13 @@ def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     writes = increment_loop(
         ledger, lambda i, k: broken if i % 2 else healthy, lambda i, k: 10 * (i + 1), pause=0.01
     )
-    sharded_counter_memcached.kill()
+    sharded_counter_cache.kill()
     try:
         with writers_running(WRITERS, writes):
             time.sleep(1.5)
         down_totals = (healthy.count, healthy.get_count(nocache=True))
     finally:
-        sharded_counter_memcached.start()
+        sharded_counter_cache.start()
 
     assert ledger.errors == []
     assert ledger.refused_calls > 0
@@ -795,7 +797,7 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
 def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     sharded_counter_backends: Any,
     sharded_counter_engine: str,
     relay: ReplyHoldingRelay,
@@ -834,7 +836,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
 
     def memcached_then_datastore_fail(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("folded"):  # the take is done
-            sharded_counter_memcached.pause()
+            sharded_counter_cache.pause()
             if fate == "dropped":
                 emulator.pause()
         return (yield from write(store, *args, **kwargs))
@@ -845,7 +847,7 @@ def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once
             with pytest.raises(IncrementOutcomeUnknown) as unknown:
                 counter.increment(7)
     finally:
-        sharded_counter_memcached.resume()
+        sharded_counter_cache.resume()
         if fate == "dropped":
             emulator.resume()
     assert unknown.value.delta == 7
@@ -1118,7 +1120,8 @@ def test_writers_hold_back_for_a_dead_setter_only_briefly(
     counter.increment(1)
     assert counter.count == 1
     dead = Stash(0).set_begun("d1", time.time() + 60)  # as a set that never ended leaves it
-    client.set(counter._stash_key, dead.encode(), 0)
+    client.delete(counter._stash_key)  # the stash now holds that marker alone
+    assert client.add(counter._stash_key, dead.encode(), 0)
     counter.increment(1)  # its merge reads the stash key and sees the set
     latencies = []
     for _ in range(5):
@@ -1448,7 +1451,7 @@ def test_a_vanished_writers_fold_part_is_resolved_under_load(
 
 def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
     sharded_counter_env: dict[str, str],
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     monkeypatch: pytest.MonkeyPatch,
     own_memcache: Callable[..., Any],
 ) -> None:
@@ -1459,12 +1462,10 @@ def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
     memcached is real and applies the cas; a relay holds back just that reply.
     """
     name = "lost-take"
-    host, port = sharded_counter_memcached.address.rsplit(":", 1)
-    relay = ReplyHoldingRelay(host, int(port))
+    relay = ReplyHoldingRelay(sharded_counter_cache.host, sharded_counter_cache.port)
     try:
-        through_relay = build_client(
-            Settings(memcached_hosts=(f"127.0.0.1:{relay.port}",), **FAST_MEMCACHE)
-        )
+        url = cache_url_through(sharded_counter_cache, "127.0.0.1", relay.port)
+        through_relay = build_client(Settings(cache_url=url, **FAST_MEMCACHE))
         with monkeypatch.context() as patch:
             patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
             broken = connected(

@@ -62,10 +62,10 @@ def test_the_same_key_on_another_counter_is_another_increment(
 
 
 def test_a_key_is_remembered_by_a_fresh_process_after_memcache_is_flushed(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Any
 ) -> None:
     Counter("flushed").increment(9, idempotency_key="once")
-    sharded_counter_memcached.flush_all()
+    sharded_counter_cache.flush_all()
     # A new Counter stands for another process: nothing it could know but Datastore.
     Counter("flushed").increment(9, idempotency_key="once")
     assert Counter("flushed").get_count(nocache=True) == 9

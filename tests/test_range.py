@@ -168,7 +168,7 @@ def test_an_overflowing_increment_puts_back_the_stash_it_took(
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["up", "down"])
 def test_totals_beyond_int64_are_exact_python_ints(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any, sign: int
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Any, sign: int
 ) -> None:
     name = f"huge-{sign}"
     counter = Counter(name, shards=3, **TRANSACTION)
@@ -178,7 +178,7 @@ def test_totals_beyond_int64_are_exact_python_ints(
         counter.increment(sign)
     expected = start + 3 * sign
     assert_totals(counter, expected)
-    sharded_counter_memcached.flush_all()
+    sharded_counter_cache.flush_all()
     assert_totals(counter, expected)  # rebuilt from the shards, still exact
     assert_totals(Counter(name), expected)  # another object, another shard count: the same
     assert sum(shard_values(name).values()) == expected

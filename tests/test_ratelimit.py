@@ -29,7 +29,7 @@ from sharded_counter import (
 )
 from sharded_counter.patterns.ratelimit import MAX_WINDOW, Strategy
 from sharded_counter.tools.cli import main
-from sharded_counter_emulator import Memcached, free_port
+from sharded_counter_emulator import Memcached, RedisServer, free_port
 
 UNITS = {
     "s": 1,
@@ -171,9 +171,9 @@ def test_any_text_parses_or_raises_value_error(text: str) -> None:
 
 
 def test_a_window_allows_exactly_the_limit_then_rolls_over(
-    sharded_counter_memcached: Memcached,
+    sharded_counter_cache: Memcached | RedisServer,
 ) -> None:
-    limiter = RateLimiter("5/2 seconds", memcached_hosts=[sharded_counter_memcached.address])
+    limiter = RateLimiter("5/2 seconds", cache_url=sharded_counter_cache.url)
     key = fresh_key()
     wait_for_window_start(2, need=1.2)
     first = [limiter.hit(key) for _ in range(8)]
@@ -188,8 +188,8 @@ def test_a_window_allows_exactly_the_limit_then_rolls_over(
     assert second[0].reset_at == window_end + 2
 
 
-def test_test_spends_nothing(sharded_counter_memcached: Memcached) -> None:
-    limiter = RateLimiter("3/minute", memcached_hosts=sharded_counter_memcached.address)
+def test_test_spends_nothing(sharded_counter_cache: Memcached | RedisServer) -> None:
+    limiter = RateLimiter("3/minute", cache_url=sharded_counter_cache.url)
     key = fresh_key()
     wait_for_window_start(60, need=5)
     for _ in range(50):
@@ -206,9 +206,9 @@ def test_test_spends_nothing(sharded_counter_memcached: Memcached) -> None:
 
 
 def test_costs_above_one_and_refused_hits_cost_nothing(
-    sharded_counter_memcached: Memcached,
+    sharded_counter_cache: Memcached | RedisServer,
 ) -> None:
-    limiter = RateLimiter("10/minute", memcached_hosts=[sharded_counter_memcached.address])
+    limiter = RateLimiter("10/minute", cache_url=sharded_counter_cache.url)
     key = fresh_key()
     wait_for_window_start(60, need=5)
     verdicts = [limiter.hit(key, cost) for cost in (4, 4, 4, 2, 1)]
@@ -229,12 +229,14 @@ def test_costs_above_one_and_refused_hits_cost_nothing(
         limiter.hit(key, 1.5)  # type: ignore[arg-type]
 
 
-def test_the_sliding_window_weighs_the_previous_one(sharded_counter_memcached: Memcached) -> None:
+def test_the_sliding_window_weighs_the_previous_one(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
     clock = FakeClock(1_000_000.0)  # the start of a 10-second window
     limiter = RateLimiter(
         "10 per 10 seconds",
         strategy="sliding",
-        memcached_hosts=[sharded_counter_memcached.address],
+        cache_url=sharded_counter_cache.url,
         clock=clock,
     )
     key = fresh_key()
@@ -255,11 +257,11 @@ def test_the_sliding_window_weighs_the_previous_one(sharded_counter_memcached: M
     assert limiter.test(key).remaining == 10
 
 
-def test_the_fixed_window_ignores_the_previous_one(sharded_counter_memcached: Memcached) -> None:
+def test_the_fixed_window_ignores_the_previous_one(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
     clock = FakeClock(2_000_000.0)
-    limiter = RateLimiter(
-        "10/10s", memcached_hosts=[sharded_counter_memcached.address], clock=clock
-    )
+    limiter = RateLimiter("10/10s", cache_url=sharded_counter_cache.url, clock=clock)
     key = fresh_key()
     assert all(limiter.hit(key).allowed for _ in range(10))
     assert not limiter.hit(key).allowed
@@ -271,15 +273,17 @@ def test_the_fixed_window_ignores_the_previous_one(sharded_counter_memcached: Me
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-def test_any_key_is_limited_apart(sharded_counter_memcached: Memcached, key: str) -> None:
-    limiter = RateLimiter("2/minute", memcached_hosts=[sharded_counter_memcached.address])
+def test_any_key_is_limited_apart(sharded_counter_cache: Memcached | RedisServer, key: str) -> None:
+    limiter = RateLimiter("2/minute", cache_url=sharded_counter_cache.url)
     unique = f"{key}\x00{uuid.uuid4()}"
     assert limiter.hit(unique).remaining == 1
     assert limiter.hit(unique + "!").remaining == 1
 
 
-def test_the_decorator_refuses_over_the_limit(sharded_counter_memcached: Memcached) -> None:
-    limiter = RateLimiter("2/minute", memcached_hosts=[sharded_counter_memcached.address])
+def test_the_decorator_refuses_over_the_limit(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
+    limiter = RateLimiter("2/minute", cache_url=sharded_counter_cache.url)
     calls: list[str] = []
     user = fresh_key()
 
@@ -303,7 +307,7 @@ def test_the_decorator_refuses_over_the_limit(sharded_counter_memcached: Memcach
 
 
 def hitter_process(
-    address: str,
+    url: str,
     key: str,
     strategy: str,
     threads: int,
@@ -312,9 +316,7 @@ def hitter_process(
     go: Any,
     results: Any,
 ) -> None:
-    limiter = RateLimiter(
-        "50/5 seconds", strategy=cast(Strategy, strategy), memcached_hosts=[address]
-    )
+    limiter = RateLimiter("50/5 seconds", strategy=cast(Strategy, strategy), cache_url=url)
     limiter.test("warm up")  # connect before the start line
     ready.put(os.getpid())
     go.wait()
@@ -336,7 +338,7 @@ def hitter_process(
 
 @pytest.mark.parametrize("strategy", ["fixed", "sliding"])
 def test_exactly_the_limit_under_16_hitters_in_2_processes(
-    sharded_counter_memcached: Memcached, strategy: str
+    sharded_counter_cache: Memcached | RedisServer, strategy: str
 ) -> None:
     context = multiprocessing.get_context("spawn")
     ready, results, go = context.Queue(), context.Queue(), context.Event()
@@ -344,7 +346,7 @@ def test_exactly_the_limit_under_16_hitters_in_2_processes(
     processes = [
         context.Process(
             target=hitter_process,
-            args=(sharded_counter_memcached.address, key, strategy, 8, 25, ready, go, results),
+            args=(sharded_counter_cache.url, key, strategy, 8, 25, ready, go, results),
         )
         for _ in range(2)
     ]
@@ -373,7 +375,7 @@ def test_exactly_the_limit_under_16_hitters_in_2_processes(
 
 def test_fails_open_by_default_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     server = Memcached(port=free_port())
-    limiter = RateLimiter("1/minute", memcached_hosts=[server.address])  # nothing listens yet
+    limiter = RateLimiter("1/minute", cache_url=server.url)  # nothing listens yet
     key = fresh_key()
     with caplog.at_level(logging.WARNING, logger="sharded_counter"):
         verdicts = [limiter.hit(key) for _ in range(5)]
@@ -415,9 +417,9 @@ def test_needs_memcached_and_checks_its_arguments() -> None:
 
 
 def test_a_limiter_made_before_fork_uses_the_childs_own_connection(
-    sharded_counter_memcached: Memcached,
+    sharded_counter_cache: Memcached | RedisServer,
 ) -> None:
-    limiter = RateLimiter("5/minute", memcached_hosts=[sharded_counter_memcached.address])
+    limiter = RateLimiter("5/minute", cache_url=sharded_counter_cache.url)
     parent_client = limiter._client()  # the process-wide client, looked up per call
     key = fresh_key()
     wait_for_window_start(60, need=5)
@@ -435,9 +437,9 @@ def test_a_limiter_made_before_fork_uses_the_childs_own_connection(
 
 
 def test_the_limits_command_shows_without_spending(
-    sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_cache: Memcached | RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", sharded_counter_cache.url)
     monkeypatch.setenv("COLUMNS", "200")
     key = fresh_key()
     wait_for_window_start(60, need=5)
@@ -462,12 +464,12 @@ def test_the_limits_command_shows_without_spending(
     ],
 )
 def test_the_limits_command_refuses_bad_input_in_one_line(
-    sharded_counter_memcached: Memcached,
+    sharded_counter_cache: Memcached | RedisServer,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
     mentions: str,
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", sharded_counter_cache.url)
     result = CliRunner().invoke(main, args)
     assert result.exit_code != 0
     assert "Traceback" not in result.output

@@ -15,11 +15,12 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pymemcache.client.base import PooledClient
 
 from sharded_counter import CacheUnavailable, TimeSeries
+from sharded_counter.cache.client import build_client
+from sharded_counter.settings import Settings
 from sharded_counter.tools.cli import main, parse_when
-from sharded_counter_emulator import Memcached, free_port
+from sharded_counter_emulator import Memcached, RedisServer, free_port
 
 NOW = 1_700_000_040.0  # on a minute edge
 MINUTE_AGO_10 = NOW - 600
@@ -36,8 +37,8 @@ class FakeClock:
 class CountingClient:
     """A real pooled client that counts the calls made through it (a spy, not a mock)."""
 
-    def __init__(self, server: Memcached) -> None:
-        self._client = PooledClient((server.host, server.port), default_noreply=False)
+    def __init__(self, server: Memcached | RedisServer) -> None:
+        self._client = build_client(Settings(cache_url=server.url))
         self.calls: list[tuple[str, int]] = []
 
     def __getattr__(self, name: str) -> Any:
@@ -55,7 +56,7 @@ def series(server: Memcached, clock: FakeClock | None = None, **options: Any) ->
     options.setdefault("resolutions", [(10, 3600), (60, 86400)])
     return TimeSeries(
         f"hits {uuid.uuid4()}",
-        memcached_hosts=[server.address],
+        cache_url=server.url,
         clock=clock or FakeClock(NOW),
         **options,
     )
@@ -79,20 +80,25 @@ def series(server: Memcached, clock: FakeClock | None = None, **options: Any) ->
     ],
 )
 def test_resolutions_are_checked(
-    sharded_counter_memcached: Memcached, resolutions: Any, error: type[Exception], mentions: str
+    sharded_counter_cache: Memcached | RedisServer,
+    resolutions: Any,
+    error: type[Exception],
+    mentions: str,
 ) -> None:
     with pytest.raises(error) as caught:
-        TimeSeries("x", resolutions, memcached_hosts=[sharded_counter_memcached.address])
+        TimeSeries("x", resolutions, cache_url=sharded_counter_cache.url)
     assert mentions in str(caught.value)
 
 
-def test_resolutions_are_sorted_finest_first(sharded_counter_memcached: Memcached) -> None:
-    ts = series(sharded_counter_memcached, resolutions=[(3600, 86400), (10, 600), (60, 7200)])
+def test_resolutions_are_sorted_finest_first(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
+    ts = series(sharded_counter_cache, resolutions=[(3600, 86400), (10, 600), (60, 7200)])
     assert [r.seconds for r in ts.resolutions] == [10, 60, 3600]
 
 
-def test_increments_only_go_up(sharded_counter_memcached: Memcached) -> None:
-    ts = series(sharded_counter_memcached)
+def test_increments_only_go_up(sharded_counter_cache: Memcached | RedisServer) -> None:
+    ts = series(sharded_counter_cache)
     with pytest.raises(ValueError, match="only counts up"):
         ts.incr("k", -1)
     with pytest.raises(TypeError):
@@ -108,14 +114,16 @@ def test_increments_only_go_up(sharded_counter_memcached: Memcached) -> None:
     ts.incr("k", 0)
     assert ts.sum("k", NOW - 60, NOW) == 0
     with pytest.raises(ValueError, match="name_prefix"):
-        TimeSeries("", memcached_hosts=[sharded_counter_memcached.address])
+        TimeSeries("", cache_url=sharded_counter_cache.url)
 
 
 # -- which buckets a range reads -----------------------------------------------------------------
 
 
-def test_a_sum_reads_the_coarsest_buckets_that_fit(sharded_counter_memcached: Memcached) -> None:
-    ts = series(sharded_counter_memcached)
+def test_a_sum_reads_the_coarsest_buckets_that_fit(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
+    ts = series(sharded_counter_cache)
     m = MINUTE_AGO_10  # a minute edge
     expected = [
         (10, m + 30),
@@ -133,8 +141,10 @@ def test_a_sum_reads_the_coarsest_buckets_that_fit(sharded_counter_memcached: Me
     assert ts.plan(m, m) == []
 
 
-def test_old_ranges_must_align_to_what_is_kept(sharded_counter_memcached: Memcached) -> None:
-    ts = series(sharded_counter_memcached)  # 10 s buckets for an hour, 60 s for a day
+def test_old_ranges_must_align_to_what_is_kept(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
+    ts = series(sharded_counter_cache)  # 10 s buckets for an hour, 60 s for a day
     two_hours_ago = NOW - 7200  # a minute edge
     with pytest.raises(ValueError, match="align the range's ends there to 60 s"):
         ts.plan(two_hours_ago + 30, NOW)
@@ -151,9 +161,11 @@ def test_old_ranges_must_align_to_what_is_kept(sharded_counter_memcached: Memcac
 )
 @settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_a_sum_counts_every_event_in_the_buckets_it_covers(
-    sharded_counter_memcached: Memcached, events: list[tuple[int, int]], bounds: list[float]
+    sharded_counter_cache: Memcached | RedisServer,
+    events: list[tuple[int, int]],
+    bounds: list[float],
 ) -> None:
-    ts = series(sharded_counter_memcached)
+    ts = series(sharded_counter_cache)
     base = NOW - 3000
     for offset, n in events:
         ts.incr("page", n, at=base + offset)
@@ -168,8 +180,8 @@ def test_a_sum_counts_every_event_in_the_buckets_it_covers(
         assert count == sum(n for o, n in events if start <= base + o < start + 60)
 
 
-def test_a_query_is_one_round_trip(sharded_counter_memcached: Memcached) -> None:
-    spy = CountingClient(sharded_counter_memcached)
+def test_a_query_is_one_round_trip(sharded_counter_cache: Memcached | RedisServer) -> None:
+    spy = CountingClient(sharded_counter_cache)
     ts = TimeSeries("spied", memcache_client=spy, clock=FakeClock(NOW))  # type: ignore[arg-type]
     for i in range(30):
         ts.incr("k", at=NOW - 60 * i - 1)
@@ -182,8 +194,10 @@ def test_a_query_is_one_round_trip(sharded_counter_memcached: Memcached) -> None
     assert spy.calls == [("get_many", 180)]
 
 
-def test_a_series_lists_every_bucket_with_zeros(sharded_counter_memcached: Memcached) -> None:
-    ts = series(sharded_counter_memcached)
+def test_a_series_lists_every_bucket_with_zeros(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
+    ts = series(sharded_counter_cache)
     ts.incr("k", 3, at=NOW - 125)
     ts.incr("k", at=dt.datetime.fromtimestamp(NOW - 10, dt.timezone.utc))
     assert ts.series("k", NOW - 180, NOW, 60) == [(NOW - 180, 3), (NOW - 120, 0), (NOW - 60, 1)]
@@ -195,11 +209,11 @@ def test_a_series_lists_every_bucket_with_zeros(sharded_counter_memcached: Memca
         ts.series("k", NOW - 7200, NOW, 10)
 
 
-def test_keys_and_series_never_share_buckets(sharded_counter_memcached: Memcached) -> None:
-    a = TimeSeries(
-        "a\x00b", memcached_hosts=[sharded_counter_memcached.address], clock=FakeClock(NOW)
-    )
-    b = TimeSeries("a", memcached_hosts=[sharded_counter_memcached.address], clock=FakeClock(NOW))
+def test_keys_and_series_never_share_buckets(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
+    a = TimeSeries("a\x00b", cache_url=sharded_counter_cache.url, clock=FakeClock(NOW))
+    b = TimeSeries("a", cache_url=sharded_counter_cache.url, clock=FakeClock(NOW))
     a.incr("c", 5, at=NOW - 1)
     assert b.sum("b\x00c", NOW - 10, NOW) == 0
     assert a.sum("c", NOW - 10, NOW) == 5
@@ -209,10 +223,12 @@ def test_keys_and_series_never_share_buckets(sharded_counter_memcached: Memcache
 # -- the cache's own clock -----------------------------------------------------------------------
 
 
-def test_buckets_expire_after_their_retention(sharded_counter_memcached: Memcached) -> None:
+def test_buckets_expire_after_their_retention(
+    sharded_counter_cache: Memcached | RedisServer,
+) -> None:
     name = f"short {uuid.uuid4()}"
-    short = TimeSeries(name, [(1, 2)], memcached_hosts=[sharded_counter_memcached.address])
-    long = TimeSeries(name, [(1, 3600)], memcached_hosts=[sharded_counter_memcached.address])
+    short = TimeSeries(name, [(1, 2)], cache_url=sharded_counter_cache.url)
+    long = TimeSeries(name, [(1, 3600)], cache_url=sharded_counter_cache.url)
     at = float(int(time.time()))  # a bucket edge
     short.incr("k", 7, at=at)
     short.incr("k", 1, at=at - 10)  # already past retention: not written at all
@@ -236,7 +252,7 @@ def test_memcache_down_raises_cache_unavailable() -> None:
 
 
 def test_rollup_moves_complete_buckets_into_counters_that_survive_a_flush(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Memcached
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
 ) -> None:
     clock = FakeClock(time.time() // 60 * 60)
     now = clock.now
@@ -250,7 +266,7 @@ def test_rollup_moves_complete_buckets_into_counters_that_survive_a_flush(
     assert ts.rollup("/home") == 0  # nothing moves twice
     assert ts._bucket_counter("/home", ts.resolutions[1], int(now - 300)).count == 5
 
-    sharded_counter_memcached.flush_all()  # the cache is lost...
+    sharded_counter_cache.flush_all()  # the cache is lost...
     assert ts.sum("/home", now - 600, now) == 9  # ...the history is not
     assert ts.series("/home", now - 300, now - 120, 60) == [
         (now - 300, 5),
@@ -263,18 +279,18 @@ def test_rollup_moves_complete_buckets_into_counters_that_survive_a_flush(
     assert ts.sum("/home", now - 600, now) == 15
 
 
-def test_rollup_needs_a_durable_series(sharded_counter_memcached: Memcached) -> None:
+def test_rollup_needs_a_durable_series(sharded_counter_cache: Memcached | RedisServer) -> None:
     with pytest.raises(ValueError, match="durable=True"):
-        series(sharded_counter_memcached).rollup("k")
+        series(sharded_counter_cache).rollup("k")
 
 
 # -- the command line ---------------------------------------------------------------------------
 
 
 def test_the_series_command_shows_buckets_and_their_total(
-    sharded_counter_memcached: Memcached, monkeypatch: pytest.MonkeyPatch
+    sharded_counter_cache: Memcached | RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", sharded_counter_cache.url)
     monkeypatch.setenv("COLUMNS", "200")
     name = f"cli {uuid.uuid4()}"
     now = time.time() // 60 * 60
@@ -305,12 +321,12 @@ def test_the_series_command_shows_buckets_and_their_total(
     ],
 )
 def test_the_series_command_refuses_bad_input_in_one_line(
-    sharded_counter_memcached: Memcached,
+    sharded_counter_cache: Memcached | RedisServer,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],
     mentions: str,
 ) -> None:
-    monkeypatch.setenv("MEMCACHED_HOSTS", sharded_counter_memcached.address)
+    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", sharded_counter_cache.url)
     base = ["series", "k", "--series", "s"]
     if "--resolution" not in args:
         base += ["--resolution", "60"]
