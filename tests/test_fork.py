@@ -32,6 +32,7 @@ from sharded_counter.cache.client import build_client
 from sharded_counter.paths.registry import PerCounter
 from sharded_counter.process import PerProcess, generation
 from sharded_counter.settings import Settings
+from sharded_counter_emulator import Memcached, RedisServer
 
 pytestmark = pytest.mark.backends
 
@@ -87,29 +88,39 @@ def _in_children(
     return outcomes
 
 
-def _connections(memcached_address: str) -> int:
-    host, port = memcached_address.rsplit(":", 1)
-    stats = _stats_clients.setdefault(memcached_address, PlainClient((host, int(port))))
+def _connections(server: Memcached | RedisServer) -> int:
+    """How many connections ``server`` has accepted since it started."""
+    if isinstance(server, RedisServer):
+        import redis
+
+        plain = _stats_clients.get(server.address)
+        if plain is None:  # one connection, kept: each new one would count
+            plain = _stats_clients[server.address] = redis.Redis(
+                host=server.host, port=server.port, password=server.password
+            )
+        return int(plain.info("stats")["total_connections_received"])
+    stats = _stats_clients.get(server.address)
+    if stats is None:
+        stats = _stats_clients[server.address] = PlainClient((server.host, server.port))
     return int(stats.stats()[b"total_connections"])
 
 
-_stats_clients: dict[str, PlainClient] = {}
+_stats_clients: dict[str, Any] = {}  # pymemcache's or redis-py's, per server
 
 
 # -- the rule, deterministically: a child opens connections of its own -------------------
 
 
-@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
 def test_making_a_counter_opens_nothing(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
 ) -> None:
-    before = _connections(sharded_counter_memcached.address)
+    before = _connections(sharded_counter_cache)
     counter = Counter("fork:lazy")
     SharedBuffer()
     CounterBuffer()
-    assert _connections(sharded_counter_memcached.address) == before
+    assert _connections(sharded_counter_cache) == before
     counter.increment()
-    assert _connections(sharded_counter_memcached.address) > before
+    assert _connections(sharded_counter_cache) > before
     assert counter.get_count(nocache=True) == 1
 
 
@@ -118,15 +129,14 @@ def test_a_module_level_counter_uses_the_fixtures_backends(
 ) -> None:
     MODULE_LEVEL.increment(3)
     assert MODULE_LEVEL.get_count(nocache=True) == 3
-    assert MODULE_LEVEL._backend.cache.enabled  # MEMCACHED_HOSTS came from the fixture
+    assert MODULE_LEVEL._backend.cache.enabled  # the cache came from the fixture
     assert MODULE_LEVEL.count == 3
 
 
-@pytest.mark.memcached_only  # counts memcached's own connections or reads MEMCACHED_HOSTS
-def test_a_child_opens_its_own_memcache_connections(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
+def test_a_child_opens_its_own_cache_connections(
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
 ) -> None:
-    address = sharded_counter_memcached.address
+    address = sharded_counter_cache
     counter = Counter("fork:own-sockets")
     shared = SharedBuffer()
     limiter = RateLimiter("5/second")
@@ -152,9 +162,9 @@ def test_a_child_opens_its_own_memcache_connections(
 
 
 def test_clients_passed_in_are_refused_in_a_child(
-    sharded_counter_env: dict[str, str], sharded_counter_memcached: Any
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
 ) -> None:
-    client = build_client(Settings(memcached_hosts=(sharded_counter_memcached.address,)))
+    client = build_client(Settings(cache_url=sharded_counter_cache.url))
     counter = Counter("fork:given-client", memcache_client=client)
     limiter = RateLimiter("5/second", memcache_client=client)
     counter.increment()

@@ -80,10 +80,10 @@ class World:
 
 
 def _killed_writer(
-    emulator_host: str, memcached: str, name: str, ready: Any, acks: Any
+    emulator_host: str, cache_url: str, name: str, ready: Any, acks: Any
 ) -> None:  # pragma: no cover - runs in a spawned process, killed by the test
     os.environ["DATASTORE_EMULATOR_HOST"] = emulator_host
-    counter = Counter(name, shards=4, memcached_hosts=(memcached,), **FAST, **MEMCACHE)
+    counter = Counter(name, shards=4, cache_url=cache_url, **FAST, **MEMCACHE)
     counter.get_count()
     ready.set()
     while True:
@@ -112,7 +112,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     # -- plumbing ------------------------------------------------------------------
 
     def _memcache(self) -> Any:
-        client = build_client(Settings(memcached_hosts=(self.world.memcached.address,), **MEMCACHE))
+        client = build_client(Settings(cache_url=self.world.memcached.url, **MEMCACHE))
         self.clients.append(client)
         return client
 
@@ -276,7 +276,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             target=_killed_writer,
             args=(
                 f"127.0.0.1:{self.world.relay.port}",
-                self.world.memcached.address,
+                self.world.memcached.url,
                 self.name,
                 ready,
                 theirs,
@@ -393,7 +393,7 @@ def test_the_protocol_keeps_its_invariants_under_every_fault(
     sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
     sharded_counter_engine: str,
-    sharded_counter_memcached: Any,
+    sharded_counter_cache: Any,
     relay: ReplyHoldingRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -402,10 +402,10 @@ def test_the_protocol_keeps_its_invariants_under_every_fault(
     probe.increment(1)  # probes the engine (and connects) before any fault
     world = World()
     world.relay = relay
-    world.memcached = sharded_counter_memcached
+    world.memcached = sharded_counter_cache
     world.emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     world.write_mode = probe.write_mode
-    peek = build_client(Settings(memcached_hosts=(sharded_counter_memcached.address,), **MEMCACHE))
+    peek = build_client(Settings(cache_url=sharded_counter_cache.url, **MEMCACHE))
     world.peek = peek
     ProtocolMachine.world = world
     try:
