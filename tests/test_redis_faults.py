@@ -373,3 +373,100 @@ def test_a_redis_restart_loses_exactly_what_only_the_cache_held(
         busy_increments=ledger.acked_calls,
         back_in_s=back_in,
     )
+
+
+# -- 4. full: what an eviction policy that spares keys without an expiry does --------------
+
+
+def redis_info(server: RedisServer, field: str) -> int:
+    """One integer field of ``INFO`` (e.g. ``evicted_keys``)."""
+    client = redis.Redis(server.host, server.port)
+    try:
+        return int(client.info()[field])
+    finally:
+        client.close()
+
+
+def configure(server: RedisServer, **settings: str) -> None:
+    """``CONFIG SET`` each setting (``maxmemory_policy=...`` for ``maxmemory-policy``)."""
+    client = redis.Redis(server.host, server.port)
+    try:
+        for name, value in settings.items():
+            assert client.config_set(name.replace("_", "-"), value)
+    finally:
+        client.close()
+
+
+def test_volatile_lru_evicts_cached_totals_never_the_stash_and_full_it_refuses_out_loud(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    redis_server: Callable[..., RedisServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under ``maxmemory-policy volatile-lru`` (Memorystore's default) Redis evicts only
+    keys with an expiry: cached totals go, rebuilt from the shards on the next read;
+    a stash (+15, acknowledged, its Datastore writes failed) and a SharedBuffer's +40
+    have none and stay. With nothing evictable left, writes are refused: an increment
+    that reaches Datastore is acknowledged all the same, one that cannot is refused
+    with IncrementNotRecorded (not kept, nothing lost silently), and the SharedBuffer
+    refuses with CacheUnavailable. Once Redis has room again every total is exact and
+    the stash and buffer are written, once."""
+    server = redis_server()
+    configure(server, maxmemory_policy="volatile-lru")
+    cache = cache_of(server)
+    stashed = Counter("full-stashed", shards=4, rpc_timeout=2.0, **cache)
+    with monkeypatch.context() as patch:
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        broken = connected(Counter("full-stashed", shards=4, **cache, **UNREACHABLE))
+    buffer = SharedBuffer(interval=600, rpc_timeout=2.0, **cache)
+    stash_ledger = Ledger()
+    for _ in range(3):
+        stash_ledger.increment(broken, 5)
+    for _ in range(4):
+        buffer.increment("full-buffered", 10)
+    assert (stash_ledger.acknowledged, stash_ledger.refused_calls) == (15, 0)
+
+    # Twenty counters with a cached total each: keys with an expiry (cache_ttl).
+    ledger = Ledger()
+    cached = [Counter(f"full-cached-{i}", shards=2, rpc_timeout=2.0, **cache) for i in range(20)]
+    for counter in cached:
+        ledger.increment(counter, 3)
+        assert counter.count == 3
+    evicted_before = redis_info(server, "evicted_keys")
+
+    # Below what it holds: the next command evicts every key with an expiry, and
+    # what has none stays and fills it.
+    configure(server, maxmemory="1")
+    assert (stashed.get_count(nocache=True), buffer.pending("full-buffered")) == (15, 40)
+    evicted = redis_info(server, "evicted_keys") - evicted_before
+    assert evicted >= len(cached), f"only {evicted} keys evicted"
+
+    # Full: writes that reach Datastore are acknowledged, and reads sum the shards.
+    healthy = cached[0]
+    for _ in range(5):
+        ledger.increment(healthy, 1)
+    assert (healthy.count, healthy.get_count(nocache=True)) == (8, 8)
+    # A write that cannot reach Datastore cannot be stashed either: refused, not kept.
+    refused = Ledger()
+    refused.increment(broken, 5)
+    assert (refused.acknowledged, refused.refused_calls, refused.refused) == (0, 1, 5)
+    with pytest.raises(CacheUnavailable):
+        buffer.increment("full-buffered", 1000)
+    assert ledger.errors == [] and ledger.refused_calls == 0
+
+    # Room again: nothing acknowledged is missing, nothing refused is counted.
+    configure(server, maxmemory="0")
+    for counter in cached[1:]:
+        assert_totals(counter, 3)
+    assert_totals(healthy, 8)
+    healthy_writes = Ledger()
+    fold_stash(stashed, healthy_writes)
+    assert_totals(stashed, 15 + healthy_writes.acknowledged)
+    buffer.flush("full-buffered")
+    assert Counter("full-buffered", **cache).get_count(nocache=True) == 40
+    report(
+        f"redis-full-volatile-lru[{sharded_counter_engine}]",
+        evicted_keys=evicted,
+        kept_stash=15,
+        kept_buffered=40,
+    )
