@@ -3,14 +3,17 @@
 The counterpart of ``test_faults.py``'s memcached cases, with a redis-server of each
 test's own (``emulator.redis_server.RedisServer``) named by ``cache_url``: killed
 (SIGKILL) under writers and left down, paused (SIGSTOP) past the client's timeout,
-restarted with and without persistence. Every test that writes runs once per
-Datastore engine, against the real emulator. Nothing here is faked.
+restarted with and without persistence, filled to ``maxmemory``, and brought back
+in an older state (an RDB snapshot older than its last writes, as a promoted
+replica can be). Every test that writes runs once per Datastore engine, against
+the real emulator. Nothing here is faked.
 
 Each keeps a ledger of what callers were told (``faultkit.Ledger``): an increment
 whose ``increment()`` returned is acknowledged and must be in the shards; what the
 cache alone held (``delayed_incr``: a stashed failed write, a ``SharedBuffer``
-amount) is lost exactly when Redis loses the key, and the tests assert that loss
-to the unit, as docs/limits.md states it.
+amount) is lost exactly when Redis loses the key, and counted twice when Redis
+brings back a state from before it was written to Datastore; the tests assert
+both to the unit, as docs/limits.md states them.
 
 Run with ``-s`` to see the measured numbers (lines starting ``[faults]``).
 """
@@ -469,4 +472,85 @@ def test_volatile_lru_evicts_cached_totals_never_the_stash_and_full_it_refuses_o
         evicted_keys=evicted,
         kept_stash=15,
         kept_buffered=40,
+    )
+
+
+# -- 5. back in an older state: what a rollback does -----------------------------------------
+
+
+def test_a_redis_back_in_an_older_state_counts_a_folded_stash_twice(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    redis_server: Callable[..., RedisServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cache that comes back as it was some time ago (an RDB snapshot older than the
+    last writes; the same holds for a replica promoted before it had them) does not
+    just lose keys: a stash folded into the shards since then is pending again and is
+    written a second time, and so is a SharedBuffer amount flushed since; a cached
+    total is short of the writes merged since, until ``repair`` (``verify`` shows it).
+
+    Here the snapshot (``SAVE``) holds a stash of +15 and a buffer of +40; both are
+    written to Datastore, 20 more increments merge into a cached total, then Redis is
+    SIGKILLed and reloads the snapshot: the 15 and the 40 are counted twice, exactly,
+    and the cached total reads 20 short until repaired."""
+    server = redis_server("rdb")
+    cache = cache_of(server)
+    stashed = Counter("older-stashed", shards=4, rpc_timeout=2.0, **cache)
+    with monkeypatch.context() as patch:
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        broken = connected(Counter("older-stashed", shards=4, **cache, **UNREACHABLE))
+    buffer = SharedBuffer(interval=600, rpc_timeout=2.0, **cache)
+    busy = Counter("older-busy", shards=4, rpc_timeout=2.0, **cache)
+    ledger = Ledger()
+    for _ in range(3):
+        ledger.increment(broken, 5)
+    for _ in range(4):
+        buffer.increment("older-buffered", 10)
+    for _ in range(10):
+        ledger.increment(busy, 1)
+    assert (busy.count, stashed.get_count(nocache=True)) == (10, 15)
+    snapshot = redis.Redis(server.host, server.port)
+    try:
+        assert snapshot.save()
+    finally:
+        snapshot.close()
+
+    # After the snapshot: the stash and the buffer are written, 20 more increments.
+    first = Ledger()
+    fold_stash(stashed, first)
+    buffer.flush("older-buffered")
+    buffered = Counter("older-buffered", rpc_timeout=2.0, **cache)
+    for _ in range(20):
+        ledger.increment(busy, 1)
+    assert_totals(stashed, 15 + first.acknowledged)
+    assert (buffered.get_count(nocache=True), buffer.pending("older-buffered")) == (40, 0)
+    assert_totals(busy, 30)
+
+    server.kill()
+    server.start()  # the snapshot's state: stash and buffer pending, busy's total at 10
+    assert stashed._pending_stash() == 15
+    assert buffer.pending("older-buffered") == 40
+    assert (busy.count, busy.get_count(nocache=True)) == (10, 30)
+    stale = busy.verify()
+    assert (stale.ok, stale.drift) == (False, -20), stale
+
+    # The next writes fold the stash again, the next flush writes the 40 again.
+    second = Ledger()
+    fold_stash(stashed, second)
+    buffer.flush("older-buffered")
+    acknowledged = 15 + first.acknowledged + second.acknowledged
+    stash_twice = stashed.get_count(nocache=True) - acknowledged
+    buffer_twice = buffered.get_count(nocache=True) - 40
+    assert (stash_twice, buffer_twice) == (15, 40)
+    assert_totals(stashed, acknowledged + stash_twice)
+    # repair rebuilds the short cached total; the doubled amounts are in the shards.
+    assert busy.repair().ok
+    assert_totals(busy, 30)
+    assert ledger.errors == [] and ledger.refused_calls == 0
+    report(
+        f"redis-older-state[{sharded_counter_engine}]",
+        counted_twice_stash=stash_twice,
+        counted_twice_buffered=buffer_twice,
+        cached_total_short_by=-stale.drift,
     )
