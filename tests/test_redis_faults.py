@@ -475,6 +475,36 @@ def test_volatile_lru_evicts_cached_totals_never_the_stash_and_full_it_refuses_o
     )
 
 
+def test_noeviction_full_keeps_cached_totals_and_the_writer_reads_the_shards(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    redis_server: Callable[..., RedisServer],
+) -> None:
+    """Under ``noeviction`` (Redis's default) a full Redis keeps the cached totals it
+    holds but takes no merge into them: the process that wrote reads its totals from
+    the shards (exact), and once there is room they are exact everywhere."""
+    server = redis_server()
+    configure(server, maxmemory_policy="noeviction")
+    cache = cache_of(server)
+    counter = Counter("noeviction", shards=2, rpc_timeout=2.0, **cache)
+    ledger = Ledger()
+    for _ in range(3):
+        ledger.increment(counter, 1)
+    assert counter.count == 3
+    configure(server, maxmemory="1")
+    assert redis_info(server, "evicted_keys") == 0
+    for _ in range(5):
+        ledger.increment(counter, 1)
+    assert ledger.errors == [] and ledger.refused_calls == 0
+    full_read = counter.count
+    assert (full_read, counter.get_count(nocache=True)) == (8, 8)
+    configure(server, maxmemory="0")
+    ledger.increment(counter, 1)
+    assert_totals(counter, 9)
+    assert Counter("noeviction", **cache).count == 9
+    report(f"redis-full-noeviction[{sharded_counter_engine}]", read_while_full=full_read)
+
+
 # -- 5. back in an older state: what a rollback does -----------------------------------------
 
 
