@@ -6,7 +6,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 from .backend import ProcessBackend
@@ -20,6 +20,28 @@ if TYPE_CHECKING:
 
 #: The servers that speak the Redis protocol, in the order they are looked for.
 SERVER_BINARIES = ("redis-server", "valkey-server")
+
+#: How a RedisServer keeps its data across a restart: not at all (as memcached), an
+#: append-only file fsynced after every write or once a second, or RDB snapshots.
+Persistence = Literal["none", "aof-always", "aof-everysec", "rdb"]
+PERSISTENCE_MODES: tuple[Persistence, ...] = ("none", "aof-always", "aof-everysec", "rdb")
+
+
+def persistence_args(persistence: Persistence, rdb_save: str = "3600 1") -> list[str]:
+    """The redis-server options for ``persistence`` (its files go to ``--dir``).
+
+    ``rdb`` snapshots on ``rdb_save`` (Redis's ``save`` syntax, "seconds changes")
+    and on a clean shutdown; a SIGKILL loses what came after the last snapshot.
+    """
+    if persistence not in PERSISTENCE_MODES:
+        raise ValueError(f"persistence must be one of {PERSISTENCE_MODES}, not {persistence!r}")
+    if persistence.startswith("aof-"):
+        fsync = persistence.removeprefix("aof-")
+        return ["--save", "", "--appendonly", "yes", "--appendfsync", fsync]
+    if persistence == "rdb":
+        return ["--save", rdb_save, "--appendonly", "no"]
+    # No snapshots, no log: a restart comes back empty, as memcached does.
+    return ["--save", "", "--appendonly", "no"]
 
 
 def require_redis_server(binary: str | None = None) -> str:
@@ -66,11 +88,16 @@ def redis_ok(host: str, port: int, *, password: str | None = None, timeout: floa
 
 
 class RedisServer(ProcessBackend):
-    """One redis-server (or valkey-server) process, keeping nothing on disk.
+    """One redis-server (or valkey-server) process.
 
-    Started with ``--save ''`` and ``--appendonly no``: a restart brings it back
-    empty, as memcached comes back. The port is chosen on the first start and kept.
-    With ``password``, clients must AUTH (``requirepass``), as on Memorystore.
+    By default it keeps nothing on disk (``--save ''``, ``--appendonly no``): a
+    restart brings it back empty, as memcached comes back. With ``persistence`` it
+    keeps an append-only file (``aof-always``, ``aof-everysec``) or RDB snapshots
+    (``rdb``) in its scratch directory, which ``restart``, and ``kill`` then
+    ``start``, keep: the new process loads them, and ``start`` returns once it
+    answers ``PING`` (it refuses commands while loading). ``stop`` deletes them.
+    The port is chosen on the first start and kept. With ``password``, clients must
+    AUTH (``requirepass``), as on Memorystore.
     """
 
     def __init__(
@@ -80,10 +107,14 @@ class RedisServer(ProcessBackend):
         port: int | None = None,
         binary: str | None = None,
         password: str | None = None,
+        persistence: Persistence = "none",
+        rdb_save: str = "3600 1",
     ) -> None:
         super().__init__(host=host, port=port)
         self.binary = binary
         self.password = password
+        self.persistence_args = persistence_args(persistence, rdb_save)
+        self.persistence = persistence
         self.label = binary or "redis-server"
         self._timeout = 10.0
 
@@ -112,8 +143,7 @@ class RedisServer(ProcessBackend):
             binary,
             "--bind", self.host,
             "--port", str(self._port),
-            "--save", "",  # no snapshots: a restart comes back empty, as memcached does
-            "--appendonly", "no",
+            *self.persistence_args,
             "--dir", str(self._workdir),
             "--daemonize", "no",
         ]  # fmt: skip

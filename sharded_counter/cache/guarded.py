@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pymemcache.exceptions import MemcacheClientError
+
 from ..errors import CacheUnavailable
 from .cas import Seen, as_seen
 from .client import MemcacheClient, OutageLog
@@ -19,8 +21,10 @@ _WRITES = frozenset(
 
 
 def _never_sent(exc: BaseException) -> bool:
-    """Did the call fail before memcached could see it (refused, or its server is out)?"""
-    return isinstance(exc, (ConnectionRefusedError, ServerUnavailable))
+    """Did the call fail before memcached could see it (refused, or its server is out),
+    or did the server refuse it (``CLIENT_ERROR``; a full Redis's OOM error is a
+    ``CacheCommandError``, a ``MemcacheClientError`` too), changing nothing?"""
+    return isinstance(exc, (ConnectionRefusedError, ServerUnavailable, MemcacheClientError))
 
 
 class GuardedClient:
