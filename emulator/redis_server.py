@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -80,10 +81,12 @@ class RedisServer(ProcessBackend):
         port: int | None = None,
         binary: str | None = None,
         password: str | None = None,
+        options: Sequence[str] = (),
     ) -> None:
         super().__init__(host=host, port=port)
         self.binary = binary
         self.password = password
+        self.options = tuple(options)  # more server arguments (cluster mode's, say)
         self.label = binary or "redis-server"
         self._timeout = 10.0
 
@@ -119,6 +122,7 @@ class RedisServer(ProcessBackend):
         ]  # fmt: skip
         if self.password is not None:
             argv += ["--requirepass", self.password]
+        argv += self.options
         self._timeout = timeout
         self._process = ManagedProcess(
             f"{self.label} on {self.host}:{self._port}",
