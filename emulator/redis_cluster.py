@@ -287,9 +287,10 @@ class RedisCluster:
             except (BackendError, subprocess.TimeoutExpired):
                 return False
             live = {n.address: n for n in self.live_nodes()}
-            if len(owners) != 1 or not owners <= live.keys():
+            (owner,) = owners if len(owners) == 1 else (None,)
+            if owner is None or owner not in live:
                 return False
-            promoted[:] = [live[owners.pop()]]
+            promoted[:] = [live[owner]]
             return self._serves_every_slot()
 
         self._wait(
