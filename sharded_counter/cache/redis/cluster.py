@@ -21,6 +21,16 @@ write, as from one server; the topology is read again before the next call, so
 calls find a promoted replica once the cluster has made one. ``CLUSTERDOWN`` (no
 live primary for a slot yet, during a failover), ``TRYAGAIN`` and redirects that
 do not settle are ``ClusterRefused``: nothing ran.
+
+A replica copies its primary asynchronously, so a promoted one may lack the last
+writes its primary acknowledged. For a counter's cached record that means a total
+missing increments, trusted as complete. So when a node starts serving slots that
+another served before (a failover, seen on a topology reading or in a ``MOVED``),
+every counter record on it (``<prefix>:t:<40 hex>``) is deleted before this client
+sends it anything else, as the memcached cluster does with a server that rejoins: a
+missing record is always safe, the next reader rebuilds it from the shards. Stashes
+(``delayed_incr``) are acknowledged increments and are kept; what they can lose is
+in docs/limits.md.
 """
 
 from __future__ import annotations
@@ -44,12 +54,16 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from ..memcached.ring import RECORD_KEY
 from . import commands
 from .client import RedisCalls, exchange
 from .commands import CacheNotReached, Call
 
 #: How many ``MOVED``/``ASK`` redirects one call follows before it gives up.
 MAX_REDIRECTS = 5
+
+#: How many keys one ``SCAN`` step of a failover's clean-up asks for.
+SCAN_COUNT = 1000
 
 #: The least time between two readings of the topology that failures asked for, so
 #: that a hundred threads failing at once during a failover read it once.
@@ -103,6 +117,8 @@ class RedisClusterClient(RedisCalls):
         self._cluster: RedisCluster | None = None
         self._stale = False  # a failure asked for the topology to be read again
         self._refreshed_at = float("-inf")
+        # Promoted primaries whose counter records are still to be deleted (by name).
+        self._unclean: set[str] = set()
 
     def __repr__(self) -> str:
         seeds = ",".join(f"{host}:{port}" for host, port in self.seeds)
@@ -139,10 +155,12 @@ class RedisClusterClient(RedisCalls):
         asked: ClusterNode | None = None  # where an ASK redirect sent the call
         for _ in range(1 + MAX_REDIRECTS):
             node = asked or self._primary(cluster, slot, call)
+            if node.name in self._unclean:
+                cluster = self._topology(call)  # cleans it first, or raises
             try:
                 return self._send_to(cluster, node, call, command, asking=asked is not None)
             except MovedError as moved:
-                cluster.nodes_manager.move_slot(moved)
+                self._move_slot(cluster, moved)
                 asked = None
             except AskError as ask:
                 asked = self._node_at(cluster, ask.host, ask.port)
@@ -197,6 +215,14 @@ class RedisClusterClient(RedisCalls):
             self._stale = True
             raise ClusterRefused(f"redis {call.name}: {exc}", maybe_applied=False) from exc
 
+    def _move_slot(self, cluster: RedisCluster, moved: MovedError) -> None:
+        """Point the slot at the node ``MOVED`` named; a node that now serves slots it
+        did not serve before is to be cleaned before it gets a call."""
+        with self._lock:
+            before = _serving_primaries(cluster)
+            cluster.nodes_manager.move_slot(moved)
+            self._unclean |= _serving_primaries(cluster) - before
+
     @staticmethod
     def _node_at(cluster: RedisCluster, host: str, port: int) -> ClusterNode:
         host, port = cluster.nodes_manager.remap_host_port(host, port)
@@ -209,14 +235,16 @@ class RedisClusterClient(RedisCalls):
         with self._lock:
             stale = refresh or self._stale
             if self._cluster is not None and not stale:
-                return self._cluster
+                return self._clean(self._cluster, call)
             if self._cluster is not None and self._refresh_too_soon():
-                return self._cluster
+                return self._clean(self._cluster, call)
             try:
                 if self._cluster is None:
                     self._cluster = self._connect()
                 else:
+                    before = _serving_primaries(self._cluster)
                     self._cluster.nodes_manager.initialize()
+                    self._unclean |= _serving_primaries(self._cluster) - before
             except (RedisError, RedisClusterException) as exc:
                 raise CacheNotReached(
                     f"redis {call.name}: no node of the cluster answered: {exc}",
@@ -225,7 +253,28 @@ class RedisClusterClient(RedisCalls):
             finally:
                 self._refreshed_at = time.monotonic()
             self._stale = False
-            return self._cluster
+            return self._clean(self._cluster, call)
+
+    def _clean(self, cluster: RedisCluster, call: Call) -> RedisCluster:
+        """Delete the counter records on every promoted primary not cleaned yet (the
+        lock held: no call of this client reaches it meanwhile). A node that fails
+        the clean-up stays to be cleaned, and this call is ``ClusterRefused``."""
+        for name in sorted(self._unclean):
+            node = cluster.get_node(node_name=name)  # type: ignore[no-untyped-call]
+            if node is None:  # gone from the topology: nothing will reach it
+                self._unclean.discard(name)
+                continue
+            try:
+                _delete_records(cluster.get_redis_connection(node))
+            except RedisError as exc:
+                self._stale = True
+                raise ClusterRefused(
+                    f"redis {call.name}: {name} was promoted and its counter records "
+                    f"could not be deleted yet: {exc}",
+                    maybe_applied=False,
+                ) from exc
+            self._unclean.discard(name)
+        return cluster
 
     def _refresh_too_soon(self) -> bool:
         return time.monotonic() - self._refreshed_at < MIN_REFRESH_INTERVAL
@@ -237,3 +286,32 @@ class RedisClusterClient(RedisCalls):
             retry=Retry(NoBackoff(), 0),
             **self._options,
         )
+
+
+def _serving_primaries(cluster: RedisCluster) -> set[str]:
+    """The names of the nodes that serve some slot, as ``cluster`` last read them."""
+    return {nodes[0].name for nodes in cluster.nodes_manager.slots_cache.values() if nodes}
+
+
+def _delete_records(node: redis.Redis) -> int:
+    """Delete every counter record on ``node`` (one ``SCAN`` pass, matching keys
+    deleted as they come); returns how many."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in node.scan_iter(match="*:t:*", count=SCAN_COUNT):
+        if RECORD_KEY.fullmatch(key.decode("ascii", "replace")):
+            batch.append(key)
+        if len(batch) >= SCAN_COUNT:
+            deleted += _unlink(node, batch)
+    return deleted + _unlink(node, batch)
+
+
+def _unlink(node: redis.Redis, keys: list[bytes]) -> int:
+    """``UNLINK`` each of ``keys`` (one command per key: they may be in different
+    slots), in one pipeline; empties the list."""
+    pipe = node.pipeline(transaction=False)
+    for key in keys:
+        pipe.unlink(key)
+    removed = sum(int(n) for n in pipe.execute()) if keys else 0
+    keys.clear()
+    return removed
