@@ -9,6 +9,7 @@ but faster: ``kill_primary_of`` and ``wait_for_failover`` make that fault.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -248,6 +249,20 @@ class RedisCluster:
         return len(replicas) == len(infos) - len(infos) // (1 + self._replicas) and all(
             "master_link_status:up" in i for i in replicas
         )
+
+    def wait_replicated(self, primary: RedisServer, timeout: float = 10.0) -> None:
+        """Wait until every replica of ``primary`` has copied all it wrote so far (each
+        replica's offset, as the primary reports it, reaches the primary's own)."""
+
+        def copied() -> bool:
+            info = self.command(primary, "INFO", "replication")
+            fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+            offset = int(fields["master_repl_offset"])
+            replicas = [v for k, v in fields.items() if re.fullmatch(r"slave\d+", k)]
+            acked = [int(dict(p.split("=", 1) for p in r.split(","))["offset"]) for r in replicas]
+            return len(acked) == self._replicas and all(a >= offset for a in acked)
+
+        self._wait(copied, time.monotonic() + timeout, f"to copy {primary.address}'s writes")
 
     def _wait(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
         while not ready():
