@@ -173,7 +173,7 @@ class RedisClusterClient(RedisCalls):
                 # Never sent. The node may be gone for good (a primary that failed
                 # over): read the topology again, and go on only if the slot moved.
                 cluster = self._topology(call, refresh=True)
-                if asked is None and self._primary(cluster, slot, call) is node:
+                if asked is None and self._primary(cluster, slot, call).name == node.name:
                     raise
                 asked = None
         raise ClusterRefused(
