@@ -36,13 +36,14 @@ from pymemcache.exceptions import (
     MemcacheServerError,
 )
 from redis.crc import key_slot
+from redis.exceptions import TryAgainError
 
 from sharded_counter.cache.by_url import redis_client_for
 from sharded_counter.cache.cas import change_key
 from sharded_counter.cache.client import CLIENT_ERRORS, build_client, incr_or_add
 from sharded_counter.cache.guarded import GuardedClient
 from sharded_counter.cache.redis.client import RedisClient
-from sharded_counter.cache.redis.cluster import RedisClusterClient
+from sharded_counter.cache.redis.cluster import ClusterRefused, RedisClusterClient
 from sharded_counter.core.effects import drive
 from sharded_counter.errors import CacheUnavailable
 from sharded_counter.settings import Settings
@@ -736,6 +737,34 @@ def test_a_slot_moved_away_is_followed_through_ask_and_moved_and_runs_once(
         assert redis_cluster.command(target, "GET", key).strip().endswith(":7")
     finally:
         client.close()
+
+
+def test_a_read_of_a_slot_half_moved_is_refused_as_never_run(
+    redis_cluster: RedisCluster,
+) -> None:
+    """While a slot is being moved, a multi-key read finding only some of its keys at
+    the old primary gets ``TRYAGAIN``: ``ClusterRefused``, nothing ran. (The hash tag
+    puts both keys in one slot, as one ``MGET`` needs; the library's keys need none.)"""
+    client = cluster_client(redis_cluster)
+    tag = "{" + uuid.uuid4().hex[:12] + "}"
+    here, missing = f"{tag}:here", f"{tag}:missing"
+    source = redis_cluster.primary_for(here)
+    target = next(n for n in redis_cluster.primaries() if n is not source)
+    slot = str(redis_cluster.slot_of(here))
+    source_id, target_id = _node_id(redis_cluster, source), _node_id(redis_cluster, target)
+    try:
+        assert client.add(here, b"1") is True
+        redis_cluster.command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        redis_cluster.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        with pytest.raises(ClusterRefused) as refused:
+            client.get_many([here, missing])
+        assert refused.value.maybe_applied is False
+        assert isinstance(refused.value.__cause__, TryAgainError)
+    finally:
+        for node in (target, source):  # the move called off: the slot stays at the source
+            redis_cluster.command(node, "CLUSTER", "SETSLOT", slot, "STABLE")
+        client.close()
+    assert client.get_many([here, missing]) == {here: b"1"}
 
 
 @pytest.fixture(scope="module")
