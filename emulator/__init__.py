@@ -12,6 +12,7 @@ from .engines import ENGINES, Engine
 from .errors import BackendError, BackendTimeout, MissingDependency
 from .memcached import Memcached
 from .ports import free_port
+from .redis_cluster import RedisCluster
 from .redis_server import RedisServer
 from .sdk import sdk_root
 from .stack import BackendStack
@@ -25,6 +26,7 @@ __all__ = [
     "Engine",
     "Memcached",
     "MissingDependency",
+    "RedisCluster",
     "RedisServer",
     "free_port",
     "sdk_root",

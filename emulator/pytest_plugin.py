@@ -19,6 +19,7 @@ import pytest
 from .engines import ENGINES, Engine, check_engine
 from .errors import BackendError
 from .memcached import Memcached
+from .redis_cluster import RedisCluster
 from .redis_server import RedisServer
 from .stack import BackendStack
 
@@ -48,8 +49,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="memcached",
         choices=CACHES,
         help="the cache sharded_counter_env points counters at: memcached (MEMCACHED_HOSTS, "
-        "the default) or redis (SHARDED_COUNTER_CACHE_URL, a redis-server of the run's own); "
-        "tests marked memcached_only are skipped under redis",
+        "the default), redis (SHARDED_COUNTER_CACHE_URL, a redis-server of the run's own) or "
+        "redis-cluster (a 3+3 Redis Cluster of the run's own, as redis+cluster://); "
+        "tests marked memcached_only are skipped under the others",
     )
 
 
@@ -65,7 +67,7 @@ def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
 
 
 #: The caches ``--sc-cache`` chooses from.
-CACHES = ("memcached", "redis")
+CACHES = ("memcached", "redis", "redis-cluster")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -153,17 +155,32 @@ def sharded_counter_redis() -> Iterator[RedisServer]:
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def sharded_counter_redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of the run's own (3 primaries, 3 replicas), started on first use
+    (``--sc-cache redis-cluster`` points ``sharded_counter_env`` at it)."""
+    cluster = RedisCluster().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-def sharded_counter_cache(request: pytest.FixtureRequest) -> Memcached | RedisServer:
-    """The server of the cache ``--sc-cache`` names, the one ``sharded_counter_env``
-    points at: for tests that flush, kill, pause or restart the cache, or reach it
-    through a relay (each has ``url``, ``host``, ``port`` and those methods)."""
-    if request.config.getoption("--sc-cache") == "redis":
-        return _start_once(
-            request.config, "redis", lambda: request.getfixturevalue("sharded_counter_redis")
-        )
-    server: Memcached = request.getfixturevalue("sharded_counter_memcached")
-    return server
+def sharded_counter_cache(request: pytest.FixtureRequest) -> Memcached | RedisServer | RedisCluster:
+    """The cache ``--sc-cache`` names, the one ``sharded_counter_env`` points at: for
+    tests that flush, kill, pause or restart the cache, or reach it through a relay.
+    Each has ``url`` and ``flush_all``; a server (not a cluster) also ``host``,
+    ``port``, ``kill``, ``pause``, ``resume`` and ``restart``."""
+    cache = str(request.config.getoption("--sc-cache"))
+    if cache == "memcached":
+        server: Memcached = request.getfixturevalue("sharded_counter_memcached")
+        return server
+    fixture = "sharded_counter_redis" if cache == "redis" else "sharded_counter_redis_cluster"
+    found: RedisServer | RedisCluster = _start_once(
+        request.config, cache, lambda: request.getfixturevalue(fixture)
+    )
+    return found
 
 
 @pytest.fixture
@@ -203,10 +220,10 @@ def sharded_counter_env(
     for server in servers:
         server.flush_all()
     env = stack.env(sharded_counter_engine)
-    if request.config.getoption("--sc-cache") == "redis":
-        redis = _start_once(
-            request.config, "redis", lambda: request.getfixturevalue("sharded_counter_redis")
-        )
+    cache = request.config.getoption("--sc-cache")
+    if cache in ("redis", "redis-cluster"):
+        fixture = "sharded_counter_redis" if cache == "redis" else "sharded_counter_redis_cluster"
+        redis = _start_once(request.config, cache, lambda: request.getfixturevalue(fixture))
         redis.flush_all()
         env.update(redis.env())
     for key, value in env.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
@@ -109,12 +110,14 @@ class RedisServer(ProcessBackend):
         password: str | None = None,
         persistence: Persistence = "none",
         rdb_save: str = "3600 1",
+        options: Sequence[str] = (),
     ) -> None:
         super().__init__(host=host, port=port)
         self.binary = binary
         self.password = password
         self.persistence_args = persistence_args(persistence, rdb_save)
         self.persistence = persistence
+        self.options = tuple(options)  # more server arguments (cluster mode's, say)
         self.label = binary or "redis-server"
         self._timeout = 10.0
 
@@ -149,6 +152,7 @@ class RedisServer(ProcessBackend):
         ]  # fmt: skip
         if self.password is not None:
             argv += ["--requirepass", self.password]
+        argv += self.options
         self._timeout = timeout
         self._process = ManagedProcess(
             f"{self.label} on {self.host}:{self._port}",

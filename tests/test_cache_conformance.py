@@ -1,20 +1,25 @@
-"""One table of cache behaviours, run against a real memcached and a real redis-server.
+"""One table of cache behaviours, run against a real memcached, a real redis-server and
+a real Redis Cluster.
 
 The cache tier's protocol (docs/protocol.md) leans on memcached's meaning of a few
 calls: a cas token that changes with every write, ``cas`` and ``add`` that refuse a
 lost race, ``incr`` that never creates a key, expiries, binary-safe values. Each test
-here runs once on memcached through the client ``build_client`` makes (pymemcache)
-and once on redis-server through ``RedisClient``, and asserts the same outcome.
+here runs once on memcached through the client ``build_client`` makes (pymemcache),
+once on redis-server through ``RedisClient`` and once on a cluster of three primaries
+and three replicas through ``RedisClusterClient``, and asserts the same outcome.
 
 The redis-server is this module's own: started once on a free loopback port with
 nothing kept on disk, stopped at the end. Every test uses keys of its own (a fresh
 prefix), so nothing is flushed between tests. Servers of their own, again, for the
-tests that SIGSTOP one.
+tests that SIGSTOP one. The cluster is the session's (the plugin's
+``sharded_counter_redis_cluster``); its tests are skipped only when redis-server or
+redis-cli is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 import uuid
@@ -30,23 +35,27 @@ from pymemcache.exceptions import (
     MemcacheIllegalInputError,
     MemcacheServerError,
 )
+from redis.crc import key_slot
+from redis.exceptions import TryAgainError
 
 from sharded_counter.cache.by_url import redis_client_for
 from sharded_counter.cache.cas import change_key
 from sharded_counter.cache.client import CLIENT_ERRORS, build_client, incr_or_add
 from sharded_counter.cache.guarded import GuardedClient
 from sharded_counter.cache.redis.client import RedisClient
+from sharded_counter.cache.redis.cluster import ClusterRefused, RedisClusterClient
 from sharded_counter.cache.redis.commands import CacheCommandError
 from sharded_counter.core.effects import drive
 from sharded_counter.errors import CacheUnavailable
 from sharded_counter.settings import Settings
 from sharded_counter_emulator import Memcached, free_port
+from sharded_counter_emulator.redis_cluster import RedisCluster
 from sharded_counter_emulator.redis_server import RedisServer
 
 pytestmark = pytest.mark.backends
 
 UINT64_MAX = 2**64 - 1
-KINDS = ["memcached", "redis"]
+KINDS = ["memcached", "redis", "redis-cluster"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +66,23 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(request: pytest.FixtureRequest) -> RedisCluster:
+    """The session's Redis Cluster (3 primaries, 3 replicas)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are not installed")
+    cluster: RedisCluster = request.getfixturevalue("sharded_counter_redis_cluster")
+    return cluster
+
+
+def cluster_client(cluster: RedisCluster, **options: Any) -> RedisClusterClient:
+    return RedisClusterClient(
+        [(node.host, node.port) for node in cluster.nodes],
+        connect_timeout=options.get("memcache_connect_timeout", 0.5),
+        timeout=options.get("memcache_timeout", 0.5),
+    )
 
 
 def memcached_client(address: str, **options: Any) -> Any:
@@ -89,8 +115,10 @@ def cache(request: pytest.FixtureRequest) -> Iterator[Cache]:
     if request.param == "memcached":
         server = request.getfixturevalue("sharded_counter_memcached")
         client = memcached_client(server.address)
-    else:
+    elif request.param == "redis":
         client = redis_client(request.getfixturevalue("redis_server"))
+    else:
+        client = cluster_client(request.getfixturevalue("redis_cluster"))
     try:
         yield Cache(request.param, client, f"conf-{uuid.uuid4().hex[:12]}")
     finally:
@@ -393,9 +421,10 @@ def test_short_expiries_end_keys_and_writes_keep_or_replace_them(cache: Cache) -
 # -- failures -----------------------------------------------------------------------------
 
 
-@pytest.fixture(params=KINDS)
+@pytest.fixture(params=["memcached", "redis"])
 def own_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
-    """A server of this test's own (it will be paused), and a maker of clients for it."""
+    """A server of this test's own (it will be paused), and a maker of clients for it.
+    The cluster has tests of its own below: a paused primary would fail over."""
     server: Any = Memcached() if request.param == "memcached" else RedisServer()
     server.start()
 
@@ -415,11 +444,11 @@ def own_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
 def test_a_refused_connection_was_never_sent() -> None:
     port = free_port()  # nothing listens there
     for kind in KINDS:
-        client: Any = (
-            memcached_client(f"127.0.0.1:{port}")
-            if kind == "memcached"
-            else RedisClient("127.0.0.1", port)
-        )
+        client: Any = {
+            "memcached": lambda: memcached_client(f"127.0.0.1:{port}"),
+            "redis": lambda: RedisClient("127.0.0.1", port),
+            "redis-cluster": lambda: RedisClusterClient([("127.0.0.1", port)]),
+        }[kind]()
         with pytest.raises(ConnectionRefusedError) as refused:
             client.add("k", b"v")
         assert isinstance(refused.value, CLIENT_ERRORS), kind
@@ -609,24 +638,31 @@ class Replay:
     ops=st.lists(_OPS, min_size=5, max_size=40),
 )
 def test_random_calls_get_the_same_answers_from_both(
-    start: list[bytes], ops: list[tuple[Any, ...]], memcached_and_redis: tuple[Any, Any]
+    start: list[bytes], ops: list[tuple[Any, ...]], memcached_and_redis: tuple[Any, ...]
 ) -> None:
-    """Each key starts with a value (and a token read), then the calls run on both."""
-    on_memcached, on_redis = (Replay(c) for c in memcached_and_redis)
+    """Each key starts with a value (and a token read), then the calls run on memcached,
+    and on Redis alone and as a cluster (where the two keys are in two slots)."""
+    on_memcached, *on_redis = (Replay(c) for c in memcached_and_redis)
     setup = [
         op
         for name, v in zip(_NAMES, start, strict=True)
         for op in (("add", name, v, 0), ("gets", name))
     ]
     for i, op in enumerate(setup + ops):
-        assert on_redis.run(op) == on_memcached.run(op), (i, op)
+        expected = on_memcached.run(op)
+        for replay in on_redis:
+            assert replay.run(op) == expected, (i, op, type(replay.client).__name__)
 
 
 @pytest.fixture(scope="module")
 def memcached_and_redis(
-    sharded_counter_memcached: Memcached, redis_server: RedisServer
-) -> Iterator[tuple[Any, Any]]:
-    clients = (memcached_client(sharded_counter_memcached.address), redis_client(redis_server))
+    sharded_counter_memcached: Memcached, redis_server: RedisServer, redis_cluster: RedisCluster
+) -> Iterator[tuple[Any, ...]]:
+    clients = (
+        memcached_client(sharded_counter_memcached.address),
+        redis_client(redis_server),
+        cluster_client(redis_cluster),
+    )
     yield clients
     for client in clients:
         client.close()
@@ -686,3 +722,131 @@ def test_a_value_another_redis_client_set_is_data_with_token_zero(
     finally:
         other.close()
         client.close()
+
+
+# -- the cluster's own: slots, redirects, a stalled primary -------------------------------
+
+
+def test_one_get_many_reads_keys_of_many_slots_on_every_primary(
+    redis_cluster: RedisCluster,
+) -> None:
+    client = cluster_client(redis_cluster)
+    prefix = f"slots-{uuid.uuid4().hex[:12]}"
+    keys = [f"{prefix}:{i}" for i in range(300)]
+    try:
+        for i, key in enumerate(keys):
+            assert client.add(key, str(i).encode()) is True
+        slots = {key_slot(key.encode()) for key in keys}
+        assert int(redis_cluster.slot_of(keys[0])) == key_slot(keys[0].encode())
+        views = redis_cluster.views(redis_cluster.primaries()[0])
+        holders = {v.address for v in views if v.primary and any(v.holds(s) for s in slots)}
+        assert len(slots) > 250 and len(holders) == 3, (len(slots), holders)
+
+        missing = f"{prefix}:missing"
+        found = client.get_many([*keys, missing])
+        assert found == {key: str(i).encode() for i, key in enumerate(keys)}
+        tokens = client.gets_many(keys)
+        assert [client.cas(key, b"new", tokens[key][1]) for key in keys[:20]] == [True] * 20
+        assert client.get_many(keys[:20]) == dict.fromkeys(keys[:20], b"new")
+    finally:
+        client.close()
+
+
+def _node_id(cluster: RedisCluster, node: RedisServer) -> str:
+    return cluster.command(node, "CLUSTER", "MYID").strip()
+
+
+def test_a_slot_moved_away_is_followed_through_ask_and_moved_and_runs_once(
+    redis_cluster: RedisCluster,
+) -> None:
+    """The slot of a key is moved to another primary while the client holds the old
+    map, as ``redis-cli --cluster reshard`` moves it: while the move is under way the
+    old primary answers ASK, after it MOVED. Each call follows and runs once."""
+    client = cluster_client(redis_cluster)
+    key = f"moved-{uuid.uuid4().hex[:12]}"
+    source = redis_cluster.primary_for(key)
+    target = next(n for n in redis_cluster.primaries() if n is not source)
+    slot = str(redis_cluster.slot_of(key))
+    source_id, target_id = _node_id(redis_cluster, source), _node_id(redis_cluster, target)
+    try:
+        assert client.get(key) is None  # the client's map: the slot is at the source
+        redis_cluster.command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        redis_cluster.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        assert client.add(key, b"5") is True  # ASK: made on the target
+        assert client.incr(key, 1) == 6  # ASK again
+        for node in (target, source):
+            redis_cluster.command(node, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        assert client.incr(key, 1) == 7  # MOVED, then the target
+        assert client.get(key) == b"7"
+        assert redis_cluster.command(target, "GET", key).strip().endswith(":7")
+    finally:
+        client.close()
+
+
+def test_a_read_of_a_slot_half_moved_is_refused_as_never_run(
+    redis_cluster: RedisCluster,
+) -> None:
+    """While a slot is being moved, a multi-key read finding only some of its keys at
+    the old primary gets ``TRYAGAIN``: ``ClusterRefused``, nothing ran. (The hash tag
+    puts both keys in one slot, as one ``MGET`` needs; the library's keys need none.)"""
+    client = cluster_client(redis_cluster)
+    tag = "{" + uuid.uuid4().hex[:12] + "}"
+    here, missing = f"{tag}:here", f"{tag}:missing"
+    source = redis_cluster.primary_for(here)
+    target = next(n for n in redis_cluster.primaries() if n is not source)
+    slot = str(redis_cluster.slot_of(here))
+    source_id, target_id = _node_id(redis_cluster, source), _node_id(redis_cluster, target)
+    try:
+        assert client.add(here, b"1") is True
+        redis_cluster.command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        redis_cluster.command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        with pytest.raises(ClusterRefused) as refused:
+            client.get_many([here, missing])
+        assert refused.value.maybe_applied is False
+        assert isinstance(refused.value.__cause__, TryAgainError)
+    finally:
+        for node in (target, source):  # the move called off: the slot stays at the source
+            redis_cluster.command(node, "CLUSTER", "SETSLOT", slot, "STABLE")
+        client.close()
+    assert client.get_many([here, missing]) == {here: b"1"}
+
+
+@pytest.fixture(scope="module")
+def slow_to_fail_over() -> Iterator[RedisCluster]:
+    """A cluster of this module's own whose primaries may be paused: with a node
+    timeout of 60 s, no replica takes over while one is."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are not installed")
+    cluster = RedisCluster(node_timeout_ms=60_000).start()
+    try:
+        yield cluster
+    finally:
+        for node in cluster.nodes:
+            with contextlib.suppress(Exception):
+                node.resume()
+        cluster.stop()
+
+
+def test_a_cluster_write_that_timed_out_may_have_landed_and_is_never_resent(
+    slow_to_fail_over: RedisCluster,
+) -> None:
+    """The key's primary is SIGSTOPped: an ``incr`` goes out and is not answered within
+    0.3 s. It is not sent again (redis-py's cluster client would resend it on a new
+    connection): once the primary runs again the counter went up once at most."""
+    cluster = slow_to_fail_over
+    client = cluster_client(cluster, memcache_timeout=0.3)
+    key = f"stalled-{uuid.uuid4().hex[:12]}"
+    assert client.add(key, b"0") is True  # the connection the next call reuses
+    primary = cluster.primary_for(key)
+    primary.pause()
+    try:
+        with pytest.raises(CacheUnavailable) as guarded:
+            GuardedClient(client).call("incr", key, 1)
+    finally:
+        primary.resume()
+    assert guarded.value.maybe_applied is True
+    assert isinstance(guarded.value.__cause__, TimeoutError)
+    value = client.get(key)
+    assert value in (b"0", b"1"), value  # ran once or not at all, never twice
+    assert client.incr(key, 1) == int(value) + 1  # and it answers again
+    client.close()

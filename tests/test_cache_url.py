@@ -20,6 +20,7 @@ from sharded_counter import Counter, RateLimiter, config, reconnect
 from sharded_counter.aio import AsyncCounter
 from sharded_counter.cache.by_url import memcached_servers, redis_client_for
 from sharded_counter.cache.redis.client import RedisClient
+from sharded_counter.cache.redis.cluster import RedisClusterClient
 from sharded_counter.core.cache_url import (
     DEFAULT_PORTS,
     SCHEMES,
@@ -229,9 +230,20 @@ def test_memcached_hosts_decide_when_no_url_is_set_and_a_memcached_url_wins() ->
 
 
 @pytest.mark.parametrize("scheme", ["redis+cluster", "valkey+cluster"])
-def test_cluster_urls_parse_but_are_refused_for_now(scheme: str) -> None:
-    with pytest.raises(ConfigurationError, match="not supported yet"):
-        redis_client_for(Settings(cache_url=f"{scheme}://h1:7000,h2:7001"))
+def test_a_cluster_url_names_a_cluster_client_with_its_seeds(scheme: str) -> None:
+    settings = Settings(
+        cache_url=f"{scheme}://app:pw@h1:7000,h2",
+        memcache_timeout=0.2,
+        memcache_connect_timeout=0.1,
+    )
+    client = redis_client_for(settings)
+    assert isinstance(client, RedisClusterClient)
+    assert client.seeds == [("h1", 7000), ("h2", 6379)]
+    options = client._options
+    assert (options["username"], options["password"]) == ("app", "pw")
+    assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.2, 0.1)
+    assert "ssl" not in options
+    assert memcached_servers(settings) == []
 
 
 def test_the_env_command_shows_the_url_without_its_password(

@@ -1,7 +1,8 @@
 """Which cache the settings name, and its client: the one place that chooses a backend.
 
-A ``cache_url`` names memcached (``memcached://``), or Redis or Valkey
-(``redis://``, ``rediss://``, ``valkey://``, ``valkeys://``); without one,
+A ``cache_url`` names memcached (``memcached://``), Redis or Valkey
+(``redis://``, ``rediss://``, ``valkey://``, ``valkeys://``), or a Redis or Valkey
+cluster (``redis+cluster://``, ``valkey+cluster://``, seeds ``h1:p1,h2:p2``); without one,
 ``memcached_hosts`` names memcached servers. redis-py is imported only when a URL
 names a Redis or Valkey server, so the library still needs nothing beyond
 pymemcache without one.
@@ -17,6 +18,7 @@ from ..settings import Settings, parse_host
 
 if TYPE_CHECKING:
     from .redis.client import RedisClient
+    from .redis.cluster import RedisClusterClient
 
 
 def cache_url_of(settings: Settings) -> CacheUrl | None:
@@ -66,26 +68,32 @@ def tls_ca_file(settings: Settings) -> str | None:
     return path
 
 
-def redis_client_for(settings: Settings) -> RedisClient | None:
-    """A ``RedisClient`` when ``cache_url`` names a Redis or Valkey server, else None.
+def redis_client_for(settings: Settings) -> RedisClient | RedisClusterClient | None:
+    """A ``RedisClient`` when ``cache_url`` names a Redis or Valkey server, a
+    ``RedisClusterClient`` when it names a cluster, else None.
 
-    Raises ``ConfigurationError`` for what is not built yet (cluster mode) and when
-    redis-py is not installed (the ``redis`` extra).
+    Raises ``ConfigurationError`` when redis-py is not installed (the ``redis`` extra).
     """
     url = cache_url_of(settings)
     if url is None or not url.redis_protocol:
         return None
-    if url.cluster:
-        raise ConfigurationError(
-            f"{url.scheme}:// is not supported yet: only one Redis or Valkey server "
-            "(redis://, rediss://, valkey://, valkeys://) can be the cache for now"
-        )
     try:
         from .redis.client import RedisClient
+        from .redis.cluster import RedisClusterClient
     except ImportError as exc:
         raise ConfigurationError(
             f"{url.scheme}:// needs redis-py: pip install 'sharded-counter[redis]' ({exc})"
         ) from None
+    if url.cluster:
+        return RedisClusterClient(
+            url.hosts,
+            username=url.username,
+            password=url.password,
+            tls=url.tls,
+            ca_file=tls_ca_file(settings) if url.tls else None,
+            connect_timeout=settings.memcache_connect_timeout,
+            timeout=settings.memcache_timeout,
+        )
     ((host, port),) = url.hosts
     return RedisClient(
         host,

@@ -1,10 +1,10 @@
 """pymemcache's calls, with memcached's meaning, on one Redis or Valkey server, from threads.
 
 What each call sends and how its answer reads is ``commands.py``'s; this module
-only sends them. Thread-safe: each call borrows a connection from redis-py's
-blocking pool (at most ``max_pool_size``, waiting up to ``timeout`` for one), and
-redis-py's pool makes new connections in a forked child. Needs redis-py 5.3 or
-later (``get_connection()`` without a command name).
+only sends them (``RedisCalls``, which a cluster's client shares). Thread-safe: each
+call borrows a connection from redis-py's blocking pool (at most ``max_pool_size``,
+waiting up to ``timeout`` for one), and redis-py's pool makes new connections in a
+forked child. Needs redis-py 5.3 or later (``get_connection()`` without a command name).
 """
 
 from __future__ import annotations
@@ -22,52 +22,14 @@ from . import commands
 from .commands import CacheNotReached, Call, NoScript
 
 
-class RedisClient:
-    """pymemcache's calls, with memcached's meaning, on one Redis or Valkey server."""
+class RedisCalls:
+    """pymemcache's calls, with memcached's meaning, made of ``commands.Call``s.
 
-    def __init__(
-        self,
-        host: str,
-        port: int = 6379,
-        *,
-        db: int = 0,
-        username: str | None = None,
-        password: str | None = None,
-        tls: bool = False,
-        ca_file: str | None = None,
-        connect_timeout: float = 0.5,
-        timeout: float = 0.5,
-        max_pool_size: int = 64,
-    ) -> None:
-        connection_class: type[redis.Connection] = redis.SSLConnection if tls else redis.Connection
-        # A TLS connection checks the server's certificate and name: against ca_file
-        # when given, else the system's CAs.
-        tls_options = {"ssl_ca_certs": ca_file} if tls and ca_file else {}
-        self.address = (host, port)
-        self._pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
-            connection_class=connection_class,
-            max_connections=max_pool_size,
-            timeout=timeout,  # how long a call waits for a free connection
-            host=host,
-            port=port,
-            db=db,
-            username=username,
-            password=password,
-            socket_timeout=timeout,
-            socket_connect_timeout=connect_timeout,
-            # A call is sent once: resending a write that timed out could apply it twice.
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
-            **tls_options,
-        )
-
-    def __repr__(self) -> str:
-        host, port = self.address
-        return f"RedisClient({host!r}, {port})"
-
-    def close(self) -> None:
-        """Close every pooled connection; the next call opens a new one."""
-        self._pool.disconnect()
+    A subclass says only how a call reaches a server (``_send``): ``RedisClient``
+    over one connection pool, ``cluster.RedisClusterClient`` to the node that holds
+    the key. Every call is sent once: none is resent after a timeout or a lost
+    connection, since a write resent may apply twice.
+    """
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -135,24 +97,92 @@ class RedisClient:
         return call.read(reply)
 
     def _send(self, call: Call, command: tuple[Any, ...]) -> Any:
-        """Send ``command`` and return Redis's answer; failures as ``commands.failure``."""
+        """Send ``command`` and return Redis's answer; failures as ``commands.failure``
+        gives them, ``CacheNotReached`` when it was never sent."""
+        raise NotImplementedError
+
+
+class RedisClient(RedisCalls):
+    """pymemcache's calls, with memcached's meaning, on one Redis or Valkey server."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 6379,
+        *,
+        db: int = 0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        connect_timeout: float = 0.5,
+        timeout: float = 0.5,
+        max_pool_size: int = 64,
+    ) -> None:
+        connection_class: type[redis.Connection] = redis.SSLConnection if tls else redis.Connection
+        # A TLS connection checks the server's certificate and name: against ca_file
+        # when given, else the system's CAs.
+        tls_options = {"ssl_ca_certs": ca_file} if tls and ca_file else {}
+        self.address = (host, port)
+        self._pool = redis.BlockingConnectionPool(  # type: ignore[no-untyped-call]
+            connection_class=connection_class,
+            max_connections=max_pool_size,
+            timeout=timeout,  # how long a call waits for a free connection
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            password=password,
+            socket_timeout=timeout,
+            socket_connect_timeout=connect_timeout,
+            # A call is sent once: resending a write that timed out could apply it twice.
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            **tls_options,
+        )
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"RedisClient({host!r}, {port})"
+
+    def close(self) -> None:
+        """Close every pooled connection; the next call opens a new one."""
+        self._pool.disconnect()
+
+    def _send(self, call: Call, command: tuple[Any, ...]) -> Any:
         try:
             connection = self._pool.get_connection()  # type: ignore[no-untyped-call]
         except RedisError as exc:
             raise CacheNotReached(f"redis {call.name}: {exc}", maybe_applied=False) from exc
         try:
-            connection.send_command(*command)
-            return connection.read_response()
-        except BaseException as exc:
-            ours = commands.failure(exc, call)
-            if ours is None or isinstance(ours, CacheUnavailable):
-                # Its answer may still come (a timeout), or an interrupt mid-read left an
-                # answer unread: never let the next call read it as its own. redis-py's
-                # checkout drops a connection with data waiting, not one whose answer
-                # is still on its way.
-                connection.disconnect()
-            if ours is None:
-                raise
-            raise ours from exc
+            return exchange(connection, call, command)
         finally:
             self._pool.release(connection)  # type: ignore[no-untyped-call]
+
+
+def exchange(
+    connection: Any,  # a redis.Connection (untyped)
+    call: Call,
+    command: tuple[Any, ...],
+    *,
+    answers: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Send ``command`` on ``connection`` and return Redis's answer; failures as
+    ``commands.failure`` gives them. An error of ``answers`` (a cluster's redirects)
+    is raised as it is: an answer, after which the connection is fine."""
+    try:
+        connection.send_command(*command)
+        return connection.read_response()
+    except answers:
+        raise
+    except BaseException as exc:
+        ours = commands.failure(exc, call)
+        if ours is None or isinstance(ours, CacheUnavailable):
+            # Its answer may still come (a timeout), or an interrupt mid-read left an
+            # answer unread: never let the next call read it as its own. redis-py's
+            # checkout drops a connection with data waiting, not one whose answer
+            # is still on its way.
+            connection.disconnect()
+        if ours is None:
+            raise
+        raise ours from exc
