@@ -53,6 +53,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "redis-cluster (a 3+3 Redis Cluster of the run's own, as redis+cluster://); "
         "tests marked memcached_only are skipped under the others",
     )
+    group.addoption(
+        "--sc-redis-server",
+        default=None,
+        metavar="PATH",
+        help="the server binary for redis and redis-cluster (default: redis-server, else "
+        "valkey-server); a valkey-server's URLs are valkey:// and valkey+cluster://",
+    )
 
 
 def _selected_engines(config: pytest.Config) -> tuple[Engine, ...]:
@@ -145,10 +152,10 @@ def sharded_counter_memcached(
 
 
 @pytest.fixture(scope="session")
-def sharded_counter_redis() -> Iterator[RedisServer]:
+def sharded_counter_redis(pytestconfig: pytest.Config) -> Iterator[RedisServer]:
     """A redis-server of the run's own, started on first use (``--sc-cache redis`` points
     ``sharded_counter_env`` at it; tests of the cache itself may ask for it directly)."""
-    server = RedisServer().start()
+    server = RedisServer(binary=pytestconfig.getoption("--sc-redis-server")).start()
     try:
         yield server
     finally:
@@ -156,10 +163,10 @@ def sharded_counter_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def sharded_counter_redis_cluster() -> Iterator[RedisCluster]:
+def sharded_counter_redis_cluster(pytestconfig: pytest.Config) -> Iterator[RedisCluster]:
     """A Redis Cluster of the run's own (3 primaries, 3 replicas), started on first use
     (``--sc-cache redis-cluster`` points ``sharded_counter_env`` at it)."""
-    cluster = RedisCluster().start()
+    cluster = RedisCluster(binary=pytestconfig.getoption("--sc-redis-server")).start()
     try:
         yield cluster
     finally:

@@ -176,10 +176,11 @@ class RedisCluster:
 
     @property
     def url(self) -> str:
-        """``redis+cluster://host:port,...``: every node, as seeds."""
+        """``redis+cluster://host:port,...`` (``valkey+cluster://`` for valkey-servers):
+        every node, as seeds."""
         if not self.nodes:
             raise BackendError("the redis cluster has no nodes yet: start it first")
-        return "redis+cluster://" + ",".join(n.address for n in self.nodes)
+        return f"{self.nodes[0].scheme}+cluster://" + ",".join(n.address for n in self.nodes)
 
     def env(self) -> dict[str, str]:
         """The variable a client reads to find this cluster."""

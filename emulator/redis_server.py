@@ -127,9 +127,15 @@ class RedisServer(ProcessBackend):
 
     @property
     def url(self) -> str:
-        """``redis://[:password@]host:port``, the password percent-encoded."""
+        """``redis://[:password@]host:port`` (``valkey://`` for a valkey-server), the
+        password percent-encoded."""
         auth = f":{quote(self.password, safe='')}@" if self.password is not None else ""
-        return f"redis://{auth}{self.address}"
+        return f"{self.scheme}://{auth}{self.address}"
+
+    @property
+    def scheme(self) -> str:
+        """``valkey`` for a valkey-server, else ``redis``: either URL reaches either."""
+        return "valkey" if "valkey" in Path(self.binary or "redis-server").name else "redis"
 
     def start(self, timeout: float = 10.0) -> Self:
         """Start the server unless it runs already; return once it answers ``PING``."""

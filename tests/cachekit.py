@@ -43,7 +43,7 @@ def raw_client(server: Memcached | RedisServer | str) -> Any:
     server after the read that follows it)."""
     url = urlsplit(server if isinstance(server, str) else server.url)
     assert url.hostname is not None and url.port is not None, url
-    if url.scheme == "redis":
+    if url.scheme in ("redis", "valkey"):
         password = unquote(url.password) if url.password is not None else None
         return RawRedis(url.hostname, url.port, password)
     assert url.scheme == "memcached", url

@@ -59,9 +59,9 @@ KINDS = ["memcached", "redis", "redis-cluster"]
 
 
 @pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    """This module's redis-server."""
-    server = RedisServer().start()
+def redis_server(pytestconfig: pytest.Config) -> Iterator[RedisServer]:
+    """This module's redis-server (``--sc-redis-server`` names another binary)."""
+    server = RedisServer(binary=pytestconfig.getoption("--sc-redis-server")).start()
     try:
         yield server
     finally:
