@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -85,7 +86,9 @@ def test_single_server_urls_give_back_their_parts(
 
 
 @given(
-    scheme=st.sampled_from(["memcached", "redis+cluster", "valkey+cluster"]),
+    scheme=st.sampled_from(
+        ["memcached", "redis+cluster", "rediss+cluster", "valkey+cluster", "valkeys+cluster"]
+    ),
     servers=st.lists(st.tuples(_HOSTS, st.none() | _PORTS), min_size=1, max_size=5),
 )
 def test_host_lists_keep_their_order(scheme: str, servers: list[tuple[str, int | None]]) -> None:
@@ -244,6 +247,20 @@ def test_a_cluster_url_names_a_cluster_client_with_its_seeds(scheme: str) -> Non
     assert (options["socket_timeout"], options["socket_connect_timeout"]) == (0.2, 0.1)
     assert "ssl" not in options
     assert memcached_servers(settings) == []
+
+
+@pytest.mark.parametrize("scheme", ["rediss+cluster", "valkeys+cluster"])
+def test_a_tls_cluster_url_checks_certificates_against_cache_ca_file(
+    scheme: str, tmp_path: Path
+) -> None:
+    ca = tmp_path / "server-ca.pem"
+    ca.write_text("a CA bundle\n")
+    client = redis_client_for(Settings(cache_url=f"{scheme}://:pw@h1:6379", cache_ca_file=str(ca)))
+    assert isinstance(client, RedisClusterClient)
+    assert (client._options["ssl"], client._options["ssl_ca_certs"]) == (True, str(ca))
+    missing = Settings(cache_url=f"{scheme}://h1", cache_ca_file=str(tmp_path / "none.pem"))
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        redis_client_for(missing)
 
 
 def test_the_env_command_shows_the_url_without_its_password(

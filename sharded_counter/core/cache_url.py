@@ -12,7 +12,8 @@ The forms::
     redis://[[user]:password@]host[:port][/db]      port 6379, db 0 when left out
     rediss://...                                    the same, over TLS
     redis+cluster://[[user]:password@]host[:port][,host[:port]...]
-    valkey://, valkeys://, valkey+cluster://        as the redis forms
+    rediss+cluster://...                            the same, over TLS
+    valkey://, valkeys://, valkey+cluster://, valkeys+cluster://   as the redis forms
 
 A host is a name, an IPv4 address or a bracketed IPv6 address (``[::1]:6379``).
 User and password are percent-decoded, as in any URL (``%40`` for ``@``).
@@ -37,9 +38,11 @@ SCHEMES: dict[str, tuple[Family, bool, bool]] = {
     "redis": ("redis", False, False),
     "rediss": ("redis", True, False),
     "redis+cluster": ("redis", False, True),
+    "rediss+cluster": ("redis", True, True),
     "valkey": ("valkey", False, False),
     "valkeys": ("valkey", True, False),
     "valkey+cluster": ("valkey", False, True),
+    "valkeys+cluster": ("valkey", True, True),
 }
 
 DEFAULT_PORTS: dict[Family, int] = {"memcached": 11211, "redis": 6379, "valkey": 6379}
