@@ -88,10 +88,25 @@ def pytest_configure(config: pytest.Config) -> None:
     _selected_engines(config)
 
 
+#: Fixtures that reach the cache ``--sc-cache`` names: a test without one of them runs
+#: the same whatever the cache, so a run with another cache leaves it out.
+CACHE_FIXTURES = frozenset(
+    {"sharded_counter_env", "sharded_counter_aio_env", "sharded_counter_cache", "own_memcache"}
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     cache = str(config.getoption("--sc-cache"))
     if cache == "memcached":
         return
+    # Under another cache only the tests that reach it run: the rest (units, memcached's
+    # own cluster, the conformance table, which starts every kind itself) ran, or run,
+    # in the memcached run and would only repeat it.
+    kept = [item for item in items if CACHE_FIXTURES & set(getattr(item, "fixturenames", ()))]
+    if len(kept) < len(items):
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+        items[:] = kept
     skip = pytest.mark.skip(reason=f"looks at memcached itself; this run's cache is {cache}")
     for item in items:
         if item.get_closest_marker("memcached_only") is not None:
