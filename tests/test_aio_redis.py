@@ -404,10 +404,11 @@ def test_counters_limits_and_locks_share_redis_with_their_blocking_twins(
     monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", redis_server.url)
     config["sharded_counter"] = {"memcache_timeout": 10.0, "memcache_connect_timeout": 10.0}
     name, key = fresh("lock"), fresh("user")
+    hits = f"aio-on-redis-{uuid.uuid4().hex[:8]}"  # this module's server outlives the engine
     reconnect()
 
     async def main() -> int | None:
-        counter = AsyncCounter("aio-on-redis")
+        counter = AsyncCounter(hits)
         await counter.increment(5)
         shell = async_backend_for(counter._ctx.backend, counter.settings).shell
         assert isinstance(shell.memcache, AsyncRedisCache)
@@ -425,7 +426,7 @@ def test_counters_limits_and_locks_share_redis_with_their_blocking_twins(
         return count
 
     assert in_loop(main) == 5
-    assert Counter("aio-on-redis").get_count() == 5
+    assert Counter(hits).get_count() == 5
     direct = RedisClient(redis_server.host, redis_server.port)
-    assert direct.get(Counter("aio-on-redis")._record_key) is not None
+    assert direct.get(Counter(hits)._record_key) is not None
     direct.close()
