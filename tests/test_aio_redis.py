@@ -258,6 +258,30 @@ def test_a_script_the_server_forgot_is_sent_whole(redis_server: RedisServer) -> 
     assert in_loop(main) == (2, 3)
 
 
+def test_a_restart_while_idle_costs_no_call() -> None:
+    """Pooled connections to a server that restarted are stale: each is opened afresh
+    when a call takes it, so the next calls, one per pooled connection and more, all
+    reach the new server."""
+    server = RedisServer().start()
+    try:
+
+        async def main() -> list[Any]:
+            cache = cache_on(server.url)
+            warm = await asyncio.gather(*(cache.add(f"warm{i}", b"v") for i in range(8)))
+            assert warm == [True] * 8 and cache._pool.idle == 8, "setup: eight connections"
+            await asyncio.to_thread(server.restart)
+            after = [
+                (await cache.get(f"warm{i % 8}"), await cache.add(f"after{i}", b"v"))
+                for i in range(12)
+            ]
+            await cache.close()
+            return after
+
+        assert in_loop(main) == [(None, True)] * 12  # empty: nothing kept, and no failure
+    finally:
+        server.stop()
+
+
 # -- cancellation --------------------------------------------------------------------------
 
 
@@ -332,7 +356,7 @@ def test_a_timed_out_write_may_have_landed_and_is_not_sent_again(
         cache = cache_on(f"redis://127.0.0.1:{held.port}", timeout=0.5, max_pool_size=2)
         # Two calls at once open both pooled connections before the answers are held.
         assert await asyncio.gather(cache.get(key), cache.get(key)) == [b"10", b"10"]
-        assert len(cache._pool._available_connections) == 2, "setup: two connections"
+        assert cache._pool.idle == 2, "setup: two connections"
         held.hold.set()
         # At once, so each takes a connection already open.
         failures = await asyncio.gather(cache.incr(key, 1), cache.get(key), return_exceptions=True)

@@ -12,20 +12,23 @@ records (cas uniques from the server's clock, memcached's expiry and counters).
 Scripts go by their SHA1, and whole only when the server answers NOSCRIPT (which
 ran nothing). No call is sent twice: a write that timed out may have landed.
 
-Each call borrows a connection from a ``redis.asyncio`` blocking pool (at most
-``max_pool_size``, waiting up to ``memcache_timeout`` for one). A call that fails
-or is cancelled after it was sent leaves its connection closed, never back in the
-pool with its answer unread, so no other call can read that answer as its own.
+Each call borrows a connection from a pool (``redis_pool.py``: at most
+``max_pool_size``, waiting up to ``memcache_timeout`` for one) and has
+``memcache_timeout`` for its answer. A call that fails or is cancelled after it
+was sent leaves its connection closed, never back in the pool with its answer
+unread, so no other call can read that answer as its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis.asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..cache.client import OutageLog
 from ..cache.redis import commands
@@ -34,6 +37,7 @@ from ..core.cache_url import CacheUrl
 from ..errors import CacheUnavailable, ConfigurationError
 from ..settings import Settings
 from .cache_guard import CacheGuard
+from .redis_pool import ConnectionPool, drop, within
 
 
 def _refused_nothing_changed(method: str, exc: BaseException) -> bool:
@@ -66,20 +70,29 @@ class AsyncRedisCache:
         connection_class: type[redis.asyncio.Connection] = (
             redis.asyncio.SSLConnection if url.tls else redis.asyncio.Connection
         )
-        self._pool = redis.asyncio.BlockingConnectionPool(
-            connection_class=connection_class,
-            max_connections=max_pool_size,
-            timeout=settings.memcache_timeout,  # how long a call waits for a free connection
-            host=host,
-            port=port,
-            db=url.db,
-            username=url.username,
-            password=url.password,
-            socket_timeout=settings.memcache_timeout,
-            socket_connect_timeout=settings.memcache_connect_timeout,
-            # A call is sent once: resending a write that timed out could apply it twice.
-            retry=Retry(NoBackoff(), 0),
-            retry_on_timeout=False,
+        self._timeout = settings.memcache_timeout
+
+        def connection() -> redis.asyncio.Connection:
+            return connection_class(
+                host=host,
+                port=port,
+                db=url.db,
+                username=url.username,
+                password=url.password,
+                # No socket_timeout (redis-py 8's default is 5 s): each call has one
+                # time limit of its own (_send), and the pool limits the handshake.
+                socket_timeout=None,
+                socket_connect_timeout=settings.memcache_connect_timeout,
+                # A call is sent once: resending a write that timed out could apply it twice.
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+            )
+
+        self._pool = ConnectionPool(
+            connection,
+            size=max_pool_size,
+            wait=settings.memcache_timeout,
+            handshake=settings.memcache_connect_timeout + settings.memcache_timeout,
         )
         self._guard = CacheGuard(
             outage,
@@ -98,7 +111,7 @@ class AsyncRedisCache:
 
     async def close(self) -> None:
         """Close every pooled connection; the next call opens a new one."""
-        await self._pool.disconnect()
+        await self._pool.close()
 
     # -- what the cache tier's steps ask for (cache/guarded.py's calls) ---------------------
 
@@ -178,29 +191,30 @@ class AsyncRedisCache:
         ``commands.failure`` reads them, and ``CacheNotReached`` when no connection
         could be had (nothing was sent)."""
         try:
-            connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-        except (RedisError, OSError) as exc:
-            raise CacheNotReached(f"redis {call.name}: {exc}", maybe_applied=False) from exc
+            connection = await self._pool.borrow()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+            raise CacheNotReached(f"redis {call.name}: {what}", maybe_applied=False) from exc
+        answered = False
         try:
-            await connection.send_command(*command)
-            return await connection.read_response()
-        except BaseException as exc:  # a cancellation too: see _drop
+            # One request on a connection that carries one call at a time: it fits
+            # in the socket's buffer, so the time goes on waiting for the answer.
+            async with within(self._timeout):
+                await connection.send_command(*command)
+                reply = await connection.read_response()
+            answered = True
+            return reply
+        except BaseException as exc:  # a cancellation too: see drop
+            if isinstance(exc, asyncio.TimeoutError):  # 3.10's is not the builtin one
+                exc = RedisTimeoutError(f"no answer within {self._timeout} s")
             ours = commands.failure(exc, call)
-            if ours is None or isinstance(ours, CacheUnavailable):
-                await _drop(connection)
+            # A refusal (an error reply, NOSCRIPT) was read whole: the connection is
+            # clean. Anything else may leave an answer on its way: close it.
+            answered = ours is not None and not isinstance(ours, CacheUnavailable)
+            if not answered:
+                await drop(connection)
             if ours is None:
                 raise
             raise ours from exc
         finally:
-            await self._pool.release(connection)
-
-
-async def _drop(connection: redis.asyncio.Connection) -> None:
-    """Close ``connection`` before it goes back to the pool: its answer may still come
-    (a timeout), or a cancellation mid-read left it unread, and the next call on it
-    would read that answer as its own. The pool opens a new connection in its place.
-
-    redis-py closes the connection itself on any error while sending or reading; this
-    makes sure of it whatever redis-py version is installed. ``nowait``: the socket is
-    closed before the first await, so a second cancellation cannot leave it open."""
-    await connection.disconnect(nowait=True)
+            self._pool.give_back(connection, reuse=answered)
