@@ -377,6 +377,31 @@ def test_a_timed_out_write_may_have_landed_and_is_not_sent_again(
     direct.close()
 
 
+def test_a_call_that_finds_no_free_connection_in_time_is_never_sent(
+    redis_server: RedisServer,
+) -> None:
+    """With the one pooled connection lent out (taken from the pool here, as a call
+    takes it), a write waits for it up to its time limit, then gives up unsent:
+    ``maybe_applied`` false, and it never lands."""
+    direct = RedisClient(redis_server.host, redis_server.port)
+    waiting = fresh("waiting")
+
+    async def main() -> CacheUnavailable:
+        cache = cache_on(redis_server.url, timeout=0.5, max_pool_size=1)
+        lent = await cache._pool.borrow()
+        with pytest.raises(CacheUnavailable) as refused:
+            await cache.add(waiting, b"v")
+        cache._pool.give_back(lent, reuse=True)
+        assert await cache.add(waiting, b"now") is True  # the connection is free again
+        await cache.close()
+        return refused.value
+
+    refused = in_loop(main)
+    assert isinstance(refused, CacheNotReached) and refused.maybe_applied is False
+    assert direct.get(waiting) == b"now"  # the first add never landed
+    direct.close()
+
+
 def test_a_password_and_db_come_from_the_url_and_a_wrong_password_is_never_sent() -> None:
     server = RedisServer(password="s3cret/with:odd@chars").start()
     try:

@@ -60,7 +60,8 @@ class ConnectionPool:
         in time or a new one does not connect in time; ``RedisError`` or ``OSError``
         when it cannot connect. Nothing was sent then."""
         if self._room.locked():
-            await asyncio.wait_for(self._room.acquire(), self._wait)
+            async with within(self._wait):
+                await self._room.acquire()
         else:
             await self._room.acquire()  # free: taken without yielding
         connection = self._idle.pop() if self._idle else self._make()
