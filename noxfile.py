@@ -22,6 +22,9 @@ REDIS_BEHAVIOUR = [
     "tests/test_fork.py",
     "tests/test_ratelimit.py",
     "tests/test_lock.py",
+    "tests/test_aio.py",
+    "tests/test_aio_patterns.py",
+    "tests/test_aio_fastapi.py",
 ]
 
 

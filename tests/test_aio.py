@@ -1,5 +1,6 @@
-"""``AsyncCounter`` on both engines with real memcached: exactness, the event loop kept
-free, sync and async writers on one counter, cancellation, bad input and outages.
+"""``AsyncCounter`` on both engines with a real cache (memcached, or Redis under
+``--sc-cache redis``): exactness, the event loop kept free, sync and async writers on
+one counter, cancellation, bad input and outages.
 
 Every test runs its coroutine in a fresh event loop with ``asyncio.run`` and closes
 the loop's channels and connections (``aclose``) before the loop ends.
@@ -326,12 +327,21 @@ def test_cancelled_increments_count_once_or_not_at_all(
 FAST_FAIL = {"retry_attempts": 2, "retry_deadline": 1.0, "rpc_timeout": 0.5}
 
 
+def dead_cache(env: dict[str, str]) -> dict[str, Any]:
+    """Options naming a cache of this run's kind (``--sc-cache``) that nothing serves."""
+    nowhere = f"127.0.0.1:{free_port()}"
+    if "SHARDED_COUNTER_CACHE_URL" in env:
+        return {"cache_url": f"redis://{nowhere}"}
+    return {"memcached_hosts": [nowhere]}
+
+
 def test_outages_behave_as_in_the_sync_api(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def without_memcache() -> tuple[int, int]:
-        dead = [f"127.0.0.1:{free_port()}"]
-        counter = AsyncCounter("aio-outage", memcached_hosts=dead, memcache_timeout=0.2)
+        counter = AsyncCounter(
+            "aio-outage", **dead_cache(sharded_counter_env), memcache_timeout=0.2
+        )
         await counter.increment(3)  # written to a shard: memcache is only a cache
         none = AsyncCounter("aio-outage", memcached_hosts=())
         await none.increment(4)
@@ -350,7 +360,7 @@ def test_outages_behave_as_in_the_sync_api(
             await broken.get_count(nocache=True)
         lost = AsyncCounter(
             "aio-lost",
-            memcached_hosts=[f"127.0.0.1:{free_port()}"],
+            **dead_cache(sharded_counter_env),
             memcache_timeout=0.2,
             **FAST_FAIL,
         )

@@ -43,7 +43,8 @@ from sharded_counter.errors import CacheUnavailable
 from sharded_counter.settings import parse_host, resolve
 from sharded_counter_emulator import Memcached
 
-pytestmark = pytest.mark.backends
+# Every test here looks at memcached itself: its own failover cluster of three servers.
+pytestmark = [pytest.mark.backends, pytest.mark.memcached_only]
 
 
 def memcache_of(servers: list[Memcached]) -> tuple[AsyncMemcache, ServerRing]:

@@ -1,8 +1,11 @@
-"""``AsyncRateLimiter`` and ``alock`` on a real memcached, beside their blocking twins.
+"""``AsyncRateLimiter`` and ``alock`` on a real cache, beside their blocking twins.
 
 The concurrency tests mix the two: one process hits (or locks) from asyncio tasks,
 the other from threads, on the same keys, so the steps both drive are shown to
 share one allowance and one lock.
+
+The cache is the run's (``--sc-cache``): memcached, named by ``memcached_hosts``; or a
+redis-server, named by ``SHARDED_COUNTER_CACHE_URL`` (spawned processes inherit it).
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ import multiprocessing
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 from pymemcache.client.base import Client
 
 from sharded_counter import (
@@ -29,7 +35,71 @@ from sharded_counter import (
     who_holds,
 )
 from sharded_counter.aio import AsyncRateLimiter, aclose, alock
-from sharded_counter_emulator import Memcached, free_port
+from sharded_counter_emulator import free_port
+
+
+@dataclass
+class RunCache:
+    """The cache this run names: ``hosts`` to pass as ``memcached_hosts`` (None under
+    Redis, whose URL is in the environment), ``address`` (memcached's ``host:port`` or
+    Redis's URL) for the raw reads and writes of ``RawStore``."""
+
+    kind: str
+    hosts: list[str] | None
+    address: str
+
+    def dead(self, monkeypatch: pytest.MonkeyPatch) -> list[str] | None:
+        """``hosts`` for a cache of this kind that nothing serves."""
+        nowhere = f"127.0.0.1:{free_port()}"
+        if self.kind == "memcached":
+            return [nowhere]
+        monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", f"redis://{nowhere}")
+        return None
+
+
+@pytest.fixture
+def run_cache(
+    pytestconfig: pytest.Config,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+    sharded_counter_cache: object,  # asked for, so that runs with another cache keep us
+) -> Iterator[RunCache]:
+    monkeypatch.delenv("MEMCACHED_HOSTS", raising=False)
+    if pytestconfig.getoption("--sc-cache") == "redis":
+        server = request.getfixturevalue("sharded_counter_redis")
+        monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", server.url)
+        yield RunCache("redis", None, server.url)
+    else:
+        monkeypatch.delenv("SHARDED_COUNTER_CACHE_URL", raising=False)
+        server = request.getfixturevalue("sharded_counter_memcached")
+        yield RunCache("memcached", [server.address], server.address)
+
+
+class RawStore:
+    """Plain get and set of a number on the run's cache, for the lock tests' unguarded
+    updates and the final read."""
+
+    def __init__(self, cache: RunCache) -> None:
+        self._redis: redis.Redis | None = None
+        self._memcached: Client | None = None
+        if cache.kind == "redis":
+            self._redis = redis.Redis.from_url(cache.address)
+        else:
+            host, port = cache.address.rsplit(":", 1)
+            self._memcached = Client((host, int(port)), default_noreply=False)
+
+    def get(self, key: str) -> int:
+        if self._redis is not None:
+            return int(self._redis.get(key) or b"0")
+        assert self._memcached is not None
+        return int(self._memcached.get(key) or b"0")
+
+    def set(self, key: str, value: int) -> None:
+        if self._redis is not None:
+            self._redis.set(key, str(value))
+        else:
+            assert self._memcached is not None
+            self._memcached.set(key, str(value).encode())
 
 
 def run(main: Any) -> Any:
@@ -53,9 +123,9 @@ def wait_for_window_start(window: int, need: float) -> None:
 
 
 def test_a_window_allows_exactly_the_limit_and_the_sync_limiter_agrees(
-    sharded_counter_memcached: Memcached,
+    run_cache: RunCache,
 ) -> None:
-    hosts = [sharded_counter_memcached.address]
+    hosts = run_cache.hosts
     key = f"user {uuid.uuid4()}"
 
     async def main() -> list[bool]:
@@ -70,8 +140,8 @@ def test_a_window_allows_exactly_the_limit_and_the_sync_limiter_agrees(
     assert sync.test(key).remaining == 0
 
 
-def test_the_decorator_refuses_calls_over_the_limit(sharded_counter_memcached: Memcached) -> None:
-    limiter = AsyncRateLimiter("2/minute", memcached_hosts=[sharded_counter_memcached.address])
+def test_the_decorator_refuses_calls_over_the_limit(run_cache: RunCache) -> None:
+    limiter = AsyncRateLimiter("2/minute", memcached_hosts=run_cache.hosts)
     user = f"u-{uuid.uuid4()}"
     ran: list[int] = []
 
@@ -109,9 +179,9 @@ def test_bad_arguments_raise_before_memcache_is_asked() -> None:
 
 
 def test_memcache_down_fails_open_closed_or_raises_as_asked(
-    caplog: pytest.LogCaptureFixture,
+    run_cache: RunCache, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    dead = [f"127.0.0.1:{free_port()}"]
+    dead = run_cache.dead(monkeypatch)
 
     async def main() -> None:
         opened = AsyncRateLimiter("1/minute", memcached_hosts=dead)
@@ -136,12 +206,12 @@ def _patient_memcache() -> None:
 
 
 def _async_hitter(
-    address: str, key: str, tasks: int, hits: int, ready: Any, go: Any, out: Any
+    hosts: list[str] | None, key: str, tasks: int, hits: int, ready: Any, go: Any, out: Any
 ) -> None:
     _patient_memcache()
 
     async def main() -> None:
-        limiter = AsyncRateLimiter("50/5 seconds", memcached_hosts=[address], on_outage="raise")
+        limiter = AsyncRateLimiter("50/5 seconds", memcached_hosts=hosts, on_outage="raise")
         await limiter.test("warm up")  # connect before the start line
         ready.put("async")
         while not go.is_set():
@@ -161,10 +231,10 @@ def _async_hitter(
 
 
 def _sync_hitter(
-    address: str, key: str, threads: int, hits: int, ready: Any, go: Any, out: Any
+    hosts: list[str] | None, key: str, threads: int, hits: int, ready: Any, go: Any, out: Any
 ) -> None:
     _patient_memcache()
-    limiter = RateLimiter("50/5 seconds", memcached_hosts=[address], on_outage="raise")
+    limiter = RateLimiter("50/5 seconds", memcached_hosts=hosts, on_outage="raise")
     limiter.test("warm up")
     ready.put("sync")
     go.wait()
@@ -185,19 +255,17 @@ def _sync_hitter(
 
 
 @pytest.mark.parametrize("other", ["async", "sync"])
-def test_exactly_the_limit_under_16_tasks_in_2_processes(
-    sharded_counter_memcached: Memcached, other: str
-) -> None:
+def test_exactly_the_limit_under_16_tasks_in_2_processes(run_cache: RunCache, other: str) -> None:
     """16 tasks in one process and 16 tasks (or 16 threads) in another hit one key at
     ``50/5 seconds``: exactly 50 are allowed."""
     context = multiprocessing.get_context("spawn")
     ready, out, go = context.Queue(), context.Queue(), context.Event()
     key = f"user {uuid.uuid4()}"
-    address = sharded_counter_memcached.address
+    hosts = run_cache.hosts  # None under Redis: the children inherit its URL's variable
     second = _async_hitter if other == "async" else _sync_hitter
     processes = [
-        context.Process(target=_async_hitter, args=(address, key, 16, 16, ready, go, out)),
-        context.Process(target=second, args=(address, key, 16, 16, ready, go, out)),
+        context.Process(target=_async_hitter, args=(hosts, key, 16, 16, ready, go, out)),
+        context.Process(target=second, args=(hosts, key, 16, 16, ready, go, out)),
     ]
     for process in processes:
         process.start()
@@ -221,8 +289,8 @@ def test_exactly_the_limit_under_16_tasks_in_2_processes(
 # -- locks -------------------------------------------------------------------------------------
 
 
-def test_nowait_waiting_extend_and_release(sharded_counter_memcached: Memcached) -> None:
-    hosts = [sharded_counter_memcached.address]
+def test_nowait_waiting_extend_and_release(run_cache: RunCache) -> None:
+    hosts = run_cache.hosts
     name = f"crazy {uuid.uuid4()}"
 
     async def main() -> None:
@@ -252,8 +320,10 @@ def test_nowait_waiting_extend_and_release(sharded_counter_memcached: Memcached)
     run(main)
 
 
-def test_a_wait_gives_up_after_its_timeout_and_memcache_down_is_reported() -> None:
-    dead = [f"127.0.0.1:{free_port()}"]
+def test_a_wait_gives_up_after_its_timeout_and_memcache_down_is_reported(
+    run_cache: RunCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = run_cache.dead(monkeypatch)
 
     async def main() -> None:
         with pytest.raises(CacheUnavailable, match="cannot take lock"):
@@ -266,37 +336,37 @@ def test_a_wait_gives_up_after_its_timeout_and_memcache_down_is_reported() -> No
     run(main)
 
 
-def _async_bumper(address: str, name: str, key: str, tasks: int, rounds: int) -> None:
-    host, port = address.rsplit(":", 1)
-    raw = Client((host, int(port)), default_noreply=False)
+def _async_bumper(cache: RunCache, name: str, key: str, tasks: int, rounds: int) -> None:
+    raw = RawStore(cache)
 
     async def main() -> None:
         async def work() -> None:
             for _ in range(rounds):
-                async with alock(name, ttl=10, nowait=False, timeout=60, memcached_hosts=[address]):
+                async with alock(
+                    name, ttl=10, nowait=False, timeout=60, memcached_hosts=cache.hosts
+                ):
                     # Read, yield to the other tasks, write: loses updates without the lock.
-                    value = int(raw.get(key) or b"0")
+                    value = raw.get(key)
                     await asyncio.sleep(0.0005)
-                    raw.set(key, str(value + 1).encode())
+                    raw.set(key, value + 1)
 
         await asyncio.gather(*(work() for _ in range(tasks)))
 
     run(main)
 
 
-def _sync_bumper(address: str, name: str, key: str, threads: int, rounds: int) -> None:
-    host, port = address.rsplit(":", 1)
+def _sync_bumper(cache: RunCache, name: str, key: str, threads: int, rounds: int) -> None:
     guard = threading.Lock()  # pymemcache's base Client is not thread-safe
-    raw = Client((host, int(port)), default_noreply=False)
+    raw = RawStore(cache)
 
     def work() -> None:
         for _ in range(rounds):
-            with lock(name, ttl=10, nowait=False, timeout=60, memcached_hosts=[address]):
+            with lock(name, ttl=10, nowait=False, timeout=60, memcached_hosts=cache.hosts):
                 with guard:
-                    value = int(raw.get(key) or b"0")
+                    value = raw.get(key)
                 time.sleep(0.0005)
                 with guard:
-                    raw.set(key, str(value + 1).encode())
+                    raw.set(key, value + 1)
 
     workers = [threading.Thread(target=work) for _ in range(threads)]
     for worker in workers:
@@ -306,24 +376,21 @@ def _sync_bumper(address: str, name: str, key: str, threads: int, rounds: int) -
 
 
 @pytest.mark.parametrize("other", ["async", "sync"])
-def test_locks_keep_400_of_400_non_atomic_updates(
-    sharded_counter_memcached: Memcached, other: str
-) -> None:
+def test_locks_keep_400_of_400_non_atomic_updates(run_cache: RunCache, other: str) -> None:
     """8 tasks in one process and 8 tasks (or 8 threads) in another, 25 rounds each, of a
-    read-pause-write on one memcache key under one lock: all 400 updates are kept."""
+    read-pause-write on one cache key under one lock: all 400 updates are kept."""
     name, key = f"crazy {uuid.uuid4()}", f"shared:{uuid.uuid4().hex}"
-    address = sharded_counter_memcached.address
     context = multiprocessing.get_context("spawn")
     second = _async_bumper if other == "async" else _sync_bumper
     processes = [
-        context.Process(target=_async_bumper, args=(address, name, key, 8, 25)),
-        context.Process(target=second, args=(address, name, key, 8, 25)),
+        context.Process(target=_async_bumper, args=(run_cache, name, key, 8, 25)),
+        context.Process(target=second, args=(run_cache, name, key, 8, 25)),
     ]
     for process in processes:
         process.start()
     for process in processes:
         process.join(timeout=120)
     assert [p.exitcode for p in processes] == [0, 0]
-    final = int(Client((sharded_counter_memcached.host, sharded_counter_memcached.port)).get(key))
+    final = RawStore(run_cache).get(key)
     print(f"\nasync lock (async + {other}): {final} of 400 updates kept")
     assert final == 400

@@ -175,6 +175,30 @@ def test_a_counter_caches_its_total_over_tls(
     assert _keys_held(url, ca) > held_before
 
 
+def test_an_async_counter_caches_its_total_over_tls(
+    sharded_counter_env: dict[str, str], tls_redis: tuple[str, Path]
+) -> None:
+    import asyncio
+
+    from sharded_counter.aio import AsyncCounter, aclose
+
+    url, ca = tls_redis
+    held_before = _keys_held(url, ca)
+    name = f"tls-aio-{uuid.uuid4().hex}"
+
+    async def main() -> tuple[int, int]:
+        counter = AsyncCounter(name, shards=3, cache_url=url, cache_ca_file=str(ca))
+        try:
+            for _ in range(4):
+                await counter.increment()
+            return await counter.get_count(nocache=True), await counter.get_count()
+        finally:
+            await aclose()
+
+    assert asyncio.run(main()) == (4, 4)
+    assert _keys_held(url, ca) > held_before  # its cache is the TLS server
+
+
 def test_a_server_the_system_does_not_trust_is_never_sent_a_call(
     tls_redis: tuple[str, Path],
 ) -> None:

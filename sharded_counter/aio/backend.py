@@ -5,7 +5,7 @@ store and cache tier whose methods are steps, the shard pickers, the
 sightings of each stash. They hold no sockets of their own that the steps
 use, so both shells share them, and a process that counts from threads and
 tasks at once keeps one picture of each counter. What differs is the I/O: a
-``grpc.aio`` channel and ``emcache`` clients belong to one event loop, so each
+``grpc.aio`` channel and the cache's asyncio clients belong to one event loop, so each
 loop gets its own ``AsyncShell``, and its own group commit per counter.
 """
 
@@ -16,11 +16,14 @@ import weakref
 from collections.abc import Hashable
 from typing import Any
 
+from ..cache.by_url import cache_url_of
 from ..cache.client import OutageLog, cache_client_key
+from ..errors import ConfigurationError
 from ..paths.backend import Backend
 from ..paths.registry import PerCounter
 from ..process import forget_at_fork
 from ..settings import Settings
+from .cache_guard import AsyncCache
 from .combiner import AsyncWriteCombiner
 from .memcache import AsyncMemcache
 from .rpc import AsyncDatastoreRpc
@@ -34,7 +37,7 @@ class AsyncBackend:
         self.backend = backend
         self.shell = AsyncShell(
             AsyncDatastoreRpc(backend.store.client, timeout=settings.rpc_timeout),
-            AsyncMemcache(
+            async_cache(
                 settings, outage=OutageLog(on_return="cached totals will rebuild from Datastore")
             ),
         )
@@ -90,20 +93,35 @@ async def drain() -> None:
         await asyncio.wait(left)
 
 
+def async_cache(settings: Settings, *, outage: OutageLog | None) -> AsyncCache:
+    """The asyncio cache ``settings`` name: ``AsyncRedisCache`` for a Redis or Valkey
+    ``cache_url``, else ``AsyncMemcache`` (memcached, or no cache at all)."""
+    url = cache_url_of(settings)
+    if url is None or not url.redis_protocol:
+        return AsyncMemcache(settings, outage=outage)
+    try:
+        from .redis_cache import AsyncRedisCache
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"{url.scheme}:// needs redis-py: pip install 'sharded-counter[redis]' ({exc})"
+        ) from None
+    return AsyncRedisCache(url, settings, outage=outage)
+
+
 _memcache_by_loop: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[object, ...], AsyncMemcache]
+    asyncio.AbstractEventLoop, dict[tuple[object, ...], AsyncCache]
 ] = weakref.WeakKeyDictionary()
 
 
-def async_memcache_for(settings: Settings) -> AsyncMemcache:
-    """The running loop's memcache connections for the rate limiter and locks (one per
-    server list and time limits); they log outages themselves."""
+def async_memcache_for(settings: Settings) -> AsyncCache:
+    """The running loop's cache connections for the rate limiter and locks (one per
+    cache and time limits); they log outages themselves."""
     loop = asyncio.get_running_loop()
     per_loop = _memcache_by_loop.setdefault(loop, {})
     key = cache_client_key(settings)
     found = per_loop.get(key)
     if found is None:
-        found = per_loop[key] = AsyncMemcache(settings, outage=None)
+        found = per_loop[key] = async_cache(settings, outage=None)
     return found
 
 

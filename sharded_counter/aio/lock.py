@@ -71,14 +71,20 @@ def alock(
     timeout: float | None = None,
     *,
     memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+    cache_url: str | None = None,
     key_prefix: str | None = None,
 ) -> AsyncLease:
     """``lock`` for asyncio: ``async with alock('crazy', ttl=10): ...``. The same
     arguments and errors (``Locked``, ``CacheUnavailable``), without ``memcache_client``
-    (it makes its own asyncio connections to ``memcached_hosts``)."""
+    (it makes its own asyncio connections to the cache ``cache_url`` or
+    ``memcached_hosts`` names, else the settings')."""
     if not isinstance(name, str):
         raise TypeError(f"a lock name is a str, not {type(name).__name__}")
     source = ClientSource(
-        None, memcached_hosts=memcached_hosts, key_prefix=key_prefix, what="alock"
+        None,
+        memcached_hosts=memcached_hosts,
+        cache_url=cache_url,
+        key_prefix=key_prefix,
+        what="alock",
     )
     return AsyncLease(name, ttl=ttl, nowait=nowait, timeout=timeout, client=source)

@@ -18,11 +18,12 @@ from typing import Any, TypeVar
 
 import emcache
 
-from ..cache.by_url import cache_url_of, memcached_servers
+from ..cache.by_url import memcached_servers
 from ..cache.client import OutageLog
 from ..cache.memcached.ring import CasToken, token_is_current
-from ..errors import CacheUnavailable, ConfigurationError
+from ..errors import CacheUnavailable
 from ..settings import Settings
+from .cache_guard import CacheGuard
 from .routing import SERVER_FAILED, OneServer, ServerRing
 
 T = TypeVar("T")
@@ -36,19 +37,15 @@ _NOT_STORED = (emcache.NotStoredStorageCommandError, emcache.StorageCommandError
 _ANSWERS = (*_NOT_STORED, emcache.NotFoundCommandError)
 
 
-def router_for(settings: Settings) -> OneServer | ServerRing | None:
-    """How calls reach the memcached servers of ``settings``: None when there are none.
+def _maybe_applied(method: str, exc: BaseException) -> bool:
+    """A write may have landed unless memcached refused the connection."""
+    return method in _WRITES and not isinstance(exc, ConnectionRefusedError)
 
-    Raises ``ConfigurationError`` for a Redis or Valkey ``cache_url``: the asyncio
-    shell speaks memcached only, for now (docs/cache-backends.md), and going on
-    without the cache the blocking shell would use would split one counter's stash.
-    """
-    url = cache_url_of(settings)
-    if url is not None and url.redis_protocol:
-        raise ConfigurationError(
-            f"sharded_counter.aio does not support {url.scheme}:// yet: its cache must be "
-            "memcached (memcached_hosts, or a memcached:// cache_url)"
-        )
+
+def router_for(settings: Settings) -> OneServer | ServerRing | None:
+    """How calls reach the memcached servers of ``settings``: None when there are none
+    (a Redis or Valkey ``cache_url`` names none: aio/backend.py gives those
+    ``AsyncRedisCache``)."""
     servers = memcached_servers(settings)
     if not servers:
         return None
@@ -65,7 +62,12 @@ class AsyncMemcache:
 
     def __init__(self, settings: Settings, *, outage: OutageLog | None) -> None:
         self.router = router_for(settings)
-        self._outage = outage
+        self._guarding = CacheGuard(
+            outage,
+            answers=_ANSWERS,
+            failures=(*SERVER_FAILED, emcache.CommandError, RuntimeError),
+            maybe_applied=_maybe_applied,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -87,28 +89,8 @@ class AsyncMemcache:
         router = self.router
         if router is None:
             raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
-        try:
-            result = await call(router)
-        except _ANSWERS:
-            if heard and self._outage is not None:
-                self._outage.answered()
-            raise
-        except CacheUnavailable as exc:  # the key's server is out: nothing was sent
-            if self._outage is not None:
-                self._outage.failed(exc, "reading totals from Datastore until it returns")
-            raise
-        except (*SERVER_FAILED, emcache.CommandError, RuntimeError) as exc:
-            # emcache's timeouts and refusals often say nothing in their text: name them.
-            error = CacheUnavailable(
-                f"memcache {method} failed: {type(exc).__name__}: {exc}".rstrip(": "),
-                maybe_applied=method in _WRITES and not isinstance(exc, ConnectionRefusedError),
-            )
-            if self._outage is not None:
-                self._outage.failed(error, "reading totals from Datastore until it returns")
-            raise error from exc
-        if heard and self._outage is not None:
-            self._outage.answered()
-        return result
+        # A CacheUnavailable from the router: the key's server is out, nothing was sent.
+        return await self._guarding(method, call(router), heard=heard)
 
     # -- what the cache tier's steps ask for (cache/guarded.py's calls) ---------------------
 

@@ -37,9 +37,9 @@ __all__ = ["AsyncRateLimiter"]
 class AsyncRateLimiter(LimiterRules):
     """``RateLimiter`` for asyncio: the same limits, strategies, keys, outage behaviour
     (``on_outage``) and errors, with ``await hit(...)``, ``await test(...)`` and a
-    decorator for coroutine functions. Needs ``memcached_hosts`` (or
-    ``MEMCACHED_HOSTS``): it makes its own asyncio connections, so it takes no
-    blocking ``memcache_client``."""
+    decorator for coroutine functions. Needs a cache (``cache_url`` or
+    ``memcached_hosts``, else the settings'): it makes its own asyncio connections,
+    so it takes no blocking ``memcache_client``."""
 
     def __init__(
         self,
@@ -47,6 +47,7 @@ class AsyncRateLimiter(LimiterRules):
         *,
         strategy: Strategy = "fixed",
         memcached_hosts: str | list[str] | tuple[str, ...] | None = None,
+        cache_url: str | None = None,
         key_prefix: str | None = None,
         on_outage: OnOutage = "open",
         clock: Callable[[], float] = time.time,
@@ -55,6 +56,7 @@ class AsyncRateLimiter(LimiterRules):
             limit,
             strategy=strategy,
             memcached_hosts=memcached_hosts,
+            cache_url=cache_url,
             key_prefix=key_prefix,
             on_outage=on_outage,
             clock=clock,

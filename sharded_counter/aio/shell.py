@@ -2,7 +2,8 @@
 
 paths/shell.py's twin. The steps are the same objects the blocking shell
 drives; here a Datastore call is awaited on a ``grpc.aio`` channel
-(``rpc.py``), a memcache call on ``emcache`` (``memcache.py``), a pause is
+(``rpc.py``), a cache call on ``emcache`` (``memcache.py``) or
+``redis.asyncio`` (``redis_cache.py``), a pause is
 ``asyncio.sleep``, steps side by side are gathered, and merges are batched
 among tasks (``batches.py``). Nothing here decides anything about a count.
 """
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 from ..core.effects import Batched, Effect, Memcache, Rpc, Sleep, Steps, Together
 from .batches import AsyncMergeBatches
-from .memcache import AsyncMemcache
+from .cache_guard import AsyncCache
 from .rpc import AsyncDatastoreRpc
 
 T = TypeVar("T")
@@ -39,7 +40,7 @@ async def drive(steps: Steps[T], perform: Callable[[Effect], Awaitable[Any]]) ->
         return answer
 
 
-def on_memcache(memcache: AsyncMemcache) -> Callable[[Effect], Awaitable[Any]]:
+def on_memcache(memcache: AsyncCache) -> Callable[[Effect], Awaitable[Any]]:
     """Carry out the effects of memcache-only steps (the rate limiter's, the locks'):
     calls of ``memcache``, and pauses."""
 
@@ -57,7 +58,7 @@ def on_memcache(memcache: AsyncMemcache) -> Callable[[Effect], Awaitable[Any]]:
 class AsyncShell:
     """Runs steps to their end as a coroutine, on ``rpc`` and ``memcache``."""
 
-    def __init__(self, rpc: AsyncDatastoreRpc, memcache: AsyncMemcache) -> None:
+    def __init__(self, rpc: AsyncDatastoreRpc, memcache: AsyncCache) -> None:
         self.rpc = rpc
         self.memcache = memcache
         self._batches: AsyncMergeBatches[Any] = AsyncMergeBatches()
