@@ -84,6 +84,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "memcached_only: looks at memcached itself (its connections, MEMCACHED_HOSTS): "
         "skipped when --sc-cache names another cache",
     )
+    config.addinivalue_line(
+        "markers",
+        "one_cache_server: stops, restarts or relays the one cache server: skipped when "
+        "--sc-cache names a cluster",
+    )
     # A typo in --sc-engines is a usage error up front, not a collection error per module.
     _selected_engines(config)
 
@@ -108,9 +113,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
         items[:] = kept
     skip = pytest.mark.skip(reason=f"looks at memcached itself; this run's cache is {cache}")
+    one_server = pytest.mark.skip(
+        reason="stops, restarts or relays one cache server; a cluster's own faults are "
+        "tests/test_redis_cluster_faults.py's"
+    )
     for item in items:
         if item.get_closest_marker("memcached_only") is not None:
             item.add_marker(skip)
+        elif cache == "redis-cluster" and item.get_closest_marker("one_cache_server"):
+            item.add_marker(one_server)
 
 
 def _parametrizes(marker: pytest.Mark, argname: str) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sharded_counter.cache.redis.client import RedisClient
-from sharded_counter_emulator import Memcached, RedisServer
+from sharded_counter_emulator import Memcached, RedisCluster, RedisServer
 
 
 class RawRedis:
@@ -37,11 +37,30 @@ class RawRedis:
         self._ours.close()
 
 
-def raw_client(server: Memcached | RedisServer | str) -> Any:
+class RawRedisCluster(RawRedis):
+    """``RawRedis`` for a cluster: a plain ``SET`` to the key's primary, and the
+    library's own cluster client for the rest."""
+
+    def __init__(self, url: str) -> None:
+        from redis.cluster import RedisCluster
+
+        from sharded_counter.cache.by_url import redis_client_for
+        from sharded_counter.settings import Settings
+
+        seed = url.split("://", 1)[1].split(",", 1)[0]  # one node: it names the rest
+        host, port = seed.rsplit(":", 1)
+        self._plain = RedisCluster(host=host, port=int(port))
+        self._ours = redis_client_for(Settings(cache_url=url))
+
+
+def raw_client(server: Memcached | RedisServer | RedisCluster | str) -> Any:
     """A plain client of the test's own for ``server`` (or its cache URL, which a
     spawned process can be handed), replies on (a write without one may reach the
     server after the read that follows it)."""
-    url = urlsplit(server if isinstance(server, str) else server.url)
+    text = server if isinstance(server, str) else server.url
+    if "+cluster://" in text:
+        return RawRedisCluster(text)
+    url = urlsplit(text)
     assert url.hostname is not None and url.port is not None, url
     if url.scheme in ("redis", "valkey"):
         password = unquote(url.password) if url.password is not None else None
@@ -55,3 +74,9 @@ def raw_client(server: Memcached | RedisServer | str) -> Any:
 def cache_url_through(server: Memcached | RedisServer, host: str, port: int) -> str:
     """``server``'s cache URL with ``host:port`` (a relay in front of it) in its place."""
     return server.url.replace(server.address, f"{host}:{port}", 1)
+
+
+def dead_cache_url(server: Memcached | RedisServer | RedisCluster, port: int) -> str:
+    """A cache URL of ``server``'s kind where nothing listens (``port`` is free)."""
+    scheme = server.url.split("://", 1)[0]
+    return f"{scheme}://127.0.0.1:{port}"

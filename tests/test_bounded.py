@@ -328,6 +328,7 @@ def test_two_processes_race_2000_increments_for_1500_units(
 # -- faults ------------------------------------------------------------------------------
 
 
+@pytest.mark.one_cache_server
 def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_kill(
     sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,

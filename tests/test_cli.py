@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from cachekit import cache_url_through
+from cachekit import dead_cache_url
 from click.testing import CliRunner, Result
 from rich.console import Console
 
 import sharded_counter
 from sharded_counter.tools.cli import main
-from sharded_counter_emulator import Memcached, RedisServer, free_port
+from sharded_counter_emulator import Memcached, RedisCluster, RedisServer, free_port
 
 
 @pytest.fixture(autouse=True)
@@ -233,11 +233,11 @@ def test_bounded_shows_and_changes_a_bounded_counter(sharded_counter_env: dict[s
 @pytest.mark.usefixtures("wide")
 def test_count_reads_the_shards_when_the_cache_is_down(
     sharded_counter_env: dict[str, str],
-    sharded_counter_cache: Memcached | RedisServer,
+    sharded_counter_cache: Memcached | RedisServer | RedisCluster,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert invoke("increment", "hits", "7").exit_code == 0
-    dead = cache_url_through(sharded_counter_cache, "127.0.0.1", free_port())
+    dead = dead_cache_url(sharded_counter_cache, free_port())
     monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", dead)  # of the kind in use: nothing there
     result = invoke("count", "hits")
     assert result.exit_code == 0, result.output

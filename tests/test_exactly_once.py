@@ -518,6 +518,7 @@ class HeldCas:
         return held
 
 
+@pytest.mark.one_cache_server
 def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
     sharded_counter_env: dict[str, str],
     sharded_counter_engine: str,

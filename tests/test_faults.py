@@ -168,6 +168,7 @@ def _churn_child(
     )
 
 
+@pytest.mark.one_cache_server
 def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
     sharded_counter_env: dict[str, str],
     sharded_counter_cache: Any,
@@ -289,6 +290,7 @@ def test_cache_stays_coherent_under_flushes_restarts_and_ttl_expiry(
 # -- 2. memcached down or stalled -------------------------------------------------------
 
 
+@pytest.mark.one_cache_server
 @pytest.mark.parametrize("outage", ["killed", "stalled"])
 def test_memcached_outage_costs_no_increment_and_no_exactness(
     sharded_counter_env: dict[str, str],
@@ -384,6 +386,7 @@ def test_memcached_outage_costs_no_increment_and_no_exactness(
     )
 
 
+@pytest.mark.one_cache_server
 def test_a_memcached_restart_while_idle_costs_no_increment(
     sharded_counter_env: dict[str, str],
     sharded_counter_cache: Any,
@@ -437,6 +440,7 @@ def test_a_memcached_restart_with_several_idle_sockets_costs_no_call(
     assert client.get("after-restart") == b"1"
 
 
+@pytest.mark.one_cache_server
 def test_a_memcached_restart_while_idle_leaves_no_stale_total(
     sharded_counter_env: dict[str, str],
     sharded_counter_cache: Any,
@@ -639,6 +643,7 @@ def test_an_on_disk_emulator_restarted_under_writers_loses_no_count(
         emulator.stop()
 
 
+@pytest.mark.one_cache_server
 def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     sharded_counter_env: dict[str, str],
     sharded_counter_engine: str,
@@ -794,6 +799,7 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     assert_totals(reader, 10)
 
 
+@pytest.mark.one_cache_server
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
 def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once(
     sharded_counter_env: dict[str, str],
@@ -1449,6 +1455,7 @@ def test_a_vanished_writers_fold_part_is_resolved_under_load(
     assert_totals(counter, 1000 + ledger.acknowledged)
 
 
+@pytest.mark.one_cache_server
 def test_a_stash_taken_by_a_cas_whose_reply_was_lost_is_put_back(
     sharded_counter_env: dict[str, str],
     sharded_counter_cache: Any,

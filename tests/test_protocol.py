@@ -389,6 +389,7 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ[key] = old
 
 
+@pytest.mark.one_cache_server
 def test_the_protocol_keeps_its_invariants_under_every_fault(
     sharded_counter_env: dict[str, str],
     sharded_counter_backends: Any,
