@@ -65,8 +65,7 @@ class CacheSteps:
 
     def read(self, record_key: str, stash_key: str) -> Steps[tuple[Record | None, int]]:
         """The complete record (or None) and the pending stash. Raises CacheUnavailable."""
-        found = yield from self.records.read_many([(record_key, stash_key)])
-        return found[0]
+        return self.records.read(record_key, stash_key)  # its steps, without a frame of ours
 
     def fill(self, record_key: str, snapshot: SnapshotSteps) -> Steps[int]:
         """Read the shards through ``snapshot`` and cache their total when that is safe."""
