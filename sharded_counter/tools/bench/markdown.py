@@ -17,6 +17,13 @@ from .targets import TARGET_THREADS
 
 # Shorter than the terminal's titles: these head table columns.
 ENGINE_NAMES = {"classic": "classic", "firestore": "Firestore (Datastore mode)"}
+CACHE_NAMES = {"memcached": "memcached", "redis": "Redis"}
+
+
+def _name(key: str) -> str:
+    """A part of the run by its bench.json key: ``classic`` (on memcached), ``classic/redis``."""
+    engine, _, cache = key.partition("/")
+    return f"{ENGINE_NAMES.get(engine, engine)}, {CACHE_NAMES.get(cache or 'memcached', cache)}"
 
 
 def _rate(rate: float) -> str:
@@ -133,7 +140,7 @@ def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
     names = list(engines)
     header = [
         "loop (one thread, unless it says)",
-        *(f"{ENGINE_NAMES.get(e, e)}: ops/s (ratio), client CPU per op" for e in names),
+        *(f"{_name(e)}: ops/s (ratio), client CPU per op" for e in names),
     ]
     timed = {
         e: {
@@ -194,7 +201,7 @@ def targets(data: dict[str, Any]) -> str:
         rows.append(
             [
                 target["target"],
-                ENGINE_NAMES.get(target["engine"], target["engine"]),
+                _name(target["engine"]),
                 show(target["measured"]),
                 ("<= " if target.get("at_most") else ">= ") + show(target["threshold"]),
                 f"**{verdict}**" if verdict == "FAIL" else verdict,
@@ -206,7 +213,7 @@ def targets(data: dict[str, Any]) -> str:
 def render(data: dict[str, Any]) -> str:
     parts = []
     for name, engine in data["engines"].items():
-        parts.append(f"**{ENGINE_NAMES.get(name, name)}**, increments/s:\n\n{writers(engine)}")
+        parts.append(f"**{_name(name)}**, increments/s:\n\n{writers(engine)}")
     parts.append(single_threaded(data["engines"]))
     parts.append(targets(data))
     return "\n\n".join(parts) + "\n"
