@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from ..core import parse
 from ..core.effects import Batched, Memcache, Steps
@@ -32,6 +33,9 @@ from ..errors import CacheUnavailable
 from .backlog import Backlog
 from .cas import MISSING, Contended, Outcome, Seen, as_seen, changing, store_if_unchanged
 from .sightings import StashSightings
+
+if TYPE_CHECKING:
+    from .guarded import GuardedClient
 
 log = logging.getLogger("sharded_counter")
 
@@ -72,6 +76,17 @@ class CachedRecords:
             yield from self._backlog.catch_up()
         found = yield Memcache("get_many", ([record_key, stash_key],))
         return self._found(found, record_key, stash_key)
+
+    def read_now(
+        self, calls: GuardedClient, record_key: str, stash_key: str
+    ) -> tuple[Record | None, int] | None:
+        """``read`` made here, through ``calls``, as plain calls: the same ``get_many``
+        and the same reading of it, without steps to drive (the blocking cached read's
+        fast path). None, with nothing sent, when there is a backlog to catch up first:
+        then ``read``'s steps must run. Raises CacheUnavailable."""
+        if not self._backlog.empty:
+            return None
+        return self._found(calls.get_many([record_key, stash_key]), record_key, stash_key)
 
     def _found(
         self, found: Mapping[str, bytes], record_key: str, stash_key: str

@@ -133,6 +133,11 @@ class CacheTier:
     def read(self, record_key: str, stash_key: str) -> tuple[Record | None, int]:
         return self.run(self.steps.read(record_key, stash_key))
 
+    def read_now(self, record_key: str, stash_key: str) -> tuple[Record | None, int] | None:
+        """``read`` without driving steps (``CachedRecords.read_now``): None when it
+        would take more than its one ``get_many``. Raises CacheUnavailable."""
+        return self.steps.records.read_now(self._calls, record_key, stash_key)
+
     def read_many(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[Record | None, int]]:
         return self.run(self.steps.records.read_many(pairs))
 
