@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from sharded_counter.tools import cli
-from sharded_counter.tools.bench import BenchOptions, BenchOutcome, run
+from sharded_counter.tools.bench import BenchOptions, BenchOutcome, markdown, run
 from sharded_counter.tools.bench.contenders import CONTENDERS, Check
 from sharded_counter.tools.bench.load import Load
 from sharded_counter.tools.bench.results import (
@@ -176,6 +176,13 @@ def test_quick_run_writes_its_numbers_as_json(quick_run: QuickRun) -> None:
     assert set(data["engines"]) == {quick_run.engine, f"{quick_run.engine}/redis"}
     assert data["engines"][f"{quick_run.engine}/redis"]["cache"] == "redis"
     assert engine["cache"] == "memcached"
+    # docs/benchmarks.md's tables: the caches side by side, then each part on its own.
+    tables = markdown.render(data)
+    side_by_side = tables.split("\n\n")[1]
+    assert side_by_side.startswith("| contender |")
+    assert f"{markdown.ENGINE_NAMES[quick_run.engine]}, Redis: 2x8 proc." in side_by_side
+    assert "| SharedBuffer (0.5 s) |" in side_by_side
+    assert "bare redis-py GET" in tables and "bare pymemcache get" in tables
 
 
 @pytest.mark.backends
