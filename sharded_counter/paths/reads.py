@@ -94,7 +94,7 @@ class Reader:
         if first is None:  # a backlog to catch up first: the steps do it
             return ctx.run(self.total())
         record, stash = first
-        if record is not None and not tier.steps.unsure_seen(ctx.stash_key):
+        if record is not None and not tier.steps.sightings.unsure_seen(ctx.stash_key):
             telemetry().events(_HIT)
             return record.total + stash
         return ctx.run(self.total(first=first))
