@@ -292,7 +292,9 @@ class Counter(CounterFacade):
         outcome is unknown (a read first tries to resolve those, see ``core/stash.py``).
         """
         paths = self._paths
-        return paths.ctx.run(paths.reader.total(nocache=nocache))
+        if nocache:
+            return paths.ctx.run(paths.reader.total(nocache=True))
+        return paths.reader.total_here()
 
     @classmethod
     @datastore_failures_as_ours

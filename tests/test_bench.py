@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from sharded_counter.tools import cli
-from sharded_counter.tools.bench import BenchOptions, BenchOutcome, run
+from sharded_counter.tools.bench import BenchOptions, BenchOutcome, markdown, run
 from sharded_counter.tools.bench.contenders import CONTENDERS, Check
 from sharded_counter.tools.bench.load import Load
 from sharded_counter.tools.bench.results import (
@@ -106,6 +106,39 @@ def test_quick_run_is_exact_for_every_contender(quick_run: QuickRun) -> None:
 
 
 @pytest.mark.backends
+def test_quick_run_measures_redis_beside_memcached(quick_run: QuickRun) -> None:
+    """The same run measures again with a redis-server of its own as the cache: the
+    contenders of Redis's targets, from threads and processes, and the cached read."""
+    engine = quick_run.engine
+    results = quick_run.outcome.engines[f"{engine}/redis"]
+    assert (results.engine, results.cache) == (engine, "redis")
+    on_redis = {"blind", "counter", "counter-keyed", "shared-buffer"}
+    assert {c.key for c in CONTENDERS if c.runs_on(engine, "redis")} == on_redis
+    for threads in THREADS:
+        measured = {p.contender for p in results.points if (p.threads, p.processes) == (threads, 1)}
+        assert measured == on_redis
+    assert {p.contender for p in results.points if p.processes == 2} == on_redis
+    assert all(p.cache == "redis" and p.exact for p in results.points)
+    # The library's calls went to Redis: the Counter's show as our client's calls
+    # (gets_many, cas, ...), and its cached total was read back from there.
+    counter = results.point("counter", THREADS[-1])
+    assert counter is not None and counter.check.cached == counter.load.expected
+    assert counter.memcache.get("gets_many", 0) > 0, counter.memcache
+    reads = {t.name: t for t in results.reads}
+    assert set(reads) == {"read-cached", "read-uncached", "read-bare-get"}
+    assert reads["read-bare-get"].label == "bare redis-py GET"
+    assert all(t.exact and t.operations > 0 for t in reads.values())
+    assert reads["read-cached"].detail == "get_many 1"  # one round trip per cached read
+    assert not results.buffer and not results.fill and not results.aio  # memcached's alone
+    targets = {t.target: t for t in quick_run.outcome.targets if t.engine == results.key}
+    read = targets["cached count read vs bare redis-py GET"]
+    assert read.measured is not None and read.measured > 0
+    assert targets["SharedBuffer, 2 processes x 8 threads, vs blind puts"].measured is not None
+    memcached_reads = {t.name: t for t in quick_run.outcome.engines[engine].reads}
+    assert memcached_reads["read-bare-get"].label == "bare pymemcache get"
+
+
+@pytest.mark.backends
 def test_quick_run_writes_its_numbers_as_json(quick_run: QuickRun) -> None:
     data = json.loads(quick_run.outcome.json_path.read_text(encoding="utf-8"))
     assert data["exact"] is True
@@ -139,6 +172,17 @@ def test_quick_run_writes_its_numbers_as_json(quick_run: QuickRun) -> None:
         "read-uncached",
         "read-bare-get",
     }
+    assert data["options"]["caches"] == ["memcached", "redis"]
+    assert set(data["engines"]) == {quick_run.engine, f"{quick_run.engine}/redis"}
+    assert data["engines"][f"{quick_run.engine}/redis"]["cache"] == "redis"
+    assert engine["cache"] == "memcached"
+    # docs/benchmarks.md's tables: the caches side by side, then each part on its own.
+    tables = markdown.render(data)
+    side_by_side = tables.split("\n\n")[1]
+    assert side_by_side.startswith("| contender |")
+    assert f"{markdown.ENGINE_NAMES[quick_run.engine]}, Redis: 2x8 proc." in side_by_side
+    assert "| SharedBuffer (0.5 s) |" in side_by_side
+    assert "bare redis-py GET" in tables and "bare pymemcache get" in tables
 
 
 @pytest.mark.backends
@@ -236,8 +280,50 @@ def test_targets_pass_fail_and_not_measured() -> None:
         "AsyncCounter, 64 tasks, vs Counter, 16 threads": "not measured",
         "buffered increments, one thread": "FAIL",  # 900k < 1M
         "buffered increments vs dict under lock": "PASS",  # 0.3 >= 0.2
-        "cached count read vs bare memcache get": "not measured",
+        "cached count read vs bare pymemcache get": "not measured",
     }
+
+
+def test_on_redis_the_targets_are_issue_28s() -> None:
+    """A Redis part is judged on what it measures: the Counter, the keyed Counter and
+    SharedBuffer against blind puts, and the cached read against a bare GET."""
+    results = EngineResults(
+        "classic",
+        "redis",
+        points=[
+            _point("counter", 120, uncached=120, threads=8, processes=2),
+            _point("blind", 100, uncached=100, threads=8, processes=2),
+            _point("shared-buffer", 450, uncached=450, threads=8, processes=2),
+        ],
+        reads=[
+            Timed("read-cached", "cached", 85, 1.0, 0, round_rates=(8.0, 9.0, 9.0)),
+            Timed("read-bare-get", "bare", 100, 1.0, 0, round_rates=(10.0, 10.0, 10.0)),
+        ],
+    )
+    results.summarize()
+    assert results.key == "classic/redis"
+    found = evaluate({results.key: results})
+    assert {t.engine for t in found} == {"classic/redis"}
+    verdicts = {t.target: t.verdict for t in found}
+    assert verdicts == {
+        "sharded Counter, 16 writer threads, vs blind puts": "not measured",
+        "keyed increments, 16 writer threads, vs blind puts": "not measured",
+        "Counter, 2 processes x 8 threads, vs blind puts": "PASS",  # 1.2 >= 1.0
+        "Counter p99, 2 processes x 8 threads, vs blind puts'": "not measured",
+        "Counter, 4 processes x 4 threads, vs blind puts": "not measured",
+        "Counter p99, 4 processes x 4 threads, vs blind puts'": "not measured",
+        "SharedBuffer, 2 processes x 8 threads, vs blind puts": "FAIL",  # 4.5 < 5
+        "cached count read vs bare redis-py GET": "PASS",  # median of 0.8, 0.9, 0.9
+    }
+    measured = {t.target: t.measured for t in found}
+    assert measured["cached count read vs bare redis-py GET"] == pytest.approx(0.9)
+
+
+def test_caches_must_be_known_kinds() -> None:
+    assert BenchOptions(caches=("redis",)).caches == ("redis",)
+    for wrong in ((), ("valkey",)):
+        with pytest.raises(ValueError, match="caches"):
+            BenchOptions(caches=wrong)
 
 
 def test_the_p99_targets_are_ceilings_on_the_latency_ratio() -> None:
@@ -353,6 +439,9 @@ def test_cli_exits_1_on_a_wrong_count(monkeypatch: pytest.MonkeyPatch, tmp_path:
     )
     assert result.exit_code == 1, result.output
     assert seen[0].threads == (1, 4) and seen[0].engines == ("classic",)
+    assert seen[0].caches == ("memcached", "redis")  # both, unless told
+    result = CliRunner().invoke(cli.main, ["bench", "--quick", "--caches", "redis"])
+    assert seen[1].caches == ("redis",), result.output
 
 
 def test_cli_refuses_bad_thread_counts() -> None:

@@ -83,7 +83,8 @@ class GuardedClient:
         self.call("delete", key, noreply=False)
 
     def get_many(self, keys: list[str]) -> dict[str, bytes]:
-        found: dict[str, bytes] = self.call("get_many", keys)
+        # Straight to _call: this is every cached read's one call, and a frame less shows.
+        found: dict[str, bytes] = self._call("get_many", (keys,), {}, heard=True)
         return found
 
     def gets_many(self, keys: list[str]) -> dict[str, tuple[bytes, Any]]:

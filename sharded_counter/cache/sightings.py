@@ -25,6 +25,9 @@ SIGHTINGS_CAP = 10_000
 
 V = TypeVar("V")
 
+#: What an empty (or missing) stash reads as; Stash values are never changed in place.
+_EMPTY = Stash()
+
 
 class StashSightings:
     """The last sighting of each stash key, changed by many threads at once.
@@ -45,6 +48,11 @@ class StashSightings:
 
     def note(self, stash_key: str, raw: bytes | None) -> Stash:
         """Remember what the stash holds as read (``raw``); return it, live."""
+        if not raw and not self._noted(stash_key):
+            # An empty stash seen empty again, the common case of a read: nothing to
+            # decode and nothing to change, so no lock (a note racing this one is only
+            # ordered after it, as the lock would have ordered them).
+            return _EMPTY
         stash = Stash.decode(raw).live()
         with self._lock:
             _mark(self._pending, stash_key, bool(stash.pending), self.cap)
@@ -54,6 +62,10 @@ class StashSightings:
             else:
                 self._setters.pop(stash_key, None)
         return stash
+
+    def _noted(self, stash_key: str) -> bool:
+        """Does any kind of sighting hold ``stash_key``?"""
+        return stash_key in self._pending or stash_key in self._unsure or stash_key in self._setters
 
     def pending_seen(self, stash_key: str) -> bool:
         return stash_key in self._pending

@@ -65,8 +65,7 @@ class CacheSteps:
 
     def read(self, record_key: str, stash_key: str) -> Steps[tuple[Record | None, int]]:
         """The complete record (or None) and the pending stash. Raises CacheUnavailable."""
-        found = yield from self.records.read_many([(record_key, stash_key)])
-        return found[0]
+        return self.records.read(record_key, stash_key)  # its steps, without a frame of ours
 
     def fill(self, record_key: str, snapshot: SnapshotSteps) -> Steps[int]:
         """Read the shards through ``snapshot`` and cache their total when that is safe."""
@@ -133,6 +132,11 @@ class CacheTier:
 
     def read(self, record_key: str, stash_key: str) -> tuple[Record | None, int]:
         return self.run(self.steps.read(record_key, stash_key))
+
+    def read_now(self, record_key: str, stash_key: str) -> tuple[Record | None, int] | None:
+        """``read`` without driving steps (``CachedRecords.read_now``): None when it
+        would take more than its one ``get_many``. Raises CacheUnavailable."""
+        return self.steps.records.read_now(self._calls, record_key, stash_key)
 
     def read_many(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[Record | None, int]]:
         return self.run(self.steps.records.read_many(pairs))

@@ -55,8 +55,10 @@ class Record:
     def new(cls, states: Iterable[ShardState] = ()) -> Record:
         return cls(secrets.token_hex(6), False, {}).merged(states)
 
-    @property
+    @functools.cached_property
     def total(self) -> int:
+        # Summed once per record: records never change (merged() copies), and decode
+        # hands a hot counter's readers the same one again and again.
         return sum(value for _, value in self.shards.values())
 
     def merged(self, states: Iterable[ShardState], *, complete: bool | None = None) -> Record:

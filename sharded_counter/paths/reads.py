@@ -13,13 +13,17 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 from ..core.effects import Steps, retrying
-from ..core.record import Drift, ShardState
+from ..core.record import Drift, Record, ShardState
 from ..errors import CacheUnavailable
 from ..store.retry import write_retrying
 from ..store.shards import Snapshot
 from ..telemetry import telemetry
 from .context import CounterContext
 from .unsure import UnsureResolver
+
+#: A cache read: the complete record (or None) and what the stash owes.
+CachedRead = tuple[Record | None, int]
+_HIT = {"cache_hits": 1}  # the telemetry of a cached read, made once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +49,21 @@ class Reader:
         self.ctx = ctx
         self.resolver = resolver
 
-    def total(self, *, nocache: bool = False) -> Steps[int]:
-        """The counter's total (see ``Counter.get_count``)."""
+    def total(self, *, nocache: bool = False, first: CachedRead | None = None) -> Steps[int]:
+        """The counter's total (see ``Counter.get_count``); ``first``: the cache's read,
+        made already (``total_here``)."""
         ctx = self.ctx
         enabled, cache = ctx.backend.cache.enabled, ctx.backend.cache.steps
         if not nocache and enabled:
             try:
-                record, stash = yield from cache.read(ctx.record_key, ctx.stash_key)
+                if first is None:
+                    record, stash = yield from cache.read(ctx.record_key, ctx.stash_key)
+                else:
+                    record, stash = first
                 if cache.unsure_seen(ctx.stash_key) and (yield from self.resolver.resolve()):
                     record, stash = yield from cache.read(ctx.record_key, ctx.stash_key)
                 if record is not None:
-                    telemetry().events({"cache_hits": 1})
+                    telemetry().events(_HIT)
                     return record.total + stash
                 telemetry().events({"cache_misses": 1})
                 total = yield from cache.fill(ctx.record_key, self._shard_states)
@@ -67,6 +75,29 @@ class Reader:
         snapshot = yield from self.snapshot()
         pending = yield from self.pending()
         return snapshot.total + pending
+
+    def total_here(self) -> int:
+        """``total()`` carried out in this thread by the blocking shell, the cached read
+        first as plain calls: a complete record with no unsure writes to resolve (a hot
+        counter's read) is answered without driving steps, which cost as much as the
+        rest of the read; anything else goes on as ``total``'s steps from that same
+        read, so no read takes a round trip more or a different turn."""
+        ctx = self.ctx
+        tier = ctx.backend.cache
+        if not tier.enabled:
+            return ctx.run(self.total())
+        try:
+            first = tier.read_now(ctx.record_key, ctx.stash_key)
+        except CacheUnavailable:
+            # Where total() goes when its read fails: the shards, as nocache reads them.
+            return ctx.run(self.total(nocache=True))
+        if first is None:  # a backlog to catch up first: the steps do it
+            return ctx.run(self.total())
+        record, stash = first
+        if record is not None and not tier.steps.sightings.unsure_seen(ctx.stash_key):
+            telemetry().events(_HIT)
+            return record.total + stash
+        return ctx.run(self.total(first=first))
 
     def _shard_states(self, keys: list[str]) -> Steps[Mapping[str, Iterable[ShardState]]]:
         snapshot = yield from self.snapshot()

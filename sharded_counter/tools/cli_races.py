@@ -135,9 +135,17 @@ def _thread_counts(_ctx: click.Context, _param: click.Parameter, value: str | No
     default=None,
     help="Runs of every point, interleaved; a point is its median [default: 3, or 2 with --quick].",
 )
+@click.option(
+    "--caches",
+    type=click.Choice(["both", "memcached", "redis"]),
+    default="both",
+    show_default=True,
+    help="The cache kinds to measure, each on a server of the run's own.",
+)
 @click.option("--quick", is_flag=True, help="A tiny run: short time boxes, few thread counts.")
 def bench(
     engine: str,
+    caches: str,
     seconds: float | None,
     threads: tuple[int, ...] | None,
     out: Path,
@@ -149,7 +157,9 @@ def bench(
     A one-entity counter, the transaction path with 1, 5, 20 and 50 shards,
     the transform path, the default Counter, the CounterBuffer and blind puts
     (the ceiling), from many threads and from 2 processes; then reads and the
-    buffer in one thread. Every point runs --repeats times, interleaved, and
+    buffer in one thread. With --caches both (the default) the blind puts, the
+    Counter, the keyed Counter, SharedBuffer and the cached read run again with a
+    redis-server as the cache. Every point runs --repeats times, interleaved, and
     is reported as its median repeat with the range of the others and the
     p50 and p99 latency per increment. Every total is checked. Writes bench.json and
     bench.png to --out and prints PASS/FAIL per performance target. Exits 1
@@ -163,6 +173,7 @@ def bench(
     from .bench import BenchOptions, run
 
     changes: dict[str, Any] = {"engines": ENGINE_CHOICES[engine], "out": out}
+    changes["caches"] = ("memcached", "redis") if caches == "both" else (caches,)
     if seconds is not None:
         changes["seconds"] = seconds
     if threads is not None:

@@ -17,6 +17,13 @@ from .targets import TARGET_THREADS
 
 # Shorter than the terminal's titles: these head table columns.
 ENGINE_NAMES = {"classic": "classic", "firestore": "Firestore (Datastore mode)"}
+CACHE_NAMES = {"memcached": "memcached", "redis": "Redis"}
+
+
+def _name(key: str) -> str:
+    """A part of the run by its bench.json key: ``classic`` (on memcached), ``classic/redis``."""
+    engine, _, cache = key.partition("/")
+    return f"{ENGINE_NAMES.get(engine, engine)}, {CACHE_NAMES.get(cache or 'memcached', cache)}"
 
 
 def _rate(rate: float) -> str:
@@ -133,7 +140,7 @@ def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
     names = list(engines)
     header = [
         "loop (one thread, unless it says)",
-        *(f"{ENGINE_NAMES.get(e, e)}: ops/s (ratio), client CPU per op" for e in names),
+        *(f"{_name(e)}: ops/s (ratio), client CPU per op" for e in names),
     ]
     timed = {
         e: {
@@ -176,7 +183,10 @@ def single_threaded(engines: dict[str, dict[str, Any]]) -> str:
             cpu = mine.get("cpu_per_op")
             spent = "" if cpu is None else f", {1e6 * cpu:.2f} µs"
             cells.append(f"{_rate(mine['rate'])} ({_ratio(ratio)}){spent}{exact}")
-        rows.append([entry["label"], *cells])
+        # A loop named alike in every part may be labelled apart (the bare get: pymemcache's
+        # on memcached, redis-py's on Redis): the row says each.
+        labels = dict.fromkeys(timed[e][name]["label"] for e in names if name in timed[e])
+        rows.append([" / ".join(labels) or entry["label"], *cells])
     return _table(header, ["---", *["---:"] * len(names)], rows)
 
 
@@ -194,7 +204,7 @@ def targets(data: dict[str, Any]) -> str:
         rows.append(
             [
                 target["target"],
-                ENGINE_NAMES.get(target["engine"], target["engine"]),
+                _name(target["engine"]),
                 show(target["measured"]),
                 ("<= " if target.get("at_most") else ">= ") + show(target["threshold"]),
                 f"**{verdict}**" if verdict == "FAIL" else verdict,
@@ -203,10 +213,48 @@ def targets(data: dict[str, Any]) -> str:
     return _table(["target", "engine", "measured", "needed", "verdict"], ["---"] * 5, rows)
 
 
+def caches_side_by_side(data: dict[str, Any]) -> str:
+    """What ran on more than one cache kind, each engine's caches in adjacent columns:
+    increments/s at the target's thread count and from 2 x 8, with the ratio to the
+    blind puts of the same part of the run."""
+    engines = data["engines"]
+    keys = list(engines)
+    if len({engine.get("cache", "memcached") for engine in engines.values()}) < 2:
+        return ""
+    medians = {key: median_points(engine) for key, engine in engines.items()}
+    shared = [c for c in CONTENDERS if len(c.caches) > 1]
+    columns = [(TARGET_THREADS, 1), (8, 2)]
+    header = [
+        "contender",
+        *(
+            f"{_name(key)}: {'2x8 proc.' if procs > 1 else f'{threads} thr.'}"
+            for key in keys
+            for threads, procs in columns
+        ),
+    ]
+    rows = []
+    for contender in shared:
+        cells = []
+        for key in keys:
+            by = {(p["contender"], p["threads"], p["processes"]): p for p in medians[key]}
+            for threads, procs in columns:
+                point = by.get((contender.key, threads, procs))
+                cells.append(
+                    "-"
+                    if point is None
+                    else f"{_rate(point['rate'])} ({_ratio(point['ratio_to_blind'])})"
+                )
+        rows.append([contender.label, *cells])
+    return _table(header, ["---", *["---:"] * (len(header) - 1)], rows)
+
+
 def render(data: dict[str, Any]) -> str:
     parts = []
+    side_by_side = caches_side_by_side(data)
+    if side_by_side:
+        parts.append(f"Beside each other, increments/s (vs blind):\n\n{side_by_side}")
     for name, engine in data["engines"].items():
-        parts.append(f"**{ENGINE_NAMES.get(name, name)}**, increments/s:\n\n{writers(engine)}")
+        parts.append(f"**{_name(name)}**, increments/s:\n\n{writers(engine)}")
     parts.append(single_threaded(data["engines"]))
     parts.append(targets(data))
     return "\n\n".join(parts) + "\n"

@@ -1,9 +1,10 @@
 """Single-threaded micro-benchmarks: reading a total, and adding to the buffer.
 
-Reads: the cached ``counter.count`` (one memcache ``get_many`` plus decoding
-the record), the uncached ``get_count(nocache=True)`` (a Datastore query
-over the shards) and, as the ceiling for the first, a bare pymemcache
-``get`` of one key on the same server. Buffer: ``CounterBuffer.increment``
+Reads: the cached ``counter.count`` (one cache ``get_many`` of the record and
+the stash, plus decoding the record), the uncached ``get_count(nocache=True)``
+(a Datastore query over the shards) and, as the ceiling for the first, a bare
+client's ``get`` of one key on the same server: pymemcache's on memcached,
+redis-py's ``GET`` on Redis. Buffer: ``CounterBuffer.increment``
 against the least any thread-safe in-process counter can do, a dict
 increment under a ``threading.Lock``.
 
@@ -22,7 +23,7 @@ import time
 import types
 import uuid
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pymemcache.client.base import PooledClient
 
@@ -114,7 +115,35 @@ class _Read(NamedTuple):
     cache: object  # holds the memcache client as ``_client``
 
 
-def measure_reads(engine: str, memcached: str, seconds: float) -> list[Timed]:
+def _bare_client(cache: str, address: str, counter: Counter) -> Any:
+    """A client of the cache's own, as an app would make it, with the library's timeouts."""
+    host, port = parse_host(address)
+    settings = counter.settings
+    if cache == "redis":
+        import redis  # the redis extra, as the library's own Redis client needs
+
+        return redis.Redis(
+            host=host,
+            port=port,
+            socket_connect_timeout=settings.memcache_connect_timeout,
+            socket_timeout=settings.memcache_timeout,
+        )
+    # Built as the library builds its pooled memcached client.
+    return PooledClient(
+        (host, port),
+        connect_timeout=settings.memcache_connect_timeout,
+        timeout=settings.memcache_timeout,
+        no_delay=True,
+        default_noreply=False,
+        max_pool_size=64,
+    )
+
+
+BARE_LABELS = {"memcached": "bare pymemcache get", "redis": "bare redis-py GET"}
+
+
+def measure_reads(engine: str, cache: str, address: str, seconds: float) -> list[Timed]:
+    """The reads, with the library pointed at ``cache`` (a kind) at ``address``."""
     counter = Counter(f"bench-reads-{engine}-{uuid.uuid4().hex[:8]}", shards=SHARDS)
     for _ in range(_SEEDED):
         counter.increment()
@@ -126,29 +155,20 @@ def measure_reads(engine: str, memcached: str, seconds: float) -> list[Timed]:
     def uncached() -> bool:
         return counter.get_count(nocache=True) == _SEEDED
 
-    # Built as the library builds its own client (memcache.build_client), and held
-    # under the same attribute name as CacheTier holds it, to be counted the same way.
-    bare = types.SimpleNamespace(
-        _client=PooledClient(
-            parse_host(memcached),
-            connect_timeout=counter.settings.memcache_connect_timeout,
-            timeout=counter.settings.memcache_timeout,
-            no_delay=True,
-            default_noreply=False,
-            max_pool_size=64,
-        )
-    )
+    # Held under the same attribute name as CacheTier holds its client, to be counted
+    # the same way.
+    bare = types.SimpleNamespace(_client=_bare_client(cache, address, counter))
     key, value = f"bench-bare-{uuid.uuid4().hex[:8]}", str(_SEEDED).encode()
     bare._client.set(key, value)
 
     def bare_get() -> bool:
         return bool(bare._client.get(key) == value)
 
-    store, cache = counter._backend.store, counter._backend.cache
+    store, tier = counter._backend.store, counter._backend.cache
     reads = [
-        _Read("read-cached", "counter.count (cached)", cached, 100, store, cache),
-        _Read("read-uncached", "get_count(nocache=True)", uncached, 1, store, cache),
-        _Read("read-bare-get", "bare pymemcache get", bare_get, 100, None, bare),
+        _Read("read-cached", "counter.count (cached)", cached, 100, store, tier),
+        _Read("read-uncached", "get_count(nocache=True)", uncached, 1, store, tier),
+        _Read("read-bare-get", BARE_LABELS[cache], bare_get, 100, None, bare),
     ]
     totals = _take_turns([_checked(r.operation, r.batch) for r in reads], seconds)
     results: list[Timed] = []

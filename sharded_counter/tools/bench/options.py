@@ -6,11 +6,15 @@ import dataclasses
 from pathlib import Path
 
 ENGINES = ("classic", "firestore")
+# The cache kinds a run measures, each on a server of the run's own: memcached runs
+# every contender; Redis the ones its targets name (``contenders.Contender.caches``).
+CACHES = ("memcached", "redis")
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchOptions:
     engines: tuple[str, ...] = ENGINES
+    caches: tuple[str, ...] = CACHES
     threads: tuple[int, ...] = (1, 4, 16, 32)
     # Each of ~70 points on two engines is time-boxed to this, ``repeats`` times; with
     # start-up, checks and the single-threaded loops a default run takes about 15
@@ -45,6 +49,9 @@ class BenchOptions:
         unknown = [e for e in self.engines if e not in ENGINES]
         if unknown or not self.engines:
             raise ValueError(f"engines must be among {', '.join(ENGINES)}, not {unknown}")
+        wrong_caches = [c for c in self.caches if c not in CACHES]
+        if wrong_caches or not self.caches:
+            raise ValueError(f"caches must be among {', '.join(CACHES)}, not {wrong_caches}")
         if not self.threads or min(self.threads) < 1:
             raise ValueError("threads must be one or more positive counts")
         if not self.seconds > 0 or not self.micro_seconds > 0 or self.warmup_seconds < 0:

@@ -23,6 +23,11 @@ ENGINE_TITLES = {
 }
 
 
+def title(engine: str, cache: str = "memcached") -> str:
+    """An engine's title, with the cache kind it ran with."""
+    return f"{ENGINE_TITLES.get(engine, engine)}, {cache}"
+
+
 def _rate(rate: float) -> str:
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:,.1f}"
 
@@ -59,7 +64,7 @@ def _exact(ok: bool) -> Text:
 
 def writers_table(results: EngineResults) -> Table:
     table = Table(
-        title=f"{ENGINE_TITLES.get(results.engine, results.engine)}: writers",
+        title=f"{title(results.engine, results.cache)}: writers",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -129,7 +134,7 @@ def _order(point: Point) -> tuple[int, int, int]:
 def calls_table(results: EngineResults, threads: int) -> Table:
     """Round trips per increment, method by method, at one concurrency."""
     table = Table(
-        title=f"{results.engine}: calls per increment at {threads} writer threads",
+        title=f"{results.key}: calls per increment at {threads} writer threads",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -159,11 +164,13 @@ def _breakdown(calls: dict[str, int], per: int) -> str:
 
 
 def micro_table(results: EngineResults) -> Table:
+    loops = (
+        "one thread (reads, buffer); 16 threads (a bounded fill); 64 tasks against 16 threads"
+        if results.buffer or results.fill or results.aio
+        else "reads, one thread"
+    )
     table = Table(
-        title=(
-            f"{results.engine}: one thread (reads, buffer); 16 threads (a bounded fill); "
-            "64 tasks against 16 threads"
-        ),
+        title=f"{results.key}: {loops}",
         box=box.SIMPLE_HEAD,
         show_edge=False,
         pad_edge=False,
@@ -234,7 +241,7 @@ def print_engine(console: Console, results: EngineResults, calls_at: int | None)
 def problems(point: Point) -> Iterable[tuple[str, bool]]:
     """What a point's row cannot show: (line, whether it makes the run fail)."""
     where = (
-        f"{point.engine} / {point.label} / {_concurrency(point)} writers / "
+        f"{point.engine}, {point.cache} / {point.label} / {_concurrency(point)} writers / "
         f"repeat {point.repeat + 1}"
     )
     if point.load.not_recorded:

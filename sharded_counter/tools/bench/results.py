@@ -64,6 +64,7 @@ class Point:
     entities: int = 0  # entities the commits wrote (shards, key records, ...)
     shards_in_use: tuple[int, ...] = ()  # each process's shard count at the end (adaptive)
     repeat: int = 0  # which of the run's repeats of every point this is
+    cache: str = "memcached"  # the cache kind the run pointed the library at
     ratio_to_blind: float | None = None  # filled in once the blind rate is known
     # Filled in by EngineResults.summarize on the repeat whose rate is the median:
     median: bool = False
@@ -148,7 +149,10 @@ class Timed:
 
 @dataclasses.dataclass
 class EngineResults:
+    """One engine with one cache kind: every point and loop measured there."""
+
     engine: str
+    cache: str = "memcached"
     points: list[Point] = dataclasses.field(default_factory=list)
     not_applicable: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
     reads: list[Timed] = dataclasses.field(default_factory=list)
@@ -160,6 +164,12 @@ class EngineResults:
     @property
     def exact(self) -> bool:
         return all(p.exact for p in self.points) and all(t.exact for t in self.timed_loops())
+
+    @property
+    def key(self) -> str:
+        """Its name in ``BenchOutcome.engines`` and bench.json: the engine on memcached
+        (as before Redis was measured), ``engine/redis`` on Redis."""
+        return results_key(self.engine, self.cache)
 
     def timed_loops(self) -> tuple[Timed, ...]:
         return (*self.reads, *self.buffer, *self.fill, *self.aio)
@@ -224,6 +234,7 @@ class EngineResults:
     def to_json(self) -> dict[str, Any]:
         return {
             "engine": self.engine,
+            "cache": self.cache,
             "seconds": self.seconds,
             "exact": self.exact,
             "not_applicable": self.not_applicable,
@@ -233,6 +244,10 @@ class EngineResults:
             "fill": [t.to_json() for t in self.fill],
             "aio": [t.to_json() for t in self.aio],
         }
+
+
+def results_key(engine: str, cache: str) -> str:
+    return engine if cache == "memcached" else f"{engine}/{cache}"
 
 
 def machine() -> dict[str, Any]:
@@ -255,7 +270,13 @@ def machine() -> dict[str, Any]:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "packages": {
             name: version(name)
-            for name in ("sharded-counter", "google-cloud-datastore", "grpcio", "pymemcache")
+            for name in (
+                "sharded-counter",
+                "google-cloud-datastore",
+                "grpcio",
+                "pymemcache",
+                "redis",
+            )
         },
     }
 
