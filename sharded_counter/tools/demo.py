@@ -272,7 +272,7 @@ def _notes(outcome: Outcome) -> Iterator[Text]:
     if outcome.not_recorded:
         yield Text(
             f"{outcome.contender}: {_plural(outcome.not_recorded, 'increment')} gave up "
-            "(IncrementNotRecorded), so not expected"
+            "(refused, nothing stored), so not expected"
         )
     if outcome.errors:
         seen = ", ".join(f"{n:,} x {kind}" for kind, n in sorted(outcome.errors.items()))

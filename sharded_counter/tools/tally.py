@@ -12,13 +12,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from ..errors import IncrementNotRecorded
+from ..errors import CacheUnavailable, IncrementNotRecorded
 
 
 @dataclasses.dataclass
 class WriterTally:
     acked: int = 0  # increments acknowledged (increment() returned)
-    not_recorded: int = 0  # increments refused with IncrementNotRecorded
+    # Increments refused, nothing of them stored: IncrementNotRecorded, or a
+    # CacheUnavailable that says so (a SharedBuffer increment whose cas kept losing).
+    not_recorded: int = 0
     # Earlier acknowledged amounts that an IncrementNotRecorded handed back to its caller.
     returned: int = 0
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
@@ -58,6 +60,11 @@ class WriterTally:
                 except IncrementNotRecorded as exc:
                     self.not_recorded += 1
                     self.returned += exc.delta - 1
+                except CacheUnavailable as exc:
+                    if exc.maybe_applied:  # sent, unanswered: the outcome is unknown
+                        self.errors[type(exc).__name__] += 1
+                    else:
+                        self.not_recorded += 1
                 except Exception as exc:  # counted and shown: racing is about what goes wrong
                     self.errors[type(exc).__name__] += 1
                 else:

@@ -246,7 +246,10 @@ def problems(point: Point) -> Iterable[tuple[str, bool]]:
     )
     if point.load.not_recorded:
         refused = point.load.not_recorded
-        yield f"{where}: {refused:,} increments raised IncrementNotRecorded, so not expected", False
+        yield (
+            f"{where}: {refused:,} increments were refused, nothing stored, so not expected",
+            False,
+        )
     for template, n in point.warnings.items():
         message = re.sub(r"%[rsd]", "...", template)
         yield f"{where}: library warning, {n:,} x: {message}", False
