@@ -32,7 +32,7 @@ from sharded_counter.cache.client import build_client
 from sharded_counter.paths.registry import PerCounter
 from sharded_counter.process import PerProcess, generation
 from sharded_counter.settings import Settings
-from sharded_counter_emulator import Memcached, RedisServer
+from sharded_counter_emulator import Memcached, RedisCluster, RedisServer
 
 pytestmark = pytest.mark.backends
 
@@ -88,8 +88,11 @@ def _in_children(
     return outcomes
 
 
-def _connections(server: Memcached | RedisServer) -> int:
-    """How many connections ``server`` has accepted since it started."""
+def _connections(server: Memcached | RedisServer | RedisCluster) -> int:
+    """How many connections ``server`` (every node of a cluster) has accepted since it
+    started."""
+    if isinstance(server, RedisCluster):
+        return sum(_connections(node) for node in server.nodes)
     if isinstance(server, RedisServer):
         import redis
 
@@ -112,7 +115,8 @@ _stats_clients: dict[str, Any] = {}  # pymemcache's or redis-py's, per server
 
 
 def test_making_a_counter_opens_nothing(
-    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
+    sharded_counter_env: dict[str, str],
+    sharded_counter_cache: Memcached | RedisServer | RedisCluster,
 ) -> None:
     before = _connections(sharded_counter_cache)
     counter = Counter("fork:lazy")
@@ -134,7 +138,8 @@ def test_a_module_level_counter_uses_the_fixtures_backends(
 
 
 def test_a_child_opens_its_own_cache_connections(
-    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
+    sharded_counter_env: dict[str, str],
+    sharded_counter_cache: Memcached | RedisServer | RedisCluster,
 ) -> None:
     address = sharded_counter_cache
     counter = Counter("fork:own-sockets")
@@ -162,7 +167,8 @@ def test_a_child_opens_its_own_cache_connections(
 
 
 def test_clients_passed_in_are_refused_in_a_child(
-    sharded_counter_env: dict[str, str], sharded_counter_cache: Memcached | RedisServer
+    sharded_counter_env: dict[str, str],
+    sharded_counter_cache: Memcached | RedisServer | RedisCluster,
 ) -> None:
     client = build_client(Settings(cache_url=sharded_counter_cache.url))
     counter = Counter("fork:given-client", memcache_client=client)
