@@ -603,6 +603,7 @@ def test_the_docs_cache_examples_run(
     assert who_holds("nightly-report") is None
 
 
+@pytest.mark.memcached_only  # the docs' example of several memcached servers
 def test_the_docs_durable_and_cluster_examples_run(
     sharded_counter_env: dict[str, str], trio: list[Memcached], monkeypatch: pytest.MonkeyPatch
 ) -> None:
