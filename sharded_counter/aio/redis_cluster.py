@@ -8,11 +8,13 @@ one ``MGET`` per slot; a ``MOVED`` or ``ASK`` answer (nothing ran) is followed u
 settle are ``ClusterRefused``; a call that found no connection (nothing sent) goes
 to the slot's new primary if a fresh reading of the map names one.
 
-Why not ``redis.asyncio.cluster.RedisCluster``: its ``execute_command`` retries a
-failed call on its own (``cluster_error_retry_attempts``, and a ``MOVED`` after a
-connection error re-reads the map and sends again), and its pools and connections
-are the ones it sends on, so proving that no call goes out twice would mean
-following redis-py's control flow through each release. Here every byte a call
+Why not ``redis.asyncio.cluster.RedisCluster`` (redis-py 8.2 read): its
+``execute_command`` sends a call again after a timeout or a lost connection (its
+``retry``: by default 10 retries; ``cluster_error_retry_attempts`` is the deprecated
+knob for it). That can be set to 0, but the redirect loop (up to 16 redirects),
+the pools and the connections it sends on would still be redis-py's, so proving
+that no call goes out twice would mean following its control flow through each
+release. Here every byte a call
 sends is sent by ``redis_cache.exchange``, once, on a connection of this module's
 per-node pools (``redis_pool.py``'s kind, one per primary: a call that fails or is
 cancelled after it was sent closes its connection). The map is this module's own,
