@@ -20,11 +20,9 @@ class RawRedis:
     the library must read as data, as anything at a memcached key is); every other
     call is the library's own client, so ``get`` reads back what the library wrote."""
 
-    def __init__(self, host: str, port: int, password: str | None = None) -> None:
-        import redis
-
-        self._plain = redis.Redis(host=host, port=port, password=password)
-        self._ours = RedisClient(host, port, password=password)
+    def __init__(self, plain: Any, ours: Any) -> None:
+        self._plain = plain  # a redis-py client: a server's, or a cluster's
+        self._ours = ours
 
     def set(self, key: str, value: bytes, expire: int = 0) -> bool:
         return bool(self._plain.set(key, value, ex=expire or None))
@@ -37,38 +35,37 @@ class RawRedis:
         self._ours.close()
 
 
-class RawRedisCluster(RawRedis):
-    """``RawRedis`` for a cluster: a plain ``SET`` to the key's primary, and the
-    library's own cluster client for the rest."""
-
-    def __init__(self, url: str) -> None:
-        from redis.cluster import RedisCluster
-
-        from sharded_counter.cache.by_url import redis_client_for
-        from sharded_counter.settings import Settings
-
-        seed = url.split("://", 1)[1].split(",", 1)[0]  # one node: it names the rest
-        host, port = seed.rsplit(":", 1)
-        self._plain = RedisCluster(host=host, port=int(port))
-        self._ours = redis_client_for(Settings(cache_url=url))
-
-
 def raw_client(server: Memcached | RedisServer | RedisCluster | str) -> Any:
     """A plain client of the test's own for ``server`` (or its cache URL, which a
     spawned process can be handed), replies on (a write without one may reach the
     server after the read that follows it)."""
     text = server if isinstance(server, str) else server.url
     if "+cluster://" in text:
-        return RawRedisCluster(text)
+        return _raw_cluster(text)
     url = urlsplit(text)
     assert url.hostname is not None and url.port is not None, url
     if url.scheme in ("redis", "valkey"):
+        import redis
+
         password = unquote(url.password) if url.password is not None else None
-        return RawRedis(url.hostname, url.port, password)
+        plain = redis.Redis(host=url.hostname, port=url.port, password=password)
+        return RawRedis(plain, RedisClient(url.hostname, url.port, password=password))
     assert url.scheme == "memcached", url
     from pymemcache.client.base import Client
 
     return Client((url.hostname, url.port), default_noreply=False)
+
+
+def _raw_cluster(url: str) -> RawRedis:
+    """``RawRedis`` on a cluster (a ``+cluster://`` URL with no credentials)."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from sharded_counter.cache.redis.cluster import RedisClusterClient
+    from sharded_counter.core.cache_url import parse_cache_url
+
+    hosts = parse_cache_url(url).hosts
+    plain = RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in hosts])
+    return RawRedis(plain, RedisClusterClient(hosts))
 
 
 def cache_url_through(server: Memcached | RedisServer, host: str, port: int) -> str:

@@ -23,7 +23,6 @@ from hypothesis import strategies as st
 from pymemcache.exceptions import MemcacheClientError
 
 from sharded_counter import (
-    ConfigurationError,
     Counter,
     Locked,
     RateLimiter,
@@ -35,6 +34,7 @@ from sharded_counter import (
 from sharded_counter.aio import AsyncCounter, AsyncRateLimiter, aclose, alock
 from sharded_counter.aio.backend import async_backend_for, async_cache
 from sharded_counter.aio.redis_cache import AsyncRedisCache
+from sharded_counter.aio.redis_cluster import AsyncRedisClusterCache
 from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.cache.redis.commands import CacheCommandError, CacheNotReached
 from sharded_counter.core.cache_url import parse_cache_url
@@ -429,15 +429,15 @@ def test_a_password_and_db_come_from_the_url_and_a_wrong_password_is_never_sent(
 # -- choosing it ---------------------------------------------------------------------------
 
 
-def test_a_redis_url_gets_this_cache_and_a_cluster_url_is_refused(
+def test_a_redis_url_gets_this_cache_and_a_cluster_url_the_cluster_cache(
     redis_server: RedisServer,
 ) -> None:
     async def main() -> None:
         chosen = async_cache(Settings(cache_url=redis_server.url), outage=None)
         assert isinstance(chosen, AsyncRedisCache) and chosen.enabled
         await chosen.close()
-        with pytest.raises(ConfigurationError, match=r"does not support redis\+cluster://"):
-            async_cache(Settings(cache_url=f"redis+cluster://{redis_server.address}"), outage=None)
+        cluster_url = Settings(cache_url=f"redis+cluster://{redis_server.address}")
+        assert isinstance(async_cache(cluster_url, outage=None), AsyncRedisClusterCache)
 
     in_loop(main)
 

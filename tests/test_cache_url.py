@@ -8,7 +8,6 @@ end, a counter and a rate limiter on a real redis-server that a URL names.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 from urllib.parse import quote
@@ -18,7 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharded_counter import Counter, RateLimiter, config, reconnect
-from sharded_counter.aio import AsyncCounter
+from sharded_counter.aio.backend import async_cache
+from sharded_counter.aio.redis_cluster import AsyncRedisClusterCache
 from sharded_counter.cache.by_url import memcached_servers, redis_client_for
 from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.cache.redis.cluster import RedisClusterClient
@@ -318,16 +318,9 @@ def test_a_counter_and_a_rate_limiter_run_on_the_redis_a_url_names(
         reconnect()
 
 
-def test_asyncio_refuses_a_cluster_url_rather_than_run_without_the_cache(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("SHARDED_COUNTER_CACHE_URL", "redis+cluster://127.0.0.1:6379")
-    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:1")  # never reached
-    monkeypatch.setenv("DATASTORE_DATASET", "refused")
-    reconnect()
-
-    async def first_call() -> None:
-        await AsyncCounter("async-on-redis").get_count()
-
-    with pytest.raises(ConfigurationError, match=r"not supported yet|does not support"):
-        asyncio.run(first_call())
+def test_asyncio_takes_a_cluster_url_to_its_cluster_cache() -> None:
+    """Nothing connects until the first call: the URL's nodes are the seeds."""
+    url = "redis+cluster://127.0.0.1:7001,127.0.0.1:7002"
+    cache = async_cache(Settings(cache_url=url), outage=None)
+    assert isinstance(cache, AsyncRedisClusterCache)
+    assert cache.seeds == [("127.0.0.1", 7001), ("127.0.0.1", 7002)]

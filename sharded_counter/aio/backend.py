@@ -95,16 +95,20 @@ async def drain() -> None:
 
 def async_cache(settings: Settings, *, outage: OutageLog | None) -> AsyncCache:
     """The asyncio cache ``settings`` name: ``AsyncRedisCache`` for a Redis or Valkey
-    ``cache_url``, else ``AsyncMemcache`` (memcached, or no cache at all)."""
+    server's ``cache_url``, ``AsyncRedisClusterCache`` for a cluster's, else
+    ``AsyncMemcache`` (memcached, or no cache at all)."""
     url = cache_url_of(settings)
     if url is None or not url.redis_protocol:
         return AsyncMemcache(settings, outage=outage)
     try:
         from .redis_cache import AsyncRedisCache
+        from .redis_cluster import AsyncRedisClusterCache
     except ImportError as exc:
         raise ConfigurationError(
             f"{url.scheme}:// needs redis-py: pip install 'sharded-counter[redis]' ({exc})"
         ) from None
+    if url.cluster:
+        return AsyncRedisClusterCache(url, settings, outage=outage)
     return AsyncRedisCache(url, settings, outage=outage)
 
 

@@ -22,6 +22,7 @@ unread, so no other call can read that answer as its own.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio
@@ -46,60 +47,62 @@ def _refused_nothing_changed(method: str, exc: BaseException) -> bool:
     return False
 
 
-class AsyncRedisCache:
-    """Guarded cache calls for the asyncio shell, on the Redis or Valkey server ``url``
-    names (its username, password, db and TLS), with the time limits of ``settings``.
+def connection_maker(
+    url: CacheUrl, settings: Settings, host: str, port: int
+) -> Callable[[], redis.asyncio.Connection]:
+    """How to open a connection to the server at ``host:port`` with ``url``'s
+    username, password, db and TLS, and ``settings``' time limits (a cluster's nodes
+    each get their own)."""
+    connection_class: type[redis.asyncio.Connection] = (
+        redis.asyncio.SSLConnection if url.tls else redis.asyncio.Connection
+    )
+    # A TLS connection checks the server's certificate and name: against
+    # cache_ca_file when given, else the system's CAs.
+    ca_file = tls_ca_file(settings) if url.tls else None
+    tls_options: dict[str, Any] = {"ssl_ca_certs": ca_file} if ca_file else {}
 
-    ``outage`` logs when the server stops and starts answering (None for callers that
-    log on their own, as the rate limiter does)."""
-
-    def __init__(
-        self,
-        url: CacheUrl,
-        settings: Settings,
-        *,
-        outage: OutageLog | None,
-        max_pool_size: int = 64,
-    ) -> None:
-        if url.cluster or len(url.hosts) != 1:
-            raise ConfigurationError(
-                f"sharded_counter.aio does not support {url.scheme}:// yet: its Redis or "
-                "Valkey cache must be one server (redis://, rediss://, valkey://, valkeys://)"
-            )
-        ((host, port),) = url.hosts
-        self.address = (host, port)
-        connection_class: type[redis.asyncio.Connection] = (
-            redis.asyncio.SSLConnection if url.tls else redis.asyncio.Connection
+    def connection() -> redis.asyncio.Connection:
+        return connection_class(
+            host=host,
+            port=port,
+            db=url.db,
+            username=url.username,
+            password=url.password,
+            # No socket_timeout (redis-py 8's default is 5 s): each call has one
+            # time limit of its own (exchange), and the pool limits the handshake.
+            socket_timeout=None,
+            socket_connect_timeout=settings.memcache_connect_timeout,
+            # A call is sent once: resending a write that timed out could apply it twice.
+            retry=Retry(NoBackoff(), 0),
+            retry_on_timeout=False,
+            **tls_options,
         )
-        self._timeout = settings.memcache_timeout
-        # A TLS connection checks the server's certificate and name: against
-        # cache_ca_file when given, else the system's CAs.
-        ca_file = tls_ca_file(settings) if url.tls else None
-        tls_options: dict[str, Any] = {"ssl_ca_certs": ca_file} if ca_file else {}
 
-        def connection() -> redis.asyncio.Connection:
-            return connection_class(
-                host=host,
-                port=port,
-                db=url.db,
-                username=url.username,
-                password=url.password,
-                # No socket_timeout (redis-py 8's default is 5 s): each call has one
-                # time limit of its own (_send), and the pool limits the handshake.
-                socket_timeout=None,
-                socket_connect_timeout=settings.memcache_connect_timeout,
-                # A call is sent once: resending a write that timed out could apply it twice.
-                retry=Retry(NoBackoff(), 0),
-                retry_on_timeout=False,
-                **tls_options,
-            )
+    return connection
 
-        self._pool = ConnectionPool(
-            connection,
-            size=max_pool_size,
-            wait=settings.memcache_timeout,
-            handshake=settings.memcache_connect_timeout + settings.memcache_timeout,
-        )
+
+def pool_for(
+    make: Callable[[], redis.asyncio.Connection], settings: Settings, max_pool_size: int
+) -> ConnectionPool:
+    """A pool of ``make``'s connections with ``settings``' time limits: a call waits
+    up to ``memcache_timeout`` for one, a new one has both limits to be ready."""
+    return ConnectionPool(
+        make,
+        size=max_pool_size,
+        wait=settings.memcache_timeout,
+        handshake=settings.memcache_connect_timeout + settings.memcache_timeout,
+    )
+
+
+class AsyncRedisCalls:
+    """The calls of ``AsyncCache`` made of ``commands.Call``s, their failures guarded.
+
+    A subclass says only how a call reaches a server (``_send``): ``AsyncRedisCache``
+    over one pool, ``redis_cluster.AsyncRedisClusterCache`` to the node of its key's
+    slot. ``outage`` logs when the cache stops and starts answering (None for callers
+    that log on their own, as the rate limiter does)."""
+
+    def __init__(self, *, outage: OutageLog | None) -> None:
         self._guard = CacheGuard(
             outage,
             answers=(),
@@ -116,17 +119,12 @@ class AsyncRedisCache:
             maybe_applied=_refused_nothing_changed,
         )
 
-    def __repr__(self) -> str:
-        host, port = self.address
-        return f"AsyncRedisCache({host!r}, {port})"
+    async def close(self) -> None:
+        raise NotImplementedError
 
     @property
     def enabled(self) -> bool:
         return True
-
-    async def close(self) -> None:
-        """Close every pooled connection; the next call opens a new one."""
-        await self._pool.close()
 
     # -- what the cache tier's steps ask for (cache/guarded.py's calls) ---------------------
 
@@ -205,33 +203,96 @@ class AsyncRedisCache:
 
     async def _send(self, call: Call, command: tuple[Any, ...]) -> Any:
         """Send ``command`` and return the server's answer; failures as
-        ``commands.failure`` reads them, and ``CacheNotReached`` when no connection
-        could be had (nothing was sent)."""
-        try:
-            connection = await self._pool.borrow()
-        except (RedisError, OSError, asyncio.TimeoutError) as exc:
-            what = f"{type(exc).__name__}: {exc}".rstrip(": ")
-            raise CacheNotReached(f"redis {call.name}: {what}", maybe_applied=False) from exc
-        answered = False
-        try:
-            # One request on a connection that carries one call at a time: it fits
-            # in the socket's buffer, so the time goes on waiting for the answer.
-            async with within(self._timeout):
-                await connection.send_command(*command)
+        ``commands.failure`` reads them, and ``CacheNotReached`` when it was never sent."""
+        raise NotImplementedError
+
+
+class AsyncRedisCache(AsyncRedisCalls):
+    """Guarded cache calls for the asyncio shell, on the Redis or Valkey server ``url``
+    names (its username, password, db and TLS), with the time limits of ``settings``.
+
+    ``outage`` logs when the server stops and starts answering (None for callers that
+    log on their own, as the rate limiter does)."""
+
+    def __init__(
+        self,
+        url: CacheUrl,
+        settings: Settings,
+        *,
+        outage: OutageLog | None,
+        max_pool_size: int = 64,
+    ) -> None:
+        if url.cluster or len(url.hosts) != 1:
+            raise ConfigurationError(
+                f"AsyncRedisCache is one server, not {url.scheme}://: a cluster's URL "
+                "takes redis_cluster.AsyncRedisClusterCache"
+            )
+        super().__init__(outage=outage)
+        ((host, port),) = url.hosts
+        self.address = (host, port)
+        self._timeout = settings.memcache_timeout
+        self._pool = pool_for(connection_maker(url, settings, host, port), settings, max_pool_size)
+
+    def __repr__(self) -> str:
+        host, port = self.address
+        return f"AsyncRedisCache({host!r}, {port})"
+
+    async def close(self) -> None:
+        """Close every pooled connection; the next call opens a new one."""
+        await self._pool.close()
+
+    async def _send(self, call: Call, command: tuple[Any, ...]) -> Any:
+        return await exchange(self._pool, call, command, timeout=self._timeout)
+
+
+async def exchange(
+    pool: ConnectionPool,
+    call: Call,
+    command: tuple[Any, ...],
+    *,
+    timeout: float,
+    asking: bool = False,
+    answers: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Send ``command`` on a connection of ``pool`` and return the server's answer
+    (after ``ASKING``, when ``asking``: a cluster's ``ASK`` redirect), all within
+    ``timeout``. Failures as ``commands.failure`` reads them; ``CacheNotReached``
+    when no connection could be had (nothing was sent). An error of ``answers`` (a
+    cluster's redirects) is raised as it is: an answer, read whole."""
+    try:
+        connection = await pool.borrow()
+    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+        what = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        raise CacheNotReached(f"redis {call.name}: {what}", maybe_applied=False) from exc
+    answered = False
+    try:
+        # One request on a connection that carries one call at a time: it fits
+        # in the socket's buffer, so the time goes on waiting for the answer.
+        async with within(timeout):
+            if asking:
+                await connection.send_command("ASKING")
+                await connection.read_response()
+            await connection.send_command(*command)
+            try:
                 reply = await connection.read_response()
-            answered = True
-            return reply
-        except BaseException as exc:  # a cancellation too: see drop
-            if isinstance(exc, asyncio.TimeoutError):  # 3.10's is not the builtin one
-                exc = RedisTimeoutError(f"no answer within {self._timeout} s")
-            ours = commands.failure(exc, call)
-            # A refusal (an error reply, NOSCRIPT) was read whole: the connection is
-            # clean. Anything else may leave an answer on its way: close it.
-            answered = ours is not None and not isinstance(ours, CacheUnavailable)
-            if not answered:
-                await drop(connection)
-            if ours is None:
+            except answers:
+                answered = True  # a refusal, read whole: the connection is clean
                 raise
-            raise ours from exc
-        finally:
-            self._pool.give_back(connection, reuse=answered)
+        answered = True
+        return reply
+    except BaseException as exc:  # a cancellation too: see drop
+        if answered:
+            raise
+        if isinstance(exc, asyncio.TimeoutError):  # 3.10's is not the builtin one
+            exc = RedisTimeoutError(f"no answer within {timeout} s")
+        ours = commands.failure(exc, call)
+        # A refusal (an error reply, NOSCRIPT) was read whole: the connection is
+        # clean. Anything else may leave an answer on its way: close it.
+        answered = ours is not None and not isinstance(ours, CacheUnavailable)
+        if not answered:
+            await drop(connection)
+        if ours is None:
+            raise
+        raise ours from exc
+    finally:
+        pool.give_back(connection, reuse=answered)

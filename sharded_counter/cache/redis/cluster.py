@@ -43,7 +43,6 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.crc import key_slot
 from redis.exceptions import (
     AskError,
     ClusterDownError,
@@ -54,29 +53,12 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from ..memcached.ring import RECORD_KEY
-from . import commands
+from . import commands, slots
 from .client import RedisCalls, exchange
 from .commands import CacheNotReached, Call
+from .slots import MAX_REDIRECTS, MIN_REFRESH_INTERVAL, SCAN_COUNT, ClusterRefused
 
-#: How many ``MOVED``/``ASK`` redirects one call follows before it gives up.
-MAX_REDIRECTS = 5
-
-#: How many keys one ``SCAN`` step of a failover's clean-up asks for.
-SCAN_COUNT = 1000
-
-#: The least time between two readings of the topology that failures asked for, so
-#: that a hundred threads failing at once during a failover read it once.
-MIN_REFRESH_INTERVAL = 0.1
-
-# The cluster's answers that mean "not here, not now": nothing ran.
-_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
-
-
-class ClusterRefused(CacheNotReached):
-    """The cluster ran nothing: ``CLUSTERDOWN`` (a slot with no live primary, as
-    during a failover), ``TRYAGAIN`` (keys of a slot being moved), or ``MOVED``/``ASK``
-    redirects that did not settle. ``maybe_applied`` is False: try again later."""
+__all__ = ["MAX_REDIRECTS", "SCAN_COUNT", "ClusterRefused", "RedisClusterClient"]
 
 
 class RedisClusterClient(RedisCalls):
@@ -138,11 +120,8 @@ class RedisClusterClient(RedisCalls):
 
     def gets_many(self, keys: Iterable[str | bytes]) -> dict[Any, tuple[bytes, bytes]]:
         """One ``MGET`` per hash slot of ``keys``, the answers merged."""
-        by_slot: dict[int, list[str | bytes]] = {}
-        for key in keys:
-            by_slot.setdefault(key_slot(commands.check_key(key)), []).append(key)
         found: dict[Any, tuple[bytes, bytes]] = {}
-        for group in by_slot.values():
+        for group in slots.by_slot(list(keys)).values():
             _, call = commands.gets_many(group)
             assert call is not None  # a group has a key
             found.update(self._perform(call))
@@ -153,7 +132,7 @@ class RedisClusterClient(RedisCalls):
     def _send(self, call: Call, command: tuple[Any, ...]) -> Any:
         """Send ``command`` to the primary of its key's slot, following redirects."""
         key = call.key if call.script is not None else command[1]
-        slot = key_slot(key)
+        slot = slots.slot_of(key)
         cluster = self._topology(call)
         asked: ClusterNode | None = None  # where an ASK redirect sent the call
         for _ in range(1 + MAX_REDIRECTS):
@@ -203,8 +182,8 @@ class RedisClusterClient(RedisCalls):
             ) from exc
         try:
             if asking:
-                exchange(connection, call, ("ASKING",), answers=_REDIRECTS)
-            return exchange(connection, call, command, answers=_REDIRECTS)
+                exchange(connection, call, ("ASKING",), answers=slots.RAN_NOTHING)
+            return exchange(connection, call, command, answers=slots.RAN_NOTHING)
         except (commands.CacheConnectionLost, commands.CacheTimedOut):
             self._stale = True  # the node may be down: look again before the next call
             raise
@@ -224,7 +203,7 @@ class RedisClusterClient(RedisCalls):
         with self._lock:
             before = _serving_primaries(cluster)
             cluster.nodes_manager.move_slot(moved)
-            self._unclean |= _serving_primaries(cluster) - before
+            self._unclean |= slots.newly_serving(before, _serving_primaries(cluster))
 
     @staticmethod
     def _node_at(cluster: RedisCluster, host: str, port: int) -> ClusterNode:
@@ -247,7 +226,8 @@ class RedisClusterClient(RedisCalls):
                 else:
                     before = _serving_primaries(self._cluster)
                     self._cluster.nodes_manager.initialize()
-                    self._unclean |= _serving_primaries(self._cluster) - before
+                    after = _serving_primaries(self._cluster)
+                    self._unclean |= slots.newly_serving(before, after)
             except (RedisError, RedisClusterException) as exc:
                 raise CacheNotReached(
                     f"redis {call.name}: no node of the cluster answered: {exc}",
@@ -301,8 +281,8 @@ def _delete_records(node: redis.Redis) -> int:
     deleted as they come); returns how many."""
     deleted = 0
     batch: list[bytes] = []
-    for key in node.scan_iter(match="*:t:*", count=SCAN_COUNT):
-        if RECORD_KEY.fullmatch(key.decode("ascii", "replace")):
+    for key in node.scan_iter(match=slots.RECORD_MATCH, count=SCAN_COUNT):
+        if slots.is_record(key):
             batch.append(key)
         if len(batch) >= SCAN_COUNT:
             deleted += _unlink(node, batch)
