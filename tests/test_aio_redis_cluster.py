@@ -20,16 +20,18 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
+from faultkit import report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pymemcache.exceptions import MemcacheClientError
 from redis.exceptions import TryAgainError
 
+from sharded_counter.aio import AsyncCounter, aclose
 from sharded_counter.aio.redis_cluster import AsyncRedisClusterCache, ClusterRefused
 from sharded_counter.cache.redis.cluster import RedisClusterClient
 from sharded_counter.cache.redis.slots import slot_of
 from sharded_counter.core.cache_url import parse_cache_url
-from sharded_counter.errors import CacheUnavailable
+from sharded_counter.errors import CacheUnavailable, ShardedCounterError
 from sharded_counter.settings import Settings
 from sharded_counter_emulator.redis_cluster import RedisCluster
 from sharded_counter_emulator.redis_server import RedisServer
@@ -391,3 +393,66 @@ def test_after_a_failover_calls_reach_the_promoted_replica_cleaned_of_counter_re
     # The calls after the failover reached the promoted replica.
     assert cluster.command(promoted, "GET", window).strip().endswith(":8")
     assert cluster.command(promoted, "GET", record).strip().endswith(":8")
+
+
+# -- counters end to end: tasks writing through a failover ---------------------------------
+
+WRITERS = 16
+
+
+def test_asyncio_counts_stay_exact_when_a_primary_is_killed_under_writers(
+    sharded_counter_env: dict[str, str], sharded_counter_engine: str, own_cluster: RedisCluster
+) -> None:
+    """16 tasks increment one ``AsyncCounter`` on the cluster; the primary of its cached
+    record is SIGKILLed and its replica promoted while they write, and they write on
+    1.5 s after it. Datastore is healthy, so no increment may fail, and every one
+    acknowledged is counted once: in the shards and in the cached total (the record
+    on the promoted replica was deleted and rebuilt, not trusted)."""
+    cluster = own_cluster
+
+    async def main() -> None:
+        counter = AsyncCounter(
+            f"aio-cluster-kill-{uuid.uuid4().hex[:8]}",
+            shards=10,
+            rpc_timeout=2.0,
+            cache_url=cluster.url,
+            memcache_timeout=0.3,
+            memcache_connect_timeout=0.3,
+        )
+        acknowledged = 5
+        await counter.increment(5)
+        assert await counter.get_count() == 5  # a complete record is cached before the kill
+        record = counter._ctx.record_key
+        failures: list[BaseException] = []
+        stop = asyncio.Event()
+
+        async def writer(delta: int) -> None:
+            nonlocal acknowledged
+            while not stop.is_set():
+                try:
+                    await counter.increment(delta)
+                except ShardedCounterError as exc:
+                    failures.append(exc)
+                else:
+                    acknowledged += delta
+
+        tasks = [asyncio.create_task(writer(i + 1)) for i in range(WRITERS)]
+        await asyncio.sleep(0.5)  # writing before the kill
+        await asyncio.to_thread(cluster.kill_primary_of, record)
+        await asyncio.to_thread(cluster.wait_for_failover, record, timeout=FAILOVER_TIMEOUT)
+        promoted_at = acknowledged
+        await asyncio.sleep(1.5)  # writing after the promotion
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert failures == [], failures[:3]
+        assert acknowledged > promoted_at, "no increment was acknowledged after the promotion"
+        assert await counter.get_count(nocache=True) == acknowledged
+        assert await counter.get_count() == acknowledged
+        await aclose()
+        report(
+            f"aio-redis-cluster-kill[{sharded_counter_engine}]",
+            acknowledged_total=acknowledged,
+            acknowledged_after_promotion=acknowledged - promoted_at,
+        )
+
+    asyncio.run(main())
