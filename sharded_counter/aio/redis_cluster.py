@@ -14,11 +14,12 @@ Why not ``redis.asyncio.cluster.RedisCluster`` (redis-py 8.2 read): its
 knob for it). That can be set to 0, but the redirect loop (up to 16 redirects),
 the pools and the connections it sends on would still be redis-py's, so proving
 that no call goes out twice would mean following its control flow through each
-release. Here every byte a call
-sends is sent by ``redis_cache.exchange``, once, on a connection of this module's
-per-node pools (``redis_pool.py``'s kind, one per primary: a call that fails or is
-cancelled after it was sent closes its connection). The map is this module's own,
-read with ``CLUSTER SLOTS`` (``slots.SlotMap``) from any node that answers.
+release. Here ``redis_cache.exchange`` does every sending, on a connection of this
+module's per-node pools (``redis_pool.py``'s kind, one per primary: a call that
+fails or is cancelled after it was sent closes its connection), and ``_send`` calls
+it again only after an answer that says nothing ran (a redirect; NOSCRIPT, in
+``_run``) or when no connection could be had. The map is this module's own, read
+with ``CLUSTER SLOTS`` (``slots.SlotMap``) from any node that answers.
 
 A call sent and then unanswered (a timeout, a lost connection) is never sent
 again: ``CacheUnavailable`` with ``maybe_applied`` for a write, and the map is read
@@ -49,7 +50,7 @@ from .redis_pool import ConnectionPool, drop, within
 
 __all__ = ["AsyncRedisClusterCache", "ClusterRefused"]
 
-# Reading the map or cleaning a node failed: the connection may hold an answer.
+# What asking a node for the map, or cleaning a promoted one, fails with.
 _NODE_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
