@@ -402,10 +402,14 @@ def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_
             time.sleep(0.02)
 
     emulator = sharded_counter_backends.emulator(sharded_counter_engine)
+    # Each Datastore fault lasts 3 s against a 1 s rpc_timeout: every attempt begun in
+    # its first 2 s times out. At 1.5 s only those of its first 0.5 s did, and with
+    # bounded writers this slow near the maximum (about 14 calls a second in all) a
+    # run could meet none (seen in CI: "no write attempt met a fault").
     with writers_running(8, writer), writers_running(2, reader):
         time.sleep(0.8)
         relay.hold.set()  # replies lost: commits land, callers time out
-        time.sleep(1.5)
+        time.sleep(3.0)
         relay.hold.clear()
         time.sleep(0.8)
         sharded_counter_cache.kill()
@@ -414,7 +418,7 @@ def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_
         time.sleep(0.8)
         emulator.pause()
         try:
-            time.sleep(1.5)
+            time.sleep(3.0)
         finally:
             emulator.resume()
         time.sleep(1.0)
@@ -428,7 +432,8 @@ def test_no_read_leaves_the_bounds_through_lost_replies_a_stall_and_a_memcached_
         f"{len(unknown)} unknown, {failed_attempts} attempts failed, total {total}, "
         f"excess {excess}"
     )
-    assert failed_attempts > 0, "setup: no write attempt met a fault"
+    # A write met a fault if an attempt of it failed, or if it ended of unknown outcome.
+    assert failed_attempts + len(unknown) > 0, "setup: no write attempt met a fault"
     assert len(reads) > 50 and outside == []
     assert 0 <= total <= 200
     assert sum(d for d in unknown if d < 0) <= excess <= sum(d for d in unknown if d > 0)
