@@ -56,10 +56,12 @@ _TRANSACTION_GONE = re.compile(r"transaction.*(expired|no longer valid|is invali
 def api_error(exc: grpc.RpcError) -> gexc.GoogleAPICallError:
     """The ``google.api_core`` exception for a gRPC error, telling dropped transactions apart."""
     error: gexc.GoogleAPICallError = gexc.from_grpc_error(exc)  # type: ignore[no-untyped-call]
-    return _refine(error)
+    return refine_error(error)
 
 
-def _refine(error: gexc.GoogleAPICallError) -> gexc.GoogleAPICallError:
+def refine_error(error: gexc.GoogleAPICallError) -> gexc.GoogleAPICallError:
+    """A dropped transaction's ``InvalidArgument`` as ``TransactionExpired``; any other
+    error as it is (also for the in-memory model's errors, ``memory/datastore.py``)."""
     if isinstance(error, gexc.InvalidArgument) and _TRANSACTION_GONE.search(str(error.message)):
         return TransactionExpired(  # type: ignore[no-untyped-call]
             error.message, errors=error.errors, response=error.response
@@ -113,7 +115,7 @@ class DatastoreRpc:
             try:
                 return method(request=request_type.wrap(request), retry=None, timeout=timeout)._pb
             except gexc.InvalidArgument as exc:
-                refined = _refine(exc)
+                refined = refine_error(exc)
                 if refined is exc:
                     raise
                 raise refined from exc
