@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Callable, Sequence
 
 from google.api_core import exceptions as gexc
 
-from ..core.effects import Steps, retrying
+from ..core.effects import Sleep, Steps, retrying
 from ..core.outcomes import Ending
 from ..core.record import ShardState
 from ..errors import CounterOverflowError
@@ -102,6 +103,8 @@ class ShardWriter:
         def attempt() -> Steps[ShardState]:
             nonlocal unsure_of, index
             index = None
+            sent = time.monotonic()
+            transform = False
             try:
                 # Inside the attempt: the first call may probe the backend.
                 yield from ctx.backend.probed()
@@ -124,6 +127,12 @@ class ShardWriter:
                     # is resolved: a transform of theirs would replace the token in
                     # this process's slot.
                     ctx.picker.reserve(token, index)
+                    if transform:
+                        # A transform is no transaction: no later transaction's read
+                        # orders it. It may still land until its deadline, so nobody
+                        # looks for its token (this retry, or a resolution of the
+                        # unsure entry) before then (docs/protocol.md, 4.1).
+                        yield Sleep(max(0.0, sent + ctx.settings.rpc_timeout - time.monotonic()))
                 raise
             ctx.shard_written()
             if not folded:
