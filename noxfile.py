@@ -85,6 +85,13 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def simulate(session: nox.Session) -> None:
+    """Search the protocol in simulation (no backends): ``./dev simulate --minutes 10``."""
+    session.install(".")
+    session.run("python", "-m", "sharded_counter.tools.simulate", *session.posargs)
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Every way of counting side by side on both emulators: tables, bench.json, bench.png."""
     session.install(".[bench,redis]")  # redis: the bench measures Redis beside memcached

@@ -28,6 +28,8 @@ ALLOWED: dict[str, set[str]] = {
     "_version": set(),
     "telemetry": {"_version"},
     "settings": {"core", "errors"},
+    # In-memory models of Datastore and memcached, for the simulator (tools/simulate).
+    "memory": {"memory", *_BASE},
     "store": {"store", *_BASE},
     "cache": {"cache", *_BASE},
     "paths": {"paths", "store", "cache", *_BASE},
@@ -47,6 +49,7 @@ ALLOWED: dict[str, set[str]] = {
         "store",
         "cache",
         "aio",
+        "memory",
         "_version",
         *_BASE,
     },

@@ -1,0 +1,144 @@
+"""The invariants of docs/protocol.md that can be checked after every event.
+
+* **I5**, a write token lands at most once: every commit is watched, and a
+  token that appears anew in a shard's token slots must never have appeared
+  in an earlier commit. (A retry that failed to find its own token, or a
+  resolution that wrote what had landed, shows here at once.)
+* **I7**, a complete cached record never runs ahead of the shards: each shard
+  state it holds must be one the shard really had at that version.
+* The stash always parses (core/stash.py), whatever the interleaving.
+* Once the history settles (faults over, every deadline past, a repair run),
+  nothing is left owed in the stash, and the total read is the shards' sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...core.keys import SHARD_KIND, shard_key_name
+from ...core.record import Record
+from ...core.stash import Stash
+from ...memory.datastore import KeyId, Stored
+from ...store import entities
+from .history import History
+
+
+class Watch:
+    """Checks a world's invariants as it runs; collects what it finds."""
+
+    def __init__(self, world: Any, history: History) -> None:
+        self.world = world
+        self.history = history
+        self.violations: list[str] = []
+        self.landed: set[str] = set()
+        self.shard_values: dict[str, dict[int, int]] = {}  # key name -> version -> count
+        self._cas_seen = -1
+        self._folds: list[tuple[float, int]] = [(0.0, 0)]  # (since, what folds carry)
+        world.datastore.on_commit.append(self._commit)
+        world.checks.append(self._cache_changed)
+
+    def violation(self, what: str) -> None:
+        if len(self.violations) < 50:
+            self.violations.append(f"t={self.world.clock.now:.4f} {what}")
+
+    # -- I5 ------------------------------------------------------------------------------
+
+    def _commit(
+        self, before: dict[KeyId, Stored | None], after: dict[KeyId, Stored | None]
+    ) -> None:
+        new: set[str] = set()
+        for k, stored in after.items():
+            if stored is None or k[3][-1][0] != SHARD_KIND:
+                continue
+            self.shard_values.setdefault(k[3][-1][1], {})[stored.version] = entities.count_of(
+                stored.entity
+            )
+            old = before.get(k)
+            had = _slot_tokens(old.entity) if old is not None else set()
+            new |= _slot_tokens(stored.entity) - had
+        twice = new & self.landed
+        if twice:
+            self.violation(f"I5: write token(s) {sorted(twice)} landed a second time")
+        self.landed |= new
+
+    # -- I7 and the stash -------------------------------------------------------------------
+
+    def _cache_changed(self) -> None:
+        model = self.world.memcache
+        if model.writes == self._cas_seen:
+            return
+        self._cas_seen = model.writes
+        for key in model.live_keys():
+            raw = model.peek(key)
+            if raw is None:
+                continue
+            if ":delayed_incr:" in key:
+                try:
+                    stash = Stash.parse(raw)
+                except Exception as exc:
+                    self.violation(f"the stash does not parse ({exc}): {raw[:120]!r}")
+                    continue
+                carried = sum(f.amount for f in stash.folds.values())
+                if carried != self._folds[-1][1]:
+                    self._folds.append((self.world.clock.now, carried))
+            elif ":t:" in key:
+                self._check_record(raw)
+
+    def folding(self, t0: float, t1: float) -> int:
+        """The most that folds in flight carried at any time from ``t0`` to ``t1``."""
+        most = 0
+        for i, (since, carried) in enumerate(self._folds):
+            until = self._folds[i + 1][0] if i + 1 < len(self._folds) else float("inf")
+            if since <= t1 and until >= t0:
+                most = max(most, carried)
+        return most
+
+    def _check_record(self, raw: bytes) -> None:
+        record = Record.decode(raw)
+        if record is None or not record.complete:
+            return
+        from .world import COUNTER
+
+        for shard_id, (version, value) in record.shards.items():
+            if not shard_id.startswith("i"):
+                continue
+            had = self.shard_values.get(shard_key_name(COUNTER, int(shard_id[1:])), {})
+            if had.get(version) != value:
+                self.violation(
+                    f"I7: the complete cached record holds shard {shard_id} = {value} at "
+                    f"version {version}; the shard had {had.get(version)} then"
+                )
+
+    # -- after settling ------------------------------------------------------------------
+
+    def settled(self, final: int) -> None:
+        world = self.world
+        stash_key = next(k for k in [_stash_key(world)] if k)
+        raw = world.memcache.peek(stash_key)
+        if raw is not None:
+            stash = Stash.parse(raw)
+            if stash.owed or stash.folds or stash.unsure:
+                self.violation(f"after settling, the stash still holds {raw[:200]!r}")
+        shards = sum(
+            entities.count_of(s.entity)
+            for k, s in world.datastore.entities.items()
+            if k[3][-1][0] == SHARD_KIND
+        )
+        owed = Stash.parse(raw).owed if raw is not None else 0
+        if final != shards + owed:
+            self.violation(f"after settling, a read said {final}; the shards hold {shards}")
+
+
+def _slot_tokens(entity: Any) -> set[str]:
+    found: set[str] = set()
+    for prop, value in entity.properties.items():
+        if prop.startswith(entities.SLOT_PREFIX):
+            found.update(entities.slot_tokens(value))
+    return found
+
+
+def _stash_key(world: Any) -> str:
+    from ...core.keys import cache_keys
+    from .world import COUNTER
+
+    return cache_keys(world.settings.key_prefix, world.store.scope, COUNTER)[1]

@@ -1,0 +1,373 @@
+"""One simulated history from a seed, and the search over many seeds.
+
+``run_history(seed, knobs)`` builds a world, starts the logical processes, each
+a loop of operations drawn from the seed (plain, keyed and deferred
+increments, cached and uncached reads, sets, flushes), injects the faults,
+runs until every operation is over, then lets the counter settle (the
+faults stop, time passes every deadline, a fresh process repairs) and checks:
+
+* after every event, the invariants ``invariants.py`` watches;
+* every read against the history (``history.py``);
+* the settled total against the history, and that nothing is left owed.
+
+The ``Outcome`` names the violations with the operations around them; the
+same seed gives the same history, event for event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time as real_time
+from collections.abc import Generator
+from typing import Any
+
+from google.api_core import exceptions as gexc
+
+from ...core.effects import Sleep
+from ...core.stash import Stash
+from ...errors import (
+    CacheUnavailable,
+    CounterOverflowError,
+    IncrementNotRecorded,
+    IncrementOutcomeUnknown,
+)
+from .clock import VirtualClock, deterministic
+from .history import History, Op, describe
+from .invariants import Watch
+from .world import Knobs, SimProcess, World
+
+#: Virtual seconds a history settles for before its last check: past every fold
+#: deadline and claim (core/outcomes.py), so any process may resolve what is left.
+SETTLE = 120.0
+
+_PERFECT = real_time.perf_counter  # the wall clock, kept before any history patches it
+
+
+@dataclasses.dataclass
+class Outcome:
+    seed: int
+    knobs: Knobs
+    violations: list[str]
+    operations: int
+    faults: list[str]
+    events: int
+    final: int | None
+    history: History
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def report(self, context: int = 12) -> str:
+        lines = [
+            f"seed {self.seed} ({self.knobs.engine}): {len(self.violations)} violation(s), "
+            f"{self.operations} operations, {self.events} events, faults: " + ", ".join(self.faults)
+        ]
+        lines += [f"  {v}" for v in self.violations[:5]]
+        if self.violations:
+            lines.append("  the last operations:")
+            lines += ["    " + line for line in describe(self.history.ops[-context:]).splitlines()]
+        return "\n".join(lines)
+
+
+class Workload:
+    """The operations of one history: each process loops, drawing its next one."""
+
+    def __init__(self, world: World, history: History, watch: Watch) -> None:
+        self.world = world
+        self.history = history
+        self.watch = watch
+        self.started = 0
+        self.keys: list[str] = []  # idempotency keys used so far: some are retried
+        self.processes: dict[int, SimProcess] = {}
+        self.incarnations = 0
+        self.dead: set[int] = set()  # incarnations killed
+        self.fault_at = sorted(
+            world.draws.randrange(world.knobs.operations) for _ in range(world.knobs.faults)
+        )
+
+    # -- processes ------------------------------------------------------------------------
+
+    def spawn(self, pid: int, delay: float = 0.0) -> None:
+        self.incarnations += 1
+        process = SimProcess(self.world, pid, self.incarnations)
+        self.processes[pid] = process
+        process.task = self.world.scheduler.start(
+            process, self.loop(process), lambda _task: None, delay=delay
+        )
+
+    def kill(self, pid: int) -> None:
+        process = self.processes[pid]
+        if process.task is not None and process.task.alive:
+            # Dead before its steps are closed: what they do on the way out (a
+            # ``finally``, an ``except BaseException``) is not heard of.
+            self.dead.add(process.incarnation)
+            process.task.kill()
+            self.spawn(pid, delay=self.world.draws.uniform(0.0, 1.0))
+
+    def done(self) -> bool:
+        return self.started >= self.world.knobs.operations and not any(
+            p.task is not None and p.task.alive for p in self.processes.values()
+        )
+
+    # -- operations -----------------------------------------------------------------------
+
+    def loop(self, process: SimProcess) -> Generator[Any, Any, None]:
+        draws = self.world.draws
+        while self.started < self.world.knobs.operations:
+            self.started += 1
+            while self.fault_at and self.fault_at[0] < self.started:
+                self.fault_at.pop(0)
+                self.inject()
+            yield from self.operation(process)
+            yield Sleep(draws.uniform(0.0, 0.02))
+
+    def operation(self, process: SimProcess) -> Generator[Any, Any, None]:
+        draws, paths, now = self.world.draws, process.paths, self.world.clock.now
+        roll = draws.random()
+        pid = process.incarnation
+        if roll < 0.45:
+            op = self.history.begin(Op("inc", pid, now, delta=draws.randint(1, 9)))
+            yield from self._increment(op, paths.writes.apply(op.delta))
+        elif roll < 0.55:
+            if self.keys and draws.random() < 0.4:
+                key = draws.choice(self.keys)
+                delta = next(o.delta for o in self.history.ops if o.key == key)
+            else:
+                key, delta = f"k{len(self.keys)}", draws.randint(1, 9)
+                self.keys.append(key)
+            op = self.history.begin(Op("keyed", pid, now, delta=delta, key=key))
+            yield from self._keyed(op, process)
+        elif roll < 0.62:
+            op = self.history.begin(Op("defer", pid, now, delta=draws.randint(1, 9)))
+            yield from self._defer(op, process)
+        elif roll < 0.80:
+            nocache = draws.random() < 0.5
+            op = self.history.begin(Op("read_nocache" if nocache else "read", pid, now))
+            yield from self._read(op, process, nocache)
+        elif roll < 0.83:
+            op = self.history.begin(Op("set", pid, now, value=draws.randint(0, 50)))
+            yield from self._set(op, process)
+        else:
+            op = self.history.begin(Op("flush", pid, now))
+            yield from self._flush(op, process)
+
+    def _finish(self, op: Op, status: str, error: BaseException | None = None) -> None:
+        if op.pid in self.dead:
+            return  # its process died: its caller heard nothing
+        op.end = self.world.clock.now
+        op.status = status
+        if error is not None:
+            op.error = type(error).__name__
+
+    def _contract(self, what: str, op: Op) -> None:
+        if op.pid not in self.dead:
+            self.watch.violation(f"I8: {what}: {op}")
+
+    def _increment(self, op: Op, steps: Generator[Any, Any, Any]) -> Generator[Any, Any, None]:
+        try:
+            yield from steps
+        except (IncrementNotRecorded, CounterOverflowError) as exc:
+            self._finish(op, "no", exc)
+        except IncrementOutcomeUnknown as exc:
+            self._finish(op, "maybe", exc)
+        except Exception as exc:
+            self._finish(op, "maybe", exc)
+            self._contract(f"an increment raised {exc!r}", op)
+        else:
+            self._finish(op, "ok")
+
+    def _keyed(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
+        def steps() -> Generator[Any, Any, None]:
+            errors = yield from process.paths.keyed.write({op.key: op.delta})
+            if op.key in errors:
+                raise errors[op.key]
+
+        yield from self._increment(op, steps())
+
+    def _defer(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
+        ctx = process.paths.ctx
+        stashes = ctx.backend.cache.steps.stashes
+
+        def steps() -> Generator[Any, Any, None]:
+            # Counter.defer: its CacheUnavailable becomes ours as it does there.
+            try:
+                yield from stashes.stash(ctx.stash_key, op.delta, within_int64=True)
+            except CacheUnavailable as exc:
+                if exc.maybe_applied:
+                    raise IncrementOutcomeUnknown(ctx.name, op.delta, exc) from exc
+                raise IncrementNotRecorded(ctx.name, op.delta, exc) from exc
+
+        yield from self._increment(op, steps())
+
+    def _read(self, op: Op, process: SimProcess, nocache: bool) -> Generator[Any, Any, None]:
+        try:
+            op.value = yield from process.paths.reader.total(nocache=nocache)
+        except gexc.GoogleAPICallError as exc:  # DatastoreUnavailable, as the facade says
+            self._finish(op, "no", exc)
+            return
+        except Exception as exc:
+            self._finish(op, "no", exc)
+            self._contract(f"a read raised {exc!r}", op)
+            return
+        self._finish(op, "ok")
+        if op.pid in self.dead:
+            return
+        problem = self.history.check_read(op, self.watch.folding(op.start, op.end or op.start))
+        if problem is not None:
+            self.watch.violation(problem)
+
+    def _set(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
+        setter = process.paths.setter
+        try:
+            assert op.value is not None
+            yield from setter.set_now(setter.checked(op.value))
+        except gexc.GoogleAPICallError as exc:  # DatastoreUnavailable: may have applied
+            self._finish(op, "maybe", exc)
+        except Exception as exc:
+            self._finish(op, "maybe", exc)
+            self._contract(f"a set raised {exc!r}", op)
+        else:
+            self._finish(op, "ok")
+
+    def _flush(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
+        paths = process.paths
+        try:
+            yield from paths.resolver.resolve(look=True)
+            yield from paths.writes.fold_pending()
+        except (gexc.GoogleAPICallError, CacheUnavailable) as exc:
+            self._finish(op, "no", exc)  # write_pending: DatastoreUnavailable; nothing lost
+        except Exception as exc:
+            self._finish(op, "no", exc)
+            self._contract(f"a flush raised {exc!r}", op)
+        else:
+            self._finish(op, "ok")
+
+    # -- faults ---------------------------------------------------------------------------
+
+    def inject(self) -> None:
+        world, draws = self.world, self.world.draws
+        faults, now = world.faults, world.clock.now
+        kind = draws.choice(
+            [
+                "datastore_down",
+                "lost_commits",
+                "late_commits",
+                "cache_flaky",
+                "cache_down",
+                "evict_stash",
+                "flush_all",
+                "kill",
+                "kill",
+            ]
+        )
+        faults.injected.append(kind)
+        if kind in ("datastore_down", "cache_flaky", "cache_down"):
+            seconds = draws.uniform(0.05, 0.5 if kind != "cache_flaky" else 2.0)
+            faults.windows.append(_window(kind, now, seconds))
+            if kind == "cache_down" and draws.random() < 0.5:
+                self._lose_everything("a memcached restart")  # down, then back empty
+        elif kind == "lost_commits":
+            faults.lost_commits += draws.randint(1, 3)
+        elif kind == "late_commits":
+            faults.late_commits += draws.randint(1, 2)
+        elif kind == "evict_stash":
+            self._lose_key(self._stash_key(), "an eviction of delayed_incr")
+        elif kind == "flush_all":
+            self._lose_everything("flush_all")
+        else:
+            # As an event of its own: the process drawing this fault may be the victim.
+            pid = draws.choice(sorted(self.processes))
+            world.scheduler.later(now, lambda: self.kill(pid))
+
+    def _stash_key(self) -> str:
+        return next(iter(self.processes.values())).paths.ctx.stash_key
+
+    def _lose_key(self, key: str, why: str) -> None:
+        raw = self.world.memcache.peek(key)
+        if raw is not None:
+            self.history.lost(self.world.clock.now, owed_in(raw), why)
+        self.world.memcache.evict(key)
+
+    def _lose_everything(self, why: str) -> None:
+        raw = self.world.memcache.peek(self._stash_key())
+        if raw is not None:
+            self.history.lost(self.world.clock.now, owed_in(raw), why)
+        self.world.memcache.flush_all()
+
+
+def _window(kind: str, now: float, seconds: float) -> Any:
+    from .world import Window
+
+    return Window(kind, now, seconds)
+
+
+def owed_in(raw: bytes) -> int:
+    """What a stash holds that memcache would lose with it: what it owes readers, and
+    what folds in flight took (their put-back would find no marker)."""
+    try:
+        stash = Stash.parse(raw)
+    except Exception:
+        return 0
+    return stash.owed + sum(fold.amount for fold in stash.folds.values())
+
+
+def run_history(seed: int, knobs: Knobs | None = None) -> Outcome:
+    """Simulate one history from ``seed`` and check it (see the module docstring)."""
+    knobs = knobs or Knobs()
+    clock = VirtualClock()
+    logger = logging.getLogger("sharded_counter")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # the protocol's warnings: thousands per minute
+    try:
+        with deterministic(clock, seed) as draws:
+            return _simulate(seed, knobs, clock, draws)
+    finally:
+        logger.setLevel(level)
+
+
+def _simulate(seed: int, knobs: Knobs, clock: VirtualClock, draws: Any) -> Outcome:
+    world = World(knobs, clock, draws)
+    history = History(slack=knobs.rpc_timeout)
+    watch = Watch(world, history)
+    workload = Workload(world, history, watch)
+    for pid in range(knobs.processes):
+        workload.spawn(pid)
+    scheduler = world.scheduler
+    budget = 400 * knobs.operations + 20_000
+    scheduler.run(workload.done, max_events=budget)
+    scheduler.run(lambda: False, max_events=budget)  # what is still due: late commits
+    # Settle: no more faults; every deadline passes; a fresh process repairs.
+    world.faults.off()
+    clock.now += SETTLE
+    final: int | None = None
+    repairer = SimProcess(world, knobs.processes, workload.incarnations + 1)
+    result: dict[str, Any] = {}
+
+    def repair() -> Generator[Any, Any, None]:
+        paths = repairer.paths
+        yield from paths.resolver.resolve(look=True)
+        yield from paths.writes.fold_pending()
+        result["total"] = yield from paths.reader.total(nocache=True)
+
+    task = scheduler.start(repairer, repair(), lambda _t: None)
+    scheduler.run(lambda: not task.alive, max_events=budget)
+    if task.failure is not None:
+        watch.violation(f"the settling repair failed: {task.failure!r}")
+    else:
+        final = result["total"]
+        low, high = history.bounds(clock.now, clock.now)
+        if not low <= final <= high:
+            watch.violation(f"the settled total is {final}, outside [{low}, {high}]")
+        watch.settled(final)
+    return Outcome(
+        seed=seed,
+        knobs=knobs,
+        violations=watch.violations,
+        operations=len(history.ops),
+        faults=world.faults.injected,
+        events=scheduler.events,
+        final=final,
+        history=history,
+    )
