@@ -334,6 +334,12 @@ class Counter(CounterFacade):
         they write nothing after the set (see ``core/stash.py``). Writers of this
         counter in this process wait for the set; the set retries until
         ``retry_deadline``.
+
+        Raises ``CacheUnavailable``, having written nothing, when memcache is
+        configured but cannot take the stash (down, or another set of this
+        counter still running at this one's deadline): what it holds would
+        otherwise be added on top of ``value`` once memcache answers again.
+        ``DatastoreUnavailable`` when the transaction fails (it may have applied).
         """
         paths = self._paths
         refuse_if_bounded(paths.ctx)

@@ -1044,6 +1044,8 @@ PLAIN_INCREMENT = ("stashed", "unsure", "written", "written", NOT_RECORDED)
 KEYED_INCREMENT = (NOT_RECORDED, UNKNOWN, _, _, NOT_RECORDED)
 BOUNDED_INCREMENT = (NOT_RECORDED, f"{NOT_RECORDED} | {UNKNOWN}", _, _, NOT_RECORDED)
 CACHE_ONLY = (_, _, MC_DOWN, MC_DOWN, MC_DOWN)
+# A set checks its value against the engine's limits (a probe), then takes delayed_incr.
+SET = (DS_DOWN, DS_DOWN, MC_DOWN, MC_DOWN, DS_DOWN)
 LIMITER_OPEN = ("allowed",) * 5
 
 EXPECTED: dict[str, tuple[str, str, str, str, str]] = {
@@ -1064,6 +1066,10 @@ EXPECTED: dict[str, tuple[str, str, str, str, str]] = {
             "write_mode": (DS_DOWN, _, _, _, DS_DOWN),
         }.items()
     },
+    # A set takes what delayed_incr holds first (I6): memcache must answer. A bounded
+    # counter keeps nothing in memcache, so its set needs only Datastore.
+    "Counter.count[set]": SET,
+    "Counter.set_count": SET,
     "Counter.increment": PLAIN_INCREMENT,
     "Counter.increment[idempotency_key]": KEYED_INCREMENT,
     "Counter.increment[transaction]": (NOT_RECORDED, NOT_RECORDED, _, _, NOT_RECORDED),
@@ -1149,7 +1155,7 @@ EXPECTED: dict[str, tuple[str, str, str, str, str]] = {
     "AsyncCounter.increment[idempotency_key]": KEYED_INCREMENT,
     "AsyncCounter.get_count": CACHED_READ,
     "AsyncCounter.get_counts": READ,
-    "AsyncCounter.set_count": READ,
+    "AsyncCounter.set_count": SET,
     "AsyncCounter.delete": CACHE_CHECK,
     "drain()": OK5,
     "aclose()": OK5,

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
-from cachekit import cache_url_through
+from cachekit import cache_url_through, dead_cache_url
 from faultkit import (
     Ledger,
     ReplyHoldingRelay,
@@ -45,6 +45,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sharded_counter import (
+    CacheUnavailable,
     Counter,
     DatastoreUnavailable,
     IncrementOutcomeUnknown,
@@ -1138,6 +1139,30 @@ def test_writers_hold_back_for_a_dead_setter_only_briefly(
     assert 1.5 < latencies[0] < 3.0, f"the first write after seeing it waited {latencies[0]}"
     assert max(latencies[1:]) < 1.0, f"later writes waited again: {latencies}"
     assert_totals(counter, 7)
+
+
+def test_a_set_that_cannot_reach_delayed_incr_writes_nothing(
+    sharded_counter_env: dict[str, str], sharded_counter_cache: Any
+) -> None:
+    """I6: a set replaces what delayed_incr holds. A setter cut off from the cache (a
+    partition: nothing listens where it looks, while the others still reach it)
+    cannot take the stash, so it raises CacheUnavailable and writes nothing. Before,
+    it went ahead, and the pending 5 was added on top of the set's value (found by
+    the simulator: tools/simulate)."""
+    counter = Counter("set-cut-off", shards=3)
+    counter.increment(10)
+    assert counter.defer(5)  # pending in delayed_incr
+    cut_off = Counter(
+        "set-cut-off", shards=3, cache_url=dead_cache_url(sharded_counter_cache, free_port())
+    )
+    with pytest.raises(CacheUnavailable):
+        cut_off.count = 100
+    assert counter.get_count(nocache=True) == 15  # the shards' 10 and the pending 5
+    counter.write_pending()
+    assert counter.get_count(nocache=True) == 15
+    counter.count = 100  # with the cache in reach, the set takes the stash
+    counter.write_pending()
+    assert counter.get_count(nocache=True) == 100
 
 
 @pytest.mark.parametrize("outcome", ["fold-lands", "fold-fails", "set-fails", "setter-dies"])

@@ -211,7 +211,9 @@ class AsyncCounter(CounterFacade):
     @_datastore_failures_as_ours
     async def set_count(self, value: int) -> None:
         """Set the counter to ``value``, as ``Counter.set_count``: one transaction over
-        every shard; increments of this counter in this event loop wait for it."""
+        every shard; increments of this counter in this event loop wait for it. Raises
+        as ``Counter.set_count`` does (``CacheUnavailable`` with nothing written when
+        memcache cannot take the stash)."""
         value = check_value(value, self.shards)  # bad input: before any call
         paths = self._paths
         shell = await self._loop_backend()

@@ -56,13 +56,13 @@ class Setter:
             # The marker outlives the set's own time limits (its transaction, then one
             # call to end it), so only a setter that died leaves it to expire.
             set_over = ctx.fold_deadline() + ctx.settings.rpc_timeout
-            try:
-                taken = yield from cache.sets.begin_set(ctx.stash_key, token, set_over)
-                coordinated = True
-            except CacheUnavailable:
-                # memcache is down, or another set held the key past our deadline: go
-                # ahead uncoordinated; nothing can be taken or stashed meanwhile either.
-                pass
+            # CacheUnavailable (memcache failed, or another set held the key past our
+            # deadline) goes to the caller with nothing written: a set that went ahead
+            # without taking what delayed_incr holds would leave it to be added after
+            # the set, once memcache answers again (I6; found by the simulator). A
+            # marker whose reply was lost expires as "not landed", changing nothing.
+            taken = yield from cache.sets.begin_set(ctx.stash_key, token, set_over)
+            coordinated = True
         # The set's own token goes in the fence too: what it took is settled by it, and
         # a retry after an attempt whose outcome is unknown finds it and writes nothing.
         fence = [token, *taken.fence]
