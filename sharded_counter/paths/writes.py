@@ -62,7 +62,16 @@ class PlainWrites:
         yield from self.resolver.resolve()
         token = new_token()  # names this write, and its fold of the stash if any
         with ctx.picker.writing(token):
-            folded = yield from self._take_stash(token, look=look)
+            taken = yield from self._take_stash(token, look=look)
+        if taken is None:
+            # The take's reply was lost: a fold marker may name this token, and whoever
+            # settles it (this process's backlog, a set's fence, a resolution once it
+            # expires) looks for the token on the shards to tell whether the fold
+            # landed. This write carries none of it, so it must not carry that token
+            # either (found by the simulator: the fold was dropped as landed).
+            token, taken = new_token(), 0
+        folded = taken
+        with ctx.picker.writing(token):
             if not fits_int64(delta + folded):
                 # Write the caller's delta alone; the stash waits for a later write.
                 yield from self._settle_fold(token, folded, Fold.PUT_BACK)
@@ -103,7 +112,9 @@ class PlainWrites:
 
     # -- delayed_incr ------------------------------------------------------------------
 
-    def _take_stash(self, token: str, *, look: bool) -> Steps[int]:
+    def _take_stash(self, token: str, *, look: bool) -> Steps[int | None]:
+        """What this write takes from delayed_incr for the fold ``token``; None when the
+        take may have been made but its reply was lost."""
         ctx = self.ctx
         if not ctx.backend.cache.enabled:
             return 0
@@ -111,8 +122,10 @@ class PlainWrites:
             taken: int = yield from ctx.backend.cache.steps.stashes.take_stash(
                 ctx.stash_key, token, ctx.fold_deadline(), look=look
             )
-        except CacheUnavailable:
-            return 0  # it stays in memcache and is taken by a later write
+        except CacheUnavailable as exc:
+            # It stays in memcache and is taken by a later write; a take that may have
+            # been made is put back by the backlog (cache/stashes.py).
+            return None if exc.maybe_applied else 0
         return taken
 
     def _settle_fold(self, token: str, folded: int, fold: Fold) -> Steps[None]:
@@ -153,7 +166,16 @@ class PlainWrites:
                 ctx.picker.release(token)
             step = outcomes.when_memcache_fails(Step.KEEP_UNSURE, maybe_applied=exc.maybe_applied)
             assert step is Step.OUTCOME_UNKNOWN
-            raise IncrementOutcomeUnknown(ctx.name, delta, exc) from cause
+            if delta:
+                raise IncrementOutcomeUnknown(ctx.name, delta, exc) from cause
+            # A fold alone (write_pending): no caller's increment is in doubt, only the
+            # fold, which its marker settles. Say why it failed, as _after_failure does
+            # for a fold alone.
+            fold_alone_failed = True
+        else:
+            fold_alone_failed = False
+        if fold_alone_failed:
+            raise cause
         ctx.picker.keep(token)
         ctx.stats.add(unsure=1)
         log.warning(
