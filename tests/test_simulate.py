@@ -16,12 +16,15 @@ from google.api_core import exceptions as gexc
 from pymemcache.exceptions import MemcacheClientError
 
 from sharded_counter.core.effects import Memcache, Rpc, Sleep
+from sharded_counter.core.stash import Stash
+from sharded_counter.errors import CacheUnavailable
 from sharded_counter.memory.cache import MemcacheModel
 from sharded_counter.memory.datastore import Blocked, DatastoreModel
 from sharded_counter.store import entities
 from sharded_counter.store.rpc import TransactionExpired, refine_error
 from sharded_counter.tools.simulate.clock import VirtualClock, deterministic
 from sharded_counter.tools.simulate.history import describe
+from sharded_counter.tools.simulate.mutations import MUTATIONS, hunt
 from sharded_counter.tools.simulate.run import run_history
 from sharded_counter.tools.simulate.world import Knobs, SimProcess, World, shared_store
 
@@ -155,6 +158,93 @@ def test_a_transform_whose_outcome_is_unknown_is_waited_out_before_its_token_is_
     assert effect.seconds == pytest.approx(world.settings.rpc_timeout - 0.2)
 
 
+def test_a_write_whose_take_of_the_stash_may_have_landed_writes_under_another_token() -> None:
+    """A take whose reply was lost may have left a fold marker under the write's token,
+    and whoever settles it looks for that token on the shards. The write carries none
+    of the fold, so it must not carry the token either. The simulator found the fold
+    dropped as landed (seeds 808 and 815 of an earlier search)."""
+    clock = VirtualClock()
+    with deterministic(clock, 2) as draws:
+        world = World(Knobs(engine="firestore"), clock, draws)
+        process = SimProcess(world, 0, 1)
+        world.enter(process)
+        ctx = process.paths.ctx
+        world.memcache.add(ctx.stash_key, b"7", 0)  # 7 pending in delayed_incr
+        process.tier.steps.sightings.note(ctx.stash_key, b"7")  # as a read would see it
+        steps = process.paths.writes.apply(5)  # takes the 7 to write with its 5
+        effect = steps.send(None)
+        marker = None
+        while not isinstance(effect, Rpc):
+            answer = process.tier.perform(effect)
+            if effect.method == "cas" and marker is None:
+                marker = Stash.parse(world.memcache.peek(ctx.stash_key) or b"")
+                effect = steps.throw(CacheUnavailable("timed out", maybe_applied=True))
+            else:
+                effect = steps.send(answer)
+    assert marker is not None and marker.folds, "the take did not happen"
+    (taken_under,) = marker.folds
+    written = [t for m in effect.request.mutations for t in _tokens_of(m)]
+    assert taken_under not in written
+
+
+def test_a_flush_whose_write_is_in_doubt_with_memcache_down_says_why_it_failed() -> None:
+    """``write_pending`` (a fold alone) whose write may have landed, with memcache then
+    refusing to keep it unsure: the fold's marker settles it later, and no caller's
+    increment is in doubt, so the Datastore error comes out (``DatastoreUnavailable``
+    from the facade), not ``IncrementOutcomeUnknown`` of 0 (found by the simulator)."""
+    clock = VirtualClock()
+    with deterministic(clock, 3) as draws:
+        world = World(Knobs(engine="firestore"), clock, draws)
+        process = SimProcess(world, 0, 1)
+        world.enter(process)
+        world.memcache.add(process.paths.ctx.stash_key, b"7", 0)
+        commits_failed = 0
+
+        def fault(effect: Any) -> BaseException | None:
+            nonlocal commits_failed
+            if isinstance(effect, Rpc) and effect.method == "commit":
+                commits_failed += 1
+                return gexc.DeadlineExceeded("Deadline Exceeded")
+            if isinstance(effect, Memcache) and commits_failed:
+                return CacheUnavailable("refused")
+            return None
+
+        with pytest.raises(gexc.DeadlineExceeded):
+            _drive(world, process, process.paths.writes.fold_pending(), fault)
+    assert commits_failed >= 2  # retried, then gave up with its outcome unknown
+
+
+def _drive(world: World, process: SimProcess, steps: Any, fault: Any) -> Any:
+    """Carry out ``steps`` by hand on the models, throwing in what ``fault`` says."""
+    effect = steps.send(None)
+    while True:
+        try:
+            error = fault(effect)
+            if error is not None:
+                effect = steps.throw(error)
+                continue
+            answer: Any = None
+            if isinstance(effect, Memcache):
+                answer = process.tier.perform(effect)
+            elif isinstance(effect, Rpc):
+                answer = world.datastore.call(effect.method, effect.request, world.clock.now)
+            elif isinstance(effect, Sleep):
+                world.clock.now += effect.seconds
+            effect = steps.send(answer)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _tokens_of(mutation: Any) -> list[str]:
+    entity = getattr(mutation, mutation.WhichOneof("operation"))
+    return [
+        token
+        for prop, value in entity.properties.items()
+        if prop.startswith(entities.SLOT_PREFIX)
+        for token in entities.slot_tokens(value)
+    ]
+
+
 # -- the simulator ---------------------------------------------------------------------------
 
 
@@ -166,20 +256,49 @@ def test_a_seed_replays_the_same_history() -> None:
     assert len(first.faults) >= 5
 
 
-def test_the_late_transform_that_was_counted_twice_is_counted_once_now() -> None:
-    outcome = run_history(7, Knobs(engine="firestore"))
-    assert "late_commits" in outcome.faults
-    assert not [v for v in outcome.violations if "I5" in v], outcome.report()
+#: Histories CI runs: seeds 0..149 on both engines (about 30 s here).
+CI_SEEDS = range(150)
 
 
-def test_the_simulator_finds_a_retry_that_skips_its_token_check(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A mutation: every write forgets to look for its own token (store/shards.py)."""
-    monkeypatch.setattr(
-        "sharded_counter.store.shards.left_to_write", lambda token, amount, *_: amount
-    )
-    found = next(
-        (seed for seed in range(20) if not run_history(seed, Knobs(engine="classic")).ok), None
-    )
-    assert found is not None, "20 histories with the token check gone, and no violation"
+@pytest.mark.parametrize("engine", ["classic", "firestore"])
+def test_a_fixed_budget_of_histories_keeps_every_promise(engine: str) -> None:
+    failed = [
+        outcome.report()
+        for seed in CI_SEEDS
+        if not (outcome := run_history(seed, Knobs(engine=engine))).ok
+    ]
+    assert not failed, "\n\n".join(failed[:3])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 29): after a minute of Datastore locks held by transactions "
+    "whose rollback failed, an eviction of delayed_incr and three sets, the settled "
+    "total is 67 over what the history allows; not yet explained",
+)
+def test_the_open_finding_of_seed_437() -> None:
+    outcome = run_history(437, Knobs(engine="firestore"))
+    assert outcome.ok, outcome.report()
+
+
+#: The broken rules the search finds within a few dozen histories, and how many it
+#: may take (the seeds are fixed, so each takes the same number every run; the
+#: others, and the time each takes, are in docs/protocol.md, section 6).
+QUICK_TO_FIND = {
+    "skip-token-check": 40,
+    "fold-twice": 20,
+    "no-transform-wait": 40,
+    "short-fold-deadline": 80,
+    "keys-unrecorded": 40,
+    "stash-dropped": 20,
+}
+
+
+@pytest.mark.parametrize("name", sorted(QUICK_TO_FIND))
+def test_the_simulator_finds_each_broken_rule(name: str) -> None:
+    """A mutation breaks one rule of the protocol (tools/simulate/mutations.py); the
+    search must find a history it breaks that keeps its promises without it."""
+    (mutation,) = [m for m in MUTATIONS if m.name == name]
+    limit = QUICK_TO_FIND[name]
+    found = hunt(mutation, budget=120.0, max_histories=limit)
+    assert found.found is not None, f"{limit} histories with {name}, and no violation"

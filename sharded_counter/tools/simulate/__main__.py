@@ -4,20 +4,28 @@
 
     python -m sharded_counter.tools.simulate --minutes 5          # both engines
     python -m sharded_counter.tools.simulate --seed 7 --engine firestore   # replay one
+    python -m sharded_counter.tools.simulate --mutations   # each broken rule, found?
 
-Histories run seed after seed, alternating engines, until the time is up;
-each failing seed is printed with its violations and the operations before
-them, and the exit status is 1 if any failed. ``--seed`` replays one history
+Histories run seed after seed, alternating engines, until the time is up, on
+one worker process per core (``--workers``); each failing seed is printed with
+its violations and the operations before them, and the exit status is 1 if
+any failed. ``--seed`` replays one history
 (the same seed is the same history, event for event) and prints all of it.
+``--mutations`` breaks each rule of ``mutations.py`` in turn and prints, as a
+Markdown table, how long the search took to find it (at most ``--budget``
+seconds each); the exit status is 1 if any went unfound.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import os
 import sys
 import time
 
 from .history import describe
+from .mutations import MUTATIONS, hunt
 from .run import run_history
 from .world import Knobs
 
@@ -30,7 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("classic", "firestore", "both"), default="both")
     parser.add_argument("--operations", type=int, default=Knobs.operations)
     parser.add_argument("--faults", type=int, default=Knobs.faults)
+    parser.add_argument("--mutations", action="store_true", help="hunt each broken rule")
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per mutation")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one a core)"
+    )
     args = parser.parse_args(argv)
+    if args.mutations:
+        return hunt_all(args.budget)
     engines = ["classic", "firestore"] if args.engine == "both" else [args.engine]
 
     def knobs(engine: str) -> Knobs:
@@ -44,23 +59,72 @@ def main(argv: list[str] | None = None) -> int:
             print(outcome.report(context=0))
             failed = failed or not outcome.ok
         return 1 if failed else 0
+    deadline = time.time() + args.minutes * 60
+    jobs = [
+        (index, args.workers, args.first_seed, deadline, engines, args.operations, args.faults)
+        for index in range(args.workers)
+    ]
     started = time.perf_counter()
-    runs = failures = 0
-    seed = args.first_seed
-    while time.perf_counter() - started < args.minutes * 60:
+    if args.workers == 1:
+        done = [search(*jobs[0])]
+    else:
+        # One Python process per worker: a history is single-threaded, CPU-bound work.
+        with concurrent.futures.ProcessPoolExecutor(args.workers) as pool:
+            done = list(pool.map(search, *zip(*jobs, strict=True)))
+    elapsed = time.perf_counter() - started
+    runs = sum(ran for ran, _ in done)
+    reports = [report for _, found in done for report in found]
+    for report in reports:
+        print(report)
+    print(
+        f"{runs} histories on {args.workers} worker(s) in {elapsed:.0f} s, "
+        f"{runs / elapsed * 60:.0f} a minute; {len(reports)} failed"
+    )
+    return 1 if reports else 0
+
+
+def search(
+    index: int,
+    workers: int,
+    first_seed: int,
+    deadline: float,
+    engines: list[str],
+    operations: int,
+    faults: int,
+) -> tuple[int, list[str]]:
+    """One worker's share of a search: seeds ``first_seed + index``, then every
+    ``workers``-th, on each engine, until ``deadline`` (Unix time). Returns how many
+    histories ran, and the reports of those that failed."""
+    runs, reports = 0, []
+    seed = first_seed + index
+    while time.time() < deadline:
         for engine in engines:
-            outcome = run_history(seed, knobs(engine))
+            outcome = run_history(seed, Knobs(engine=engine, operations=operations, faults=faults))
             runs += 1
             if not outcome.ok:
-                failures += 1
-                print(outcome.report(), flush=True)
-        seed += 1
-    elapsed = time.perf_counter() - started
-    print(
-        f"{runs} histories ({seed - args.first_seed} seeds x {len(engines)} engines) in "
-        f"{elapsed:.0f} s, {runs / elapsed * 60:.0f} a minute; {failures} failed"
-    )
-    return 1 if failures else 0
+                reports.append(outcome.report())
+        seed += workers
+    return runs, reports
+
+
+def hunt_all(budget: float) -> int:
+    print("| broken rule | mutation | found after | histories | seed (engine) | first violation |")
+    print("|---|---|---|---|---|---|")
+    missed = 0
+    for mutation in MUTATIONS:
+        found = hunt(mutation, budget=budget)
+        if found.found is None:
+            missed += 1
+            where, first = "-", "**not found**"
+        else:
+            where = f"{found.found.seed} ({found.found.knobs.engine})"
+            first = found.found.violations[0].split(" ", 1)[1][:70].replace("|", "/")
+        print(
+            f"| {mutation.rule} | `{mutation.name}` | {found.seconds:.1f} s | "
+            f"{found.histories} | {where} | {first} |",
+            flush=True,
+        )
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ class Watch:
         self.landed: set[str] = set()
         self.shard_values: dict[str, dict[int, int]] = {}  # key name -> version -> count
         self._cas_seen = -1
-        self._folds: list[tuple[float, int]] = [(0.0, 0)]  # (since, what folds carry)
+        # (since, what folds in flight carry, what the stash owes readers, what its
+        # unsure entries hold and a running set took)
+        self._stash: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)]
         world.datastore.on_commit.append(self._commit)
         world.checks.append(self._cache_changed)
 
@@ -78,20 +80,30 @@ class Watch:
                 except Exception as exc:
                     self.violation(f"the stash does not parse ({exc}): {raw[:120]!r}")
                     continue
-                carried = sum(f.amount for f in stash.folds.values())
-                if carried != self._folds[-1][1]:
-                    self._folds.append((self.world.clock.now, carried))
+                seen = (
+                    sum(f.amount for f in stash.folds.values()),
+                    stash.owed,
+                    sum(u.amount for u in stash.unsure.values()) + stash.set_taken,
+                )
+                if seen != self._stash[-1][1:]:
+                    self._stash.append((self.world.clock.now, *seen))
             elif ":t:" in key:
                 self._check_record(raw)
 
-    def folding(self, t0: float, t1: float) -> int:
-        """The most that folds in flight carried at any time from ``t0`` to ``t1``."""
-        most = 0
-        for i, (since, carried) in enumerate(self._folds):
-            until = self._folds[i + 1][0] if i + 1 < len(self._folds) else float("inf")
+    def read_slack(self, t0: float, t1: float, *, cache_failed: bool) -> tuple[int, int]:
+        """How far an uncached read from ``t0`` to ``t1`` may stray, below and above
+        (docs/protocol.md, section 5). Below: what folds in flight carried (the shards
+        lack it until the fold lands), and, if a cache call of the read failed, what
+        the stash owed too (the read then sums the shards alone). Above: what unsure
+        entries held and a set's marker took (a read adds them until they are resolved
+        or the marker ends, also when the write or the set had landed)."""
+        below = above = 0
+        for i, (since, carried, owed, unsure) in enumerate(self._stash):
+            until = self._stash[i + 1][0] if i + 1 < len(self._stash) else float("inf")
             if since <= t1 and until >= t0:
-                most = max(most, carried)
-        return most
+                below = max(below, carried + (owed if cache_failed else 0))
+                above = max(above, unsure)
+        return below, above
 
     def _check_record(self, raw: bytes) -> None:
         record = Record.decode(raw)
@@ -103,6 +115,8 @@ class Watch:
             if not shard_id.startswith("i"):
                 continue
             had = self.shard_values.get(shard_key_name(COUNTER, int(shard_id[1:])), {})
+            if version == 0 and value == 0:
+                continue  # read while the shard did not exist (a lookup's "missing")
             if had.get(version) != value:
                 self.violation(
                     f"I7: the complete cached record holds shard {shard_id} = {value} at "

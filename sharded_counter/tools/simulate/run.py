@@ -93,22 +93,25 @@ class Workload:
         self.incarnations += 1
         process = SimProcess(self.world, pid, self.incarnations)
         self.processes[pid] = process
-        process.task = self.world.scheduler.start(
-            process, self.loop(process), lambda _task: None, delay=delay
-        )
+        # Its threads: writers of one process share its picker, slot and cache tier.
+        process.tasks = [
+            self.world.scheduler.start(process, self.loop(process), lambda _task: None, delay=delay)
+            for _ in range(self.world.knobs.threads)
+        ]
 
     def kill(self, pid: int) -> None:
         process = self.processes[pid]
-        if process.task is not None and process.task.alive:
+        if any(task.alive for task in process.tasks):
             # Dead before its steps are closed: what they do on the way out (a
             # ``finally``, an ``except BaseException``) is not heard of.
             self.dead.add(process.incarnation)
-            process.task.kill()
+            for task in process.tasks:
+                task.kill()
             self.spawn(pid, delay=self.world.draws.uniform(0.0, 1.0))
 
     def done(self) -> bool:
         return self.started >= self.world.knobs.operations and not any(
-            p.task is not None and p.task.alive for p in self.processes.values()
+            task.alive for p in self.processes.values() for task in p.tasks
         )
 
     # -- operations -----------------------------------------------------------------------
@@ -142,7 +145,7 @@ class Workload:
         elif roll < 0.62:
             op = self.history.begin(Op("defer", pid, now, delta=draws.randint(1, 9)))
             yield from self._defer(op, process)
-        elif roll < 0.80:
+        elif roll < 0.78:
             nocache = draws.random() < 0.5
             op = self.history.begin(Op("read_nocache" if nocache else "read", pid, now))
             yield from self._read(op, process, nocache)
@@ -202,6 +205,7 @@ class Workload:
         yield from self._increment(op, steps())
 
     def _read(self, op: Op, process: SimProcess, nocache: bool) -> Generator[Any, Any, None]:
+        failures = self.world.cache_failures.get(process.incarnation, 0)
         try:
             op.value = yield from process.paths.reader.total(nocache=nocache)
         except gexc.GoogleAPICallError as exc:  # DatastoreUnavailable, as the facade says
@@ -214,7 +218,9 @@ class Workload:
         self._finish(op, "ok")
         if op.pid in self.dead:
             return
-        problem = self.history.check_read(op, self.watch.folding(op.start, op.end or op.start))
+        cache_failed = self.world.cache_failures.get(process.incarnation, 0) > failures
+        slack = self.watch.read_slack(op.start, op.end or op.start, cache_failed=cache_failed)
+        problem = self.history.check_read(op, slack)
         if problem is not None:
             self.watch.violation(problem)
 
@@ -225,6 +231,8 @@ class Workload:
             yield from setter.set_now(setter.checked(op.value))
         except gexc.GoogleAPICallError as exc:  # DatastoreUnavailable: may have applied
             self._finish(op, "maybe", exc)
+        except CacheUnavailable as exc:  # it could not take the stash: nothing written
+            self._finish(op, "no", exc)
         except Exception as exc:
             self._finish(op, "maybe", exc)
             self._contract(f"a set raised {exc!r}", op)
@@ -264,7 +272,11 @@ class Workload:
         )
         faults.injected.append(kind)
         if kind in ("datastore_down", "cache_flaky", "cache_down"):
-            seconds = draws.uniform(0.05, 0.5 if kind != "cache_flaky" else 2.0)
+            # Long enough to overlap: a write that failed at Datastore meets a flaky cache.
+            low, high = {"datastore_down": (0.1, 1.5), "cache_flaky": (0.5, 3.0)}.get(
+                kind, (0.05, 0.5)
+            )
+            seconds = draws.uniform(low, high)
             faults.windows.append(_window(kind, now, seconds))
             if kind == "cache_down" and draws.random() < 0.5:
                 self._lose_everything("a memcached restart")  # down, then back empty
@@ -287,13 +299,13 @@ class Workload:
     def _lose_key(self, key: str, why: str) -> None:
         raw = self.world.memcache.peek(key)
         if raw is not None:
-            self.history.lost(self.world.clock.now, owed_in(raw), why)
+            self.history.lost(self.world.clock.now, *held_in(raw), why)
         self.world.memcache.evict(key)
 
     def _lose_everything(self, why: str) -> None:
         raw = self.world.memcache.peek(self._stash_key())
         if raw is not None:
-            self.history.lost(self.world.clock.now, owed_in(raw), why)
+            self.history.lost(self.world.clock.now, *held_in(raw), why)
         self.world.memcache.flush_all()
 
 
@@ -303,14 +315,16 @@ def _window(kind: str, now: float, seconds: float) -> Any:
     return Window(kind, now, seconds)
 
 
-def owed_in(raw: bytes) -> int:
-    """What a stash holds that memcache would lose with it: what it owes readers, and
-    what folds in flight took (their put-back would find no marker)."""
+def held_in(raw: bytes) -> tuple[int, int]:
+    """What a stash holds that memcache would lose with it: everything it owes readers
+    and what folds in flight took (their put-back would find no marker); and what
+    those folds carry alone (no set can fence them now)."""
     try:
         stash = Stash.parse(raw)
     except Exception:
-        return 0
-    return stash.owed + sum(fold.amount for fold in stash.folds.values())
+        return 0, 0  # a garbled stash is the watch's to report
+    folds = sum(fold.amount for fold in stash.folds.values())
+    return stash.owed + folds, folds
 
 
 def run_history(seed: int, knobs: Knobs | None = None) -> Outcome:

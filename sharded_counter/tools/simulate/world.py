@@ -73,6 +73,7 @@ class Knobs:
 
     engine: str = "firestore"
     processes: int = 4
+    threads: int = 2  # per process: they share its picker, token slot and cache tier
     operations: int = 200
     faults: int = 6
     shards: int = 3
@@ -123,8 +124,10 @@ class FaultyCache:
             now = world.clock.now
             faults = world.faults
             if faults.active("cache_down", now):
+                world.cache_failed()
                 raise ConnectionRefusedError("[Errno 111] Connection refused")
             if faults.active("cache_flaky", now) and world.draws.random() < 0.3:
+                world.cache_failed()
                 if world.draws.random() < 0.5:
                     raise ConnectionRefusedError("[Errno 111] Connection refused")
                 target(*args, **kwargs)
@@ -155,7 +158,7 @@ class SimProcess:
             stats=WriteStats(),
         )
         self.paths = CounterPaths.on(ctx)
-        self.task: Task | None = None
+        self.tasks: list[Task] = []  # its threads
 
 
 class World:
@@ -186,13 +189,22 @@ class World:
         self._waiting: dict[bytes, list[tuple[Task, Callable[[], Any], int]]] = {}
         self.datastore.on_end.append(self._wake_waiters)
         self.checks: list[Callable[[], None]] = []  # run after every event
+        self.current: SimProcess | None = None  # whose event is running
+        self.cache_failures: dict[int, int] = {}  # by process: cache calls that failed
 
     # -- what the scheduler asks of the world --------------------------------------------------
 
     def enter(self, process: SimProcess | None) -> None:
         """Make ``process`` this Python process's self: its token slot."""
+        self.current = process
         if process is not None:
             entities.process_slot = process.slot
+
+    def cache_failed(self) -> None:
+        """A cache call of the process running now failed (reads may then miss the stash)."""
+        if self.current is not None:
+            key = self.current.incarnation
+            self.cache_failures[key] = self.cache_failures.get(key, 0) + 1
 
     def after_event(self) -> None:
         for check in self.checks:
