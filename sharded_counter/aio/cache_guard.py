@@ -9,6 +9,7 @@ both turn a call's failure into a ``CacheUnavailable`` and keep the outage log.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -70,11 +71,12 @@ class CacheGuard:
         self._maybe_applied = maybe_applied
 
     async def __call__(self, method: str, call: Awaitable[T], *, heard: bool = True) -> T:
+        sent = time.monotonic()
         try:
             result = await call
         except self._answers:
             if heard:
-                self._answered()
+                self._answered(sent)
             raise
         except CacheUnavailable as exc:
             self._failed(exc)
@@ -88,12 +90,12 @@ class CacheGuard:
             self._failed(error)
             raise error from exc
         if heard:
-            self._answered()
+            self._answered(sent)
         return result
 
-    def _answered(self) -> None:
+    def _answered(self, sent: float) -> None:
         if self._outage is not None:
-            self._outage.answered()
+            self._outage.answered(sent)
 
     def _failed(self, exc: BaseException) -> None:
         if self._outage is not None:

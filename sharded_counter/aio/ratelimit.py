@@ -66,22 +66,24 @@ class AsyncRateLimiter(LimiterRules):
         """Spend ``cost`` on ``key`` if the limit allows it; say whether it did."""
         digest, cost = check_key(key), check_cost(cost)
         window = self._window()
+        sent = time.monotonic()
         try:
             decision = await drive(self._hit(digest, cost, window), self._perform())
         except CacheUnavailable as exc:
             return self._unavailable(exc, window, cost)
-        self._outage.answered()
+        self._outage.answered(sent)
         return decision
 
     async def test(self, key: str, cost: int = 1) -> Decision:
         """Would ``hit(key, cost)`` be allowed now? Spends nothing."""
         digest, cost = check_key(key), check_cost(cost)
         window = self._window()
+        sent = time.monotonic()
         try:
             current, previous = await drive(self._read(digest, window), self._perform())
         except CacheUnavailable as exc:
             return self._unavailable(exc, window, cost)
-        self._outage.answered()
+        self._outage.answered(sent)
         return self._tested(current, previous, window, cost)
 
     def limit(

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from typing import Any, Protocol
 
 from pymemcache.exceptions import MemcacheError
@@ -162,6 +163,7 @@ class OutageLog:
         self._prefix = f"{what}: " if what else ""
         self._on_return = f"; {on_return}" if on_return else ""
         self._down = False
+        self._since = 0.0  # monotonic time the outage began
         self._lock = threading.Lock()
 
     def failed(self, exc: BaseException, consequence: str) -> None:
@@ -170,15 +172,18 @@ class OutageLog:
         with self._lock:
             if self._down:
                 return
-            self._down = True
+            self._down, self._since = True, time.monotonic()
         telemetry().events({"memcache_outages": 1})
         log.warning("%smemcache is unavailable (%s); %s", self._prefix, exc, consequence)
 
-    def answered(self) -> None:
-        if not self._down:
+    def answered(self, sent: float) -> None:
+        """A call sent at ``sent`` (``time.monotonic()``) was answered. It ends an
+        outage only if it was sent after the outage began: a call in flight when
+        memcache went down may still come back, and says nothing of memcache now."""
+        if not self._down or sent < self._since:
             return
         with self._lock:
-            if not self._down:
+            if not self._down or sent < self._since:
                 return
             self._down = False
         log.warning("%smemcache answers again%s", self._prefix, self._on_return)

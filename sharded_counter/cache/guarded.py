@@ -4,6 +4,7 @@ logged once when it starts and once when it ends.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pymemcache.exceptions import MemcacheClientError
@@ -52,6 +53,7 @@ class GuardedClient:
         client = self.client
         if client is None:
             raise CacheUnavailable("no memcached servers are configured (set MEMCACHED_HOSTS)")
+        sent = time.monotonic()
         try:
             result = getattr(client, method)(*args, **kwargs)
         except Exception as exc:  # pymemcache raises socket errors and its own
@@ -61,7 +63,7 @@ class GuardedClient:
                 maybe_applied=method in _WRITES and not _never_sent(exc),
             ) from exc
         if heard:
-            self._outage.answered()
+            self._outage.answered(sent)
         return result
 
     # -- the calls of cas.change_key, and the others the tier makes ----------------------

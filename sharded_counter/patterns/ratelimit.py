@@ -318,22 +318,24 @@ class RateLimiter(LimiterRules):
         """Spend ``cost`` on ``key`` if the limit allows it; say whether it did."""
         digest, cost = check_key(key), check_cost(cost)
         window = self._window()
+        sent = time.monotonic()
         try:
             decision = drive(self._hit(digest, cost, window), on(self._client()))
         except CLIENT_ERRORS as exc:
             return self._unavailable(exc, window, cost)
-        self._outage.answered()
+        self._outage.answered(sent)
         return decision
 
     def test(self, key: str, cost: int = 1) -> Decision:
         """Would ``hit(key, cost)`` be allowed now? Spends nothing."""
         digest, cost = check_key(key), check_cost(cost)
         window = self._window()
+        sent = time.monotonic()
         try:
             current, previous = drive(self._read(digest, window), on(self._client()))
         except CLIENT_ERRORS as exc:
             return self._unavailable(exc, window, cost)
-        self._outage.answered()
+        self._outage.answered(sent)
         return self._tested(current, previous, window, cost)
 
     def limit(
