@@ -50,12 +50,15 @@ class Backlog:
                 del self._suspects[next(iter(self._suspects))]
                 self._forgot("a suspect cached total (stale until its TTL at most)")
 
-    def settle(self, stash_key: str, change: StashChange) -> Steps[None]:
-        """Make ``change`` now, or once memcache answers again. Never raises."""
+    def settle(self, stash_key: str, change: StashChange) -> Steps[Stash | None]:
+        """Make ``change`` now, or once memcache answers again. Returns the stash as the
+        change left it, or None when it waits for later. Never raises."""
         try:
-            yield from changing_stash(stash_key, change)
+            before = yield from changing_stash(stash_key, change)
         except CacheUnavailable:
             self.settle_later(stash_key, change)
+            return None
+        return change(before)
 
     def settle_later(self, stash_key: str, change: StashChange) -> None:
         with self._lock:

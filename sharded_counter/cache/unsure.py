@@ -45,13 +45,17 @@ class UnsureWrites:
 
     def finish_unsure(
         self, stash_key: str, token: str, claim: str, *, written: bool
-    ) -> Steps[None]:
+    ) -> Steps[bool]:
         """End ``claim``'s resolution of ``token``: with ``written`` the entry goes (its
-        shard holds it now), else it is open again. Never raises."""
+        shard holds it now), else it is open again. Returns whether the stash is done
+        with ``token``: False while it still names it (a set claimed the entry
+        meanwhile, or memcache did not answer and the backlog ends it later), when
+        others may still look for the token. Never raises."""
         if written:
-            yield from self._backlog.settle(stash_key, lambda s: s.resolved(token))
+            after = yield from self._backlog.settle(stash_key, lambda s: s.resolved(token))
         else:
-            yield from self._backlog.settle(stash_key, lambda s: s.unclaimed(token, claim))
+            after = yield from self._backlog.settle(stash_key, lambda s: s.unclaimed(token, claim))
+        return after is not None and not after.mentions(token)
 
     def unsure_to_pending(self, stash_key: str, token: str, claim: str, amount: int) -> Steps[None]:
         """The unsure write ``token`` did not land and its shard cannot take the ``amount``

@@ -21,7 +21,7 @@ from ..core.record import ShardState
 from ..core.stash import ANY_SHARD, Unsure
 from ..core.tokens import folding_write
 from ..errors import CacheUnavailable
-from ..store.retry import write_retrying
+from ..store.retry import outcome_unknown, write_retrying
 from ..store.shards import ShardOverflow
 from .context import CounterContext
 
@@ -75,16 +75,34 @@ class UnsureResolver:
             except (gexc.GoogleAPICallError, ValueError) as exc:
                 # ValueError: a fold part that no spread of the total can take.
                 log.warning("counter %r: could not resolve an unsure write: %s", ctx.name, exc)
+                if entry.shard != ANY_SHARD and outcome_unknown(exc):
+                    # Its write may have landed, with the token in this process's slot,
+                    # where the next resolution looks: keep it there (see below).
+                    self._keep_looked_for(token, entry.shard)
                 yield from cache.unsure.finish_unsure(ctx.stash_key, token, claim, written=False)
                 picker.resolution_failed(RESOLVE_PAUSE)
                 failed = True
                 continue
-            yield from cache.unsure.finish_unsure(ctx.stash_key, token, claim, written=True)
-            picker.release(token)
+            if (yield from cache.unsure.finish_unsure(ctx.stash_key, token, claim, written=True)):
+                picker.release(token)
+            elif entry.shard != ANY_SHARD:
+                # The entry is still in delayed_incr (a set claimed it meanwhile, or the
+                # backlog ends it later), and whoever resolves it then looks for its
+                # token, now in this process's slot on that shard.
+                self._keep_looked_for(token, entry.shard)
             ctx.stats.add(resolved=1)
             yield from cache.records.merge(ctx.record_key, ctx.stash_key, states)
             resolved = True
         return resolved
+
+    def _keep_looked_for(self, token: str, shard: int) -> None:
+        """A resolution of ours put ``token`` in this process's slot on ``shard`` (or may
+        have), while delayed_incr still names it: keep it there, pinned, with no
+        transform of ours on that shard, until this process sees the entry gone (the
+        next ``resolve`` releases it). Found by the simulator: a transform replaced the
+        slot, and the next resolution wrote the write a second time."""
+        self.ctx.picker.keep(token)
+        self.ctx.picker.reserve(token, shard)
 
     def _resolve_one(self, token: str, entry: Unsure) -> Steps[list[ShardState]]:
         """Add the unsure write ``token`` unless the shards show it (core/stash.py)."""
