@@ -56,8 +56,9 @@ class Op:
 class Loss:
     """What memcache lost with a stash: ``amount`` it held (pending, unsure entries, a
     set's take, folds in flight), each of which may now never count; and ``unfenced``,
-    what folds in flight carried, which a later set can no longer fence, so it may
-    land after the set and count on top of its value."""
+    what was in flight to a shard under a marker (folds, unsure writes being
+    resolved), which a later set can no longer fence, so it may land after the set
+    and count on top of its value."""
 
     at: float
     amount: int
@@ -80,10 +81,16 @@ class History:
         self.ops: list[Op] = []
         self.losses: list[Loss] = []
         self.slack = slack  # how long after its caller heard a maybe write may land
+        self._writes: list[_Write] | None = None  # writes(), until an operation ends
+        self._writes_of = 0
 
     def begin(self, op: Op) -> Op:
         self.ops.append(op)
         return op
+
+    def changed(self) -> None:
+        """An operation ended: what ``writes`` made of the history is out of date."""
+        self._writes = None
 
     def lost(self, at: float, amount: int, unfenced: int, why: str) -> None:
         if amount or unfenced:
@@ -94,7 +101,9 @@ class History:
     def writes(self) -> list[_Write]:
         """The increments, keyed calls of one key merged into one increment: it counts
         once if any call returned, may count if any may have, and never if all were
-        refused."""
+        refused. Made again only after an operation began or ended."""
+        if self._writes is not None and self._writes_of == len(self.ops):
+            return self._writes
         found: list[_Write] = []
         keyed: dict[str, list[Op]] = {}
         for op in self.ops:
@@ -108,6 +117,7 @@ class History:
             write = self._write_of(calls)
             if write is not None:
                 found.append(write)
+        self._writes, self._writes_of = found, len(self.ops)
         return found
 
     def _write_of(self, calls: list[Op]) -> _Write | None:

@@ -15,24 +15,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...core.keys import SHARD_KIND, shard_key_name
+from ...core.keys import SHARD_KIND, cache_keys, shard_key_name
 from ...core.record import Record
 from ...core.stash import Stash
 from ...memory.datastore import KeyId, Stored
 from ...store import entities
 from .history import History
+from .world import COUNTER, World
 
 
 class Watch:
     """Checks a world's invariants as it runs; collects what it finds."""
 
-    def __init__(self, world: Any, history: History) -> None:
+    def __init__(self, world: World, history: History) -> None:
         self.world = world
         self.history = history
         self.violations: list[str] = []
         self.landed: set[str] = set()
         self.shard_values: dict[str, dict[int, int]] = {}  # key name -> version -> count
         self._cas_seen = -1
+        self._record_key, self._stash_key = cache_keys(
+            world.settings.key_prefix, world.store.scope, COUNTER
+        )
+        self._stash_raw: bytes | None = None
+        self._record_raw: bytes | None = None
         # (since, what folds in flight carry, what the stash owes readers, what its
         # unsure entries hold and a running set took)
         self._stash: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)]
@@ -70,25 +76,30 @@ class Watch:
         if model.writes == self._cas_seen:
             return
         self._cas_seen = model.writes
-        for key in model.live_keys():
-            raw = model.peek(key)
-            if raw is None:
-                continue
-            if ":delayed_incr:" in key:
-                try:
-                    stash = Stash.parse(raw)
-                except Exception as exc:
-                    self.violation(f"the stash does not parse ({exc}): {raw[:120]!r}")
-                    continue
-                seen = (
-                    sum(f.amount for f in stash.folds.values()),
-                    stash.owed,
-                    sum(u.amount for u in stash.unsure.values()) + stash.set_taken,
-                )
-                if seen != self._stash[-1][1:]:
-                    self._stash.append((self.world.clock.now, *seen))
-            elif ":t:" in key:
-                self._check_record(raw)
+        raw = model.peek(self._stash_key)
+        if raw != self._stash_raw:
+            self._stash_raw = raw
+            self._stash_seen(raw)
+        record = model.peek(self._record_key)
+        if record is not None and record != self._record_raw:
+            self._record_raw = record
+            self._check_record(record)
+
+    def _stash_seen(self, raw: bytes | None) -> None:
+        stash = Stash()
+        if raw is not None:
+            try:
+                stash = Stash.parse(raw)
+            except Exception as exc:
+                self.violation(f"the stash does not parse ({exc}): {raw[:120]!r}")
+                return
+        seen = (
+            sum(f.amount for f in stash.folds.values()),
+            stash.owed,
+            sum(u.amount for u in stash.unsure.values()) + stash.set_taken,
+        )
+        if seen != self._stash[-1][1:]:
+            self._stash.append((self.world.clock.now, *seen))
 
     def read_slack(self, t0: float, t1: float, *, cache_failed: bool) -> tuple[int, int]:
         """How far an uncached read from ``t0`` to ``t1`` may stray, below and above
@@ -109,8 +120,6 @@ class Watch:
         record = Record.decode(raw)
         if record is None or not record.complete:
             return
-        from .world import COUNTER
-
         for shard_id, (version, value) in record.shards.items():
             if not shard_id.startswith("i"):
                 continue
@@ -127,7 +136,7 @@ class Watch:
 
     def settled(self, final: int) -> None:
         world = self.world
-        stash_key = next(k for k in [_stash_key(world)] if k)
+        stash_key = self._stash_key
         raw = world.memcache.peek(stash_key)
         if raw is not None:
             stash = Stash.parse(raw)
@@ -149,10 +158,3 @@ def _slot_tokens(entity: Any) -> set[str]:
         if prop.startswith(entities.SLOT_PREFIX):
             found.update(entities.slot_tokens(value))
     return found
-
-
-def _stash_key(world: Any) -> str:
-    from ...core.keys import cache_keys
-    from .world import COUNTER
-
-    return cache_keys(world.settings.key_prefix, world.store.scope, COUNTER)[1]

@@ -35,7 +35,7 @@ from ...errors import (
 from .clock import VirtualClock, deterministic
 from .history import History, Op, describe
 from .invariants import Watch
-from .world import Knobs, SimProcess, World
+from .world import Knobs, SimProcess, Window, World
 
 #: Virtual seconds a history settles for before its last check: past every fold
 #: deadline and claim (core/outcomes.py), so any process may resolve what is left.
@@ -161,6 +161,7 @@ class Workload:
             return  # its process died: its caller heard nothing
         op.end = self.world.clock.now
         op.status = status
+        self.history.changed()
         if error is not None:
             op.error = type(error).__name__
 
@@ -277,7 +278,7 @@ class Workload:
                 kind, (0.05, 0.5)
             )
             seconds = draws.uniform(low, high)
-            faults.windows.append(_window(kind, now, seconds))
+            faults.windows.append(Window(kind, now, seconds))
             if kind == "cache_down" and draws.random() < 0.5:
                 self._lose_everything("a memcached restart")  # down, then back empty
         elif kind == "lost_commits":
@@ -309,22 +310,18 @@ class Workload:
         self.world.memcache.flush_all()
 
 
-def _window(kind: str, now: float, seconds: float) -> Any:
-    from .world import Window
-
-    return Window(kind, now, seconds)
-
-
 def held_in(raw: bytes) -> tuple[int, int]:
     """What a stash holds that memcache would lose with it: everything it owes readers
-    and what folds in flight took (their put-back would find no marker); and what
-    those folds carry alone (no set can fence them now)."""
+    and what folds in flight took (their put-back would find no marker); and what is
+    in flight to a shard under a marker a set would fence (folds, and unsure writes a
+    resolver has claimed), which no set can fence now."""
     try:
         stash = Stash.parse(raw)
     except Exception:
         return 0, 0  # a garbled stash is the watch's to report
     folds = sum(fold.amount for fold in stash.folds.values())
-    return stash.owed + folds, folds
+    claimed = sum(u.amount for u in stash.unsure.values() if u.claim)
+    return stash.owed + folds, folds + claimed
 
 
 def run_history(seed: int, knobs: Knobs | None = None) -> Outcome:
