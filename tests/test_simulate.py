@@ -220,57 +220,63 @@ def test_a_resolution_memcache_did_not_hear_of_keeps_its_token_on_the_shard() ->
     the resolver keeps it pinned and keeps its transforms off that shard. Before, a
     transform of the resolver's replaced its slot and the write was counted twice
     (found by the simulator)."""
-    clock = VirtualClock()
-    with deterministic(clock, 4) as draws:
-        world = World(Knobs(engine="firestore"), clock, draws)
-        process = SimProcess(world, 0, 1)
-        world.enter(process)
-        ctx = process.paths.ctx
-        token = "6b15f700bbbbbbbb"
-        world.memcache.add(ctx.stash_key, Stash().made_unsure(token, 5, 1).encode(), 0)
-        committed = False
+    committed = False
 
-        def fault(effect: Any) -> BaseException | None:
-            nonlocal committed
-            if isinstance(effect, Rpc) and effect.method == "commit":
-                committed = True
-            elif isinstance(effect, Memcache) and committed:
-                return CacheUnavailable("refused")  # the end of the resolution is not heard
-            return None
+    def fault(world: World, effect: Any) -> BaseException | None:
+        nonlocal committed
+        if isinstance(effect, Rpc) and effect.method == "commit":
+            committed = True
+        elif isinstance(effect, Memcache) and committed:
+            return CacheUnavailable("refused")  # the end of the resolution is not heard
+        return None
 
-        assert _drive(world, process, process.paths.resolver.resolve(look=True), fault)
+    ctx, resolved = _resolve_one_unsure(4, "6b15f700bbbbbbbb", fault)
+    assert resolved
     assert committed
-    assert token in ctx.picker.pinned()
-    with ctx.picker.pick(ctx.shards, prefer=1) as (_index, alone):
-        assert not alone  # no transform of this process may go to shard 1 now
+    _assert_kept_on_shard_1(ctx, "6b15f700bbbbbbbb")
 
 
 def test_a_resolution_whose_reply_was_lost_keeps_its_token_on_the_shard() -> None:
     """The same when the resolution's commit landed but its reply was lost: the entry
     is open again, and the next resolution must find the token where it landed."""
+    lost = 0
+
+    def fault(world: World, effect: Any) -> BaseException | None:
+        nonlocal lost
+        if isinstance(effect, Rpc) and effect.method == "commit" and not lost:
+            world.datastore.call("commit", effect.request, world.clock.now)  # it lands
+            lost += 1
+            return gexc.DeadlineExceeded("Deadline Exceeded")  # and its reply is lost
+        return None
+
+    ctx, _ = _resolve_one_unsure(5, "6b15f700cccccccc", fault)
+    assert lost == 1
+    _assert_kept_on_shard_1(ctx, "6b15f700cccccccc")
+
+
+def _resolve_one_unsure(seed: int, token: str, fault: Any) -> tuple[Any, Any]:
+    """One process resolves an unsure write of 5 on shard 1, under ``fault(world,
+    effect)``; its counter context, and what the resolution returned."""
     clock = VirtualClock()
-    with deterministic(clock, 5) as draws:
+    with deterministic(clock, seed) as draws:
         world = World(Knobs(engine="firestore"), clock, draws)
         process = SimProcess(world, 0, 1)
         world.enter(process)
         ctx = process.paths.ctx
-        token = "6b15f700cccccccc"
         world.memcache.add(ctx.stash_key, Stash().made_unsure(token, 5, 1).encode(), 0)
-        lost = 0
+        resolved = _drive(
+            world,
+            process,
+            process.paths.resolver.resolve(look=True),
+            lambda effect: fault(world, effect),
+        )
+    return ctx, resolved
 
-        def fault(effect: Any) -> BaseException | None:
-            nonlocal lost
-            if isinstance(effect, Rpc) and effect.method == "commit" and not lost:
-                world.datastore.call("commit", effect.request, world.clock.now)  # it lands
-                lost += 1
-                return gexc.DeadlineExceeded("Deadline Exceeded")  # and its reply is lost
-            return None
 
-        _drive(world, process, process.paths.resolver.resolve(look=True), fault)
-    assert lost == 1
+def _assert_kept_on_shard_1(ctx: Any, token: str) -> None:
     assert token in ctx.picker.pinned()
     with ctx.picker.pick(ctx.shards, prefer=1) as (_index, alone):
-        assert not alone
+        assert not alone  # no transform of this process may go to shard 1 now
 
 
 def _drive(world: World, process: SimProcess, steps: Any, fault: Any) -> Any:

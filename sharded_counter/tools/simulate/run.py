@@ -71,6 +71,25 @@ class Outcome:
         return "\n".join(lines)
 
 
+#: What each kind of operation's caller may hear, as the public API says it (the
+#: facades turn a Datastore error into DatastoreUnavailable), and what it means for
+#: the count (history.py): ``no``, never counted; ``maybe``, perhaps. Anything else
+#: breaks the error contract (I8), and counts as ``UNHEARD`` says.
+HEARD: dict[str, tuple[tuple[tuple[type[Exception], ...], str], ...]] = {
+    "increment": (
+        ((IncrementNotRecorded, CounterOverflowError), "no"),
+        ((IncrementOutcomeUnknown,), "maybe"),
+    ),
+    "read": (((gexc.GoogleAPICallError,), "no"),),
+    # DatastoreUnavailable may have applied; CacheUnavailable: it could not take the
+    # stash, and wrote nothing.
+    "set": (((gexc.GoogleAPICallError,), "maybe"), ((CacheUnavailable,), "no")),
+    # write_pending: DatastoreUnavailable, or memcache down; nothing is lost either way.
+    "flush": (((gexc.GoogleAPICallError, CacheUnavailable), "no"),),
+}
+UNHEARD = {"increment": "maybe", "read": "no", "set": "maybe", "flush": "no"}
+
+
 class Workload:
     """The operations of one history: each process loops, drawing its next one."""
 
@@ -169,18 +188,26 @@ class Workload:
         if op.pid not in self.dead:
             self.watch.violation(f"I8: {what}: {op}")
 
-    def _increment(self, op: Op, steps: Generator[Any, Any, Any]) -> Generator[Any, Any, None]:
+    def _carry_out(
+        self, kind: str, op: Op, steps: Generator[Any, Any, Any]
+    ) -> Generator[Any, Any, Any]:
+        """Run ``steps`` for ``op`` and note what its caller heard (``HEARD``); returns
+        their answer, or None when they raised."""
         try:
-            yield from steps
-        except (IncrementNotRecorded, CounterOverflowError) as exc:
-            self._finish(op, "no", exc)
-        except IncrementOutcomeUnknown as exc:
-            self._finish(op, "maybe", exc)
+            answer = yield from steps
         except Exception as exc:
-            self._finish(op, "maybe", exc)
-            self._contract(f"an increment raised {exc!r}", op)
-        else:
-            self._finish(op, "ok")
+            for errors, status in HEARD[kind]:
+                if isinstance(exc, errors):
+                    self._finish(op, status, exc)
+                    return None
+            self._finish(op, UNHEARD[kind], exc)
+            self._contract(f"{kind} raised {exc!r}", op)
+            return None
+        self._finish(op, "ok")
+        return answer
+
+    def _increment(self, op: Op, steps: Generator[Any, Any, Any]) -> Generator[Any, Any, None]:
+        yield from self._carry_out("increment", op, steps)
 
     def _keyed(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
         def steps() -> Generator[Any, Any, None]:
@@ -207,17 +234,10 @@ class Workload:
 
     def _read(self, op: Op, process: SimProcess, nocache: bool) -> Generator[Any, Any, None]:
         failures = self.world.cache_failures.get(process.incarnation, 0)
-        try:
-            op.value = yield from process.paths.reader.total(nocache=nocache)
-        except gexc.GoogleAPICallError as exc:  # DatastoreUnavailable, as the facade says
-            self._finish(op, "no", exc)
-            return
-        except Exception as exc:
-            self._finish(op, "no", exc)
-            self._contract(f"a read raised {exc!r}", op)
-            return
-        self._finish(op, "ok")
-        if op.pid in self.dead:
+        op.value = yield from self._carry_out(
+            "read", op, process.paths.reader.total(nocache=nocache)
+        )
+        if op.value is None or op.pid in self.dead:
             return
         cache_failed = self.world.cache_failures.get(process.incarnation, 0) > failures
         slack = self.watch.read_slack(op.start, op.end or op.start, cache_failed=cache_failed)
@@ -227,31 +247,21 @@ class Workload:
 
     def _set(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
         setter = process.paths.setter
-        try:
+
+        def steps() -> Generator[Any, Any, None]:
             assert op.value is not None
             yield from setter.set_now(setter.checked(op.value))
-        except gexc.GoogleAPICallError as exc:  # DatastoreUnavailable: may have applied
-            self._finish(op, "maybe", exc)
-        except CacheUnavailable as exc:  # it could not take the stash: nothing written
-            self._finish(op, "no", exc)
-        except Exception as exc:
-            self._finish(op, "maybe", exc)
-            self._contract(f"a set raised {exc!r}", op)
-        else:
-            self._finish(op, "ok")
+
+        yield from self._carry_out("set", op, steps())
 
     def _flush(self, op: Op, process: SimProcess) -> Generator[Any, Any, None]:
         paths = process.paths
-        try:
+
+        def steps() -> Generator[Any, Any, None]:
             yield from paths.resolver.resolve(look=True)
             yield from paths.writes.fold_pending()
-        except (gexc.GoogleAPICallError, CacheUnavailable) as exc:
-            self._finish(op, "no", exc)  # write_pending: DatastoreUnavailable; nothing lost
-        except Exception as exc:
-            self._finish(op, "no", exc)
-            self._contract(f"a flush raised {exc!r}", op)
-        else:
-            self._finish(op, "ok")
+
+        yield from self._carry_out("flush", op, steps())
 
     # -- faults ---------------------------------------------------------------------------
 
