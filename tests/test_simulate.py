@@ -26,6 +26,7 @@ from sharded_counter.tools.simulate.clock import VirtualClock, deterministic
 from sharded_counter.tools.simulate.history import describe
 from sharded_counter.tools.simulate.mutations import MUTATIONS, hunt
 from sharded_counter.tools.simulate.run import run_history
+from sharded_counter.tools.simulate.shrink import kind_of, replay_command, shrink
 from sharded_counter.tools.simulate.world import Knobs, SimProcess, World, shared_store
 
 # -- the memcached model ------------------------------------------------------------------
@@ -343,11 +344,10 @@ def test_a_fixed_budget_of_histories_keeps_every_promise(engine: str) -> None:
 #: may take (the seeds are fixed, so each takes the same number every run; the
 #: others, and the time each takes, are in docs/protocol.md, section 6).
 QUICK_TO_FIND = {
-    "skip-token-check": 40,
+    "skip-token-check": 100,
     "fold-twice": 20,
-    "no-transform-wait": 40,
-    "short-fold-deadline": 80,
-    "keys-unrecorded": 40,
+    "no-transform-wait": 20,
+    "keys-unrecorded": 20,
     "stash-dropped": 20,
 }
 
@@ -360,3 +360,34 @@ def test_the_simulator_finds_each_broken_rule(name: str) -> None:
     limit = QUICK_TO_FIND[name]
     found = hunt(mutation, budget=120.0, max_histories=limit)
     assert found.found is not None, f"{limit} histories with {name}, and no violation"
+
+
+def test_a_failing_history_shrinks_to_a_few_operations_that_fail_the_same_way() -> None:
+    (mutation,) = [m for m in MUTATIONS if m.name == "fold-twice"]
+    found = hunt(mutation, budget=120.0, max_histories=20)
+    assert found.found is not None
+    with mutation.applied():
+        short = shrink(found.found)
+        again = run_history(short.seed, short.knobs)  # what replay_command replays
+    assert short.operations <= 20 < found.found.operations
+    assert {kind_of(v) for v in short.violations} & {kind_of(found.found.violations[0])}
+    assert describe(again.history.ops) == describe(short.history.ops)
+    assert again.violations == short.violations
+    command = replay_command(short)
+    assert f"--seed {short.seed} " in command
+    assert f"--stop-after {short.knobs.stop_after}" in command
+
+
+def test_skipping_a_fault_leaves_the_other_draws_of_the_seed_as_they_were() -> None:
+    whole = run_history(3, Knobs(engine="classic"))
+    skipped = run_history(3, Knobs(engine="classic", skip_faults=frozenset({0})))
+    assert skipped.faults[0].startswith("#0 ") and "(skipped)" in skipped.faults[0]
+    # The same faults are drawn, at the same operations, with the same parameters.
+    assert [f.split(" at op")[0] for f in skipped.faults[1:]] == [
+        f.split(" at op")[0] for f in whole.faults[1:]
+    ]
+    first = run_history(3, Knobs(engine="classic", stop_after=30))
+    assert first.operations == 30
+    # Up to where it stops, the history begins the same operations at the same times.
+    began = [(op.kind, op.pid, op.start, op.delta) for op in first.history.ops]
+    assert began == [(op.kind, op.pid, op.start, op.delta) for op in whole.history.ops[:30]]

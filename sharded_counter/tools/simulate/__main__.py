@@ -8,12 +8,14 @@
 
 Histories run seed after seed, alternating engines, until the time is up, on
 one worker process per core (``--workers``); each failing seed is printed with
-its violations and the operations before them, and the exit status is 1 if
-any failed. ``--seed`` replays one history
-(the same seed is the same history, event for event) and prints all of it.
-``--mutations`` breaks each rule of ``mutations.py`` in turn and prints, as a
-Markdown table, how long the search took to find it (at most ``--budget``
-seconds each); the exit status is 1 if any went unfound.
+its violations and the operations before them, then shrunk (``shrink.py``) and
+printed whole with the command that replays it; the exit status is 1 if any
+failed. ``--seed`` replays one history (the same seed is the same history, event
+for event; ``--processes``, ``--threads``, ``--stop-after``, ``--skip-faults`` and
+``--skip-operations`` replay a shrunk one) and prints all of it. ``--mutations`` breaks each rule of
+``mutations.py`` in turn and prints, as a Markdown table, how long the search
+took to find it (at most ``--budget`` seconds each) and how short the history
+shrank; the exit status is 1 if any went unfound.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import os
 import sys
 import time
 
-from .history import describe
 from .mutations import MUTATIONS, hunt
 from .run import run_history
+from .shrink import replay_command, shrink
 from .world import Knobs
 
 
@@ -38,25 +40,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("classic", "firestore", "both"), default="both")
     parser.add_argument("--operations", type=int, default=Knobs.operations)
     parser.add_argument("--faults", type=int, default=Knobs.faults)
+    parser.add_argument("--processes", type=int, default=Knobs.processes)
+    parser.add_argument("--threads", type=int, default=Knobs.threads)
+    parser.add_argument("--stop-after", type=int, help="start no operation after this many")
+    parser.add_argument(
+        "--skip-faults", default="", help="comma-separated fault numbers: drawn, not injected"
+    )
     parser.add_argument("--mutations", action="store_true", help="hunt each broken rule")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per mutation")
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one a core)"
+    )
+    parser.add_argument(
+        "--skip-operations", default="", help="comma-separated operation numbers: drawn, not run"
     )
     args = parser.parse_args(argv)
     if args.mutations:
         return hunt_all(args.budget)
     engines = ["classic", "firestore"] if args.engine == "both" else [args.engine]
 
+    def numbers(text: str) -> frozenset[int]:
+        return frozenset(int(n) for n in text.split(",") if n.strip())
+
     def knobs(engine: str) -> Knobs:
-        return Knobs(engine=engine, operations=args.operations, faults=args.faults)
+        return Knobs(
+            engine=engine,
+            operations=args.operations,
+            faults=args.faults,
+            processes=args.processes,
+            threads=args.threads,
+            stop_after=args.stop_after,
+            skip_faults=numbers(args.skip_faults),
+            skip_operations=numbers(args.skip_operations),
+        )
 
     if args.seed is not None:
         failed = False
         for engine in engines:
             outcome = run_history(args.seed, knobs(engine))
-            print(describe(outcome.history.ops))
-            print(outcome.report(context=0))
+            print(outcome.report(context=None))
             failed = failed or not outcome.ok
         return 1 if failed else 0
     deadline = time.time() + args.minutes * 60
@@ -102,26 +124,37 @@ def search(
             outcome = run_history(seed, Knobs(engine=engine, operations=operations, faults=faults))
             runs += 1
             if not outcome.ok:
-                reports.append(outcome.report())
+                short = shrink(outcome)
+                reports.append(
+                    f"{outcome.report()}\nshrunk:\n{short.report(context=None)}\n"
+                    f"replay: {replay_command(short)}"
+                )
         seed += workers
     return runs, reports
 
 
 def hunt_all(budget: float) -> int:
-    print("| broken rule | mutation | found after | histories | seed (engine) | first violation |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| broken rule | mutation | found after | histories | seed (engine) "
+        "| shrunk to | first violation |"
+    )
+    print("|---|---|---|---|---|---|---|")
     missed = 0
     for mutation in MUTATIONS:
         found = hunt(mutation, budget=budget)
         if found.found is None:
             missed += 1
-            where, first = "-", "**not found**"
+            where, short, first = "-", "-", "**not found**"
         else:
             where = f"{found.found.seed} ({found.found.knobs.engine})"
             first = found.found.violations[0].split(" ", 1)[1][:70].replace("|", "/")
+            with mutation.applied():
+                shrunk = shrink(found.found)
+            faults = len(shrunk.faults) - len(shrunk.knobs.skip_faults)
+            short = f"{shrunk.operations} ops, {faults} faults"
         print(
             f"| {mutation.rule} | `{mutation.name}` | {found.seconds:.1f} s | "
-            f"{found.histories} | {where} | {first} |",
+            f"{found.histories} | {where} | {short} | {first} |",
             flush=True,
         )
     return 1 if missed else 0

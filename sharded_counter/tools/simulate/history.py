@@ -83,6 +83,7 @@ class History:
         self.slack = slack  # how long after its caller heard a maybe write may land
         self._writes: list[_Write] | None = None  # writes(), until an operation ends
         self._writes_of = 0
+        self._ended: dict[int, _Write | None] = {}  # by id(op): the writes of ended calls
 
     def begin(self, op: Op) -> Op:
         self.ops.append(op)
@@ -110,7 +111,12 @@ class History:
             if op.kind == "keyed":
                 keyed.setdefault(op.key, []).append(op)
             elif op.kind in INCREMENTS:
-                write = self._write_of([op])
+                if op.status == "running":
+                    write = self._write_of([op])
+                elif id(op) in self._ended:
+                    write = self._ended[id(op)]
+                else:  # what an ended call makes of the count is settled: kept
+                    write = self._ended[id(op)] = self._write_of([op])
                 if write is not None:
                     found.append(write)
         for calls in keyed.values():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
 import time as real_time
 from collections.abc import Generator
 from typing import Any
@@ -59,15 +60,19 @@ class Outcome:
     def ok(self) -> bool:
         return not self.violations
 
-    def report(self, context: int = 12) -> str:
+    def report(self, context: int | None = 12) -> str:
+        """The violations, the faults, and the last ``context`` operations (all of
+        them when ``context`` is None)."""
         lines = [
             f"seed {self.seed} ({self.knobs.engine}): {len(self.violations)} violation(s), "
-            f"{self.operations} operations, {self.events} events, faults: " + ", ".join(self.faults)
+            f"{self.operations} operations, {self.events} events, {len(self.faults)} faults"
         ]
         lines += [f"  {v}" for v in self.violations[:5]]
-        if self.violations:
-            lines.append("  the last operations:")
-            lines += ["    " + line for line in describe(self.history.ops[-context:]).splitlines()]
+        lines += [f"  fault {f}" for f in self.faults]
+        if self.violations or context is None:
+            ops = self.history.ops if context is None else self.history.ops[-context:]
+            lines.append("  the operations:" if context is None else "  the last operations:")
+            lines += ["    " + line for line in describe(ops).splitlines()]
         return "\n".join(lines)
 
 
@@ -99,12 +104,20 @@ class Workload:
         self.watch = watch
         self.started = 0
         self.keys: list[str] = []  # idempotency keys used so far: some are retried
+        self.key_deltas: dict[str, int] = {}
         self.processes: dict[int, SimProcess] = {}
         self.incarnations = 0
         self.dead: set[int] = set()  # incarnations killed
+        # Faults are drawn from a stream of their own, so that leaving one out
+        # (shrink.py) leaves the others as they were: the same kinds, at the same
+        # operations, with the same parameters.
+        self.fault_draws = random.Random(world.draws.getrandbits(64))
         self.fault_at = sorted(
-            world.draws.randrange(world.knobs.operations) for _ in range(world.knobs.faults)
+            self.fault_draws.randrange(world.knobs.operations) for _ in range(world.knobs.faults)
         )
+        self.faults_drawn = 0
+        stop_after = world.knobs.stop_after
+        self.last = world.knobs.operations if stop_after is None else stop_after
 
     # -- processes ------------------------------------------------------------------------
 
@@ -129,7 +142,7 @@ class Workload:
             self.spawn(pid, delay=self.world.draws.uniform(0.0, 1.0))
 
     def done(self) -> bool:
-        return self.started >= self.world.knobs.operations and not any(
+        return self.started >= self.last and not any(
             task.alive for p in self.processes.values() for task in p.tasks
         )
 
@@ -137,7 +150,7 @@ class Workload:
 
     def loop(self, process: SimProcess) -> Generator[Any, Any, None]:
         draws = self.world.draws
-        while self.started < self.world.knobs.operations:
+        while self.started < self.last:
             self.started += 1
             while self.fault_at and self.fault_at[0] < self.started:
                 self.fault_at.pop(0)
@@ -155,10 +168,11 @@ class Workload:
         elif roll < 0.55:
             if self.keys and draws.random() < 0.4:
                 key = draws.choice(self.keys)
-                delta = next(o.delta for o in self.history.ops if o.key == key)
+                delta = self.key_deltas[key]
             else:
                 key, delta = f"k{len(self.keys)}", draws.randint(1, 9)
                 self.keys.append(key)
+                self.key_deltas[key] = delta
             op = self.history.begin(Op("keyed", pid, now, delta=delta, key=key))
             yield from self._keyed(op, process)
         elif roll < 0.62:
@@ -192,7 +206,12 @@ class Workload:
         self, kind: str, op: Op, steps: Generator[Any, Any, Any]
     ) -> Generator[Any, Any, Any]:
         """Run ``steps`` for ``op`` and note what its caller heard (``HEARD``); returns
-        their answer, or None when they raised."""
+        their answer, or None when they raised (or ``op`` is one shrinking skips)."""
+        # ``started`` still numbers this operation: its process yielded nothing since.
+        if self.started in self.world.knobs.skip_operations:
+            steps.close()
+            self.history.ops.remove(op)
+            return None
         try:
             answer = yield from steps
         except Exception as exc:
@@ -266,8 +285,10 @@ class Workload:
     # -- faults ---------------------------------------------------------------------------
 
     def inject(self) -> None:
-        world, draws = self.world, self.world.draws
+        world, draws = self.world, self.fault_draws
         faults, now = world.faults, world.clock.now
+        number = self.faults_drawn
+        self.faults_drawn += 1
         kind = draws.choice(
             [
                 "datastore_down",
@@ -281,28 +302,41 @@ class Workload:
                 "kill",
             ]
         )
-        faults.injected.append(kind)
-        if kind in ("datastore_down", "cache_flaky", "cache_down"):
+        # Every draw is made before deciding whether to inject, so that skipping this
+        # fault (shrink.py) leaves the rest of the seed's draws as they were.
+        low, high = {"datastore_down": (0.1, 1.5), "cache_flaky": (0.5, 3.0)}.get(kind, (0.05, 0.5))
+        seconds = draws.uniform(low, high) if kind.endswith(("_down", "_flaky")) else 0.0
+        restart = kind == "cache_down" and draws.random() < 0.5
+        count = {"lost_commits": (1, 3), "late_commits": (1, 2)}.get(kind)
+        times = draws.randint(*count) if count else 0
+        victim = draws.choice(sorted(self.processes)) if kind == "kill" else -1
+        skipped = number in world.knobs.skip_faults
+        faults.injected.append(
+            f"#{number} {kind}{' (skipped)' if skipped else ''} at op {self.started}, "
+            f"{now:.3f} s"
+            + (f" for {seconds:.2f} s" if seconds else "")
+            + (" then empty" if restart else "")
+            + (f" x{times}" if times else "")
+            + (f" of p{self.processes[victim].incarnation}" if victim >= 0 else "")
+        )
+        if skipped:
+            return
+        if seconds:
             # Long enough to overlap: a write that failed at Datastore meets a flaky cache.
-            low, high = {"datastore_down": (0.1, 1.5), "cache_flaky": (0.5, 3.0)}.get(
-                kind, (0.05, 0.5)
-            )
-            seconds = draws.uniform(low, high)
             faults.windows.append(Window(kind, now, seconds))
-            if kind == "cache_down" and draws.random() < 0.5:
+            if restart:
                 self._lose_everything("a memcached restart")  # down, then back empty
         elif kind == "lost_commits":
-            faults.lost_commits += draws.randint(1, 3)
+            faults.lost_commits += times
         elif kind == "late_commits":
-            faults.late_commits += draws.randint(1, 2)
+            faults.late_commits += times
         elif kind == "evict_stash":
             self._lose_key(self._stash_key(), "an eviction of delayed_incr")
         elif kind == "flush_all":
             self._lose_everything("flush_all")
         else:
             # As an event of its own: the process drawing this fault may be the victim.
-            pid = draws.choice(sorted(self.processes))
-            world.scheduler.later(now, lambda: self.kill(pid))
+            world.scheduler.later(now, lambda: self.kill(victim))
 
     def _stash_key(self) -> str:
         return next(iter(self.processes.values())).paths.ctx.stash_key

@@ -80,6 +80,14 @@ class Knobs:
     max_shards: int = 6
     rpc_timeout: float = 5.0
     retry_deadline: float = 10.0
+    # For shrinking (shrink.py). No operation starts after the ``stop_after``-th: the
+    # history up to there is as it was. The faults numbered in ``skip_faults`` are
+    # drawn, not injected: the others are as they were (kind, parameters, the
+    # operation they come at), and what follows the first skipped one may differ.
+    # The operations numbered (from 1) in ``skip_operations`` are drawn, not run.
+    stop_after: int | None = None
+    skip_faults: frozenset[int] = frozenset()
+    skip_operations: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass
@@ -102,6 +110,8 @@ class Faults:
         self.injected: list[str] = []
 
     def active(self, kind: str, now: float) -> bool:
+        if not self.windows:
+            return False  # most calls: asked twice for each memcache call
         return any(w.kind == kind and w.start <= now < w.start + w.seconds for w in self.windows)
 
     def off(self) -> None:
@@ -134,6 +144,7 @@ class FaultyCache:
                 raise TimeoutError("timed out")  # sent, and maybe applied: reply lost
             return target(*args, **kwargs)
 
+        setattr(self, method, call)  # made once a method: __getattr__ is not asked again
         return call
 
 
