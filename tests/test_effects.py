@@ -7,7 +7,13 @@ import asyncio
 from typing import Any
 
 import pytest
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_attempt,
+    wait_fixed,
+)
 
 from sharded_counter.aio.combiner import AsyncWriteCombiner
 from sharded_counter.aio.shell import drive as drive_async
@@ -92,6 +98,42 @@ def test_retrying_runs_the_policy_with_its_backoff_as_sleep_effects() -> None:
     with pytest.raises(ValueError, match="not yet"):
         drive(retrying(policy, flaky), Answers(None, None, None, None, None))
     assert attempts == 3
+
+
+@pytest.mark.parametrize(
+    "script",
+    [[7], [None, 7], [None, None, None], [None, None, 7]],
+    ids=["at-once", "second", "gives-up", "third"],
+)
+def test_retrying_decides_as_tenacity_itself_would(script: list[int | None]) -> None:
+    """The first attempt and an answer the policy keeps skip ``Retrying.iter``
+    (effects.py); each outcome, callback and error must be what tenacity's own
+    ``__call__`` makes of the same answers, under a policy that retries on a result."""
+
+    def policy(calls: list[str]) -> Retrying:
+        return Retrying(
+            retry=retry_if_result(lambda value: value is None)
+            | retry_if_exception_type(ValueError),
+            stop=stop_after_attempt(3),
+            wait=wait_fixed(0),
+            before=lambda state: calls.append(f"before {state.attempt_number}"),
+            after=lambda state: calls.append(f"after {state.attempt_number}"),
+            retry_error_callback=lambda state: f"gave up after {state.attempt_number}",
+        )
+
+    theirs: list[str] = []
+    answers = iter(script)
+    expected = policy(theirs)(lambda: next(answers))
+
+    ours: list[str] = []
+    steps_answers = iter(script)
+
+    def attempt() -> Steps[int | None]:
+        yield Memcache("get", ("k",))
+        return next(steps_answers)
+
+    got = drive(retrying(policy(ours), attempt), lambda effect: None)
+    assert (got, ours) == (expected, theirs)
 
 
 class GatedWrites:

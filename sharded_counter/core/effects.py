@@ -116,6 +116,19 @@ def retrying(
     ``Sleep``. Raises what the policy raises when it gives up."""
     policy.begin()
     state = RetryCallState(retry_object=policy, fn=None, args=args, kwargs=kwargs)
+    # The first attempt, and an answer the policy will not retry, need none of
+    # ``iter``'s machinery: it would run ``before`` and attempt, then return an answer
+    # its ``retry`` declines. Most calls end here, and every step pays for this loop.
+    if policy.before is not None:
+        policy.before(state)
+    try:
+        first = yield from attempt(*args, **kwargs)
+    except BaseException:
+        state.set_exception(sys.exc_info())  # type: ignore[arg-type]
+    else:
+        state.set_result(first)
+        if not policy.retry(state):
+            return first
     while True:
         do = policy.iter(retry_state=state)
         if isinstance(do, DoAttempt):
