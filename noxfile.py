@@ -11,7 +11,7 @@ import nox
 nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-SOURCES = ["sharded_counter", "emulator", "tests", "noxfile.py"]
+SOURCES = ["sharded_counter", "emulator", "tests", "examples", "noxfile.py"]
 
 #: The behaviour files that run a third time, on a Redis Cluster: the cache tier's
 #: protocol and every pattern that lives in the cache. The rest of what reaches the

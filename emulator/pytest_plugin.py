@@ -54,6 +54,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "tests marked memcached_only are skipped under the others",
     )
     group.addoption(
+        "--sc-backend",
+        default="emulators",
+        choices=("emulators", "memory"),
+        help="what sharded_counter_env points counters at: the real emulators and cache "
+        "(the default), or memory (this process's in-memory models, memory:// for the cache "
+        "and for Datastore, each engine's model for that engine; tests marked "
+        "needs_processes are skipped)",
+    )
+    group.addoption(
         "--sc-redis-server",
         default=None,
         metavar="PATH",
@@ -89,6 +98,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "one_cache_server: stops, restarts or relays the one cache server: skipped when "
         "--sc-cache names a cluster",
     )
+    config.addinivalue_line(
+        "markers",
+        "needs_processes: needs real backend processes (kills, restarts or relays one, or "
+        "shares it with another process): skipped under --sc-backend memory",
+    )
     # A typo in --sc-engines is a usage error up front, not a collection error per module.
     _selected_engines(config)
 
@@ -101,6 +115,9 @@ CACHE_FIXTURES = frozenset(
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--sc-backend") == "memory":
+        _memory_only(config, items)
+        return
     cache = str(config.getoption("--sc-cache"))
     if cache == "memcached":
         return
@@ -122,6 +139,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
         elif cache == "redis-cluster" and item.get_closest_marker("one_cache_server"):
             item.add_marker(one_server)
+
+
+def _memory_only(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under ``--sc-backend memory``: only the tests that reach the backends through
+    ``sharded_counter_env`` (or its asyncio twin) run, less those that need processes."""
+    kept = [
+        item
+        for item in items
+        if {"sharded_counter_env", "sharded_counter_aio_env"}
+        & set(getattr(item, "fixturenames", ()))
+    ]
+    if len(kept) < len(items):
+        kept_ids = {id(item) for item in kept}
+        config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
+        items[:] = kept
+    skip = pytest.mark.skip(reason="needs real backend processes; this run is --sc-backend memory")
+    for item in items:
+        if item.get_closest_marker("needs_processes") or item.get_closest_marker("memcached_only"):
+            item.add_marker(skip)
 
 
 def _parametrizes(marker: pytest.Mark, argname: str) -> bool:
@@ -230,7 +266,6 @@ def sharded_counter_engine(request: pytest.FixtureRequest) -> Engine:
 def sharded_counter_env(
     request: pytest.FixtureRequest,
     sharded_counter_engine: Engine,
-    sharded_counter_backends: BackendStack,
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, str]:
     """Point this test at clean backends: emulator and memcached emptied, env set.
@@ -240,7 +275,9 @@ def sharded_counter_env(
     ``sharded_counter.reconnect()``, so counters made earlier (a module-level one in the
     app under test) connect to these backends on their next call.
     """
-    stack = sharded_counter_backends
+    if request.config.getoption("--sc-backend") == "memory":
+        return _memory_env(sharded_counter_engine, monkeypatch)
+    stack: BackendStack = request.getfixturevalue("sharded_counter_backends")
     emulator = _start_once(
         request.config,
         f"engine:{sharded_counter_engine}",
@@ -267,6 +304,40 @@ def sharded_counter_env(
 
     reconnect()
     return env
+
+
+#: The environment that puts counters on this process's in-memory backends.
+_MEMORY_ENV_NAMES = ("SHARDED_COUNTER_CACHE_URL", "SHARDED_COUNTER_DATASTORE_URL")
+#: What would name another backend, and is unset for them.
+_OTHER_BACKENDS = ("MEMCACHED_HOSTS", "DATASTORE_EMULATOR_HOST", "SHARDED_COUNTER_CACHE_CA_FILE")
+
+
+def _memory_env(engine: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point this test at empty in-memory backends (memory/backends.py): Datastore of
+    ``engine``'s model, the cache ``memory://``; env set as ``sharded_counter_env``'s."""
+    from sharded_counter import reconnect
+    from sharded_counter.memory.backends import reset_memory
+
+    for name in _OTHER_BACKENDS:
+        monkeypatch.delenv(name, raising=False)
+    env = dict(zip(_MEMORY_ENV_NAMES, ("memory://", f"memory://{engine}"), strict=True))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    reset_memory()
+    reconnect()
+    return env
+
+
+@pytest.fixture
+def sharded_counter_memory_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point this test at this process's in-memory backends, whatever the run's options:
+    ``memory://`` as the cache and as Datastore (Firestore in Datastore mode's model),
+    both empty. Needs no Java, emulator or memcached. Sets
+    ``SHARDED_COUNTER_CACHE_URL`` and ``SHARDED_COUNTER_DATASTORE_URL`` for the test's
+    duration (and unsets ``MEMCACHED_HOSTS`` and ``DATASTORE_EMULATOR_HOST``), calls
+    ``sharded_counter.reconnect()``, and returns what it set. Not a production backend:
+    see docs/testing.md for what it does not model."""
+    return _memory_env("firestore", monkeypatch)
 
 
 # Async tests: pytest-asyncio runs async fixtures in the test's own event loop. Without

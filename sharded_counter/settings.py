@@ -6,7 +6,7 @@ Precedence, highest first:
 2. class attributes of a ``Counter`` subclass (``shards = 20``);
 3. the global ``config['sharded_counter']`` dict;
 4. the environment (``MEMCACHED_HOSTS``, ``SHARDED_COUNTER_CACHE_URL``,
-   ``SHARDED_COUNTER_CACHE_CA_FILE``);
+   ``SHARDED_COUNTER_CACHE_CA_FILE``, ``SHARDED_COUNTER_DATASTORE_URL``);
 5. the TOML file named by ``SHARDED_COUNTER_CONFIG``, else ``config/sharded_counter.toml``
    in the working directory when it exists (its ``[sharded_counter]`` table);
 6. the defaults below.
@@ -80,6 +80,9 @@ class Settings:
     project: str | None = None
     database: str | None = None
     namespace: str | None = None
+    # None: Google's Datastore (or the emulator DATASTORE_EMULATOR_HOST names);
+    # "memory://" or "memory://classic": this process's own, for tests (memory/backends.py).
+    datastore_url: str | None = None
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -159,6 +162,23 @@ def _cache_url(value: Any, name: str) -> str | None:
     return value.strip()
 
 
+#: What ``datastore_url`` may say: an in-memory Datastore of either engine.
+DATASTORE_URLS = ("memory://", "memory://firestore", "memory://classic")
+
+
+def _datastore_url(value: Any, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if value.strip() not in DATASTORE_URLS:
+        raise ValueError(
+            f"{name} is one of {', '.join(DATASTORE_URLS)} (an in-memory Datastore for "
+            f"tests), or unset for Google's, not {value!r}"
+        )
+    return value.strip()
+
+
 #: The most shards a counter may have: every uncached read and every ``count = v``
 #: touches all of them.
 MAX_SHARDS = 10_000
@@ -188,6 +208,7 @@ _CHECKS: dict[str, _Check] = {
     "project": _optional_str,
     "database": _optional_str,
     "namespace": _optional_str,
+    "datastore_url": _datastore_url,
 }
 
 
@@ -270,7 +291,9 @@ def _environment() -> dict[str, Any]:
     hosts = os.environ.get("MEMCACHED_HOSTS", "").strip()
     url = os.environ.get("SHARDED_COUNTER_CACHE_URL", "").strip()
     ca_file = os.environ.get("SHARDED_COUNTER_CACHE_CA_FILE", "").strip()
+    datastore_url = os.environ.get("SHARDED_COUNTER_DATASTORE_URL", "").strip()
     return {
+        **({"datastore_url": datastore_url} if datastore_url else {}),
         **({"memcached_hosts": hosts} if hosts else {}),
         **({"cache_url": url} if url else {}),
         **({"cache_ca_file": ca_file} if ca_file else {}),

@@ -43,7 +43,14 @@ def test_shipped_config_file_lists_every_default() -> None:
     )
     table = tomllib.loads(uncommented)["sharded_counter"]
     defaults = dataclasses.asdict(Settings())
-    example_only = {"project", "database", "namespace", "cache_url", "cache_ca_file"}
+    example_only = {
+        "project",
+        "database",
+        "namespace",
+        "cache_url",
+        "cache_ca_file",
+        "datastore_url",
+    }
     assert set(table) == set(defaults)
     for option, value in table.items():
         if option in example_only:

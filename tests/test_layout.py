@@ -28,16 +28,17 @@ ALLOWED: dict[str, set[str]] = {
     "_version": set(),
     "telemetry": {"_version"},
     "settings": {"core", "errors"},
-    # In-memory models of Datastore and memcached, for the simulator (tools/simulate).
+    # In-memory models of Datastore and memcached: the simulator's (tools/simulate), and
+    # the memory:// backends the store and the caches may choose.
     "memory": {"memory", *_BASE},
-    "store": {"store", *_BASE},
-    "cache": {"cache", *_BASE},
+    "store": {"store", "memory", *_BASE},
+    "cache": {"cache", "memory", *_BASE},
     "paths": {"paths", "store", "cache", *_BASE},
     "counter": {"paths", "store", "cache", *_BASE},
     "bounded": {"counter", "paths", "store", "cache", *_BASE},
     "patterns": {"patterns", "counter", "paths", "cache", *_BASE},
     # asyncio: the paths' steps driven by a shell of its own; nothing imports it.
-    "aio": {"aio", "counter", "patterns", "paths", "store", "cache", *_BASE},
+    "aio": {"aio", "counter", "patterns", "paths", "store", "cache", "memory", *_BASE},
     "__init__": {"counter", "bounded", "patterns", "paths", "cache", "_version", *_BASE},
     "tools": {
         "tools",

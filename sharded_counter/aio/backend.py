@@ -19,6 +19,7 @@ from typing import Any
 from ..cache.by_url import cache_url_of
 from ..cache.client import OutageLog, cache_client_key
 from ..errors import ConfigurationError
+from ..memory.backends import AsyncMemoryCache, memory_cache
 from ..paths.backend import Backend
 from ..paths.registry import PerCounter
 from ..process import forget_at_fork
@@ -26,7 +27,7 @@ from ..settings import Settings
 from .cache_guard import AsyncCache
 from .combiner import AsyncWriteCombiner
 from .memcache import AsyncMemcache
-from .rpc import AsyncDatastoreRpc
+from .rpc import async_rpc_for
 from .shell import AsyncShell
 
 
@@ -36,7 +37,7 @@ class AsyncBackend:
     def __init__(self, backend: Backend, settings: Settings) -> None:
         self.backend = backend
         self.shell = AsyncShell(
-            AsyncDatastoreRpc(backend.store.client, timeout=settings.rpc_timeout),
+            async_rpc_for(backend.store.client, timeout=settings.rpc_timeout),
             async_cache(
                 settings, outage=OutageLog(on_return="cached totals will rebuild from Datastore")
             ),
@@ -95,9 +96,11 @@ async def drain() -> None:
 
 def async_cache(settings: Settings, *, outage: OutageLog | None) -> AsyncCache:
     """The asyncio cache ``settings`` name: ``AsyncRedisCache`` for a Redis or Valkey
-    server's ``cache_url``, ``AsyncRedisClusterCache`` for a cluster's, else
-    ``AsyncMemcache`` (memcached, or no cache at all)."""
+    server's ``cache_url``, ``AsyncRedisClusterCache`` for a cluster's, ``AsyncMemoryCache``
+    for ``memory://``, else ``AsyncMemcache`` (memcached, or no cache at all)."""
     url = cache_url_of(settings)
+    if url is not None and url.family == "memory":
+        return AsyncMemoryCache(memory_cache(url.name))
     if url is None or not url.redis_protocol:
         return AsyncMemcache(settings, outage=outage)
     try:

@@ -13,9 +13,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import grpc
+from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from ..store.rpc import api_error, call_metadata, camel, stub_for
+from ..memory.backends import MemoryClient, MemoryDatastore
+from ..store.rpc import api_error, call_metadata, camel, refine_error, stub_for
 from ..telemetry import telemetry
 
 _METHODS = ("lookup", "commit", "begin_transaction", "rollback", "run_query")
@@ -37,6 +39,33 @@ def open_channel(client: datastore.Client) -> grpc.aio.Channel:
         grpc.ssl_channel_credentials(), grpc.metadata_call_credentials(plugin)
     )
     return grpc.aio.secure_channel(host, credentials)
+
+
+class AsyncMemoryRpc:
+    """``AsyncDatastoreRpc`` on an in-memory database (``memory/backends.py``)."""
+
+    def __init__(self, database: MemoryDatastore, *, timeout: float) -> None:
+        self._database = database
+        self._timeout = timeout
+
+    async def call(self, method: str, request: Any) -> Any:
+        with telemetry().datastore_call(camel(method)):
+            try:
+                return await self._database.call_async(method, request, self._timeout)
+            except gexc.GoogleAPICallError as exc:
+                raise refine_error(exc) from None
+
+    async def close(self) -> None:
+        """Nothing to close: the entities stay for the next client."""
+
+
+def async_rpc_for(
+    client: datastore.Client, *, timeout: float
+) -> AsyncDatastoreRpc | AsyncMemoryRpc:
+    """The asyncio calls to the database ``client`` names (``store/rpc.py``'s ``rpc_for``)."""
+    if isinstance(client, MemoryClient):
+        return AsyncMemoryRpc(client.memory, timeout=timeout)
+    return AsyncDatastoreRpc(client, timeout=timeout)
 
 
 class AsyncDatastoreRpc:

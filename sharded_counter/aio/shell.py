@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ..core.effects import Batched, Effect, Memcache, Rpc, Sleep, Steps, Together
 from .batches import AsyncMergeBatches
 from .cache_guard import AsyncCache
-from .rpc import AsyncDatastoreRpc
+from .rpc import AsyncDatastoreRpc, AsyncMemoryRpc
 
 T = TypeVar("T")
 
@@ -58,7 +58,7 @@ def on_memcache(memcache: AsyncCache) -> Callable[[Effect], Awaitable[Any]]:
 class AsyncShell:
     """Runs steps to their end as a coroutine, on ``rpc`` and ``memcache``."""
 
-    def __init__(self, rpc: AsyncDatastoreRpc, memcache: AsyncCache) -> None:
+    def __init__(self, rpc: AsyncDatastoreRpc | AsyncMemoryRpc, memcache: AsyncCache) -> None:
         self.rpc = rpc
         self.memcache = memcache
         self._batches: AsyncMergeBatches[Any] = AsyncMergeBatches()

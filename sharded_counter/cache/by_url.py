@@ -2,7 +2,8 @@
 
 A ``cache_url`` names memcached (``memcached://``), Redis or Valkey
 (``redis://``, ``rediss://``, ``valkey://``, ``valkeys://``), or a Redis or Valkey
-cluster (``redis+cluster://``, ``valkey+cluster://``, seeds ``h1:p1,h2:p2``); without one,
+cluster (``redis+cluster://``, ``valkey+cluster://``, seeds ``h1:p1,h2:p2``), or this
+process's own in-memory cache for tests (``memory://``, memory/backends.py); without one,
 ``memcached_hosts`` names memcached servers. redis-py is imported only when a URL
 names a Redis or Valkey server, so the library still needs nothing beyond
 pymemcache without one.
@@ -37,6 +38,11 @@ def memcached_servers(settings: Settings) -> list[tuple[str, int]]:
 
 def connect_cache(settings: Settings) -> Any:
     """The client of the cache ``settings`` name, or None when they name none."""
+    url = cache_url_of(settings)
+    if url is not None and url.family == "memory":
+        from ..memory.backends import memory_cache
+
+        return memory_cache(url.name)
     redis = redis_client_for(settings)
     if redis is not None:
         return redis

@@ -14,6 +14,7 @@ The forms::
     redis+cluster://[[user]:password@]host[:port][,host[:port]...]
     rediss+cluster://...                            the same, over TLS
     valkey://, valkeys://, valkey+cluster://, valkeys+cluster://   as the redis forms
+    memory://[name]                                 this process's own, for tests only
 
 A host is a name, an IPv4 address or a bracketed IPv6 address (``[::1]:6379``).
 User and password are percent-decoded, as in any URL (``%40`` for ``@``).
@@ -29,8 +30,9 @@ import re
 from typing import Literal
 from urllib.parse import quote, unquote
 
-#: A server family: what protocol its servers speak.
-Family = Literal["memcached", "redis", "valkey"]
+#: A server family: what protocol its servers speak (``memory``: no server, the
+#: process's own model of memcached, memory/backends.py).
+Family = Literal["memcached", "redis", "valkey", "memory"]
 
 #: scheme -> (family, TLS, cluster).
 SCHEMES: dict[str, tuple[Family, bool, bool]] = {
@@ -43,9 +45,13 @@ SCHEMES: dict[str, tuple[Family, bool, bool]] = {
     "valkeys": ("valkey", True, False),
     "valkey+cluster": ("valkey", False, True),
     "valkeys+cluster": ("valkey", True, True),
+    "memory": ("memory", False, False),
 }
 
 DEFAULT_PORTS: dict[Family, int] = {"memcached": 11211, "redis": 6379, "valkey": 6379}
+
+# A memory:// name: what a test may call one of several in-memory caches.
+_MEMORY_NAME = re.compile(r"[A-Za-z0-9._-]*")
 
 #: The highest db number accepted: Redis's own limit is what ``databases`` is set to
 #: (16 by default), which only the server knows; this only keeps the number sane.
@@ -72,14 +78,17 @@ class CacheUrl:
     username: str | None = None
     password: str | None = dataclasses.field(default=None, repr=False)
     db: int = 0
+    name: str = ""  # memory:// only: which of the process's caches
 
     @property
     def redis_protocol(self) -> bool:
         """Spoken with the Redis protocol (Redis and Valkey both)."""
-        return self.family != "memcached"
+        return self.family in ("redis", "valkey")
 
     def redacted(self) -> str:
         """The URL again, with the password left out: safe to log."""
+        if self.family == "memory":
+            return f"memory://{self.name}"
         auth = ""
         if self.password is not None:
             auth = f"{quote(self.username or '', safe='')}:***@"
@@ -107,6 +116,13 @@ def parse_cache_url(text: str) -> CacheUrl:
     for mark, what in (("?", "a query string"), ("#", "a fragment")):
         if mark in rest:
             raise BadCacheUrl(f"{scheme}:// URLs take no options: {_shown(text)} has {what}")
+    if family == "memory":
+        if not _MEMORY_NAME.fullmatch(rest):
+            raise BadCacheUrl(
+                f"memory:// takes only a name of letters, digits, '.', '_' and '-', "
+                f"not {_shown(rest)}"
+            )
+        return CacheUrl(scheme, family, (), name=rest)
     netloc, slash, path = rest.partition("/")
     if "@" in path:
         # A raw '/' in a password: the rest would be read as hosts, and echoed.

@@ -22,6 +22,7 @@ its own), slab classes, or ``noreply`` losing a reply.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -130,24 +131,29 @@ class MemcacheModel:
         return True
 
     def delete(self, key: str, noreply: bool = False) -> bool:
-        return self._items.pop(key, None) is not None
+        return self._live(key) is not None and self._items.pop(key, None) is not None
 
     def incr(self, key: str, value: int, noreply: bool = False) -> int | None:
-        return self._add_to(key, int(value))
+        return self._add_to(key, _delta(value))
 
     def decr(self, key: str, value: int, noreply: bool = False) -> int | None:
-        return self._add_to(key, -int(value))
+        return self._add_to(key, -_delta(value))
 
     def _add_to(self, key: str, amount: int) -> int | None:
         item = self._live(key)
         if item is None:
             return None
-        raw = item[0]
-        if not raw.isdigit():
+        number = _as_number(item[0])
+        if number is None:
             raise MemcacheClientError(b"cannot increment or decrement non-numeric value")
-        new = int(raw) + amount
+        new = number + amount
         new = new % _UINT64 if amount > 0 else max(0, new)
-        self._items[key] = (str(new).encode(), self._next_cas, item[2])
+        text = str(new).encode()
+        if len(text) <= len(item[0]):
+            # memcached writes a number that fits in place, padded with spaces to the
+            # old length ("10" decr 5 reads back as "5 ").
+            text = text.ljust(len(item[0]), b" ")
+        self._items[key] = (text, self._next_cas, item[2])
         self._next_cas += 1
         return new
 
@@ -157,3 +163,31 @@ class MemcacheModel:
     def send(self, method: str, *args: Any, **kwargs: Any) -> None:
         kwargs.pop("noreply", None)
         getattr(self, method)(*args, **kwargs)
+
+
+def _delta(value: int) -> int:
+    """An incr or decr amount: memcached takes an unsigned 64-bit number, nothing else."""
+    amount = int(value)
+    if not 0 <= amount < _UINT64:
+        raise MemcacheClientError(b"invalid numeric delta argument")
+    return amount
+
+
+# What memcached's safe_strtoull takes: strtoull's leading whitespace and sign, digits,
+# then the end, whitespace or a NUL (anything may follow those).
+_NUMBER = re.compile(rb"[ \t\n\v\f\r]*([+-]?)([0-9]+)(?:[ \t\n\v\f\r\x00]|$)")
+
+
+def _as_number(raw: bytes) -> int | None:
+    """The number memcached's incr and decr read in ``raw``, or None (not numeric)."""
+    found = _NUMBER.match(raw)
+    if found is None or int(found.group(2)) >= _UINT64:
+        return None  # no digits, something else after them, or out of range (ERANGE)
+    sign, number = found.group(1), int(found.group(2))
+    if sign == b"-":
+        # strtoull negates in unsigned arithmetic; memcached refuses what then reads as
+        # a negative signed number ("-1"), and takes the rest ("-18446744073709551615": 1).
+        number = -number % _UINT64
+        if number >= 2**63:
+            return None
+    return number

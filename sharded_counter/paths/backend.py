@@ -26,6 +26,7 @@ from ..errors import ConfigurationError
 from ..process import forget_at_fork, forget_connections
 from ..settings import Settings
 from ..store.keyed import KeyedShardStore
+from ..store.rpc import memory_client
 from ..store.shards import ShardStore
 from .shell import SyncShell
 
@@ -81,7 +82,8 @@ class Backend:
 _lock = threading.Lock()
 _datastore_clients: dict[tuple[Any, ...], datastore.Client] = {}
 _memcache_clients: dict[tuple[Any, ...], MemcacheClient | None] = {}
-_write_modes: dict[tuple[str, str], bool] = {}  # (scope, host) -> transforms supported
+# (scope, emulator host, in-memory engine) -> transforms supported
+_write_modes: dict[tuple[str, str, str | None], bool] = {}
 _backends: dict[tuple[Any, ...], Backend] = {}
 
 
@@ -105,7 +107,13 @@ def _emulator() -> tuple[str, str]:
 
 
 def _datastore_client(settings: Settings) -> datastore.Client:
-    key = (settings.project, settings.database, settings.namespace, *_emulator())
+    key = (
+        settings.project,
+        settings.database,
+        settings.namespace,
+        *_emulator(),
+        settings.datastore_url,
+    )
     client = _datastore_clients.get(key)
     if client is None:
         client = _datastore_clients[key] = new_datastore_client(settings)
@@ -126,7 +134,15 @@ def new_datastore_client(settings: Settings) -> datastore.Client:
 
     Raises ``ConfigurationError`` naming what to set when there are no credentials
     or no project to be found: google-auth's own errors are not ours to let out.
+    A ``datastore_url`` of ``memory://`` gives a ``MemoryClient``, which needs neither.
     """
+    if settings.datastore_url is not None:
+        return memory_client(
+            settings.datastore_url,
+            project=settings.project,
+            namespace=settings.namespace,
+            database=settings.database,
+        )
     try:
         return datastore.Client(  # type: ignore[no-untyped-call]
             project=settings.project, namespace=settings.namespace, database=settings.database
@@ -159,11 +175,18 @@ def _transforms_supported(store: ShardStore) -> bool:
 
 def transforms_known(store: ShardStore) -> bool | None:
     """What the probe found for this backend, if it ran (the asyncio shell runs its own)."""
-    return _write_modes.get((store.scope, _emulator()[0]))
+    return _write_modes.get(_database_of(store))
 
 
 def note_transforms(store: ShardStore, supported: bool) -> None:
-    _write_modes[(store.scope, _emulator()[0])] = supported
+    _write_modes[_database_of(store)] = supported
+
+
+def _database_of(store: ShardStore) -> tuple[str, str, str | None]:
+    """Which database a probe spoke to: the scope, at the emulator the environment names,
+    or the engine of an in-memory one (memory/backends.py: two of one scope)."""
+    memory = getattr(store.client, "memory", None)
+    return store.scope, _emulator()[0], getattr(memory, "engine", None)
 
 
 def backend_for(
@@ -181,6 +204,7 @@ def backend_for(
         settings.rpc_timeout,
         settings.write_mode,
         *_emulator(),
+        settings.datastore_url,
     )
     shareable = datastore_client is None and memcache_client is None
     with _lock:

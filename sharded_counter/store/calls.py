@@ -35,7 +35,7 @@ class DatastoreCalls:
 
     def __init__(self, client: datastore.Client, *, rpc_timeout: float) -> None:
         self.client = client
-        self.rpc = rpc.DatastoreRpc(client, timeout=rpc_timeout)
+        self.rpc = rpc.rpc_for(client, timeout=rpc_timeout)
         # Every request names the project and database.
         self.base: dict[str, Any] = {
             "project_id": client.project,

@@ -23,6 +23,7 @@ from google.api_core import gapic_v1
 from google.cloud import datastore
 from google.cloud.datastore_v1.types import datastore as ds_types
 
+from ..memory.backends import MemoryClient, MemoryDatastore
 from ..telemetry import telemetry
 
 _SERVICE = "/google.datastore.v1.Datastore/"
@@ -136,6 +137,58 @@ class DatastoreRpc:
 
     def run_query(self, request: Any) -> Any:
         return self._calls["run_query"](request)
+
+
+class MemoryRpc:
+    """``DatastoreRpc`` on an in-memory database (``memory/backends.py``): the same five
+    calls on the same protobufs, bounded by ``timeout``, traced and failing the same way."""
+
+    def __init__(self, database: MemoryDatastore, *, timeout: float) -> None:
+        self._database = database
+        self._timeout = timeout
+
+    def _call(self, method: str, request: Any) -> Any:
+        with telemetry().datastore_call(camel(method)):
+            try:
+                return self._database.call(method, request, self._timeout)
+            except gexc.GoogleAPICallError as exc:
+                raise refine_error(exc) from None
+
+    def lookup(self, request: Any) -> Any:
+        return self._call("lookup", request)
+
+    def commit(self, request: Any) -> Any:
+        return self._call("commit", request)
+
+    def begin_transaction(self, request: Any) -> Any:
+        return self._call("begin_transaction", request)
+
+    def rollback(self, request: Any) -> Any:
+        return self._call("rollback", request)
+
+    def run_query(self, request: Any) -> Any:
+        return self._call("run_query", request)
+
+
+def rpc_for(client: datastore.Client, *, timeout: float) -> DatastoreRpc | MemoryRpc:
+    """The calls to the database ``client`` names: in this process for a ``MemoryClient``
+    (``datastore_url = "memory://"``), else over the client's channel."""
+    if isinstance(client, MemoryClient):
+        return MemoryRpc(client.memory, timeout=timeout)
+    return DatastoreRpc(client, timeout=timeout)
+
+
+def memory_client(
+    url: str, *, project: str | None, namespace: str | None, database: str | None
+) -> MemoryClient:
+    """The client of the in-memory Datastore ``url`` names (``memory://`` is Firestore in
+    Datastore mode, ``memory://classic`` the classic engine)."""
+    return MemoryClient(
+        url.removeprefix("memory://") or "firestore",
+        project=project,
+        namespace=namespace,
+        database=database,
+    )
 
 
 def call_metadata(client: datastore.Client) -> tuple[tuple[str, str], ...]:
