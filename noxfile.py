@@ -33,10 +33,28 @@ CLUSTER_BEHAVIOUR = [
 ]
 
 
+#: The behaviour files that run a fourth time, on the in-memory backends (memory://, both
+#: engines' models): what an application's tests would do on them. Tests that need a
+#: server process (to stop, relay or share) are skipped there (docs/testing.md).
+MEMORY_BEHAVIOUR = [
+    *CLUSTER_BEHAVIOUR,
+    "tests/test_buffer.py",
+    "tests/test_range.py",
+    "tests/test_tokens.py",
+    "tests/test_adaptive.py",
+    "tests/test_batch_reads.py",
+    "tests/test_error_matrix.py",
+    "tests/test_bounds_guard.py",
+    "tests/test_bounded_errors.py",
+    "examples",
+]
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Every test on both Datastore emulators with real memcached; then every test that
-    reaches the cache again on Redis, and the cache's behaviour files on a Redis Cluster.
+    reaches the cache again on Redis, the cache's behaviour files on a Redis Cluster, and
+    the behaviour files on the in-memory backends.
 
     Which combinations run, and why (docs/cache-backends.md): the engines differ in how
     Datastore locks and aborts, which the memcached run covers on both; the cache kinds
@@ -53,6 +71,7 @@ def tests(session: nox.Session) -> None:
     firestore = ("--sc-engines", "firestore")
     session.run("pytest", "-q", "--sc-cache", "redis", *firestore)
     session.run("pytest", "-q", "--sc-cache", "redis-cluster", *firestore, *CLUSTER_BEHAVIOUR)
+    session.run("pytest", "-q", "--sc-backend", "memory", *MEMORY_BEHAVIOUR)
 
 
 @nox.session

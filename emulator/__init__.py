@@ -7,6 +7,7 @@ package starts nothing.
 
 from __future__ import annotations
 
+from .clients import datastore_client
 from .datastore import DatastoreEmulator
 from .engines import ENGINES, Engine
 from .errors import BackendError, BackendTimeout, MissingDependency
@@ -28,6 +29,7 @@ __all__ = [
     "MissingDependency",
     "RedisCluster",
     "RedisServer",
+    "datastore_client",
     "free_port",
     "sdk_root",
 ]

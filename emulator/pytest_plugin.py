@@ -100,8 +100,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers",
-        "needs_processes: needs real backend processes (kills, restarts or relays one, or "
-        "shares it with another process): skipped under --sc-backend memory",
+        "needs_processes: needs the real backends (kills, restarts, relays or cannot reach "
+        "one, shares it with another process, or needs its latency): skipped under "
+        "--sc-backend memory",
     )
     # A typo in --sc-engines is a usage error up front, not a collection error per module.
     _selected_engines(config)
@@ -143,21 +144,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _memory_only(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under ``--sc-backend memory``: only the tests that reach the backends through
-    ``sharded_counter_env`` (or its asyncio twin) run, less those that need processes."""
-    kept = [
-        item
-        for item in items
-        if {"sharded_counter_env", "sharded_counter_aio_env"}
-        & set(getattr(item, "fixturenames", ()))
-    ]
+    ``sharded_counter_env`` (or its asyncio twin) run, less those that need a server
+    process (they ask for one, or are marked ``needs_processes``)."""
+    envs = {"sharded_counter_env", "sharded_counter_aio_env"}
+    kept = [item for item in items if envs & set(getattr(item, "fixturenames", ()))]
     if len(kept) < len(items):
         kept_ids = {id(item) for item in kept}
         config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept_ids])
         items[:] = kept
     skip = pytest.mark.skip(reason="needs real backend processes; this run is --sc-backend memory")
     for item in items:
-        if item.get_closest_marker("needs_processes") or item.get_closest_marker("memcached_only"):
+        reaches_a_server = _SERVER_FIXTURES & set(getattr(item, "fixturenames", ()))
+        marked = item.get_closest_marker("needs_processes") or item.get_closest_marker(
+            "memcached_only"
+        )
+        if reaches_a_server or marked:
             item.add_marker(skip)
+
+
+#: Fixtures that hand a test a server process (to stop, relay or reach directly), which a
+#: run on the in-memory backends has not got.
+_SERVER_FIXTURES = frozenset(
+    {
+        "sharded_counter_cache",
+        "sharded_counter_memcached",
+        "sharded_counter_backends",
+        "sharded_counter_redis",
+        "sharded_counter_redis_cluster",
+        "own_memcache",
+    }
+)
 
 
 def _parametrizes(marker: pytest.Mark, argname: str) -> bool:

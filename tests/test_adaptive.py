@@ -189,6 +189,7 @@ def _writer(env: dict[str, str], name: str, threads: int, each: int, go: Any, ou
 
 
 @pytest.mark.backends
+@pytest.mark.needs_processes
 def test_two_processes_grow_a_contended_counter_and_it_stays_exact(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:

@@ -252,6 +252,7 @@ def _async_child(name: str, tasks: int, each: int, go: Any, out: Any) -> None:
     run(main)
 
 
+@pytest.mark.needs_processes
 def test_sync_and_async_processes_on_one_counter(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
@@ -282,6 +283,7 @@ def test_sync_and_async_processes_on_one_counter(
     assert counter.count == 16 * 50 + 8 * 100
 
 
+@pytest.mark.needs_processes
 def test_cancelled_increments_count_once_or_not_at_all(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
@@ -335,6 +337,7 @@ def dead_cache(env: dict[str, str]) -> dict[str, Any]:
     return {"memcached_hosts": [nowhere]}
 
 
+@pytest.mark.needs_processes
 def test_outages_behave_as_in_the_sync_api(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

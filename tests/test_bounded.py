@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 from faultkit import ReplyHoldingRelay, probe_through_relay, writers_running
-from google.cloud import datastore
 
 from sharded_counter import (
     BoundedCounter,
@@ -30,12 +29,13 @@ from sharded_counter import (
     LimitReached,
 )
 from sharded_counter.store.escrow import BOUNDS_KIND
+from sharded_counter_emulator import datastore_client
 
 pytestmark = pytest.mark.backends
 
 
 def bounds_entity_exists(name: str) -> bool:
-    client = datastore.Client()
+    client = datastore_client()
     return client.get(client.key(BOUNDS_KIND, f"0:{name}")) is not None
 
 
@@ -154,7 +154,7 @@ def test_bad_input_is_refused_before_anything_is_written(
     with pytest.raises(ValueError, match="can never fit"):
         small.increment(11)
     with pytest.raises(ValueError, match="cannot join"):
-        small.increment(1, transaction=datastore.Client().transaction())
+        small.increment(1, transaction=datastore_client().transaction())
     with pytest.raises(TypeError, match="defer"):
         small.defer(1)
     with pytest.raises(TypeError, match="pending"):

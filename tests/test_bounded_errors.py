@@ -109,6 +109,7 @@ def _wrong_outcomes(counter: BoundedCounter, *, never_sent: bool) -> dict[str, s
     return wrong
 
 
+@pytest.mark.needs_processes
 def test_a_new_counter_maps_a_refusing_datastore_to_our_errors(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -119,6 +119,7 @@ def test_a_deleted_bounded_counter_can_be_written_plainly_again(
     assert plain.get_count(nocache=True) == 20
 
 
+@pytest.mark.needs_processes
 def test_with_datastore_down_the_check_does_not_refuse_the_increment(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, lookups: list[str]
 ) -> None:

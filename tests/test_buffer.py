@@ -83,6 +83,7 @@ def test_many_threads_add_up_exactly(sharded_counter_env: dict[str, str]) -> Non
     assert Counter("busy").count == expected
 
 
+@pytest.mark.needs_processes
 def test_failed_flushes_back_off_then_stash(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: Any
 ) -> None:
@@ -101,6 +102,7 @@ def test_failed_flushes_back_off_then_stash(
     assert live.verify().shards == 8
 
 
+@pytest.mark.needs_processes
 def test_flush_on_demand_raises_and_keeps_the_amount(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,6 +148,7 @@ def test_pending_sums_beyond_int64_are_written_in_parts(
     assert Counter("huge").get_count(nocache=True) == 3 * INT64_MAX
 
 
+@pytest.mark.needs_processes
 def test_pending_increments_are_written_at_exit(sharded_counter_env: dict[str, str]) -> None:
     script = textwrap.dedent(
         """
@@ -160,6 +163,7 @@ def test_pending_increments_are_written_at_exit(sharded_counter_env: dict[str, s
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.needs_processes
 def test_a_forked_child_does_not_write_its_parents_pending(
     sharded_counter_env: dict[str, str],
 ) -> None:

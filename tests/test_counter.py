@@ -17,13 +17,13 @@ from google.cloud import datastore
 from sharded_counter import Counter, IncrementNotRecorded, config
 from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.core.keys import SHARD_KIND
-from sharded_counter_emulator import free_port
+from sharded_counter_emulator import datastore_client, free_port
 
 pytestmark = pytest.mark.backends
 
 
 def shard_entities(name: str) -> list[datastore.Entity]:
-    client = datastore.Client()
+    client = datastore_client()
     query = client.query(kind=SHARD_KIND)
     query.add_filter(filter=datastore.query.PropertyFilter("name", "=", name))
     return list(query.fetch())
@@ -102,7 +102,7 @@ def test_a_cached_total_follows_writes_from_other_counter_objects(
 
 def test_uncached_sum_counts_shards_written_by_anyone(sharded_counter_env: dict[str, str]) -> None:
     """Shards of the App Engine originals (or of an old shard count) are counted."""
-    client = datastore.Client()
+    client = datastore_client()
     legacy = datastore.Entity(client.key(SHARD_KIND, "Shardhits3"))
     legacy.update({"name": "hits", "count": 40})
     client.put(legacy)
@@ -200,6 +200,7 @@ def dead_datastore(monkeypatch: pytest.MonkeyPatch) -> None:
 FAST_FAIL = {"retry_attempts": 2, "retry_deadline": 1.0, "rpc_timeout": 0.5}
 
 
+@pytest.mark.needs_processes
 def test_failed_writes_are_stashed_and_folded_into_the_next_write(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -220,6 +221,7 @@ def test_failed_writes_are_stashed_and_folded_into_the_next_write(
     assert live.count == 14
 
 
+@pytest.mark.needs_processes
 def test_write_failing_with_memcache_down_raises(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,7 +236,7 @@ def test_write_failing_with_memcache_down_raises(
 
 
 def test_increment_joins_the_callers_transaction(sharded_counter_env: dict[str, str]) -> None:
-    client = datastore.Client()
+    client = datastore_client()
     counter = Counter("orders")
     counter.increment(1)
     assert counter.count == 1  # cached before the transaction
@@ -251,7 +253,7 @@ def test_increment_joins_the_callers_transaction(sharded_counter_env: dict[str, 
 
 
 def test_a_rolled_back_transaction_counts_nothing(sharded_counter_env: dict[str, str]) -> None:
-    client = datastore.Client()
+    client = datastore_client()
     counter = Counter("orders")
     assert counter.count == 0
 
@@ -272,10 +274,11 @@ def test_joining_needs_a_live_datastore_transaction(sharded_counter_env: dict[st
     with pytest.raises(TypeError):
         counter.increment(1, transaction=object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not in progress"):
-        counter.increment(1, transaction=datastore.Client().transaction())
+        counter.increment(1, transaction=datastore_client().transaction())
     assert shard_entities("orders") == []
 
 
+@pytest.mark.needs_processes
 def test_verify_finds_drift_and_repair_rebuilds_from_the_truth(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -284,7 +287,7 @@ def test_verify_finds_drift_and_repair_rebuilds_from_the_truth(
     assert counter.count == 5
     assert counter.verify().ok
     # Change the shard behind the cache's back, as another tool might.
-    client = datastore.Client()
+    client = datastore_client()
     (entity,) = shard_entities("audited")
     entity["count"] = 9
     client.put(entity)

@@ -44,7 +44,6 @@ from typing import Any
 
 import pytest
 from faultkit import ReplyHoldingRelay
-from google.cloud import datastore
 
 import sharded_counter
 import sharded_counter.aio
@@ -63,7 +62,7 @@ from sharded_counter import (
     who_holds,
 )
 from sharded_counter.aio import AsyncCounter, AsyncRateLimiter, aclose, alock, drain
-from sharded_counter_emulator import BackendStack, Memcached, free_port
+from sharded_counter_emulator import BackendStack, Memcached, datastore_client, free_port
 
 pytestmark = pytest.mark.backends
 
@@ -471,7 +470,7 @@ def joined_transaction(scene: Scene) -> Act:
     scene.later(relay.close)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
-        client = datastore.Client()  # type: ignore[no-untyped-call]
+        client = datastore_client()
     txn = client.transaction()  # type: ignore[no-untyped-call]
     txn.begin()
     scene.later(txn.rollback)

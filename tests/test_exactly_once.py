@@ -416,8 +416,8 @@ def test_keyed_deliveries_retried_through_lost_replies_count_exactly(
 def test_a_request_the_server_refuses_is_not_recorded_and_no_raw_error_escapes(
     sharded_counter_env: dict[str, str],
 ) -> None:
-    """A refusal no retry cures (here the real emulator's INVALID_ARGUMENT for a write in
-    a reserved namespace; both engines still answer queries there) is certain:
+    """A refusal no retry cures (here the INVALID_ARGUMENT for a write in a reserved
+    namespace; both engines, and their in-memory models, still answer queries there) is certain:
     IncrementNotRecorded, not stashed. A set raises DatastoreUnavailable. The google
     error is kept as the cause."""
     counter = Counter("refused", namespace="__reserved__", retry_deadline=1.0)
@@ -432,6 +432,7 @@ def test_a_request_the_server_refuses_is_not_recorded_and_no_raw_error_escapes(
     assert counter.get_count(nocache=True) == 0
 
 
+@pytest.mark.needs_processes
 def test_reads_sets_and_deletes_with_datastore_unreachable_raise_ours(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

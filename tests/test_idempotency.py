@@ -20,14 +20,14 @@ from sharded_counter import Counter, IncrementNotRecorded
 from sharded_counter.core.keys import IDEMPOTENCY_KIND, idempotency_record_name
 from sharded_counter.core.validation import check_idempotency_key
 from sharded_counter.store.keyed import MAX_KEYS_PER_WRITE, KeyedShardStore
-from sharded_counter_emulator import free_port
+from sharded_counter_emulator import datastore_client, free_port
 
 pytestmark = pytest.mark.backends
 
 
 def records_of(name: str) -> dict[str, datastore.Entity]:
     """The key records of counter ``name``, by idempotency key (read past every cache)."""
-    client = datastore.Client()
+    client = datastore_client()
     found = client.query(kind=IDEMPOTENCY_KIND).fetch()
     return {e["key"]: e for e in found if e["counter"] == name}
 
@@ -108,7 +108,7 @@ def test_keys_with_a_caller_transaction(sharded_counter_env: dict[str, str]) -> 
     """The key's record is read and staged in the caller's transaction: written by its
     commit with everything else, or not at all."""
     counter = Counter("joined", shards=4)
-    client = datastore.Client()
+    client = datastore_client()
     with client.transaction() as txn:
         counter.increment(5, transaction=txn, idempotency_key="order-1")
         counter.increment(5, transaction=txn, idempotency_key="order-1")  # staged once
@@ -159,7 +159,7 @@ def test_bad_keys_are_refused_before_anything_is_written(
     counter = Counter("bad-keys")
     with pytest.raises(error, match=message):
         counter.increment(1, idempotency_key=key)
-    client = datastore.Client()
+    client = datastore_client()
     with pytest.raises(error, match=message), client.transaction() as txn:
         counter.increment(1, transaction=txn, idempotency_key=key)
     assert counter.get_count(nocache=True) == 0
@@ -195,6 +195,7 @@ def test_expired_keys_are_purged_where_no_ttl_policy_runs(
     assert (old.get_count(nocache=True), kept.get_count(nocache=True)) == (3, 1)
 
 
+@pytest.mark.needs_processes
 def test_a_keyed_increment_is_never_stashed(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,6 +22,7 @@ from sharded_counter import ConfigurationError, Counter, RateLimiter
 from sharded_counter.aio import AsyncCounter
 from sharded_counter.memory.backends import MemoryDatastore, memory_cache, reset_memory
 from sharded_counter.store import rpc
+from sharded_counter_emulator import datastore_client
 
 REPO = Path(__file__).resolve().parent.parent
 MEMORY = {"cache_url": "memory://", "datastore_url": "memory://"}
@@ -215,3 +216,16 @@ def test_the_sample_apps_tests_run_on_memory_with_no_backend_on_the_path() -> No
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "10 passed" in done.stdout, done.stdout[-2000:]
     print(f"examples/likes on memory://: {seconds:.1f} s, Python start-up included")
+
+
+def test_the_plugins_memory_fixture_points_counters_made_earlier_at_memory(
+    sharded_counter_memory_env: dict[str, str],
+) -> None:
+    assert sharded_counter_memory_env == {
+        "SHARDED_COUNTER_CACHE_URL": "memory://",
+        "SHARDED_COUNTER_DATASTORE_URL": "memory://firestore",
+    }
+    hits = Counter("hits")  # from the environment, as an app's own counters
+    hits.increment(2)
+    assert (hits.count, hits.get_count(nocache=True)) == (2, 2)
+    assert [e["count"] for e in datastore_client().query(kind="CounterShard").fetch()] == [2]

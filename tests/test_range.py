@@ -20,7 +20,7 @@ from sharded_counter import Counter, CounterOverflowError
 from sharded_counter.core.keys import SHARD_KIND, shard_key_name
 from sharded_counter.core.validation import INT64_MAX, INT64_MIN
 from sharded_counter.store.shards import ShardOverflow, ShardStore
-from sharded_counter_emulator import free_port
+from sharded_counter_emulator import datastore_client, free_port
 
 pytestmark = pytest.mark.backends
 
@@ -31,7 +31,7 @@ TRANSACTION = {"write_mode": "transaction"}
 
 def put_shards(name: str, values: dict[int, int]) -> None:
     """Lay the shards out exactly as given (index -> count), as the library would key them."""
-    client = datastore.Client()
+    client = datastore_client()
     entities = []
     for index, value in values.items():
         entity = datastore.Entity(
@@ -43,7 +43,7 @@ def put_shards(name: str, values: dict[int, int]) -> None:
 
 
 def shard_values(name: str) -> dict[str, int]:
-    client = datastore.Client()
+    client = datastore_client()
     query = client.query(kind=SHARD_KIND)
     query.add_filter(filter=datastore.query.PropertyFilter("name", "=", name))
     return {e.key.name: e["count"] for e in query.fetch()}
@@ -137,6 +137,7 @@ def test_an_increment_no_shard_can_take_writes_nothing(
     assert_totals(counter, value)
 
 
+@pytest.mark.needs_processes
 def test_an_overflowing_increment_puts_back_the_stash_it_took(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

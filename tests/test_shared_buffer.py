@@ -131,6 +131,7 @@ def _flusher(out: Any) -> None:  # pragma: no cover - runs in a spawned process
     out.put((written, len(commits)))
 
 
+@pytest.mark.needs_processes
 def test_writers_killed_midway_lose_nothing_a_third_process_flushes(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
@@ -184,6 +185,7 @@ def _race_flush(ready: Any, start: Any, out: Any) -> None:  # pragma: no cover -
     out.put((written, len(commits)))
 
 
+@pytest.mark.needs_processes
 def test_two_flushers_racing_write_each_amount_once(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str
 ) -> None:
@@ -228,6 +230,7 @@ def _held_flusher(name: str, held: Any) -> None:  # pragma: no cover - spawned, 
 
 
 @pytest.mark.parametrize("fate", ["before-write", "after-write"])
+@pytest.mark.needs_processes
 def test_a_flusher_killed_mid_flush_loses_nothing_and_counts_nothing_twice(
     sharded_counter_env: dict[str, str], sharded_counter_engine: str, fate: str
 ) -> None:
@@ -327,6 +330,7 @@ def test_memcache_down_raises_or_writes_directly_as_the_caller_chose(
     assert Counter("no-cache", memcached_hosts=()).get_count(nocache=True) == 4
 
 
+@pytest.mark.needs_processes
 def test_datastore_down_at_flush_keeps_the_amount_pending(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

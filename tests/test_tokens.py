@@ -16,6 +16,7 @@ from sharded_counter.core.keys import SHARD_KIND, shard_key_name
 from sharded_counter.core.tokens import fold_token, new_token
 from sharded_counter.store import entities as entities_module
 from sharded_counter.store.shards import ShardStore
+from sharded_counter_emulator import datastore_client
 
 pytestmark = pytest.mark.backends
 
@@ -27,7 +28,7 @@ def token_made(seconds_ago: float) -> str:
 
 
 def read_shard(name: str, index: int) -> datastore.Entity:
-    client = datastore.Client()
+    client = datastore_client()
     entity = client.get(client.key(SHARD_KIND, shard_key_name(name, index)))
     assert entity is not None
     return entity
@@ -37,7 +38,7 @@ def test_a_transaction_write_keeps_other_processes_tokens_and_prunes_old_slots(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = "tokens"
-    client = datastore.Client()
+    client = datastore_client()
     shard = datastore.Entity(
         client.key(SHARD_KIND, shard_key_name(name, 0)),
         exclude_from_indexes=("count", "w_0aaa", "w_0bbb", "w_0ccc", "w"),
@@ -72,7 +73,7 @@ def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = "token-found"
-    client = datastore.Client()
+    client = datastore_client()
     store = ShardStore(client, rpc_timeout=5.0)
     monkeypatch.setattr(entities_module, "process_slot", "1111")
     token = new_token()
@@ -95,7 +96,7 @@ def test_a_pinned_token_stays_in_the_slot_however_many_writes_follow(
     sharded_counter_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name = "token-pinned"
-    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    store = ShardStore(datastore_client(), rpc_timeout=5.0)
     monkeypatch.setattr(entities_module, "process_slot", "3333")
     pinned, pushed = new_token(), new_token()
     store.run(store.add_in_transaction(name, 0, 7, lazy_begin=False, token=pinned))
@@ -124,7 +125,7 @@ def test_a_fenced_write_writes_nothing_on_any_shard_and_the_fence_is_carried(
     sharded_counter_env: dict[str, str],
 ) -> None:
     name = "fenced"
-    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    store = ShardStore(datastore_client(), rpc_timeout=5.0)
     store.run(store.add_in_transaction(name, 0, 5, lazy_begin=False, token=new_token()))
     folding, unsure = new_token(), new_token()
     store.run(store.rewrite(name, 3, lambda _total: 30, lazy_begin=False, fence=[folding]))
@@ -158,7 +159,7 @@ def test_a_fenced_write_writes_nothing_on_any_shard_and_the_fence_is_carried(
 
 def test_fence_tokens_over_a_day_old_are_pruned(sharded_counter_env: dict[str, str]) -> None:
     name = "fence-pruned"
-    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    store = ShardStore(datastore_client(), rpc_timeout=5.0)
     old, recent = token_made(DAY + 60), token_made(60)
     store.run(store.rewrite(name, 2, lambda _total: 4, lazy_begin=False, fence=[old, recent]))
     assert read_shard(name, 0)["fence"] == [recent]
@@ -171,7 +172,7 @@ def test_a_fold_part_resolved_in_a_vanished_writers_place_is_written_once(
     """The resolution of a fold part (core/stash.py) and the write it stands in for: whichever
     commits first, the folded 1,000 is counted once and the writer's own 5 is kept."""
     name = "fold-part"
-    store = ShardStore(datastore.Client(), rpc_timeout=5.0)
+    store = ShardStore(datastore_client(), rpc_timeout=5.0)
     landed, vanished = new_token(), new_token()
     store.run(store.add_in_transaction(name, 1, 1005, lazy_begin=False, token=landed, folded=1000))
 

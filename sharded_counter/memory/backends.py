@@ -29,6 +29,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import datastore
+from google.cloud.datastore_v1.types import datastore as ds_types
 from pymemcache.client.base import check_key_helper
 
 from ..errors import ConfigurationError
@@ -238,9 +239,12 @@ class MemoryClient(datastore.Client):
 
     The counters' store sends its calls to ``memory`` instead of the network
     (``store/rpc.py``'s ``rpc_for``, ``aio/rpc.py``'s ``async_rpc_for``); it
-    carries the project, database and namespace as any client does. Only this
-    package's counters use it: the client's own methods (``get``, ``put``, queries)
-    would still try to reach Google and are not for use.
+    carries the project, database and namespace as any client does. The client's
+    own methods (``get``, ``put``, ``delete``, transactions, and queries of one kind
+    with equality filters) reach the same entities: a test may look at what the
+    counters wrote. What the model does not do (``memory/datastore.py``: ids for
+    incomplete keys, aggregation queries, cursors, indexes) raises
+    ``NotImplementedError`` or is left out, as its docs say.
     """
 
     def __init__(
@@ -251,13 +255,53 @@ class MemoryClient(datastore.Client):
         namespace: str | None = None,
         database: str | None = None,
     ) -> None:
+        # The client refuses credentials while DATASTORE_EMULATOR_HOST is set, and needs
+        # none then; it never uses either here (its calls come to ``memory``).
+        emulated = bool(os.environ.get("DATASTORE_EMULATOR_HOST"))
         super().__init__(  # type: ignore[no-untyped-call]
             project=project or "memory",
             namespace=namespace,
             database=database,
-            credentials=AnonymousCredentials(),  # type: ignore[no-untyped-call]
+            credentials=None if emulated else AnonymousCredentials(),  # type: ignore[no-untyped-call]
         )
         self.memory = memory_datastore(engine)
+        self._memory_api = _GeneratedApi(self.memory)
+
+    @property
+    def _datastore_api(self) -> Any:  # what the client's own methods call
+        return self._memory_api
+
+
+class _GeneratedApi:
+    """The methods ``datastore.Client`` calls on its generated API (``lookup``,
+    ``commit``, ``begin_transaction``, ``rollback``, ``run_query``), on proto-plus
+    requests or dicts of them, answered by a ``MemoryDatastore``."""
+
+    def __init__(self, database: MemoryDatastore) -> None:
+        self._database = database
+
+    def __getattr__(self, method: str) -> Any:
+        types = _API_TYPES.get(method)
+        if types is None:
+            raise NotImplementedError(f"the in-memory Datastore does not answer {method}")
+        request_type, response_type = types
+        database = self._database
+
+        def call(request: Any = None, *, timeout: float | None = None, **_ignored: Any) -> Any:
+            message = request_type(request) if isinstance(request, dict) else request
+            raw = request_type.pb(message)
+            return response_type.wrap(database.call(method, raw, timeout or 60.0))
+
+        return call
+
+
+_API_TYPES: dict[str, tuple[Any, Any]] = {
+    "lookup": (ds_types.LookupRequest, ds_types.LookupResponse),
+    "commit": (ds_types.CommitRequest, ds_types.CommitResponse),
+    "begin_transaction": (ds_types.BeginTransactionRequest, ds_types.BeginTransactionResponse),
+    "rollback": (ds_types.RollbackRequest, ds_types.RollbackResponse),
+    "run_query": (ds_types.RunQueryRequest, ds_types.RunQueryResponse),
+}
 
 
 _lock = threading.Lock()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -175,6 +176,16 @@ class DatastoreModel:
                 gexc.InvalidArgument, f"a commit carries at most {MAX_MUTATIONS} mutations"
             )
         keys = [key_id(_mutated_key(m)) for m in mutations]
+        reserved = [k for k in keys if _reserved(k)]
+        if reserved:
+            # Nothing is written; a transaction named here ends, as the engines end one
+            # whose commit they refused.
+            if request.mode == _TRANSACTIONAL and request.transaction:
+                self._end(bytes(request.transaction))
+            raise google_error(
+                gexc.InvalidArgument,
+                f"a namespace or kind named __...__ is reserved: {reserved[0][2:]}",
+            )
         txn: bytes | None = None
         single_use = request.WhichOneof("transaction_selector") == "single_use_transaction"
         if single_use:
@@ -197,6 +208,11 @@ class DatastoreModel:
             if moved:
                 self._end(txn)
                 raise google_error(gexc.Aborted, "too much contention on these datastore entities")
+        try:
+            self._check_preconditions(mutations, keys)
+        except gexc.GoogleAPICallError:
+            self._end(txn)  # a commit is all or nothing: nothing applied, its transaction over
+            raise
         self._commits += 1
         before = {k: self.entities.get(k) for k in keys}
         response = CommitResponse()
@@ -291,6 +307,22 @@ class DatastoreModel:
 
     # -- mutations -------------------------------------------------------------------------
 
+    def _check_preconditions(self, mutations: list[Any], keys: list[KeyId]) -> None:
+        """Raise what the commit's first failing mutation would (an insert of an entity
+        that exists, an update of one that does not) before any is applied: a commit
+        applies all its mutations or none."""
+        exists = {k for k in keys if k in self.entities}
+        for mutation, k in zip(mutations, keys, strict=True):
+            op = mutation.WhichOneof("operation")
+            if op == "delete":
+                exists.discard(k)
+                continue
+            if op == "insert" and k in exists:
+                raise google_error(gexc.AlreadyExists, "entity already exists")
+            if op == "update" and k not in exists:
+                raise google_error(gexc.NotFound, "no entity to update")
+            exists.add(k)
+
     def _apply(self, mutation: Any, k: KeyId) -> Any:
         op = mutation.WhichOneof("operation")
         result = ds_types.MutationResult.pb()()
@@ -301,11 +333,7 @@ class DatastoreModel:
             result.version = version
             return result
         written = getattr(mutation, op)
-        existing = self.entities.get(k)
-        if op == "insert" and existing is not None:
-            raise google_error(gexc.AlreadyExists, "entity already exists")
-        if op == "update" and existing is None:
-            raise google_error(gexc.NotFound, "no entity to update")
+        existing = self.entities.get(k)  # preconditions were checked (_check_preconditions)
         entity = type(written)()
         entity.CopyFrom(written)
         transforms = list(mutation.property_transforms) if self.pessimistic else []
@@ -338,6 +366,14 @@ class DatastoreModel:
 def google_error(kind: type[gexc.GoogleAPICallError], message: str) -> gexc.GoogleAPICallError:
     """The ``google.api_core`` error ``kind`` with ``message``, as the client raises it."""
     return kind(message)
+
+
+_RESERVED = re.compile(r"__.*__")
+
+
+def _reserved(key: KeyId) -> bool:
+    """Is the namespace or a kind of ``key`` one Datastore reserves for itself?"""
+    return bool(_RESERVED.fullmatch(key[2])) or any(_RESERVED.fullmatch(k) for k, _ in key[3])
 
 
 def _mutated_key(mutation: Any) -> Any:

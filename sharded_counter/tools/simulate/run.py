@@ -300,16 +300,21 @@ class Workload:
                 "flush_all",
                 "kill",
                 "kill",
+                "storm",
             ]
         )
         # Every draw is made before deciding whether to inject, so that skipping this
         # fault (shrink.py) leaves the rest of the seed's draws as they were.
-        low, high = {"datastore_down": (0.1, 1.5), "cache_flaky": (0.5, 3.0)}.get(kind, (0.05, 0.5))
-        seconds = draws.uniform(low, high) if kind.endswith(("_down", "_flaky")) else 0.0
+        spans = {"datastore_down": (0.1, 1.5), "cache_flaky": (0.5, 3.0), "storm": (0.5, 3.0)}
+        seconds = draws.uniform(*spans.get(kind, (0.05, 0.5))) if kind in WINDOWS else 0.0
         restart = kind == "cache_down" and draws.random() < 0.5
         count = {"lost_commits": (1, 3), "late_commits": (1, 2)}.get(kind)
         times = draws.randint(*count) if count else 0
         victim = draws.choice(sorted(self.processes)) if kind == "kill" else -1
+        # A storm: commits whose replies are lost, then (once those have met writes)
+        # Datastore down, often for longer than a write retries, so that writes end in
+        # doubt, while memcache loses replies too.
+        storm = (draws.randint(1, 3), draws.uniform(3.0, 15.0)) if kind == "storm" else None
         skipped = number in world.knobs.skip_faults
         faults.injected.append(
             f"#{number} {kind}{' (skipped)' if skipped else ''} at op {self.started}, "
@@ -318,10 +323,15 @@ class Workload:
             + (" then empty" if restart else "")
             + (f" x{times}" if times else "")
             + (f" of p{self.processes[victim].incarnation}" if victim >= 0 else "")
+            + (f": {storm[0]} lost commit(s), Datastore down {storm[1]:.2f} s" if storm else "")
         )
         if skipped:
             return
-        if seconds:
+        if storm:
+            faults.lost_commits += storm[0]
+            faults.windows.append(Window("datastore_down", now + 0.3, storm[1]))
+            faults.windows.append(Window("cache_flaky", now + 0.3, seconds))
+        elif seconds:
             # Long enough to overlap: a write that failed at Datastore meets a flaky cache.
             faults.windows.append(Window(kind, now, seconds))
             if restart:
@@ -352,6 +362,10 @@ class Workload:
         if raw is not None:
             self.history.lost(self.world.clock.now, *held_in(raw), why)
         self.world.memcache.flush_all()
+
+
+#: The faults that last a while (``Window``): drawn with how long.
+WINDOWS = frozenset({"datastore_down", "cache_flaky", "cache_down", "storm"})
 
 
 def held_in(raw: bytes) -> tuple[int, int]:

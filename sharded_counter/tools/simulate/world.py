@@ -76,7 +76,7 @@ class Knobs:
     threads: int = 2  # per process: they share its picker, token slot and cache tier
     operations: int = 200
     faults: int = 6
-    shards: int = 3
+    shards: int = 0  # 0: drawn from the seed, 1 to 3 (fewer shards, more writes to each)
     max_shards: int = 6
     rpc_timeout: float = 5.0
     retry_deadline: float = 10.0
@@ -180,7 +180,7 @@ class World:
         self.clock = clock
         self.draws = draws
         self.settings = Settings(
-            shards=knobs.shards,
+            shards=knobs.shards or draws.randint(1, 3),
             max_shards=knobs.max_shards,
             rpc_timeout=knobs.rpc_timeout,
             retry_deadline=knobs.retry_deadline,
