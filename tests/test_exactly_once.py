@@ -50,6 +50,8 @@ from sharded_counter import (
     Settings,
 )
 from sharded_counter.cache.client import build_client
+from sharded_counter.core.stash import Stash
+from sharded_counter.settings import resolve
 from sharded_counter_emulator import free_port
 
 pytestmark = pytest.mark.backends
@@ -561,3 +563,85 @@ def test_a_stash_whose_reply_was_lost_is_outcome_unknown_not_not_recorded(
         assert counted == 5  # it was kept after all: "not recorded" would have been a lie
     finally:
         mc_relay.close()
+
+
+class TakeThenCut:
+    """A memcache client whose first ``cas`` of ``key`` goes out with the relay holding
+    its reply (the real cache applies it; the client times out), after which the relay
+    is cut: every later call of this client is refused, never sent."""
+
+    def __init__(self, client: Any, relay: ReplyHoldingRelay, key: str) -> None:
+        self._client, self._relay, self._key = client, relay, key
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if name != "cas" or self._relay.hold.is_set():
+            return attribute
+
+        def held(key: str, *args: Any, **kwargs: Any) -> Any:
+            if key != self._key:
+                return attribute(key, *args, **kwargs)
+            self._relay.hold.set()
+            try:
+                return attribute(key, *args, **kwargs)
+            finally:
+                time.sleep(0.3)  # past memcache_timeout, and the cas has landed
+                self._relay.cut()
+
+        return held
+
+
+@pytest.mark.one_cache_server
+def test_a_write_whose_take_of_the_stash_lost_its_reply_loses_nothing(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+    sharded_counter_cache: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """W3' on the real backends (found by the simulator, docs/protocol.md section 6).
+
+    5 wait in delayed_incr (Datastore refused their write). A second process's write
+    takes them for its fold: the cache applies the take, marking a fold under the
+    write's token, but the reply is lost and the cache is gone for that process after
+    (a relay holds the reply, then is cut), so it can neither fold nor put them back.
+    Had it written its own 1 under that token, settling the marker would find the
+    token on a shard and drop the 5 as landed. It writes under a new token; the
+    marker, once past its deadline, puts the 5 back to be written."""
+    fast = {"write_mode": "transaction", "retry_attempts": 1, "retry_deadline": 0.3}
+    with monkeypatch.context() as patch:
+        patch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{free_port()}")
+        refused = connected(Counter("take-reply-lost", rpc_timeout=0.3, **fast))
+    refused.increment(5)  # stashed, acknowledged
+    assert refused._pending_stash() == 5
+    mc_relay = ReplyHoldingRelay(sharded_counter_cache.host, sharded_counter_cache.port)
+    try:
+        timeouts = {"memcache_timeout": 0.2, "memcache_connect_timeout": 0.2}
+        url = cache_url_through(sharded_counter_cache, "127.0.0.1", mc_relay.port)
+        client = build_client(Settings(cache_url=url, **timeouts))
+        warm = f"warm-{uuid.uuid4().hex}"  # as above: Redis holds our scripts first
+        assert client.add(warm, b"1") is True
+        assert client.cas(warm, b"2", client.gets(warm)[1]) is True
+        cut = TakeThenCut(client, mc_relay, refused._paths.ctx.stash_key)
+        held = Counter("take-reply-lost", memcache_client=cut, rpc_timeout=1.0, **fast)
+        assert held.get_count() == 5  # a read: this process has seen the stash
+        held.increment(1)  # its take landed unheard; it writes 1 under a new token
+    finally:
+        mc_relay.close()
+    healthy = Counter("take-reply-lost", rpc_timeout=0.3, **fast)
+    folds = Stash.parse(sharded_counter_cache_get(healthy)).folds
+    assert [fold.amount for fold in folds.values()] == [5]  # the take did land
+    assert healthy.get_count(nocache=True) == 1  # the 5 are in flight (section 5)
+    time.sleep(3.6)  # past the fold's deadline: retry_deadline + rpc_timeout + 2 s
+    healthy.write_pending()
+    total = healthy.get_count(nocache=True)
+    report(f"take-reply-lost[{sharded_counter_engine}]", total=total)
+    assert total == 6
+    assert healthy._pending_stash() == 0
+
+
+def sharded_counter_cache_get(counter: Counter) -> bytes:
+    """The raw delayed_incr of ``counter``, read with a client of the test's cache."""
+    client = build_client(resolve())
+    raw: bytes = client.get(counter._paths.ctx.stash_key)
+    client.close()
+    return raw
