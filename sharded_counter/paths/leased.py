@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..core.effects import Steps
+from ..core.effects import Sleep, Steps
 from ..core.keys import lease_key
 from .context import CounterContext
 
@@ -58,12 +58,25 @@ def leased_shard(
             if attempt == _TRIES - 1:
                 break
         assert picked is not None
+        yield from after_own_transforms(ctx, picked[0])
         try:
             result: T = yield from body(*picked)
         finally:
             if leased is not None:
                 yield from leases.end(leased)
         return result
+
+
+def after_own_transforms(ctx: CounterContext, index: int) -> Steps[None]:
+    """Wait until no transform of this process to shard ``index`` may still land, before
+    a write of ours lands there (W12, docs/protocol.md): a transform replaces this
+    process's token slot with what it knew when sent, and would drop the token of a
+    write that landed meanwhile, which a retry or a resolution may look for (found by
+    the simulator: a late transform dropped an unsure write's token, and its
+    resolution wrote it again)."""
+    wait = ctx.picker.transforms_pending(index)
+    if wait > 0:
+        yield Sleep(wait)
 
 
 def leased_lenders(

@@ -39,6 +39,9 @@ class ShardPicker:
         self._reserved: dict[str, int] = {}  # write token -> its shard, while unsure
         self._kept: set[str] = set()  # those of them kept as unsure entries in delayed_incr
         self._in_flight: set[str] = set()  # tokens of writes running now
+        # write token -> (shard, monotonic time) of a transform of this process that may
+        # land there until then: sent and not answered, or answered in doubt.
+        self._transforms: dict[str, tuple[int, float]] = {}
         #: Set once this process saw a shard of the counter past the transform
         #: limit and could not spread it back: its writes then use transactions.
         self.transforms_unsafe = False
@@ -95,6 +98,30 @@ class ShardPicker:
         """The shards writers of this process hold right now."""
         with self._lock:
             return set(self._busy)
+
+    # -- transforms that may still land -------------------------------------------
+
+    def transform_sent(self, token: str, index: int, until: float) -> None:
+        """A transform write ``token`` of this process goes to shard ``index``; it may land
+        until ``until`` (monotonic: its deadline). It replaces this process's token slot
+        there, so it would drop the tokens of writes of ours that land there before it."""
+        with self._lock:
+            self._transforms[token] = (index, until)
+
+    def transform_over(self, token: str) -> None:
+        """The transform ``token`` was answered: it landed, or certainly never will."""
+        with self._lock:
+            self._transforms.pop(token, None)
+
+    def transforms_pending(self, index: int) -> float:
+        """Seconds until no transform of this process to ``index`` may land any more."""
+        now = time.monotonic()
+        with self._lock:
+            for token, (_shard, until) in list(self._transforms.items()):
+                if until <= now:
+                    del self._transforms[token]
+            ends = [until for shard, until in self._transforms.values() if shard == index]
+        return max(ends, default=now) - now
 
     # -- writes whose outcome is unknown ------------------------------------------
 

@@ -89,9 +89,11 @@ class ShardWriter:
             nonlocal index
             index = there
             if unsure_of is None and alone and transform:
+                ctx.picker.transform_sent(token, there, time.monotonic() + ctx.settings.rpc_timeout)
                 state = yield from ctx.backend.store.add_with_transform(
                     ctx.name, there, amount, token=token
                 )
+                ctx.picker.transform_over(token)
             else:
                 state = yield from self.add_in_transaction(there, amount, token, folded)
             if folded and state.shard_id.startswith("i"):
@@ -121,7 +123,10 @@ class ShardWriter:
             except gexc.GoogleAPICallError as exc:
                 # Retried only when RETRYABLE; any error may leave the outcome unknown
                 # (a cancelled call, say), retried or not.
-                if self.attempt_failed(exc) and unsure_of is None and index is not None:
+                unknown = self.attempt_failed(exc)
+                if not unknown:
+                    ctx.picker.transform_over(token)  # it never landed, and never will
+                if unknown and unsure_of is None and index is not None:
                     unsure_of = index
                     # Keep this process's other writers off that shard until the write
                     # is resolved: a transform of theirs would replace the token in

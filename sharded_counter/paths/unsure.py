@@ -24,6 +24,7 @@ from ..errors import CacheUnavailable
 from ..store.retry import outcome_unknown, write_retrying
 from ..store.shards import ShardOverflow
 from .context import CounterContext
+from .leased import after_own_transforms
 
 log = logging.getLogger("sharded_counter")
 
@@ -110,6 +111,7 @@ class UnsureResolver:
         yield from ctx.backend.probed()
         store, lazy = ctx.backend.store, ctx.backend.lazy_begin
         if entry.shard != ANY_SHARD:
+            yield from after_own_transforms(ctx, entry.shard)
             state = yield from store.add_in_transaction(
                 ctx.name,
                 entry.shard,

@@ -22,6 +22,7 @@ from ...core.effects import Sleep
 from ...core.outcomes import Ending, Step
 from ...core.stash import Stash
 from ...paths import shard_writes
+from ...paths.picker import ShardPicker
 from ...paths.unsure import UnsureResolver
 from .run import Outcome, run_history
 from .world import Knobs
@@ -57,6 +58,10 @@ def _skip_token_check(stack: contextlib.ExitStack) -> None:
 def _forget_pinned(stack: contextlib.ExitStack) -> None:
     original = tokens.slot_after_write
     _set(stack, tokens, "slot_after_write", lambda mine, token, _pinned: original(mine, token, ()))
+
+
+def _ignore_own_transforms(stack: contextlib.ExitStack) -> None:
+    _set(stack, ShardPicker, "transforms_pending", lambda _self, _index: 0.0)
 
 
 def _fold_twice(stack: contextlib.ExitStack) -> None:
@@ -149,6 +154,11 @@ MUTATIONS = [
     Mutation("skip-token-check", "I5/W6: a retry looks for its own token first", _skip_token_check),
     Mutation("forget-pinned", "I5: a pinned token stays in its slot", _forget_pinned),
     Mutation("fold-twice", "S: a fold that landed drops its marker, no more", _fold_twice),
+    Mutation(
+        "ignore-own-transforms",
+        "W12: no write lands where a transform of its process may still land",
+        _ignore_own_transforms,
+    ),
     Mutation("set-ignores-folds", "I6: a set fences every fold in flight", _set_ignores_folds),
     Mutation(
         "doubtful-as-stash", "W9: a write that may have landed is kept unsure", _doubtful_as_stash
