@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from sharded_counter import Counter, RateLimiter, config, reconnect
 from sharded_counter.aio.backend import async_cache
 from sharded_counter.aio.redis_cluster import AsyncRedisClusterCache
-from sharded_counter.cache.by_url import memcached_servers, redis_client_for
+from sharded_counter.cache.by_url import connect_cache, memcached_servers, redis_client_for
 from sharded_counter.cache.redis.client import RedisClient
 from sharded_counter.cache.redis.cluster import RedisClusterClient
 from sharded_counter.core.cache_url import (
@@ -30,6 +30,7 @@ from sharded_counter.core.cache_url import (
     parse_cache_url,
 )
 from sharded_counter.errors import ConfigurationError
+from sharded_counter.memory.backends import memory_cache
 from sharded_counter.settings import Settings, resolve
 from sharded_counter_emulator.redis_server import RedisServer
 
@@ -324,3 +325,20 @@ def test_asyncio_takes_a_cluster_url_to_its_cluster_cache() -> None:
     cache = async_cache(Settings(cache_url=url), outage=None)
     assert isinstance(cache, AsyncRedisClusterCache)
     assert cache.seeds == [("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+
+
+@pytest.mark.parametrize(
+    ("text", "name"), [("memory://", ""), ("memory://tests-1.a_b", "tests-1.a_b")]
+)
+def test_a_memory_url_names_one_of_the_process_caches(text: str, name: str) -> None:
+    url = parse_cache_url(text)
+    assert (url.family, url.name, url.hosts, url.redis_protocol) == ("memory", name, (), False)
+    assert url.redacted() == text
+    assert connect_cache(Settings(cache_url=text)) is memory_cache(name)
+    assert memcached_servers(Settings(cache_url=text)) == []
+
+
+@pytest.mark.parametrize("text", ["memory://a/b", "memory://a b", "memory://x@y", "memory://é"])
+def test_a_memory_url_takes_a_plain_name_only(text: str) -> None:
+    with pytest.raises(BadCacheUrl, match="memory:// takes only a name"):
+        parse_cache_url(text)
