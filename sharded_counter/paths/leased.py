@@ -74,9 +74,14 @@ def after_own_transforms(ctx: CounterContext, index: int) -> Steps[None]:
     write that landed meanwhile, which a retry or a resolution may look for (found by
     the simulator: a late transform dropped an unsure write's token, and its
     resolution wrote it again)."""
-    wait = ctx.picker.transforms_pending(index)
-    if wait > 0:
-        yield Sleep(wait)
+    # Asked again every few milliseconds: most such transforms are merely in flight,
+    # and answer long before their deadline.
+    while (wait := ctx.picker.transforms_pending(index)) > 0:
+        yield Sleep(min(wait, TRANSFORM_POLL))
+
+
+#: Seconds between looks at a transform of this process that may still land.
+TRANSFORM_POLL = 0.005
 
 
 def leased_lenders(
