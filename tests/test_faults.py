@@ -800,6 +800,68 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     assert_totals(reader, 10)
 
 
+def test_a_resolution_whose_reply_was_lost_keeps_its_token_where_it_is_looked_for(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_backends: Any,
+    sharded_counter_engine: str,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S5' on the real backends (found by the simulator, docs/protocol.md section 6).
+
+    Another process leaves +7 unsure, not landed (the emulator paused past its
+    deadline), and exits. This process resolves it: the resolution writes the 7 with
+    its token in this process's slot, but its reply is lost (the relay holds it), so
+    the entry stays. Then this process writes +2 to the same shard (there is one).
+    Had it let the token go, on Firestore that write would be a transform, replacing
+    its slot, and the next resolution, finding no token, would add the 7 again. The
+    token stays pinned and the shard reserved until the entry is gone: 10, not 17."""
+    emulator = sharded_counter_backends.emulator(sharded_counter_engine)
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()  # with the default time limits
+    name = "resolution-lost"
+    spawn = multiprocessing.get_context("spawn")
+    connected_there, go = spawn.Event(), spawn.Event()
+    writer = spawn.Process(target=_leave_unsure, args=(name, connected_there, go))
+    writer.start()
+    assert connected_there.wait(60), "setup: the other process did not connect"
+    emulator.pause()
+    try:
+        go.set()
+        writer.join(60)  # its +7 times out, kept unsure; then it exits
+    finally:
+        emulator.resume()
+    assert writer.exitcode == 0, "setup: the other process failed"
+    counter = Counter(name, shards=1, max_shards=1, rpc_timeout=2.0, retry_attempts=1)
+    assert len(Stash.decode(counter._backend.cache._client.get(counter._stash_key)).unsure) == 1
+    held = lose_the_next_commit_reply(monkeypatch, relay)
+    counter.write_pending()  # resolves: its commit lands, its reply is lost
+    assert held.is_set(), "setup: the resolution made no commit"
+    unsure = Stash.decode(counter._backend.cache._client.get(counter._stash_key)).unsure
+    assert len(unsure) == 1  # the entry stays, to be resolved again
+    counter.increment(2)  # the same shard: it must keep the resolution's token there
+    time.sleep(1.2)  # past the pause after a failed resolution (paths/unsure.py)
+    counter.write_pending()  # resolves again: finds the token, adds nothing
+    unsure = Stash.decode(counter._backend.cache._client.get(counter._stash_key)).unsure
+    total = counter.get_count(nocache=True)
+    report(f"resolution-lost[{sharded_counter_engine}]", ledger=10, total=total, left=len(unsure))
+    assert not unsure
+    assert_totals(counter, 10)
+
+
+def _leave_unsure(
+    name: str, connected_there: Any, go: Any
+) -> None:  # pragma: no cover - runs in a spawned process
+    """Another process: +1, then (once the test paused the emulator) +7, which times out
+    and is kept as an unsure entry; then it exits."""
+    counter = Counter(name, shards=1, max_shards=1, rpc_timeout=2.0, retry_attempts=1)
+    counter.increment(1)
+    connected_there.set()
+    go.wait(60)
+    counter.increment(7)
+    assert counter.stats.snapshot()["unsure"] == 1
+
+
 @pytest.mark.one_cache_server
 @pytest.mark.parametrize("fate", ["landed", "dropped"])
 def test_a_fold_whose_outcome_is_unknown_while_memcached_is_down_is_counted_once(
