@@ -369,11 +369,11 @@ def test_a_fixed_budget_of_histories_keeps_every_promise(engine: str) -> None:
 QUICK_TO_FIND = {
     "skip-token-check": 10,
     "fold-twice": 5,
-    "stash-dropped": 10,
-    "keys-unrecorded": 20,
-    "set-ignores-folds": 70,
-    "doubtful-as-stash": 50,
+    "stash-dropped": 5,
+    "keys-unrecorded": 50,
+    "forget-pinned": 50,
     "lost-reply-as-not-recorded": 50,
+    "set-ignores-folds": 70,
 }
 
 
