@@ -8,11 +8,14 @@ from typing import Any
 
 import pytest
 from tenacity import (
+    RetryError,
     Retrying,
+    TryAgain,
     retry_if_exception_type,
     retry_if_result,
     stop_after_attempt,
     wait_fixed,
+    wait_incrementing,
 )
 
 from sharded_counter.aio.combiner import AsyncWriteCombiner
@@ -100,39 +103,102 @@ def test_retrying_runs_the_policy_with_its_backoff_as_sleep_effects() -> None:
     assert attempts == 3
 
 
-@pytest.mark.parametrize(
-    "script",
-    [[7], [None, 7], [None, None, None], [None, None, 7]],
-    ids=["at-once", "second", "gives-up", "third"],
-)
-def test_retrying_decides_as_tenacity_itself_would(script: list[int | None]) -> None:
-    """The first attempt and an answer the policy keeps skip ``Retrying.iter``
-    (effects.py); each outcome, callback and error must be what tenacity's own
-    ``__call__`` makes of the same answers, under a policy that retries on a result."""
+class Retryable(Exception):
+    pass
+
+
+class Final(Exception):
+    pass
+
+
+#: What an attempt does: a value to return (None is retried on), or an error to raise.
+SCRIPTS = {
+    "at-once": [7],
+    "second": [None, 7],
+    "gives-up-on-results": [None, None, None],
+    "third": [None, None, 7],
+    "error-then-value": [Retryable("a"), 7],
+    "gives-up-on-errors": [Retryable("a"), Retryable("b"), Retryable("c")],
+    "error-not-retried": [None, Final("f")],
+    "try-again": [TryAgain(), 7],
+    "try-again-to-the-end": [None, TryAgain(), TryAgain()],
+    "mixed": [Retryable("a"), None, Retryable("c")],
+}
+
+#: The policy shapes our paths use, and the ones they might: each way of giving up.
+SHAPES = {
+    "callback": {"retry_error_callback": lambda state: f"gave up after {state.attempt_number}"},
+    "reraise": {"reraise": True},
+    "retry-error": {},
+}
+
+
+#: What is retried: results and errors, or errors only (the write policies' shape,
+#: whose answers ``retrying`` returns without making an outcome).
+RETRIES = {
+    "results-or-errors": lambda: (
+        retry_if_result(lambda value: value is None) | retry_if_exception_type(Retryable)
+    ),
+    "errors-only": lambda: retry_if_exception_type((Retryable, TryAgain)),
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS.values()), ids=list(SCRIPTS))
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("retries", list(RETRIES), ids=list(RETRIES))
+def test_retrying_decides_as_tenacity_itself_would(
+    script: list[Any], shape: str, retries: str
+) -> None:
+    """``retrying`` calls the policy's strategies itself, not through ``Retrying.iter``
+    (effects.py): each outcome, callback, backoff and error must be what tenacity's
+    own ``__call__`` makes of the same answers."""
 
     def policy(calls: list[str]) -> Retrying:
         return Retrying(
-            retry=retry_if_result(lambda value: value is None)
-            | retry_if_exception_type(ValueError),
+            retry=RETRIES[retries](),
             stop=stop_after_attempt(3),
-            wait=wait_fixed(0),
+            wait=wait_incrementing(start=0.25, increment=0.5),
             before=lambda state: calls.append(f"before {state.attempt_number}"),
             after=lambda state: calls.append(f"after {state.attempt_number}"),
-            retry_error_callback=lambda state: f"gave up after {state.attempt_number}",
+            before_sleep=lambda state: calls.append(
+                f"before_sleep {state.attempt_number} {state.upcoming_sleep}"
+                f" {state.next_action} idle {state.idle_for}"
+            ),
+            sleep=lambda seconds: calls.append(f"sleep {seconds}"),
+            **SHAPES[shape],
         )
+
+    def act(answer: Any) -> Any:
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def outcome(run: Any) -> tuple[str, Any]:
+        try:
+            return "returned", run()
+        except RetryError as exc:
+            last = exc.last_attempt
+            inner = last.exception() if last.failed else last.result()
+            return "RetryError", (last.attempt_number, repr(inner))
+        except Exception as exc:
+            return "raised", repr(exc)
 
     theirs: list[str] = []
     answers = iter(script)
-    expected = policy(theirs)(lambda: next(answers))
+    expected = outcome(lambda: policy(theirs)(lambda: act(next(answers))))
 
     ours: list[str] = []
     steps_answers = iter(script)
 
-    def attempt() -> Steps[int | None]:
+    def attempt() -> Steps[Any]:
         yield Memcache("get", ("k",))
-        return next(steps_answers)
+        return act(next(steps_answers))
 
-    got = drive(retrying(policy(ours), attempt), lambda effect: None)
+    def perform(effect: Effect) -> None:
+        if isinstance(effect, Sleep):
+            ours.append(f"sleep {effect.seconds}")
+
+    got = outcome(lambda: drive(retrying(policy(ours), attempt), perform))
     assert (got, ours) == (expected, theirs)
 
 

@@ -35,7 +35,13 @@ import sys
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 
-from tenacity import BaseRetrying, DoAttempt, DoSleep, RetryCallState
+from tenacity import (
+    BaseRetrying,
+    RetryAction,
+    RetryCallState,
+    TryAgain,
+    retry_if_exception_type,
+)
 
 T = TypeVar("T")
 
@@ -113,34 +119,51 @@ def retrying(
 ) -> Steps[T]:
     """Run ``attempt(*args, **kwargs)`` under ``policy`` (a tenacity ``Retrying``), as its
     ``__call__`` would: retried, stopped and logged by its strategies, each backoff a
-    ``Sleep``. Raises what the policy raises when it gives up."""
-    policy.begin()
+    ``Sleep``. Raises what the policy raises when it gives up.
+
+    The policy's strategies are called here in the order tenacity's ``Retrying.iter``
+    calls them (``before``; the attempt; ``retry``, skipped for ``TryAgain``; ``after``,
+    ``wait``, ``stop``; then ``retry_error_callback`` or ``retry_error_cls``, or else
+    ``before_sleep`` and the sleep), and ``test_effects.py`` holds the two to the same
+    decisions. ``iter`` itself builds a list of closures for every decision, and every
+    step of every path pays for that. The policy's ``statistics`` are not kept: nothing
+    here reads them, and they are per thread, not per run of steps."""
     state = RetryCallState(retry_object=policy, fn=None, args=args, kwargs=kwargs)
-    # The first attempt, and an answer the policy will not retry, need none of
-    # ``iter``'s machinery: it would run ``before`` and attempt, then return an answer
-    # its ``retry`` declines. Most calls end here, and every step pays for this loop.
-    if policy.before is not None:
-        policy.before(state)
-    try:
-        first = yield from attempt(*args, **kwargs)
-    except BaseException:
-        state.set_exception(sys.exc_info())  # type: ignore[arg-type]
-    else:
-        state.set_result(first)
-        if not policy.retry(state):
-            return first
     while True:
-        do = policy.iter(retry_state=state)
-        if isinstance(do, DoAttempt):
-            try:
-                result = yield from attempt(*args, **kwargs)
-            except BaseException:
-                state.set_exception(sys.exc_info())  # type: ignore[arg-type]
-            else:
-                state.set_result(result)
-        elif isinstance(do, DoSleep):
-            state.prepare_for_next_attempt()
-            yield Sleep(float(do))
+        if policy.before is not None:
+            policy.before(state)
+        error: BaseException | None = None
+        try:
+            result = yield from attempt(*args, **kwargs)
+        except BaseException as exc:
+            error = exc
+            state.set_exception(sys.exc_info())  # type: ignore[arg-type]
         else:
-            answer: T = do
-            return answer
+            if type(policy.retry) is retry_if_exception_type:
+                return result  # it retries errors only (the write policies): no outcome
+            state.set_result(result)
+        if isinstance(error, TryAgain) or policy.retry(state):
+            pass  # retried, unless ``stop`` says otherwise
+        elif error is not None:
+            raise error
+        else:
+            return result
+        if policy.after is not None:
+            policy.after(state)
+        sleep = policy.wait(state)
+        state.upcoming_sleep = sleep
+        if policy.stop(state):
+            if policy.retry_error_callback is not None:
+                answer: T = policy.retry_error_callback(state)
+                return answer
+            assert state.outcome is not None
+            gave_up = policy.retry_error_cls(state.outcome)
+            if policy.reraise:
+                gave_up.reraise()
+            raise gave_up from error
+        state.next_action = RetryAction(sleep)
+        state.idle_for += sleep
+        if policy.before_sleep is not None:
+            policy.before_sleep(state)
+        state.prepare_for_next_attempt()
+        yield Sleep(float(sleep))

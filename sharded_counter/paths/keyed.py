@@ -17,7 +17,7 @@ from ..core.effects import Steps, retrying
 from ..core.outcomes import Step
 from ..core.record import ShardState
 from ..errors import CounterOverflowError, IncrementNotRecorded, IncrementOutcomeUnknown
-from ..store.retry import write_retrying
+from ..store.retry import write_policy
 from ..store.shards import ShardOverflow
 from .context import SET_WAIT_CAP, CounterContext
 from .shard_writes import ShardWriter, ending_of
@@ -53,7 +53,7 @@ class KeyedWrites:
             return written
 
         try:
-            state: ShardState | None = yield from retrying(write_retrying(ctx.settings), attempt)
+            state: ShardState | None = yield from retrying(write_policy(ctx.settings), attempt)
         except Exception as exc:
             if doubtful:
                 # Whatever landed is on a shard the cached record never heard of.

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from ..core.effects import Steps, retrying
 from ..core.record import Drift, Record, ShardState
 from ..errors import CacheUnavailable
-from ..store.retry import write_retrying
+from ..store.retry import write_policy
 from ..store.shards import Snapshot
 from ..telemetry import telemetry
 from .context import CounterContext
@@ -107,7 +107,7 @@ class Reader:
         """Every shard, read under the same retry policy as the writes."""
         ctx = self.ctx
         snapshot: Snapshot = yield from retrying(
-            write_retrying(ctx.settings), ctx.backend.store.snapshot, ctx.name
+            write_policy(ctx.settings), ctx.backend.store.snapshot, ctx.name
         )
         return snapshot
 
@@ -211,5 +211,5 @@ def _snapshots(ctx: CounterContext, names: list[str]) -> Steps[dict[str, Snapsho
         )
         return found
 
-    snapshots: dict[str, Snapshot] = yield from retrying(write_retrying(ctx.settings), attempt)
+    snapshots: dict[str, Snapshot] = yield from retrying(write_policy(ctx.settings), attempt)
     return snapshots

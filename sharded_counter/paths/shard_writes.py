@@ -21,7 +21,7 @@ from ..core.effects import Sleep, Steps, retrying
 from ..core.outcomes import Ending
 from ..core.record import ShardState
 from ..errors import CounterOverflowError
-from ..store.retry import CONTENTION, RETRYABLE, outcome_unknown, write_retrying
+from ..store.retry import CONTENTION, RETRYABLE, outcome_unknown, write_policy
 from ..store.shards import ShardOverflow
 from .context import TRANSFORM_SHARD_LIMIT, CounterContext
 from .leased import leased_shard
@@ -145,7 +145,7 @@ class ShardWriter:
             return state
 
         try:
-            state: ShardState = yield from retrying(write_retrying(ctx.settings), attempt)
+            state: ShardState = yield from retrying(write_policy(ctx.settings), attempt)
         except Exception as exc:
             if unsure_of is not None and not isinstance(exc, CounterOverflowError):
                 raise WriteFailed(Ending.DOUBTFUL, exc, unsure_of) from exc
@@ -206,7 +206,7 @@ class ShardWriter:
         ctx = self.ctx
         yield from ctx.backend.probed()
         states: list[ShardState] = yield from retrying(
-            write_retrying(ctx.settings, until_deadline=True),
+            write_policy(ctx.settings, until_deadline=True),
             ctx.backend.store.rewrite,
             ctx.name,
             ctx.shards,

@@ -21,7 +21,7 @@ from ..core.record import ShardState
 from ..core.stash import ANY_SHARD, Unsure
 from ..core.tokens import folding_write
 from ..errors import CacheUnavailable
-from ..store.retry import outcome_unknown, write_retrying
+from ..store.retry import outcome_unknown, write_policy
 from ..store.shards import ShardOverflow
 from .context import CounterContext
 from .leased import after_own_transforms
@@ -131,7 +131,7 @@ class UnsureResolver:
         if writer is None:
             raise ValueError(f"unsure entry {token!r} for any shard is not a fold part")
         states: list[ShardState] = yield from retrying(
-            write_retrying(ctx.settings),
+            write_policy(ctx.settings),
             store.rewrite,
             ctx.name,
             ctx.shards,
