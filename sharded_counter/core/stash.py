@@ -214,7 +214,17 @@ class Stash:
         """The stash in ``raw``, strictly: exactly what ``encode`` writes (every amount
         within int64, every deadline a finite time, every token and shard well formed,
         no token twice, at most one set marker), or a plain pending integer as earlier
-        versions wrote. Raises ``parse.Garbled`` for anything else."""
+        versions wrote. Raises ``parse.Garbled`` for anything else.
+
+        The last few values parsed are kept: a stash is immutable, and every writer of
+        a busy counter reads the same bytes again and again (each write, each wait for
+        a set, each merge)."""
+        if cls is Stash and type(raw) is bytes:
+            return _parsed(raw)
+        return cls._parse(raw)
+
+    @classmethod
+    def _parse(cls, raw: bytes) -> Stash:
         head, *marks = parse.text(raw, limit=MAX_STASH_BYTES).split(";")
         folds: dict[str, Fold] = {}
         unsure: dict[str, Unsure] = {}
@@ -467,6 +477,11 @@ def _set_marker(body: str) -> tuple[tuple[str, float], int]:
         raise parse.Garbled(f"not a set marker: {body[:80]!r}")
     setter = (parse.token(token), parse.deadline(deadline))
     return setter, parse.integer(taken) if equals else 0
+
+
+@functools.lru_cache(maxsize=128)
+def _parsed(raw: bytes) -> Stash:
+    return Stash._parse(raw)
 
 
 def _add_once(marks: dict[str, T], token: str, mark: T) -> None:
