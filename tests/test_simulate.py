@@ -371,8 +371,9 @@ QUICK_TO_FIND = {
     "fold-twice": 5,
     "stash-dropped": 5,
     "keys-unrecorded": 50,
-    "forget-pinned": 50,
+    "forget-pinned": 150,
     "lost-reply-as-not-recorded": 50,
+    "doubtful-as-stash": 90,
     "set-ignores-folds": 70,
 }
 

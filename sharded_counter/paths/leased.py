@@ -74,14 +74,20 @@ def after_own_transforms(ctx: CounterContext, index: int) -> Steps[None]:
     write that landed meanwhile, which a retry or a resolution may look for (found by
     the simulator: a late transform dropped an unsure write's token, and its
     resolution wrote it again)."""
-    # Asked again every few milliseconds: most such transforms are merely in flight,
-    # and answer long before their deadline.
+    # Asked again after a few milliseconds: most such transforms are merely in flight,
+    # and answer long before their deadline. One that has not answered by then is
+    # queued behind a lock or lost, and may take seconds: the looks grow further
+    # apart, so that waiting out its deadline costs dozens of looks, not a thousand.
+    poll = TRANSFORM_POLL
     while (wait := ctx.picker.transforms_pending(index)) > 0:
-        yield Sleep(min(wait, TRANSFORM_POLL))
+        yield Sleep(min(wait, poll))
+        poll = min(poll * 2, TRANSFORM_POLL_MAX)
 
 
-#: Seconds between looks at a transform of this process that may still land.
+#: Seconds before the first look again at a transform of this process that may still
+#: land; each look after waits twice as long as the last, up to ``TRANSFORM_POLL_MAX``.
 TRANSFORM_POLL = 0.005
+TRANSFORM_POLL_MAX = 0.1
 
 
 def leased_lenders(
