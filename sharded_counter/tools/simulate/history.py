@@ -172,14 +172,14 @@ class History:
         above the history's bounds the read may stray (docs/protocol.md, section 5:
         a read during a fold, while memcache fails, or before unsure writes are
         resolved)."""
-        if op.value is None or op.end is None:
-            return None
-        low, high = self.bounds(op.start, op.end)
-        low, high = low - slack[0], high + slack[1]
         # A cached read is not checked here: its record may lag a write or a set whose
         # merge memcache refused (section 5), so its total may be any the counter had
         # lately. What it must keep, each shard's state one the shard had, is I7.
-        if op.kind == "read_nocache" and not low <= op.value <= high:
+        if op.kind != "read_nocache" or op.value is None or op.end is None:
+            return None
+        low, high = self.bounds(op.start, op.end)
+        low, high = low - slack[0], high + slack[1]
+        if not low <= op.value <= high:
             return f"a read from Datastore returned {op.value}, outside [{low}, {high}]: {op}"
         return None
 

@@ -33,6 +33,7 @@ class Watch:
         self.violations: list[str] = []
         self.landed: set[str] = set()
         self.shard_values: dict[str, dict[int, int]] = {}  # key name -> version -> count
+        self._slot_tokens: dict[KeyId, tuple[Stored, set[str]]] = {}  # the last seen
         self._cas_seen = -1
         self._record_key, self._stash_key = cache_keys(
             world.settings.key_prefix, world.store.scope, COUNTER
@@ -62,12 +63,22 @@ class Watch:
                 stored.entity
             )
             old = before.get(k)
-            had = _slot_tokens(old.entity) if old is not None else set()
-            new |= _slot_tokens(stored.entity) - had
+            had = self._tokens_of(k, old) if old is not None else set()
+            new |= self._tokens_of(k, stored) - had
         twice = new & self.landed
         if twice:
             self.violation(f"I5: write token(s) {sorted(twice)} landed a second time")
         self.landed |= new
+
+    def _tokens_of(self, key: KeyId, stored: Stored) -> set[str]:
+        """The slot tokens of ``stored``: what a commit wrote is what the next one to
+        the same entity found, so each version is read once."""
+        known = self._slot_tokens.get(key)
+        if known is not None and known[0] is stored:
+            return known[1]
+        found = _slot_tokens(stored.entity)
+        self._slot_tokens[key] = (stored, found)
+        return found
 
     # -- I7 and the stash -------------------------------------------------------------------
 

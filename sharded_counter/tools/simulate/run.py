@@ -36,7 +36,7 @@ from ...errors import (
 from .clock import VirtualClock, deterministic
 from .history import History, Op, describe
 from .invariants import Watch
-from .world import Knobs, SimProcess, Window, World
+from .world import Knobs, SimProcess, World
 
 #: Virtual seconds a history settles for before its last check: past every fold
 #: deadline and claim (core/outcomes.py), so any process may resolve what is left.
@@ -329,11 +329,11 @@ class Workload:
             return
         if storm:
             faults.lost_commits += storm[0]
-            faults.windows.append(Window("datastore_down", now + 0.3, storm[1]))
-            faults.windows.append(Window("cache_flaky", now + 0.3, seconds))
+            faults.open("datastore_down", now + 0.3, storm[1])
+            faults.open("cache_flaky", now + 0.3, seconds)
         elif seconds:
             # Long enough to overlap: a write that failed at Datastore meets a flaky cache.
-            faults.windows.append(Window(kind, now, seconds))
+            faults.open(kind, now, seconds)
             if restart:
                 self._lose_everything("a memcached restart")  # down, then back empty
         elif kind == "lost_commits":

@@ -105,17 +105,24 @@ class Faults:
     def __init__(self, draws: random.Random) -> None:
         self.draws = draws
         self.windows: list[Window] = []
+        self._over = 0.0  # when the last window closes
         self.lost_commits = 0  # the next commits applied, their replies lost
         self.late_commits = 0  # the next commits applied after their callers gave up
         self.injected: list[str] = []
 
+    def open(self, kind: str, start: float, seconds: float) -> None:
+        """A fault of ``kind`` from ``start`` (virtual time) for ``seconds``."""
+        self.windows.append(Window(kind, start, seconds))
+        self._over = max(self._over, start + seconds)
+
     def active(self, kind: str, now: float) -> bool:
-        if not self.windows:
+        if now >= self._over:
             return False  # most calls: asked twice for each memcache call
         return any(w.kind == kind and w.start <= now < w.start + w.seconds for w in self.windows)
 
     def off(self) -> None:
         self.windows = []
+        self._over = 0.0
         self.lost_commits = self.late_commits = 0
 
 
