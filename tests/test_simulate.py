@@ -447,3 +447,18 @@ def test_no_write_lands_where_a_transform_of_its_process_may_still_land() -> Non
     with mutation.applied():
         broken = run_history(90421, LATE_TRANSFORM)
     assert any(kind_of(v) == "I5" for v in broken.violations), broken.report()
+
+
+def test_commits_queued_past_their_deadline_show_the_known_double_count() -> None:
+    """The Firestore emulator keeps a commit that waits on a lock past its caller's
+    deadline and applies it once the lock is free (docs/protocol.md, section 6, *Found
+    on the real emulator*); ``queue_past_deadline`` models that. With it, a search
+    finds a token landing twice within 30 histories (seed 14, the 29th); without it
+    the same history keeps every promise. This is the known double count that
+    ``test_faults.py::test_a_transform_queued_behind_a_lock_past_its_deadline_counts_once``
+    shows on the real emulator: once it is fixed, this becomes a search that must
+    keep every promise with the queue modelled."""
+    queued = run_history(14, Knobs(engine="firestore", queue_past_deadline=True))
+    assert any("I5: write token(s)" in v and "landed a second time" in v for v in queued.violations)
+    assert "--queue-past-deadline" in replay_command(queued)
+    assert run_history(14, Knobs(engine="firestore")).ok

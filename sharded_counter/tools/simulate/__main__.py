@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--skip-faults", default="", help="comma-separated fault numbers: drawn, not injected"
     )
+    parser.add_argument(
+        "--queue-past-deadline",
+        action="store_true",
+        help="commits waiting on a lock outlive their callers' deadlines, as the Firestore "
+        "emulator's do (a known double count: docs/protocol.md, section 6)",
+    )
     parser.add_argument("--mutations", action="store_true", help="hunt each broken rule")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per mutation")
     parser.add_argument(
@@ -72,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_after=args.stop_after,
             skip_faults=numbers(args.skip_faults),
             skip_operations=numbers(args.skip_operations),
+            queue_past_deadline=args.queue_past_deadline,
         )
 
     if args.seed is not None:
@@ -83,7 +90,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if failed else 0
     deadline = time.time() + args.minutes * 60
     jobs = [
-        (index, args.workers, args.first_seed, deadline, engines, args.operations, args.faults)
+        (
+            index,
+            args.workers,
+            args.first_seed,
+            deadline,
+            engines,
+            args.operations,
+            args.faults,
+            args.queue_past_deadline,
+        )
         for index in range(args.workers)
     ]
     started = time.perf_counter()
@@ -113,6 +129,7 @@ def search(
     engines: list[str],
     operations: int,
     faults: int,
+    queue_past_deadline: bool = False,
 ) -> tuple[int, list[str]]:
     """One worker's share of a search: seeds ``first_seed + index``, then every
     ``workers``-th, on each engine, until ``deadline`` (Unix time). Returns how many
@@ -121,7 +138,13 @@ def search(
     seed = first_seed + index
     while time.time() < deadline:
         for engine in engines:
-            outcome = run_history(seed, Knobs(engine=engine, operations=operations, faults=faults))
+            knobs = Knobs(
+                engine=engine,
+                operations=operations,
+                faults=faults,
+                queue_past_deadline=queue_past_deadline,
+            )
+            outcome = run_history(seed, knobs)
             runs += 1
             if not outcome.ok:
                 short = shrink(outcome)

@@ -104,4 +104,6 @@ def replay_command(outcome: Outcome) -> str:
     if knobs.skip_operations:
         numbers = ",".join(str(n) for n in sorted(knobs.skip_operations))
         words.append(f"--skip-operations {numbers}")
+    if knobs.queue_past_deadline:
+        words.append("--queue-past-deadline")
     return " ".join(words)
