@@ -1687,3 +1687,65 @@ def test_a_transform_queued_behind_a_lock_past_its_deadline_counts_once(
     time.sleep(1.0)  # nothing of this process is in flight any more
     counter.write_pending()
     assert_totals(counter, 6)
+
+
+def test_an_entry_lost_while_claimed_finds_its_token_where_its_resolver_looks(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_cache: Any,
+    relay: ReplyHoldingRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S5'' on the real backends (found by the simulator, seed 9147; docs/protocol.md).
+
+    This process's +7 lands with its reply lost (the relay holds it), so it is kept
+    unsure: its token in our slot, its entry in delayed_incr. Another process claims
+    the entry and stops before it looks for the token. memcached is flushed: the
+    entry is gone. This process resolves, sees no entry, and writes +1 nine times to
+    the same shard (one transform on Firestore, or enough transactions on the classic
+    engine, to push an unpinned token out of our slot). Had it let the token go, the
+    other process's resolution, going on, would find no token and add the 7 again:
+    24, not 17. The token lingers for a claim's lifetime instead."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
+    probe_through_relay()  # with the default time limits
+    name = "claimed-then-flushed"
+    counter = Counter(name, shards=1, max_shards=1, rpc_timeout=2.0, retry_attempts=1)
+    counter.increment(1)
+    held = lose_the_next_commit_reply(monkeypatch, relay)
+    counter.increment(7)  # landed, reply lost: kept unsure
+    assert held.is_set() and counter.stats.snapshot()["unsure"] == 1, "setup: no unsure +7"
+    spawn = multiprocessing.get_context("spawn")
+    claimed, go = spawn.Event(), spawn.Event()
+    resolver = spawn.Process(target=_claim_then_wait, args=(name, claimed, go))
+    resolver.start()
+    try:
+        assert claimed.wait(60), "setup: the other process claimed nothing"
+        sharded_counter_cache.flush_all()
+        time.sleep(1.2)  # past the pause after a resolution (paths/unsure.py)
+        counter.write_pending()  # sees its entry gone
+        for _ in range(9):
+            counter.increment(1)
+    finally:
+        go.set()
+        resolver.join(60)
+    assert resolver.exitcode == 0, "setup: the other process failed"
+    total = counter.get_count(nocache=True)
+    report("claimed-then-flushed", ledger=17, total=total)
+    assert total == 17
+
+
+def _claim_then_wait(name: str, claimed: Any, go: Any) -> None:  # pragma: no cover - spawned
+    """Another process: claims the unsure entry, says so, and waits for ``go`` before its
+    resolution looks for the write's token (then resolves it as usual)."""
+    from sharded_counter.paths.unsure import UnsureResolver
+
+    resolve_one = UnsureResolver._resolve_one
+
+    def paused(self: UnsureResolver, token: str, entry: Any) -> Any:
+        claimed.set()
+        go.wait(60)
+        return (yield from resolve_one(self, token, entry))
+
+    UnsureResolver._resolve_one = paused  # type: ignore[method-assign]
+    counter = Counter(name, shards=1, max_shards=1, rpc_timeout=2.0, retry_attempts=1)
+    counter.write_pending()
+    assert claimed.is_set()

@@ -462,3 +462,21 @@ def test_commits_queued_past_their_deadline_show_the_known_double_count() -> Non
     assert any("I5: write token(s)" in v and "landed a second time" in v for v in queued.violations)
     assert "--queue-past-deadline" in replay_command(queued)
     assert run_history(14, Knobs(engine="firestore")).ok
+
+
+def test_a_resolution_claimed_before_a_flush_finds_the_token_it_looks_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S5'', found by a search (seed 9147): a resolver claimed two unsure entries, then
+    flush_all lost them; each writer's process, seeing its entry gone, let its token
+    go, and a write of its own dropped the token from its slot before the resolution
+    looked for it there, which then added both writes a second time. The token now
+    lingers for a claim's lifetime (paths/picker.py: ``linger``). Released at once as
+    before, the same history breaks I5 again."""
+    knobs = Knobs(engine="firestore")
+    assert run_history(9147, knobs).ok
+    from sharded_counter.paths.picker import ShardPicker
+
+    monkeypatch.setattr(ShardPicker, "linger", lambda self, token, _seconds: self.release(token))
+    broken = run_history(9147, knobs)
+    assert any("landed a second time" in v for v in broken.violations)

@@ -224,6 +224,36 @@ def test_a_reserved_shard_is_left_alone_until_released() -> None:
     assert {picker_index(picker, 4) for _ in range(200)} == {0, 1, 2, 3}
 
 
+def test_a_kept_token_delayed_incr_stopped_naming_lingers_for_a_claims_lifetime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """S5'' (docs/protocol.md): the entry may have been lost, not resolved, while another
+    process's resolver had it claimed and had yet to look for the token in our slot.
+    Until that claim lapses the token stays pinned and its shard reserved."""
+    from sharded_counter.paths import picker as picking
+
+    now = [100.0]
+    monkeypatch.setattr(picking.time, "monotonic", lambda: now[0])
+    picker = picking.ShardPicker()
+    picker.reserve("t", 1)
+    picker.keep("t")
+    picker.linger("t", 20.0)
+    assert picker.kept() == set()  # no longer resolved by this process
+    assert "t" in picker.pinned()
+    with picker.pick(4, prefer=1) as (_, alone):
+        assert not alone  # no transform of ours replaces the slot there
+    now[0] += 19.9
+    picker.linger("t", 20.0)  # seen gone again: the first lifetime holds, not renewed
+    assert "t" in picker.pinned()
+    now[0] += 0.2
+    assert "t" not in picker.pinned()
+    with picker.pick(4, prefer=1) as (_, alone):
+        assert alone
+    picker.reserve("u", 2)  # a write still retrying is not kept: linger leaves it be
+    picker.linger("u", 0.0)
+    assert "u" in picker.pinned()
+
+
 def picker_index(picker: Any, shards: int) -> int:
     with picker.pick(shards) as (index, _):
         return int(index)

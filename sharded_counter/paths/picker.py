@@ -38,6 +38,8 @@ class ShardPicker:
         self._busy: dict[int, int] = {}  # index -> writers on it
         self._reserved: dict[str, int] = {}  # write token -> its shard, while unsure
         self._kept: set[str] = set()  # those of them kept as unsure entries in delayed_incr
+        # reserved tokens delayed_incr no longer names -> monotonic time they go (linger)
+        self._lingering: dict[str, float] = {}
         self._in_flight: set[str] = set()  # tokens of writes running now
         # write token -> (shard, monotonic time) of a transform of this process that may
         # land there until then: sent and not answered, or answered in doubt.
@@ -59,6 +61,8 @@ class ShardPicker:
         """
         index = self._take(shards) if prefer is None else self._hold(prefer)
         with self._lock:
+            if self._lingering:
+                self._purge_lingering()
             alone = self._busy[index] == 1 and index not in self._reserved.values()
         try:
             yield index, alone
@@ -140,6 +144,28 @@ class ShardPicker:
         with self._lock:
             self._reserved.pop(token, None)
             self._kept.discard(token)
+            self._lingering.pop(token, None)
+
+    def linger(self, token: str, seconds: float) -> None:
+        """delayed_incr no longer names the kept write ``token``: release it, but only
+        ``seconds`` from now (a claim's lifetime). Its entry may have been lost rather
+        than resolved (a flush, an eviction, a restart) while another process's
+        resolver had claimed it and had yet to look for the token, in our slot on its
+        shard: until that claim lapses, the token stays pinned and the shard reserved
+        (no transform of ours replaces the slot), so that look finds it."""
+        with self._lock:
+            if token not in self._kept:
+                return
+            self._kept.discard(token)
+            if token in self._reserved:
+                self._lingering.setdefault(token, time.monotonic() + seconds)
+
+    def _purge_lingering(self) -> None:
+        """Release the lingering tokens whose time is up (the caller holds the lock)."""
+        now = time.monotonic()
+        for token in [t for t, until in self._lingering.items() if until <= now]:
+            del self._lingering[token]
+            self._reserved.pop(token, None)
 
     @contextmanager
     def writing(self, token: str) -> Iterator[None]:
@@ -158,6 +184,8 @@ class ShardPicker:
         whose outcome is unknown until they are resolved, and writes delayed_incr still
         names (see ``keep``)."""
         with self._lock:
+            if self._lingering:
+                self._purge_lingering()
             if not (self._reserved or self._kept):  # the common case: only writes in flight
                 return frozenset(self._in_flight)
             return frozenset(self._in_flight.union(self._reserved, self._kept))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 
 from google.api_core import exceptions as gexc
 
@@ -60,7 +61,9 @@ class UnsureResolver:
             return False
         for token in own:
             if not before.mentions(token):
-                picker.release(token)  # resolved elsewhere, or replaced by a set
+                # Resolved elsewhere, replaced by a set, or lost with delayed_incr while
+                # a resolver had claimed it: kept for a claim's lifetime (``linger``).
+                picker.linger(token, ctx.fold_deadline() - time.time())
         resolved = failed = False
         for token, entry in claimed.items():
             if failed:  # Datastore failed on an earlier one: try them all later
