@@ -17,10 +17,9 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from ..memory.backends import MemoryClient, MemoryDatastore
+from ..memory.datastore import CALLS
 from ..store.rpc import api_error, call_metadata, camel, refine_error, stub_for
 from ..telemetry import telemetry
-
-_METHODS = ("lookup", "commit", "begin_transaction", "rollback", "run_query")
 
 
 def open_channel(client: datastore.Client) -> grpc.aio.Channel:
@@ -77,7 +76,7 @@ class AsyncDatastoreRpc:
         self._timeout = timeout
         self._metadata = call_metadata(client)
         self.channel = open_channel(client)
-        self._stubs = {method: stub_for(self.channel, method) for method in _METHODS}
+        self._stubs = {method: stub_for(self.channel, method) for method in CALLS}
 
     async def call(self, method: str, request: Any) -> Any:
         with telemetry().datastore_call(camel(method)):

@@ -29,12 +29,11 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import datastore
-from google.cloud.datastore_v1.types import datastore as ds_types
 from pymemcache.client.base import check_key_helper
 
 from ..errors import ConfigurationError
 from .cache import MemcacheModel
-from .datastore import Blocked, DatastoreModel
+from .datastore import CALLS, Blocked, DatastoreModel
 
 #: The engines ``memory://<engine>`` names for Datastore; no name is ``firestore``.
 ENGINES = ("firestore", "classic")
@@ -281,7 +280,7 @@ class _GeneratedApi:
         self._database = database
 
     def __getattr__(self, method: str) -> Any:
-        types = _API_TYPES.get(method)
+        types = CALLS.get(method)
         if types is None:
             raise NotImplementedError(f"the in-memory Datastore does not answer {method}")
         request_type, response_type = types
@@ -293,15 +292,6 @@ class _GeneratedApi:
             return response_type.wrap(database.call(method, raw, timeout or 60.0))
 
         return call
-
-
-_API_TYPES: dict[str, tuple[Any, Any]] = {
-    "lookup": (ds_types.LookupRequest, ds_types.LookupResponse),
-    "commit": (ds_types.CommitRequest, ds_types.CommitResponse),
-    "begin_transaction": (ds_types.BeginTransactionRequest, ds_types.BeginTransactionResponse),
-    "rollback": (ds_types.RollbackRequest, ds_types.RollbackResponse),
-    "run_query": (ds_types.RunQueryRequest, ds_types.RunQueryResponse),
-}
 
 
 _lock = threading.Lock()

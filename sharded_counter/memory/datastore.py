@@ -66,6 +66,17 @@ def key_id(key: Any) -> KeyId:
     return (p.project_id, p.database_id, p.namespace_id, path)
 
 
+#: The Datastore calls this package makes, with their request and response types:
+#: ``store/rpc.py`` and ``aio/rpc.py`` send them, and the model here answers them.
+CALLS: dict[str, tuple[Any, Any]] = {
+    "lookup": (ds_types.LookupRequest, ds_types.LookupResponse),
+    "commit": (ds_types.CommitRequest, ds_types.CommitResponse),
+    "begin_transaction": (ds_types.BeginTransactionRequest, ds_types.BeginTransactionResponse),
+    "rollback": (ds_types.RollbackRequest, ds_types.RollbackResponse),
+    "run_query": (ds_types.RunQueryRequest, ds_types.RunQueryResponse),
+}
+
+
 class Blocked(Exception):
     """The call waits for a lock another transaction holds: ask again later (the model
     changed nothing). ``holder`` is that transaction."""

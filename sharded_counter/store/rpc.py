@@ -24,19 +24,13 @@ from google.cloud import datastore
 from google.cloud.datastore_v1.types import datastore as ds_types
 
 from ..memory.backends import MemoryClient, MemoryDatastore
+from ..memory.datastore import CALLS
 from ..telemetry import telemetry
 
 _SERVICE = "/google.datastore.v1.Datastore/"
+
+
 # method name -> the proto-plus request and response types of that call
-_METHODS: dict[str, tuple[Any, Any]] = {
-    "lookup": (ds_types.LookupRequest, ds_types.LookupResponse),
-    "commit": (ds_types.CommitRequest, ds_types.CommitResponse),
-    "begin_transaction": (ds_types.BeginTransactionRequest, ds_types.BeginTransactionResponse),
-    "rollback": (ds_types.RollbackRequest, ds_types.RollbackResponse),
-    "run_query": (ds_types.RunQueryRequest, ds_types.RunQueryResponse),
-}
-
-
 class TransactionExpired(gexc.Aborted):
     """The server no longer knows the transaction a request named (an ``Aborted``).
 
@@ -91,7 +85,7 @@ class DatastoreRpc:
         channel = getattr(getattr(api, "_transport", None), "grpc_channel", None)
         self._metadata = call_metadata(client)
         self._calls: dict[str, Callable[[Any], Any]] = {}
-        for method, (request_type, _response_type) in _METHODS.items():
+        for method, (request_type, _response_type) in CALLS.items():
             if channel is not None:
                 self._calls[method] = self._over_grpc(stub_for(channel, method))
             else:
@@ -206,7 +200,7 @@ def call_metadata(client: datastore.Client) -> tuple[tuple[str, str], ...]:
 def stub_for(channel: Any, method: str) -> Any:
     """The unary call ``method`` on ``channel`` (a gRPC channel, blocking or asyncio), on
     raw protobufs."""
-    request_type, response_type = _METHODS[method]
+    request_type, response_type = CALLS[method]
     return channel.unary_unary(
         _SERVICE + camel(method),
         request_serializer=request_type.pb().SerializeToString,
