@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,36 @@ def test_the_plugins_memory_fixture_points_counters_made_earlier_at_memory(
     hits.increment(2)
     assert (hits.count, hits.get_count(nocache=True)) == (2, 2)
     assert [e["count"] for e in datastore_client().query(kind="CounterShard").fetch()] == [2]
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("datastore_url", ["memory://", "memory://classic"])
+def test_a_memory_datastore_works_behind_a_real_cache(
+    sharded_counter_cache: Any, datastore_url: str
+) -> None:
+    """``datastore_url`` and ``cache_url`` are independent: the in-memory Datastore behind
+    the run's real cache server (memcached, Redis or a Redis Cluster, as ``--sc-cache``
+    says). The cache holds the records and the stash; flushing it loses nothing that
+    had reached the shards."""
+    name = f"behind-real-{uuid.uuid4().hex[:8]}"
+    counter = Counter(
+        name, shards=4, cache_url=sharded_counter_cache.url, datastore_url=datastore_url
+    )
+
+    def work() -> None:
+        for _ in range(50):
+            counter.increment()
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    counter.increment(5, idempotency_key="once")
+    counter.increment(5, idempotency_key="once")  # a redelivery: counted once
+    counter.defer(3)  # into delayed_incr, on the real cache
+    assert counter.count == 408  # its record now cached, on the real server only
+    assert memory_cache("").get(counter._record_key) is None
+    counter.write_pending()  # folded into a shard
+    sharded_counter_cache.flush_all()
+    assert (counter.get_count(nocache=True), counter.count) == (408, 408)
