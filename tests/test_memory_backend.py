@@ -36,19 +36,24 @@ def empty_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     reset_memory()
 
 
+def increment_from_threads(counter: Counter, threads: int = 8, each: int = 50) -> None:
+    """``threads`` threads at once, each incrementing ``counter`` by 1 ``each`` times."""
+
+    def work() -> None:
+        for _ in range(each):
+            counter.increment()
+
+    running = [threading.Thread(target=work) for _ in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join()
+
+
 @pytest.mark.parametrize("datastore_url", ["memory://", "memory://classic"])
 def test_a_counter_on_memory_counts_every_thread_exactly(datastore_url: str) -> None:
     counter = Counter("hits", shards=4, cache_url="memory://", datastore_url=datastore_url)
-
-    def work() -> None:
-        for _ in range(50):
-            counter.increment()
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    increment_from_threads(counter)  # 8 threads, 50 each
     assert counter.get_count(nocache=True) == 400
     assert counter.count == 400
     counter.count = 7
@@ -245,16 +250,7 @@ def test_a_memory_datastore_works_behind_a_real_cache(
     counter = Counter(
         name, shards=4, cache_url=sharded_counter_cache.url, datastore_url=datastore_url
     )
-
-    def work() -> None:
-        for _ in range(50):
-            counter.increment()
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    increment_from_threads(counter)  # 8 threads, 50 each
     counter.increment(5, idempotency_key="once")
     counter.increment(5, idempotency_key="once")  # a redelivery: counted once
     counter.defer(3)  # into delayed_incr, on the real cache
