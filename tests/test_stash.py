@@ -18,12 +18,22 @@ shards = st.integers(min_value=ANY_SHARD, max_value=999)
 
 
 folds = st.builds(Fold, amounts, deadlines) | st.builds(Fold, amounts, deadlines, tokens)
+transactions = st.just(b"") | st.binary(min_size=1, max_size=64)
 unsure_writes = st.builds(
     Unsure,
     amounts,
     shards,
     folded=st.just(0) | amounts,
-) | st.builds(Unsure, amounts, shards, tokens, deadlines, folded=st.just(0) | amounts)
+    transaction=transactions,
+) | st.builds(
+    Unsure,
+    amounts,
+    shards,
+    tokens,
+    deadlines,
+    folded=st.just(0) | amounts,
+    transaction=transactions,
+)
 
 
 @given(
@@ -53,6 +63,9 @@ def test_anything_unreadable_counts_as_empty() -> None:
     unreadable = (
         *(b"x", b"1;f=oops", b"1;fabc=1@never", b"1;uabc=1", b"1;uabc=1/2/c", "é".encode()),
         *(b"1;fabc=1@5.0!", b"1;sabc=x@5.0", b"1;sabc=1@never", b"1;uabc=1+/2"),
+        # a transaction that is empty, no base64url (padded, '+'), or no whole byte
+        *(b"1;uabc=1/2~", b"1;uabc=1/2~ab==", b"1;uabc=1/2~a+b", b"1;uabc=1/2~abcde"),
+        b"1;uabc=1/2~" + b"a" * 600,
     )
     for raw in unreadable:
         assert Stash.decode(raw) == Stash()
@@ -130,6 +143,16 @@ def test_an_unsure_write_replaces_its_fold_marker_and_is_owed_until_resolved() -
     assert unsure.resolved("t1") == Stash()  # its shard holds it now
     assert unsure.resolved("t1").resolved("t1") == Stash()  # repeating changes nothing
     assert unsure.resolved("t1", back=12) == Stash(12)  # it did not land: pending now
+
+
+def test_an_unsure_transform_carries_its_transaction_until_it_is_resolved() -> None:
+    """A transform its writer could not fence keeps its transaction in the entry, for
+    whoever resolves it to roll back first (docs/protocol.md, W6'), also while claimed."""
+    unsure = Stash(3).made_unsure("t1", 5, 2, transaction=b"\x00txn\xff")
+    assert unsure.encode() == b"3;ut1=5/2~AHR4bv8"
+    claimed = Stash.decode(unsure.claimed("c1", 2e9, ["t1"]).encode())
+    assert claimed.unsure["t1"] == Unsure(5, 2, "c1", 2e9, transaction=b"\x00txn\xff")
+    assert claimed.unclaimed("t1", "c1").unsure["t1"].transaction == b"\x00txn\xff"
 
 
 def test_an_unsure_write_is_resolved_by_one_claimer_at_a_time() -> None:

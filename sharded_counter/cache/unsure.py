@@ -19,14 +19,23 @@ class UnsureWrites:
         self._sightings = sightings
 
     def make_unsure(
-        self, stash_key: str, token: str, amount: int, shard: int, *, folded: int = 0
+        self,
+        stash_key: str,
+        token: str,
+        amount: int,
+        shard: int,
+        *,
+        folded: int = 0,
+        transaction: bytes = b"",
     ) -> Steps[None]:
         """Keep the write ``token`` of ``amount`` to ``shard`` (``folded`` of it taken from
         the stash), whose outcome is unknown, as an unsure entry (dropping its fold
-        marker). Raises CacheUnavailable."""
+        marker); ``transaction`` is a transform's that was not fenced. Raises
+        CacheUnavailable."""
         self._sightings.expect_unsure(stash_key)
         yield from changing_stash(
-            stash_key, lambda s: s.made_unsure(token, amount, shard, folded=folded)
+            stash_key,
+            lambda s: s.made_unsure(token, amount, shard, folded=folded, transaction=transaction),
         )
 
     def claim_unsure(

@@ -15,6 +15,7 @@ Pure: no I/O. Callers log what they drop, using ``describe`` for the bytes.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import math
 import re
@@ -34,6 +35,8 @@ _COUNTER = re.compile(rb"(0|[1-9][0-9]{0,19}) *", re.ASCII)
 _DEADLINE = re.compile(r"(?:0|[1-9][0-9]{0,11})(?:\.[0-9]{1,6})?", re.ASCII)
 # Tokens (write tokens, claims, set tokens): a few ASCII letters, digits and '-'/'_'.
 _TOKEN = re.compile(r"[0-9A-Za-z_-]{1,64}", re.ASCII)
+# Datastore transaction ids, as we write them: unpadded base64url, at most 384 bytes.
+_TRANSACTION = re.compile(r"[0-9A-Za-z_-]{2,512}", re.ASCII)
 
 _DESCRIBED = 80  # bytes of a garbled value shown in a log line
 
@@ -88,6 +91,20 @@ def token(value: str) -> str:
     if not _TOKEN.fullmatch(value):
         raise Garbled(f"not a token: {value[:_DESCRIBED]!r}")
     return value
+
+
+def transaction(value: str) -> bytes:
+    """A transaction id as ``base64url`` writes it: 2 to 512 characters, unpadded
+    (Firestore's ids are far shorter)."""
+    if not _TRANSACTION.fullmatch(value) or len(value) % 4 == 1:
+        raise Garbled(f"not a transaction: {value[:_DESCRIBED]!r}")
+    return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+
+
+def base64url(raw: bytes) -> str:
+    """``raw`` in unpadded base64url: letters, digits, '-' and '_' only, so it never
+    meets a separator of the values it goes in."""
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
 def describe(raw: bytes | None) -> str:

@@ -49,8 +49,9 @@ both, and each one's resolution accounts for the other's.
 The value is ASCII: ``<pending>``, then ``;f<token>=<amount>@<deadline>``
 per fold in flight (``!<set token>`` added while fenced),
 ``;u<token>=<amount>/<shard>`` per unsure write (``<amount>+<folded>`` when
-part of it came from delayed_incr; ``/<claim>@<deadline>`` added while
-claimed) and ``;s<token>=<taken>@<deadline>`` while a set runs.
+part of it came from delayed_incr; ``~<transaction>`` when it was a transform
+its writer could not fence, docs/protocol.md W6'; ``/<claim>@<deadline>`` added
+while claimed) and ``;s<token>=<taken>@<deadline>`` while a set runs.
 A plain integer, the format of earlier versions, reads as ``pending``.
 
 Anything else at the key (see ``Stash.parse`` for how strictly it is read) is
@@ -128,20 +129,26 @@ class Unsure:
     claim: str = ""  # who is resolving it, if anyone
     deadline: float = 0.0  # when that claim lapses
     folded: int = 0
+    #: The transaction of a transform write that may still land, when its writer could
+    #: not fence it: a resolver rolls it back before it looks for the token.
+    transaction: bytes = b""
 
     def encode(self, token: str) -> str:
         amount = f"{self.amount}+{self.folded}" if self.folded else str(self.amount)
         text = f"u{token}={amount}/{self.shard}"
+        if self.transaction:
+            text += f"~{parse.base64url(self.transaction)}"
         return f"{text}/{self.claim}@{self.deadline:.3f}" if self.claim else text
 
     @classmethod
     def decode(cls, body: str) -> tuple[str, Unsure]:
-        """``<token>=<amount>[+<folded>]/<shard>[/<claim>@<deadline>]``, strictly; raises
-        ``parse.Garbled``."""
+        """``<token>=<amount>[+<folded>]/<shard>[~<transaction>][/<claim>@<deadline>]``,
+        strictly; raises ``parse.Garbled``."""
         token, equals, rest = body.partition("=")
         amounts, slash, rest = rest.partition("/")
         amount, plus, folded = amounts.partition("+")
-        shard, claimed, claim_at = rest.partition("/")
+        where, claimed, claim_at = rest.partition("/")
+        shard, tilde, transaction = where.partition("~")
         claim, at, deadline = claim_at.partition("@")
         if not (equals and slash) or (plus and not folded) or (claimed and not at):
             raise parse.Garbled(f"not an unsure entry: {body[:80]!r}")
@@ -151,6 +158,7 @@ class Unsure:
             parse.token(claim) if claimed else "",
             parse.deadline(deadline) if claimed else 0.0,
             parse.integer(folded) if plus else 0,
+            parse.transaction(transaction) if tilde else b"",
         )
         return _unsure_token(token), entry
 
@@ -326,11 +334,15 @@ class Stash:
         folds = {t: f for t, f in self.folds.items() if t != token}
         return dataclasses.replace(self, folds=MappingProxyType(folds))
 
-    def made_unsure(self, token: str, amount: int, shard: int, *, folded: int = 0) -> Stash:
+    def made_unsure(
+        self, token: str, amount: int, shard: int, *, folded: int = 0, transaction: bytes = b""
+    ) -> Stash:
         """The write ``token`` of ``amount`` to ``shard`` (``folded`` of it from
-        delayed_incr) gave up not knowing whether it landed. Its fold marker, if it
-        still had one, goes: the folded part is in ``amount``."""
-        unsure = {**self.unsure, token: Unsure(amount, shard, folded=folded)}
+        delayed_incr) gave up not knowing whether it landed; ``transaction`` is that of
+        a transform of it that may still land. Its fold marker, if it still had one,
+        goes: the folded part is in ``amount``."""
+        entry = Unsure(amount, shard, folded=folded, transaction=transaction)
+        unsure = {**self.unsure, token: entry}
         return dataclasses.replace(self._without_fold(token), unsure=MappingProxyType(unsure))
 
     def claimed(self, claim: str, deadline: float, tokens: Iterable[str]) -> Stash:
