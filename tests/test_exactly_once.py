@@ -152,13 +152,22 @@ def test_lost_replies_get_an_honest_answer(
         resolved=stats["resolved"],
         stashed=stats["stashed"],
     )
+    # The spells must catch writes. Which call of a write they catch is chance: on
+    # Firestore a transform's BeginTransaction (nothing written: stashed, or without
+    # memcache not recorded) or its commit (in doubt: fenced, kept unsure if the fence
+    # is not answered either, or without memcache outcome unknown). With one write
+    # in flight (group commit), both spells caught a BeginTransaction in one run.
     if memcache == "memcache":
         # Every write whose outcome was unknown was kept and resolved: nothing in doubt.
         assert ledger.unknown_calls == 0 and ledger.refused_calls == 0
-        assert stats["unsure"] > 0, "setup: no write was left with an unknown outcome"
+        assert stats["unsure"] + stats["stashed"] > 0, "setup: no write met a lost reply"
+        if grouping == "no-group-commit":  # 16 in flight: some commit is always caught
+            assert stats["unsure"] > 0, "setup: no write was left with an unknown outcome"
         assert total == ledger.acknowledged
     else:
-        assert ledger.unknown_calls > 0, "setup: no write was left with an unknown outcome"
+        assert ledger.unknown_calls + ledger.refused_calls > 0, "setup: no write met a lost reply"
+        if grouping == "no-group-commit":
+            assert ledger.unknown_calls > 0, "setup: no write was left with an unknown outcome"
 
 
 def _child_writer(

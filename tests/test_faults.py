@@ -691,6 +691,20 @@ def test_datastore_unreachable_and_memcached_down_refuses_the_increment(
     )
 
 
+def pause_before_the_next_commit(monkeypatch: pytest.MonkeyPatch, emulator: Any) -> None:
+    """SIGSTOP ``emulator`` just before the next commit is sent (the calls before it
+    answered), so that the commit is what times out."""
+    commit, paused = ShardStore.commit, threading.Event()
+
+    def pausing(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+        if not paused.is_set():
+            paused.set()
+            emulator.pause()
+        return (yield from commit(store, *args, **kwargs))
+
+    monkeypatch.setattr(ShardStore, "commit", pausing)
+
+
 def lose_the_next_commit_reply(
     monkeypatch: pytest.MonkeyPatch,
     relay: ReplyHoldingRelay,
@@ -758,10 +772,12 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
     """The only attempt of +7 times out, so the write gives up not knowing its outcome.
 
     "landed": the relay holds the commit's reply, and the real emulator applies it.
-    "dropped": the emulator's JVM is SIGSTOPped, and on SIGCONT it drops the expired
-    request. Either way the increment returns, kept as an unsure entry that readers
-    count, and a reader ("landed") or ``repair`` ("dropped") resolves it with a
-    transaction that looks for the write's token: found, or added once.
+    "dropped": the emulator's JVM is SIGSTOPped as the commit goes out (a transform's
+    transaction, or a transaction's read, has begun: a call before the commit that
+    times out writes nothing), and on SIGCONT it drops the expired request. Either
+    way the increment returns, kept as an unsure entry that readers count, and a
+    reader ("landed") or ``repair`` ("dropped") resolves it with a transaction that
+    looks for the write's token: found, or added once.
     """
     emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
@@ -777,7 +793,7 @@ def test_a_write_whose_retries_ran_out_unsure_is_counted_once(
         counter.increment(7)
         assert held.is_set(), "setup: no commit was held"
     else:
-        emulator.pause()
+        pause_before_the_next_commit(monkeypatch, emulator)
         try:
             counter.increment(7)
         finally:
@@ -809,10 +825,11 @@ def test_a_resolution_whose_reply_was_lost_keeps_its_token_where_it_is_looked_fo
 ) -> None:
     """S5' on the real backends (found by the simulator, docs/protocol.md section 6).
 
-    Another process leaves +7 unsure, not landed (the emulator paused past its
-    deadline), and exits. This process resolves it: the resolution writes the 7 with
-    its token in this process's slot, but its reply is lost (the relay holds it), so
-    the entry stays. Then this process writes +2 to the same shard (there is one).
+    Another process leaves +7 unsure, not landed (the emulator paused as its commit
+    went out, past its deadline), and exits. This process resolves it: the resolution
+    writes the 7 with its token in this process's slot, but its reply is lost (the
+    relay holds it), so the entry stays. Then this process writes +2 to the same shard
+    (there is one).
     Had it let the token go, on Firestore that write would be a transform, replacing
     its slot, and the next resolution, finding no token, would add the 7 again. The
     token stays pinned and the shard reserved until the entry is gone: 10, not 17."""
@@ -822,12 +839,17 @@ def test_a_resolution_whose_reply_was_lost_keeps_its_token_where_it_is_looked_fo
     name = "resolution-lost"
     spawn = multiprocessing.get_context("spawn")
     connected_there, go = spawn.Event(), spawn.Event()
-    writer = spawn.Process(target=_leave_unsure, args=(name, connected_there, go))
+    committing, paused = spawn.Event(), spawn.Event()
+    writer = spawn.Process(
+        target=_leave_unsure, args=(name, connected_there, go, committing, paused)
+    )
     writer.start()
     assert connected_there.wait(60), "setup: the other process did not connect"
-    emulator.pause()
+    go.set()
     try:
-        go.set()
+        assert committing.wait(60), "setup: the other process sent no commit"
+        emulator.pause()  # as its +7's commit goes out
+        paused.set()
         writer.join(60)  # its +7 times out, kept unsure; then it exits
     finally:
         emulator.resume()
@@ -850,14 +872,24 @@ def test_a_resolution_whose_reply_was_lost_keeps_its_token_where_it_is_looked_fo
 
 
 def _leave_unsure(
-    name: str, connected_there: Any, go: Any
+    name: str, connected_there: Any, go: Any, committing: Any, paused: Any
 ) -> None:  # pragma: no cover - runs in a spawned process
-    """Another process: +1, then (once the test paused the emulator) +7, which times out
-    and is kept as an unsure entry; then it exits."""
+    """Another process: +1, then +7, whose commit waits for the test to pause the
+    emulator before it goes out, times out, and is kept as an unsure entry; then it
+    exits."""
     counter = Counter(name, shards=1, max_shards=1, rpc_timeout=2.0, retry_attempts=1)
     counter.increment(1)
     connected_there.set()
     go.wait(60)
+    commit = ShardStore.commit
+
+    def held(store: ShardStore, *args: Any, **kwargs: Any) -> Any:
+        if not committing.is_set():
+            committing.set()
+            paused.wait(60)
+        return (yield from commit(store, *args, **kwargs))
+
+    ShardStore.commit = held  # type: ignore[method-assign]
     counter.increment(7)
     assert counter.stats.snapshot()["unsure"] == 1
 
@@ -964,7 +996,8 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     transaction path alike (earlier, transactions kept the last 16 tokens of any process
     in one list, and twenty writes pushed this one out). This process's own writes
     append to its slot, which keeps the last eight tokens and every pinned one: the
-    token of a write in flight is pinned.
+    token of a write in flight is pinned. On Firestore the +7 is a transform, and this
+    process's own writes wait until it is fenced (W12): they land after the retry.
     """
     emulator = sharded_counter_backends.emulator(sharded_counter_engine)
     direct = f"{emulator.host}:{emulator.port}"
@@ -975,6 +1008,7 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     counter = Counter(name, shards=1, rpc_timeout=0.5, retry_deadline=10.0)
     counter.increment(1)  # connect through the relay first
     ctx = multiprocessing.get_context("spawn")
+    waiting: list[threading.Thread] = []
 
     def write_elsewhere() -> None:
         # The +7 has landed and this process gave up on its reply: now the
@@ -985,6 +1019,13 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
                 mine = connected(Counter(name, shards=1, memcached_hosts=()))
             thread = threading.Thread(target=lambda: [mine.increment(1) for _ in range(20)])
             thread.start()
+            if sharded_counter_engine == "firestore":
+                # The +7 is a transform: writes of its process to that shard wait until
+                # it is answered or fenced (W12), so these land after it, not before.
+                time.sleep(1.0)
+                assert thread.is_alive(), "a write landed where our transform may land"
+                waiting.append(thread)
+                return
             thread.join(60)
             assert not thread.is_alive(), "setup: the other thread hung"
             return
@@ -996,6 +1037,9 @@ def test_a_lost_reply_is_counted_once_when_others_wrote_the_shard_meanwhile(
     held = lose_the_next_commit_reply(monkeypatch, relay, meanwhile=write_elsewhere)
     counter.increment(7)  # acknowledged once
     assert held.is_set(), "setup: no commit was held"
+    for thread in waiting:
+        thread.join(60)
+        assert not thread.is_alive(), "setup: the other thread hung"
     uncached = counter.get_count(nocache=True)
     report(f"unknown-outcome-{writer}[{sharded_counter_engine}]", ledger=28, total=uncached)
     assert uncached == 1 + 7 + 20, f"acknowledged 28, counted {uncached}"
@@ -1650,26 +1694,19 @@ def test_a_call_in_flight_when_memcache_went_down_does_not_end_the_outage(
     assert warnings_containing(caplog, "memcache is unavailable") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known double count (docs/protocol.md, section 6, 'Found on the real emulator'): "
-        "a transform queued behind another transaction's lock lands after its deadline; "
-        "W6' and W12 assume it cannot. Fixed once transforms commit in a transaction "
-        "that a rollback fences."
-    ),
-)
 def test_a_transform_queued_behind_a_lock_past_its_deadline_counts_once(
     sharded_counter_env: dict[str, str],
     sharded_counter_engine: str,
 ) -> None:
-    """Another transaction holds the only shard's lock (a read in a read-write
-    transaction, as a set or a resolution does) for 1 s. A +5 goes there as a
-    transform, waits on the lock, and its caller hears DeadlineExceeded at 0.5 s. The
-    emulator keeps the commit queued and applies it once the lock is free, past the
-    deadline, while the write's retry (which waited for that deadline, W6') found no
-    token and wrote the 5 again: 11, not 6. Measured on the Firestore emulator the
-    same way with the lock held 25 s: the 0.5 s transform still landed."""
+    """W6' on the real emulator. Another transaction holds the only shard's lock (a
+    read in a read-write transaction, as a set or a resolution does) for 1 s. A +5
+    goes there as a transform, waits on the lock, and its caller hears
+    DeadlineExceeded at 0.5 s. The emulator keeps the commit queued and applies it
+    once the lock is free, past the deadline. When the retry only waited for that
+    deadline, it found no token and wrote the 5 again: 11, not 6, every run. Now the
+    transform is committed in a transaction of its own, and the retry looks for its
+    token only once a rollback of that transaction has answered, which the emulator
+    does only after the queued commit has landed."""
     if sharded_counter_engine != "firestore":
         pytest.skip("only Firestore in Datastore mode applies transforms")
     counter = Counter("queued-transform", shards=1, max_shards=1, rpc_timeout=0.5)
@@ -1687,6 +1724,57 @@ def test_a_transform_queued_behind_a_lock_past_its_deadline_counts_once(
     time.sleep(1.0)  # nothing of this process is in flight any more
     counter.write_pending()
     assert_totals(counter, 6)
+
+
+def test_an_unsure_transform_is_fenced_by_the_process_that_resolves_it(
+    sharded_counter_env: dict[str, str],
+    sharded_counter_engine: str,
+) -> None:
+    """W6' across processes. A +5 goes to the only shard as a transform while another
+    transaction holds its lock for 1.7 s; its caller hears DeadlineExceeded at 0.3 s,
+    and its rollbacks go unanswered (the emulator answers them once the queued
+    commit settles) until the write's 0.7 s of retries are over. So it is kept
+    unsure, its entry naming its transaction. Another process then resolves the
+    entry while the commit still waits: it rolls the transaction back first, which
+    answers once the commit has landed, finds the token, and adds nothing: 6."""
+    if sharded_counter_engine != "firestore":
+        pytest.skip("only Firestore in Datastore mode applies transforms")
+    name = "unsure-transform"
+    spawn = multiprocessing.get_context("spawn")
+    ready, go = spawn.Event(), spawn.Event()
+    resolver = spawn.Process(target=_resolve_when_told, args=(name, ready, go))
+    resolver.start()
+    try:
+        assert ready.wait(60), "setup: the other process did not start"
+        counter = Counter(name, shards=1, max_shards=1, rpc_timeout=0.3, retry_deadline=0.7)
+        counter.increment(1)
+        store = counter._backend.store
+        lock = store.run(store.begin())
+        store.run(store.lookup([store.key(name, 0)], transaction=lock))
+        release = threading.Timer(1.7, lambda: store.run(store.rollback(lock)))
+        release.start()
+        counter.increment(5)  # kept unsure: its transform may still land
+        (entry,) = Stash.decode(
+            counter._backend.cache._client.get(counter._stash_key)
+        ).unsure.values()
+        assert entry.transaction, "setup: the write was fenced before it gave up"
+        assert release.is_alive(), "setup: the lock was freed before the entry was kept"
+        go.set()  # resolves while the commit still waits on the lock
+        release.join(10)
+        resolver.join(60)
+    finally:
+        go.set()
+        resolver.join(60)
+    assert resolver.exitcode == 0, "setup: the other process failed"
+    assert_totals(counter, 6)
+
+
+def _resolve_when_told(name: str, ready: Any, go: Any) -> None:  # pragma: no cover - spawned
+    counter = Counter(name, shards=1, max_shards=1)
+    counter.get_count(nocache=True)  # connected and probed before the clock starts
+    ready.set()
+    go.wait(60)
+    counter.write_pending()  # claims the unsure entry and resolves it
 
 
 def test_an_entry_lost_while_claimed_finds_its_token_where_its_resolver_looks(

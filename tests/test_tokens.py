@@ -78,7 +78,8 @@ def test_a_retry_finds_its_token_in_any_slot_and_writes_nothing(
     monkeypatch.setattr(entities_module, "process_slot", "1111")
     token = new_token()
     if store.run(store.probe_transforms()):
-        first = store.run(store.add_with_transform(name, 0, 7, token=token))  # one string
+        begun = store.run(store.begin())
+        first = store.run(store.add_with_transform(name, 0, 7, token=token, transaction=begun))
     else:
         first = store.run(store.add_in_transaction(name, 0, 7, lazy_begin=False, token=token))
     # Another process writes the shard twenty times: its own slot, not ours.

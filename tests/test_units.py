@@ -285,3 +285,27 @@ def test_every_public_error_is_ours_and_every_returned_type_is_exported() -> Non
     for error in [*errors, ServerUnavailable]:
         assert issubclass(error, sharded_counter.ShardedCounterError), error
     assert {"Verification", "Lease", "Holder", "Decision"} <= set(sharded_counter.__all__)
+
+
+def test_a_transform_is_noted_only_while_its_writer_has_the_shard_to_itself() -> None:
+    """W12: a transform is noted (and from then on waited for by writes of its process
+    to that shard) in the same step that checks nobody else of the process holds the
+    shard; a writer or resolver that picked it first makes it a transaction."""
+    from sharded_counter.paths.picker import ShardPicker
+
+    picker = ShardPicker()
+    with picker.pick(3, prefer=0) as (_, alone):
+        assert alone
+        with picker.pick(3, prefer=0):  # a resolution of this process holds it too
+            assert not picker.transform_claimed("t1", 0)
+        assert picker.transform_claimed("t1", 0)
+        assert picker.transforms_pending(0) == (True, [])
+        picker.transform_sent("t1", 0, b"txn")
+        picker.transform_left("t1")  # its writer could not fence it
+        assert picker.transforms_pending(0) == (False, [("t1", b"txn")])
+        assert picker.transform_left_unfenced("t1") == b"txn"
+        picker.transform_over("t1")
+        assert picker.transforms_pending(0) == (False, [])
+    picker.reserve("u1", 1)
+    with picker.pick(3, prefer=1):
+        assert not picker.transform_claimed("t2", 1)  # an unsure write's shard

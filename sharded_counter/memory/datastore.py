@@ -28,7 +28,6 @@ batch), and ids allocated for incomplete keys.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -116,7 +115,7 @@ class DatastoreModel:
         self._transactions: dict[bytes, Transaction] = {}
         self._locks: dict[KeyId, bytes] = {}  # firestore: entity -> the transaction holding it
         self._commits = 0  # commit sequence number; also every entity's version
-        self._ids = itertools.count(1)
+        self._begun = 0  # transactions begun: they are named txn-1 to txn-<begun>
         self._deleted_at: dict[KeyId, int] = {}  # classic: when each entity was deleted
         #: Called with the written entities before and after (by key) after each commit.
         self.on_commit: list[
@@ -144,7 +143,13 @@ class DatastoreModel:
         return response
 
     def rollback(self, request: Any, now: float) -> Any:
-        self._end(self._known(bytes(request.transaction)))
+        # As the Firestore emulator answers: OK also for a transaction that ended
+        # before (committed, rolled back, expired), which is what a fence asks
+        # (paths/transforms.py); "Invalid transaction." for one it never began.
+        txn = bytes(request.transaction)
+        if txn not in self._transactions and not self.began(txn):
+            raise google_error(gexc.InvalidArgument, "Invalid transaction.")
+        self._end(txn)
         return RollbackResponse()
 
     def lookup(self, request: Any, now: float) -> Any:
@@ -264,9 +269,20 @@ class DatastoreModel:
     # -- transactions and locks ------------------------------------------------------------
 
     def _begin(self, now: float) -> bytes:
-        txn = f"txn-{next(self._ids)}".encode()
+        self._begun += 1
+        txn = f"txn-{self._begun}".encode()
         self._transactions[txn] = Transaction(began_at=self._commits, last_used=now)
         return txn
+
+    def began(self, txn: bytes) -> bool:
+        """Is ``txn`` a transaction this model began (open or ended)?"""
+        number = txn.removeprefix(b"txn-")
+        return number.isdigit() and 0 < int(number) <= self._begun
+
+    def waiting_since(self, txn: bytes) -> float | None:
+        """When a call of the open transaction ``txn`` began to wait on a lock, if one waits."""
+        state = self._transactions.get(txn)
+        return state.waiting_since if state is not None else None
 
     def _known(self, txn: bytes) -> bytes:
         if txn not in self._transactions:

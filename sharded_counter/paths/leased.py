@@ -13,9 +13,10 @@ import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
-from ..core.effects import Sleep, Steps
+from ..core.effects import Steps
 from ..core.keys import lease_key
 from .context import CounterContext
+from .transforms import after_own_transforms
 
 T = TypeVar("T")
 
@@ -65,29 +66,6 @@ def leased_shard(
             if leased is not None:
                 yield from leases.end(leased)
         return result
-
-
-def after_own_transforms(ctx: CounterContext, index: int) -> Steps[None]:
-    """Wait until no transform of this process to shard ``index`` may still land, before
-    a write of ours lands there (W12, docs/protocol.md): a transform replaces this
-    process's token slot with what it knew when sent, and would drop the token of a
-    write that landed meanwhile, which a retry or a resolution may look for (found by
-    the simulator: a late transform dropped an unsure write's token, and its
-    resolution wrote it again)."""
-    # Asked again after a few milliseconds: most such transforms are merely in flight,
-    # and answer long before their deadline. One that has not answered by then is
-    # queued behind a lock or lost, and may take seconds: the looks grow further
-    # apart, so that waiting out its deadline costs dozens of looks, not a thousand.
-    poll = TRANSFORM_POLL
-    while (wait := ctx.picker.transforms_pending(index)) > 0:
-        yield Sleep(min(wait, poll))
-        poll = min(poll * 2, TRANSFORM_POLL_MAX)
-
-
-#: Seconds before the first look again at a transform of this process that may still
-#: land; each look after waits twice as long as the last, up to ``TRANSFORM_POLL_MAX``.
-TRANSFORM_POLL = 0.005
-TRANSFORM_POLL_MAX = 0.1
 
 
 def leased_lenders(

@@ -41,9 +41,10 @@ class ShardPicker:
         # reserved tokens delayed_incr no longer names -> monotonic time they go (linger)
         self._lingering: dict[str, float] = {}
         self._in_flight: set[str] = set()  # tokens of writes running now
-        # write token -> (shard, monotonic time) of a transform of this process that may
-        # land there until then: sent and not answered, or answered in doubt.
-        self._transforms: dict[str, tuple[int, float]] = {}
+        # write token -> (shard, transaction, whether its writer still waits on it) of a
+        # transform of this process that may still land: sent and not answered, or
+        # answered in doubt and not fenced yet.
+        self._transforms: dict[str, tuple[int, bytes, bool]] = {}
         #: Set once this process saw a shard of the counter past the transform
         #: limit and could not spread it back: its writes then use transactions.
         self.transforms_unsafe = False
@@ -105,27 +106,60 @@ class ShardPicker:
 
     # -- transforms that may still land -------------------------------------------
 
-    def transform_sent(self, token: str, index: int, until: float) -> None:
-        """A transform write ``token`` of this process goes to shard ``index``; it may land
-        until ``until`` (monotonic: its deadline). It replaces this process's token slot
-        there, so it would drop the tokens of writes of ours that land there before it."""
+    def transform_claimed(self, token: str, index: int) -> bool:
+        """Note the transform write ``token`` to shard ``index`` if its writer still has
+        the shard to itself: no other writer of this process holds it (a write, or a
+        resolution, which picks its shard too) and no unsure write reserves it. Checked
+        and noted at once: a write that picks the shard after this sees the transform
+        and waits for it (W12); one that picked it before makes this write a
+        transaction (found by the simulator: a resolution and a transform of one
+        process on one shard, both replies lost, the transform last)."""
         with self._lock:
-            self._transforms[token] = (index, until)
+            if self._busy.get(index, 0) != 1 or index in self._reserved.values():
+                return False
+            self._transforms[token] = (index, b"", True)
+            return True
+
+    def transform_sent(self, token: str, index: int, transaction: bytes = b"") -> None:
+        """A transform write ``token`` of this process goes to shard ``index``, in
+        ``transaction`` (noted again once begun). It replaces this process's token slot
+        there, so it would drop the tokens of writes of ours that land there before
+        it. Its writer waits on it."""
+        with self._lock:
+            self._transforms[token] = (index, transaction, True)
 
     def transform_over(self, token: str) -> None:
-        """The transform ``token`` was answered: it landed, or certainly never will."""
+        """The transform ``token`` was answered, or its transaction fenced: it landed,
+        or never will."""
         with self._lock:
             self._transforms.pop(token, None)
 
-    def transforms_pending(self, index: int) -> float:
-        """Seconds until no transform of this process to ``index`` may land any more."""
-        now = time.monotonic()
+    def transform_left(self, token: str) -> None:
+        """The writer of the transform ``token`` stopped waiting for it, unfenced (its
+        rollbacks went unanswered): whoever next writes its shard fences it first."""
         with self._lock:
-            for token, (_shard, until) in list(self._transforms.items()):
-                if until <= now:
-                    del self._transforms[token]
-            ends = [until for shard, until in self._transforms.values() if shard == index]
-        return max(ends, default=now) - now
+            held = self._transforms.get(token)
+            if held is not None:
+                self._transforms[token] = (held[0], held[1], False)
+
+    def transforms_pending(self, index: int) -> tuple[bool, list[tuple[str, bytes]]]:
+        """The transforms of this process that may still land on shard ``index``: whether
+        a writer still waits on one, and the (token, transaction) of those left unfenced."""
+        with self._lock:
+            waited = False
+            left = []
+            for token, (shard, transaction, waiting) in self._transforms.items():
+                if shard == index:
+                    waited |= waiting
+                    if not waiting:
+                        left.append((token, transaction))
+        return waited, left
+
+    def transform_left_unfenced(self, token: str) -> bytes | None:
+        """The transaction of the transform ``token`` if it was left unfenced."""
+        with self._lock:
+            held = self._transforms.get(token)
+        return held[1] if held is not None and not held[2] else None
 
     # -- writes whose outcome is unknown ------------------------------------------
 

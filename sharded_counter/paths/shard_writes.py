@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections.abc import Callable, Sequence
 
 from google.api_core import exceptions as gexc
 
-from ..core.effects import Sleep, Steps, retrying
+from ..core.effects import Steps, retrying
 from ..core.outcomes import Ending
 from ..core.record import ShardState
 from ..errors import CounterOverflowError
@@ -25,6 +24,7 @@ from ..store.retry import CONTENTION, RETRYABLE, outcome_unknown, write_policy
 from ..store.shards import ShardOverflow
 from .context import TRANSFORM_SHARD_LIMIT, CounterContext
 from .leased import leased_shard
+from .transforms import fence
 
 log = logging.getLogger("sharded_counter")
 
@@ -32,13 +32,21 @@ log = logging.getLogger("sharded_counter")
 class WriteFailed(Exception):
     """A shard write's attempts ended without landing (see ``core/outcomes.Ending``).
 
-    ``shard`` is where an attempt of unknown outcome went (DOUBTFUL only);
-    ``__cause__`` is the last attempt's error."""
+    ``shard`` is where an attempt of unknown outcome went (DOUBTFUL only), and
+    ``transaction`` that attempt's, when it was a transform that could not be fenced
+    (``paths/transforms.py``); ``__cause__`` is the last attempt's error."""
 
-    def __init__(self, ending: Ending, cause: BaseException, shard: int | None = None) -> None:
+    def __init__(
+        self,
+        ending: Ending,
+        cause: BaseException,
+        shard: int | None = None,
+        transaction: bytes | None = None,
+    ) -> None:
         super().__init__(ending.value, cause)
         self.ending = ending
         self.shard = shard
+        self.transaction = transaction
         self.__cause__ = cause
 
 
@@ -87,14 +95,23 @@ class ShardWriter:
 
         def write_there(there: int, alone: bool, transform: bool) -> Steps[ShardState]:
             nonlocal index
-            index = there
-            if unsure_of is None and alone and transform:
-                ctx.picker.transform_sent(token, there, time.monotonic() + ctx.settings.rpc_timeout)
-                state = yield from ctx.backend.store.add_with_transform(
-                    ctx.name, there, amount, token=token
-                )
-                ctx.picker.transform_over(token)
+            # Noted before its transaction begins: from here on, a write of ours to
+            # that shard waits for it (W12).
+            if (
+                unsure_of is None
+                and alone
+                and transform
+                and ctx.picker.transform_claimed(token, there)
+            ):
+                try:
+                    transaction = yield from ctx.backend.store.begin()
+                except gexc.GoogleAPICallError:
+                    ctx.picker.transform_over(token)  # nothing was sent to the shard
+                    raise
+                index = there
+                state = yield from self.add_with_transform(there, amount, token, transaction)
             else:
+                index = there
                 state = yield from self.add_in_transaction(there, amount, token, folded)
             if folded and state.shard_id.startswith("i"):
                 # Still held: no transform of this process replaces the token
@@ -105,14 +122,14 @@ class ShardWriter:
         def attempt() -> Steps[ShardState]:
             nonlocal unsure_of, index
             index = None
-            sent = time.monotonic()
-            transform = False
             try:
                 # Inside the attempt: the first call may probe the backend.
                 yield from ctx.backend.probed()
                 transform = not folded and ctx.transform_fits(amount)
                 # A transaction reads its shard: writers of other processes on it would
                 # abort it, or on Firestore wait on its lock, so it leases the shard.
+                # Before it lands there, any transform of ours to that shard is over
+                # or fenced (W6', W12: paths/transforms.py), this write's own included.
                 state = yield from leased_shard(
                     ctx,
                     ctx.shards,
@@ -124,20 +141,12 @@ class ShardWriter:
                 # Retried only when RETRYABLE; any error may leave the outcome unknown
                 # (a cancelled call, say), retried or not.
                 unknown = self.attempt_failed(exc)
-                if not unknown:
-                    ctx.picker.transform_over(token)  # it never landed, and never will
                 if unknown and unsure_of is None and index is not None:
                     unsure_of = index
                     # Keep this process's other writers off that shard until the write
                     # is resolved: a transform of theirs would replace the token in
                     # this process's slot.
                     ctx.picker.reserve(token, index)
-                    if transform:
-                        # A transform is no transaction: no later transaction's read
-                        # orders it. It may still land until its deadline, so nobody
-                        # looks for its token (this retry, or a resolution of the
-                        # unsure entry) before then (docs/protocol.md, 4.1).
-                        yield Sleep(max(0.0, sent + ctx.settings.rpc_timeout - time.monotonic()))
                 raise
             ctx.shard_written()
             if not folded:
@@ -148,10 +157,41 @@ class ShardWriter:
             state: ShardState = yield from retrying(write_policy(ctx.settings), attempt)
         except Exception as exc:
             if unsure_of is not None and not isinstance(exc, CounterOverflowError):
-                raise WriteFailed(Ending.DOUBTFUL, exc, unsure_of) from exc
+                unfenced = ctx.picker.transform_left_unfenced(token)
+                raise WriteFailed(Ending.DOUBTFUL, exc, unsure_of, unfenced) from exc
             if isinstance(exc, (CounterOverflowError, gexc.GoogleAPICallError)):
                 raise WriteFailed(ending_of(exc), exc) from exc
             raise
+        return state
+
+    def add_with_transform(
+        self, index: int, amount: int, token: str, transaction: bytes
+    ) -> Steps[ShardState]:
+        """One transform write, committed in ``transaction``. When its outcome is
+        unknown, the transaction is fenced before the error is raised (W6',
+        paths/transforms.py), so the retry may look for the token; a fence that
+        fails leaves the transform to whoever writes that shard next, or, when the
+        write gives up, to the resolver of its unsure entry."""
+        ctx = self.ctx
+        ctx.picker.transform_sent(token, index, transaction)  # the transaction, noted now
+        try:
+            state: ShardState = yield from ctx.backend.store.add_with_transform(
+                ctx.name, index, amount, token=token, transaction=transaction
+            )
+        except gexc.GoogleAPICallError as exc:
+            fenced = not outcome_unknown(exc)  # refused: it never landed, and never will
+            if not fenced:
+                try:
+                    yield from fence(ctx, transaction)
+                    fenced = True
+                except gexc.GoogleAPICallError as failure:
+                    log.debug("counter %r: could not fence a transform: %s", ctx.name, failure)
+            if fenced:
+                ctx.picker.transform_over(token)
+            else:
+                ctx.picker.transform_left(token)
+            raise
+        ctx.picker.transform_over(token)
         return state
 
     def add_in_transaction(

@@ -11,6 +11,7 @@ the next, so reads and writes do not each pay a timeout while Datastore is down.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -25,7 +26,7 @@ from ..errors import CacheUnavailable
 from ..store.retry import outcome_unknown, write_policy
 from ..store.shards import ShardOverflow
 from .context import CounterContext
-from .leased import after_own_transforms
+from .transforms import after_own_transforms, fence
 
 log = logging.getLogger("sharded_counter")
 
@@ -108,23 +109,36 @@ class UnsureResolver:
         self.ctx.picker.keep(token)
         self.ctx.picker.reserve(token, shard)
 
+    def _holding(self, shard: int) -> contextlib.AbstractContextManager[object]:
+        """Hold ``shard`` as a write of this process does, while a resolution writes it:
+        no transform of this process goes there meanwhile, which would replace the
+        token the resolution puts in its slot (W12; found by the simulator, seed
+        10595: a resolution and a transform of one process on one shard, both
+        replies lost, the transform landing last)."""
+        return self.ctx.picker.pick(self.ctx.shards, prefer=shard)
+
     def _resolve_one(self, token: str, entry: Unsure) -> Steps[list[ShardState]]:
         """Add the unsure write ``token`` unless the shards show it (core/stash.py)."""
         ctx = self.ctx
         yield from ctx.backend.probed()
         store, lazy = ctx.backend.store, ctx.backend.lazy_begin
         if entry.shard != ANY_SHARD:
-            yield from after_own_transforms(ctx, entry.shard)
-            state = yield from store.add_in_transaction(
-                ctx.name,
-                entry.shard,
-                entry.amount,
-                lazy_begin=lazy,
-                limit=ctx.shard_limit,
-                token=token,
-                folded=entry.folded,
-                pinned=ctx.picker.pinned(),
-            )
+            with self._holding(entry.shard):
+                # Its token is looked for only once nothing of it can land any more
+                # (W6'): a transform its writer could not fence is fenced here first.
+                if entry.transaction:
+                    yield from fence(ctx, entry.transaction)
+                yield from after_own_transforms(ctx, entry.shard)
+                state = yield from store.add_in_transaction(
+                    ctx.name,
+                    entry.shard,
+                    entry.amount,
+                    lazy_begin=lazy,
+                    limit=ctx.shard_limit,
+                    token=token,
+                    folded=entry.folded,
+                    pinned=ctx.picker.pinned(),
+                )
             return [state]
         # A vanished writer's fold part: its write may be on any shard. One transaction
         # reads them all; it adds the amount only if the write's token is on none of

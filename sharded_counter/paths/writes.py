@@ -103,7 +103,9 @@ class PlainWrites:
             return step
         if step is Step.KEEP_UNSURE:
             assert failed.shard is not None  # a doubtful ending names its shard
-            yield from self._keep_unsure(token, delta, folded, failed.shard, cause)
+            yield from self._keep_unsure(
+                token, delta, folded, failed.shard, cause, failed.transaction
+            )
             return step
         if step is Step.OVERFLOW:
             assert isinstance(cause, CounterOverflowError)
@@ -146,21 +148,33 @@ class PlainWrites:
             ctx.picker.keep(token)
 
     def _keep_unsure(
-        self, token: str, delta: int, folded: int, shard: int, cause: BaseException
+        self,
+        token: str,
+        delta: int,
+        folded: int,
+        shard: int,
+        cause: BaseException,
+        transaction: bytes | None,
     ) -> Steps[None]:
         """The write ``token`` (``delta`` plus ``folded`` from delayed_incr) may have
         landed on ``shard``: keep it in delayed_incr as unsure, replacing its fold
-        marker, for a token-checked transaction to resolve."""
+        marker, for a token-checked transaction to resolve (after rolling back
+        ``transaction``, a transform's that may still land, when there is one)."""
         ctx = self.ctx
         amount = delta + folded
         try:
             yield from ctx.backend.cache.steps.unsure.make_unsure(
-                ctx.stash_key, token, amount, shard, folded=folded
+                ctx.stash_key, token, amount, shard, folded=folded, transaction=transaction or b""
             )
         except CacheUnavailable as exc:
             # The caller's delta is in doubt now. What the fold took is not: its marker
-            # stays, and once past its deadline its resolution looks for the token.
-            if folded:
+            # stays, and once past its deadline its resolution looks for the token. A
+            # cas whose reply was lost may have made the entry all the same, and its
+            # resolver would look for the token too: it stays pinned, its shard
+            # reserved, until this process sees the stash without it (found by the
+            # simulator, seed 30826: released, a transform of ours replaced the slot,
+            # and the entry's resolution wrote the write a second time).
+            if folded or exc.maybe_applied:
                 ctx.picker.keep(token)
             else:
                 ctx.picker.release(token)

@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from google.api_core import exceptions as gexc
 from google.cloud import datastore
 from google.cloud.datastore_v1.types import datastore as ds_types
 from google.cloud.datastore_v1.types import entity as entity_types
@@ -79,6 +80,22 @@ class DatastoreCalls:
 
     def rollback(self, transaction: bytes) -> Steps[None]:
         yield Rpc("rollback", rpc.RollbackRequest(transaction=transaction, **self.base))
+
+    def close(self, transaction: bytes) -> Steps[None]:
+        """Roll ``transaction`` back once, to learn that no commit of it can land any
+        more: returns once the server said so, raises what else came back.
+
+        A commit that waits on a lock is not dropped at its caller's deadline; on the
+        Firestore emulator a rollback of its transaction answers only once that
+        commit has landed or failed, with INTERNAL ("Can't swap from CLOSED to
+        ACTIVE", raised: ask again), and the next rollback answers OK at once. OK
+        also answers for a transaction committed or rolled back before, and
+        ``InvalidArgument`` for one the server does not know (expired, or begun
+        before a restart): closed either way (docs/protocol.md, W6')."""
+        try:
+            yield from self.rollback(transaction)
+        except (gexc.InvalidArgument, rpc.TransactionExpired):
+            return
 
     def quiet_rollback(self, transaction: bytes) -> Steps[None]:
         # Releasing locks early helps the pessimistic engine; failing to is harmless

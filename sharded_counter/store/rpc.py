@@ -30,7 +30,6 @@ from ..telemetry import telemetry
 _SERVICE = "/google.datastore.v1.Datastore/"
 
 
-# method name -> the proto-plus request and response types of that call
 class TransactionExpired(gexc.Aborted):
     """The server no longer knows the transaction a request named (an ``Aborted``).
 

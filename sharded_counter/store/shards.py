@@ -146,7 +146,7 @@ class ShardStore(DatastoreCalls):
         return [t for e in found.values() for t in entities.fence_tokens(e)]
 
     def add_with_transform(
-        self, name: str, index: int, delta: int, *, token: str = ""
+        self, name: str, index: int, delta: int, *, token: str = "", transaction: bytes
     ) -> Steps[ShardState]:
         """One commit, no read: upsert ``name`` only and let the server add ``delta`` to count.
 
@@ -155,11 +155,14 @@ class ShardStore(DatastoreCalls):
         process's token slot on the shard, so a retry can tell whether this
         landed unless this process, or one that drew the same slot, wrote the
         shard in between (the caller keeps its own writers off it meanwhile).
+        The commit is in ``transaction`` (begun for it, no reads): when its reply
+        is lost, ``close`` on it settles whether it landed before anyone looks for
+        the token (a commit with no transaction may land any time later).
         """
         increment = entities.increment_mutation(self.key(name, index), name, delta)
         if token:
             entities.with_slot_token(increment, token)
-        response = yield from self.commit([increment])
+        response = yield from self.commit([increment], transaction)
         return transformed(index, response.mutation_results[0])
 
     def probe_transforms(self) -> Steps[bool]:

@@ -29,7 +29,7 @@ import time
 from .mutations import MUTATIONS, hunt
 from .run import run_history
 from .shrink import replay_command, shrink
-from .world import Knobs
+from .world import Knobs, with_short_deadlines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,15 +42,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", type=int, default=Knobs.faults)
     parser.add_argument("--processes", type=int, default=Knobs.processes)
     parser.add_argument("--threads", type=int, default=Knobs.threads)
+    parser.add_argument("--rpc-timeout", type=float, default=Knobs.rpc_timeout)
+    parser.add_argument("--retry-deadline", type=float, default=Knobs.retry_deadline)
     parser.add_argument("--stop-after", type=int, help="start no operation after this many")
     parser.add_argument(
         "--skip-faults", default="", help="comma-separated fault numbers: drawn, not injected"
     )
     parser.add_argument(
         "--queue-past-deadline",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="commits waiting on a lock outlive their callers' deadlines, as the Firestore "
-        "emulator's do (a known double count: docs/protocol.md, section 6)",
+        "emulator's do (docs/protocol.md, section 6); --no-queue-past-deadline drops "
+        "them at their deadlines instead",
     )
     parser.add_argument("--mutations", action="store_true", help="hunt each broken rule")
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per mutation")
@@ -79,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             skip_faults=numbers(args.skip_faults),
             skip_operations=numbers(args.skip_operations),
             queue_past_deadline=args.queue_past_deadline,
+            rpc_timeout=args.rpc_timeout,
+            retry_deadline=args.retry_deadline,
         )
 
     if args.seed is not None:
@@ -129,21 +135,25 @@ def search(
     engines: list[str],
     operations: int,
     faults: int,
-    queue_past_deadline: bool = False,
+    queue_past_deadline: bool = True,
 ) -> tuple[int, list[str]]:
     """One worker's share of a search: seeds ``first_seed + index``, then every
     ``workers``-th, on each engine, until ``deadline`` (Unix time). Returns how many
     histories ran, and the reports of those that failed."""
     runs, reports = 0, []
     seed = first_seed + index
+    configurations = [
+        Knobs(
+            engine=engine,
+            operations=operations,
+            faults=faults,
+            queue_past_deadline=queue_past_deadline,
+        )
+        for engine in engines
+    ]
+    configurations += [with_short_deadlines(k) for k in configurations if k.engine == "firestore"]
     while time.time() < deadline:
-        for engine in engines:
-            knobs = Knobs(
-                engine=engine,
-                operations=operations,
-                faults=faults,
-                queue_past_deadline=queue_past_deadline,
-            )
+        for knobs in configurations:
             outcome = run_history(seed, knobs)
             runs += 1
             if not outcome.ok:

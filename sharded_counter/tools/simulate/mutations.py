@@ -18,10 +18,9 @@ from types import MappingProxyType
 from typing import Any
 
 from ...core import outcomes, tokens
-from ...core.effects import Sleep
 from ...core.outcomes import Ending, Step
 from ...core.stash import Stash
-from ...paths import shard_writes
+from ...paths import shard_writes, transforms, unsure
 from ...paths.picker import ShardPicker
 from ...paths.unsure import UnsureResolver
 from .run import Outcome, run_history
@@ -61,7 +60,7 @@ def _forget_pinned(stack: contextlib.ExitStack) -> None:
 
 
 def _ignore_own_transforms(stack: contextlib.ExitStack) -> None:
-    _set(stack, ShardPicker, "transforms_pending", lambda _self, _index: 0.0)
+    _set(stack, ShardPicker, "transforms_pending", lambda _self, _index: (False, []))
 
 
 def _fold_twice(stack: contextlib.ExitStack) -> None:
@@ -92,9 +91,13 @@ def _lost_reply_as_not_recorded(stack: contextlib.ExitStack) -> None:
     _set(stack, outcomes, "when_memcache_fails", when_memcache_fails)
 
 
-def _no_transform_wait(stack: contextlib.ExitStack) -> None:
-    # shard_writes yields a Sleep in one place only: the wait for a transform's deadline.
-    _set(stack, shard_writes, "Sleep", lambda _seconds: Sleep(0.0))
+def _no_transform_fence(stack: contextlib.ExitStack) -> None:
+    def fenced(_ctx: Any, _transaction: bytes) -> Any:
+        return  # "it is over", with no rollback answered
+        yield  # pragma: no cover
+
+    for module in (shard_writes, transforms, unsure):
+        _set(stack, module, "fence", fenced)
 
 
 def _resolve_without_look(stack: contextlib.ExitStack) -> None:
@@ -168,7 +171,11 @@ MUTATIONS = [
         "W8': a stash whose reply was lost is outcome unknown",
         _lost_reply_as_not_recorded,
     ),
-    Mutation("no-transform-wait", "W6': a late transform is waited out", _no_transform_wait),
+    Mutation(
+        "no-transform-fence",
+        "W6': a transform's token is looked for only once its transaction is fenced",
+        _no_transform_fence,
+    ),
     Mutation(
         "resolve-without-look",
         "I5: an unsure write is settled by a transaction that looked for its token",

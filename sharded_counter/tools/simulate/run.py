@@ -55,6 +55,8 @@ class Outcome:
     events: int
     final: int | None
     history: History
+    queued_commits: int = 0  # commits queued past their callers' deadlines
+    fences_waited: int = 0  # rollbacks that waited for such a commit of theirs to settle
 
     @property
     def ok(self) -> bool:
@@ -311,9 +313,10 @@ class Workload:
         count = {"lost_commits": (1, 3), "late_commits": (1, 2)}.get(kind)
         times = draws.randint(*count) if count else 0
         victim = draws.choice(sorted(self.processes)) if kind == "kill" else -1
-        # A storm: commits whose replies are lost, then (once those have met writes)
-        # Datastore down, often for longer than a write retries, so that writes end in
-        # doubt, while memcache loses replies too.
+        # A storm: commits whose replies are lost, Datastore down from the first of them
+        # on, often for longer than a write retries (so that writes end in doubt: a
+        # write whose reply is lost no longer waits out a deadline, it fences its
+        # transaction at once), while memcache loses replies too.
         storm = (draws.randint(1, 3), draws.uniform(3.0, 15.0)) if kind == "storm" else None
         skipped = number in world.knobs.skip_faults
         faults.injected.append(
@@ -329,7 +332,7 @@ class Workload:
             return
         if storm:
             faults.lost_commits += storm[0]
-            faults.open("datastore_down", now + 0.3, storm[1])
+            faults.outage_after_lost_reply = storm[1]
             faults.open("cache_flaky", now + 0.3, seconds)
         elif seconds:
             # Long enough to overlap: a write that failed at Datastore meets a flaky cache.
@@ -439,4 +442,6 @@ def _simulate(seed: int, knobs: Knobs, clock: VirtualClock, draws: Any) -> Outco
         events=scheduler.events,
         final=final,
         history=history,
+        queued_commits=world.queued_commits,
+        fences_waited=world.fences_waited,
     )

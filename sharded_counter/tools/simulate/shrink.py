@@ -97,6 +97,8 @@ def replay_command(outcome: Outcome) -> str:
         f"--operations {knobs.operations}",
         f"--faults {knobs.faults}",
     ]
+    if knobs.rpc_timeout != Knobs.rpc_timeout or knobs.retry_deadline != Knobs.retry_deadline:
+        words.append(f"--rpc-timeout {knobs.rpc_timeout} --retry-deadline {knobs.retry_deadline}")
     if knobs.stop_after is not None:
         words.append(f"--stop-after {knobs.stop_after}")
     if knobs.skip_faults:
@@ -104,6 +106,6 @@ def replay_command(outcome: Outcome) -> str:
     if knobs.skip_operations:
         numbers = ",".join(str(n) for n in sorted(knobs.skip_operations))
         words.append(f"--skip-operations {numbers}")
-    if knobs.queue_past_deadline:
-        words.append("--queue-past-deadline")
+    if not knobs.queue_past_deadline:
+        words.append("--no-queue-past-deadline")
     return " ".join(words)

@@ -33,6 +33,7 @@ from typing import Any
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import datastore
+from google.cloud.datastore_v1.types import datastore as ds_types
 
 from ...cache.tier import CacheTier
 from ...core.effects import Memcache, Rpc
@@ -53,6 +54,7 @@ from .clock import VirtualClock
 from .scheduler import PARKED, Scheduler, Task
 
 COUNTER = "simulated"
+_TRANSACTIONAL = int(ds_types.CommitRequest.Mode.TRANSACTIONAL)
 
 _store: ShardStore | None = None
 
@@ -87,12 +89,21 @@ class Knobs:
     # The operations numbered (from 1) in ``skip_operations`` are drawn, not run.
     # As the Firestore emulator was measured to behave (docs/protocol.md, section 6):
     # a commit waiting on a lock when its caller's deadline passes stays queued, and
-    # applies once the lock is free (a transaction's, only until ``lock_timeout``).
-    # Off by default: the protocol does not survive it yet (a known double count).
-    queue_past_deadline: bool = False
+    # applies once the lock is free (a transaction's, only until ``lock_timeout``); a
+    # rollback of its transaction answers once it has settled. Off: such a commit is
+    # dropped at its deadline, as the protocol once assumed.
+    queue_past_deadline: bool = True
     stop_after: int | None = None
     skip_faults: frozenset[int] = frozenset()
     skip_operations: frozenset[int] = frozenset()
+
+
+def with_short_deadlines(knobs: Knobs) -> Knobs:
+    """``knobs`` with deadlines shorter than the engine's lock timeout (2 s), as a search
+    also runs Firestore histories: a commit that waits on a lock then outlives its
+    caller's deadline, is queued (``queue_past_deadline``), and only a fence of its
+    transaction tells when it is over (docs/protocol.md, W6')."""
+    return dataclasses.replace(knobs, rpc_timeout=0.5, retry_deadline=3.0)
 
 
 @dataclasses.dataclass
@@ -113,6 +124,8 @@ class Faults:
         self._over = 0.0  # when the last window closes
         self.lost_commits = 0  # the next commits applied, their replies lost
         self.late_commits = 0  # the next commits applied after their callers gave up
+        # a storm's outage: Datastore goes down for this long once a lost reply meets a commit
+        self.outage_after_lost_reply = 0.0
         self.injected: list[str] = []
 
     def open(self, kind: str, start: float, seconds: float) -> None:
@@ -129,6 +142,7 @@ class Faults:
         self.windows = []
         self._over = 0.0
         self.lost_commits = self.late_commits = 0
+        self.outage_after_lost_reply = 0.0
 
 
 class FaultyCache:
@@ -209,12 +223,16 @@ class World:
         self.faults = Faults(draws)
         self.scheduler = Scheduler(self)
         # transaction -> the calls parked on its locks (with the event that parked each)
-        self._waiting: dict[bytes, list[tuple[Task, Callable[[], Any], int]]] = {}
+        self._waiting: dict[bytes, list[tuple[Task, DatastoreCall, int]]] = {}
         self._orphans: dict[bytes, list[Callable[[], None]]] = {}  # queued past deadline
+        # transaction -> the rollbacks waiting for its queued commit to settle
+        self._unsettled: dict[bytes, list[tuple[Task, DatastoreCall, int]]] = {}
         self.datastore.on_end.append(self._wake_waiters)
         self.checks: list[Callable[[], None]] = []  # run after every event
         self.current: SimProcess | None = None  # whose event is running
         self.cache_failures: dict[int, int] = {}  # by process: cache calls that failed
+        self.queued_commits = 0  # commits queued past their callers' deadlines
+        self.fences_waited = 0  # rollbacks that waited for such a commit to settle
 
     # -- what the scheduler asks of the world --------------------------------------------------
 
@@ -243,67 +261,70 @@ class World:
                 now + self.draws.uniform(0.0001, 0.001), task, lambda: tier.perform(effect)
             )
             return
-        sent = now
-        latency = self.draws.uniform(0.002, 0.03)
+        call = DatastoreCall(self, scheduler, task, effect, sent=now)
+        scheduler.at(now + self.draws.uniform(0.002, 0.03), task, call)
 
-        def action() -> Any:
-            return self._rpc(scheduler, task, effect, sent, action)
-
-        action.queued = False  # type: ignore[attr-defined]  # set when a lock held it
-
-        scheduler.at(now + latency, task, action)
-
-    def _rpc(
-        self, scheduler: Scheduler, task: Task, effect: Rpc, sent: float, action: Callable[[], Any]
-    ) -> Any:
-        now = self.clock.now
-        faults = self.faults
-        deadline = sent + self.knobs.rpc_timeout
-        commit = effect.method == "commit"
-        if now >= deadline and self.knobs.queue_past_deadline and getattr(action, "queued", False):
-            if commit:
-                self._queued(effect.request)  # the server still holds it, outage or not
-            raise google_error(gexc.DeadlineExceeded, "Deadline Exceeded")
-        if faults.active("datastore_down", now):
-            raise google_error(gexc.ServiceUnavailable, "failed to connect to all addresses")
-        if now >= deadline:
-            raise google_error(gexc.DeadlineExceeded, "Deadline Exceeded")
-        if commit and faults.late_commits:
-            faults.late_commits -= 1
-            self._late(scheduler, effect, deadline)
-            raise google_error(gexc.ServiceUnavailable, "Connection reset by peer")
-        try:
-            answer = self.datastore.call(effect.method, effect.request, now)
-        except Blocked as blocked:
-            # Asked again when the holder ends, or when this call's waits run out.
-            action.queued = True  # type: ignore[attr-defined]
-            wait_until = min(deadline, now + self.datastore.lock_timeout)
-            scheduler.at(max(wait_until, now + 1e-6), task, action)
-            self._waiting.setdefault(blocked.holder, []).append((task, action, task.wake))
-            return PARKED
-        except gexc.GoogleAPICallError as exc:
-            raise refine_error(exc) from None
-        if commit and faults.lost_commits:
-            faults.lost_commits -= 1
-            raise google_error(gexc.DeadlineExceeded, "Deadline Exceeded")
-        return answer
-
-    def _queued(self, request: Any) -> None:
+    def queue_commit(self, request: Any) -> None:
         """A commit whose caller gave up while it waited on a lock: tried again each time
         the lock it waits on is freed, until it applies or the engine refuses it (a
-        transaction's wait ends at ``lock_timeout``)."""
+        transaction's wait ends at ``lock_timeout``). A rollback of its transaction
+        waits until then (``DatastoreCall``)."""
+        self.queued_commits += 1
+        transactional = request.WhichOneof("transaction_selector") == "transaction"
+        txn = bytes(request.transaction) if transactional else None
+        if txn is not None:
+            self._unsettled.setdefault(txn, [])
+        state = {"settled": False, "timer": False}
 
         def apply() -> None:
+            if state["settled"]:
+                return
             try:
                 self.datastore.call("commit", request, self.clock.now)
             except Blocked as blocked:
                 self._orphans.setdefault(blocked.holder, []).append(apply)
+                waiting = self.datastore.waiting_since(txn) if txn is not None else None
+                if waiting is not None and not state["timer"]:
+                    # Its lock wait runs out then, and it is refused (a hair later, so
+                    # the model's clock sees the whole wait gone by).
+                    state["timer"] = True
+                    runs_out = max(waiting + self.datastore.lock_timeout, self.clock.now)
+                    self.scheduler.later(runs_out + 1e-6, timer)
+                return
             except gexc.GoogleAPICallError:
                 pass  # refused: it never lands
+            state["settled"] = True
+            if txn is not None:
+                for task, call, wake in self._unsettled.pop(txn, []):
+                    call.after_queued_commit = True
+                    if task.alive and task.wake == wake:
+                        self.scheduler.at(self.clock.now, task, call)
+
+        def timer() -> None:
+            state["timer"] = False
+            apply()
 
         apply()
 
-    def _late(self, scheduler: Scheduler, effect: Rpc, deadline: float) -> None:
+    def in_transaction(self, request: Any, now: float) -> Any:
+        """A copy of the single-use commit ``request`` in a transaction begun for it."""
+        begun = self.datastore.call("begin_transaction", None, now)
+        transactional = type(request)()
+        transactional.CopyFrom(request)
+        transactional.ClearField("single_use_transaction")
+        transactional.mode = _TRANSACTIONAL
+        transactional.transaction = begun.transaction
+        return transactional
+
+    def commit_queued(self, txn: bytes) -> bool:
+        """Is a commit of ``txn`` queued past its caller's deadline, not settled yet?"""
+        return txn in self._unsettled
+
+    def wait_for_queued_commit(self, txn: bytes, task: Task, call: DatastoreCall) -> None:
+        """Ask the rollback ``call`` of ``txn`` again once its queued commit settles."""
+        self._unsettled[txn].append((task, call, task.wake))
+
+    def late_commit(self, scheduler: Scheduler, effect: Rpc, deadline: float) -> None:
         """Apply the commit ``effect`` later, before ``deadline``, whoever waits for it."""
 
         def apply() -> None:
@@ -313,9 +334,87 @@ class World:
 
         scheduler.later(self.draws.uniform(self.clock.now, deadline), apply)
 
+    def park(self, holder: bytes, task: Task, call: DatastoreCall) -> None:
+        """``call`` waits on the locks of ``holder``: asked again when it ends."""
+        self._waiting.setdefault(holder, []).append((task, call, task.wake))
+
     def _wake_waiters(self, txn: bytes) -> None:
         for apply in self._orphans.pop(txn, []):
             self.scheduler.later(self.clock.now, apply)
-        for task, action, wake in self._waiting.pop(txn, []):
+        for task, call, wake in self._waiting.pop(txn, []):
             if task.alive and task.wake == wake:  # still parked on this call
-                self.scheduler.at(self.clock.now, task, action)
+                self.scheduler.at(self.clock.now, task, call)
+
+
+class DatastoreCall:
+    """One Datastore call of a task, answered by the model when the scheduler runs it
+    (after its latency, and again each time a lock it waits on may be free)."""
+
+    def __init__(
+        self, world: World, scheduler: Scheduler, task: Task, effect: Rpc, *, sent: float
+    ) -> None:
+        self.world = world
+        self.scheduler = scheduler
+        self.task = task
+        self.effect = effect
+        self.request = effect.request
+        # A commit in a single-use transaction is one begun for it on the server: it
+        # waits on locks, and gives up after ``lock_timeout``, as that transaction.
+        self.single_use = (
+            effect.method == "commit"
+            and effect.request.WhichOneof("transaction_selector") == "single_use_transaction"
+        )
+        self.deadline = sent + world.knobs.rpc_timeout
+        self.queued = False  # a lock held it
+        # a rollback that waited for its transaction's queued commit to settle
+        self.after_queued_commit = False
+
+    def __call__(self) -> Any:
+        world, effect, task = self.world, self.effect, self.task
+        now = world.clock.now
+        faults = world.faults
+        commit = effect.method == "commit"
+        if now >= self.deadline and world.knobs.queue_past_deadline and self.queued:
+            if commit:
+                world.queue_commit(self.request)  # the server holds it, outage or not
+            raise google_error(gexc.DeadlineExceeded, "Deadline Exceeded")
+        if faults.active("datastore_down", now):
+            raise google_error(gexc.ServiceUnavailable, "failed to connect to all addresses")
+        if now >= self.deadline:
+            raise google_error(gexc.DeadlineExceeded, "Deadline Exceeded")
+        if effect.method == "rollback":
+            txn = bytes(self.request.transaction)
+            if world.commit_queued(txn):
+                self.scheduler.at(self.deadline, task, self)  # unless it settles first
+                world.wait_for_queued_commit(txn, task, self)
+                return PARKED
+            if self.after_queued_commit:
+                # The Firestore emulator's answer to a rollback that waited for one.
+                self.after_queued_commit = False
+                world.fences_waited += 1
+                raise google_error(gexc.InternalServerError, "Can't swap from CLOSED to ACTIVE.")
+        if commit and faults.late_commits:
+            faults.late_commits -= 1
+            world.late_commit(self.scheduler, effect, self.deadline)
+            raise google_error(gexc.ServiceUnavailable, "Connection reset by peer")
+        try:
+            if self.single_use:
+                self.single_use = False
+                self.request = world.in_transaction(self.request, now)
+            answer = world.datastore.call(effect.method, self.request, now)
+        except Blocked as blocked:
+            # Asked again when the holder ends, or when this call's waits run out.
+            self.queued = True
+            wait_until = min(self.deadline, now + world.datastore.lock_timeout)
+            self.scheduler.at(max(wait_until, now + 1e-6), task, self)
+            world.park(blocked.holder, task, self)
+            return PARKED
+        except gexc.GoogleAPICallError as exc:
+            raise refine_error(exc) from None
+        if commit and faults.lost_commits:
+            faults.lost_commits -= 1
+            if faults.outage_after_lost_reply:
+                faults.open("datastore_down", now, faults.outage_after_lost_reply)
+                faults.outage_after_lost_reply = 0.0
+            raise google_error(gexc.DeadlineExceeded, "Deadline Exceeded")
+        return answer
