@@ -253,6 +253,26 @@ def test_a_transform_that_cannot_be_fenced_is_never_looked_for_and_its_entry_nam
     assert raised.shard == 0 and raised.transaction == b"txn-1"
 
 
+def test_a_transform_whose_caller_stops_waiting_is_left_for_the_next_writer_to_fence() -> None:
+    """A transform abandoned mid-call (its task cancelled, its steps closed) may still
+    land; nobody waits on it any more, so the next write of its process to that shard
+    fences it (W12) instead of waiting for an answer that will never be heard."""
+    with _one_process(6) as (_clock, world, process):
+        steps = process.paths.shards.write(5, "6b15f700dddddddd")
+        effect = steps.send(None)
+        while not (isinstance(effect, Rpc) and effect.method == "commit"):
+            if isinstance(effect, Rpc):
+                answer = world.datastore.call(effect.method, effect.request, 0)
+            else:
+                answer = process.tier.perform(effect)
+            effect = steps.send(answer)
+        transaction = bytes(effect.request.transaction)
+        shard = int(effect.request.mutations[0].upsert.key.path[-1].name.split(":")[0])
+        steps.close()  # as a cancelled task's steps are
+    picker = process.paths.ctx.picker
+    assert picker.transforms_pending(shard) == (False, [("6b15f700dddddddd", transaction)])
+
+
 def test_a_resolver_rolls_back_an_unsure_transform_before_it_looks_for_its_token() -> None:
     """The resolution side of W6': an unsure entry that carries a transaction is looked
     for only once a rollback of that transaction has answered."""

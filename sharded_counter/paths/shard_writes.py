@@ -105,7 +105,7 @@ class ShardWriter:
             ):
                 try:
                     transaction = yield from ctx.backend.store.begin()
-                except gexc.GoogleAPICallError:
+                except BaseException:
                     ctx.picker.transform_over(token)  # nothing was sent to the shard
                     raise
                 index = there
@@ -174,24 +174,28 @@ class ShardWriter:
         write gives up, to the resolver of its unsure entry."""
         ctx = self.ctx
         ctx.picker.transform_sent(token, index, transaction)  # the transaction, noted now
+        over = False  # answered, or fenced: it landed, or never will
         try:
             state: ShardState = yield from ctx.backend.store.add_with_transform(
                 ctx.name, index, amount, token=token, transaction=transaction
             )
+            over = True
         except gexc.GoogleAPICallError as exc:
-            fenced = not outcome_unknown(exc)  # refused: it never landed, and never will
-            if not fenced:
+            over = not outcome_unknown(exc)  # refused: it never landed, and never will
+            if not over:
                 try:
                     yield from fence(ctx, transaction)
-                    fenced = True
+                    over = True
                 except gexc.GoogleAPICallError as failure:
                     log.debug("counter %r: could not fence a transform: %s", ctx.name, failure)
-            if fenced:
+            raise
+        finally:
+            # Not known to be over (no fence answered, or the call was cancelled): it
+            # may still land, and whoever next writes that shard fences it first.
+            if over:
                 ctx.picker.transform_over(token)
             else:
                 ctx.picker.transform_left(token)
-            raise
-        ctx.picker.transform_over(token)
         return state
 
     def add_in_transaction(
