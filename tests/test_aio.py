@@ -395,8 +395,9 @@ def test_lost_replies_leave_no_doubt_with_memcache(
 ) -> None:
     """Through a relay that holds the emulator's replies (a network that loses them:
     no emulator does that by itself) for longer than a write's retry deadline: writes
-    end unsure, are kept in delayed_incr, and resolved; every acknowledged increment
-    counts once, and with memcache up every one is acknowledged."""
+    end unsure or stashed, are kept in delayed_incr, and resolved or folded; every
+    acknowledged increment counts once, and with memcache up every one is
+    acknowledged."""
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{relay.port}")
     options = {"shards": 20, "rpc_timeout": 1.0, "retry_deadline": 2.5}
 
@@ -441,7 +442,11 @@ def test_lost_replies_leave_no_doubt_with_memcache(
         total=total,
     )
     assert refused == 0
-    assert stats["unsure"] > 0, "setup: no write was left unsure"
+    # The hold must catch writes. Which call it catches is chance: on Firestore a
+    # transform's BeginTransaction (nothing written: stashed) or its commit (in doubt:
+    # kept unsure unless its fence is answered); the tasks share few writes (group
+    # commit), and in one CI run the hold caught only BeginTransactions.
+    assert stats["unsure"] + stats["stashed"] > 0, "setup: no write met a lost reply"
     assert total == acknowledged
     assert repaired.pending == 0 and repaired.shards == acknowledged
 

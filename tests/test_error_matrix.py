@@ -1039,7 +1039,10 @@ OK5 = (_, _, _, _, _)
 READ = (DS_DOWN, DS_DOWN, _, _, DS_DOWN)  # reads sum the shards when memcache is out
 CACHED_READ = (_, _, _, _, DS_DOWN)  # a complete cached total is read without Datastore
 CACHE_CHECK = (DS_DOWN, DS_DOWN, MC_DOWN, MC_DOWN, MC_DOWN)  # memcache must answer
-PLAIN_INCREMENT = ("stashed", "unsure", "written", "written", NOT_RECORDED)
+# Stalled: the classic engine's transaction read times out, which may have been the
+# commit's (kept unsure); on Firestore a transform's BeginTransaction times out first,
+# which wrote nothing (stashed), or its commit does (unsure).
+PLAIN_INCREMENT = ("stashed", "unsure | stashed", "written", "written", NOT_RECORDED)
 KEYED_INCREMENT = (NOT_RECORDED, UNKNOWN, _, _, NOT_RECORDED)
 BOUNDED_INCREMENT = (NOT_RECORDED, f"{NOT_RECORDED} | {UNKNOWN}", _, _, NOT_RECORDED)
 CACHE_ONLY = (_, _, MC_DOWN, MC_DOWN, MC_DOWN)
