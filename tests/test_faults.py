@@ -569,7 +569,10 @@ def test_a_stalled_datastore_keeps_writes_unsure_then_counts_exactly(
         excess=excess,
         max_call_s=ledger.max_latency(since=paused_at, until=resumed_at),
     )
-    assert stats["unsure"] > 0, "setup: no write timed out with an unknown outcome"
+    if sharded_counter_engine == "classic":
+        # On Firestore the pause may catch only transforms' BeginTransaction calls,
+        # which wrote nothing (stashed, counted in ``kept`` above), and no commit.
+        assert stats["unsure"] > 0, "setup: no write timed out with an unknown outcome"
     assert excess == 0, (
         f"acknowledged {ledger.acknowledged}, counted {uncached}; unknown-outcome "
         f"commits {spy.ambiguous[:20]}"
